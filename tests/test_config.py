@@ -1,0 +1,89 @@
+"""Config resolution: presets, dotted overrides, environment, and errors that name the problem."""
+
+import tomllib
+
+import pytest
+
+from zoo.config import ConfigError, available_presets, config_from_dict, config_to_dict, config_to_toml, load_config
+from zoo.config.loading import parse_overrides, parse_value
+
+
+def test_every_preset_validates():
+    presets = available_presets()
+    assert {"moons", "checkerboard", "digits", "fashion-mnist", "cifar10"} <= set(presets)
+    for name in presets:
+        cfg = load_config(name)
+        assert cfg.preset == name
+
+
+def test_cifar10_preset_has_paper_settings():
+    cfg = load_config("cifar10")
+    assert (cfg.loss.time_sampler, cfg.loss.time_mu, cfg.loss.time_sigma) == ("logit_normal", -2.0, 2.0)
+    assert (cfg.loss.ratio, cfg.loss.weight_p, cfg.loss.weight_c) == (0.75, 0.75, 1e-3)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.betas) == ("adam", 6e-4, (0.9, 0.999))
+    assert cfg.optim.warmup_steps > 0
+    assert cfg.train.ema_decay == 0.9999
+    assert cfg.model.arch == "unet" and cfg.model.dropout == 0.2
+    assert (cfg.model.channels, cfg.model.channel_mults, cfg.model.blocks_per_res) == (128, [2, 2, 2], 4)
+    assert cfg.model.attention_res == [16]
+
+
+def test_overrides_parse_types_and_nest():
+    assert parse_value("0.75") == 0.75 and parse_value("true") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("adamw") == "adamw"
+    assert parse_overrides(["loss.ratio=0.5", "seed=3"]) == {"loss": {"ratio": 0.5}, "seed": 3}
+    cfg = load_config("moons", ["loss.ratio=0.5", "optim.lr=1e-4", "train.steps=7"])
+    assert (cfg.loss.ratio, cfg.optim.lr, cfg.train.steps) == (0.5, 1e-4, 7)
+
+
+def test_precedence_cli_over_env_over_preset(monkeypatch):
+    assert load_config("moons").train.steps == 3000  # the preset's value
+    monkeypatch.setenv("ZOO_TRAIN__STEPS", "77")
+    assert load_config("moons").train.steps == 77
+    assert load_config("moons", ["train.steps=5"]).train.steps == 5
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["loss.ratio=1.5"], ["loss.ratio", "1.5", "less than or equal to 1"]),
+        (["loss.rato=0.5"], ["loss.rato", "unknown key", "ratio"]),
+        (["model.widht=3"], ["model.widht", "unknown key", "hidden"]),
+        (["bogus=1"], ["bogus", "unknown key"]),
+        (["train.steps=abc"], ["train.steps", "'abc'", "integer"]),
+        (["optim.betas=[0.9, 1.5]"], ["betas", "[0, 1)"]),
+        (["device=tpu"], ["device", "'tpu'"]),
+        (["data.name=mnist3d"], ["data.name", "mnist3d", "fashion-mnist"]),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config("moons", override)
+    message = str(info.value)
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_nested_model_errors_without_union_tags():
+    with pytest.raises(ConfigError) as info:
+        load_config("digits", ["model.num_groups=7"])
+    message = str(info.value)
+    assert "model.num_groups" in message or "num_groups=7" in message
+    assert "unet" not in message.split("\n")[1].split(":")[0]
+
+
+def test_unknown_preset_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*moons"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("moons", ["loss.ratio"])
+
+
+def test_toml_round_trip_and_dict_round_trip(tmp_path):
+    cfg = load_config("cifar10", ["run_name=x", "loss.ratio=0.5"])
+    path = tmp_path / "c.toml"
+    path.write_text(config_to_toml(cfg))
+    again = load_config(str(path))
+    assert config_to_dict(again) | {"preset": cfg.preset} == config_to_dict(cfg)
+    assert config_from_dict(config_to_dict(cfg)) == config_from_dict(config_to_dict(again) | {"preset": "cifar10"})
+    assert tomllib.loads(path.read_text())["loss"]["ratio"] == 0.5

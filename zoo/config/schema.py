@@ -1,0 +1,174 @@
+"""The resolved configuration of a run: pydantic models, every level closed to unknown keys.
+
+`extra="forbid"` sits on every section (pydantic-settings does not pass it down to nested
+models), so a misspelt key anywhere fails before any work is done.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DatasetName = Literal[
+    "moons",
+    "checkerboard",
+    "gaussians8",
+    "clusters",
+    "digits",
+    "fashion-mnist",
+    "cifar10",
+    "celeba",
+    "imagenet",
+    "imagenet-latents",
+]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: DatasetName = "moons"
+    root: str = Field("data", description="folder holding datasets (Fashion-MNIST, CIFAR-10, ...)")
+    download: bool = Field(False, description="let torchvision download the dataset if missing")
+    hflip: bool = Field(True, description="random horizontal flips (ignored for 2-D and digit data)")
+    image_size: int | None = Field(None, ge=8, le=1024, description="resize images (CelebA, ImageNet)")
+    class_conditional: bool = False
+    num_workers: int = Field(0, ge=0, le=64)
+    on_device: bool = Field(True, description="keep datasets that fit as one tensor on the device")
+    train_size: int | None = Field(None, ge=1, description="use only the first N training examples")
+
+
+class MLPConfig(Section):
+    arch: Literal["mlp"] = "mlp"
+    hidden: int = Field(256, ge=8, le=8192)
+    depth: int = Field(4, ge=1, le=32)
+    time_embed_dim: int = Field(64, ge=8, le=4096)
+
+
+class UNetConfig(Section):
+    arch: Literal["unet"] = "unet"
+    channels: int = Field(128, ge=8, le=1024)
+    channel_mults: list[int] = Field(default_factory=lambda: [2, 2, 2], min_length=1, max_length=6)
+    blocks_per_res: int = Field(4, ge=1, le=8)
+    attention_res: list[int] = Field(default_factory=lambda: [16])
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    num_groups: int = Field(32, ge=1)
+    heads: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> "UNetConfig":
+        widths = {self.channels * m for m in self.channel_mults} | {self.channels}
+        bad = sorted(w for w in widths if w % self.num_groups)
+        if bad:
+            raise ValueError(
+                f"num_groups={self.num_groups} must divide every channel width {sorted(widths)}; "
+                f"it does not divide {bad}"
+            )
+        return self
+
+
+class DiTConfig(Section):
+    arch: Literal["dit"] = "dit"
+    patch_size: int = Field(2, ge=1, le=16)
+    hidden: int = Field(384, ge=16, le=4096)
+    depth: int = Field(12, ge=1, le=64)
+    heads: int = Field(6, ge=1, le=64)
+    mlp_ratio: float = Field(4.0, gt=0, le=16)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "DiTConfig":
+        if self.hidden % self.heads:
+            raise ValueError(f"heads={self.heads} must divide hidden={self.hidden}")
+        return self
+
+
+ModelConfig = Annotated[MLPConfig | UNetConfig | DiTConfig, Field(discriminator="arch")]
+
+JvpMode = Literal["auto", "primal", "selective", "nograd", "full_batch", "cuda_graph", "compile"]
+
+
+class LossConfig(Section):
+    kind: Literal["meanflow", "flow_matching"] = "meanflow"
+    ratio: float = Field(0.75, ge=0.0, le=1.0, description="fraction of samples with r != t")
+    time_sampler: Literal["logit_normal", "uniform"] = "logit_normal"
+    time_mu: float = Field(-0.4, ge=-10, le=10, description="logit-normal mean")
+    time_sigma: float = Field(1.0, gt=0, le=10, description="logit-normal std")
+    weight_p: float = Field(1.0, ge=0.0, le=2.0, description="adaptive weight power p")
+    weight_c: float = Field(1e-3, gt=0.0, description="adaptive weight constant c")
+    jvp: JvpMode = "auto"
+    jvp_precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="precision inside the JVP (fp32 even under bf16 autocast by default)"
+    )
+    class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="label dropout for guidance")
+    guidance_omega: float = Field(1.0, gt=0.0, le=10.0, description="training-time CFG scale (1 = off)")
+    guidance_kappa: float = Field(0.0, ge=0.0, lt=1.0)
+    guidance_t_min: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_t_max: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(6e-4, gt=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 = off")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        for b in self.betas:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimiser step")
+    auto_microbatch: bool = Field(True, description="split the batch if a probe step does not fit")
+    memory_limit_gb: float | None = Field(None, gt=0, description="cap for the memory probe")
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(0, ge=0, description="0 = only at the end")
+    save_every: int = Field(500, ge=1, description="refresh last.pt")
+    archive_every: int = Field(0, ge=0, description="keep step_XXXXXXX.pt; 0 = only the final one")
+    compile: bool = False
+
+
+class EvalConfig(Section):
+    n_samples: int = Field(2000, ge=16, description="generated and held-out samples per metric")
+    meanflow_steps: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    solvers: list[Literal["euler", "midpoint", "heun", "rk4"]] = Field(
+        default_factory=lambda: ["euler", "heun"]
+    )
+    solver_nfe: list[int] = Field(default_factory=lambda: [2, 8, 50])
+    batch_size: int = Field(500, ge=1)
+    grid_size: int = Field(64, ge=1, le=1024, description="images in a sample grid")
+    guidance: float = Field(1.0, ge=0.0, le=20.0)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    project: str = Field("zoo", min_length=1)
+
+
+class ZooConfigBody(Section):
+    """Every section; the settings class in zoo.config.loading adds sources on top."""
+
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    preset: str | None = None
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    output_dir: str = "outputs"
+    experiment_log: str = Field(
+        "EXPERIMENT_LOG.md", description="file each finished run appends an entry to; empty = none"
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=MLPConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

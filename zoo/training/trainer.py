@@ -1,0 +1,322 @@
+"""The training loop: one optimiser step = `grad_accum` micro-batches, then clip, step, EMA.
+
+Everything random in a step — batch order, flips, noise, times, dropout — comes from the
+run's generator or torch's global RNG, both stored in every checkpoint, so a resumed run
+draws exactly what the uninterrupted run would have drawn.
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from zoo.checkpoints import clean_state_dict, load_checkpoint, save_checkpoint
+from zoo.config.loading import config_to_dict, config_to_toml
+from zoo.config.schema import ZooConfigBody
+from zoo.data import BatchSource, build_data
+from zoo.devices import autocast_dtype, resolve_device
+from zoo.evaluation import EvalReport, Method, evaluate
+from zoo.experiment_log import append_run_entry
+from zoo.losses import Loss, build_loss
+from zoo.models import build_model
+from zoo.models.base import FlowModel
+from zoo.runs import RunDir, RunError, atomic_write_json, check_run
+from zoo.tracking import Tracker, make_tracker
+from zoo.training import distributed
+from zoo.training.ema import EMA
+from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
+from zoo.training.progress import TrainProgress
+from zoo.training.visuals import save_samples
+
+# Keys a resumed run may change: how long it runs, how often it reports, where and how it
+# evaluates. Anything else (model, loss, data, optimiser, seed) must match the checkpoint.
+RESUMABLE_CHANGES = {
+    "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.archive_every",
+    "device", "output_dir", "tracking", "eval", "experiment_log",
+}
+
+
+@dataclass
+class TrainState:
+    cfg: ZooConfigBody
+    device: torch.device
+    source: BatchSource
+    model: FlowModel
+    ema: EMA
+    loss_fn: Loss
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+    micro_batches: int = 1
+
+    @property
+    def is_meanflow(self) -> bool:
+        return self.cfg.loss.kind == "meanflow"
+
+
+def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
+    torch.manual_seed(cfg.seed)
+    source = build_data(cfg.data, device, cfg.seed)
+    num_classes = source.num_classes if cfg.data.class_conditional else 0
+    model = build_model(cfg.model, source.data_shape, num_classes).to(device)
+    distributed.broadcast_parameters(model)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * distributed.rank())
+    return TrainState(
+        cfg=cfg,
+        device=device,
+        source=source,
+        model=model,
+        ema=EMA(model, cfg.train.ema_decay),
+        loss_fn=build_loss(cfg.loss),
+        optimizer=build_optimizer(model, cfg.optim),
+        generator=generator,
+        micro_batches=cfg.train.grad_accum,
+    )
+
+
+def rng_state(state: TrainState) -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state(), "generator": state.generator.get_state()}
+    if state.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(state.device)
+    return rng
+
+
+def checkpoint_payload(state: TrainState, metrics: dict[str, float]) -> dict[str, Any]:
+    return {
+        "run_name": state.cfg.run_name,
+        "step": state.step,
+        "model": clean_state_dict(state.model.state_dict()),
+        "ema": clean_state_dict(state.ema.state_dict()["model"]),
+        "ema_updates": state.ema.updates,
+        "optimizer": state.optimizer.state_dict(),
+        "rng": rng_state(state),
+        "data_state": state.source.state_dict(),
+        "micro_batches": state.micro_batches,
+        "data_shape": list(state.model.data_shape),
+        "num_classes": state.model.num_classes,
+        "config": config_to_dict(state.cfg),
+        "metrics": metrics,
+    }
+
+
+def restore(state: TrainState, payload: dict[str, Any]) -> None:
+    if payload["run_name"] != state.cfg.run_name:
+        raise RunError(
+            f"checkpoint belongs to run {payload['run_name']!r}, not {state.cfg.run_name!r}; "
+            "a run only resumes from its own checkpoints"
+        )
+    state.model.load_state_dict(payload["model"])
+    state.ema.model.load_state_dict(payload["ema"])
+    state.ema.updates = int(payload["ema_updates"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.source.load_state_dict(payload["data_state"])
+    state.step = int(payload["step"])
+    state.micro_batches = int(payload["micro_batches"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    state.generator.set_state(payload["rng"]["generator"])
+    if "cuda" in payload["rng"] and state.device.type == "cuda":
+        torch.cuda.set_rng_state(payload["rng"]["cuda"], state.device)
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(config_differences(a, b, path + "."))
+        elif a != b:
+            diffs.append(path)
+    return diffs
+
+
+def check_resume_config(stored: dict[str, Any], cfg: ZooConfigBody) -> None:
+    changed = config_differences(stored, config_to_dict(cfg))
+    blocked = [k for k in changed if k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES]
+    if blocked:
+        raise RunError(
+            "cannot resume with a different configuration; changed: "
+            + ", ".join(blocked)
+            + ". Resume with the run's own settings (only steps, logging, evaluation, device may change)"
+        )
+
+
+def train_step(state: TrainState) -> dict[str, float]:
+    """One optimiser step over `micro_batches` micro-batches of the configured batch."""
+    cfg = state.cfg
+    model, optimizer = state.model, state.optimizer
+    micro_size = cfg.train.batch_size // state.micro_batches
+    dtype = autocast_dtype(cfg.precision)
+    totals: dict[str, float] = {}
+    for _ in range(state.micro_batches):
+        x, y = state.source.next_batch(micro_size, state.generator)
+        with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
+            out = state.loss_fn(model, x, y, state.generator)
+        (out.loss / state.micro_batches).backward()
+        for key, value in out.metrics.items():
+            totals[key] = totals.get(key, 0.0) + value / state.micro_batches
+    distributed.all_reduce_gradients(model)
+    if cfg.optim.grad_clip > 0:
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+    lr = learning_rate(cfg.optim, state.step)
+    set_learning_rate(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.ema.update(model)
+    state.step += 1
+    totals["lr"] = lr
+    return totals
+
+
+def quick_methods(state: TrainState) -> list[Method]:
+    """The cheap periodic evaluation: the model's headline sampler only."""
+    if state.is_meanflow:
+        return [Method("meanflow", 1, 1)]
+    return [Method("euler", 8, 8)]
+
+
+def run_evaluation(state: TrainState, final: bool, progress: TrainProgress) -> EvalReport:
+    cfg = state.cfg
+    methods = None if final else quick_methods(state)
+    return evaluate(
+        state.ema.model,
+        state.source,
+        cfg.eval,
+        meanflow=state.is_meanflow,
+        seed=cfg.seed,
+        methods=methods,
+        with_floor=final,
+        progress=progress.rich,
+    )
+
+
+def save(run: RunDir, state: TrainState, metrics: dict[str, float], archive: bool) -> Path:
+    payload = checkpoint_payload(state, metrics)
+    save_checkpoint(run.last, payload)
+    if archive:
+        save_checkpoint(run.archive(state.step), payload)
+    return run.last
+
+
+def train_run(
+    cfg: ZooConfigBody,
+    resume: bool = False,
+    console: Console | None = None,
+    command: str | None = None,
+) -> RunDir:
+    """Train `cfg` into `<output_dir>/<run_name>/`, or continue that run with `resume`."""
+    console = console or Console(stderr=True)
+    if cfg.run_name is None:
+        raise RunError("a run needs a name: set run_name (zoo train picks one when --run-name is not given)")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    main = distributed.is_main()
+    run = check_run(cfg.output_dir, cfg.run_name, resume)
+    # Build everything that can fail on bad input (data, model) before the run folder exists,
+    # so a failed start leaves nothing behind.
+    state = build_state(cfg, device)
+    if resume:
+        payload = load_checkpoint(run.last, map_location=device)
+        check_resume_config(payload["config"], cfg)
+        restore(state, payload)
+        if state.step >= cfg.train.steps:
+            raise RunError(
+                f"run {cfg.run_name!r} is already at step {state.step} of {cfg.train.steps}; "
+                "raise train.steps (--steps) to continue it"
+            )
+    config_dict = config_to_dict(cfg)
+    tracker: Tracker = make_tracker(
+        cfg.tracking.enabled and main, cfg.tracking.project, cfg.run_name, config_dict, resume
+    )
+    if main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(config_to_toml(cfg))
+        run.write_heartbeat(status="running", step=state.step, loss=None, error=None, device=str(device))
+    last_metrics: dict[str, float] = {}
+    try:
+        with TrainProgress(console, cfg.train.steps, state.step, enabled=main) as progress:
+            last_metrics = train_loop(state, run, tracker, progress, main)
+            final_report = run_evaluation(state, final=True, progress=progress) if main else None
+        if main:
+            finish_run(state, run, tracker, final_report, last_metrics, command, console)
+    except BaseException as exc:
+        if main:
+            run.write_heartbeat(status="failed", error=f"{type(exc).__name__}: {exc}", step=state.step)
+        raise
+    finally:
+        tracker.finish()
+    return run
+
+
+def train_loop(
+    state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, main: bool
+) -> dict[str, float]:
+    cfg = state.cfg.train
+    window: list[float] = []
+    metrics: dict[str, float] = {}
+    started, started_step = time.time(), state.step
+    while state.step < cfg.steps:
+        metrics = train_step(state)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data")
+        window.append(metrics["loss"])
+        progress.update(state.step, metrics["loss"])
+        if not main:
+            continue
+        at_end = state.step == cfg.steps
+        if state.step % cfg.log_every == 0 or at_end:
+            record = {f"train/{k}": v for k, v in metrics.items()}
+            record["train/loss_avg"] = sum(window) / len(window)
+            record["time/elapsed_s"] = time.time() - started
+            record["time/steps_per_s"] = (state.step - started_step) / max(record["time/elapsed_s"], 1e-9)
+            window.clear()
+            run.append_metrics({"step": state.step, "time": time.time(), **record})
+            tracker.log(record, step=state.step)
+            run.write_heartbeat(status="running", step=state.step, loss=metrics["loss"])
+        archive = at_end or (cfg.archive_every > 0 and state.step % cfg.archive_every == 0)
+        if state.step % cfg.save_every == 0 or archive:
+            save(run, state, metrics, archive)
+            run.write_heartbeat(status="running", step=state.step, last_checkpoint=run.last.name)
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and not at_end:
+            report = run_evaluation(state, final=False, progress=progress)
+            log_evaluation(state, run, tracker, report, tag=f"step_{state.step:07d}")
+    return metrics
+
+
+def log_evaluation(state: TrainState, run: RunDir, tracker: Tracker, report: EvalReport, tag: str) -> None:
+    metrics = report.metrics()
+    run.append_metrics({"step": state.step, "time": time.time(), **metrics})
+    tracker.log(metrics, step=state.step)
+    image, caption = save_samples(state.ema.model, state.source, state.is_meanflow, run.samples / f"{tag}.png", state.cfg)
+    tracker.log_image("samples", image, step=state.step, caption=caption)
+
+
+def finish_run(
+    state: TrainState,
+    run: RunDir,
+    tracker: Tracker,
+    report: EvalReport,
+    last_metrics: dict[str, float],
+    command: str | None,
+    console: Console,
+) -> None:
+    log_evaluation(state, run, tracker, report, tag="final")
+    atomic_write_json(run.eval_json, {"step": state.step, "checkpoint": run.archive(state.step).name, **report.to_dict()})
+    run.write_heartbeat(status="finished", step=state.step, loss=last_metrics.get("loss"))
+    if state.cfg.experiment_log:
+        append_run_entry(
+            Path(state.cfg.experiment_log),
+            command=command or " ".join(sys.argv),
+            cfg=state.cfg,
+            run=run,
+            report=report,
+            final_loss=last_metrics.get("loss"),
+        )

@@ -1,0 +1,36 @@
+"""Pictures of what a model generates: an image grid, or a scatter over held-out data for 2-D."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zoo.config.schema import ZooConfigBody
+from zoo.data import BatchSource
+from zoo.evaluation import Method, draw_noise_and_labels, generate
+from zoo.models.base import FlowModel
+from zoo.plotting import save_image_grid, save_scatter
+
+
+def headline_method(meanflow: bool) -> Method:
+    return Method("meanflow", 1, 1) if meanflow else Method("euler", 50, 50)
+
+
+@torch.no_grad()
+def save_samples(
+    model: FlowModel, source: BatchSource, meanflow: bool, path: Path, cfg: ZooConfigBody
+) -> tuple[np.ndarray, str]:
+    """Write the picture for the headline sampler; returns it as an image array and a caption."""
+    method = headline_method(meanflow)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = cfg.eval.grid_size if source.is_image else min(cfg.eval.n_samples, 2000)
+    noise, labels = draw_noise_and_labels(model, n, device, seed=cfg.seed + 1)
+    samples = generate(model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size)
+    model.train(was_training)
+    if source.is_image:
+        image = save_image_grid(samples, path)
+    else:
+        image = save_scatter(samples, path, reference=source.held_out(n).float().cpu(), title=method.label)
+    return image, f"{method.label} ({method.nfe} NFE)"

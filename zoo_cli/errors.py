@@ -1,0 +1,34 @@
+"""Turning the library's user-facing errors into one clear line and a non-zero exit code."""
+
+import contextlib
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+
+from zoo.checkpoints import CheckpointError
+from zoo.config.loading import ConfigError
+from zoo.data.base import DataNotFoundError
+from zoo.devices import DeviceError
+from zoo.runs import RunError
+
+err_console = Console(stderr=True)
+
+# Exit 2 for input the user must change (config, arguments), 1 for things that failed.
+USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+RUNTIME_ERRORS: tuple[type[Exception], ...] = (RunError, CheckpointError, DeviceError, DataNotFoundError)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    try:
+        yield
+    except USAGE_ERRORS as exc:
+        raise fail(str(exc), 2) from None
+    except RUNTIME_ERRORS as exc:
+        raise fail(str(exc), 1) from None

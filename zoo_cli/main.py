@@ -1,0 +1,21 @@
+"""The `zoo` executable."""
+
+import typer
+
+from zoo_cli.evaluate import eval_command
+from zoo_cli.sample import sample
+from zoo_cli.train import train
+
+app = typer.Typer(
+    name="zoo",
+    help="Flow matching and MeanFlow: train, sample, evaluate, benchmark, run remotely.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.command(help="Train a model from a preset or TOML file, with key=value overrides.")(train)
+app.command(help="Generate samples from a checkpoint (PNG + .npz).")(sample)
+app.command("eval", help="Energy distance of every sampler against held-out data.")(eval_command)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,30 @@
+"""Rich renderings shared by commands: the resolved config and the evaluation table."""
+
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from zoo.config.loading import config_to_toml
+from zoo.config.schema import ZooConfigBody
+from zoo.evaluation import EvalReport
+
+
+def print_config(console: Console, cfg: ZooConfigBody, title: str = "resolved config") -> None:
+    console.rule(title)
+    console.print(Syntax(config_to_toml(cfg), "toml", theme="ansi_dark", background_color="default"))
+
+
+def eval_table(report: EvalReport, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("sampler")
+    table.add_column("NFE", justify="right")
+    table.add_column(f"energy distance (n={report.n_samples})", justify="right")
+    table.add_column("± s.e.", justify="right")
+    best = min((r.energy_distance for r in report.rows), default=None)
+    for row in report.rows:
+        style = "bold green" if row.energy_distance == best else ""
+        table.add_row(row.method, str(row.nfe), f"{row.energy_distance:.5f}", f"{row.stderr:.5f}", style=style)
+    if report.noise_floor:
+        floor = report.noise_floor
+        table.add_row("data vs data (floor)", "–", f"{floor.energy_distance:.5f}", f"{floor.stderr:.5f}", style="dim")
+    return table

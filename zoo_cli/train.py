@@ -1,0 +1,144 @@
+"""`zoo train PRESET|path.toml [key=value ...]`."""
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from zoo.checkpoints import load_checkpoint
+from zoo.config.loading import (
+    ConfigError,
+    ZooConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+)
+from zoo.config.schema import ZooConfigBody
+from zoo.runs import RunDir, default_run_name
+from zoo_cli.errors import fail, user_errors
+from zoo_cli.render import eval_table, print_config
+
+console = Console()
+
+
+def flag_overrides(**flags: Any) -> dict[str, Any]:
+    """Short flags as nested overrides: --ratio -> loss.ratio, --steps -> train.steps, ..."""
+    paths = {
+        "ratio": ("loss", "ratio"),
+        "steps": ("train", "steps"),
+        "batch_size": ("train", "batch_size"),
+        "device": ("device",),
+        "run_name": ("run_name",),
+        "seed": ("seed",),
+        "precision": ("precision",),
+    }
+    nested: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        *parents, leaf = paths[name]
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resume_config(run_name: str, output_dir: str, preset: str | None, overrides: dict[str, Any]) -> ZooConfigBody:
+    """A resumed run starts from its own stored config; the command line may only extend it."""
+    run = RunDir(Path(output_dir) / run_name)
+    stored = load_checkpoint(run.last)["config"]
+    if preset is not None and stored.get("preset") not in (preset, None) and not preset.endswith(".toml"):
+        raise ConfigError(
+            f"run {run_name!r} was trained from preset {stored.get('preset')!r}, not {preset!r}; "
+            "resume it with its own preset (or omit the preset)"
+        )
+    return config_from_dict(deep_merge(stored, overrides))
+
+
+def train(
+    preset: Annotated[str | None, typer.Argument(help="preset name (see configs/) or a path to a .toml file")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75 optim.lr=1e-4")] = None,
+    ratio: Annotated[float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="name of the run folder (default: PRESET-DATE-TIME)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run named by --run-name from its last.pt")] = False,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast)")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (torchrun)")] = 1,
+) -> None:
+    """Train a flow-matching or MeanFlow model; writes outputs/<run_name>/."""
+    with user_errors():
+        given = deep_merge(
+            parse_overrides(overrides or []),
+            flag_overrides(ratio=ratio, steps=steps, batch_size=batch_size, device=device, run_name=run_name, seed=seed, precision=precision),
+        )
+        if resume:
+            if run_name is None:
+                raise fail("--resume needs --run-name: the run to continue (zoo ckpts lists them)")
+            output_dir = given.get("output_dir") or ZooConfig.model_fields["output_dir"].default
+            cfg = resume_config(run_name, output_dir, preset, given)
+        else:
+            if preset is None:
+                raise fail("give a preset or a .toml file, e.g. `zoo train moons` (presets live in configs/)")
+            cfg = load_config(preset, given)
+            if cfg.run_name is None:
+                cfg = cfg.model_copy(update={"run_name": default_run_name(cfg.preset)})
+        if nproc > 1:
+            raise typer.Exit(launch_torchrun(nproc, cfg, resume))
+        from zoo.training import distributed
+
+        if distributed.is_main():
+            print_config(console, cfg, title=f"run {cfg.run_name}")
+        from zoo.training.trainer import train_run
+
+        command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        run = train_run(cfg, resume=resume, command=command)
+    if distributed.is_main():
+        report_run(run)
+
+
+def report_run(run: RunDir) -> None:
+    import json
+
+    from zoo.evaluation import EvalReport, EvalRow
+
+    data = json.loads(run.eval_json.read_text())
+    report = EvalReport(n_samples=data["n_samples"], rows=[EvalRow(**r) for r in data["rows"]])
+    if data["noise_floor"]:
+        report.noise_floor = EvalRow(**data["noise_floor"])
+    console.print(eval_table(report, title=f"{run.name} at step {data['step']}"))
+    console.print(f"run folder: [bold]{run.root}[/]  (samples: {run.samples / 'final.png'})")
+
+
+def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
+    """Re-run this command under torchrun with the resolved config, one process per device."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(config_to_dict(cfg), handle)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "zoo_cli.distributed_entry", handle.name, "--resume" if resume else "--fresh",
+    ]
+    console.print(f"launching {nproc} processes: {' '.join(command)}")
+    return subprocess.call(command, env=os.environ.copy())
