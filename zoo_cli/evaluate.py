@@ -33,7 +33,7 @@ def eval_command(
         cfg = loaded.cfg
         eval_cfg = cfg.eval.model_copy(update={"n_samples": n}) if n else cfg.eval
         data_cfg = cfg.data.model_copy(update={"root": data_root}) if data_root else cfg.data
-        source = build_data(data_cfg, dev, cfg.seed)
+        source = build_data(data_cfg, dev, cfg.seed, batch_size=eval_cfg.batch_size)
         with Progress(console=Console(stderr=True), transient=True) as progress:
             report = evaluate(loaded.model, source, eval_cfg, meanflow=loaded.is_meanflow, seed=seed, progress=progress)
         json_out = json_out or checkpoint.with_name(f"eval_{checkpoint.stem}_seed{seed}.json")

@@ -20,7 +20,7 @@ from zoo.config.loading import (
     parse_overrides,
 )
 from zoo.config.schema import ZooConfigBody
-from zoo.runs import RunDir, default_run_name
+from zoo.runs import RunDir, check_run, default_run_name
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import eval_table, print_config
 
@@ -62,7 +62,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def resume_config(run_name: str, output_dir: str, preset: str | None, overrides: dict[str, Any]) -> ZooConfigBody:
     """A resumed run starts from its own stored config; the command line may only extend it."""
-    run = RunDir(Path(output_dir) / run_name)
+    run = check_run(output_dir, run_name, resume=True)
     stored = load_checkpoint(run.last)["config"]
     if preset is not None and stored.get("preset") not in (preset, None) and not preset.endswith(".toml"):
         raise ConfigError(
@@ -110,10 +110,26 @@ def train(
             print_config(console, cfg, title=f"run {cfg.run_name}")
         from zoo.training.trainer import train_run
 
-        command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = command_line(
+            preset, overrides or [],
+            {"--ratio": ratio, "--steps": steps, "--batch-size": batch_size, "--device": device,
+             "--run-name": cfg.run_name, "--seed": seed, "--precision": precision},
+            resume,
+        )
         run = train_run(cfg, resume=resume, command=command)
     if distributed.is_main():
         report_run(run)
+
+
+def command_line(preset: str | None, overrides: list[str], flags: dict[str, Any], resume: bool) -> str:
+    """The command as the user could type it again (recorded in EXPERIMENT_LOG.md)."""
+    parts = ["zoo", "train", *([preset] if preset else []), *overrides]
+    for flag, value in flags.items():
+        if value is not None:
+            parts += [flag, str(value)]
+    if resume:
+        parts.append("--resume")
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def report_run(run: RunDir) -> None:

@@ -135,6 +135,15 @@ class TrainConfig(Section):
     archive_every: int = Field(0, ge=0, description="keep step_XXXXXXX.pt; 0 = only the final one")
     compile: bool = False
 
+    @model_validator(mode="after")
+    def _accumulation_divides_batch(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size} "
+                "(batch_size is the effective batch per optimiser step)"
+            )
+        return self
+
 
 class EvalConfig(Section):
     n_samples: int = Field(2000, ge=16, description="generated and held-out samples per metric")

@@ -5,10 +5,26 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
+
+
+class FieldColumn(ProgressColumn):
+    """A task field, blank for tasks without it (evaluation shares the display)."""
+
+    def __init__(self, field: str, template: str) -> None:
+        super().__init__()
+        self.field = field
+        self.template = template
+
+    def render(self, task: Task) -> Text:
+        value = task.fields.get(self.field)
+        return Text(self.template.format(value) if value is not None else "")
 
 
 class TrainProgress:
@@ -18,15 +34,16 @@ class TrainProgress:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]} it/s"),
+            FieldColumn("loss", "loss {}"),
+            FieldColumn("mse", "mse {}"),
+            FieldColumn("rate", "{} it/s"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=console,
             disable=not enabled,
         )
-        self.task = self.rich.add_task("training", total=total, completed=start, loss="-", rate="-")
+        self.task = self.rich.add_task("training", total=total, completed=start, loss="-", mse="-", rate="-")
 
     def __enter__(self) -> "TrainProgress":
         self.rich.__enter__()
@@ -35,8 +52,11 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self.rich.__exit__(*exc)
 
-    def update(self, step: int, loss: float) -> None:
-        self.rich.update(self.task, completed=step, loss=f"{loss:.4f}")
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        # With the adaptive weight (p = 1) the loss sits near 1 by construction; the raw mse moves.
+        self.rich.update(
+            self.task, completed=step, loss=f"{metrics['loss']:.4f}", mse=f"{metrics.get('mse', float('nan')):.4f}"
+        )
         speed = self.rich.tasks[self.task].speed
         if speed:
             self.rich.update(self.task, rate=f"{speed:.2f}")

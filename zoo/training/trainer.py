@@ -5,6 +5,7 @@ run's generator or torch's global RNG, both stored in every checkpoint, so a res
 draws exactly what the uninterrupted run would have drawn.
 """
 
+import copy
 import math
 import sys
 import time
@@ -17,12 +18,13 @@ from rich.console import Console
 
 from zoo.checkpoints import clean_state_dict, load_checkpoint, save_checkpoint
 from zoo.config.loading import config_to_dict, config_to_toml
-from zoo.config.schema import ZooConfigBody
+from zoo.config.schema import LossConfig, ZooConfigBody
 from zoo.data import BatchSource, build_data
 from zoo.devices import autocast_dtype, resolve_device
 from zoo.evaluation import EvalReport, Method, evaluate
 from zoo.experiment_log import append_run_entry
-from zoo.losses import Loss, build_loss
+from zoo.losses import Loss, build_loss, resolve_jvp_mode
+from zoo.losses.base import LossOutput
 from zoo.models import build_model
 from zoo.models.base import FlowModel
 from zoo.runs import RunDir, RunError, atomic_write_json, check_run
@@ -30,6 +32,7 @@ from zoo.tracking import Tracker, make_tracker
 from zoo.training import distributed
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
+from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.progress import TrainProgress
 from zoo.training.visuals import save_samples
 
@@ -59,9 +62,16 @@ class TrainState:
         return self.cfg.loss.kind == "meanflow"
 
 
+def resolved_loss_config(cfg: ZooConfigBody, device: torch.device) -> LossConfig:
+    """`loss.jvp = auto` becomes a concrete JVP strategy for this device."""
+    if cfg.loss.jvp != "auto":
+        return cfg.loss
+    return cfg.loss.model_copy(update={"jvp": resolve_jvp_mode(cfg.loss, device)})
+
+
 def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.seed)
-    source = build_data(cfg.data, device, cfg.seed)
+    source = build_data(cfg.data, device, cfg.seed, cfg.train.batch_size // cfg.train.grad_accum)
     num_classes = source.num_classes if cfg.data.class_conditional else 0
     model = build_model(cfg.model, source.data_shape, num_classes).to(device)
     distributed.broadcast_parameters(model)
@@ -72,7 +82,7 @@ def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
         source=source,
         model=model,
         ema=EMA(model, cfg.train.ema_decay),
-        loss_fn=build_loss(cfg.loss),
+        loss_fn=build_loss(resolved_loss_config(cfg, device)),
         optimizer=build_optimizer(model, cfg.optim),
         generator=generator,
         micro_batches=cfg.train.grad_accum,
@@ -146,17 +156,62 @@ def check_resume_config(stored: dict[str, Any], cfg: ZooConfigBody) -> None:
         )
 
 
+def forward_loss(state: TrainState) -> LossOutput:
+    """The loss of the next micro-batch, under the run's autocast precision."""
+    x, y = state.source.next_batch(state.generator)
+    dtype = autocast_dtype(state.cfg.precision)
+    with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
+        return state.loss_fn(state.model, x, y, state.generator)
+
+
+def probe_step(state: TrainState, micro_size: int) -> None:
+    """One forward+backward on a micro-batch of `micro_size`, leaving no trace in the run.
+
+    Every RNG and the data position are restored afterwards, so probing does not change what
+    the run draws (resumed and uninterrupted runs stay identical).
+    """
+    saved = (
+        torch.get_rng_state(),
+        state.generator.get_state(),
+        copy.deepcopy(state.source.state_dict()),
+        torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
+        state.source.batch_size,
+    )
+    try:
+        state.source.batch_size = micro_size
+        forward_loss(state).loss.backward()
+    finally:
+        state.model.zero_grad(set_to_none=True)
+        torch.set_rng_state(saved[0])
+        state.generator.set_state(saved[1])
+        state.source.load_state_dict(saved[2])
+        if saved[3] is not None:
+            torch.cuda.set_rng_state(saved[3], state.device)
+        state.source.batch_size = saved[4]
+
+
+def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
+    """The probe step before training: split the batch into micro-batches if it does not fit."""
+    cfg = state.cfg.train
+    meter = make_meter(state.model, state.device, cfg.memory_limit_gb)
+    plan = plan_micro_batches(
+        lambda size: probe_step(state, size), meter, cfg.batch_size, state.micro_batches, cfg.auto_microbatch
+    )
+    if plan.micro_batches != state.micro_batches:
+        console.print(f"[yellow]memory:[/] {plan.describe(cfg.batch_size)}")
+    state.micro_batches = plan.micro_batches
+    state.source.batch_size = plan.micro_batch_size
+    return plan
+
+
 def train_step(state: TrainState) -> dict[str, float]:
     """One optimiser step over `micro_batches` micro-batches of the configured batch."""
     cfg = state.cfg
     model, optimizer = state.model, state.optimizer
-    micro_size = cfg.train.batch_size // state.micro_batches
-    dtype = autocast_dtype(cfg.precision)
+    state.source.batch_size = cfg.train.batch_size // state.micro_batches
     totals: dict[str, float] = {}
     for _ in range(state.micro_batches):
-        x, y = state.source.next_batch(micro_size, state.generator)
-        with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
-            out = state.loss_fn(model, x, y, state.generator)
+        out = forward_loss(state)
         (out.loss / state.micro_batches).backward()
         for key, value in out.metrics.items():
             totals[key] = totals.get(key, 0.0) + value / state.micro_batches
@@ -215,8 +270,10 @@ def train_run(
         raise RunError("a run needs a name: set run_name (zoo train picks one when --run-name is not given)")
     device = resolve_device(cfg.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 through the new precision API only: the JVP's fp32 island saves and restores these
+        # settings, and mixing them with the legacy allow_tf32 flags makes torch raise.
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
         torch.backends.cudnn.benchmark = True
     main = distributed.is_main()
     run = check_run(cfg.output_dir, cfg.run_name, resume)
@@ -232,6 +289,7 @@ def train_run(
                 f"run {cfg.run_name!r} is already at step {state.step} of {cfg.train.steps}; "
                 "raise train.steps (--steps) to continue it"
             )
+    plan = fit_batch_in_memory(state, console)
     config_dict = config_to_dict(cfg)
     tracker: Tracker = make_tracker(
         cfg.tracking.enabled and main, cfg.tracking.project, cfg.run_name, config_dict, resume
@@ -239,7 +297,10 @@ def train_run(
     if main:
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(config_to_toml(cfg))
-        run.write_heartbeat(status="running", step=state.step, loss=None, error=None, device=str(device))
+        run.write_heartbeat(
+            status="running", step=state.step, loss=None, error=None, device=str(device),
+            micro_batches=plan.micro_batches, peak_memory_bytes=plan.peak_bytes,
+        )
     last_metrics: dict[str, float] = {}
     try:
         with TrainProgress(console, cfg.train.steps, state.step, enabled=main) as progress:
@@ -268,7 +329,7 @@ def train_loop(
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data")
         window.append(metrics["loss"])
-        progress.update(state.step, metrics["loss"])
+        progress.update(state.step, metrics)
         if not main:
             continue
         at_end = state.step == cfg.steps

@@ -1,0 +1,38 @@
+"""Training losses: flow matching and MeanFlow, built from a LossConfig.
+
+`cfg.jvp == "auto"` must be resolved first (the trainer knows the device):
+    cfg = cfg.model_copy(update={"jvp": resolve_jvp_mode(cfg, device)})
+    loss_fn = build_loss(cfg)
+"""
+
+from zoo.config.schema import LossConfig
+from zoo.losses.base import Loss, LossOutput
+from zoo.losses.flow_matching import FlowMatchingLoss
+from zoo.losses.jvp import JVP_MODES, JvpStrategy, build_jvp, resolve_jvp_mode
+from zoo.losses.meanflow import MeanFlowLoss, MeanFlowTerms
+from zoo.losses.time_sampling import TimePair, sample_t, sample_t_r
+
+
+def build_loss(cfg: LossConfig) -> Loss:
+    if cfg.kind == "meanflow":
+        return MeanFlowLoss(cfg)
+    if cfg.kind == "flow_matching":
+        return FlowMatchingLoss(cfg)
+    raise ValueError(f"unknown loss kind {cfg.kind!r}; use 'meanflow' or 'flow_matching'")
+
+
+__all__ = [
+    "JVP_MODES",
+    "FlowMatchingLoss",
+    "JvpStrategy",
+    "Loss",
+    "LossOutput",
+    "MeanFlowLoss",
+    "MeanFlowTerms",
+    "TimePair",
+    "build_jvp",
+    "build_loss",
+    "resolve_jvp_mode",
+    "sample_t",
+    "sample_t_r",
+]

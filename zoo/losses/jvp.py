@@ -1,0 +1,326 @@
+"""Ways to compute the MeanFlow JVP: u(z, t, r) and the total derivative du/dt = (du/dz) v + du/dt|_z,
+i.e. the JVP of u along the tangents (v, 1, 0) for (z, t, r).
+
+Every strategy returns, for the whole batch in batch order,
+    u     the prediction, with autograd graph to the parameters (what the loss trains);
+    dudt  the total derivative, detached, in fp32 (or the batch's dtype when wider), zeros where
+          r = t (harmless: the target multiplies it by t - r = 0 there).
+
+Tangents are (v, 1, 0) for (z, t, r) since zoo calls models as model(z, t, r, y); the paper's
+(v, 0, 1) is for its (z, r, t) order.  Parameters get no tangent: torch.func.jvp treats the
+module's closed-over parameters as constants of the forward-mode level, while reverse-mode
+autograd still records the primal computation, so backpropagating through the primal output of
+torch.func.jvp gives the same parameter gradients as a plain forward (tested).
+
+Cost in forward-equivalents F (a backward ~ 2F; a forward-mode JVP ~ 2F, primal + tangent,
+since the tangent of W @ h is one more matmul W @ dh and parameters carry no tangent), with
+k = ratio * B samples having r != t:
+    nograd      no-grad JVP(B) + grad forward(B) + backward         ~ 2 + 1 + 2       = 5F
+    full_batch  JVP(B) with grad, primal reused + backward          ~ 2 + 2           = 4F
+    primal      JVP(k) with grad + grad forward(B-k) + backward      ~ 2k/B + (1-k/B) + 2 = (3 + k/B)F
+    selective   no-grad JVP(k) + grad forward(B) + backward         ~ 2k/B + 1 + 2    = (3 + 2k/B)F
+    compile     nograd with the JVP compiled (same flops, fused kernels)
+    cuda_graph  nograd with the JVP replayed from a CUDA graph (same flops, no launch overhead)
+The grad-recording JVPs (full_batch, primal) also keep the tangent activations alive until the
+JVP returns (peak activation memory up to ~2x a forward), since autograd records tangent ops.
+On small models launch overhead, not flops, dominates; measure.
+
+Dropout: primal-reusing modes (full_batch, primal) use ONE dropout mask for u and du/dt, as a
+single JVP call with primal reuse does; nograd/selective/compile/cuda_graph run two forwards, so
+the target's du/dt sees a different mask than the prediction.  The modes therefore differ in
+train mode with active dropout; without dropout (or in eval mode) they agree (tested).
+
+Precision: the JVP runs in fp32 with autocast disabled inside and reduced-precision inputs
+upcast, even when the caller is under bf16/fp16 autocast (jvp_precision = "fp32", IEEE fp32
+matmuls on CUDA); "tf32" allows TF32 matmuls/convolutions on CUDA inside; "bf16" runs the JVP
+under bf16 autocast.  Forwards outside the JVP follow the caller's autocast.  Note that modes
+reusing the primal compute the prediction u itself inside this island.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from zoo.config.schema import LossConfig
+from zoo.losses.time_sampling import TimePair
+from zoo.models.base import FlowModel
+
+JVP_MODES = ("full_batch", "primal", "selective", "nograd", "compile", "cuda_graph")
+JVP_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextmanager
+def cuda_fp32_precision(mode: str) -> Iterator[None]:
+    """Set cuBLAS / cuDNN fp32 precision ("ieee" or "tf32") and restore the caller's values.
+
+    Uses the new fp32_precision API and restores the exact previous value: mixing it with the
+    legacy allow_tf32 flags otherwise makes later legacy reads raise.
+    """
+    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+
+
+@contextmanager
+def jvp_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """The numeric island the JVP runs in (see the module docstring)."""
+    if precision == "bf16":
+        # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            yield
+        return
+    if precision not in ("fp32", "tf32"):
+        raise ValueError(f"unknown jvp_precision {precision!r}; use one of {JVP_PRECISIONS}")
+    with torch.autocast(device.type, enabled=False):
+        if device.type == "cuda":
+            with cuda_fp32_precision("tf32" if precision == "tf32" else "ieee"):
+                yield
+        else:
+            yield
+
+
+def upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def select(y: Tensor | None, index: Tensor) -> Tensor | None:
+    return None if y is None else y[index]
+
+
+def model_jvp(model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) of u(z, t, r, y) along tangents (v, 1, 0); no precision handling."""
+
+    def u_of(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
+        return model(z_, t_, r_, y)
+
+    return torch.func.jvp(u_of, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+
+
+def jvp_tangent(model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> Tensor:
+    """du/dt alone: the function compile and cuda_graph modes compile or capture."""
+    return model_jvp(model, z, t, r, y, v)[1]
+
+
+def jvp_with_primal(
+    model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor, precision: str
+) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) inside the precision island, du/dt at least fp32.
+
+    Records autograd for u (and for du/dt: callers detach it) when grad mode is on.
+    """
+    with jvp_precision(precision, z.device):
+        u, dudt = model_jvp(model, upcast(z), upcast(t), upcast(r), y, upcast(v))
+    return u, upcast(dudt)
+
+
+def merge(first: Tensor, second: Tensor, times: TimePair) -> Tensor:
+    """Put rows computed for times.jvp_index (first) and times.flow_index (second) back in batch order."""
+    order = torch.cat([times.jvp_index, times.flow_index])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return torch.cat([first, second.to(first.dtype)])[inverse]
+
+
+class JvpStrategy(ABC):
+    """One way to get (u with grad, du/dt detached) for a MeanFlow batch."""
+
+    name: str
+
+    def __init__(self, precision: str = "fp32") -> None:
+        if precision not in JVP_PRECISIONS:
+            raise ValueError(f"unknown jvp_precision {precision!r}; use one of {JVP_PRECISIONS}")
+        self.precision = precision
+
+    @abstractmethod
+    def __call__(
+        self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor, times: TimePair
+    ) -> tuple[Tensor, Tensor]:
+        """z, v: (B, *data_shape); t, r: (B,); times: the TimePair t and r came from."""
+
+
+class NogradJvp(JvpStrategy):
+    """Reference: a no-grad JVP over the whole batch, then a separate grad forward. Simplest, obviously right."""
+
+    name = "nograd"
+
+    def __call__(self, model, z, t, r, y, v, times):
+        with torch.no_grad():
+            _, dudt = jvp_with_primal(model, z, t, r, y, v, self.precision)
+        return model(z, t, r, y), dudt
+
+
+class FullBatchJvp(JvpStrategy):
+    """One JVP with grad over the whole batch; its primal output is the prediction. Static shapes."""
+
+    name = "full_batch"
+
+    def __call__(self, model, z, t, r, y, v, times):
+        u, dudt = jvp_with_primal(model, z, t, r, y, v, self.precision)
+        return u, dudt.detach()
+
+
+class PrimalJvp(JvpStrategy):
+    """JVP with grad (primal reused) on the r != t samples only, a plain grad forward on the rest."""
+
+    name = "primal"
+
+    def __call__(self, model, z, t, r, y, v, times):
+        if times.n_jvp == z.shape[0]:
+            u, dudt = jvp_with_primal(model, z, t, r, y, v, self.precision)
+            return u, dudt.detach()
+        if times.n_jvp == 0:
+            u = model(z, t, r, y)
+            return u, torch.zeros_like(upcast(u))
+        ji, fi = times.jvp_index, times.flow_index
+        u_jvp, dudt_jvp = jvp_with_primal(model, z[ji], t[ji], r[ji], select(y, ji), v[ji], self.precision)
+        u_flow = model(z[fi], t[fi], r[fi], select(y, fi))
+        dudt = merge(dudt_jvp.detach(), torch.zeros_like(u_flow, dtype=dudt_jvp.dtype), times)
+        return merge(u_jvp, u_flow, times), dudt
+
+
+class SelectiveJvp(JvpStrategy):
+    """The predecessor's selective mode: no-grad JVP on the r != t samples + a grad forward on all."""
+
+    name = "selective"
+
+    def __call__(self, model, z, t, r, y, v, times):
+        u = model(z, t, r, y)
+        if times.n_jvp == 0:
+            return u, torch.zeros_like(upcast(u))
+        ji = times.jvp_index
+        with torch.no_grad():
+            _, dudt_jvp = jvp_with_primal(model, z[ji], t[ji], r[ji], select(y, ji), v[ji], self.precision)
+        rest = torch.zeros((times.flow_index.shape[0], *dudt_jvp.shape[1:]), dtype=dudt_jvp.dtype, device=z.device)
+        return u, merge(dudt_jvp, rest, times)
+
+
+class CompileJvp(JvpStrategy):
+    """The nograd structure with the JVP under torch.compile (one compile per shape/dtype/model).
+
+    The precision island stays outside the compiled region (dynamo guards on the autocast state).
+    CPU inductor works but compiling takes tens of seconds; the predecessor measured no gain on
+    CUDA (0.95-0.98x, ~82 s compile): measure before choosing it.
+    """
+
+    name = "compile"
+
+    def __init__(self, precision: str = "fp32", backend: str = "inductor") -> None:
+        super().__init__(precision)
+        self.backend = backend
+        self.compiled = torch.compile(jvp_tangent, backend=backend, dynamic=False)
+
+    def __call__(self, model, z, t, r, y, v, times):
+        with torch.no_grad(), jvp_precision(self.precision, z.device):
+            dudt = self.compiled(model, upcast(z), upcast(t), upcast(r), y, upcast(v))
+        return model(z, t, r, y), upcast(dudt)
+
+
+class CudaGraphJvp(JvpStrategy):
+    """The nograd structure with the full-batch no-grad JVP replayed from a captured CUDA graph.
+
+    Inputs are copied into static buffers; the graph reads the parameters' storage in place, so
+    in-place optimiser updates are seen at every replay.  The graph is recaptured whenever
+    anything it baked in changes: the model object, train/eval mode, input shapes or dtypes,
+    label presence, or any parameter/buffer storage (a replaced tensor, e.g. after `.to()` or
+    `p.data = ...`, would otherwise leave the graph reading stale weights).  The model must be
+    capturable (no host syncs such as .item() in forward).
+    """
+
+    name = "cuda_graph"
+
+    def __init__(self, precision: str = "fp32", warmup: int = 2) -> None:
+        super().__init__(precision)
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self.inputs: dict[str, Tensor] = {}
+        self.output: Tensor | None = None
+        self.captures = 0
+
+    @staticmethod
+    def graph_key(model: FlowModel, z: Tensor, t: Tensor, v: Tensor, y: Tensor | None) -> tuple:
+        storage = tuple(p.data_ptr() for p in model.parameters()) + tuple(b.data_ptr() for b in model.buffers())
+        labels = None if y is None else (tuple(y.shape), y.dtype)
+        return (id(model), model.training, tuple(z.shape), z.dtype, t.dtype, v.dtype, labels, z.device, storage)
+
+    def capture(self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> None:
+        self.graph = None  # release the old graph's memory pool before capturing a new one
+        self.inputs = {"z": upcast(z).clone(), "t": upcast(t).clone(), "r": upcast(r).clone(), "v": upcast(v).clone()}
+        if y is not None:
+            self.inputs["y"] = y.clone()
+        s = self.inputs
+
+        def run() -> Tensor:
+            return jvp_tangent(model, s["z"], s["t"], s["r"], s.get("y"), s["v"])
+
+        # Warm-up on a side stream (lazy initialisation, cuBLAS workspaces) before capturing.
+        side = torch.cuda.Stream(device=z.device)
+        side.wait_stream(torch.cuda.current_stream(z.device))
+        with torch.cuda.stream(side), torch.no_grad(), jvp_precision(self.precision, z.device):
+            for _ in range(self.warmup):
+                run()
+        torch.cuda.current_stream(z.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), jvp_precision(self.precision, z.device), torch.cuda.graph(graph):
+            self.output = run()
+        self.graph = graph
+        self.captures += 1
+
+    def __call__(self, model, z, t, r, y, v, times):
+        if z.device.type != "cuda":
+            raise RuntimeError(
+                f"jvp='cuda_graph' needs a CUDA device but the batch is on {z.device}; "
+                "use jvp='primal', 'nograd' or 'full_batch' there"
+            )
+        key = self.graph_key(model, z, t, v, y)
+        if key != self.key:
+            self.capture(model, z, t, r, y, v)
+            self.key = key
+        s = self.inputs
+        s["z"].copy_(z)
+        s["t"].copy_(t)
+        s["r"].copy_(r)
+        s["v"].copy_(v)
+        if y is not None:
+            s["y"].copy_(y)
+        self.graph.replay()
+        # Clone: the next replay overwrites the static output.
+        return model(z, t, r, y), upcast(self.output.clone())
+
+
+STRATEGIES: dict[str, type[JvpStrategy]] = {
+    cls.name: cls for cls in (NogradJvp, FullBatchJvp, PrimalJvp, SelectiveJvp, CompileJvp, CudaGraphJvp)
+}
+
+
+def build_jvp(mode: str, precision: str = "fp32") -> JvpStrategy:
+    if mode == "auto":
+        raise ValueError(
+            "jvp='auto' must be resolved to a concrete mode before building the loss: "
+            "use zoo.losses.resolve_jvp_mode(cfg, device)"
+        )
+    if mode not in STRATEGIES:
+        raise ValueError(f"unknown jvp mode {mode!r}; use one of {sorted(STRATEGIES)} or 'auto'")
+    return STRATEGIES[mode](precision)
+
+
+def resolve_jvp_mode(cfg: LossConfig, device: torch.device | str) -> str:
+    """The concrete JVP mode for `cfg.jvp` on `device`.
+
+    A concrete setting is returned unchanged.  "auto" is, for now, "full_batch" on CUDA (one
+    static-shape JVP whose primal is reused: fewest launches, no subset gathers) and "primal"
+    elsewhere (fewest flops, (3 + ratio)F, where compute not launch overhead dominates).  A later
+    task replaces this with a timed calibration on the actual model.
+    """
+    if cfg.jvp != "auto":
+        return cfg.jvp
+    return "full_batch" if torch.device(device).type == "cuda" else "primal"
