@@ -70,22 +70,44 @@ class SavedTensorMeter(MemoryMeter):
         self.static_bytes = 4 * param_bytes  # weights, gradients, Adam's exp_avg and exp_avg_sq
 
     def measure(self, step: Callable[[], None]) -> Measurement:
-        seen: set[tuple[int, int]] = set()
+        seen: set[tuple[int, ...]] = set()
         saved = 0
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             nonlocal saved
-            storage = tensor.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in seen and not isinstance(tensor, nn.Parameter):
-                seen.add(key)
-                saved += storage.nbytes()
+            if not isinstance(tensor, nn.Parameter):
+                key, nbytes = storage_key(tensor)
+                if key not in seen:
+                    seen.add(key)
+                    saved += nbytes
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             step()
         peak = saved + self.static_bytes
         return Measurement(peak <= self.limit_bytes, peak)
+
+
+def plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The real tensor under torch.func's wrappers (inside a JVP, saved tensors are wrapped and
+    their own storage cannot be read)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[tuple[int, ...], int]:
+    """An identity for the memory behind a saved tensor, and its size in bytes.
+
+    Views share a storage and are counted once.  Some tensors saved inside torch.func.jvp have
+    a storage Python cannot read (it raises); those are counted at their own size, by identity.
+    """
+    tensor = plain_tensor(tensor)
+    try:
+        storage = tensor.untyped_storage()
+        return (storage.data_ptr(), storage.nbytes()), storage.nbytes()
+    except RuntimeError:
+        return (id(tensor),), tensor.numel() * tensor.element_size()
 
 
 def physical_memory_bytes() -> int:
