@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# Two cores: more threads than cores only adds contention in the small tests.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the tests use small models, where OpenMP overhead and contention with other
+# processes on a 2-core machine cost far more than a second thread gains.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

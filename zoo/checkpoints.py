@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 import zoo
@@ -47,6 +46,9 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside torch.compile / DDP wrappers."""
+    # Imported here: torch._dynamo costs a second at start-up, and only compiled models need it.
+    from torch._dynamo.eval_frame import OptimizedModule
+
     while True:
         if isinstance(model, OptimizedModule):
             model = model._orig_mod

@@ -1,0 +1,50 @@
+"""SDVAE wrapper, offline: a tiny random AutoencoderKL and the missing-weights error."""
+
+import pytest
+import torch
+
+from zoo.models.vae import SDVAE, TINY_VAE_CONFIG
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP hand-off costs, which explode when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae() -> SDVAE:
+    torch.manual_seed(0)
+    return SDVAE.from_config(TINY_VAE_CONFIG)
+
+
+def test_encode_decode_shapes_and_scaling(vae):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert vae.latent_shape((3, 32, 32)) == (4, 16, 16)
+    mean = vae.encode(x, sample=False)
+    assert mean.shape == (2, 4, 16, 16)
+    raw = vae.autoencoder.encode(x).latent_dist.mean
+    assert torch.allclose(mean, raw * 0.18215)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sample = vae.encode(x, generator=g1)
+    assert torch.equal(sample, vae.encode(x, generator=g2))
+    assert not torch.equal(sample, mean)
+    images = vae.decode(mean)
+    assert images.shape == x.shape
+    assert torch.allclose(images, vae.autoencoder.decode(raw).sample, atol=1e-5)
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_latent_shape_rejects_sizes_the_vae_cannot_downsample(vae):
+    with pytest.raises(ValueError, match="not divisible"):
+        vae.latent_shape((3, 31, 31))
+
+
+def test_missing_weights_give_a_clear_error(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match="weights not found at .*download them on a machine with network"
+    ):
+        SDVAE.from_pretrained(tmp_path / "sd-vae")

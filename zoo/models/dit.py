@@ -1,0 +1,163 @@
+"""DiT (Peebles & Xie) with adaLN-Zero blocks, conditioned on t, h = t - r and a class label.
+
+Patchify -> fixed 2-D sin-cos position embedding -> `depth` blocks -> adaLN final layer ->
+unpatchify.  The conditioning vector is emb(t) + emb(t - r) + emb(y); every block regresses
+shift/scale/gate triples for its attention and MLP branches from it.  All gates and the output
+layer start at zero ("adaLN-Zero"): each block starts as the identity and the model's output
+is exactly 0, which DiT found to train best.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from zoo.config.schema import DiTConfig
+from zoo.models.base import FlowModel
+from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, check_labels
+from zoo.models.layers import Attention, LayerNorm
+
+TIME_FREQ_DIM = 256  # sinusoid width of DiT's timestep embedder
+
+
+class DiTPreset(NamedTuple):
+    hidden: int
+    depth: int
+    heads: int
+    patch_size: int
+
+
+# The DiT paper's model sizes; `DiTConfig(**DIT_PRESETS["B/2"]._asdict())` builds one.
+DIT_PRESETS: dict[str, DiTPreset] = {
+    "S/2": DiTPreset(384, 12, 6, 2),
+    "S/4": DiTPreset(384, 12, 6, 4),
+    "B/2": DiTPreset(768, 12, 12, 2),
+    "B/4": DiTPreset(768, 12, 12, 4),
+    "L/2": DiTPreset(1024, 24, 16, 2),
+    "XL/2": DiTPreset(1152, 28, 16, 2),
+}
+
+
+def dit_config(preset: str, **overrides) -> DiTConfig:
+    """DiTConfig for a named preset ("B/2", ...), with optional field overrides."""
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(DIT_PRESETS)}")
+    return DiTConfig(**(DIT_PRESETS[preset]._asdict() | overrides))
+
+
+def sincos_position_embedding(dim: int, grid_h: int, grid_w: int) -> Tensor:
+    """(grid_h * grid_w, dim): half the channels encode the row, half the column (row-major)."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos position embedding needs hidden % 4 == 0, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def axis(positions: Tensor) -> Tensor:
+        angles = positions.to(torch.float64)[:, None] * omega[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.cat([axis(rows.flatten()), axis(cols.flatten())], dim=1).float()
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, mlp_hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden, hidden),
+        )
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=1)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_features: int) -> None:
+        super().__init__()
+        self.norm = LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_features)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(FlowModel):
+    """u(z, t, r, y) on images or latents (C, H, W) with H, W divisible by the patch size."""
+
+    def __init__(self, cfg: DiTConfig, data_shape: tuple[int, ...], num_classes: int = 0) -> None:
+        super().__init__(data_shape, num_classes)
+        if len(self.data_shape) != 3:
+            raise ValueError(
+                f"DiT models images/latents of shape (channels, height, width), got data_shape="
+                f"{self.data_shape}; use model.arch='mlp' for vector data"
+            )
+        channels, height, width = self.data_shape
+        p = cfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not divisible by patch_size={p}")
+        self.patch_size = p
+        self.grid = (height // p, width // p)
+        self.patch_embed = nn.Conv2d(channels, cfg.hidden, kernel_size=p, stride=p)
+        self.register_buffer(
+            "pos_embed", sincos_position_embedding(cfg.hidden, *self.grid)[None], persistent=False
+        )
+        self.time_embed = TimeIntervalEmbedding(cfg.hidden, freq_dim=TIME_FREQ_DIM)
+        self.label_embed = LabelEmbedding(num_classes, cfg.hidden) if num_classes else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)
+        )
+        self.final = FinalLayer(cfg.hidden, p * p * channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # DiT's initialisation: xavier linears, small embedders, zero modulation and output.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for embedder in (self.time_embed.time, self.time_embed.interval):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.table.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.final.modulation[-1], self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W)."""
+        b = x.shape[0]
+        p, (gh, gw), c = self.patch_size, self.grid, self.data_shape[0]
+        x = x.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, gh * p, gw * p)
+
+    def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
+        check_labels(self.num_classes, y)
+        c = self.time_embed(t, r)
+        if self.label_embed is not None:
+            c = c + self.label_embed(y, z.shape[0])
+        x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final(x, c))

@@ -1,0 +1,297 @@
+"""Layers whose forward-mode derivative is exact and cheap, for MeanFlow's `torch.func.jvp`.
+
+MeanFlow differentiates the whole network along a direction (v, 1, 0) for (z, t, r) once per
+training step.  Three layer types are the problem there:
+
+* Group norm.  PyTorch's forward-AD rule for `native_group_norm` is a chain of ~40 small
+  kernels per call (the predecessor measured ~40% of its U-Net's JVP time in it).  `GroupNorm`
+  keeps the native kernels for the primal and the backward pass and computes the tangent in
+  closed form: two per-group reductions and two fused multiply-adds.
+* Layer norm (DiT) has the same problem and the same cure: `LayerNorm`.
+* Attention.  The fused SDPA kernels (flash, memory-efficient, CPU flash) have no forward-AD
+  rule at all, so plain models must fall back to math attention.  `attention` runs the primal
+  through `F.scaled_dot_product_attention` and computes the tangent from an explicit formula.
+
+All are `torch.autograd.Function`s with `forward`/`setup_context` (required by torch.func),
+`backward` and `jvp`.  Their tangents are themselves differentiable (the JVP's ops are recorded
+by autograd when grad mode is on), so a loss may use the primal output of a JVP ("primal reuse")
+and even back-propagate through the tangent and get exact gradients.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["Attention", "GroupNorm", "LayerNorm", "attention"]
+
+
+# ----------------------------------------------------------------------------- group norm
+
+
+def _per_channel(per_group: Tensor, channels: int) -> Tensor:
+    """(N, G, 1) statistics -> (N, C): each group's value repeated for its channels."""
+    n, groups, _ = per_group.shape
+    return per_group.expand(n, groups, channels // groups).reshape(n, channels)
+
+
+def _differentiable_statistics(x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """The saved mean and rstd = (var + eps)^-1/2 over x's last dim, with autograd gradients.
+
+    The norms' saved statistics are non-differentiable outputs, so a tangent built from them
+    would have wrong gradients.  Values stay bit-identical (a - a.detach() == 0); gradients are
+    those of mean(x) and of rstd through d rstd = -rstd^3 / 2 * d var, with var written as
+    E[x^2] - mean^2: its value may cancel badly but is never used, and its gradient
+    2 (x - mean) / n is exact.  (torch.var_mean is 10-25x slower than these two reductions
+    on CPU.)
+    """
+    m = x.mean(-1, keepdim=True)
+    var = torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1] - m * m
+    return mean + (m - m.detach()), rstd - 0.5 * rstd**3 * (var - var.detach())
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    """y = (x - mean_g) * rstd_g * weight_c + bias_c, statistics per (sample, group).
+
+    The tangent along (dx, dw, db), with xhat = (x - mean) * rstd and means over a group, is
+        dy = weight * rstd * (dx - mean(dx) - xhat * mean(xhat * dx)) + dw * xhat + db.
+    It is affine in (dx, x) with per-(sample, channel) coefficients, so it is evaluated as
+        dy = a * dx + b * x + c
+    after two reductions (sum dx, sum x * dx): two reductions and two fused multiply-adds over
+    the activation instead of the generic rule's chain of element-wise kernels.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float):
+        n, c = x.shape[:2]
+        return torch.native_group_norm(
+            x.contiguous(), weight, bias, n, c, math.prod(x.shape[2:]), num_groups, eps
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _bias, num_groups, _eps = inputs
+        _, mean, rstd = output
+        ctx.num_groups = num_groups
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
+
+    @staticmethod
+    @once_differentiable  # double backward would be silently wrong: make it an error
+    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor | None, _grad_rstd: Tensor | None):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+            grad_y.contiguous(),
+            x.contiguous(),
+            mean,
+            rstd,
+            weight,
+            n,
+            c,
+            math.prod(x.shape[2:]),
+            ctx.num_groups,
+            list(ctx.needs_input_grad[:3]),
+        )
+        return grad_x, grad_w, grad_b, None, None
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, *_):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        groups = ctx.num_groups
+        # torch.func passes zeros for inputs without a tangent; torch.autograd.forward_ad
+        # passes None.
+        dx = torch.zeros_like(x) if dx is None else dx
+        # Low-precision inputs: the closed form subtracts nearly equal terms; do it in fp32.
+        work = torch.promote_types(x.dtype, torch.float32)
+        xg = x.reshape(n, groups, -1).to(work)
+        dxg = dx.reshape(n, groups, -1).to(work)
+        mean = mean.reshape(n, groups, 1).to(work)
+        rstd = rstd.reshape(n, groups, 1).to(work)
+        if torch.is_grad_enabled():
+            # Inside torch.func.jvp `x.requires_grad` reads False even when an outer autograd
+            # level tracks x, so grad mode is the only usable signal.
+            mean, rstd = _differentiable_statistics(xg, mean, rstd)
+        mean_dx = dxg.mean(-1, keepdim=True)
+        # mean((x - mean) * dx), without materialising x - mean
+        mean_xc_dx = torch.linalg.vecdot(xg, dxg).unsqueeze(-1) / xg.shape[-1] - mean * mean_dx
+        w = weight.to(work)
+        a = _per_channel(rstd, c) * w
+        b = _per_channel(-(rstd**3) * mean_xc_dx, c) * w
+        offset = -_per_channel(rstd * mean_dx, c) * w
+        if dw is not None:
+            b = b + _per_channel(rstd, c) * dw.to(work)
+        if db is not None:
+            offset = offset + db.to(work)
+        offset = offset - b * _per_channel(mean, c)  # b * x + offset = b * (x - mean) + ...
+        shape = (n, c) + (1,) * (x.ndim - 2)
+        dy = torch.addcmul(offset.reshape(shape), a.reshape(shape), dx.to(work))
+        dy = dy.addcmul_(b.reshape(shape), x.to(work))
+        return dy.to(x.dtype), None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (always affine, same `weight`/`bias` state_dict keys) with a fast exact JVP."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__(num_groups, num_channels, eps=eps, affine=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # CUDA autocast runs F.group_norm in fp32; the native kernel called here is on no
+            # autocast list, so apply that policy by hand (on every device: accurate statistics
+            # of low-precision activations, and the closed-form tangent wants fp32).
+            x = x.float()
+        return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)[0]
+
+
+# ----------------------------------------------------------------------------- layer norm
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    """Layer norm over the last dimension; the same closed-form tangent as group norm, with the
+    normalised rows as groups:  dy = w * rstd * (dx - mean(dx) - xhat * mean(xhat * dx))
+    + dw * xhat + db, evaluated as w * (a * dx + b * x + c) with per-row a, b, c."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        return torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, _eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
+
+    @staticmethod
+    @once_differentiable  # double backward would be silently wrong: make it an error
+    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor | None, _grad_rstd: Tensor | None):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            grad_y, x, x.shape[-1:], mean, rstd, weight, bias, list(ctx.needs_input_grad[:3])
+        )
+        return grad_x, grad_w, grad_b, None
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, _):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx = torch.zeros_like(x) if dx is None else dx  # None under torch.autograd.forward_ad
+        work = torch.promote_types(x.dtype, torch.float32)
+        xw, dxw = x.to(work), dx.to(work)
+        mean, rstd = mean.to(work), rstd.to(work)
+        if torch.is_grad_enabled():
+            mean, rstd = _differentiable_statistics(xw, mean, rstd)
+        mean_dx = dxw.mean(-1, keepdim=True)
+        mean_xc_dx = torch.linalg.vecdot(xw, dxw).unsqueeze(-1) / x.shape[-1] - mean * mean_dx
+        b = -(rstd**3) * mean_xc_dx
+        dy = torch.addcmul(-rstd * mean_dx - b * mean, rstd, dxw)
+        dy = dy.addcmul_(b, xw)
+        if weight is not None:
+            dy = dy * weight.to(work)
+        if dw is not None:
+            dy = dy + (xw - mean) * rstd * dw.to(work)
+        if db is not None:
+            dy = dy + db.to(work)
+        return dy.to(x.dtype), None, None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last dimension (same state_dict) with a fast exact JVP."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # CUDA autocast's policy for layer_norm, as in GroupNorm
+        return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps)[0]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _as_batched_matrices(x: Tensor) -> Tensor:
+    return x.reshape(-1, *x.shape[-2:])
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """O = softmax(Q K^T / sqrt(d)) V over (batch, heads, tokens, head_dim) tensors.
+
+    Primal: F.scaled_dot_product_attention (flash / memory-efficient kernels where available).
+    Tangent, with P the attention probabilities and dS = (dQ K^T + Q dK^T) / sqrt(d):
+        dO = P dV + (P * dS) V - rowsum(P * dS) * O
+    (the softmax JVP dP = P * (dS - rowsum(P * dS)) with P V = O substituted).  P is recomputed
+    once; the last term uses the saved output, which saves an N x N pass.
+    Backward: the fused kernel's own backward, on a recomputed primal (keeps the O(N) memory of
+    flash attention instead of storing P).
+    """
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.save_for_forward(q, k, v, output)
+
+    @staticmethod
+    @once_differentiable  # double backward would be silently wrong: make it an error
+    def backward(ctx, grad_out: Tensor):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*leaves)
+            return torch.autograd.grad(out, leaves, grad_out)
+
+    @staticmethod
+    def jvp(ctx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None) -> Tensor:
+        q, k, v, out = ctx.saved_tensors
+        # torch.func passes zeros for inputs without a tangent; forward_ad passes None.
+        dq, dk, dv = (
+            torch.zeros_like(p) if t is None else t for p, t in ((q, dq), (k, dk), (v, dv))
+        )
+        scale = q.shape[-1] ** -0.5
+        # Fold the scale into the (small) query side rather than into the N x N scores.
+        qs, dqs = _as_batched_matrices(q * scale), _as_batched_matrices(dq * scale)
+        k3, dk3 = _as_batched_matrices(k), _as_batched_matrices(dk)
+        v3, dv3 = _as_batched_matrices(v), _as_batched_matrices(dv)
+        probs = torch.softmax(torch.bmm(qs, k3.mT), dim=-1)
+        weighted = probs * torch.baddbmm(torch.bmm(dqs, k3.mT), qs, dk3.mT)  # P * dS
+        tangent = torch.baddbmm(torch.bmm(probs, dv3), weighted, v3).reshape(out.shape)
+        row_sums = weighted.sum(-1).reshape(*out.shape[:-1], 1)
+        return torch.addcmul(tangent, row_sums, out, value=-1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for (batch, heads, tokens, head_dim) tensors, JVP-capable."""
+    return _AttentionFunction.apply(q, k, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over tokens: (B, N, dim) -> (B, N, dim).
+
+    A U-Net applies it to (B, H*W, C) views of a feature map (a Linear on channels is a 1x1
+    convolution).
+    """
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, dim = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, dim))

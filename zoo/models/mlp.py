@@ -1,0 +1,53 @@
+"""A residual MLP for low-dimensional (2-D toy) data."""
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.config.schema import MLPConfig
+from zoo.models.base import FlowModel
+from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, check_labels
+
+
+class ResidualBlock(nn.Module):
+    """x + W2 silu(W1 silu(x) + E emb): the time/label embedding enters every block, so the
+    velocity can change shape with t (a single input concatenation is too weak for this)."""
+
+    def __init__(self, hidden: int, emb_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.emb = nn.Linear(emb_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return x + self.fc2(F.silu(self.fc1(F.silu(x)) + self.emb(emb)))
+
+
+class MLP(FlowModel):
+    """u(z, t, r, y) for data of shape (dim,): input projection, `depth` residual blocks, output."""
+
+    def __init__(
+        self, cfg: MLPConfig, data_shape: tuple[int, ...] = (2,), num_classes: int = 0
+    ) -> None:
+        super().__init__(data_shape, num_classes)
+        if len(self.data_shape) != 1:
+            raise ValueError(
+                f"MLP models vectors of shape (dim,), got data_shape={self.data_shape}; "
+                "use model.arch='unet' or 'dit' for images"
+            )
+        dim, emb_dim = self.data_shape[0], cfg.time_embed_dim
+        self.time_embed = TimeIntervalEmbedding(emb_dim, freq_dim=emb_dim)
+        self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes else None
+        self.input = nn.Linear(dim, cfg.hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(cfg.hidden, emb_dim) for _ in range(cfg.depth))
+        self.output = nn.Linear(cfg.hidden, dim)
+
+    def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
+        check_labels(self.num_classes, y)
+        emb = self.time_embed(t, r)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(y, z.shape[0])
+        emb = F.silu(emb)
+        x = self.input(z)
+        for block in self.blocks:
+            x = block(x, emb)
+        return self.output(F.silu(x))
