@@ -37,6 +37,7 @@ def flag_overrides(**flags: Any) -> dict[str, Any]:
         "run_name": ("run_name",),
         "seed": ("seed",),
         "precision": ("precision",),
+        "data_dir": ("data", "root"),
     }
     nested: dict[str, Any] = {}
     for name, value in flags.items():
@@ -83,13 +84,17 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run named by --run-name from its last.pt")] = False,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast)")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="dataset folder (data.root)")] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (torchrun)")] = 1,
 ) -> None:
     """Train a flow-matching or MeanFlow model; writes outputs/<run_name>/."""
     with user_errors():
         given = deep_merge(
             parse_overrides(overrides or []),
-            flag_overrides(ratio=ratio, steps=steps, batch_size=batch_size, device=device, run_name=run_name, seed=seed, precision=precision),
+            flag_overrides(
+                ratio=ratio, steps=steps, batch_size=batch_size, device=device, run_name=run_name,
+                seed=seed, precision=precision, data_dir=data_dir,
+            ),
         )
         if resume:
             if run_name is None:
@@ -113,7 +118,7 @@ def train(
         command = command_line(
             preset, overrides or [],
             {"--ratio": ratio, "--steps": steps, "--batch-size": batch_size, "--device": device,
-             "--run-name": cfg.run_name, "--seed": seed, "--precision": precision},
+             "--run-name": cfg.run_name, "--seed": seed, "--precision": precision, "--data-dir": data_dir},
             resume,
         )
         run = train_run(cfg, resume=resume, command=command)

@@ -25,12 +25,18 @@ def save_samples(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    n = cfg.eval.grid_size if source.is_image else min(cfg.eval.n_samples, 2000)
+    n = cfg.eval.grid_size if source.is_image or source.is_latent else min(cfg.eval.n_samples, 2000)
     noise, labels = draw_noise_and_labels(model, n, device, seed=cfg.seed + 1)
     samples = generate(model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size)
     model.train(was_training)
     if source.is_image:
         image = save_image_grid(samples, path)
+    elif source.is_latent:
+        # Decoding needs the SD-VAE's weights, which a training run may not have: show the first
+        # three latent channels, scaled to [-1, 1], and say so in the caption.
+        preview = samples[:, :3] / samples[:, :3].abs().amax().clamp_min(1e-6)
+        image = save_image_grid(preview, path)
+        return image, f"{method.label} ({method.nfe} NFE), latent channels 0-2 (not decoded)"
     else:
         image = save_scatter(samples, path, reference=source.held_out(n).float().cpu(), title=method.label)
     return image, f"{method.label} ({method.nfe} NFE)"
