@@ -2,7 +2,9 @@
 
 import typer
 
+from zoo_cli import runs_cmds
 from zoo_cli.evaluate import eval_command
+from zoo_cli.modal import app as modal_app
 from zoo_cli.sample import sample
 from zoo_cli.train import train
 
@@ -15,6 +17,8 @@ app = typer.Typer(
 app.command(help="Train a model from a preset or TOML file, with key=value overrides.")(train)
 app.command(help="Generate samples from a checkpoint (PNG + .npz).")(sample)
 app.command("eval", help="Energy distance of every sampler against held-out data.")(eval_command)
+app.add_typer(modal_app, name="modal")
+runs_cmds.register(app)
 
 
 if __name__ == "__main__":

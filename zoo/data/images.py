@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from torchvision.datasets import CIFAR10, FashionMNIST, ImageFolder
 
 from zoo.config.schema import DataConfig
 from zoo.data.base import DataNotFoundError
@@ -36,6 +35,14 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
+def tv_datasets():
+    """torchvision.datasets, imported on first use: importing torchvision costs ~2 s (it pulls in
+    torch._dynamo), which every `zoo` command, even `--help`, would otherwise pay."""
+    import torchvision.datasets
+
+    return torchvision.datasets
+
+
 CIFAR10_FILES = [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch", "batches.meta"]
 DIGITS_HELD_OUT = 297
 DIGITS_SPLIT_SEED = 0
@@ -121,7 +128,7 @@ def prepare_fashion_mnist(root: Path, download: bool) -> Path:
                 _write_atomically_from(source, raw / name)
         return raw
     if download:
-        FashionMNIST(str(root), train=True, download=True)
+        tv_datasets().FashionMNIST(str(root), train=True, download=True)
         return raw
     raise DataNotFoundError(
         f"Fashion-MNIST not found: searched {raw} (files {', '.join(FASHION_MNIST_FILES)}) and "
@@ -136,7 +143,7 @@ def build_fashion_mnist(cfg: DataConfig, device: torch.device, seed: int, batch_
     prepare_fashion_mnist(root, cfg.download)
     splits = {}
     for train in (True, False):
-        data = FashionMNIST(str(root), train=train, download=False)
+        data = tv_datasets().FashionMNIST(str(root), train=train, download=False)
         splits[train] = Split(data.data.unsqueeze(1), data.targets.long())
     return _tensor_source(
         cfg, "fashion-mnist", splits[True], splits[False], max_value=255.0, hflip=cfg.hflip,
@@ -162,7 +169,7 @@ def build_cifar10(cfg: DataConfig, device: torch.device, seed: int, batch_size: 
     splits = {}
     classes: list[str] = []
     for train in (True, False):
-        data = CIFAR10(str(root), train=train, download=cfg.download)
+        data = tv_datasets().CIFAR10(str(root), train=train, download=cfg.download)
         images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
         splits[train] = Split(images, torch.tensor(data.targets, dtype=torch.long))
         classes = list(data.classes)
@@ -217,7 +224,7 @@ def build_celeba(cfg: DataConfig, device: torch.device, seed: int, batch_size: i
 
 
 def image_folder_files(folder: Path) -> tuple[list[Path], list[int], list[str]]:
-    found = ImageFolder(str(folder))
+    found = tv_datasets().ImageFolder(str(folder))
     files = [Path(path) for path, _ in found.samples]
     return files, [label for _, label in found.samples], list(found.classes)
 
