@@ -16,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import zoo, zoo_cli, torch, modal, diffusers" >/dev/null 2>&1 \
+if ! .venv/bin/python -c "import zoo, zoo_cli, torch, modal, diffusers, cleanfid" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.zoo-installed ]; then
   echo "setup: installing zoo and its pinned dependencies into .venv (torch 2.14.1, torchvision 0.29.1)"
   .venv/bin/python -m pip install -q --upgrade pip

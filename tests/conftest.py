@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,12 +9,16 @@ import torch
 # processes on a 2-core machine cost far more than a second thread gains.
 torch.set_num_threads(1)
 
+# trackio reads TRACKIO_DIR once, when it is first imported: one store for the whole session,
+# set before any test imports it, so no test ever logs into the user's store.
+SESSION_TRACKIO_DIR = Path(tempfile.mkdtemp(prefix="zoo-tests-trackio-"))
+os.environ["TRACKIO_DIR"] = str(SESSION_TRACKIO_DIR)
+
 
 @pytest.fixture(autouse=True)
-def isolated_trackio(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test logs into its own trackio store, never the user's."""
-    store = tmp_path_factory.mktemp("trackio")
-    monkeypatch.setenv("TRACKIO_DIR", str(store))
+def isolated_trackio(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The session's trackio store (subprocesses inherit it), and no stray ZOO_ settings."""
+    monkeypatch.setenv("TRACKIO_DIR", str(SESSION_TRACKIO_DIR))
     for key in [k for k in os.environ if k.startswith("ZOO_")]:
         monkeypatch.delenv(key)
-    return store
+    return SESSION_TRACKIO_DIR

@@ -69,9 +69,21 @@ def resolved_loss_config(cfg: ZooConfigBody, device: torch.device) -> LossConfig
     return cfg.loss.model_copy(update={"jvp": resolve_jvp_mode(cfg.loss, device)})
 
 
+def rank_batch_size(cfg: ZooConfigBody) -> int:
+    """This process's share of `train.batch_size`, which is the effective batch of one optimiser
+    step across all data-parallel processes (so `--gpu H100:8` trains the preset's batch)."""
+    world = distributed.world_size()
+    if cfg.train.batch_size % (world * cfg.train.grad_accum):
+        raise RunError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by processes x grad_accum "
+            f"= {world} x {cfg.train.grad_accum}"
+        )
+    return cfg.train.batch_size // world
+
+
 def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.seed)
-    source = build_data(cfg.data, device, cfg.seed, cfg.train.batch_size // cfg.train.grad_accum)
+    source = build_data(cfg.data, device, cfg.seed, rank_batch_size(cfg) // cfg.train.grad_accum)
     num_classes = source.num_classes if cfg.data.class_conditional else 0
     model = build_model(cfg.model, source.data_shape, num_classes).to(device)
     distributed.broadcast_parameters(model)
@@ -194,11 +206,12 @@ def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
     """The probe step before training: split the batch into micro-batches if it does not fit."""
     cfg = state.cfg.train
     meter = make_meter(state.model, state.device, cfg.memory_limit_gb)
+    batch = rank_batch_size(state.cfg)
     plan = plan_micro_batches(
-        lambda size: probe_step(state, size), meter, cfg.batch_size, state.micro_batches, cfg.auto_microbatch
+        lambda size: probe_step(state, size), meter, batch, state.micro_batches, cfg.auto_microbatch
     )
     if plan.micro_batches != state.micro_batches:
-        console.print(f"[yellow]memory:[/] {plan.describe(cfg.batch_size)}")
+        console.print(f"[yellow]memory:[/] {plan.describe(batch)}")
     state.micro_batches = plan.micro_batches
     state.source.batch_size = plan.micro_batch_size
     return plan
@@ -208,7 +221,7 @@ def train_step(state: TrainState) -> dict[str, float]:
     """One optimiser step over `micro_batches` micro-batches of the configured batch."""
     cfg = state.cfg
     model, optimizer = state.model, state.optimizer
-    state.source.batch_size = cfg.train.batch_size // state.micro_batches
+    state.source.batch_size = rank_batch_size(cfg) // state.micro_batches
     totals: dict[str, float] = {}
     for _ in range(state.micro_batches):
         out = forward_loss(state)
@@ -345,7 +358,9 @@ def train_loop(
         archive = at_end or (cfg.archive_every > 0 and state.step % cfg.archive_every == 0)
         if state.step % cfg.save_every == 0 or archive:
             save(run, state, metrics, archive)
-            run.write_heartbeat(status="running", step=state.step, last_checkpoint=run.last.name)
+            run.write_heartbeat(
+                status="running", step=state.step, last_checkpoint=run.last.name, checkpoint_step=state.step
+            )
         if cfg.eval_every and state.step % cfg.eval_every == 0 and not at_end:
             report = run_evaluation(state, final=False, progress=progress)
             log_evaluation(state, run, tracker, report, tag=f"step_{state.step:07d}")

@@ -1,0 +1,112 @@
+"""`zoo modal submit` up to the one network call: Modal's spawn and the Volume are stood in for.
+
+The Volume is a local directory with its layout (LocalDirStore); `spawn` records what it was
+given. Everything else — config resolution, the remote config, name collisions, the record the
+container checks, rollback when the spawn fails — runs for real.
+"""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("modal", reason="submitting needs the 'remote' extra (pip install 'zoo[remote]')")
+
+from test_remote_fixtures import write_run  # noqa: E402
+
+from zoo.remote import modal_app  # noqa: E402
+from zoo.remote.store import LocalDirStore  # noqa: E402
+from zoo_cli import modal as modal_cli  # noqa: E402
+from zoo_cli.main import app as zoo_app  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def fake_modal(tmp_path, monkeypatch):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    spawned: list[dict] = []
+
+    def spawn(built, config, submission_id, resume, volume_name):
+        record = json.loads((volume / "remote" / config["run_name"] / "submission.json").read_text())
+        assert record["submission_id"] == submission_id, "the record is on the Volume before the container starts"
+        spawned.append(
+            {"gpu": built.options["gpu"], "timeout": built.options["timeout"], "config": config, "resume": resume}
+        )
+        if config["run_name"].startswith("doomed"):
+            raise ConnectionError("modal went away")
+        return f"fc-{len(spawned)}", "ap-1"
+
+    monkeypatch.setattr(modal_cli, "modal_ready_or_exit", lambda: None)
+    monkeypatch.setattr(modal_app, "ModalVolumeStore", lambda name: LocalDirStore(volume, label="remote"))
+    monkeypatch.setattr(modal_app, "spawn", spawn)
+    return volume, spawned
+
+
+def submission(volume, run):
+    return json.loads((volume / "remote" / run / "submission.json").read_text())
+
+
+def test_submit_sends_the_resolved_remote_config_and_records_the_call(fake_modal):
+    volume, spawned = fake_modal
+    result = runner.invoke(
+        zoo_app,
+        ["modal", "submit", "moons", "train.steps=300", "--ratio", "0.5", "--gpu", "H100:2", "--run-name", "m1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "m1" in result.output and "fc-1" in result.output
+    (call,) = spawned
+    assert call["gpu"] == "H100:2" and call["timeout"] == 12 * 3600 and call["resume"] is False
+    config = call["config"]
+    assert config["loss"]["ratio"] == 0.5 and config["train"]["steps"] == 300 and config["preset"] == "moons"
+    assert (config["output_dir"], config["device"], config["data"]["root"]) == ("/vol/outputs", "cuda", "/vol/data")
+    record = submission(volume, "m1")
+    assert record["call_id"] == "fc-1" and record["nproc"] == 2 and record["retries"] == 5
+    assert record["config"] == config and record["app_name"] == "zoo-m1"
+
+
+def test_a_name_in_use_is_refused_unless_resuming(fake_modal):
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m2"]).exit_code == 0
+    again = runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m2"])
+    assert again.exit_code == 1 and "already exists" in " ".join(again.output.split())
+    assert len(spawned) == 1
+
+    # Resuming needs a checkpoint, and a run that is not running any more.
+    refused = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m2"])
+    assert refused.exit_code == 1 and "no checkpoint" in " ".join(refused.output.split())
+    write_run(volume / "outputs", "m2", archived=[], last_step=100, status="running", updated_ago=10, age=10)
+    live = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m2"])
+    assert live.exit_code == 1 and "still running" in " ".join(live.output.split())
+    write_run(volume / "outputs", "m2", archived=[], last_step=100, status="finished")
+    resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m2", "--steps", "500"])
+    assert resumed.exit_code == 0, resumed.output
+    assert spawned[-1]["resume"] is True and spawned[-1]["config"]["train"]["steps"] == 500
+    assert spawned[-1]["config"]["output_dir"] == "/vol/outputs"  # the stored remote config, extended
+    assert submission(volume, "m2")["call_id"] == "fc-2"
+
+
+def test_a_failed_spawn_leaves_the_name_free(fake_modal):
+    volume, spawned = fake_modal
+    result = runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "doomed-1"])
+    assert result.exit_code != 0 and isinstance(result.exception, ConnectionError)
+    assert not (volume / "remote" / "doomed-1" / "submission.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["moons", "--gpu", "V100"], "unknown GPU"),
+        (["moons", "--timeout", "30h"], "24h"),
+        (["moons", "--retries", "50"], "--retries"),
+        (["moons", "loss.ratio=7"], "loss.ratio"),
+        (["--run-name", "x"], "give a preset"),
+        (["--resume"], "--resume needs --run-name"),
+    ],
+)
+def test_bad_submissions_fail_before_anything_is_sent(fake_modal, args, message):
+    volume, spawned = fake_modal
+    result = runner.invoke(zoo_app, ["modal", "submit", *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert spawned == [] and not (volume / "remote").exists()

@@ -1,0 +1,176 @@
+"""The container side: which run an attempt trains, and how failures reach the heartbeat.
+
+`supervise` runs here on a plain directory playing the Volume; its training process is a
+real child process whose `train_run` fails in chosen ways (out of memory, I/O, SIGKILL).
+"""
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoo.checkpoints import save_checkpoint
+from zoo.config.loading import config_to_dict, load_config
+from zoo.remote.status import run_status
+from zoo.remote.worker import (
+    OOM_HINT,
+    SIGKILL_HINT,
+    RemoteTrainingError,
+    RunPaths,
+    plan_attempt,
+    read_attempts,
+    snapshot_trackio,
+    supervise,
+)
+from zoo.runs import RunError
+
+CHILD = """
+import os, signal, sys
+from pathlib import Path
+import torch
+from zoo.remote import worker
+from zoo.runs import RunDir
+
+config, failures, mode = sys.argv[1:4]
+
+def fake_train(cfg, resume, command):
+    run = RunDir(Path(cfg.output_dir) / cfg.run_name)
+    run.write_heartbeat(status="running", step=3, loss=0.5)
+    print(f"training {cfg.run_name} resume={resume}", flush=True)
+    if mode == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    if mode == "io":
+        raise OSError("connection reset by peer")
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    run.write_heartbeat(status="finished", step=5, loss=0.1)
+
+sys.exit(worker.main(["--config", config, "--failure-dir", failures], train=fake_train))
+"""
+
+
+def setup_run(volume: Path, run: str = "r1", submission_id: str = "sub-1", retries: int = 2) -> dict:
+    cfg = load_config("moons", [f"run_name={run}", f"output_dir={volume / 'outputs'}", "device=cpu"])
+    registry = volume / "remote" / run
+    registry.mkdir(parents=True)
+    (registry / "submission.json").write_text(json.dumps({"submission_id": submission_id, "retries": retries}))
+    return config_to_dict(cfg)
+
+
+def run_fake(volume: Path, tmp_path: Path, mode: str, config: dict, submission_id: str = "sub-1"):
+    work = tmp_path / f"work-{mode}"
+    work.mkdir()
+    child = [sys.executable, "-c", CHILD, str(work / "config.json"), str(volume / "remote" / config["run_name"]), mode]
+    commits = []
+    outcome = supervise(
+        volume,
+        config,
+        submission_id,
+        resume=False,
+        nproc=1,
+        commit=lambda: commits.append(1),
+        work_dir=work,
+        child_command=child,
+    )
+    return outcome, commits
+
+
+def heartbeat(volume: Path, run: str = "r1") -> dict:
+    return json.loads((volume / "outputs" / run / "heartbeat.json").read_text())
+
+
+def test_out_of_memory_is_a_failure_with_its_cause_and_no_retry(tmp_path):
+    volume = tmp_path / "volume"
+    config = setup_run(volume)
+    outcome, commits = run_fake(volume, tmp_path, "oom", config)
+    assert outcome["status"] == "failed" and "OutOfMemoryError: CUDA out of memory" in outcome["error"]
+    beat = heartbeat(volume)
+    assert beat["status"] == "failed" and beat["error"].endswith(OOM_HINT) and beat["retrying"] is False
+    status = run_status(beat, beat["updated"] + 10 * 3600)  # hours later: still failed, never "stalled"
+    assert status.state == "failed" and "CUDA out of memory" in status.detail
+    attempts = read_attempts(RunPaths(volume, "r1"))
+    assert [a["event"] for a in attempts] == ["start", "end"] and attempts[1]["retryable"] is False
+    assert commits, "the volume is committed before returning"
+    log = (volume / "remote" / "r1" / "train.log").read_text()
+    assert "training r1 resume=False" in log and "OutOfMemoryError" in log
+
+
+def test_a_sigkilled_training_process_is_reported_by_the_supervisor(tmp_path):
+    volume = tmp_path / "volume"
+    config = setup_run(volume)
+    outcome, _ = run_fake(volume, tmp_path, "kill", config)
+    assert outcome["status"] == "failed" and outcome["error"] == SIGKILL_HINT
+    assert heartbeat(volume)["status"] == "failed" and "out of host memory" in heartbeat(volume)["error"]
+
+
+def test_other_errors_are_raised_for_modal_to_retry(tmp_path):
+    volume = tmp_path / "volume"
+    config = setup_run(volume, retries=2)
+    with pytest.raises(RemoteTrainingError, match="connection reset"):
+        run_fake(volume, tmp_path, "io", config)
+    beat = heartbeat(volume)
+    assert beat["status"] == "failed" and beat["retrying"] is True and beat["attempt"] == 1
+    assert "Modal retries it" in run_status(beat, beat["updated"]).detail
+
+
+def test_an_attempt_never_trains_another_submissions_run(tmp_path):
+    volume = tmp_path / "volume"
+    config = setup_run(volume, submission_id="owner")
+    with pytest.raises(RunError, match="belongs to another submission"):
+        plan_attempt(RunPaths(volume, "r1"), "intruder", resume_requested=False)
+    # The supervisor turns it into a failed result without a retry, and touches nothing.
+    outcome = supervise(volume, config, "intruder", False, 1, commit=lambda: None, work_dir=tmp_path)
+    assert outcome["status"] == "failed" and "another submission" in outcome["error"]
+    assert not (volume / "outputs").exists() and not (volume / "remote" / "r1" / "attempts.jsonl").exists()
+
+
+def test_resume_choice(tmp_path):
+    volume = tmp_path / "volume"
+    setup_run(volume)
+    paths = RunPaths(volume, "r1")
+    fresh = plan_attempt(paths, "sub-1", resume_requested=False)
+    assert (fresh.resume, fresh.attempt, fresh.reason) == (False, 1, "new run")
+    with pytest.raises(RunError, match="no checkpoint"):
+        plan_attempt(paths, "sub-1", resume_requested=True)
+
+    # An earlier attempt died before its first checkpoint: its files move aside, training starts over.
+    paths.run_dir.write_heartbeat(status="running", step=7)
+    (paths.trackio / "zoo.db").parent.mkdir(parents=True)
+    (paths.trackio / "zoo.db").write_bytes(b"the failed attempt's trackio run")
+    aside = plan_attempt(paths, "sub-1", resume_requested=False)
+    assert aside.resume is False and "starting over" in aside.reason
+    assert not paths.run_dir.root.exists() and not paths.trackio.exists()
+    (kept,) = (volume / "attempts" / "r1").iterdir()
+    assert (kept / "outputs" / "heartbeat.json").exists() and (kept / "trackio" / "zoo.db").exists()
+
+    # A checkpoint of this run: a retry resumes from it, at its step.
+    save_checkpoint(paths.run_dir.last, {"run_name": "r1", "step": 1500, "model": {}})
+    retry = plan_attempt(paths, "sub-1", resume_requested=False)
+    assert (retry.resume, retry.from_step) == (True, 1500) and "retry" in retry.reason
+
+    # Another run's checkpoint in this folder is never resumed from.
+    save_checkpoint(paths.run_dir.last, {"run_name": "someone-else", "step": 9, "model": {}})
+    with pytest.raises(RunError, match="belongs to run 'someone-else'"):
+        plan_attempt(paths, "sub-1", resume_requested=False)
+
+
+def test_trackio_snapshot_is_a_consistent_single_file(tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    conn = sqlite3.connect(local / "zoo.db")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE metrics (id INTEGER PRIMARY KEY, step INTEGER)")
+    conn.executemany("INSERT INTO metrics (step) VALUES (?)", [(i,) for i in range(100)])
+    conn.commit()  # the connection stays open: rows may still sit in the -wal file
+    (local / "media" / "zoo" / "r1" / "5").mkdir(parents=True)
+    (local / "media" / "zoo" / "r1" / "5" / "grid.png").write_bytes(b"png")
+    target = tmp_path / "volume" / "trackio" / "r1"
+    snapshot_trackio(local, target)
+    conn.close()
+    assert sorted(p.name for p in target.iterdir()) == ["media", "zoo.db"]  # no -wal beside it
+    with sqlite3.connect(target / "zoo.db") as copy:
+        assert copy.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 100
+        assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert (target / "media" / "zoo" / "r1" / "5" / "grid.png").read_bytes() == b"png"

@@ -1,0 +1,191 @@
+"""`zoo clean`: list, then (only when asked) delete old checkpoints.
+
+What may go:  archived checkpoints (`step_XXXXXXX.pt`) beyond the newest `keep_last` of a run,
+and temporaries left by interrupted atomic writes (`.last.pt.tmp-123`).
+What never goes: any run's `last.pt`; anything of a run that may be being written — its
+heartbeat says running and is recent, or (unless its heartbeat says finished or failed) any
+of its files changed recently, which catches a run that has not written its first heartbeat
+yet; anything that changed between the listing and the deletion (the plan records size and
+mtime, and each run and file is checked again just before deleting).
+Patterns with no literal character (`*`, `**`, `?*`) match every run: refused unless `--all`.
+"""
+
+import fnmatch
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from zoo.remote.layout import CHECKPOINT_SUFFIX, RUN_NAME_PATTERN, is_transient_file
+from zoo.remote.listing import checkpoint_step_from_name
+from zoo.remote.status import DEFAULT_STALL_AFTER, format_duration, is_live_writer
+from zoo.remote.store import RunStore, StoreEntry
+
+NEVER_DELETE = "last.pt"
+_UNIVERSAL = re.compile(r"^[*?]*$")
+
+
+class CleanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Deletion:
+    run: str
+    path: str
+    size: int
+    mtime: float
+    reason: str
+
+
+@dataclass
+class CleanPlan:
+    deletions: list[Deletion] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    runs_matched: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.size for d in self.deletions)
+
+
+@dataclass
+class CleanResult:
+    deleted: list[Deletion] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(d.size for d in self.deleted)
+
+
+def matches_everything(pattern: str) -> bool:
+    return bool(_UNIVERSAL.match(pattern)) and pattern.count("?") <= 1
+
+
+def check_pattern(pattern: str | None, allow_all: bool) -> str:
+    """The pattern to use; refuses to select every run unless `allow_all`."""
+    if pattern is None or matches_everything(pattern):
+        if not allow_all:
+            shown = "no pattern" if pattern is None else f"pattern {pattern!r}"
+            raise CleanError(
+                f"{shown} selects every run; give a pattern naming runs (e.g. 'cifar10-*') "
+                "or pass --all to clean every run"
+            )
+        return "*"
+    return pattern
+
+
+def _run_folders(store: RunStore, runs_prefix: str, pattern: str) -> dict[str, list[StoreEntry]]:
+    grouped: dict[str, list[StoreEntry]] = {}
+    depth = len(PurePosixPath(runs_prefix).parts) if runs_prefix else 0
+    for entry in store.list(runs_prefix, recursive=True):
+        parts = PurePosixPath(entry.path).parts
+        if len(parts) <= depth:
+            continue
+        run = parts[depth]
+        if not RUN_NAME_PATTERN.match(run) or not fnmatch.fnmatchcase(run, pattern):
+            continue
+        grouped.setdefault(run, [])
+        if not entry.is_dir:
+            grouped[run].append(entry)
+    return grouped
+
+
+def _heartbeat(store: RunStore, folder: str) -> dict | None:
+    path = f"{folder}/heartbeat.json"
+    if store.stat(path) is None:
+        return None
+    try:
+        return json.loads(store.read_bytes(path))
+    except json.JSONDecodeError:
+        return {"status": "running", "updated": time.time()}  # caught mid-write: someone is writing
+
+
+def _busy_reason(store: RunStore, folder: str, files: list[StoreEntry], now: float, live_window: float) -> str | None:
+    heartbeat = _heartbeat(store, folder)
+    if heartbeat is not None and heartbeat.get("status") in ("finished", "failed"):
+        return None  # its writer is done (a retry starting later says "running" again, and is re-checked)
+    if is_live_writer(heartbeat, now, live_window):
+        return f"still being written (heartbeat {format_duration(now - float(heartbeat['updated']))} ago)"
+    newest = max((f.mtime for f in files), default=None)
+    if newest is not None and now - newest < live_window:
+        return f"still being written (a file changed {format_duration(now - newest)} ago)"
+    return None
+
+
+def plan_clean(
+    store: RunStore,
+    runs_prefix: str,
+    pattern: str,
+    keep_last: int,
+    now: float | None = None,
+    live_window: float = DEFAULT_STALL_AFTER,
+) -> CleanPlan:
+    """What `zoo clean` would delete under `runs_prefix` ('' for a local outputs folder, 'outputs' on the Volume)."""
+    if keep_last < 0:
+        raise CleanError(f"--keep-last must be 0 or more, got {keep_last}")
+    now = time.time() if now is None else now
+    plan = CleanPlan()
+    for run, files in sorted(_run_folders(store, runs_prefix, pattern).items()):
+        plan.runs_matched.append(run)
+        folder = f"{runs_prefix}/{run}" if runs_prefix else run
+        busy = _busy_reason(store, folder, files, now, live_window)
+        if busy:
+            plan.skipped.append((run, busy))
+            continue
+        top_level = [f for f in files if PurePosixPath(f.path).parent == PurePosixPath(folder)]
+        archived = sorted(
+            (f for f in top_level if checkpoint_step_from_name(f.name) is not None),
+            key=lambda f: checkpoint_step_from_name(f.name),
+        )
+        doomed = archived[: max(0, len(archived) - keep_last)]
+        for entry in doomed:
+            plan.deletions.append(
+                Deletion(
+                    run, entry.path, entry.size, entry.mtime, f"archived checkpoint beyond --keep-last {keep_last}"
+                )
+            )
+        for entry in top_level:
+            if is_transient_file(entry.name) and CHECKPOINT_SUFFIX in entry.name:
+                plan.deletions.append(
+                    Deletion(
+                        run, entry.path, entry.size, entry.mtime, "temporary file of an interrupted checkpoint write"
+                    )
+                )
+    return plan
+
+
+def execute_clean(
+    store: RunStore,
+    plan: CleanPlan,
+    runs_prefix: str,
+    now: float | None = None,
+    live_window: float = DEFAULT_STALL_AFTER,
+) -> CleanResult:
+    """Delete what `plan` lists, checking each run and file again first (a writer may have started)."""
+    result = CleanResult()
+    by_run: dict[str, list[Deletion]] = {}
+    for deletion in plan.deletions:
+        by_run.setdefault(deletion.run, []).append(deletion)
+    for run, deletions in by_run.items():
+        folder = f"{runs_prefix}/{run}" if runs_prefix else run
+        current = time.time() if now is None else now
+        files = [e for e in store.list(folder, recursive=True) if not e.is_dir]
+        busy = _busy_reason(store, folder, files, current, live_window)
+        if busy:
+            result.skipped.append((run, busy))
+            continue
+        for deletion in deletions:
+            if PurePosixPath(deletion.path).name == NEVER_DELETE:
+                raise CleanError(f"refusing to delete {deletion.path}: a run's last.pt is never deleted")
+            entry = store.stat(deletion.path)
+            if entry is None:
+                continue  # already gone
+            if entry.size != deletion.size or int(entry.mtime) != int(deletion.mtime):
+                result.skipped.append((run, f"{deletion.path} changed since it was listed"))
+                continue
+            store.remove(deletion.path)
+            result.deleted.append(deletion)
+    return result

@@ -1,0 +1,300 @@
+"""Runs and their checkpoints, local and remote, for `zoo ckpts` and `zoo modal status`.
+
+A run is listed from files only: its folder's checkpoints (name, size, mtime), heartbeat.json
+(state, step, loss), eval.json or the last eval record of metrics.jsonl (the key metric) and,
+for remote runs, the registry files `zoo modal submit` wrote.  Remote runs come either live
+from the Volume or from the mirrors `zoo sync` made (`<run>@remote/`), which list them as of
+the sync.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from zoo.remote.layout import (
+    CHECKPOINT_SUFFIX,
+    OUTPUTS,
+    REGISTRY,
+    RUN_NAME_PATTERN,
+    is_mirror,
+    is_transient_file,
+    remote_run_of,
+)
+from zoo.remote.status import DEFAULT_STALL_AFTER, CallState, RunStatus, format_duration, run_status
+from zoo.remote.store import LocalDirStore, RunStore, StoreEntry
+from zoo.remote.sync import REGISTRY_MIRROR, read_manifest
+from zoo.runs import CHECKPOINT_PATTERN
+
+# Which metric a table shows, in order of preference: the headline numbers of zoo's evaluations,
+# and among them the 1-step MeanFlow sampler (the point of the method).
+KEY_METRIC_PREFERENCE = ("fid", "energy", "loss")
+HEADLINE_SAMPLER = "meanflow_1"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    path: str
+    step: int | None
+    size: int
+    mtime: float
+    where: str
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    name: str
+    where: str
+    status: RunStatus
+    checkpoints: list[CheckpointInfo]
+    key_metric: tuple[str, float] | None
+    heartbeat: dict[str, Any] | None
+    submission: dict[str, Any] | None
+    folder: str
+
+
+def checkpoint_step_from_name(name: str) -> int | None:
+    match = CHECKPOINT_PATTERN.match(name)
+    return int(match.group(1)) if match else None
+
+
+def peek_checkpoint_step(path: Path) -> int | None:
+    """The step stored in a local checkpoint (mmap keeps this cheap for large files); None if unreadable."""
+    try:
+        payload = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: the listing shows "?" rather than failing
+        return None
+    return int(payload["step"]) if isinstance(payload, dict) and "step" in payload else None
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}/" if isinstance(value, dict) else f"{prefix}{key}"))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        flat[prefix.rstrip("/")] = float(data)
+    return flat
+
+
+def key_metric(values: dict[str, Any]) -> tuple[str, float] | None:
+    """The headline number among `values` (nested dicts are flattened with '/').
+
+    Standard errors (`_se`) and the data-vs-data noise floor are context, not results.
+    """
+    flat = {k: v for k, v in _flatten(values).items() if not k.endswith("_se") and "floor" not in k}
+    for wanted in KEY_METRIC_PREFERENCE:
+        matching = sorted(k for k in flat if wanted in k.lower())
+        if matching:
+            best = next((k for k in matching if k.endswith(HEADLINE_SAMPLER)), matching[0])
+            return best, flat[best]
+    return None
+
+
+def eval_json_metrics(data: dict[str, Any]) -> dict[str, float]:
+    """eval.json (`{"rows": [{"kind", "steps", "energy_distance", ...}], ...}`) as flat eval/ metrics."""
+    if not isinstance(data.get("rows"), list):
+        return _flatten(data)
+    flat = {}
+    for row in data["rows"]:
+        for key in ("fid", "energy_distance"):
+            if isinstance(row.get(key), (int, float)):
+                name = "fid" if key == "fid" else "energy"
+                flat[f"eval/{name}_{row['kind']}_{row['steps']}"] = float(row[key])
+    return flat
+
+
+def _last_eval_record(metrics_text: str) -> dict[str, Any] | None:
+    for line in reversed(metrics_text.splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line still being written
+        if any(key.startswith("eval/") for key in record):
+            return {k: v for k, v in record.items() if k.startswith("eval/")}
+    return None
+
+
+def _read_json(store: RunStore, path: str) -> dict[str, Any] | None:
+    """A small JSON file of a run, or None when it is missing or caught half-written."""
+    if store.stat(path) is None:
+        return None
+    try:
+        return json.loads(store.read_bytes(path))
+    except json.JSONDecodeError:
+        return None
+
+
+def _key_metric_of(store: RunStore, folder: str, files: dict[str, StoreEntry], heartbeat: dict | None, local: bool):
+    if "eval.json" in files:
+        evaluation = _read_json(store, f"{folder}/eval.json")
+        found = key_metric(eval_json_metrics(evaluation)) if evaluation else None
+        if found:
+            return found
+    if local and "metrics.jsonl" in files:
+        record = _last_eval_record(store.read_text(f"{folder}/metrics.jsonl"))
+        found = key_metric(record) if record else None
+        if found:
+            return found
+    if heartbeat is not None and heartbeat.get("loss") is not None:
+        return "train/loss", float(heartbeat["loss"])
+    return None
+
+
+def _checkpoints(
+    store: RunStore, folder: str, files: dict[str, StoreEntry], heartbeat: dict | None, where: str
+) -> list[CheckpointInfo]:
+    found = []
+    for name, entry in files.items():
+        if not name.endswith(CHECKPOINT_SUFFIX) or is_transient_file(name):
+            continue
+        step = checkpoint_step_from_name(name)
+        if step is None and heartbeat is not None and name == "last.pt":
+            step = heartbeat.get("checkpoint_step")  # the step of the last.pt the trainer last wrote
+        if step is None and isinstance(store, LocalDirStore):
+            step = peek_checkpoint_step(store.root / entry.path)
+        found.append(CheckpointInfo(name, entry.path, step, entry.size, entry.mtime, where))
+    return sorted(found, key=lambda c: (c.name != "last.pt", -(c.step or 0), c.name))
+
+
+def _group_files(entries: list[StoreEntry], depth: int) -> dict[str, dict[str, StoreEntry]]:
+    """{run: {file name: entry}} for files directly inside each run folder at path depth `depth`."""
+    grouped: dict[str, dict[str, StoreEntry]] = {}
+    for entry in entries:
+        parts = PurePosixPath(entry.path).parts
+        if len(parts) == depth + 1 and entry.is_dir:
+            grouped.setdefault(parts[depth], {})
+        elif len(parts) == depth + 2 and not entry.is_dir:
+            grouped.setdefault(parts[depth], {})[parts[depth + 1]] = entry
+    return grouped
+
+
+def list_local_runs(
+    outputs_dir: Path,
+    now: float | None = None,
+    stall_after: float = DEFAULT_STALL_AFTER,
+    include_mirrors: bool = True,
+) -> list[RunInfo]:
+    """Runs under a local outputs folder; mirrors of remote runs as of their last sync."""
+    now = time.time() if now is None else now
+    store = LocalDirStore(outputs_dir)
+    infos = []
+    for name, files in sorted(_group_files(store.list("", recursive=False), 0).items()):
+        files = {child.name: child for child in store.list(name) if not child.is_dir}
+        if is_mirror(name):
+            if include_mirrors:
+                infos.append(_mirror_info(store, name, files, now, stall_after))
+            continue
+        if not RUN_NAME_PATTERN.match(name):
+            continue
+        heartbeat = _read_json(store, f"{name}/heartbeat.json") if "heartbeat.json" in files else None
+        infos.append(
+            RunInfo(
+                name=name,
+                where="local",
+                status=run_status(heartbeat, now, stall_after),
+                checkpoints=_checkpoints(store, name, files, heartbeat, "local"),
+                key_metric=_key_metric_of(store, name, files, heartbeat, local=True),
+                heartbeat=heartbeat,
+                submission=None,
+                folder=str(outputs_dir / name),
+            )
+        )
+    return infos
+
+
+def _mirror_info(
+    store: LocalDirStore, name: str, files: dict[str, StoreEntry], now: float, stall_after: float
+) -> RunInfo:
+    manifest = read_manifest(store.root / name) or {"checkpoints": [], "synced_at": now}
+    synced_at = float(manifest["synced_at"])
+    heartbeat = _read_json(store, f"{name}/heartbeat.json") if "heartbeat.json" in files else None
+    submission = _read_json(store, f"{name}/{REGISTRY_MIRROR}/submission.json")
+    stopped = _read_json(store, f"{name}/{REGISTRY_MIRROR}/stopped.json")
+    # The state as it was when synced: judging an old copy against `now` would call every
+    # synced run that was healthy at the time "stalled".
+    status = run_status(
+        heartbeat,
+        synced_at,
+        stall_after,
+        submitted_at=submission["submitted"] if submission else None,
+        stopped_at=stopped["stopped"] if stopped else None,
+    )
+    remote_checkpoints = [
+        CheckpointInfo(
+            c["name"], f"{name}/{c['name']}", checkpoint_step_from_name(c["name"]), c["size"], c["mtime"], "remote"
+        )
+        for c in manifest["checkpoints"]
+    ]
+    if heartbeat is not None:
+        remote_checkpoints = [
+            CheckpointInfo(c.name, c.path, heartbeat.get("checkpoint_step"), c.size, c.mtime, c.where)
+            if c.name == "last.pt" and c.step is None
+            else c
+            for c in remote_checkpoints
+        ]
+    downloaded = _checkpoints(store, name, files, heartbeat, "local")
+    return RunInfo(
+        name=remote_run_of(name),
+        where=f"remote (synced {format_duration(now - synced_at)} ago)",
+        status=status,
+        checkpoints=sorted(downloaded + remote_checkpoints, key=lambda c: (c.name != "last.pt", -(c.step or 0))),
+        key_metric=_key_metric_of(store, name, files, heartbeat, local=True),
+        heartbeat=heartbeat,
+        submission=submission,
+        folder=str(store.root / name),
+    )
+
+
+def list_store_runs(
+    store: RunStore,
+    now: float | None = None,
+    stall_after: float = DEFAULT_STALL_AFTER,
+    call_lookup: Callable[[str], CallState] | None = None,
+    workers: int = 8,
+) -> list[RunInfo]:
+    """Runs on a store with the Volume layout (live remote listing).
+
+    `call_lookup(call_id)` asks Modal about a run's function call; it is consulted only for
+    runs whose files cannot tell (no heartbeat yet, or a stale one), to name a failure the
+    container could not write down (image build error, crash outside training).
+    """
+    now = time.time() if now is None else now
+    runs = _group_files(store.list(OUTPUTS, recursive=True), 1)
+    registry = _group_files(store.list(REGISTRY, recursive=True), 1)
+    names = sorted(n for n in set(runs) | set(registry) if RUN_NAME_PATTERN.match(n))
+
+    def info(name: str) -> RunInfo:
+        folder = f"{OUTPUTS}/{name}"
+        files = runs.get(name, {})
+        heartbeat = _read_json(store, f"{folder}/heartbeat.json") if "heartbeat.json" in files else None
+        submission = _read_json(store, f"{REGISTRY}/{name}/submission.json")
+        stopped = _read_json(store, f"{REGISTRY}/{name}/stopped.json")
+        timing = {
+            "submitted_at": submission["submitted"] if submission else None,
+            "stopped_at": stopped["stopped"] if stopped else None,
+        }
+        status = run_status(heartbeat, now, stall_after, **timing)
+        call_id = submission.get("call_id") if submission else None
+        if status.state in ("pending", "stalled") and call_lookup is not None and call_id:
+            status = run_status(heartbeat, now, stall_after, call=call_lookup(call_id), **timing)
+        return RunInfo(
+            name=name,
+            where=store.label,
+            status=status,
+            checkpoints=_checkpoints(store, folder, files, heartbeat, store.label),
+            key_metric=_key_metric_of(store, folder, files, heartbeat, local=False),
+            heartbeat=heartbeat,
+            submission=submission,
+            folder=folder,
+        )
+
+    # Each read is a round trip on a real Volume: overlap them.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(info, names))

@@ -1,0 +1,146 @@
+"""What state a run is in, from its heartbeat.json (and, for remote runs, what Modal says).
+
+The trainer rewrites heartbeat.json at every log step.  A run whose heartbeat says "running"
+but has not been updated for `stall_after` seconds is *stalled*: its process was killed
+without a chance to report (the OOM killer sends SIGKILL, so no `finally` runs) or it hangs.
+This is what the predecessor lacked: its out-of-memory runs "appeared running" for hours.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+State = Literal["pending", "running", "finished", "failed", "stalled", "stopped", "unknown"]
+
+DEFAULT_STALL_AFTER = 15 * 60.0
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '12h', '1h30m', '2d' or plain seconds -> seconds."""
+    cleaned = text.strip().lower().replace(" ", "")
+    pos = 0
+    total = 0.0
+    while pos < len(cleaned):
+        match = _DURATION.match(cleaned, pos)
+        if match is None or match.end() == pos:
+            raise ValueError(f"duration {text!r} is not understood; use e.g. 90s, 15m, 12h, 1h30m")
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if not cleaned or total <= 0:
+        raise ValueError(f"duration {text!r} must be positive, e.g. 15m")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{minutes:.0f}m"
+    hours, minutes = divmod(int(minutes), 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours / 24:.1f}d"
+
+
+@dataclass(frozen=True)
+class CallState:
+    """What Modal reports about the function call of a remote run."""
+
+    state: Literal["running", "finished", "failed"]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    state: State
+    detail: str
+    step: int | None
+    loss: float | None
+    last_checkpoint: str | None
+    elapsed: float | None
+    updated_ago: float | None
+
+
+def run_status(
+    heartbeat: dict[str, Any] | None,
+    now: float,
+    stall_after: float = DEFAULT_STALL_AFTER,
+    submitted_at: float | None = None,
+    stopped_at: float | None = None,
+    call: CallState | None = None,
+) -> RunStatus:
+    """The state of one run. `submitted_at`/`stopped_at`/`call` exist only for remote runs."""
+    if heartbeat is None:
+        return _status_without_heartbeat(now, stall_after, submitted_at, stopped_at, call)
+    updated = float(heartbeat["updated"])
+    started = float(heartbeat.get("started", updated))
+    reported = heartbeat["status"]
+    ended = reported in ("finished", "failed")
+    elapsed = (updated if ended else now) - started
+    age = now - updated
+
+    def status(state: State, detail: str) -> RunStatus:
+        return RunStatus(
+            state=state,
+            detail=detail,
+            step=heartbeat.get("step"),
+            loss=heartbeat.get("loss"),
+            last_checkpoint=heartbeat.get("last_checkpoint"),
+            elapsed=elapsed,
+            updated_ago=age,
+        )
+
+    if reported == "finished":
+        return status("finished", "")
+    if reported == "failed":
+        error = heartbeat.get("error") or "failed without an error message"
+        if heartbeat.get("retrying"):
+            error += f" (attempt {heartbeat.get('attempt', '?')}; Modal retries it, resuming from the last checkpoint)"
+        return status("failed", error)
+    if stopped_at is not None and stopped_at >= started:
+        return status("stopped", f"stopped with `zoo modal stop` {format_duration(now - stopped_at)} ago")
+    if age > stall_after:
+        if call is not None and call.state == "failed":
+            return status("failed", call.error or "the Modal function call failed")
+        return status(
+            "stalled",
+            f"no heartbeat for {format_duration(age)} (limit {format_duration(stall_after)}); the process was "
+            "probably killed without a chance to report (e.g. host out of memory: SIGKILL) or hangs",
+        )
+    return status("running", "")
+
+
+def _status_without_heartbeat(
+    now: float, stall_after: float, submitted_at: float | None, stopped_at: float | None, call: CallState | None
+) -> RunStatus:
+    def status(state: State, detail: str) -> RunStatus:
+        elapsed = None if submitted_at is None else now - submitted_at
+        return RunStatus(state, detail, None, None, None, elapsed, None)
+
+    if stopped_at is not None:
+        return status("stopped", "stopped before training started")
+    if call is not None and call.state == "failed":
+        return status("failed", call.error or "the Modal function call failed before training started")
+    if call is not None and call.state == "finished":
+        return status("failed", "the Modal function ended without starting training (no heartbeat)")
+    if submitted_at is None:
+        return status("unknown", "no heartbeat.json (not written by zoo train, or written before it existed)")
+    waited = now - submitted_at
+    if waited > stall_after:
+        return status(
+            "stalled",
+            f"submitted {format_duration(waited)} ago and no heartbeat yet: the container never started "
+            "training (image build, GPU capacity, or a crash before the first step)",
+        )
+    return status("pending", f"submitted {format_duration(waited)} ago; waiting for the container")
+
+
+def is_live_writer(heartbeat: dict[str, Any] | None, now: float, live_window: float) -> bool:
+    """Whether a process may still be writing this run (recent heartbeat, not ended)."""
+    if heartbeat is None:
+        return False
+    return heartbeat.get("status") == "running" and now - float(heartbeat["updated"]) < live_window

@@ -1,0 +1,162 @@
+"""A run store: a tree of files with the Modal Volume's layout, local or remote.
+
+Sync, listing, cleaning and downloads are written once against `RunStore`.  `LocalDirStore`
+is a plain directory (tests use one to play the Volume; `--volume-dir` uses one for a copy of
+the volume); `zoo.remote.modal_app.ModalVolumeStore` is the real Volume.  Paths are POSIX
+strings relative to the store root ("outputs/run/last.pt").
+"""
+
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from zoo.runs import atomic_write_bytes
+
+CHUNK = 1 << 20
+
+
+class StoreError(RuntimeError):
+    """A store operation that cannot be done (missing file, unreachable volume, ...)."""
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    path: str
+    size: int
+    mtime: float
+    is_dir: bool
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+
+class RunStore(ABC):
+    """Files under one root. `label` says where they are in tables ("local", "remote")."""
+
+    label: str
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the store is, for messages ("modal volume 'zoo-runs'", "/path")."""
+
+    @abstractmethod
+    def list(self, prefix: str, recursive: bool = False) -> list[StoreEntry]:
+        """Entries under `prefix` (files and folders); [] when `prefix` does not exist."""
+
+    @abstractmethod
+    def stat(self, path: str) -> StoreEntry | None:
+        """The entry of one file, or None when there is none."""
+
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes:
+        """A whole (small) file; StoreError when missing."""
+
+    @abstractmethod
+    def download(self, path: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
+        """Stream a file to `dest` (written atomically); returns the number of bytes."""
+
+    @abstractmethod
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Create or replace a file."""
+
+    @abstractmethod
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Delete a file (or a folder with `recursive`)."""
+
+    def read_text(self, path: str) -> str:
+        return self.read_bytes(path).decode()
+
+
+class LocalDirStore(RunStore):
+    def __init__(self, root: str | Path, label: str = "local") -> None:
+        self.root = Path(root)
+        self.label = label
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, path: str) -> Path:
+        relative = PurePosixPath(path)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise StoreError(f"store path {path!r} must be relative and stay inside {self.root}")
+        return self.root.joinpath(*relative.parts)
+
+    def _entry(self, path: Path) -> StoreEntry:
+        info = path.stat()
+        return StoreEntry(
+            path=path.relative_to(self.root).as_posix(), size=info.st_size, mtime=info.st_mtime, is_dir=path.is_dir()
+        )
+
+    def list(self, prefix: str, recursive: bool = False) -> list[StoreEntry]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        children = base.rglob("*") if recursive else base.iterdir()
+        entries = []
+        for child in children:
+            # A live writer renames temporaries away between listing and stat: skip what vanished.
+            if child.exists():
+                entries.append(self._entry(child))
+        return sorted(entries, key=lambda e: e.path)
+
+    def stat(self, path: str) -> StoreEntry | None:
+        target = self._path(path)
+        return self._entry(target) if target.exists() else None
+
+    def read_bytes(self, path: str) -> bytes:
+        target = self._path(path)
+        if not target.is_file():
+            raise StoreError(f"no file {path} in {self.describe()}")
+        return target.read_bytes()
+
+    def download(self, path: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
+        source = self._path(path)
+        if not source.is_file():
+            raise StoreError(f"no file {path} in {self.describe()}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        total = 0
+        with open(source, "rb") as reader, open(tmp, "wb") as writer:
+            while chunk := reader.read(CHUNK):
+                writer.write(chunk)
+                total += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+            writer.flush()
+            os.fsync(writer.fileno())
+        os.replace(tmp, dest)
+        return total
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        atomic_write_bytes(self._path(path), data)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        target = self._path(path)
+        if target.is_dir():
+            if not recursive:
+                raise StoreError(f"{path} is a folder; removing it needs recursive=True")
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+def open_remote_store(volume: str, volume_dir: Path | None) -> RunStore:
+    """The remote store: a directory with the Volume's layout if given, else the Modal Volume.
+
+    The Modal path checks the token and the network first (ModalUnavailable, at once) and only
+    then imports modal: local commands never need it.
+    """
+    if volume_dir is not None:
+        if not volume_dir.is_dir():
+            raise StoreError(f"--volume-dir {volume_dir} is not a directory")
+        return LocalDirStore(volume_dir, label="remote")
+    from zoo.remote.credentials import ensure_modal_ready
+
+    ensure_modal_ready()
+    from zoo.remote.modal_app import ModalVolumeStore
+
+    return ModalVolumeStore(volume)

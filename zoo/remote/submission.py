@@ -1,0 +1,143 @@
+"""The client side of `zoo modal submit`, without Modal: GPU strings, the remote config, the record.
+
+The config is resolved on the laptop (preset + ZOO_ environment + overrides) and sent whole,
+so the remote run trains exactly what `zoo train` would train here, with three changes that
+make it a remote run: its folder is on the Volume, its datasets are read from the Volume
+(for every dataset: predecessor defect 8 hard-coded one data root), and it insists on CUDA
+(`auto` would quietly train on the CPU of a container whose GPU is missing).
+"""
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from zoo.config.loading import config_from_dict, config_to_dict
+from zoo.config.schema import ZooConfigBody
+from zoo.remote.layout import OUTPUTS, REGISTRY, mounted_path, validate_run_name
+from zoo.remote.status import DEFAULT_STALL_AFTER, format_duration, is_live_writer
+from zoo.remote.store import RunStore
+
+# Modal's GPU types (modal.com/docs/guide/gpu); a count after ':' puts several in one container.
+GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
+MAX_GPUS_PER_CONTAINER = 8
+MAX_TIMEOUT_S = 24 * 3600  # Modal's limit per attempt
+_GPU = re.compile(r"^([A-Za-z0-9-]+?)(?::(\d+))?$")
+
+
+class SubmitError(RuntimeError):
+    """A submission that must not go ahead (name collision, nothing to resume, bad option)."""
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    kind: str
+    count: int
+
+    @property
+    def modal_spec(self) -> str:
+        return self.kind if self.count == 1 else f"{self.kind}:{self.count}"
+
+
+def parse_gpu(text: str) -> GpuRequest:
+    match = _GPU.match(text.strip())
+    kind = match.group(1).upper() if match else ""
+    canonical = {g.upper(): g for g in GPU_TYPES}
+    if not match or kind not in canonical:
+        raise ValueError(f"unknown GPU {text!r}; use one of {', '.join(GPU_TYPES)}, optionally with a count (H100:8)")
+    count = int(match.group(2) or 1)
+    if not 1 <= count <= MAX_GPUS_PER_CONTAINER:
+        raise ValueError(f"GPU count in {text!r} must be 1..{MAX_GPUS_PER_CONTAINER}")
+    return GpuRequest(canonical[kind], count)
+
+
+def check_timeout(seconds: float) -> int:
+    if not 60 <= seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"--timeout must lie between 1m and 24h (Modal's limit per attempt), got {seconds:.0f}s")
+    return int(seconds)
+
+
+def check_retries(retries: int) -> int:
+    if not 0 <= retries <= 10:
+        raise ValueError(f"--retries must lie between 0 and 10, got {retries}")
+    return retries
+
+
+def remote_config(cfg: ZooConfigBody, run_name: str) -> ZooConfigBody:
+    """`cfg` as the container runs it (see the module doc)."""
+    validate_run_name(run_name)
+    data = config_to_dict(cfg)
+    data["run_name"] = run_name
+    data["output_dir"] = str(mounted_path(OUTPUTS))
+    data["device"] = "cuda"
+    data["experiment_log"] = str(mounted_path(OUTPUTS, run_name, "experiment_log.md"))
+    if not str(data["data"]["root"]).startswith(str(mounted_path())):
+        data["data"]["root"] = str(mounted_path("data"))
+    return config_from_dict(data)
+
+
+def submission_record(
+    cfg: ZooConfigBody, gpu: GpuRequest, timeout_s: int, retries: int, resume: bool, app_name: str, command: str
+) -> dict[str, Any]:
+    return {
+        "submission_id": uuid.uuid4().hex,
+        "run_name": cfg.run_name,
+        "submitted": time.time(),
+        "gpu": gpu.modal_spec,
+        "nproc": gpu.count,
+        "timeout_s": timeout_s,
+        "retries": retries,
+        "resume": resume,
+        "app_name": app_name,
+        "command": command,
+        "call_id": None,
+        "config": config_to_dict(cfg),
+    }
+
+
+def submission_path(run: str) -> str:
+    return f"{REGISTRY}/{run}/submission.json"
+
+
+def read_submission(store: RunStore, run: str) -> dict[str, Any] | None:
+    path = submission_path(run)
+    return json.loads(store.read_bytes(path)) if store.stat(path) is not None else None
+
+
+def check_name_free(
+    store: RunStore, run: str, resume: bool, live_window: float = DEFAULT_STALL_AFTER
+) -> dict[str, Any] | None:
+    """Refuse a name that a remote run already has, unless resuming it; returns its old submission."""
+    previous = read_submission(store, run)
+    has_folder = bool(store.list(f"{OUTPUTS}/{run}"))
+    if resume:
+        if store.stat(f"{OUTPUTS}/{run}/last.pt") is None:
+            raise SubmitError(
+                f"cannot resume remote run {run!r}: no checkpoint at {OUTPUTS}/{run}/last.pt on {store.describe()}; "
+                "`zoo ckpts --remote` lists remote runs"
+            )
+        heartbeat_path = f"{OUTPUTS}/{run}/heartbeat.json"
+        heartbeat = json.loads(store.read_bytes(heartbeat_path)) if store.stat(heartbeat_path) is not None else None
+        if is_live_writer(heartbeat, time.time(), live_window):
+            raise SubmitError(
+                f"remote run {run!r} is still running (heartbeat {format_duration(time.time() - heartbeat['updated'])} "
+                f"ago); stop it first (`zoo modal stop {run}`) or wait for it to end"
+            )
+        return previous
+    if previous is not None or has_folder:
+        raise SubmitError(
+            f"a remote run named {run!r} already exists on {store.describe()}; pass --resume to continue it, "
+            "or choose another --run-name"
+        )
+    return None
+
+
+def resume_base_config(previous: dict[str, Any] | None, run: str) -> dict[str, Any]:
+    if previous is None:
+        raise SubmitError(
+            f"remote run {run!r} has no submission record to take its config from; "
+            "give the preset and overrides it was trained with"
+        )
+    return previous["config"]

@@ -1,0 +1,284 @@
+"""`zoo modal submit | status | logs | stop`: training runs on Modal GPUs.
+
+Every command first checks, in well under a second, that a Modal token is configured and the
+Modal server answers (zoo.remote.credentials); without them it says so and exits 1, pointing
+at `modal setup`, instead of hanging for a minute inside the Modal client.
+"""
+
+import json
+import re
+import shlex
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from zoo.config.loading import ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides
+from zoo.remote.credentials import ModalUnavailable, ensure_modal_ready
+from zoo.remote.layout import REGISTRY
+from zoo.remote.listing import RunInfo, list_store_runs
+from zoo.remote.status import format_duration, parse_duration
+from zoo.remote.store import RunStore
+from zoo.remote.submission import (
+    SubmitError,
+    check_name_free,
+    check_retries,
+    check_timeout,
+    parse_gpu,
+    read_submission,
+    remote_config,
+    resume_base_config,
+    submission_path,
+    submission_record,
+)
+from zoo.runs import default_run_name
+from zoo_cli.errors import fail
+from zoo_cli.runs_cmds import (
+    DEFAULT_VOLUME,
+    StallOption,
+    VolumeDirOption,
+    VolumeOption,
+    duration_or_exit,
+    metric_text,
+    remote_store_or_exit,
+    run_record,
+    styled_state,
+)
+from zoo_cli.train import deep_merge, flag_overrides
+
+console = Console(soft_wrap=True)  # long paths stay on one line (copyable, greppable)
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="modal",
+    help="Train on Modal GPUs: submit a run (detached), watch it, read its logs, stop it.",
+    no_args_is_help=True,
+)
+
+
+def modal_ready_or_exit() -> None:
+    try:
+        ensure_modal_ready()
+    except ModalUnavailable as exc:
+        raise fail(str(exc), 1) from None
+
+
+def volume_store(volume: str) -> RunStore:
+    """The Volume, after the token/network check (so nothing below can hang)."""
+    modal_ready_or_exit()
+    from zoo.remote.modal_app import ModalVolumeStore
+
+    return ModalVolumeStore(volume)
+
+
+def app_name_for(run: str) -> str:
+    # Modal app names: letters, digits, '-', '_', '.'; at most 64 characters.
+    return "zoo-" + re.sub(r"[^A-Za-z0-9._-]", "-", run)[:60]
+
+
+@app.command()
+def submit(
+    preset: Annotated[str | None, typer.Argument(help="preset name or .toml file (not needed with --resume)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75")] = None,
+    gpu: Annotated[
+        str, typer.Option(help="A100-40GB, A100-80GB, H100, H100:8 (several GPUs: data-parallel), ...")
+    ] = "A100-40GB",
+    timeout: Annotated[str, typer.Option(help="per attempt, at most 24h (e.g. 12h, 90m)")] = "12h",
+    retries: Annotated[int, typer.Option(help="attempts after a failure or preemption; each resumes from last.pt")] = 5,
+    run_name: Annotated[
+        str | None, typer.Option("--run-name", help="name of the remote run (default: PRESET-DATE-TIME)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the remote run --run-name from its last.pt")
+    ] = False,
+    ratio: Annotated[float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16")] = None,
+    volume: VolumeOption = DEFAULT_VOLUME,
+) -> None:
+    """Start a training run on Modal and return at once; it survives this terminal closing."""
+    modal_ready_or_exit()
+    try:
+        gpu_request = parse_gpu(gpu)
+        timeout_s = check_timeout(parse_duration(timeout))
+        check_retries(retries)
+        given = deep_merge(
+            parse_overrides(overrides or []),
+            flag_overrides(ratio=ratio, steps=steps, batch_size=batch_size, seed=seed, precision=precision),
+        )
+    except (ValueError, ConfigError) as exc:
+        raise fail(str(exc), 2) from None
+    from zoo.remote.modal_app import ModalSpec, ModalVolumeStore, build_app, spawn
+
+    store = ModalVolumeStore(volume)
+    previous = None
+    try:
+        if resume:
+            if run_name is None:
+                raise fail("--resume needs --run-name: the remote run to continue (zoo ckpts --remote lists them)", 2)
+            previous = check_name_free(store, run_name, resume=True)
+            cfg = config_from_dict(deep_merge(resume_base_config(previous, run_name), given))
+        else:
+            if preset is None:
+                raise fail("give a preset or a .toml file, e.g. `zoo modal submit cifar10 --gpu A100-80GB`", 2)
+            cfg = load_config(preset, given)
+            run_name = run_name or cfg.run_name or default_run_name(cfg.preset)
+            check_name_free(store, run_name, resume=False)
+            cfg = remote_config(cfg, run_name)
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    except (SubmitError, ValueError) as exc:
+        raise fail(str(exc), 1) from None
+
+    command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = submission_record(cfg, gpu_request, timeout_s, retries, resume, app_name_for(run_name), command)
+    spec = ModalSpec(record["app_name"], gpu_request, timeout_s, retries, volume)
+    # The record is on the Volume before the container can start: the container checks that
+    # this submission owns the run name.  If the spawn fails, the Volume goes back to how it was.
+    store.write_bytes(submission_path(run_name), json.dumps(record, indent=2).encode())
+    try:
+        call_id, app_id = spawn(build_app(spec), config_to_dict(cfg), record["submission_id"], resume, volume)
+    except BaseException:
+        if previous is None:
+            store.remove(submission_path(run_name))
+        else:
+            store.write_bytes(submission_path(run_name), json.dumps(previous, indent=2).encode())
+        raise
+    record.update(call_id=call_id, app_id=app_id)
+    store.write_bytes(submission_path(run_name), json.dumps(record, indent=2).encode())
+    console.print(f"run      [bold]{run_name}[/]")
+    console.print(f"call id  {call_id}")
+    console.print(
+        f"gpu      {gpu_request.modal_spec}, timeout {format_duration(timeout_s)} per attempt, {retries} retries"
+    )
+    console.print(f"next     zoo modal status {run_name}  |  zoo modal logs {run_name}  |  zoo sync && zoo ckpts")
+
+
+def status_table(infos: list[RunInfo], now: float) -> Table:
+    table = Table(title="remote runs")
+    for column, justify in (
+        ("run", "left"),
+        ("status", "left"),
+        ("step", "right"),
+        ("loss", "right"),
+        ("last checkpoint", "left"),
+        ("elapsed", "right"),
+        ("heartbeat", "right"),
+        ("gpu", "left"),
+        ("key metric", "right"),
+    ):
+        table.add_column(column, justify=justify)
+    for info in infos:
+        s = info.status
+        newest = info.checkpoints[0] if info.checkpoints else None
+        table.add_row(
+            info.name,
+            styled_state(info),
+            "" if s.step is None else str(s.step),
+            "" if s.loss is None else f"{s.loss:.4g}",
+            "—" if newest is None else f"{newest.name} ({format_duration(now - newest.mtime)} ago)",
+            "" if s.elapsed is None else format_duration(s.elapsed),
+            "" if s.updated_ago is None else f"{format_duration(s.updated_ago)} ago",
+            info.submission["gpu"] if info.submission else "",
+            metric_text(info),
+        )
+    return table
+
+
+@app.command()
+def status(
+    run: Annotated[str | None, typer.Argument(help="one run (default: every remote run)")] = None,
+    stall_after: StallOption = "15m",
+    volume: VolumeOption = DEFAULT_VOLUME,
+    volume_dir: VolumeDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Each remote run: running, finished, failed (with the error), stalled or stopped; step, loss, checkpoint."""
+    stall = duration_or_exit(stall_after, "--stall-after")
+    store = remote_store_or_exit(volume, volume_dir)
+    lookup = None
+    if volume_dir is None:
+        from zoo.remote.modal_app import call_state
+
+        lookup = call_state
+    now = time.time()
+    infos = list_store_runs(store, now, stall, call_lookup=lookup)
+    if run is not None:
+        infos = [i for i in infos if i.name == run]
+        if not infos:
+            raise fail(f"no remote run {run!r} on {store.describe()}; `zoo modal status` lists them", 1)
+    if as_json:
+        console.print_json(json.dumps([run_record(i, now) for i in infos]))
+        return
+    if not infos:
+        console.print(f"no remote runs on {store.describe()}; start one with `zoo modal submit PRESET`")
+        return
+    console.print(status_table(infos, now))
+    for info in infos:
+        if info.status.detail:
+            console.print(f"[bold]{info.name}[/] {styled_state(info)}: {info.status.detail}", highlight=False)
+    if run is not None and infos[0].submission:
+        submission = infos[0].submission
+        console.print(
+            f"submitted {format_duration(now - submission['submitted'])} ago: {submission['command']}", highlight=False
+        )
+        console.print(f"call id {submission.get('call_id')}; app {submission.get('app_name')}", highlight=False)
+
+
+@app.command()
+def logs(
+    run: Annotated[str, typer.Argument(help="the remote run")],
+    tail: Annotated[int, typer.Option(min=1, help="how many recent lines")] = 200,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
+    from_file: Annotated[
+        bool,
+        typer.Option("--file", help="print train.log from the Volume (all attempts; kept after Modal's log retention)"),
+    ] = False,
+    volume: VolumeOption = DEFAULT_VOLUME,
+    volume_dir: VolumeDirOption = None,
+) -> None:
+    """The training output of a remote run."""
+    store = remote_store_or_exit(volume, volume_dir) if from_file or volume_dir else volume_store(volume)
+    submission = read_submission(store, run)
+    if submission is None:
+        raise fail(f"no remote run {run!r} on {store.describe()}; `zoo modal status` lists them", 1)
+    if from_file or volume_dir is not None:
+        path = f"{REGISTRY}/{run}/train.log"
+        if store.stat(path) is None:
+            raise fail(f"{run} has no train.log yet (the container has not started training)", 1)
+        lines = store.read_text(path).splitlines()
+        sys.stdout.write("\n".join(lines[-tail:]) + "\n")
+        return
+    if not submission.get("call_id"):
+        raise fail(f"{run} has no Modal call id (its submission did not complete); see `zoo modal status {run}`", 1)
+    from zoo.remote.modal_app import log_lines
+
+    for line in log_lines(submission["call_id"], tail, follow):
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+@app.command()
+def stop(
+    run: Annotated[str, typer.Argument(help="the remote run")],
+    volume: VolumeOption = DEFAULT_VOLUME,
+) -> None:
+    """Cancel a remote run's function call and stop its container; its checkpoints stay on the Volume."""
+    store = volume_store(volume)
+    submission = read_submission(store, run)
+    if submission is None or not submission.get("call_id"):
+        raise fail(f"no submitted remote run {run!r} on {store.describe()}; `zoo modal status` lists them", 1)
+    from zoo.remote.modal_app import cancel
+
+    cancel(submission["call_id"])
+    store.write_bytes(f"{REGISTRY}/{run}/stopped.json", json.dumps({"stopped": time.time()}).encode())
+    console.print(
+        f"stopped {run} (call {submission['call_id']}); resume it with `zoo modal submit --resume --run-name {run}`"
+    )
