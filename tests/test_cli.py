@@ -73,6 +73,21 @@ def test_bad_config_fails_before_any_work(workdir):
     assert result.exit_code == 2 and "train.steps" in result.output
 
 
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["digits", "model.attention_res=[5]"], "attention_res"),
+        (["moons", "loss.jvp=cuda_graph"], "cuda_graph"),
+        (["moons", "data.train_size=0"], "data.train_size"),
+    ],
+)
+def test_config_problems_found_while_building_exit_2_and_write_nothing(workdir, args, fragment):
+    result = zoo("train", *args, "--run-name", "b", "--device", "cpu", "--steps", "2")
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert not (workdir / "outputs" / "b").exists()
+
+
 def test_missing_dataset_is_a_clear_error_and_writes_nothing(workdir):
     result = zoo("train", "cifar10", "data.root=nowhere", "--run-name", "c", "--device", "cpu")
     assert result.exit_code == 1

@@ -54,6 +54,9 @@ def test_precedence_cli_over_env_over_preset(monkeypatch):
         (["optim.betas=[0.9, 1.5]"], ["betas", "[0, 1)"]),
         (["device=tpu"], ["device", "'tpu'"]),
         (["data.name=mnist3d"], ["data.name", "mnist3d", "fashion-mnist"]),
+        (["eval.solver_nfe=[0]"], ["eval.solver_nfe.0", "greater than or equal to 1"]),
+        (["eval.meanflow_steps=[]"], ["eval.meanflow_steps", "at least 1"]),
+        (["loss.guidance_t_min=0.8", "loss.guidance_t_max=0.2"], ["guidance_t_min=0.8", "guidance_t_max=0.2"]),
     ],
 )
 def test_bad_values_name_key_value_and_rule(override, expected):

@@ -10,7 +10,7 @@ class DeviceError(RuntimeError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -21,7 +21,18 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"device {name!r} was asked for but MPS is not available here; use --device cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    if device.type == "cuda" and device.index is None:
+        # Indexed, so that generators, tensors and comparisons all say "cuda:N": a generator
+        # made on a bare "cuda" device reports "cuda" and then compares unequal to "cuda:0".
+        return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal devices, treating a missing index as the current one ("cuda" is "cuda:0")."""
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

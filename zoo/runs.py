@@ -7,7 +7,6 @@
     heartbeat.json        status, step, last loss, last checkpoint, updated time
     eval.json             the last evaluation table
     samples/              sample grids / scatter plots
-    train.log             the run's console output
 
 Small text files are written atomically (temporary file, then rename) so a reader — `zoo ckpts`,
 `zoo sync`, a crash — never sees half of one.
@@ -81,10 +80,6 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.root / "samples"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "train.log"
 
     def archived_checkpoints(self) -> list[tuple[int, Path]]:
         found = []

@@ -47,6 +47,8 @@ def sample(
         dev = resolve_device(device)
         loaded = load_model(checkpoint, dev, use_ema=not raw)
         model = loaded.model
+        if guidance != 1.0 and not model.num_classes:
+            raise fail(f"--guidance {guidance} needs a class-conditional model; this one is unconditional")
         if label is not None and not model.num_classes:
             raise fail("--class given, but this model is unconditional")
         if label is not None and not 0 <= label < model.num_classes:

@@ -48,9 +48,9 @@ class MLPConfig(Section):
 class UNetConfig(Section):
     arch: Literal["unet"] = "unet"
     channels: int = Field(128, ge=8, le=1024)
-    channel_mults: list[int] = Field(default_factory=lambda: [2, 2, 2], min_length=1, max_length=6)
+    channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(default_factory=lambda: [2, 2, 2], min_length=1, max_length=6)
     blocks_per_res: int = Field(4, ge=1, le=8)
-    attention_res: list[int] = Field(default_factory=lambda: [16])
+    attention_res: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [16])
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     num_groups: int = Field(32, ge=1)
     heads: int = Field(1, ge=1, le=64)
@@ -105,6 +105,14 @@ class LossConfig(Section):
     guidance_t_min: float = Field(0.0, ge=0.0, le=1.0)
     guidance_t_max: float = Field(1.0, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _guidance_interval_ordered(self) -> "LossConfig":
+        if self.guidance_t_min > self.guidance_t_max:
+            raise ValueError(
+                f"guidance_t_min={self.guidance_t_min} must not exceed guidance_t_max={self.guidance_t_max}"
+            )
+        return self
+
 
 class OptimConfig(Section):
     name: Literal["adam", "adamw"] = "adam"
@@ -147,11 +155,11 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     n_samples: int = Field(2000, ge=16, description="generated and held-out samples per metric")
-    meanflow_steps: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    meanflow_steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     solvers: list[Literal["euler", "midpoint", "heun", "rk4"]] = Field(
         default_factory=lambda: ["euler", "heun"]
     )
-    solver_nfe: list[int] = Field(default_factory=lambda: [2, 8, 50])
+    solver_nfe: list[Annotated[int, Field(ge=1, le=10000)]] = Field(default_factory=lambda: [2, 8, 50], min_length=1)
     batch_size: int = Field(500, ge=1)
     grid_size: int = Field(64, ge=1, le=1024, description="images in a sample grid")
     guidance: float = Field(1.0, ge=0.0, le=20.0)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from zoo.config.schema import LossConfig
+from zoo.devices import same_device
 from zoo.models.base import FlowModel
 
 
@@ -29,7 +30,7 @@ def metrics_to_floats(values: dict[str, Tensor]) -> dict[str, float]:
 
 
 def draw_noise(x: Tensor, generator: torch.Generator) -> Tensor:
-    if generator.device != x.device:
+    if not same_device(generator.device, x.device):
         raise ValueError(
             f"the loss generator lives on {generator.device} but the batch on {x.device}; "
             "create it with torch.Generator(device=x.device)"

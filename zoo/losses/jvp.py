@@ -3,8 +3,10 @@ i.e. the JVP of u along the tangents (v, 1, 0) for (z, t, r).
 
 Every strategy returns, for the whole batch in batch order,
     u     the prediction, with autograd graph to the parameters (what the loss trains);
-    dudt  the total derivative, detached, in fp32 (or the batch's dtype when wider), zeros where
-          r = t (harmless: the target multiplies it by t - r = 0 there).
+    dudt  the total derivative, detached, in fp32 (or the batch's dtype when wider).  Where r = t
+          it is zero for the selective strategies (no JVP is computed there) and the real
+          derivative for nograd / full_batch; either is harmless, since the target multiplies it
+          by t - r = 0.
 
 Tangents are (v, 1, 0) for (z, t, r) since zoo calls models as model(z, t, r, y); the paper's
 (v, 0, 1) is for its (z, r, t) order.  Parameters get no tangent: torch.func.jvp treats the

@@ -6,6 +6,7 @@ draws exactly what the uninterrupted run would have drawn.
 """
 
 import copy
+import json
 import math
 import sys
 import time
@@ -17,7 +18,7 @@ import torch
 from rich.console import Console
 
 from zoo.checkpoints import clean_state_dict, load_checkpoint, save_checkpoint
-from zoo.config.loading import config_to_dict, config_to_toml
+from zoo.config.loading import ConfigError, config_to_dict, config_to_toml
 from zoo.config.schema import LossConfig, ZooConfigBody
 from zoo.data import BatchSource, build_data
 from zoo.devices import autocast_dtype, resolve_device
@@ -27,7 +28,7 @@ from zoo.losses import Loss, build_loss, resolve_jvp_mode
 from zoo.losses.base import LossOutput
 from zoo.models import build_model
 from zoo.models.base import FlowModel
-from zoo.runs import RunDir, RunError, atomic_write_json, check_run
+from zoo.runs import RunDir, RunError, atomic_write_json, atomic_write_text, check_run
 from zoo.tracking import Tracker, make_tracker
 from zoo.training import distributed
 from zoo.training.ema import EMA
@@ -42,6 +43,7 @@ RESUMABLE_CHANGES = {
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.archive_every",
     "device", "output_dir", "tracking", "eval", "experiment_log",
 }
+# The device may change only within a type: RNG states of CPU, CUDA and MPS generators differ.
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainState:
     loss_fn: Loss
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
+    scaler: torch.amp.GradScaler | None = None
     step: int = 0
     micro_batches: int = 1
 
@@ -64,6 +67,8 @@ class TrainState:
 
 def resolved_loss_config(cfg: ZooConfigBody, device: torch.device) -> LossConfig:
     """`loss.jvp = auto` becomes a concrete JVP strategy for this device."""
+    if cfg.loss.jvp == "cuda_graph" and device.type != "cuda":
+        raise ConfigError(f"loss.jvp = 'cuda_graph' needs a CUDA device, but this run uses {device}; pick another loss.jvp")
     if cfg.loss.jvp != "auto":
         return cfg.loss
     return cfg.loss.model_copy(update={"jvp": resolve_jvp_mode(cfg.loss, device)})
@@ -97,6 +102,8 @@ def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
         loss_fn=build_loss(resolved_loss_config(cfg, device)),
         optimizer=build_optimizer(model, cfg.optim),
         generator=generator,
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        scaler=torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None,
         micro_batches=cfg.train.grad_accum,
     )
 
@@ -105,6 +112,8 @@ def rng_state(state: TrainState) -> dict[str, Any]:
     rng = {"torch": torch.get_rng_state(), "generator": state.generator.get_state()}
     if state.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(state.device)
+    if state.device.type == "mps":
+        rng["mps"] = torch.mps.get_rng_state()
     return rng
 
 
@@ -119,6 +128,9 @@ def checkpoint_payload(state: TrainState, metrics: dict[str, float]) -> dict[str
         "rng": rng_state(state),
         "data_state": state.source.state_dict(),
         "micro_batches": state.micro_batches,
+        "device_type": state.device.type,
+        "jvp_mode": resolved_loss_config(state.cfg, state.device).jvp,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "data_shape": list(state.model.data_shape),
         "num_classes": state.model.num_classes,
         "config": config_to_dict(state.cfg),
@@ -127,6 +139,11 @@ def checkpoint_payload(state: TrainState, metrics: dict[str, float]) -> dict[str
 
 
 def restore(state: TrainState, payload: dict[str, Any]) -> None:
+    if payload["device_type"] != state.device.type:
+        raise RunError(
+            f"run {state.cfg.run_name!r} was trained on {payload['device_type']} and cannot resume exactly on "
+            f"{state.device.type} (their random-number states differ); resume with --device {payload['device_type']}"
+        )
     if payload["run_name"] != state.cfg.run_name:
         raise RunError(
             f"checkpoint belongs to run {payload['run_name']!r}, not {state.cfg.run_name!r}; "
@@ -139,10 +156,21 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
     state.source.load_state_dict(payload["data_state"])
     state.step = int(payload["step"])
     state.micro_batches = int(payload["micro_batches"])
+    if state.scaler is not None:
+        state.scaler.load_state_dict(payload["scaler"])
     torch.set_rng_state(payload["rng"]["torch"])
     state.generator.set_state(payload["rng"]["generator"])
-    if "cuda" in payload["rng"] and state.device.type == "cuda":
+    if state.device.type == "cuda":
         torch.cuda.set_rng_state(payload["rng"]["cuda"], state.device)
+    if state.device.type == "mps":
+        torch.mps.set_rng_state(payload["rng"]["mps"])
+    if distributed.rank() > 0:
+        # Checkpoints hold rank 0's random state. Other ranks must not replay it (they would draw
+        # the same batches, noise and dropout as rank 0): they reseed from (seed, rank, step).
+        # Resumed multi-process runs are therefore exact on rank 0 only.
+        reseed = state.cfg.seed + 1_000_003 * distributed.rank() + state.step
+        torch.manual_seed(reseed)
+        state.generator.manual_seed(reseed)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -225,15 +253,22 @@ def train_step(state: TrainState) -> dict[str, float]:
     totals: dict[str, float] = {}
     for _ in range(state.micro_batches):
         out = forward_loss(state)
-        (out.loss / state.micro_batches).backward()
+        loss = out.loss / state.micro_batches
+        (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
         for key, value in out.metrics.items():
             totals[key] = totals.get(key, 0.0) + value / state.micro_batches
     distributed.all_reduce_gradients(model)
+    if state.scaler is not None:
+        state.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if cfg.optim.grad_clip > 0:
         totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
     lr = learning_rate(cfg.optim, state.step)
     set_learning_rate(optimizer, lr)
-    optimizer.step()
+    if state.scaler is not None:
+        state.scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+        state.scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state.ema.update(model)
     state.step += 1
@@ -292,11 +327,19 @@ def train_run(
     run = check_run(cfg.output_dir, cfg.run_name, resume)
     # Build everything that can fail on bad input (data, model) before the run folder exists,
     # so a failed start leaves nothing behind.
-    state = build_state(cfg, device)
+    try:
+        state = build_state(cfg, device)
+    except ValueError as exc:
+        # What the schema cannot see (e.g. a resolution the network does not have, a train_size
+        # larger than the dataset) surfaces while building; it is still the config's fault.
+        raise ConfigError(f"the configuration cannot be built: {exc}") from None
     if resume:
-        payload = load_checkpoint(run.last, map_location=device)
+        # RNG states must stay CPU byte tensors; load_state_dict moves weights to the device.
+        payload = load_checkpoint(run.last, map_location="cpu")
         check_resume_config(payload["config"], cfg)
         restore(state, payload)
+        if main:
+            drop_metrics_after(run, state.step)
         if state.step >= cfg.train.steps:
             raise RunError(
                 f"run {cfg.run_name!r} is already at step {state.step} of {cfg.train.steps}; "
@@ -328,6 +371,12 @@ def train_run(
     finally:
         tracker.finish()
     return run
+
+
+def drop_metrics_after(run: RunDir, step: int) -> None:
+    """A resumed run repeats the steps after its last checkpoint: forget their first records."""
+    kept = [r for r in run.read_metrics() if r.get("step", 0) <= step]
+    atomic_write_text(run.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
 def train_loop(
@@ -388,10 +437,12 @@ def finish_run(
     atomic_write_json(run.eval_json, {"step": state.step, "checkpoint": run.archive(state.step).name, **report.to_dict()})
     run.write_heartbeat(status="finished", step=state.step, loss=last_metrics.get("loss"))
     if state.cfg.experiment_log:
+        # Log the JVP strategy actually used, not "auto".
+        logged_cfg = state.cfg.model_copy(update={"loss": resolved_loss_config(state.cfg, state.device)})
         append_run_entry(
             Path(state.cfg.experiment_log),
             command=command or " ".join(sys.argv),
-            cfg=state.cfg,
+            cfg=logged_cfg,
             run=run,
             report=report,
             final_loss=last_metrics.get("loss"),
