@@ -33,6 +33,7 @@ from zoo.tracking import Tracker, make_tracker
 from zoo.training import distributed
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
+from zoo.bench.calibration import resolve_for_training
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.progress import TrainProgress
 from zoo.training.visuals import save_samples
@@ -57,6 +58,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     scaler: torch.amp.GradScaler | None = None
+    jvp_mode: str = "nograd"
     step: int = 0
     micro_batches: int = 1
 
@@ -100,6 +102,7 @@ def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
         model=model,
         ema=EMA(model, cfg.train.ema_decay),
         loss_fn=build_loss(resolved_loss_config(cfg, device)),
+        jvp_mode=resolved_loss_config(cfg, device).jvp,
         optimizer=build_optimizer(model, cfg.optim),
         generator=generator,
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -129,7 +132,7 @@ def checkpoint_payload(state: TrainState, metrics: dict[str, float]) -> dict[str
         "data_state": state.source.state_dict(),
         "micro_batches": state.micro_batches,
         "device_type": state.device.type,
-        "jvp_mode": resolved_loss_config(state.cfg, state.device).jvp,
+        "jvp_mode": state.jvp_mode,
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "data_shape": list(state.model.data_shape),
         "num_classes": state.model.num_classes,
@@ -228,6 +231,17 @@ def probe_step(state: TrainState, micro_size: int) -> None:
         if saved[3] is not None:
             torch.cuda.set_rng_state(saved[3], state.device)
         state.source.batch_size = saved[4]
+
+
+def choose_jvp_mode(state: TrainState, stored_mode: str | None, console: Console) -> None:
+    """Settle `loss.jvp = auto` by a short calibration (cached), or keep a resumed run's mode."""
+    micro_size = rank_batch_size(state.cfg) // state.micro_batches
+    mode, reason = resolve_for_training(state.cfg, state.model, state.device, micro_size, stored_mode)
+    if mode != state.jvp_mode:
+        state.loss_fn = build_loss(state.cfg.loss.model_copy(update={"jvp": mode}))
+        state.jvp_mode = mode
+    if state.cfg.loss.kind == "meanflow" and distributed.is_main():
+        console.print(f"JVP mode: [bold]{mode}[/] ({reason})")
 
 
 def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
@@ -345,6 +359,7 @@ def train_run(
                 f"run {cfg.run_name!r} is already at step {state.step} of {cfg.train.steps}; "
                 "raise train.steps (--steps) to continue it"
             )
+    choose_jvp_mode(state, payload["jvp_mode"] if resume else None, console)
     plan = fit_batch_in_memory(state, console)
     config_dict = config_to_dict(cfg)
     tracker: Tracker = make_tracker(
@@ -354,7 +369,7 @@ def train_run(
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(config_to_toml(cfg))
         run.write_heartbeat(
-            status="running", step=state.step, loss=None, error=None, device=str(device),
+            status="running", step=state.step, loss=None, error=None, device=str(device), jvp_mode=state.jvp_mode,
             micro_batches=plan.micro_batches, peak_memory_bytes=plan.peak_bytes,
         )
     last_metrics: dict[str, float] = {}
@@ -438,7 +453,7 @@ def finish_run(
     run.write_heartbeat(status="finished", step=state.step, loss=last_metrics.get("loss"))
     if state.cfg.experiment_log:
         # Log the JVP strategy actually used, not "auto".
-        logged_cfg = state.cfg.model_copy(update={"loss": resolved_loss_config(state.cfg, state.device)})
+        logged_cfg = state.cfg.model_copy(update={"loss": state.cfg.loss.model_copy(update={"jvp": state.jvp_mode})})
         append_run_entry(
             Path(state.cfg.experiment_log),
             command=command or " ".join(sys.argv),
