@@ -1,0 +1,210 @@
+"""`loss.jvp = auto`: time the candidate JVP strategies for a few steps and keep the fastest.
+
+The calibration runs on a throwaway copy of the model and a fresh optimiser, on a synthetic
+batch of the run's shape, inside `torch.random.fork_rng`, so the run's weights, optimiser state
+and every RNG stream are exactly as they were.  Candidates: primal, full_batch, selective, plus
+cuda_graph on CUDA and compile when the run asks for torch.compile; nograd (the slow reference)
+never.  A candidate whose peak memory exceeds the limit is not chosen; if none fits, the one
+with the smallest peak is, and the trainer's memory probe then splits the batch.
+
+The choice is cached on disk per (device, model, loss settings, batch size, precision, torch
+version) in `$ZOO_CACHE_DIR/jvp_modes.json` (default ~/.cache/zoo), so later runs start at once.
+Modes are not bitwise interchangeable in train mode with dropout (zoo.losses.jvp), so a resumed
+run must keep its mode: pass the mode stored in the checkpoint as `stored_mode`.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from zoo.bench.jvp_bench import device_name, measure_peak, memory_limit_bytes
+from zoo.bench.steps import meanflow_loss, synthetic_batch, training_step_fn
+from zoo.bench.timing import interleaved_timings
+from zoo.config.schema import LossConfig, OptimConfig, ZooConfigBody
+from zoo.devices import synchronize
+from zoo.losses import resolve_jvp_mode
+from zoo.models.base import FlowModel
+from zoo.runs import atomic_write_json
+from zoo.training.memory import format_bytes
+from zoo.training.optim import build_optimizer
+
+CACHE_FILE = "jvp_modes.json"
+CALIBRATION_REPEATS = 3  # timed interleaved rounds per candidate, after the memory pass and one warm-up
+
+
+def cache_path() -> Path:
+    root = os.environ.get("ZOO_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "zoo") / CACHE_FILE
+
+
+def candidate_modes(device: torch.device, include_compile: bool = False) -> list[str]:
+    modes = ["primal", "full_batch", "selective"]
+    if device.type == "cuda":
+        modes.append("cuda_graph")
+    if include_compile:
+        modes.append("compile")
+    return modes
+
+
+@dataclass(frozen=True)
+class Calibration:
+    mode: str
+    reason: str
+    medians_s: dict[str, float]  # candidates that fit
+    peak_bytes: dict[str, int | None]  # None: ran out of memory (CUDA)
+    created: float
+    torch_version: str
+
+
+def model_fingerprint(model: FlowModel, loss_cfg: LossConfig) -> str:
+    """A hash of what decides the cost: the architecture (module tree with its settings, every
+    parameter's shape and dtype), the data signature and the loss settings other than `jvp`."""
+    described = {
+        "modules": repr(model),
+        "parameters": [(name, list(p.shape), str(p.dtype)) for name, p in model.named_parameters()],
+        "data_shape": list(model.data_shape),
+        "num_classes": model.num_classes,
+        "loss": loss_cfg.model_dump(mode="json", exclude={"jvp"}),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def calibration_key(
+    model: FlowModel, loss_cfg: LossConfig, batch_size: int, device: torch.device, precision: str, candidates: list[str]
+) -> str:
+    return (
+        f"{device_name(device)}|model={model_fingerprint(model, loss_cfg)}|batch={batch_size}|{precision}"
+        f"|torch={torch.__version__}|candidates={','.join(candidates)}"
+    )
+
+
+def read_cache(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        # A cache must never stop training: an unreadable file (written by hand, or by an old
+        # zoo) is treated as empty and replaced on the next write.
+        return {}
+
+
+def write_cache_entry(path: Path, key: str, calibration: Calibration) -> None:
+    entries = read_cache(path)
+    entries[key] = asdict(calibration)
+    atomic_write_json(path, entries)
+
+
+def calibrate(
+    model: FlowModel,
+    loss_cfg: LossConfig,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    optim_cfg: OptimConfig | None = None,
+    include_compile: bool = False,
+    memory_limit_gb: float | None = None,
+    use_cache: bool = True,
+) -> Calibration:
+    """The fastest JVP mode for this model, batch and device, from the cache or a fresh timing."""
+    device = torch.device(device)
+    candidates = candidate_modes(device, include_compile)
+    key = calibration_key(model, loss_cfg, batch_size, device, precision, candidates)
+    path = cache_path()
+    if use_cache:
+        entry = read_cache(path).get(key)
+        if entry is not None:
+            cached = Calibration(**entry)
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(cached.created))
+            return Calibration(**{**entry, "reason": f"{cached.reason} [cached {when} in {path}]"})
+    calibration = time_candidates(
+        model, loss_cfg, batch_size, device, precision, optim_cfg or OptimConfig(), candidates, memory_limit_gb
+    )
+    if use_cache:
+        write_cache_entry(path, key, calibration)
+    return calibration
+
+
+def time_candidates(
+    model: FlowModel,
+    loss_cfg: LossConfig,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    optim_cfg: OptimConfig,
+    candidates: list[str],
+    memory_limit_gb: float | None,
+) -> Calibration:
+    """A memory pass (one step per candidate, also the first warm-up), one warm-up round, then
+    CALIBRATION_REPEATS interleaved timed rounds, on a copy of the model; RNGs restored after."""
+    limit = memory_limit_bytes(device, memory_limit_gb)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        scratch = copy.deepcopy(model).train()
+        optimizer = build_optimizer(scratch, optim_cfg)
+        batch = synthetic_batch(scratch, batch_size, device, loss_cfg)
+        steps = {
+            mode: training_step_fn(scratch, optimizer, meanflow_loss(loss_cfg, mode, loss_cfg.ratio), batch, precision)
+            for mode in candidates
+        }
+        peaks = {mode: measure_peak(step, device, scratch, optimizer) for mode, step in steps.items()}
+        fitting = {mode: step for mode, step in steps.items() if peaks[mode] is not None and peaks[mode] <= limit}
+        timings = {}
+        if fitting:
+            timings = interleaved_timings(fitting, CALIBRATION_REPEATS, warmup=1, sync=lambda: synchronize(device))
+        del scratch, optimizer, batch, steps
+    medians = {mode: timing.median for mode, timing in timings.items()}
+    where = f"{device_name(device)}, batch {batch_size}, {precision}, ratio {loss_cfg.ratio:g}"
+    if medians:
+        mode = min(medians, key=medians.get)
+        measured = ", ".join(f"{m} {s * 1e3:.1f} ms" for m, s in sorted(medians.items(), key=lambda kv: kv[1]))
+        left_out = [m for m in candidates if m not in medians]
+        reason = f"fastest step of {measured} ({where})"
+        if left_out:
+            reason += f"; over the memory limit of {format_bytes(limit)}: {', '.join(left_out)}"
+    else:
+        # Nothing fits at this batch: take the leanest mode; the memory probe will split the batch.
+        known = {m: p for m, p in peaks.items() if p is not None}
+        mode = min(known, key=known.get) if known else "selective"
+        reason = (
+            f"no candidate fits in {format_bytes(limit)} at {where}; chose {mode}, the one using the "
+            "least memory, and the memory probe will split the batch"
+        )
+    return Calibration(
+        mode=mode, reason=reason, medians_s=medians, peak_bytes=peaks, created=time.time(), torch_version=torch.__version__
+    )
+
+
+def choose_jvp_mode(
+    model: FlowModel, loss_cfg: LossConfig, batch_shape: tuple[int, ...], device: torch.device, precision: str
+) -> str:
+    """The calibrated (or cached) fastest JVP mode for batches of `batch_shape` = (B, *data_shape)."""
+    if tuple(batch_shape[1:]) != tuple(model.data_shape):
+        raise ValueError(f"batch shape {tuple(batch_shape)} does not match the model's data shape {model.data_shape}")
+    return calibrate(model, loss_cfg, batch_shape[0], torch.device(device), precision).mode
+
+
+def resolve_for_training(
+    cfg: ZooConfigBody, model: FlowModel, device: torch.device, batch_size: int, stored_mode: str | None = None
+) -> tuple[str, str]:
+    """(concrete JVP mode, why) for a run; `batch_size` is the micro-batch one forward sees.
+
+    A resumed run passes the mode its checkpoint recorded (`stored_mode`) and keeps it, so the
+    run continues with the same strategy (and dropout-mask behaviour) it started with.
+    """
+    if stored_mode is not None:
+        return stored_mode, "kept from the checkpoint (a resumed run keeps its JVP mode)"
+    if cfg.loss.jvp != "auto":
+        return cfg.loss.jvp, "set by loss.jvp"
+    if cfg.loss.kind != "meanflow":
+        return resolve_jvp_mode(cfg.loss, device), "flow matching computes no JVP; the setting is unused"
+    calibration = calibrate(
+        model, cfg.loss, batch_size, torch.device(device), cfg.precision, optim_cfg=cfg.optim,
+        include_compile=cfg.train.compile, memory_limit_gb=cfg.train.memory_limit_gb,
+    )  # fmt: skip
+    return calibration.mode, f"auto: {calibration.reason}"

@@ -1,0 +1,329 @@
+"""`zoo bench-jvp`: what MeanFlow's JVP costs, against a forward pass and a flow-matching step.
+
+Cases, all on one model, one Adam optimiser and one fixed synthetic batch, in one process:
+    forward                no-grad forward of the batch
+    jvp                    no-grad JVP (primal + tangent) of the batch, every sample with r != t
+    fm_step                flow-matching training step (loss + backward + Adam)
+    meanflow/MODE/RATIO    MeanFlow training step with JVP strategy MODE at loss.ratio RATIO
+First a memory pass runs every case once and records its peak memory (it doubles as the first
+warm-up round); then `warmup` more untimed rounds; then `repeats` timed rounds, interleaved
+(zoo.bench.timing).  Medians are reported, with the per-round ratio to the FM step (or, for the
+JVP, to the forward) and its range as the honest noise band, in wall-clock time and in process
+CPU time (the steadier measure on a CPU shared with other jobs).
+
+A case "fits" when its peak is within the memory limit (the device's memory, or
+--memory-limit-gb).  On CUDA a case that runs out of memory is marked so and not timed.
+"""
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoo.bench.steps import (
+    data_signature,
+    flow_matching_loss,
+    forward_fn,
+    jvp_fn,
+    meanflow_loss,
+    synthetic_batch,
+    training_step_fn,
+)
+from zoo.bench.timing import RatioStats, Timing, interleaved_timings, paired_ratio
+from zoo.config.loading import load_config
+from zoo.config.schema import LossConfig
+from zoo.devices import resolve_device, synchronize
+from zoo.losses.jvp import JVP_MODES
+from zoo.models import build_model, count_parameters
+from zoo.models.base import FlowModel
+from zoo.runs import atomic_write_json
+from zoo.training.memory import LiveTensors, format_bytes, parameter_bytes, physical_memory_bytes
+from zoo.training.optim import build_optimizer
+
+FORWARD, JVP, FM_STEP, MEANFLOW_STEP = "forward", "jvp", "fm_step", "meanflow_step"
+DEFAULT_RATIOS = (0.25, 0.5, 0.75, 1.0)
+
+
+class BenchError(ValueError):
+    """Benchmark settings that cannot be run; the message says what to change."""
+
+
+def meanflow_case(mode: str, ratio: float) -> str:
+    return f"meanflow/{mode}/{ratio:g}"
+
+
+def default_modes(device: torch.device) -> tuple[str, ...]:
+    """Every strategy that runs without extra set-up here; `compile` only when asked for
+    (it compiles for tens of seconds and the predecessor measured no gain)."""
+    modes = ("full_batch", "primal", "selective", "nograd")
+    return (*modes, "cuda_graph") if device.type == "cuda" else modes
+
+
+def device_name(device: torch.device) -> str:
+    """What the timings belong to: the GPU's name, or the CPU model with torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"mps ({platform.machine()})"
+    return f"cpu {cpu_model()} x{torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    preset: str = "cifar10"
+    overrides: tuple[str, ...] = ()
+    device: str = "cpu"
+    batch_size: int = 8
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    modes: tuple[str, ...] | None = None  # None: default_modes(device)
+    precision: str = "fp32"  # autocast of every case: fp32 | bf16
+    repeats: int = 5
+    warmup: int = 1  # untimed rounds after the memory pass
+    seed: int = 0
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    memory_limit_gb: float | None = None
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise BenchError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.precision not in ("fp32", "bf16"):
+            raise BenchError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        bad = [r for r in self.ratios if not 0.0 <= r <= 1.0]
+        if bad or not self.ratios:
+            raise BenchError(f"ratios must be a non-empty list of numbers in [0, 1], got {list(self.ratios)}")
+        unknown = [m for m in self.modes or () if m not in JVP_MODES]
+        if unknown:
+            raise BenchError(f"unknown JVP mode(s) {unknown}; choose from {list(JVP_MODES)}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise BenchError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    name: str
+    kind: str  # FORWARD | JVP | FM_STEP | MEANFLOW_STEP
+    run: Callable[[], None]
+    mode: str | None = None
+    ratio: float | None = None
+
+
+@dataclass
+class CaseResult:
+    name: str
+    kind: str
+    mode: str | None
+    ratio: float | None
+    peak_bytes: int | None  # None: ran out of memory (CUDA)
+    fits: bool
+    samples_s: list[float] = field(default_factory=list)  # empty when it did not fit
+    median_s: float | None = None
+    q1_s: float | None = None
+    q3_s: float | None = None
+    cpu_samples_s: list[float] = field(default_factory=list)  # process CPU time (zoo.bench.timing)
+    cpu_median_s: float | None = None
+    reference: str | None = None  # the case `versus` compares with
+    versus: RatioStats | None = None  # wall-clock ratio to the reference
+    versus_cpu: RatioStats | None = None  # CPU-time ratio to the reference
+
+
+@dataclass
+class BenchResult:
+    settings: BenchSettings
+    device: str
+    device_name: str
+    torch_version: str
+    threads: int
+    parameters: int
+    data_shape: list[int]
+    memory_limit_bytes: int
+    cases: list[CaseResult]
+    seconds: float
+
+    def case(self, name: str) -> CaseResult:
+        for case in self.cases:
+            if case.name == name:
+                return case
+        raise KeyError(f"no case {name!r}; cases: {[c.name for c in self.cases]}")
+
+    def fastest(self, ratio: float) -> CaseResult | None:
+        """The fastest MeanFlow step at `ratio` among the modes that fit (None if none fits)."""
+        fitting = [c for c in self.cases if c.kind == MEANFLOW_STEP and c.ratio == ratio and c.fits]
+        return min(fitting, key=lambda c: c.median_s, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["fastest"] = {f"{r:g}": (c.mode if (c := self.fastest(r)) else None) for r in self.settings.ratios}
+        return data
+
+    def write_json(self, path: Path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+
+def build_cases(
+    settings: BenchSettings,
+    model: FlowModel,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    loss_base: LossConfig,
+) -> list[BenchCase]:
+    batch = synthetic_batch(model, settings.batch_size, device, loss_base, seed=settings.seed)
+    modes = settings.modes or default_modes(device)
+    cases = [
+        BenchCase(FORWARD, FORWARD, forward_fn(model, batch, settings.precision)),
+        BenchCase(JVP, JVP, jvp_fn(model, batch, settings.precision, loss_base.jvp_precision)),
+        BenchCase(FM_STEP, FM_STEP, training_step_fn(model, optimizer, flow_matching_loss(loss_base), batch, settings.precision, settings.seed)),
+    ]
+    for ratio in settings.ratios:
+        for mode in modes:
+            loss_fn = meanflow_loss(loss_base, mode, ratio)
+            step = training_step_fn(model, optimizer, loss_fn, batch, settings.precision, settings.seed)
+            cases.append(BenchCase(meanflow_case(mode, ratio), MEANFLOW_STEP, step, mode, ratio))
+    return cases
+
+
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Tensor memory that lives across steps: parameters, gradients present, optimiser state."""
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    state = sum(
+        value.numel() * value.element_size()
+        for per_param in optimizer.state.values()
+        for value in per_param.values()
+        if isinstance(value, torch.Tensor)
+    )
+    return parameter_bytes(model) + grads + state
+
+
+def measure_peak(
+    run: Callable[[], None], device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> int | None:
+    """Peak memory of one call: CUDA's allocator peak (None on out-of-memory), elsewhere the
+    exact peak of live tensor memory (zoo.training.memory.LiveTensors) on top of what is resident."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            run()
+            torch.cuda.synchronize(device)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return None
+        return torch.cuda.max_memory_allocated(device)
+    resident = resident_bytes(model, optimizer)
+    with LiveTensors() as live:
+        run()
+    return resident + live.peak_bytes
+
+
+def memory_limit_bytes(device: torch.device, limit_gb: float | None) -> int:
+    if limit_gb:
+        return int(limit_gb * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return physical_memory_bytes()
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line: None) -> BenchResult:
+    """Build the model from the preset, run every case, and collect medians, ratios and peaks."""
+    settings.validate()
+    started = time.perf_counter()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    if "cuda_graph" in (settings.modes or ()) and device.type != "cuda":
+        raise BenchError(f"JVP mode cuda_graph needs a CUDA device, not {device}; leave it out of --modes")
+    if device.type == "cuda":
+        # What the trainer sets on CUDA (zoo.training.trainer.train_run): time what training runs.
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.benchmark = True
+    cfg = load_config(settings.preset, list(settings.overrides))
+    data_shape, num_classes = data_signature(cfg.data)
+    torch.manual_seed(settings.seed)
+    model = build_model(cfg.model, data_shape, num_classes).to(device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    cases = build_cases(settings, model, optimizer, device, cfg.loss)
+    limit = memory_limit_bytes(device, settings.memory_limit_gb)
+    log(
+        f"{settings.preset}: {count_parameters(model) / 1e6:.1f}M parameters, data {tuple(data_shape)}, "
+        f"batch {settings.batch_size}, {settings.precision}, {device_name(device)}, {len(cases)} cases"
+    )
+
+    peaks: dict[str, int | None] = {}
+    for case in cases:
+        tick = time.perf_counter()
+        peaks[case.name] = measure_peak(case.run, device, model, optimizer)
+        shown = "out of memory" if peaks[case.name] is None else format_bytes(peaks[case.name])
+        log(f"memory pass  {case.name:24s} peak {shown:>12s}  ({time.perf_counter() - tick:.1f} s)")
+    fitting = {c.name: c.run for c in cases if peaks[c.name] is not None and peaks[c.name] <= limit}
+
+    def progress(name: str, round_index: int, seconds: float) -> None:
+        log(f"round {round_index + 1}/{settings.repeats}  {name:24s} {seconds * 1e3:10.1f} ms")
+
+    timings = {}
+    if fitting:
+        timings = interleaved_timings(
+            fitting, settings.repeats, settings.warmup, sync=lambda: synchronize(device), on_sample=progress
+        )
+    results = [case_result(case, peaks[case.name], limit, timings) for case in cases]
+    return BenchResult(
+        settings=settings,
+        device=str(device),
+        device_name=device_name(device),
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        parameters=count_parameters(model),
+        data_shape=list(data_shape),
+        memory_limit_bytes=limit,
+        cases=results,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def case_result(case: BenchCase, peak: int | None, limit: int, timings: dict[str, Timing]) -> CaseResult:
+    result = CaseResult(
+        name=case.name, kind=case.kind, mode=case.mode, ratio=case.ratio, peak_bytes=peak,
+        fits=peak is not None and peak <= limit,
+    )  # fmt: skip
+    if case.name not in timings:
+        return result
+    timing = timings[case.name]
+    result.samples_s = timing.samples
+    result.median_s = timing.median
+    result.q1_s, result.q3_s = timing.quartiles
+    result.cpu_samples_s = timing.cpu_samples
+    result.cpu_median_s = timing.cpu().median
+    reference = {JVP: FORWARD, FM_STEP: None, FORWARD: None}.get(case.kind, FM_STEP)
+    if reference is not None and reference in timings:
+        result.reference = reference
+        result.versus = paired_ratio(timing, timings[reference])
+        result.versus_cpu = paired_ratio(timing.cpu(), timings[reference].cpu())
+    return result
+
+
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """'0.25,0.75' -> (0.25, 0.75)."""
+    try:
+        ratios = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise BenchError(f"--ratios must be comma-separated numbers such as 0.25,0.75, got {text!r}") from None
+    return ratios
+
+
+def parse_modes(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip())
