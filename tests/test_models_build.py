@@ -16,15 +16,6 @@ from zoo.models import (
 from zoo.models.embeddings import MAX_PERIOD, TIME_SCALE, sinusoidal_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP hand-off costs, which explode when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY_MLP = MLPConfig(hidden=32, depth=2, time_embed_dim=16)
 
 

@@ -8,15 +8,6 @@ from zoo.config.schema import DiTConfig, MLPConfig, UNetConfig
 from zoo.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP hand-off costs, which explode when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CASES = [
     ((2,), MLPConfig(hidden=32, depth=2, time_embed_dim=16), 0),
     (

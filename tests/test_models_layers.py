@@ -7,15 +7,6 @@ from torch import Tensor, nn
 from zoo.models.layers import Attention, GroupNorm, LayerNorm, attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP hand-off costs, which explode when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 F64 = dict(dtype=torch.float64)
 
 

@@ -6,15 +6,6 @@ import torch
 from zoo.models.vae import SDVAE, TINY_VAE_CONFIG
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP hand-off costs, which explode when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae() -> SDVAE:
     torch.manual_seed(0)
