@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from zoo.models.layers import Attention, GroupNorm, LayerNorm, attention
+from zoo.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, attention
 
 
 F64 = dict(dtype=torch.float64)
@@ -271,3 +271,45 @@ def test_attention_module_matches_explicit_multi_head_reference():
 def test_attention_rejects_width_not_divisible_by_heads():
     with pytest.raises(ValueError, match="divisible by heads"):
         Attention(dim=10, heads=3)
+
+
+# --- Conv2d: the tangent skips PyTorch's zero weight-tangent convolution -----------------------
+
+
+@pytest.mark.parametrize("stride, padding, bias", [(1, 1, True), (2, 0, False), (1, 0, True)])
+def test_conv2d_values_tangents_and_gradients_match_nn_conv2d(stride, padding, bias):
+    torch.manual_seed(0)
+    ours = Conv2d(3, 5, 3 if padding else 1, stride=stride, padding=padding, bias=bias).double()
+    reference = nn.Conv2d(3, 5, 3 if padding else 1, stride=stride, padding=padding, bias=bias).double()
+    reference.load_state_dict(ours.state_dict())
+    x, dx = torch.randn(2, 3, 9, 9, dtype=torch.float64), torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    y, dy = torch.func.jvp(ours, (x,), (dx,))
+    y_ref, dy_ref = torch.func.jvp(reference, (x,), (dx,))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dy, dy_ref, rtol=1e-12, atol=1e-12)
+    eps = 1e-6  # and against central finite differences
+    torch.testing.assert_close(dy, (ours(x + eps * dx) - ours(x - eps * dx)) / (2 * eps), rtol=1e-6, atol=1e-6)
+    # gradients, including through the primal output of a JVP (MeanFlow's primal-reuse modes)
+    xg = x.clone().requires_grad_()
+    primal, _ = torch.func.jvp(ours, (xg,), (dx,))
+    grads = torch.autograd.grad((primal * y_ref.detach()).sum(), [xg, *ours.parameters()])
+    xr = x.clone().requires_grad_()
+    grads_ref = torch.autograd.grad((reference(xr) * y_ref.detach()).sum(), [xr, *reference.parameters()])
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_backward_under_bf16_autocast_matches_nn_conv2d():
+
+    torch.manual_seed(1)
+    ours = Conv2d(4, 4, 3, padding=1)
+    reference = nn.Conv2d(4, 4, 3, padding=1)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_ref = ours(x), reference(x)
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    out_ref.float().square().sum().backward()
+    assert ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=2e-2, atol=2e-2)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from zoo.config.schema import DiTConfig
 from zoo.models.base import FlowModel
 from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, check_labels
-from zoo.models.layers import Attention, LayerNorm
+from zoo.models.layers import Attention, Conv2d, LayerNorm
 
 TIME_FREQ_DIM = 256  # sinusoid width of DiT's timestep embedder
 
@@ -112,7 +112,7 @@ class DiT(FlowModel):
             raise ValueError(f"image size {height}x{width} is not divisible by patch_size={p}")
         self.patch_size = p
         self.grid = (height // p, width // p)
-        self.patch_embed = nn.Conv2d(channels, cfg.hidden, kernel_size=p, stride=p)
+        self.patch_embed = Conv2d(channels, cfg.hidden, kernel_size=p, stride=p)
         self.register_buffer(
             "pos_embed", sincos_position_embedding(cfg.hidden, *self.grid)[None], persistent=False
         )

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from zoo.config.schema import UNetConfig
 from zoo.models.base import FlowModel
 from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, check_labels
-from zoo.models.layers import Attention, GroupNorm
+from zoo.models.layers import Attention, Conv2d, GroupNorm
 
 Resample = Literal["none", "down", "up"]
 
@@ -62,11 +62,11 @@ class ResBlock(nn.Module):
         super().__init__()
         self.resample = resample
         self.norm0 = GroupNorm(num_groups, in_channels, eps=NORM_EPS)
-        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_channels)
         self.norm1 = GroupNorm(num_groups, out_channels, eps=NORM_EPS)
         self.dropout = nn.Dropout(dropout)
-        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, padding=1)
         # A zero last layer makes every block start as its skip path: the network begins as a
         # well-conditioned near-identity stack whose output is exactly 0 (a sane first
         # prediction for a velocity of zero-mean data), and depth does not blow up the
@@ -74,7 +74,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv1.weight)
         nn.init.zeros_(self.conv1.bias)
         needs_projection = in_channels != out_channels or resample != "none"
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if needs_projection else nn.Identity()
+        self.skip = Conv2d(in_channels, out_channels, 1) if needs_projection else nn.Identity()
         if attention:
             self.norm2 = GroupNorm(num_groups, out_channels, eps=NORM_EPS)
             self.attn = Attention(out_channels, heads)
@@ -127,7 +127,7 @@ class UNet(FlowModel):
             )
         attend = [size in cfg.attention_res for size in sizes]
 
-        self.conv_in = nn.Conv2d(in_channels, cfg.channels, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, cfg.channels, 3, padding=1)
         self.encoder = nn.ModuleList()
         skip_widths = [cfg.channels]
         width = cfg.channels
@@ -165,7 +165,7 @@ class UNet(FlowModel):
                 width = out_width
 
         self.norm_out = GroupNorm(cfg.num_groups, width, eps=NORM_EPS)
-        self.conv_out = nn.Conv2d(width, in_channels, 3, padding=1)
+        self.conv_out = Conv2d(width, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # output exactly 0 at init (see ResBlock)
         nn.init.zeros_(self.conv_out.bias)
 

@@ -7,24 +7,40 @@ ran out of memory silently and "appeared running" for an hour (defect 12).
 
 Measuring peak memory:
 - CUDA: the allocator's real peak (`max_memory_allocated`), and a real OOM counts as "does not fit".
-- CPU / MPS: PyTorch keeps no peak statistic, so the meter adds up what a training step holds at
-  its peak: every tensor autograd saves for the backward pass (counted once per storage through
-  saved-tensor hooks), plus parameters, gradients and Adam's two moments.  Activations saved for
-  backward dominate a training step, so this is a close, slightly low estimate; with
+- CPU / MPS: PyTorch keeps no peak statistic, so `LiveTensorMeter` keeps one itself: a dispatch
+  mode sees every tensor an operator creates during the step, adds its storage's size when it
+  appears and subtracts it when the storage is freed (a finalizer on the storage object, which
+  PyTorch keeps alive exactly as long as the memory), and records the maximum.  That is the
+  exact peak of tensor memory — saved activations, the backward pass's gradient buffers and
+  every temporary (the no-grad JVP's tangents) — plus what lives across steps: parameters and
+  Adam's two moments (gradients are created inside the step and counted there).  Memory that
+  kernels allocate outside tensors (oneDNN scratch space) is not seen.  With
   `train.memory_limit_gb` it makes the whole mechanism testable on a CPU.
+
+  An earlier estimate summed the tensors autograd saves for backward.  It missed the backward
+  pass's own buffers (an MLP step peaks at 3x its saved activations) and counted every
+  nn.Linear weight again, since F.linear saves the view `weight.t()`, which is no Parameter.
 """
 
 import os
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from zoo.runs import RunError
 
 
-class MemoryLimitError(RuntimeError):
-    """The configured batch cannot be trained within the memory limit."""
+class MemoryLimitError(RunError):
+    """The configured batch cannot be trained within the memory limit.
+
+    A RunError, so the CLI reports it as one line and a non-zero exit, before any run folder exists.
+    """
 
 
 @dataclass(frozen=True)
@@ -61,34 +77,48 @@ class CudaMeter(MemoryMeter):
         return Measurement(peak <= self.limit_bytes, peak)
 
 
-class SavedTensorMeter(MemoryMeter):
-    """Estimated peak of a training step: saved activations + parameters, gradients, Adam state."""
+class LiveTensors(TorchDispatchMode):
+    """While active, the bytes of tensor storage created since entry that are still alive, and their peak.
 
-    def __init__(self, model: nn.Module, limit_bytes: int | None) -> None:
-        super().__init__(limit_bytes or physical_memory_bytes())
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.static_bytes = 4 * param_bytes  # weights, gradients, Adam's exp_avg and exp_avg_sq
+    Outputs that share a storage with an input (views, in-place and out= operators) add nothing;
+    zero tensors of forward-mode AD and meta tensors own no memory.
+    """
 
-    def measure(self, step: Callable[[], None]) -> Measurement:
-        seen: set[tuple[int, ...]] = set()
-        saved = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.sizes: dict[int, int] = {}  # data pointer -> bytes, for storages alive now
+        self.finalizers: list[weakref.finalize] = []
 
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            if not isinstance(tensor, nn.Parameter):
-                key, nbytes = storage_key(tensor)
-                if key not in seen:
-                    seen.add(key)
-                    saved += nbytes
-            return tensor
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        # Storages still alive (gradients, outputs) outlive the meter: stop watching them.
+        for finalizer in self.finalizers:
+            finalizer.detach()
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            step()
-        peak = saved + self.static_bytes
-        return Measurement(peak <= self.limit_bytes, peak)
+    def release(self, pointer: int, nbytes: int) -> None:
+        self.live_bytes -= nbytes
+        del self.sizes[pointer]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {storage_pointer(t) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, Tensor) or not owns_memory(tensor):
+                continue
+            storage = plain_tensor(tensor).untyped_storage()
+            pointer, nbytes = storage.data_ptr(), storage.nbytes()
+            if pointer in inputs or pointer in self.sizes or nbytes == 0:
+                continue
+            self.sizes[pointer] = nbytes
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            self.finalizers.append(weakref.finalize(storage, self.release, pointer, nbytes))
+        return out
 
 
-def plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+def plain_tensor(tensor: Tensor) -> Tensor:
     """The real tensor under torch.func's wrappers (inside a JVP, saved tensors are wrapped and
     their own storage cannot be read)."""
     while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
@@ -96,18 +126,35 @@ def plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def storage_key(tensor: torch.Tensor) -> tuple[tuple[int, ...], int]:
-    """An identity for the memory behind a saved tensor, and its size in bytes.
-
-    Views share a storage and are counted once.  Some tensors saved inside torch.func.jvp have
-    a storage Python cannot read (it raises); those are counted at their own size, by identity.
-    """
+def owns_memory(tensor: Tensor) -> bool:
+    """False for tensors without readable storage: forward-AD zero tensors and meta tensors."""
     tensor = plain_tensor(tensor)
-    try:
-        storage = tensor.untyped_storage()
-        return (storage.data_ptr(), storage.nbytes()), storage.nbytes()
-    except RuntimeError:
-        return (id(tensor),), tensor.numel() * tensor.element_size()
+    return not (tensor.is_meta or tensor._is_zerotensor())
+
+
+def storage_pointer(tensor: Tensor) -> int:
+    return plain_tensor(tensor).untyped_storage().data_ptr() if owns_memory(tensor) else 0
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class LiveTensorMeter(MemoryMeter):
+    """Exact peak of tensor memory in a training step, plus parameters and Adam's moments."""
+
+    def __init__(self, model: nn.Module, limit_bytes: int | None) -> None:
+        super().__init__(limit_bytes or physical_memory_bytes())
+        # Weights and Adam's exp_avg and exp_avg_sq live across steps; the probe step creates
+        # the gradients itself (the trainer's zero_grad sets them to None), so they are counted
+        # inside the step.  Buffers are small and left out.
+        self.static_bytes = 3 * parameter_bytes(model)
+
+    def measure(self, step: Callable[[], None]) -> Measurement:
+        with LiveTensors() as live:
+            step()
+        peak = live.peak_bytes + self.static_bytes
+        return Measurement(peak <= self.limit_bytes, peak)
 
 
 def physical_memory_bytes() -> int:
@@ -118,7 +165,15 @@ def make_meter(model: nn.Module, device: torch.device, limit_gb: float | None) -
     limit = int(limit_gb * 2**30) if limit_gb else None
     if device.type == "cuda":
         return CudaMeter(device, limit)
-    return SavedTensorMeter(model, limit)
+    return LiveTensorMeter(model, limit)
+
+
+def format_bytes(nbytes: float) -> str:
+    """1.50 GiB, 12.3 MiB, 640 KiB: readable at the tiny caps tests use as well as on a GPU."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 2**10:.0f} KiB"
 
 
 @dataclass(frozen=True)
@@ -129,10 +184,10 @@ class MicroBatchPlan:
 
     def describe(self, batch_size: int) -> str:
         if self.micro_batches == 1:
-            return f"batch {batch_size} fits (peak ≈ {self.peak_bytes / 2**30:.2f} GiB)"
+            return f"batch {batch_size} fits (peak ≈ {format_bytes(self.peak_bytes)})"
         return (
             f"batch {batch_size} split into {self.micro_batches} micro-batches of {self.micro_batch_size} "
-            f"with gradient accumulation (same effective batch; peak ≈ {self.peak_bytes / 2**30:.2f} GiB)"
+            f"with gradient accumulation (same effective batch; peak ≈ {format_bytes(self.peak_bytes)})"
         )
 
 
@@ -148,7 +203,11 @@ def plan_micro_batches(
     start_micro_batches: int,
     allow_split: bool,
 ) -> MicroBatchPlan:
-    """Fewest micro-batches (>= start) whose size fits; `probe(size)` runs one forward+backward."""
+    """Fewest micro-batches (>= start) whose size fits; `probe(size)` runs one forward+backward.
+
+    With `allow_split` False the configured split (`start_micro_batches`, the run's grad_accum)
+    must fit as it is; otherwise the error names the largest (micro-)batch that does.
+    """
     cache: dict[int, Measurement] = {}
 
     def measure(size: int) -> Measurement:
@@ -160,25 +219,32 @@ def plan_micro_batches(
     first = batch_size // counts[0]
     if measure(first).fits:
         return MicroBatchPlan(counts[0], first, measure(first).peak_bytes)
+    limit = format_bytes(meter.limit_bytes)
     if not allow_split:
         largest = largest_fitting_size(measure, first)
-        limit = meter.limit_bytes / 2**30
-        hint = (
-            f"the largest batch that fits is {largest}: set train.batch_size={largest}, or "
-            "train.auto_microbatch=true to keep the batch and accumulate gradients"
-            if largest
-            else "not even a batch of 1 fits: use a smaller model or more memory"
-        )
+        if largest == 0:
+            hint = "not even a batch of 1 fits: use a smaller model or more memory"
+        elif counts[0] == 1:
+            hint = (
+                f"the largest batch that fits is {largest}: set train.batch_size={largest}, or "
+                "train.auto_microbatch=true to keep the batch and accumulate gradients"
+            )
+        else:
+            hint = (
+                f"the largest batch that fits is {largest} per micro-batch: set "
+                f"train.batch_size={largest * counts[0]} (with grad_accum={counts[0]}), or "
+                "train.auto_microbatch=true to keep the batch and accumulate gradients"
+            )
         raise MemoryLimitError(
-            f"a training step on batch {first} needs ≈ {measure(first).peak_bytes / 2**30:.2f} GiB, "
-            f"over the limit of {limit:.2f} GiB; {hint}"
+            f"a training step on batch {first} needs ≈ {format_bytes(measure(first).peak_bytes)}, "
+            f"over the memory limit of {limit}; {hint}"
         )
     for m in counts[1:]:
         if measure(batch_size // m).fits:
             return MicroBatchPlan(m, batch_size // m, measure(batch_size // m).peak_bytes)
     raise MemoryLimitError(
-        f"not even a micro-batch of 1 fits in {meter.limit_bytes / 2**30:.2f} GiB "
-        f"(needs ≈ {measure(1).peak_bytes / 2**30:.2f} GiB): use a smaller model or more memory"
+        f"not even a micro-batch of 1 fits in {limit} "
+        f"(needs ≈ {format_bytes(measure(1).peak_bytes)}): use a smaller model or more memory"
     )
 
 

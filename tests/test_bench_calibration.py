@@ -1,0 +1,128 @@
+"""`loss.jvp = auto`: the calibration picks a valid mode, leaves the run untouched, is cached
+per device / model / batch size / precision, respects the memory limit and a resumed run's mode."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from zoo.bench.calibration import (
+    cache_path,
+    calibrate,
+    calibration_key,
+    candidate_modes,
+    choose_jvp_mode,
+    resolve_for_training,
+)
+from zoo.config.loading import load_config
+from zoo.config.schema import LossConfig
+from zoo.models.base import FlowModel
+
+CPU = torch.device("cpu")
+
+
+class CountingMLP(FlowModel):
+    """A small MLP that counts forward calls in a class attribute, shared by its deep copies."""
+
+    calls = 0
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__((2,), 0)
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.SiLU(), nn.Dropout(0.1), nn.Linear(hidden, 2))
+
+    def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
+        CountingMLP.calls += 1
+        return self.net(torch.cat([z, t[:, None], (t - r)[:, None]], dim=1))
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_calibration_picks_a_candidate_and_leaves_model_and_rng_untouched() -> None:
+    torch.manual_seed(0)
+    model = CountingMLP()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    mode = choose_jvp_mode(model, LossConfig(ratio=0.5), (16, 2), CPU, "fp32")
+    assert mode in candidate_modes(CPU) and mode not in ("nograd", "cuda_graph", "compile")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+
+def test_second_call_reads_the_cache_without_timing_anything(cache_dir) -> None:
+    model = CountingMLP()
+    first = calibrate(model, LossConfig(), 16, CPU, "fp32")
+    calls_after_first = CountingMLP.calls
+    assert calls_after_first > 0
+    second = calibrate(model, LossConfig(), 16, CPU, "fp32")
+    assert CountingMLP.calls == calls_after_first  # no step ran
+    assert second.mode == first.mode and second.medians_s == first.medians_s
+    assert "cached" in second.reason
+    stored = json.loads((cache_dir / "jvp_modes.json").read_text())
+    assert cache_path() == cache_dir / "jvp_modes.json" and len(stored) == 1
+    (entry,) = stored.values()
+    assert entry["mode"] == first.mode and set(entry["medians_s"]) == set(candidate_modes(CPU))
+    assert all(math.isfinite(s) and s > 0 for s in entry["medians_s"].values())
+
+
+def test_cache_keys_differ_by_batch_size_precision_model_and_ratio() -> None:
+    model = CountingMLP()
+    key = calibration_key(model, LossConfig(), 16, CPU, "fp32", candidate_modes(CPU))
+    others = [
+        calibration_key(model, LossConfig(), 32, CPU, "fp32", candidate_modes(CPU)),
+        calibration_key(model, LossConfig(), 16, CPU, "bf16", candidate_modes(CPU)),
+        calibration_key(CountingMLP(hidden=64), LossConfig(), 16, CPU, "fp32", candidate_modes(CPU)),
+        calibration_key(model, LossConfig(ratio=0.25), 16, CPU, "fp32", candidate_modes(CPU)),
+        calibration_key(model, LossConfig(), 16, CPU, "fp32", candidate_modes(CPU, include_compile=True)),
+    ]
+    assert len({key, *others}) == 6
+    # Weights do not matter, only the architecture; the configured jvp is what is being chosen.
+    assert calibration_key(CountingMLP(), LossConfig(jvp="primal"), 16, CPU, "fp32", candidate_modes(CPU)) == key
+    # A new batch size is a new calibration.
+    calibrate(model, LossConfig(), 16, CPU, "fp32")
+    before = CountingMLP.calls
+    calibrate(model, LossConfig(), 8, CPU, "fp32")
+    assert CountingMLP.calls > before
+
+
+def test_candidates_that_do_not_fit_are_never_chosen() -> None:
+    model = CountingMLP(hidden=256)
+    free = calibrate(model, LossConfig(ratio=1.0), 256, CPU, "fp32", use_cache=False)
+    peaks = free.peak_bytes
+    leanest = min(peaks, key=peaks.get)
+    greedy = max(peaks, key=peaks.get)
+    assert peaks[greedy] > peaks[leanest]
+    limit_gb = (peaks[leanest] + peaks[greedy]) / 2 / 2**30
+    capped = calibrate(model, LossConfig(ratio=1.0), 256, CPU, "fp32", memory_limit_gb=limit_gb, use_cache=False)
+    assert capped.peak_bytes[capped.mode] <= limit_gb * 2**30
+    assert greedy not in capped.medians_s and "over the memory limit" in capped.reason
+    nothing = calibrate(model, LossConfig(ratio=1.0), 256, CPU, "fp32", memory_limit_gb=1e-6, use_cache=False)
+    assert nothing.mode == leanest and "no candidate fits" in nothing.reason and nothing.medians_s == {}
+
+
+def test_resolve_for_training_keeps_stored_and_explicit_modes_and_calibrates_auto() -> None:
+    model = CountingMLP()
+    cfg = load_config("moons", ["train.batch_size=16"])
+    assert cfg.loss.jvp == "auto"
+    before = CountingMLP.calls
+    assert resolve_for_training(cfg, model, CPU, 16, stored_mode="selective")[0] == "selective"
+    explicit = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"jvp": "nograd"})})
+    assert resolve_for_training(explicit, model, CPU, 16) == ("nograd", "set by loss.jvp")
+    fm = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"kind": "flow_matching"})})
+    assert "no JVP" in resolve_for_training(fm, model, CPU, 16)[1]
+    assert CountingMLP.calls == before  # none of these timed anything
+    mode, reason = resolve_for_training(cfg, model, CPU, 16)
+    assert mode in candidate_modes(CPU) and reason.startswith("auto: fastest step of")
+    assert CountingMLP.calls > before
+
+
+def test_choose_jvp_mode_checks_the_batch_shape() -> None:
+    with pytest.raises(ValueError, match="does not match the model's data shape"):
+        choose_jvp_mode(CountingMLP(), LossConfig(), (16, 3), CPU, "fp32")
