@@ -52,7 +52,7 @@ def append_run_entry(
     cfg: ZooConfigBody,
     run: RunDir,
     report: EvalReport,
-    final_loss: float | None,
+    final_metrics: dict[str, float],
 ) -> None:
     entry = "\n".join(
         [
@@ -61,7 +61,7 @@ def append_run_entry(
             f"- command: `{command}`",
             f"- config: {config_summary(cfg)}",
             f"- run folder: `{run.root}`",
-            f"- final train loss: {final_loss:.5f}" if final_loss is not None else "- final train loss: n/a",
+            "- final train metrics: " + (", ".join(f"{k} {v:.5g}" for k, v in sorted(final_metrics.items())) or "n/a"),
             "",
             report_table(report),
             "",
