@@ -38,6 +38,7 @@ def flag_overrides(**flags: Any) -> dict[str, Any]:
         "seed": ("seed",),
         "precision": ("precision",),
         "data_dir": ("data", "root"),
+        "threads": ("threads",),
     }
     nested: dict[str, Any] = {}
     for name, value in flags.items():
@@ -85,6 +86,7 @@ def train(
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast)")] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="dataset folder (data.root)")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (0 = torch default; 1 on a shared machine)")] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (torchrun)")] = 1,
 ) -> None:
     """Train a flow-matching or MeanFlow model; writes outputs/<run_name>/."""
@@ -93,7 +95,7 @@ def train(
             parse_overrides(overrides or []),
             flag_overrides(
                 ratio=ratio, steps=steps, batch_size=batch_size, device=device, run_name=run_name,
-                seed=seed, precision=precision, data_dir=data_dir,
+                seed=seed, precision=precision, data_dir=data_dir, threads=threads,
             ),
         )
         if resume:
@@ -118,7 +120,8 @@ def train(
         command = command_line(
             preset, overrides or [],
             {"--ratio": ratio, "--steps": steps, "--batch-size": batch_size, "--device": device,
-             "--run-name": cfg.run_name, "--seed": seed, "--precision": precision, "--data-dir": data_dir},
+             "--run-name": cfg.run_name, "--seed": seed, "--precision": precision, "--data-dir": data_dir,
+             "--threads": threads},
             resume,
         )
         run = train_run(cfg, resume=resume, command=command)

@@ -178,6 +178,11 @@ class ZooConfigBody(Section):
     seed: int = Field(0, ge=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    threads: int = Field(
+        0, ge=0, le=1024,
+        description="CPU threads for torch (0 = torch's default). On a shared machine use 1: OpenMP threads "
+        "spin-waiting for a busy core can slow a step down many times",
+    )
     output_dir: str = "outputs"
     experiment_log: str = Field(
         "EXPERIMENT_LOG.md", description="file each finished run appends an entry to; empty = none"

@@ -42,7 +42,7 @@ from zoo.training.visuals import save_samples
 # evaluates. Anything else (model, loss, data, optimiser, seed) must match the checkpoint.
 RESUMABLE_CHANGES = {
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.archive_every",
-    "device", "output_dir", "tracking", "eval", "experiment_log",
+    "device", "output_dir", "tracking", "eval", "experiment_log", "threads",
 }
 # The device may change only within a type: RNG states of CPU, CUDA and MPS generators differ.
 
@@ -331,6 +331,8 @@ def train_run(
     if cfg.run_name is None:
         raise RunError("a run needs a name: set run_name (zoo train picks one when --run-name is not given)")
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
         # TF32 through the new precision API only: the JVP's fp32 island saves and restores these
         # settings, and mixing them with the legacy allow_tf32 flags makes torch raise.
