@@ -40,7 +40,8 @@ def outputs(tmp_path) -> Path:
 
 
 def files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*.pt*")}
+    """Checkpoint files (their .sha256 companions go and stay with them, counted in the totals)."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*.pt*") if not p.name.endswith(".sha256")}
 
 
 @pytest.mark.parametrize("pattern", ["*", "**", "?*", "*?"])
@@ -63,7 +64,7 @@ def test_dry_run_lists_and_frees_nothing(outputs):
     assert result.exit_code == 0, result.output
     text = flat(result.output)
     assert "step_0000100.pt" in text and "step_0000200.pt" in text and "step_0000300.pt" not in text
-    assert "2 file(s)" in text and "dry run: nothing deleted" in text
+    assert "4 file(s)" in text and "dry run: nothing deleted" in text  # 2 checkpoints + their sha256
     assert files(outputs) == before
 
 
@@ -77,7 +78,7 @@ def test_yes_deletes_old_archives_and_keeps_every_last_pt(outputs):
         "moons-x/step_0000010.pt",
         "moons-x/step_0000020.pt",
     }
-    assert "deleted 4 file(s)" in flat(result.output)
+    assert "deleted 8 file(s)" in flat(result.output)  # 4 checkpoints + their sha256
     assert load_checkpoint(outputs / "cifar-a" / "last.pt")["step"] == 300
 
 
@@ -88,7 +89,7 @@ def test_clean_refuses_everything_patterns_without_all(outputs):
         assert result.exit_code == 2 and "--all" in flat(result.output)
     assert files(outputs) == before
     result = runner.invoke(cli(), ["clean", "--all", "--keep-last", "1", "--outputs", str(outputs), "--yes"])
-    assert result.exit_code == 0 and "deleted 3 file(s)" in flat(result.output)
+    assert result.exit_code == 0 and "deleted 6 file(s)" in flat(result.output)  # 3 checkpoints + sha256
 
 
 def test_runs_being_written_and_interrupted_writes(outputs):
@@ -117,7 +118,7 @@ def test_clean_races_a_writer(tmp_path):
     write_run(root, "race", archived=[10, 20, 30], last_step=30)
     store = LocalDirStore(root)
     plan = plan_clean(store, "", "race", keep_last=0)
-    assert len(plan.deletions) == 3
+    assert len(plan.deletions) == 6  # 3 checkpoints and their sha256 files
 
     run = RunDir(root / "race")
     stop = threading.Event()
@@ -163,7 +164,7 @@ def test_files_changed_since_the_listing_are_kept(tmp_path):
     past = time.time() - 3600
     os.utime(run.archive(10), (past + 5, past + 5))  # changed, yet not recent enough to mark the run live
     result = execute_clean(store, plan, "")
-    assert [Path(d.path).name for d in result.deleted] == ["step_0000020.pt"]
+    assert [Path(d.path).name for d in result.deleted] == ["step_0000020.pt", "step_0000020.pt.sha256"]
     assert "changed since it was listed" in result.skipped[0][1] and run.archive(10).exists()
 
 

@@ -122,9 +122,12 @@ def test_fixtures_write_what_zoo_train_writes(tmp_path):
         "config.toml",
         "heartbeat.json",
         "last.pt",
+        "last.pt.sha256",
         "metrics.jsonl",
         "samples",
         "step_0000010.pt",
+        "step_0000010.pt.sha256",
         "step_0000020.pt",
+        "step_0000020.pt.sha256",
     ]
     assert torch.load(run.last, weights_only=True)["step"] == 20

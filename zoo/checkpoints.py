@@ -8,6 +8,7 @@ temporary file in the same folder and are renamed into place: a crash never leav
 checkpoint under the real name.
 """
 
+import hashlib
 import io
 import platform
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import zoo
-from zoo.runs import atomic_write_bytes
+from zoo.runs import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT_FORMAT = "zoo-checkpoint/1"
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -66,7 +67,15 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     payload = {"format": CHECKPOINT_FORMAT, "versions": versions(), **payload}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    # The hash goes first: a reader that sees the new checkpoint also sees its hash
+    # (`zoo ckpts download` verifies against it).
+    atomic_write_text(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+    atomic_write_bytes(path, data)
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -20,6 +20,7 @@ from zoo.config.loading import (
     parse_overrides,
 )
 from zoo.config.schema import ZooConfigBody
+from zoo.devices import resolve_device
 from zoo.runs import RunDir, check_run, default_run_name
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import eval_table, print_config
@@ -113,6 +114,13 @@ def train(
             raise typer.Exit(launch_torchrun(nproc, cfg, resume))
         from zoo.training import distributed
 
+        under_torchrun = distributed.env_world_size() > 1
+        if under_torchrun:
+            # `torchrun -m zoo_cli.main train ...`: every process must name the same run folder.
+            if "run_name" not in given:
+                raise fail("under torchrun give --run-name: every process must write the same run")
+            distributed.init(device_type=resolve_device(cfg.device).type)
+
         if distributed.is_main():
             print_config(console, cfg, title=f"run {cfg.run_name}")
         from zoo.training.trainer import train_run
@@ -124,7 +132,11 @@ def train(
              "--threads": threads},
             resume,
         )
-        run = train_run(cfg, resume=resume, command=command)
+        try:
+            run = train_run(cfg, resume=resume, command=command)
+        finally:
+            if under_torchrun:
+                distributed.shutdown()
     if distributed.is_main():
         report_run(run)
 

@@ -141,12 +141,18 @@ def plan_clean(
             key=lambda f: checkpoint_step_from_name(f.name),
         )
         doomed = archived[: max(0, len(archived) - keep_last)]
+        by_name = {f.name: f for f in top_level}
         for entry in doomed:
             plan.deletions.append(
                 Deletion(
                     run, entry.path, entry.size, entry.mtime, f"archived checkpoint beyond --keep-last {keep_last}"
                 )
             )
+            checksum = by_name.get(f"{entry.name}.sha256")  # goes with its checkpoint
+            if checksum is not None:
+                plan.deletions.append(
+                    Deletion(run, checksum.path, checksum.size, checksum.mtime, "checksum of a deleted checkpoint")
+                )
         for entry in top_level:
             if is_transient_file(entry.name) and CHECKPOINT_SUFFIX in entry.name:
                 plan.deletions.append(

@@ -131,6 +131,8 @@ def plan_sync(remote: RunStore, outputs_dir: Path, patterns: list[str] | None = 
             if any(is_transient_file(part) for part in relative):
                 continue
             runs.add(run)
+            if len(relative) == 1 and relative[0].endswith(CHECKPOINT_SUFFIX + ".sha256"):
+                continue  # a checkpoint's hash stays with the checkpoint (read by zoo ckpts download)
             if local_subdir is None and len(relative) == 1 and relative[0].endswith(CHECKPOINT_SUFFIX):
                 manifests.setdefault(run, []).append({"name": relative[0], "size": entry.size, "mtime": entry.mtime})
                 continue

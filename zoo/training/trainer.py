@@ -90,7 +90,10 @@ def rank_batch_size(cfg: ZooConfigBody) -> int:
 
 def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.seed)
-    source = build_data(cfg.data, device, cfg.seed, rank_batch_size(cfg) // cfg.train.grad_accum)
+    # Each data-parallel rank shuffles with its own seed, so ranks read different examples (the
+    # file-backed sources take their order from this seed alone).  Single-process runs: cfg.seed.
+    data_seed = cfg.seed + 1009 * distributed.rank()
+    source = build_data(cfg.data, device, data_seed, rank_batch_size(cfg) // cfg.train.grad_accum)
     num_classes = source.num_classes if cfg.data.class_conditional else 0
     model = build_model(cfg.model, source.data_shape, num_classes).to(device)
     distributed.broadcast_parameters(model)
@@ -156,7 +159,10 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
     state.ema.model.load_state_dict(payload["ema"])
     state.ema.updates = int(payload["ema_updates"])
     state.optimizer.load_state_dict(payload["optimizer"])
-    state.source.load_state_dict(payload["data_state"])
+    if distributed.rank() == 0:
+        # Only rank 0's data position is saved; other ranks start a fresh epoch of their own
+        # order (reseeded below) rather than reading rank 0's permutation in lockstep.
+        state.source.load_state_dict(payload["data_state"])
     state.step = int(payload["step"])
     state.micro_batches = int(payload["micro_batches"])
     if state.scaler is not None:
@@ -356,7 +362,8 @@ def train_run(
         restore(state, payload)
         if main:
             drop_metrics_after(run, state.step)
-        if state.step >= cfg.train.steps:
+        finished = (run.read_heartbeat() or {}).get("status") == "finished"
+        if state.step >= cfg.train.steps and finished:
             raise RunError(
                 f"run {cfg.run_name!r} is already at step {state.step} of {cfg.train.steps}; "
                 "raise train.steps (--steps) to continue it"
