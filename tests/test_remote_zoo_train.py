@@ -141,9 +141,12 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_a_preempted_remote_run_resumes_itself_and_its_step_counter(tmp_path):
+    # Enough steps that the kill lands mid-run even on a quiet, fast machine (40 steps could all
+    # finish before the first checkpoint was noticed).
+    STEPS = 400
     volume = tmp_path / "volume"
     run = "moons-preempted"
-    cfg = load_config("moons", [*TINY, f"run_name={run}", f"output_dir={volume / 'outputs'}", "train.steps=40"])
+    cfg = load_config("moons", [*TINY, f"run_name={run}", f"output_dir={volume / 'outputs'}", f"train.steps={STEPS}"])
     (volume / "remote" / run).mkdir(parents=True)
     (volume / "remote" / run / "submission.json").write_text(json.dumps({"submission_id": "sub-1", "retries": 3}))
     config_file = tmp_path / "config.json"
@@ -166,7 +169,7 @@ def test_a_preempted_remote_run_resumes_itself_and_its_step_counter(tmp_path):
         os.killpg(first.pid, signal.SIGKILL)  # preemption: no code of the container runs after this
         first.wait()
     killed_at = load_checkpoint(paths.run_dir.last)["step"]
-    assert 10 <= killed_at < 40
+    assert 10 <= killed_at < STEPS
     assert json.loads(paths.run_dir.heartbeat.read_text())["status"] == "running"  # it never got to say more
 
     # Attempt 2: Modal retries the same input in a new container.
@@ -176,7 +179,7 @@ def test_a_preempted_remote_run_resumes_itself_and_its_step_counter(tmp_path):
     starts = [a for a in read_attempts(paths) if a["event"] == "start"]
     assert [(a["attempt"], a["resume"], a["from_step"]) for a in starts] == [(1, False, None), (2, True, killed_at)]
     beat = json.loads(paths.run_dir.heartbeat.read_text())
-    assert beat["status"] == "finished" and beat["step"] == 40
+    assert beat["status"] == "finished" and beat["step"] == STEPS
 
     # The step counter went on from the checkpoint: no record of attempt 2 restarts below it.
     # (Steps attempt 1 logged after its checkpoint are logged again by attempt 2: one step back at most.)
@@ -184,12 +187,12 @@ def test_a_preempted_remote_run_resumes_itself_and_its_step_counter(tmp_path):
     steps = [r["step"] for r in records if "train/loss" in r]
     restarts = [steps[i] for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
     assert len(restarts) <= 1 and all(step > killed_at for step in restarts)
-    assert steps[-1] == 40
+    assert steps[-1] == STEPS
 
     # One trackio run across both attempts: the retry restored the Volume's copy and resumed that
     # run (rows logged after the last copy are lost with the container, as on Modal).
     with sqlite3.connect(paths.trackio / "zoo.db") as conn:
         run_ids = {r for (r,) in conn.execute("SELECT run_id FROM metrics UNION SELECT run_id FROM configs")}
         logged_steps = [s for (s,) in conn.execute("SELECT DISTINCT step FROM metrics ORDER BY step")]
-    assert len(run_ids) == 1 and run_ids == {first_run_id} and logged_steps[-1] == 40
+    assert len(run_ids) == 1 and run_ids == {first_run_id} and logged_steps[-1] == STEPS
     assert "attempt 2" in (paths.registry / "train.log").read_text()
