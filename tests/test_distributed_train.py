@@ -12,25 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tiny_runs import TINY_RUN
+
 from zoo.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.hidden=64",
-    "model.depth=2",
-    "train.batch_size=64",
-    "train.log_every=5",
-    "train.save_every=10",
-    "eval.n_samples=200",
-    "eval.batch_size=200",
-    "eval.meanflow_steps=[1]",
-    'eval.solvers=["euler"]',
-    "eval.solver_nfe=[2]",
-    "loss.jvp=nograd",
-    "experiment_log=",
-    "--device",
-    "cpu",
-]
+TINY = TINY_RUN
 
 
 @pytest.mark.slow

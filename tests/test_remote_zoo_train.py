@@ -22,27 +22,15 @@ import typer
 from test_remote_fixtures import REPO, trackio_metric
 from typer.testing import CliRunner
 
+from tiny_runs import TINY_RUN
+
 from zoo.checkpoints import load_checkpoint
 from zoo.config.loading import config_to_dict, load_config
 from zoo.remote.worker import RunPaths, read_attempts, supervise
 from zoo_cli.main import app as zoo_app
 
 runner = CliRunner()
-TINY = [
-    "model.hidden=64",
-    "model.depth=2",
-    "train.batch_size=64",
-    "train.log_every=5",
-    "train.save_every=10",
-    "eval.n_samples=200",
-    "eval.batch_size=200",
-    "eval.meanflow_steps=[1]",
-    'eval.solvers=["euler"]',
-    "eval.solver_nfe=[2]",
-    "loss.jvp=nograd",
-    "experiment_log=",
-    "device=cpu",
-]
+TINY = TINY_RUN
 
 
 def cli() -> typer.Typer:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from zoo.config.schema import DiTConfig
 from zoo.models.base import FlowModel
-from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, check_labels
+from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
 from zoo.models.layers import Attention, Conv2d, LayerNorm
 
 TIME_FREQ_DIM = 256  # sinusoid width of DiT's timestep embedder
@@ -153,10 +153,7 @@ class DiT(FlowModel):
         return x.reshape(b, c, gh * p, gw * p)
 
     def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
-        check_labels(self.num_classes, y)
-        c = self.time_embed(t, r)
-        if self.label_embed is not None:
-            c = c + self.label_embed(y, z.shape[0])
+        c = embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes)
         x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
         for block in self.blocks:
             x = block(x, c)

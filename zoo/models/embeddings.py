@@ -89,3 +89,20 @@ def check_labels(num_classes: int, y: Tensor | None) -> None:
             "this model is unconditional (num_classes=0) but labels were passed; build it with "
             "num_classes > 0 (data.class_conditional=true) or call it with y=None"
         )
+
+
+def embed_conditions(
+    time_embed: TimeIntervalEmbedding,
+    label_embed: LabelEmbedding | None,
+    t: Tensor,
+    r: Tensor,
+    y: Tensor | None,
+    num_classes: int,
+) -> Tensor:
+    """The conditioning vector of every zoo network: emb(t) + emb'(t - r), plus the label's
+    embedding for a class-conditional model (checked against `num_classes`)."""
+    check_labels(num_classes, y)
+    emb = time_embed(t, r)
+    if label_embed is not None:
+        emb = emb + label_embed(y, t.shape[0])
+    return emb

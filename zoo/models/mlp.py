@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from zoo.config.schema import MLPConfig
 from zoo.models.base import FlowModel
-from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, check_labels
+from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
 
 
 class ResidualBlock(nn.Module):
@@ -42,11 +42,7 @@ class MLP(FlowModel):
         self.output = nn.Linear(cfg.hidden, dim)
 
     def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
-        check_labels(self.num_classes, y)
-        emb = self.time_embed(t, r)
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y, z.shape[0])
-        emb = F.silu(emb)
+        emb = F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
         x = self.input(z)
         for block in self.blocks:
             x = block(x, emb)

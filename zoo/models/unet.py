@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from zoo.config.schema import UNetConfig
 from zoo.models.base import FlowModel
-from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, check_labels
+from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
 from zoo.models.layers import Attention, Conv2d, GroupNorm
 
 Resample = Literal["none", "down", "up"]
@@ -170,11 +170,7 @@ class UNet(FlowModel):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
-        check_labels(self.num_classes, y)
-        emb = self.time_embed(t, r)
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y, z.shape[0])
-        emb = F.silu(emb)
+        emb = F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
 
         x = self.conv_in(z)
         skips = [x]
