@@ -75,6 +75,22 @@ def test_a_stale_heartbeat_with_a_failed_call_is_a_failure_not_a_stall():
     assert stopped.state == "stopped"
 
 
+def test_a_stop_is_superseded_by_a_later_submission():
+    # Stopped at NOW-1000, resumed (submitted again) at NOW-900; the resumed attempt beats.
+    resumed = run_status(beat("running", 30), NOW, 900, submitted_at=NOW - 900, stopped_at=NOW - 1000)
+    assert resumed.state == "running"
+    waiting = run_status(None, NOW, 900, submitted_at=NOW - 60, stopped_at=NOW - 1000)
+    assert waiting.state == "pending"
+    # Stopped after the latest submission: stopped, even while its heartbeat still looks fresh.
+    assert run_status(beat("running", 30), NOW, 900, submitted_at=NOW - 900, stopped_at=NOW - 60).state == "stopped"
+    # The cancelled container's supervisor records the interruption as a failure: that is the stop.
+    after = beat("failed", 20, error="InputCancellation: cancelled", retrying=True, attempt=1)
+    assert run_status(after, NOW, 900, submitted_at=NOW - 900, stopped_at=NOW - 60).state == "stopped"
+    # A failure before the stop keeps its cause.
+    before = beat("failed", 100, error="OutOfMemoryError: CUDA out of memory")
+    assert run_status(before, NOW, 900, submitted_at=NOW - 900, stopped_at=NOW - 60).state == "failed"
+
+
 def submit_record(volume, run, submitted_ago, gpu="A100-80GB"):
     folder = volume / "remote" / run
     folder.mkdir(parents=True, exist_ok=True)

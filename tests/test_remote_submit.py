@@ -41,7 +41,16 @@ def fake_modal(tmp_path, monkeypatch):
     monkeypatch.setattr(modal_cli, "modal_ready_or_exit", lambda: None)
     monkeypatch.setattr(modal_app, "ModalVolumeStore", lambda name: LocalDirStore(volume, label="remote"))
     monkeypatch.setattr(modal_app, "spawn", spawn)
+    monkeypatch.setattr(modal_app, "cancel", cancelled.append)
     return volume, spawned
+
+
+cancelled: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def no_cancels_yet():
+    cancelled.clear()
 
 
 def submission(volume, run):
@@ -85,6 +94,7 @@ def test_a_name_in_use_is_refused_unless_resuming(fake_modal):
     assert spawned[-1]["resume"] is True and spawned[-1]["config"]["train"]["steps"] == 500
     assert spawned[-1]["config"]["output_dir"] == "/vol/outputs"  # the stored remote config, extended
     assert submission(volume, "m2")["call_id"] == "fc-2"
+    assert cancelled == []  # the previous call had finished: nothing to cancel
 
 
 def test_a_failed_spawn_leaves_the_name_free(fake_modal):
@@ -110,3 +120,47 @@ def test_bad_submissions_fail_before_anything_is_sent(fake_modal, args, message)
     result = runner.invoke(zoo_app, ["modal", "submit", *args])
     assert result.exit_code == 2 and message in " ".join(result.output.split())
     assert spawned == [] and not (volume / "remote").exists()
+
+
+def remote_states(volume) -> dict[str, str]:
+    result = runner.invoke(zoo_app, ["modal", "status", "--volume-dir", str(volume), "--json"])
+    assert result.exit_code == 0, result.output
+    return {r["run"]: r["state"] for r in json.loads(result.output)}
+
+
+def test_a_stopped_run_resumed_is_no_longer_stopped(fake_modal):
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m3"]).exit_code == 0
+    write_run(volume / "outputs", "m3", archived=[], last_step=100, status="running", updated_ago=10, age=10)
+    stopped = runner.invoke(zoo_app, ["modal", "stop", "m3"])
+    assert stopped.exit_code == 0, stopped.output
+    assert cancelled == ["fc-1"] and remote_states(volume) == {"m3": "stopped"}
+
+    # The killed container never wrote "ended": its heartbeat still looks fresh, yet the run is stopped.
+    resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert spawned[-1]["resume"] is True and cancelled == ["fc-1"]  # a stopped call is not cancelled twice
+    assert (volume / "remote" / "m3" / "stopped.json").exists()  # one writer: the stop's record stays
+    # The resumed attempt is running: its heartbeat is fresh and the stop predates the resume.
+    write_run(volume / "outputs", "m3", archived=[], last_step=120, status="running", updated_ago=5, age=5)
+    assert remote_states(volume) == {"m3": "running"}
+    # ...and stopping it again stops it again.
+    assert runner.invoke(zoo_app, ["modal", "stop", "m3"]).exit_code == 0
+    assert cancelled == ["fc-1", "fc-2"] and remote_states(volume) == {"m3": "stopped"}
+
+
+@pytest.mark.parametrize(
+    "heartbeat, cancels",
+    [
+        ({"status": "running", "updated_ago": 3600}, True),  # stalled: its container may hang on
+        ({"status": "failed", "updated_ago": 60, "error": "RuntimeError: NCCL"}, False),  # ended for good
+        ({"status": "finished", "updated_ago": 60}, False),
+    ],
+)
+def test_resuming_a_run_whose_call_may_still_run_cancels_that_call_first(fake_modal, heartbeat, cancels):
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m4"]).exit_code == 0
+    write_run(volume / "outputs", "m4", archived=[], last_step=100, **heartbeat)
+    resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m4"])
+    assert resumed.exit_code == 0, resumed.output
+    assert cancelled == (["fc-1"] if cancels else []) and len(spawned) == 2

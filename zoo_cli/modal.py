@@ -25,12 +25,13 @@ from zoo.remote.store import RunStore
 from zoo.remote.submission import (
     SubmitError,
     check_name_free,
+    check_resumable,
     check_retries,
     check_timeout,
     parse_gpu,
     read_submission,
     remote_config,
-    resume_base_config,
+    stopped_path,
     submission_path,
     submission_record,
 )
@@ -118,24 +119,30 @@ def submit(
     from zoo.remote.modal_app import ModalSpec, ModalVolumeStore, build_app, spawn
 
     store = ModalVolumeStore(volume)
-    previous = None
+    target = None
     try:
         if resume:
             if run_name is None:
                 raise fail("--resume needs --run-name: the remote run to continue (zoo ckpts --remote lists them)", 2)
-            previous = check_name_free(store, run_name, resume=True)
-            cfg = config_from_dict(deep_merge(resume_base_config(previous, run_name), given))
+            target = check_resumable(store, run_name)
+            cfg = config_from_dict(deep_merge(target.previous["config"], given))
         else:
             if preset is None:
                 raise fail("give a preset or a .toml file, e.g. `zoo modal submit cifar10 --gpu A100-80GB`", 2)
             cfg = load_config(preset, given)
             run_name = run_name or cfg.run_name or default_run_name(cfg.preset)
-            check_name_free(store, run_name, resume=False)
+            check_name_free(store, run_name)
             cfg = remote_config(cfg, run_name)
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     except (SubmitError, ValueError) as exc:
         raise fail(str(exc), 1) from None
+    if target is not None and target.cancel_call is not None:
+        from zoo.remote.modal_app import cancel
+
+        cancel(target.cancel_call)
+        console.print(f"cancelled the previous call {target.cancel_call} of {run_name} (it had not ended)")
+    previous = None if target is None else target.previous
 
     command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     record = submission_record(cfg, gpu_request, timeout_s, retries, resume, app_name_for(run_name), command)
@@ -278,7 +285,7 @@ def stop(
     from zoo.remote.modal_app import cancel
 
     cancel(submission["call_id"])
-    store.write_bytes(f"{REGISTRY}/{run}/stopped.json", json.dumps({"stopped": time.time()}).encode())
+    store.write_bytes(stopped_path(run), json.dumps({"stopped": time.time()}).encode())
     console.print(
         f"stopped {run} (call {submission['call_id']}); resume it with `zoo modal submit --resume --run-name {run}`"
     )

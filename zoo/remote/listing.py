@@ -28,6 +28,7 @@ from zoo.remote.layout import (
 )
 from zoo.remote.status import DEFAULT_STALL_AFTER, CallState, RunStatus, format_duration, run_status
 from zoo.remote.store import LocalDirStore, RunStore, StoreEntry
+from zoo.remote.submission import stopped_path
 from zoo.remote.sync import REGISTRY_MIRROR, read_manifest
 from zoo.runs import CHECKPOINT_PATTERN
 
@@ -275,7 +276,7 @@ def list_store_runs(
         files = runs.get(name, {})
         heartbeat = _read_json(store, f"{folder}/heartbeat.json") if "heartbeat.json" in files else None
         submission = _read_json(store, f"{REGISTRY}/{name}/submission.json")
-        stopped = _read_json(store, f"{REGISTRY}/{name}/stopped.json")
+        stopped = _read_json(store, stopped_path(name))
         timing = {
             "submitted_at": submission["submitted"] if submission else None,
             "stopped_at": stopped["stopped"] if stopped else None,

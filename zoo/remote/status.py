@@ -75,9 +75,11 @@ def run_status(
 ) -> RunStatus:
     """The state of one run. `submitted_at`/`stopped_at`/`call` exist only for remote runs."""
     if heartbeat is None:
-        return _status_without_heartbeat(now, stall_after, submitted_at, stopped_at, call)
+        stop = stop_in_effect(stopped_at, submitted_at)
+        return _status_without_heartbeat(now, stall_after, submitted_at, stop, call)
     updated = float(heartbeat["updated"])
     started = float(heartbeat.get("started", updated))
+    stop = stop_in_effect(stopped_at, submitted_at if submitted_at is not None else started)
     reported = heartbeat["status"]
     ended = reported in ("finished", "failed")
     elapsed = (updated if ended else now) - started
@@ -96,13 +98,15 @@ def run_status(
 
     if reported == "finished":
         return status("finished", "")
+    if stop is not None and (reported != "failed" or updated >= stop):
+        # A failure written after the stop is its consequence (the cancelled container's
+        # supervisor records the interruption), not a cause to report.
+        return status("stopped", f"stopped with `zoo modal stop` {format_duration(now - stop)} ago")
     if reported == "failed":
         error = heartbeat.get("error") or "failed without an error message"
         if heartbeat.get("retrying"):
             error += f" (attempt {heartbeat.get('attempt', '?')}; Modal retries it, resuming from the last checkpoint)"
         return status("failed", error)
-    if stopped_at is not None and stopped_at >= started:
-        return status("stopped", f"stopped with `zoo modal stop` {format_duration(now - stopped_at)} ago")
     if age > stall_after:
         if call is not None and call.state == "failed":
             return status("failed", call.error or "the Modal function call failed")
@@ -114,9 +118,26 @@ def run_status(
     return status("running", "")
 
 
+def stop_in_effect(stopped_at: float | None, submitted_at: float | None) -> float | None:
+    """The time of a `zoo modal stop` that still applies, or None when a later submission superseded it.
+
+    `zoo modal submit --resume` after a stop starts the run again, and the old stopped.json
+    stays (every Volume file has one writer: only `zoo modal stop` writes it).  The stop is
+    compared with the submission time rather than with the heartbeat: both times come from
+    the client's clock (not the container's), the submission record is on the Volume before the
+    new container starts (so a resumed run is "pending", not "stopped", while it waits), and a
+    heartbeat's `started` is the first attempt's, which a resume keeps.
+    """
+    if stopped_at is None or (submitted_at is not None and stopped_at < submitted_at):
+        return None
+    return stopped_at
+
+
 def _status_without_heartbeat(
     now: float, stall_after: float, submitted_at: float | None, stopped_at: float | None, call: CallState | None
 ) -> RunStatus:
+    """`stopped_at`: a stop in effect (see stop_in_effect)."""
+
     def status(state: State, detail: str) -> RunStatus:
         elapsed = None if submitted_at is None else now - submitted_at
         return RunStatus(state, detail, None, None, None, elapsed, None)

@@ -17,7 +17,7 @@ from typing import Any
 from zoo.config.loading import config_from_dict, config_to_dict
 from zoo.config.schema import ZooConfigBody
 from zoo.remote.layout import OUTPUTS, REGISTRY, mounted_path, validate_run_name
-from zoo.remote.status import DEFAULT_STALL_AFTER, format_duration, is_live_writer
+from zoo.remote.status import DEFAULT_STALL_AFTER, format_duration, is_live_writer, stop_in_effect
 from zoo.remote.store import RunStore
 
 # Modal's GPU types (modal.com/docs/guide/gpu); a count after ':' puts several in one container.
@@ -101,43 +101,61 @@ def submission_path(run: str) -> str:
     return f"{REGISTRY}/{run}/submission.json"
 
 
-def read_submission(store: RunStore, run: str) -> dict[str, Any] | None:
-    path = submission_path(run)
+def stopped_path(run: str) -> str:
+    return f"{REGISTRY}/{run}/stopped.json"
+
+
+def read_json(store: RunStore, path: str) -> dict[str, Any] | None:
     return json.loads(store.read_bytes(path)) if store.stat(path) is not None else None
 
 
-def check_name_free(
-    store: RunStore, run: str, resume: bool, live_window: float = DEFAULT_STALL_AFTER
-) -> dict[str, Any] | None:
-    """Refuse a name that a remote run already has, unless resuming it; returns its old submission."""
-    previous = read_submission(store, run)
-    has_folder = bool(store.list(f"{OUTPUTS}/{run}"))
-    if resume:
-        if store.stat(f"{OUTPUTS}/{run}/last.pt") is None:
-            raise SubmitError(
-                f"cannot resume remote run {run!r}: no checkpoint at {OUTPUTS}/{run}/last.pt on {store.describe()}; "
-                "`zoo ckpts --remote` lists remote runs"
-            )
-        heartbeat_path = f"{OUTPUTS}/{run}/heartbeat.json"
-        heartbeat = json.loads(store.read_bytes(heartbeat_path)) if store.stat(heartbeat_path) is not None else None
-        if is_live_writer(heartbeat, time.time(), live_window):
-            raise SubmitError(
-                f"remote run {run!r} is still running (heartbeat {format_duration(time.time() - heartbeat['updated'])} "
-                f"ago); stop it first (`zoo modal stop {run}`) or wait for it to end"
-            )
-        return previous
-    if previous is not None or has_folder:
+def read_submission(store: RunStore, run: str) -> dict[str, Any] | None:
+    return read_json(store, submission_path(run))
+
+
+def check_name_free(store: RunStore, run: str) -> None:
+    """Refuse a name that a remote run already has (`--resume` continues one: check_resumable)."""
+    if read_submission(store, run) is not None or store.list(f"{OUTPUTS}/{run}"):
         raise SubmitError(
             f"a remote run named {run!r} already exists on {store.describe()}; pass --resume to continue it, "
             "or choose another --run-name"
         )
-    return None
 
 
-def resume_base_config(previous: dict[str, Any] | None, run: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResumeTarget:
+    """A remote run that `zoo modal submit --resume` may continue."""
+
+    previous: dict[str, Any]  # its latest submission record: the config to continue
+    # Its latest call, when that may still hold a container (a stalled run's hung process, or a
+    # failed attempt Modal is about to retry): cancel it before the new call starts, so two
+    # attempts never train into one run folder.
+    cancel_call: str | None
+
+
+def check_resumable(store: RunStore, run: str, live_window: float = DEFAULT_STALL_AFTER) -> ResumeTarget:
+    """Refuse to resume a run without a checkpoint or one that is still running."""
+    if store.stat(f"{OUTPUTS}/{run}/last.pt") is None:
+        raise SubmitError(
+            f"cannot resume remote run {run!r}: no checkpoint at {OUTPUTS}/{run}/last.pt on {store.describe()}; "
+            "`zoo ckpts --remote` lists remote runs"
+        )
+    previous = read_submission(store, run)
     if previous is None:
         raise SubmitError(
-            f"remote run {run!r} has no submission record to take its config from; "
-            "give the preset and overrides it was trained with"
+            f"remote run {run!r} has no submission record ({submission_path(run)}) to take its config from; "
+            "it was not started with `zoo modal submit`"
         )
-    return previous["config"]
+    heartbeat = read_json(store, f"{OUTPUTS}/{run}/heartbeat.json")
+    stopped = read_json(store, stopped_path(run))
+    is_stopped = stop_in_effect(stopped["stopped"] if stopped else None, previous["submitted"]) is not None
+    now = time.time()
+    # A stopped run's heartbeat can look fresh for a while (a killed container never says it ended).
+    if not is_stopped and is_live_writer(heartbeat, now, live_window):
+        raise SubmitError(
+            f"remote run {run!r} is still running (heartbeat {format_duration(now - heartbeat['updated'])} "
+            f"ago); stop it first (`zoo modal stop {run}`) or wait for it to end"
+        )
+    status = None if heartbeat is None else heartbeat["status"]
+    ended = is_stopped or status == "finished" or (status == "failed" and not heartbeat.get("retrying"))
+    return ResumeTarget(previous, None if ended else previous.get("call_id"))
