@@ -67,12 +67,15 @@ def test_the_function_asks_modal_for_what_the_submission_says():
 
 
 def test_one_gpu_runs_one_process_and_a_count_runs_torchrun():
-    from zoo.remote.worker import worker_command
+    from zoo.remote.worker import RunPaths, worker_command
 
-    single = worker_command(Path("c.json"), False, Path("reg"), 1, "zoo modal submit")
-    multi = worker_command(Path("c.json"), True, Path("reg"), 8, "zoo modal submit")
+    paths = RunPaths(Path("/vol"), "r1")
+    single = worker_command(paths, Path("c.json"), False, 1, "zoo modal submit")
+    multi = worker_command(paths, Path("c.json"), True, 8, "zoo modal submit")
     assert single[1:3] == ["-m", "zoo.remote.worker"]
-    assert "torch.distributed.run" in multi and "--nproc_per_node=8" in multi and multi[-1] == "--resume"
+    # torchrun through zoo's launcher, which records how each failed rank ended
+    assert multi[1:5] == ["-m", "zoo.training.launch", "--failures-file", "/vol/remote/r1/torchrun-failures.json"]
+    assert "--nproc_per_node=8" in multi and multi[-1] == "--resume"
 
 
 def test_packages_are_the_local_install_pinned():

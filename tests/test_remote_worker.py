@@ -5,6 +5,7 @@ real child process whose `train_run` fails in chosen ways (out of memory, I/O, S
 """
 
 import json
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -19,12 +20,14 @@ from zoo.remote.worker import (
     SIGKILL_HINT,
     RemoteTrainingError,
     RunPaths,
+    collect_failure,
     plan_attempt,
     read_attempts,
     snapshot_trackio,
     supervise,
 )
 from zoo.runs import RunError
+from zoo.training import distributed
 
 CHILD = """
 import os, signal, sys
@@ -101,8 +104,72 @@ def test_a_sigkilled_training_process_is_reported_by_the_supervisor(tmp_path):
     volume = tmp_path / "volume"
     config = setup_run(volume)
     outcome, _ = run_fake(volume, tmp_path, "kill", config)
-    assert outcome["status"] == "failed" and outcome["error"] == SIGKILL_HINT
+    assert outcome["status"] == "failed" and outcome["error"] == f"training process {SIGKILL_HINT}"
     assert heartbeat(volume)["status"] == "failed" and "out of host memory" in heartbeat(volume)["error"]
+
+
+FAKE_RANKS = """
+import os, signal, sys
+from pathlib import Path
+import torch.distributed as dist
+from zoo.remote import worker
+from zoo.runs import RunDir
+
+def fake_train(cfg, resume, command):
+    if dist.get_rank() == 0:
+        RunDir(Path(cfg.output_dir) / cfg.run_name).write_heartbeat(status="running", step=3, loss=0.5)
+    dist.barrier()  # both ranks train
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the host's OOM killer does
+    dist.barrier()  # rank 0 waits in a collective for its lost peer
+
+sys.exit(worker.main(sys.argv[1:], train=fake_train))
+"""
+
+
+def test_a_rank_killed_under_torchrun_is_reported_as_out_of_host_memory(tmp_path, monkeypatch):
+    """torchrun exits 1 for a SIGKILLed rank, as for any crash: the launcher's record names the kill."""
+    volume = tmp_path / "volume"
+    config = setup_run(volume, retries=3)
+    (tmp_path / "fake_ranks.py").write_text(FAKE_RANKS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    paths = RunPaths(volume, "r1")
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["--config", str(work / "config.json"), "--failure-dir", str(paths.registry)]
+    child = distributed.torchrun_command(2, "fake_ranks", args, failures_file=paths.launch_failures)
+    outcome = supervise(volume, config, "sub-1", False, 2, commit=lambda: None, work_dir=work, child_command=child)
+
+    assert outcome["status"] == "failed", "no retry: the next attempt would run out of memory again"
+    assert outcome["error"] == f"rank 1 {SIGKILL_HINT}"
+    # rank 0 may fail too (its collective lost the peer) before torchrun stops it: a consequence
+    killed = {f["rank"]: f for f in json.loads(paths.launch_failures.read_text())["failures"]}[1]
+    assert (killed["exitcode"], killed["signal"]) == (-9, "SIGKILL")
+    beat = heartbeat(volume)
+    assert beat["status"] == "failed" and beat["retrying"] is False
+    status = run_status(beat, beat["updated"] + 10 * 3600)  # hours later: failed with the cause, not stalled
+    assert status.state == "failed" and "rank 1 killed by SIGKILL" in status.detail and "host memory" in status.detail
+    assert "ChildFailedError" in (volume / "remote" / "r1" / "train.log").read_text()  # torchrun's summary
+
+
+@pytest.mark.parametrize(
+    "launched, returncode, error, retryable",
+    [
+        (None, 137, f"training process {SIGKILL_HINT}", False),  # SIGKILL as a shell reports it
+        ([{"rank": 3, "exitcode": -11, "signal": "SIGSEGV"}], 1, "rank 3 killed by SIGSEGV", True),
+        ([{"rank": 0, "exitcode": 1, "signal": None}], 1, "RuntimeError: gloo lost its peer", True),
+    ],
+)
+def test_failure_causes(tmp_path, launched, returncode, error, retryable):
+    paths = RunPaths(tmp_path, "r1")
+    paths.registry.mkdir(parents=True)
+    if launched is not None:
+        paths.launch_failures.write_text(json.dumps({"failures": launched, "first_rank": launched[0]["rank"]}))
+    report = {"rank": 0, "error": "RuntimeError: gloo lost its peer", "retryable": True}
+    (paths.registry / "failure-rank0.json").write_text(json.dumps(report))
+    failure = collect_failure(paths, returncode)
+    assert (failure.error, failure.retryable) == (error, retryable)
 
 
 def test_other_errors_are_raised_for_modal_to_retry(tmp_path):

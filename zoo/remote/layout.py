@@ -10,6 +10,7 @@ Volume (mounted at /vol in the container; paths below are relative to the volume
     remote/<run>/submission.json      what `zoo modal submit` asked for (written by the client only)
     remote/<run>/attempts.jsonl       one line per container attempt (written by the container only)
     remote/<run>/failure-rank<k>.json why an attempt's training process failed (container only)
+    remote/<run>/torchrun-failures.json how each failed torchrun process ended: exit code, signal
     remote/<run>/train.log            the training output of every attempt (container only)
     remote/<run>/stopped.json         written by `zoo modal stop`
     attempts/<run>/<time>/            an earlier attempt's partial run folder and trackio data

@@ -66,9 +66,11 @@ OOM_HINT = (
     "or ask for a larger GPU (--gpu A100-80GB, H100)"
 )
 SIGKILL_HINT = (
-    "training process killed by SIGKILL — most likely the container ran out of host memory "
-    "(the OOM killer sends SIGKILL, so the process could not report it)"
+    "killed by SIGKILL — most likely the container ran out of host memory (the OOM killer sends "
+    "SIGKILL, so the process could not report it); lower train.batch_size or data.num_workers"
 )
+# How a process killed by SIGKILL ends: -9 from Popen or torchrun, 137 (128 + 9) through a shell.
+SIGKILL_EXIT_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)
 EXIT_RETRYABLE = 1
 EXIT_NO_RETRY = 3
 
@@ -128,8 +130,17 @@ class RunPaths:
         trainer insists on creating itself."""
         return self.registry / "train.log"
 
+    @property
+    def launch_failures(self) -> Path:
+        """How torchrun's processes ended when one failed (zoo.training.launch writes it)."""
+        return self.registry / "torchrun-failures.json"
+
     def failure_files(self) -> list[Path]:
         return sorted(self.registry.glob("failure-rank*.json"))
+
+    def stale_failure_files(self) -> list[Path]:
+        """What an earlier attempt's failure left: the next attempt must not read it as its own."""
+        return [*self.failure_files(), *([self.launch_failures] if self.launch_failures.exists() else [])]
 
 
 def read_attempts(paths: RunPaths) -> list[dict[str, Any]]:
@@ -214,27 +225,40 @@ def restore_trackio(source: Path, local: Path) -> None:
         shutil.copytree(source, local, dirs_exist_ok=True)
 
 
-def worker_command(config_path: Path, resume: bool, failure_dir: Path, nproc: int, command: str) -> list[str]:
-    args = ["--config", str(config_path), "--failure-dir", str(failure_dir), "--command", command]
+def worker_command(paths: RunPaths, config_path: Path, resume: bool, nproc: int, command: str) -> list[str]:
+    args = ["--config", str(config_path), "--failure-dir", str(paths.registry), "--command", command]
     if resume:
         args.append("--resume")
     if nproc == 1:
         return [sys.executable, "-m", "zoo.remote.worker", *args]
-    return distributed.torchrun_command(nproc, "zoo.remote.worker", args)
+    return distributed.torchrun_command(nproc, "zoo.remote.worker", args, failures_file=paths.launch_failures)
 
 
 def collect_failure(paths: RunPaths, returncode: int) -> Failure:
-    reports = [json.loads(p.read_text()) for p in paths.failure_files()]
+    """Why the training process(es) failed, and whether a retry could help.
+
+    Under torchrun a rank the OOM killer took leaves no report, and torchrun exits with 1 like
+    any crash: its launcher's record (torchrun-failures.json) says which rank died of SIGKILL.
+    That death is the cause; the other ranks' errors (a collective that lost its peer) are
+    consequences, and a retry would run out of memory again.
+    """
+    launched = json.loads(paths.launch_failures.read_text())["failures"] if paths.launch_failures.exists() else []
+    killed = [f"rank {f['rank']}" for f in launched if f["exitcode"] in SIGKILL_EXIT_CODES]
+    if killed or returncode in SIGKILL_EXIT_CODES:
+        return Failure(f"{', '.join(killed) or 'training process'} {SIGKILL_HINT}", retryable=False)
+    # A rank that failed for good (out of memory, say) is the cause; then a rank that a signal
+    # killed; the other ranks' errors (a collective that lost its peer) are consequences.
+    reports = sorted((json.loads(p.read_text()) for p in paths.failure_files()), key=lambda r: r["rank"])
+    final = [r for r in reports if not r["retryable"]]
+    if final:
+        return Failure(final[0]["error"], retryable=False)
+    signalled = [f"rank {f['rank']} killed by {f['signal']}" for f in launched if f["signal"] is not None]
+    if signalled:
+        return Failure(", ".join(signalled), retryable=True)
     if reports:
-        # A rank that failed for good (out of memory, say) is the cause; the others' errors
-        # (a collective that lost its peer) are consequences.
-        primary = min(reports, key=lambda r: (r["retryable"], r["rank"]))
-        return Failure(primary["error"], all(r["retryable"] for r in reports))
+        return Failure(reports[0]["error"], retryable=True)
     if returncode < 0:
-        sig = signal.Signals(-returncode)
-        if sig == signal.SIGKILL:
-            return Failure(SIGKILL_HINT, retryable=False)
-        return Failure(f"training process killed by {sig.name}", retryable=True)
+        return Failure(f"training process killed by {signal.Signals(-returncode).name}", retryable=True)
     return Failure(
         f"training exited with code {returncode} without reporting an error (a killed rank?); see `zoo modal logs`",
         retryable=True,
@@ -303,7 +327,7 @@ def supervise(
         # and the run's heartbeat may belong to someone else, so only Modal's result records it.
         print(f"[zoo] refusing to train: {exc}", file=sys.stderr, flush=True)
         return {"run_name": paths.run, "status": "failed", "error": f"RunError: {exc}", "attempt": None}
-    for stale in paths.failure_files():
+    for stale in paths.stale_failure_files():
         stale.unlink()
     local_trackio = work_dir / "trackio"
     restore_trackio(paths.trackio, local_trackio)
@@ -326,7 +350,7 @@ def supervise(
     print(f"[zoo] run {paths.run}, attempt {plan.attempt}: {plan.reason}", flush=True)
     commit()
 
-    argv = child_command or worker_command(config_path, plan.resume, paths.registry, nproc, command)
+    argv = child_command or worker_command(paths, config_path, plan.resume, nproc, command)
     env = {**os.environ, "TRACKIO_DIR": str(local_trackio), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tee = threading.Thread(target=_tee, args=(process, paths.train_log, plan.attempt), daemon=True)

@@ -19,6 +19,7 @@ a per-sample mean, that equals the gradient of the full global batch on one proc
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -170,14 +171,21 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return {k: float(v) / world_size() for k, v in zip(keys, packed.tolist(), strict=True)}
 
 
-def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
-    """`python -m torch.distributed.run` with `nproc` processes on this machine running `-m module args`."""
+def torchrun_command(nproc: int, module: str, args: list[str], failures_file: Path | None = None) -> list[str]:
+    """`python -m torch.distributed.run` with `nproc` processes on this machine running `-m module args`.
+
+    With `failures_file`, through zoo.training.launch, which writes there how each failed rank
+    ended (exit code, signal) as JSON.
+    """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
+    launcher = ["torch.distributed.run"]
+    if failures_file is not None:
+        launcher = ["zoo.training.launch", "--failures-file", str(failures_file)]
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        *launcher,
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
