@@ -140,3 +140,20 @@ def test_zoo_modal_status_on_a_volume_layout(tmp_path):
     assert missing.exit_code == 1 and "no remote run 'nope'" in " ".join(missing.output.split())
     bad = runner.invoke(app, ["modal", "status", "--volume-dir", str(volume), "--stall-after", "soon"])
     assert bad.exit_code == 2
+
+
+def test_status_shows_the_phase_of_a_live_run(tmp_path):
+    evaluating = run_status(beat("running", 60, phase="eval"), NOW, stall_after=900)
+    assert (evaluating.state, evaluating.phase) == ("running", "eval")
+    stalled = run_status(beat("running", 1800, phase="eval"), NOW, stall_after=900)
+    assert stalled.state == "stalled" and "no heartbeat for 30m (limit 15m) in phase 'eval'" in stalled.detail
+    assert run_status(beat("finished", 60, phase="eval"), NOW).phase is None  # ended: no phase
+
+    volume = tmp_path / "volume"
+    run = write_run(volume / "outputs", "ev", archived=[], last_step=40, status="running", updated_ago=20)
+    run.heartbeat.write_text(json.dumps({**json.loads(run.heartbeat.read_text()), "phase": "eval"}))
+    submit_record(volume, "ev", 600)
+    as_json = runner.invoke(zoo_app, ["modal", "status", "--volume-dir", str(volume), "--json"])
+    assert [(r["state"], r["phase"]) for r in json.loads(as_json.output)] == [("running", "eval")]
+    table = runner.invoke(zoo_app, ["modal", "status", "--volume-dir", str(volume)], env={"COLUMNS": "200"})
+    assert "running (eval)" in table.output

@@ -5,6 +5,7 @@ then differences between samplers, not between noise draws.  The data-vs-data ro
 samples against held-out samples) is the floor no model can be expected to beat at this n.
 """
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -78,6 +79,10 @@ def default_methods(cfg: EvalConfig, meanflow: bool) -> list[Method]:
     return methods
 
 
+def no_progress() -> None:
+    """The default progress callback of generate and evaluate: nobody to tell."""
+
+
 @torch.no_grad()
 def generate(
     model: FlowModel,
@@ -86,8 +91,12 @@ def generate(
     labels: Tensor | None,
     guidance: float,
     batch_size: int,
+    on_batch: Callable[[], None] = no_progress,
 ) -> Tensor:
-    """Samples for `noise` (on the model's device), in batches, returned on the CPU."""
+    """Samples for `noise` (on the model's device), in batches, returned on the CPU.
+
+    `on_batch` is called after each batch (the trainer keeps its heartbeat fresh with it).
+    """
     outputs = []
     for start in range(0, noise.shape[0], batch_size):
         z = noise[start : start + batch_size]
@@ -97,6 +106,7 @@ def generate(
         else:
             x = sample_ode(model, z, method.kind, method.steps, y=y, guidance=guidance)
         outputs.append(x.float().cpu())
+        on_batch()
     return torch.cat(outputs)
 
 
@@ -121,20 +131,26 @@ def evaluate(
     methods: list[Method] | None = None,
     with_floor: bool = True,
     progress=None,
+    on_progress: Callable[[], None] = no_progress,
 ) -> EvalReport:
-    """Energy distance of each method's samples to `cfg.n_samples` held-out samples."""
+    """Energy distance of each method's samples to `cfg.n_samples` held-out samples.
+
+    `on_progress` is called after each piece of work: a sampled batch, a metric.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     methods = methods if methods is not None else default_methods(cfg, meanflow)
     held_out = source.held_out(cfg.n_samples).float().cpu()
     n = held_out.shape[0]
+    on_progress()
     noise, labels = draw_noise_and_labels(model, n, device, seed)
     report = EvalReport(n_samples=n)
     task = progress.add_task("evaluating", total=len(methods)) if progress is not None else None
     for method in methods:
-        samples = generate(model, method, noise, labels, cfg.guidance, cfg.batch_size)
+        samples = generate(model, method, noise, labels, cfg.guidance, cfg.batch_size, on_batch=on_progress)
         result = energy_distance(samples, held_out)
+        on_progress()
         report.rows.append(
             EvalRow(method.label, method.kind, method.steps, method.nfe, result.value, result.stderr)
         )
@@ -143,6 +159,7 @@ def evaluate(
     if with_floor:
         reference = source.reference(n).float().cpu()
         floor = energy_distance(reference, held_out)
+        on_progress()
         report.noise_floor = EvalRow("data vs data", "data", 0, 0, floor.value, floor.stderr)
     if progress is not None:
         progress.remove_task(task)

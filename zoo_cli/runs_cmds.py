@@ -86,7 +86,9 @@ def byte_progress() -> Progress:
 
 
 def styled_state(info: RunInfo) -> str:
-    return f"[{STATE_STYLES[info.status.state]}]{info.status.state}[/]"
+    """The state, and for a running or stalled run its phase when not training ("running (eval)")."""
+    phase = f" ({info.status.phase})" if info.status.phase not in (None, "train") else ""
+    return f"[{STATE_STYLES[info.status.state]}]{info.status.state}[/]{phase}"
 
 
 def metric_text(info: RunInfo) -> str:
@@ -102,6 +104,7 @@ def run_record(info: RunInfo, now: float) -> dict:
         "run": info.name,
         "where": info.where,
         "state": info.status.state,
+        "phase": info.status.phase,
         "detail": info.status.detail,
         "step": info.status.step,
         "loss": info.status.loss,

@@ -63,6 +63,9 @@ class RunStatus:
     last_checkpoint: str | None
     elapsed: float | None
     updated_ago: float | None
+    # What a running (or stalled) run was doing at its last heartbeat: "train", or "eval" (rank 0
+    # evaluating, which keeps the heartbeat fresh too); None for ended runs and old heartbeats.
+    phase: str | None = None
 
 
 def run_status(
@@ -85,6 +88,8 @@ def run_status(
     elapsed = (updated if ended else now) - started
     age = now - updated
 
+    phase = heartbeat.get("phase")
+
     def status(state: State, detail: str) -> RunStatus:
         return RunStatus(
             state=state,
@@ -94,6 +99,7 @@ def run_status(
             last_checkpoint=heartbeat.get("last_checkpoint"),
             elapsed=elapsed,
             updated_ago=age,
+            phase=phase if state in ("running", "stalled") else None,
         )
 
     if reported == "finished":
@@ -110,10 +116,11 @@ def run_status(
     if age > stall_after:
         if call is not None and call.state == "failed":
             return status("failed", call.error or "the Modal function call failed")
+        during = f" in phase {phase!r}" if phase else ""
         return status(
             "stalled",
-            f"no heartbeat for {format_duration(age)} (limit {format_duration(stall_after)}); the process was "
-            "probably killed without a chance to report (e.g. host out of memory: SIGKILL) or hangs",
+            f"no heartbeat for {format_duration(age)} (limit {format_duration(stall_after)}){during}; the process "
+            "was probably killed without a chance to report (e.g. host out of memory: SIGKILL) or hangs",
         )
     return status("running", "")
 

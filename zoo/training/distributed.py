@@ -20,6 +20,7 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,10 @@ from torch import nn
 
 # Gradients are reduced in flat buckets: few large collectives are much faster than one per tensor.
 BUCKET_BYTES = 32 * 1024 * 1024
+# How long the other ranks wait for rank 0's solo work (evaluation, sample grids, a download):
+# far longer than the process group's timeout, which guards the training collectives against hangs.
+WAIT_FOR_MAIN_TIMEOUT_S = 6 * 3600.0
+_wait_group: dist.ProcessGroup | None = None
 
 
 class DistributedError(RuntimeError):
@@ -62,14 +67,18 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init(device_type: str | None = None, timeout_s: float = 1800.0) -> None:
+def init(
+    device_type: str | None = None, timeout_s: float = 1800.0, wait_timeout_s: float = WAIT_FOR_MAIN_TIMEOUT_S
+) -> None:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Without torchrun (WORLD_SIZE unset or 1) nothing happens.  `device_type` is the type of the
     run's device ("cuda", "cpu"; default: cuda when available): NCCL for CUDA, gloo otherwise.
     On CUDA each process takes the GPU of its LOCAL_RANK, so `torch.device("cuda")` means that
-    GPU from then on.
+    GPU from then on.  `timeout_s` bounds every training collective; `wait_timeout_s` bounds
+    wait_for_main.
     """
+    global _wait_group
     if env_world_size() <= 1 or is_initialized():
         return
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -87,16 +96,44 @@ def init(device_type: str | None = None, timeout_s: float = 1800.0) -> None:
             )
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend_for("cuda" if use_cuda else "cpu"), timeout=timedelta(seconds=timeout_s))
+    # gloo on any device: a barrier needs no GPU memory, and gloo's honours this group's timeout.
+    _wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_timeout_s))
 
 
 def shutdown() -> None:
+    global _wait_group
     if is_initialized():
         dist.destroy_process_group()
+    _wait_group = None
 
 
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def wait_for_main() -> None:
+    """All ranks meet here after work rank 0 does alone (evaluation, a dataset download).
+
+    Without it the others would wait for rank 0 inside their next gradient all-reduce: under
+    the process group's timeout, and at a place whose error does not say what they waited for.
+    A no-op for one process.
+    """
+    if is_initialized():
+        dist.barrier(group=_wait_group)
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself for one process.
+
+    For decisions only rank 0 should take, e.g. timing the JVP modes: ranks timing on their own
+    could pick different modes and run different dropout-mask behaviour in one model.
+    """
+    if not is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:

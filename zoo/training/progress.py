@@ -1,4 +1,7 @@
-"""The training progress bar: step, loss, it/s and ETA, on stderr so stdout stays parseable."""
+"""Progress: the training bar (step, loss, it/s and ETA, on stderr so stdout stays parseable),
+and the heartbeat kept fresh through long phases without training steps."""
+
+import time
 
 from rich.console import Console
 from rich.progress import (
@@ -12,6 +15,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+from zoo.runs import RunDir
+
+# How often, at most, a long phase rewrites heartbeat.json (one small fsynced file; on Modal, on
+# the Volume): far below any sensible --stall-after, far above the time of one write.
+PHASE_HEARTBEAT_EVERY_S = 30.0
 
 
 class FieldColumn(ProgressColumn):
@@ -60,3 +69,26 @@ class TrainProgress:
         speed = self.rich.tasks[self.task].speed
         if speed:
             self.rich.update(self.task, rate=f"{speed:.2f}")
+
+
+class PhaseHeartbeat:
+    """Marks the heartbeat with a phase ("eval") and keeps it fresh while the phase lasts.
+
+    Training steps refresh the heartbeat at every log step; an evaluation can run for far longer
+    than `zoo modal status --stall-after` without one.  Call this after each piece of work (a
+    sampled batch, a metric): it rewrites heartbeat.json at most every PHASE_HEARTBEAT_EVERY_S.
+    """
+
+    def __init__(self, run: RunDir, phase: str) -> None:
+        self.run = run
+        self.phase = phase
+        self.every_s = PHASE_HEARTBEAT_EVERY_S
+        self._beat()
+
+    def _beat(self) -> None:
+        self.run.write_heartbeat(status="running", phase=self.phase)
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self._beat()

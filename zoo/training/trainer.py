@@ -35,7 +35,7 @@ from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
 from zoo.bench.calibration import resolve_for_training
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
-from zoo.training.progress import TrainProgress
+from zoo.training.progress import PhaseHeartbeat, TrainProgress
 from zoo.training.visuals import save_samples
 
 # Keys a resumed run may change: how long it runs, how often it reports, where and how it
@@ -242,7 +242,11 @@ def probe_step(state: TrainState, micro_size: int) -> None:
 def choose_jvp_mode(state: TrainState, stored_mode: str | None, console: Console) -> None:
     """Settle `loss.jvp = auto` by a short calibration (cached), or keep a resumed run's mode."""
     micro_size = rank_batch_size(state.cfg) // state.micro_batches
-    mode, reason = resolve_for_training(state.cfg, state.model, state.device, micro_size, stored_mode)
+    # Rank 0 decides (a calibration times the modes) and every rank runs its choice.
+    decision = None
+    if distributed.is_main():
+        decision = resolve_for_training(state.cfg, state.model, state.device, micro_size, stored_mode)
+    mode, reason = distributed.broadcast_from_main(decision)
     if mode != state.jvp_mode:
         state.loss_fn = build_loss(state.cfg.loss.model_copy(update={"jvp": mode}))
         state.jvp_mode = mode
@@ -303,7 +307,8 @@ def quick_methods(state: TrainState) -> list[Method]:
     return [Method("euler", 8, 8)]
 
 
-def run_evaluation(state: TrainState, final: bool, progress: TrainProgress) -> EvalReport:
+def run_evaluation(state: TrainState, run: RunDir, final: bool, progress: TrainProgress) -> EvalReport:
+    """Rank 0 only. The heartbeat says phase "eval" and stays fresh while it lasts."""
     cfg = state.cfg
     methods = None if final else quick_methods(state)
     return evaluate(
@@ -315,6 +320,7 @@ def run_evaluation(state: TrainState, final: bool, progress: TrainProgress) -> E
         methods=methods,
         with_floor=final,
         progress=progress.rich,
+        on_progress=PhaseHeartbeat(run, "eval"),
     )
 
 
@@ -378,14 +384,14 @@ def train_run(
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(config_to_toml(cfg))
         run.write_heartbeat(
-            status="running", step=state.step, loss=None, error=None, device=str(device), jvp_mode=state.jvp_mode,
-            micro_batches=plan.micro_batches, peak_memory_bytes=plan.peak_bytes,
+            status="running", phase="train", step=state.step, loss=None, error=None, device=str(device),
+            jvp_mode=state.jvp_mode, micro_batches=plan.micro_batches, peak_memory_bytes=plan.peak_bytes,
         )
     last_metrics: dict[str, float] = {}
     try:
         with TrainProgress(console, cfg.train.steps, state.step, enabled=main) as progress:
             last_metrics = train_loop(state, run, tracker, progress, main)
-            final_report = run_evaluation(state, final=True, progress=progress) if main else None
+            final_report = run_evaluation(state, run, final=True, progress=progress) if main else None
         if main:
             finish_run(state, run, tracker, final_report, last_metrics, command, console)
     except BaseException as exc:
@@ -416,9 +422,12 @@ def train_loop(
             raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data")
         window.append(metrics["loss"])
         progress.update(state.step, metrics)
-        if not main:
-            continue
         at_end = state.step == cfg.steps
+        evaluate_now = cfg.eval_every > 0 and state.step % cfg.eval_every == 0 and not at_end
+        if not main:
+            if evaluate_now:
+                distributed.wait_for_main()
+            continue
         if state.step % cfg.log_every == 0 or at_end:
             record = {f"train/{k}": v for k, v in metrics.items()}
             record["train/loss_avg"] = sum(window) / len(window)
@@ -427,16 +436,19 @@ def train_loop(
             window.clear()
             run.append_metrics({"step": state.step, "time": time.time(), **record})
             tracker.log(record, step=state.step)
-            run.write_heartbeat(status="running", step=state.step, loss=metrics["loss"])
+            run.write_heartbeat(status="running", phase="train", step=state.step, loss=metrics["loss"])
         archive = at_end or (cfg.archive_every > 0 and state.step % cfg.archive_every == 0)
         if state.step % cfg.save_every == 0 or archive:
             save(run, state, metrics, archive)
             run.write_heartbeat(
                 status="running", step=state.step, last_checkpoint=run.last.name, checkpoint_step=state.step
             )
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and not at_end:
-            report = run_evaluation(state, final=False, progress=progress)
+        if evaluate_now:
+            report = run_evaluation(state, run, final=False, progress=progress)
             log_evaluation(state, run, tracker, report, tag=f"step_{state.step:07d}")
+            run.write_heartbeat(status="running", phase="train")
+            # The other ranks waited here, not in the next step's all-reduce (see wait_for_main).
+            distributed.wait_for_main()
     return metrics
 
 
@@ -444,7 +456,10 @@ def log_evaluation(state: TrainState, run: RunDir, tracker: Tracker, report: Eva
     metrics = report.metrics()
     run.append_metrics({"step": state.step, "time": time.time(), **metrics})
     tracker.log(metrics, step=state.step)
-    image, caption = save_samples(state.ema.model, state.source, state.is_meanflow, run.samples / f"{tag}.png", state.cfg)
+    image, caption = save_samples(
+        state.ema.model, state.source, state.is_meanflow, run.samples / f"{tag}.png", state.cfg,
+        on_batch=PhaseHeartbeat(run, "eval"),
+    )
     tracker.log_image("samples", image, step=state.step, caption=caption)
 
 

@@ -1,5 +1,6 @@
 """Pictures of what a model generates: an image grid, or a scatter over held-out data for 2-D."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource
-from zoo.evaluation import Method, draw_noise_and_labels, generate
+from zoo.evaluation import Method, draw_noise_and_labels, generate, no_progress
 from zoo.models.base import FlowModel
 from zoo.plotting import save_image_grid, save_scatter
 
@@ -18,16 +19,23 @@ def headline_method(meanflow: bool) -> Method:
 
 @torch.no_grad()
 def save_samples(
-    model: FlowModel, source: BatchSource, meanflow: bool, path: Path, cfg: ZooConfigBody
+    model: FlowModel,
+    source: BatchSource,
+    meanflow: bool,
+    path: Path,
+    cfg: ZooConfigBody,
+    on_batch: Callable[[], None] = no_progress,
 ) -> tuple[np.ndarray, str]:
-    """Write the picture for the headline sampler; returns it as an image array and a caption."""
+    """Write the picture for the headline sampler; returns it as an image array and a caption.
+
+    `on_batch` is called after each sampled batch (see zoo.evaluation.generate)."""
     method = headline_method(meanflow)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     n = cfg.eval.grid_size if source.is_image or source.is_latent else min(cfg.eval.n_samples, 2000)
     noise, labels = draw_noise_and_labels(model, n, device, seed=cfg.seed + 1)
-    samples = generate(model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size)
+    samples = generate(model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size, on_batch=on_batch)
     model.train(was_training)
     if source.is_image:
         image = save_image_grid(samples, path)
