@@ -1,166 +1,155 @@
 """Data-parallel MeanFlow: the JVP runs on the plain module, gradients are synchronised by hand.
 
-Truth: the gradient of the per-sample-mean loss on the full global batch in one process.  Two
-gloo processes, each with half the batch (the same noise and times, split), must reach the
-same averaged gradient — including a parameter that only one rank's samples use.
+The code under test is the trainer's own step (zoo.training.trainer.train_step: zoo's MeanFlow
+loss from build_loss, grad_accum micro-batches, the all-reduce) on a state from build_state.
+
+Truth: the gradient one process computes for the same global batch.  One process with 4
+micro-batches of 4 draws them one after the other from its generator; two gloo processes
+with grad_accum=2 (2 micro-batches of 4 each) start their generators where the single process
+was at micro-batch 0 and 2, so together they draw exactly the same samples, noise and times.
+The gradients the optimiser receives must then be equal.
 """
 
-import os
-import socket
+import copy
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_ranks import join, run_ranks
 from torch import nn
 
-from zoo.training import distributed
+from zoo.config.loading import load_config
+from zoo.training import distributed, trainer
 
 BATCH = 16
-DIM = 3
+MICRO = 4
+# Gradient clipping off: it rescales the gradient and would hide a wrongly scaled average.
+CONFIG = [
+    "model.hidden=32",
+    "model.depth=2",
+    "data.class_conditional=true",
+    "loss.jvp=nograd",
+    "optim.grad_clip=0",
+    "device=cpu",
+    "run_name=grads",
+]
 
 
-class TinyFlow(nn.Module):
-    """u(z, t, r) with an extra branch used only for samples flagged `special`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(DIM + 2, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, DIM))
-        self.special = nn.Linear(DIM, DIM)
-        self.never_used = nn.Linear(2, 2)
-        self.register_buffer("scale", torch.tensor(1.0))
-
-    def forward(self, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-        u = self.net(torch.cat([z, t[:, None], (t - r)[:, None]], dim=1)) * self.scale
-        if bool(flags.any()):
-            u = u + flags[:, None] * self.special(z)
-        return u
+def config(batch_size: int, grad_accum: int):
+    return load_config("moons", [*CONFIG, f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}"])
 
 
-def meanflow_loss(model: TinyFlow, x, eps, t, r, flags) -> torch.Tensor:
-    """MeanFlow: u_tgt = v - (t - r) du/dt via one JVP with tangents (v, 1, 0); adaptive weight."""
-    z = (1 - t[:, None]) * x + t[:, None] * eps
-    v = eps - x
-    u, dudt = torch.func.jvp(
-        lambda z_, t_, r_: model(z_, t_, r_, flags), (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r))
-    )
-    target = (v - (t - r)[:, None] * dudt).detach()
-    per_sample = ((u - target) ** 2).sum(dim=1)
-    weight = 1.0 / (per_sample.detach() + 1e-3) ** 0.75
-    return (weight * per_sample).mean()
+def record_draws(state: trainer.TrainState) -> list[tuple[torch.Tensor, dict]]:
+    """The generator and data state before each micro-batch the state draws from now on."""
+    draws = []
+    draw = state.source.next_batch
+
+    def recording(generator: torch.Generator):
+        draws.append((generator.get_state(), copy.deepcopy(state.source.state_dict())))
+        return draw(generator)
+
+    state.source.next_batch = recording
+    return draws
 
 
-def make_problem(path: Path) -> None:
-    torch.manual_seed(0)
-    model = TinyFlow().double()
-    g = torch.Generator().manual_seed(1)
-    t = torch.rand(BATCH, generator=g, dtype=torch.float64)
-    r = torch.rand(BATCH, generator=g, dtype=torch.float64) * t
-    r[::4] = t[::4]  # some samples are plain flow matching (r = t)
-    flags = torch.zeros(BATCH, dtype=torch.float64)
-    flags[:3] = 1.0  # only the first rank's half uses `special`
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "x": torch.randn(BATCH, DIM, generator=g, dtype=torch.float64),
-            "eps": torch.randn(BATCH, DIM, generator=g, dtype=torch.float64),
-            "t": t,
-            "r": r,
-            "flags": flags,
-        },
-        path,
-    )
+def record_gradients(state: trainer.TrainState) -> dict[str, torch.Tensor | None]:
+    """The gradients the optimiser steps with (after accumulation, all-reduce and clipping)."""
+    seen: dict[str, torch.Tensor | None] = {}
+    step = state.optimizer.step
+
+    def recording(*args, **kwargs):
+        seen.update({n: None if p.grad is None else p.grad.clone() for n, p in state.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    state.optimizer.step = recording
+    return seen
 
 
-def gradients(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+def one_step_from(batch_size: int, grad_accum: int, start: tuple[torch.Tensor, dict] | None) -> tuple[dict, list]:
+    """train_step on a fresh state (this process's rank and world), from the draw state `start`."""
+    state = trainer.build_state(config(batch_size, grad_accum), torch.device("cpu"))
+    if start is not None:
+        state.generator.set_state(start[0])
+        state.source.load_state_dict(start[1])
+    draws = record_draws(state)
+    gradients = record_gradients(state)
+    trainer.train_step(state)
+    assert state.micro_batches == grad_accum and len(draws) == grad_accum
+    assert state.source.batch_size == MICRO
+    return gradients, draws
 
 
-def rank_main(rank: int, world: int, port: int, problem: Path, out_dir: Path) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    distributed.init(device_type="cpu")
-    data = torch.load(problem, weights_only=True)
-    model = TinyFlow().double()
-    model.load_state_dict(data["model"])
-    if rank == 1:  # rank 1 starts from other weights: the broadcast must replace them
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-            model.scale.fill_(7.0)
-    distributed.broadcast_parameters(model)
-    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    loss = meanflow_loss(model, *(data[k][part] for k in ("x", "eps", "t", "r", "flags")))
-    loss.backward()
-    distributed.all_reduce_gradients(model)
-    torch.save(
-        {
-            "grads": gradients(model),
-            "state": model.state_dict(),
-            "rank": distributed.rank(),
-            "world": distributed.world_size(),
-        },
-        out_dir / f"rank{rank}.pt",
-    )
+def rank_main(rank: int, world: int, port: int, starts: list, out_dir: Path) -> None:
+    join(rank, world, port)
+    gradients, _ = one_step_from(BATCH, grad_accum=2, start=starts[2 * rank])
+    torch.save({"grads": gradients, "world": distributed.world_size()}, out_dir / f"rank{rank}.pt")
     distributed.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
-    problem = tmp_path / "problem.pt"
-    make_problem(problem)
-    data = torch.load(problem, weights_only=True)
-    model = TinyFlow().double()
-    model.load_state_dict(data["model"])
-    meanflow_loss(model, data["x"], data["eps"], data["t"], data["r"], data["flags"]).backward()
-    expected = gradients(model)
-
-    # fork: the children share the already imported torch (spawn would import it twice more)
-    mp.start_processes(rank_main, args=(2, free_port(), problem, tmp_path), nprocs=2, join=True, start_method="fork")
+    expected, draws = one_step_from(BATCH, grad_accum=BATCH // MICRO, start=None)
+    run_ranks(rank_main, 2, draws, tmp_path)
 
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert (result["rank"], result["world"]) == (rank, 2)
-        for name, value in data["model"].items():
-            torch.testing.assert_close(result["state"][name], value, rtol=0, atol=0)
-        assert result["grads"]["never_used.weight"] is None and expected["never_used.weight"] is None
+        assert result["world"] == 2
+        assert result["grads"].keys() == expected.keys()
         for name, grad in expected.items():
-            if grad is None:
-                continue
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-12, atol=1e-14, msg=name)
-    # the special branch really had gradient on one rank only: otherwise the test proves less
-    assert expected["special.weight"].abs().sum() > 0
+            assert grad is not None and grad.abs().sum() > 0, name  # a zero gradient would prove nothing
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    # Guard: one rank's own half of the batch gives another gradient (else this proves nothing).
+    half, _ = one_step_from(BATCH // 2, grad_accum=2, start=draws[0])
+    flat = {key: torch.cat([g.flatten() for g in grads.values()]) for key, grads in (("half", half), ("all", expected))}
+    assert (flat["half"] - flat["all"]).norm() > 0.1 * flat["all"].norm()
 
 
-def test_halves_differ_from_the_whole_without_synchronisation(tmp_path):
-    """Guard for the test above: one rank's own gradient is not the global one."""
-    problem = tmp_path / "problem.pt"
-    make_problem(problem)
-    data = torch.load(problem, weights_only=True)
-    whole, half = TinyFlow().double(), TinyFlow().double()
-    whole.load_state_dict(data["model"])
-    half.load_state_dict(data["model"])
-    meanflow_loss(whole, data["x"], data["eps"], data["t"], data["r"], data["flags"]).backward()
-    part = slice(0, BATCH // 2)
-    meanflow_loss(half, *(data[k][part] for k in ("x", "eps", "t", "r", "flags"))).backward()
-    assert not torch.allclose(half.net[0].weight.grad, whole.net[0].weight.grad)
+class TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(3, 3)
+        self.rank0_only = nn.Linear(3, 3)
+        self.never_used = nn.Linear(3, 3)
+
+
+def none_gradient_rank(rank: int, world: int, port: int, out_dir: Path) -> None:
+    join(rank, world, port)
+    torch.manual_seed(0)
+    module = TwoBranches()
+    x = torch.full((2, 3), float(rank + 1))
+    out = module.shared(x) + (module.rank0_only(x) if rank == 0 else 0)
+    out.sum().backward()
+    distributed.all_reduce_gradients(module)
+    torch.save({n: p.grad for n, p in module.named_parameters()}, out_dir / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+def test_a_parameter_without_gradient_on_one_rank_counts_as_zero_there(tmp_path):
+    run_ranks(none_gradient_rank, 2, tmp_path)
+    torch.manual_seed(0)
+    module = TwoBranches()
+    # One process on both ranks' samples: shared sees both, rank0_only rank 0's, with mean over ranks.
+    (module.shared(torch.full((2, 3), 1.0)).sum() + module.shared(torch.full((2, 3), 2.0)).sum()).mul(0.5).backward()
+    (module.rank0_only(torch.full((2, 3), 1.0)).sum() * 0.5).backward()
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert grads["never_used.weight"] is None  # no gradient anywhere: the optimiser skips it
+        for name in ("shared.weight", "shared.bias", "rank0_only.weight", "rank0_only.bias"):
+            torch.testing.assert_close(grads[name], dict(module.named_parameters())[name].grad, msg=name)
 
 
 def test_single_process_helpers_are_no_ops():
-    model = TinyFlow()
+    model = nn.Linear(3, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.ones(1, 3)).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     distributed.init()  # no torchrun environment: nothing to join
     distributed.broadcast_parameters(model)
     distributed.all_reduce_gradients(model)
+    distributed.wait_for_main()
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(grads[k], p.grad) for k, p in model.named_parameters())
     assert distributed.mean_across_ranks({"loss": 2.0}, torch.device("cpu")) == {"loss": 2.0}
 
 

@@ -7,15 +7,11 @@ training collective fails with a gloo timeout.
 """
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
-import torch
-import torch.multiprocessing as mp
-
+from gloo_ranks import join, run_ranks
 from tiny_runs import TINY_RUN
 
 from zoo import evaluation
@@ -71,23 +67,13 @@ def test_training_goes_back_to_phase_train_after_a_periodic_evaluation(tmp_path,
     assert compact == ["train", "eval", "train", "eval"], phases
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # The process group's timeout, and how long rank 0's periodic evaluation takes: longer.
 COLLECTIVE_TIMEOUT_S = 5.0
 SLOW_EVAL_S = 12.0
 
 
 def rank_main(rank: int, world: int, port: int, output_dir: Path) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    distributed.init(device_type="cpu", timeout_s=COLLECTIVE_TIMEOUT_S)
+    join(rank, world, port, timeout_s=COLLECTIVE_TIMEOUT_S)
     evaluate = trainer.run_evaluation
 
     def slow_evaluation(state, run, final, progress):
@@ -105,7 +91,7 @@ def rank_main(rank: int, world: int, port: int, output_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_other_ranks_wait_for_rank_0s_evaluation_at_a_barrier(tmp_path):
-    mp.start_processes(rank_main, args=(2, free_port(), tmp_path), nprocs=2, join=True, start_method="fork")
+    run_ranks(rank_main, 2, tmp_path)
     run = tmp_path / "outputs" / "hb"
     assert json.loads((run / "heartbeat.json").read_text())["status"] == "finished"
     evals = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
