@@ -49,7 +49,7 @@ def test_calibration_picks_a_candidate_and_leaves_model_and_rng_untouched() -> N
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     mode = choose_jvp_mode(model, LossConfig(ratio=0.5), (16, 2), CPU, "fp32")
-    assert mode in candidate_modes(CPU) and mode not in ("nograd", "cuda_graph", "compile")
+    assert mode in candidate_modes(CPU, fused=False) and mode not in ("nograd", "cuda_graph", "compile")
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -68,23 +68,23 @@ def test_second_call_reads_the_cache_without_timing_anything(cache_dir) -> None:
     stored = json.loads((cache_dir / "jvp_modes.json").read_text())
     assert cache_path() == cache_dir / "jvp_modes.json" and len(stored) == 1
     (entry,) = stored.values()
-    assert entry["mode"] == first.mode and set(entry["medians_s"]) == set(candidate_modes(CPU))
+    assert entry["mode"] == first.mode and set(entry["medians_s"]) == set(candidate_modes(CPU, fused=False))
     assert all(math.isfinite(s) and s > 0 for s in entry["medians_s"].values())
 
 
 def test_cache_keys_differ_by_batch_size_precision_model_and_ratio() -> None:
     model = CountingMLP()
-    key = calibration_key(model, LossConfig(), 16, CPU, "fp32", candidate_modes(CPU))
+    key = calibration_key(model, LossConfig(), 16, CPU, "fp32", candidate_modes(CPU, fused=False))
     others = [
-        calibration_key(model, LossConfig(), 32, CPU, "fp32", candidate_modes(CPU)),
-        calibration_key(model, LossConfig(), 16, CPU, "bf16", candidate_modes(CPU)),
-        calibration_key(CountingMLP(hidden=64), LossConfig(), 16, CPU, "fp32", candidate_modes(CPU)),
-        calibration_key(model, LossConfig(ratio=0.25), 16, CPU, "fp32", candidate_modes(CPU)),
-        calibration_key(model, LossConfig(), 16, CPU, "fp32", candidate_modes(CPU, include_compile=True)),
+        calibration_key(model, LossConfig(), 32, CPU, "fp32", candidate_modes(CPU, fused=False)),
+        calibration_key(model, LossConfig(), 16, CPU, "bf16", candidate_modes(CPU, fused=False)),
+        calibration_key(CountingMLP(hidden=64), LossConfig(), 16, CPU, "fp32", candidate_modes(CPU, fused=False)),
+        calibration_key(model, LossConfig(ratio=0.25), 16, CPU, "fp32", candidate_modes(CPU, fused=False)),
+        calibration_key(model, LossConfig(), 16, CPU, "fp32", candidate_modes(CPU, include_compile=True, fused=False)),
     ]
     assert len({key, *others}) == 6
     # Weights do not matter, only the architecture; the configured jvp is what is being chosen.
-    assert calibration_key(CountingMLP(), LossConfig(jvp="primal"), 16, CPU, "fp32", candidate_modes(CPU)) == key
+    assert calibration_key(CountingMLP(), LossConfig(jvp="primal"), 16, CPU, "fp32", candidate_modes(CPU, fused=False)) == key
     # A new batch size is a new calibration.
     calibrate(model, LossConfig(), 16, CPU, "fp32")
     before = CountingMLP.calls
@@ -119,7 +119,7 @@ def test_resolve_for_training_keeps_stored_and_explicit_modes_and_calibrates_aut
     assert "no JVP" in resolve_for_training(fm, model, CPU, 16)[1]
     assert CountingMLP.calls == before  # none of these timed anything
     mode, reason = resolve_for_training(cfg, model, CPU, 16)
-    assert mode in candidate_modes(CPU) and reason.startswith("auto: fastest step of")
+    assert mode in candidate_modes(CPU, fused=False) and reason.startswith("auto: fastest step of")
     assert CountingMLP.calls > before
 
 

@@ -21,7 +21,7 @@ def main() -> None:
 
 
 runner = CliRunner()
-CPU_MODES = ["full_batch", "primal", "selective", "nograd"]
+CPU_MODES = ["fused", "full_batch", "primal", "selective", "nograd"]
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from zoo.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, attention
+from zoo.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, attention, detached_tangents
 
 
 F64 = dict(dtype=torch.float64)
@@ -313,3 +313,19 @@ def test_conv2d_backward_under_bf16_autocast_matches_nn_conv2d():
     out_ref.float().square().sum().backward()
     assert ours.weight.grad.dtype == torch.float32
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_detached_tangents_skip_recording_and_keep_values():
+    torch.manual_seed(0)
+    norm, conv = GroupNorm(4, 8), Conv2d(8, 8, 3, padding=1)
+    x, dx = torch.randn(2, 8, 5, 5, requires_grad=True), torch.randn(2, 8, 5, 5)
+
+    def f(a):
+        return conv(norm(a))
+
+    _, recorded = torch.func.jvp(f, (x,), (dx,))
+    with detached_tangents():
+        out, detached = torch.func.jvp(f, (x,), (dx,))
+    assert recorded.requires_grad and not detached.requires_grad
+    assert out.requires_grad  # the primal still records: gradients through it are unaffected
+    torch.testing.assert_close(detached, recorded.detach(), rtol=0, atol=0)

@@ -2,9 +2,9 @@
 
 The calibration runs on a throwaway copy of the model and a fresh optimiser, on a synthetic
 batch of the run's shape, inside `torch.random.fork_rng`, so the run's weights, optimiser state
-and every RNG stream are exactly as they were.  Candidates: primal, full_batch, selective, plus
-cuda_graph on CUDA and compile when the run asks for torch.compile; nograd (the slow reference)
-never.  A candidate whose peak memory exceeds the limit is not chosen; if none fits, the one
+and every RNG stream are exactly as they were.  Candidates: fused (zoo's own networks), primal,
+full_batch, selective, plus cuda_graph on CUDA and compile when the run asks for torch.compile;
+nograd (the slow reference) never.  A candidate whose peak memory exceeds the limit is not chosen; if none fits, the one
 with the smallest peak is, and the trainer's memory probe then splits the batch.
 
 The choice is cached on disk per (device, model, loss settings, batch size, precision, torch
@@ -29,7 +29,7 @@ from zoo.bench.timing import interleaved_timings
 from zoo.config.schema import LossConfig, OptimConfig, ZooConfigBody
 from zoo.devices import synchronize
 from zoo.losses import resolve_jvp_mode
-from zoo.models.base import FlowModel
+from zoo.models.base import FlowModel, RowTangentModel
 from zoo.runs import atomic_write_json
 from zoo.training.memory import format_bytes
 from zoo.training.optim import build_optimizer
@@ -43,8 +43,9 @@ def cache_path() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "zoo") / CACHE_FILE
 
 
-def candidate_modes(device: torch.device, include_compile: bool = False) -> list[str]:
-    modes = ["primal", "full_batch", "selective"]
+def candidate_modes(device: torch.device, include_compile: bool = False, fused: bool = True) -> list[str]:
+    """fused needs a RowTangentModel (zoo's own networks); pass fused=False for other models."""
+    modes = ["fused", "primal", "full_batch", "selective"] if fused else ["primal", "full_batch", "selective"]
     if device.type == "cuda":
         modes.append("cuda_graph")
     if include_compile:
@@ -114,7 +115,7 @@ def calibrate(
 ) -> Calibration:
     """The fastest JVP mode for this model, batch and device, from the cache or a fresh timing."""
     device = torch.device(device)
-    candidates = candidate_modes(device, include_compile)
+    candidates = candidate_modes(device, include_compile, fused=isinstance(model, RowTangentModel))
     key = calibration_key(model, loss_cfg, batch_size, device, precision, candidates)
     path = cache_path()
     if use_cache:

@@ -84,7 +84,7 @@ class DiTConfig(Section):
 
 ModelConfig = Annotated[MLPConfig | UNetConfig | DiTConfig, Field(discriminator="arch")]
 
-JvpMode = Literal["auto", "primal", "selective", "nograd", "full_batch", "cuda_graph", "compile"]
+JvpMode = Literal["auto", "primal", "fused", "selective", "nograd", "full_batch", "cuda_graph", "compile"]
 
 
 class LossConfig(Section):

@@ -20,14 +20,20 @@ k = ratio * B samples having r != t:
     nograd      no-grad JVP(B) + grad forward(B) + backward         ~ 2 + 1 + 2       = 5F
     full_batch  JVP(B) with grad, primal reused + backward          ~ 2 + 2           = 4F
     primal      JVP(k) with grad + grad forward(B-k) + backward      ~ 2k/B + (1-k/B) + 2 = (3 + k/B)F
+    fused       grad forward(B) carrying the tangent of the k rows   ~ 1 + k/B + 2     = (3 + k/B)F
+                + backward (zoo.models.dual; needs a RowTangentModel, as zoo's networks are)
     selective   no-grad JVP(k) + grad forward(B) + backward         ~ 2k/B + 1 + 2    = (3 + 2k/B)F
     compile     nograd with the JVP compiled (same flops, fused kernels)
     cuda_graph  nograd with the JVP replayed from a CUDA graph (same flops, no launch overhead)
-The grad-recording JVPs (full_batch, primal) also keep the tangent activations alive until the
-JVP returns (peak activation memory up to ~2x a forward), since autograd records tangent ops.
-On small models launch overhead, not flops, dominates; measure.
+primal and fused do the same flops; fused runs them as flow matching does (one forward and one
+backward over the whole batch, at full-batch kernel efficiency) instead of splitting the batch
+into two passes, and computes the tangent without autograd (memory ~ an FM step's).
+The grad-recording JVPs (full_batch, primal) record the built-in ops' tangents with autograd
+(zoo's own layers compute theirs unrecorded, zoo.models.layers.detached_tangents), so their peak
+activation memory is higher than a forward's.  On small models launch overhead, not flops,
+dominates; measure.
 
-Dropout: primal-reusing modes (full_batch, primal) use ONE dropout mask for u and du/dt, as a
+Dropout: primal-reusing modes (full_batch, primal, fused) use ONE dropout mask for u and du/dt, as a
 single JVP call with primal reuse does; nograd/selective/compile/cuda_graph run two forwards, so
 the target's du/dt sees a different mask than the prediction.  The modes therefore differ in
 train mode with active dropout; without dropout (or in eval mode) they agree (tested).
@@ -39,6 +45,7 @@ under bf16 autocast.  Forwards outside the JVP follow the caller's autocast.  No
 reusing the primal compute the prediction u itself inside this island.
 """
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,9 +55,10 @@ from torch import Tensor
 
 from zoo.config.schema import LossConfig
 from zoo.losses.time_sampling import TimePair
-from zoo.models.base import FlowModel
+from zoo.models.base import FlowModel, RowTangentModel
+from zoo.models.layers import detached_tangents
 
-JVP_MODES = ("full_batch", "primal", "selective", "nograd", "compile", "cuda_graph")
+JVP_MODES = ("full_batch", "primal", "fused", "selective", "nograd", "compile", "cuda_graph")
 JVP_PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -117,11 +125,19 @@ def jvp_with_primal(
 ) -> tuple[Tensor, Tensor]:
     """(u, du/dt) inside the precision island, du/dt at least fp32.
 
-    Records autograd for u (and for du/dt: callers detach it) when grad mode is on.
+    Records autograd for u when grad mode is on; du/dt is for detaching (zoo's layers compute
+    their tangents unrecorded, so gradients through it would be incomplete).
     """
-    with jvp_precision(precision, z.device):
+    with jvp_precision(precision, z.device), detached_tangents():
         u, dudt = model_jvp(model, upcast(z), upcast(t), upcast(r), y, upcast(v))
     return u, upcast(dudt)
+
+
+@contextmanager
+def tangent_island(precision: str, device: torch.device) -> Iterator[None]:
+    """Where the fused mode computes tangents: no autograd, the JVP's precision."""
+    with torch.no_grad(), jvp_precision(precision, device):
+        yield
 
 
 def merge(first: Tensor, second: Tensor, times: TimePair) -> Tensor:
@@ -187,6 +203,33 @@ class PrimalJvp(JvpStrategy):
         u_flow = model(z[fi], t[fi], r[fi], select(y, fi))
         dudt = merge(dudt_jvp.detach(), torch.zeros_like(u_flow, dtype=dudt_jvp.dtype), times)
         return merge(u_jvp, u_flow, times), dudt
+
+
+class FusedJvp(JvpStrategy):
+    """One grad forward over the whole batch that also carries du/dt of the r != t rows.
+
+    The prediction is that forward's output (as flow matching's); du/dt is computed layer by
+    layer next to it for the k rows only, without autograd (zoo.models.dual).
+    """
+
+    name = "fused"
+
+    def __call__(self, model, z, t, r, y, v, times):
+        if not isinstance(model, RowTangentModel):
+            raise ValueError(
+                f"jvp='fused' needs a network written in zoo.models.dual ops (a RowTangentModel, as "
+                f"zoo's MLP, U-Net and DiT are); {type(model).__name__} is not one: use jvp='primal'"
+            )
+        if times.n_jvp == 0:
+            u = model(z, t, r, y)
+            return u, torch.zeros_like(upcast(u))
+        rows = times.jvp_index
+        island = functools.partial(tangent_island, self.precision, z.device)
+        with island():
+            dz = upcast(v[rows])
+        u, dudt_rows = model.forward_with_row_tangents(z, t, r, y, rows, dz, island)
+        dudt = torch.zeros((z.shape[0], *dudt_rows.shape[1:]), dtype=dudt_rows.dtype, device=z.device)
+        return u, dudt.index_copy_(0, rows, dudt_rows)
 
 
 class SelectiveJvp(JvpStrategy):
@@ -300,7 +343,7 @@ class CudaGraphJvp(JvpStrategy):
 
 
 STRATEGIES: dict[str, type[JvpStrategy]] = {
-    cls.name: cls for cls in (NogradJvp, FullBatchJvp, PrimalJvp, SelectiveJvp, CompileJvp, CudaGraphJvp)
+    cls.name: cls for cls in (NogradJvp, FullBatchJvp, PrimalJvp, FusedJvp, SelectiveJvp, CompileJvp, CudaGraphJvp)
 }
 
 

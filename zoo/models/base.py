@@ -1,8 +1,13 @@
 """The interface every zoo network implements."""
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
+import torch
 from torch import Tensor, nn
+
+from zoo.models import dual as D
 
 
 class FlowModel(nn.Module, ABC):
@@ -28,3 +33,54 @@ class FlowModel(nn.Module, ABC):
     @abstractmethod
     def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
         """z: (B, *data_shape); t, r: (B,) float; y: (B,) long or None. Returns (B, *data_shape)."""
+
+
+class RowTangentModel(FlowModel):
+    """A FlowModel written as body(z, condition(t, r, y)) with the body in zoo.models.dual ops,
+    so one forward can also carry the JVP of a few rows (MeanFlow's jvp="fused").
+
+    zoo's networks (MLP, U-Net, DiT) are all of this kind.
+    """
+
+    @abstractmethod
+    def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
+        """(B, emb_dim) conditioning vector from the times and labels."""
+
+    @abstractmethod
+    def body(self, z: D.Value, emb: D.Value) -> D.Value:
+        """The network on the noisy input and the conditioning vector (Tensors or Duals)."""
+
+    def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.body(z, self.condition(t, r, y))
+
+    def forward_with_row_tangents(
+        self,
+        z: Tensor,
+        t: Tensor,
+        r: Tensor,
+        y: Tensor | None,
+        rows: Tensor,
+        dz: Tensor,
+        island: Callable[[], AbstractContextManager],
+    ) -> tuple[Tensor, Tensor]:
+        """(u for the whole batch with autograd, du/dt for `rows` without), du/dt along (dz, 1, 0)
+        for (z, t, r), i.e. the JVP of the model restricted to those rows.
+
+        rows: (k,) long batch indices; dz: (k, *data_shape).  `island()` is entered around every
+        tangent computation: it must disable grad and set the tangents' precision.
+        """
+        emb = self.condition(t, r, y)
+        meta = D.RowTangents(rows=rows, batch=z.shape[0], island=island)
+        with island():
+            t_rows, r_rows = meta.at(t), meta.at(r)
+            y_rows = None if y is None else y[rows]
+            # The conditioning network is tiny: torch.func.jvp on the rows is simplest.
+            _, emb_tangent = torch.func.jvp(
+                lambda t_, r_: self.condition(t_, r_, y_rows), (t_rows, r_rows),
+                (torch.ones_like(t_rows), torch.zeros_like(r_rows)),
+            )  # fmt: skip
+        out = self.body(D.Dual(z, dz, meta), D.Dual(emb, emb_tangent, meta))
+        if out.tangent is None:
+            with island():
+                return out.primal, torch.zeros_like(meta.at(out.primal))
+        return out.primal, out.tangent

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from zoo.config.schema import DiTConfig
-from zoo.models.base import FlowModel
+from zoo.models import dual as D
+from zoo.models.base import RowTangentModel
 from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
 from zoo.models.layers import Attention, Conv2d, LayerNorm
 
@@ -60,8 +61,14 @@ def sincos_position_embedding(dim: int, grid_h: int, grid_w: int) -> Tensor:
     return torch.cat([axis(rows.flatten()), axis(cols.flatten())], dim=1).float()
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+def modulate(x: D.Value, shift: D.Value, scale: D.Value) -> D.Value:
+    """x * (1 + scale) + shift, with per-sample (B, hidden) shift and scale broadcast over tokens."""
+    return D.add(D.mul(x, per_token(D.add(scale, 1.0))), per_token(shift))
+
+
+def per_token(x: D.Value) -> D.Value:
+    """(B, hidden) -> (B, 1, hidden), to broadcast over the tokens."""
+    return D.lift(lambda a: a[:, None], x)
 
 
 class DiTBlock(nn.Module):
@@ -78,10 +85,14 @@ class DiTBlock(nn.Module):
         )
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
-        return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+    def forward(self, x: D.Value, c: D.Value) -> D.Value:
+        modulation = D.linear(self.modulation[1], D.silu(c))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = D.chunk(modulation, 6, dim=1)
+        h = D.multi_head_attention(self.attn, modulate(D.layer_norm(self.norm1, x), shift_a, scale_a))
+        x = D.add(x, D.mul(per_token(gate_a), h))
+        h = modulate(D.layer_norm(self.norm2, x), shift_m, scale_m)
+        h = D.linear(self.mlp[2], D.gelu_tanh(D.linear(self.mlp[0], h)))
+        return D.add(x, D.mul(per_token(gate_m), h))
 
 
 class FinalLayer(nn.Module):
@@ -91,12 +102,12 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, out_features)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+    def forward(self, x: D.Value, c: D.Value) -> D.Value:
+        shift, scale = D.chunk(D.linear(self.modulation[1], D.silu(c)), 2, dim=1)
+        return D.linear(self.linear, modulate(D.layer_norm(self.norm, x), shift, scale))
 
 
-class DiT(FlowModel):
+class DiT(RowTangentModel):
     """u(z, t, r, y) on images or latents (C, H, W) with H, W divisible by the patch size."""
 
     def __init__(self, cfg: DiTConfig, data_shape: tuple[int, ...], num_classes: int = 0) -> None:
@@ -152,9 +163,12 @@ class DiT(FlowModel):
         x = x.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, gh * p, gw * p)
 
-    def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
-        c = embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes)
-        x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
+    def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
+        return embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes)
+
+    def body(self, z: D.Value, c: D.Value) -> D.Value:
+        x = D.lift(lambda a: a.flatten(2).transpose(1, 2), D.conv2d(self.patch_embed, z))
+        x = D.add(x, self.pos_embed.to(D.primal(z).dtype))
         for block in self.blocks:
             x = block(x, c)
-        return self.unpatchify(self.final(x, c))
+        return D.lift(self.unpatchify, self.final(x, c))

@@ -15,17 +15,51 @@ training step.  Three layer types are the problem there:
 All are `torch.autograd.Function`s with `forward`/`setup_context` (required by torch.func),
 `backward` and `jvp`.  Their tangents are themselves differentiable (the JVP's ops are recorded
 by autograd when grad mode is on), so a loss may use the primal output of a JVP ("primal reuse")
-and even back-propagate through the tangent and get exact gradients.
+and even back-propagate through the tangent and get exact gradients.  A caller that detaches the
+tangent anyway (every MeanFlow JVP mode) wraps the JVP in `detached_tangents()`: the tangents
+are then computed without recording, which halves a grad-recording JVP's activation memory
+(paper U-Net, batch 8, ratio 0.75: 2.46 -> 1.00 GiB, EXPERIMENT_LOG.md).
+
+The tangent formulas are also plain functions (`group_norm_tangent`, `layer_norm_tangent`,
+`attention_tangent`) for zoo.models.dual, which propagates tangents of a few rows by hand.
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Attention", "Conv2d", "GroupNorm", "LayerNorm", "attention"]
+__all__ = [
+    "Attention", "Conv2d", "GroupNorm", "LayerNorm", "attention", "attention_tangent", "detached_tangents",
+    "group_norm_tangent", "layer_norm_tangent",
+]  # fmt: skip
+
+_tangents_detached = False
+
+
+@contextmanager
+def detached_tangents() -> Iterator[None]:
+    """Within this block the layers' JVP tangents are computed without autograd recording.
+
+    For callers that detach the tangent (it then needs no graph); back-propagating through a
+    tangent computed here would miss these layers' contributions, so only use it where the
+    tangent is detached.
+    """
+    global _tangents_detached
+    previous, _tangents_detached = _tangents_detached, True
+    try:
+        yield
+    finally:
+        _tangents_detached = previous
+
+
+def _tangent_grad_mode():
+    """no_grad inside detached_tangents(), else the caller's grad mode."""
+    return torch.no_grad() if _tangents_detached else nullcontext()
 
 
 # ----------------------------------------------------------------------------- group norm
@@ -101,37 +135,48 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, *_):
         x, weight, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
+        n = x.shape[0]
         groups = ctx.num_groups
         # torch.func passes zeros for inputs without a tangent; torch.autograd.forward_ad
         # passes None.
         dx = torch.zeros_like(x) if dx is None else dx
-        # Low-precision inputs: the closed form subtracts nearly equal terms; do it in fp32.
-        work = torch.promote_types(x.dtype, torch.float32)
-        xg = x.reshape(n, groups, -1).to(work)
-        dxg = dx.reshape(n, groups, -1).to(work)
-        mean = mean.reshape(n, groups, 1).to(work)
-        rstd = rstd.reshape(n, groups, 1).to(work)
-        if torch.is_grad_enabled():
-            # Inside torch.func.jvp `x.requires_grad` reads False even when an outer autograd
-            # level tracks x, so grad mode is the only usable signal.
-            mean, rstd = _differentiable_statistics(xg, mean, rstd)
-        mean_dx = dxg.mean(-1, keepdim=True)
-        # mean((x - mean) * dx), without materialising x - mean
-        mean_xc_dx = torch.linalg.vecdot(xg, dxg).unsqueeze(-1) / xg.shape[-1] - mean * mean_dx
-        w = weight.to(work)
-        a = _per_channel(rstd, c) * w
-        b = _per_channel(-(rstd**3) * mean_xc_dx, c) * w
-        offset = -_per_channel(rstd * mean_dx, c) * w
-        if dw is not None:
-            b = b + _per_channel(rstd, c) * dw.to(work)
-        if db is not None:
-            offset = offset + db.to(work)
-        offset = offset - b * _per_channel(mean, c)  # b * x + offset = b * (x - mean) + ...
-        shape = (n, c) + (1,) * (x.ndim - 2)
-        dy = torch.addcmul(offset.reshape(shape), a.reshape(shape), dx.to(work))
-        dy = dy.addcmul_(b.reshape(shape), x.to(work))
+        with _tangent_grad_mode():
+            # Low-precision inputs: the closed form subtracts nearly equal terms; do it in fp32.
+            work = torch.promote_types(x.dtype, torch.float32)
+            mean = mean.reshape(n, groups, 1).to(work)
+            rstd = rstd.reshape(n, groups, 1).to(work)
+            if torch.is_grad_enabled():
+                # Inside torch.func.jvp `x.requires_grad` reads False even when an outer autograd
+                # level tracks x, so grad mode is the only usable signal.
+                mean, rstd = _differentiable_statistics(x.reshape(n, groups, -1).to(work), mean, rstd)
+            dy = group_norm_tangent(x.to(work), dx.to(work), weight.to(work), mean, rstd, groups, dw, db)
         return dy.to(x.dtype), None, None
+
+
+def group_norm_tangent(
+    x: Tensor, dx: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, groups: int,
+    dw: Tensor | None = None, db: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """The tangent of group norm (see _GroupNormFunction) at x along dx (and dw, db).
+
+    x, dx: (N, C, ...); weight: (C,); mean, rstd: (N, G, 1) — all in the working dtype.
+    """
+    n, c = x.shape[:2]
+    xg, dxg = x.reshape(n, groups, -1), dx.reshape(n, groups, -1)
+    mean_dx = dxg.mean(-1, keepdim=True)
+    # mean((x - mean) * dx), without materialising x - mean
+    mean_xc_dx = torch.linalg.vecdot(xg, dxg).unsqueeze(-1) / xg.shape[-1] - mean * mean_dx
+    a = _per_channel(rstd, c) * weight
+    b = _per_channel(-(rstd**3) * mean_xc_dx, c) * weight
+    offset = -_per_channel(rstd * mean_dx, c) * weight
+    if dw is not None:
+        b = b + _per_channel(rstd, c) * dw.to(x.dtype)
+    if db is not None:
+        offset = offset + db.to(x.dtype)
+    offset = offset - b * _per_channel(mean, c)  # b * x + offset = b * (x - mean) + ...
+    shape = (n, c) + (1,) * (x.ndim - 2)
+    dy = torch.addcmul(offset.reshape(shape), a.reshape(shape), dx)
+    return dy.addcmul_(b.reshape(shape), x)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -141,12 +186,16 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x)[0]
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(output, mean, rstd), the statistics (N, G) without gradient."""
         if torch.is_autocast_enabled(x.device.type):
             # CUDA autocast runs F.group_norm in fp32; the native kernel called here is on no
             # autocast list, so apply that policy by hand (on every device: accurate statistics
             # of low-precision activations, and the closed-form tangent wants fp32).
             x = x.float()
-        return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)[0]
+        return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
 
 
 # ----------------------------------------------------------------------------- layer norm
@@ -182,23 +231,34 @@ class _LayerNormFunction(torch.autograd.Function):
     def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, _):
         x, weight, mean, rstd = ctx.saved_tensors
         dx = torch.zeros_like(x) if dx is None else dx  # None under torch.autograd.forward_ad
-        work = torch.promote_types(x.dtype, torch.float32)
-        xw, dxw = x.to(work), dx.to(work)
-        mean, rstd = mean.to(work), rstd.to(work)
-        if torch.is_grad_enabled():
-            mean, rstd = _differentiable_statistics(xw, mean, rstd)
-        mean_dx = dxw.mean(-1, keepdim=True)
-        mean_xc_dx = torch.linalg.vecdot(xw, dxw).unsqueeze(-1) / x.shape[-1] - mean * mean_dx
-        b = -(rstd**3) * mean_xc_dx
-        dy = torch.addcmul(-rstd * mean_dx - b * mean, rstd, dxw)
-        dy = dy.addcmul_(b, xw)
-        if weight is not None:
-            dy = dy * weight.to(work)
-        if dw is not None:
-            dy = dy + (xw - mean) * rstd * dw.to(work)
-        if db is not None:
-            dy = dy + db.to(work)
+        with _tangent_grad_mode():
+            work = torch.promote_types(x.dtype, torch.float32)
+            xw = x.to(work)
+            mean, rstd = mean.to(work), rstd.to(work)
+            if torch.is_grad_enabled():
+                mean, rstd = _differentiable_statistics(xw, mean, rstd)
+            weight = None if weight is None else weight.to(work)
+            dy = layer_norm_tangent(xw, dx.to(work), weight, mean, rstd, dw, db)
         return dy.to(x.dtype), None, None
+
+
+def layer_norm_tangent(
+    x: Tensor, dx: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    dw: Tensor | None = None, db: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """The tangent of layer norm over the last dim (see _LayerNormFunction); mean, rstd: (..., 1)."""
+    mean_dx = dx.mean(-1, keepdim=True)
+    mean_xc_dx = torch.linalg.vecdot(x, dx).unsqueeze(-1) / x.shape[-1] - mean * mean_dx
+    b = -(rstd**3) * mean_xc_dx
+    dy = torch.addcmul(-rstd * mean_dx - b * mean, rstd, dx)
+    dy = dy.addcmul_(b, x)
+    if weight is not None:
+        dy = dy * weight
+    if dw is not None:
+        dy = dy + (x - mean) * rstd * dw.to(x.dtype)
+    if db is not None:
+        dy = dy + db.to(x.dtype)
+    return dy
 
 
 class LayerNorm(nn.LayerNorm):
@@ -208,12 +268,16 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x)[0]
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(output, mean, rstd), the statistics (..., 1) without gradient."""
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()  # CUDA autocast's policy for layer_norm, as in GroupNorm
-        return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps)[0]
+        return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
 
 
-# ----------------------------------------------------------------------------- attention
+# ----------------------------------------------------------------------------- convolution
 
 
 class _Conv2dFunction(torch.autograd.Function):
@@ -261,7 +325,8 @@ class _Conv2dFunction(torch.autograd.Function):
     def jvp(ctx, dx: Tensor, dw, db, *_) -> Tensor:
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        return F.conv2d(dx, weight.to(dx.dtype), None, stride, padding, dilation, groups)
+        with _tangent_grad_mode():
+            return F.conv2d(dx, weight.to(dx.dtype), None, stride, padding, dilation, groups)
 
 
 class Conv2d(nn.Conv2d):
@@ -271,6 +336,9 @@ class Conv2d(nn.Conv2d):
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise ValueError("zoo.models.layers.Conv2d supports numeric zero padding only")
         return _Conv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# ----------------------------------------------------------------------------- attention
 
 
 def _as_batched_matrices(x: Tensor) -> Tensor:
@@ -315,16 +383,22 @@ class _AttentionFunction(torch.autograd.Function):
         dq, dk, dv = (
             torch.zeros_like(p) if t is None else t for p, t in ((q, dq), (k, dk), (v, dv))
         )
-        scale = q.shape[-1] ** -0.5
-        # Fold the scale into the (small) query side rather than into the N x N scores.
-        qs, dqs = _as_batched_matrices(q * scale), _as_batched_matrices(dq * scale)
-        k3, dk3 = _as_batched_matrices(k), _as_batched_matrices(dk)
-        v3, dv3 = _as_batched_matrices(v), _as_batched_matrices(dv)
-        probs = torch.softmax(torch.bmm(qs, k3.mT), dim=-1)
-        weighted = probs * torch.baddbmm(torch.bmm(dqs, k3.mT), qs, dk3.mT)  # P * dS
-        tangent = torch.baddbmm(torch.bmm(probs, dv3), weighted, v3).reshape(out.shape)
-        row_sums = weighted.sum(-1).reshape(*out.shape[:-1], 1)
-        return torch.addcmul(tangent, row_sums, out, value=-1)
+        with _tangent_grad_mode():
+            return attention_tangent(q, k, v, out, dq, dk, dv)
+
+
+def attention_tangent(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+    """dO of O = attention(q, k, v) (= out) along (dq, dk, dv); see _AttentionFunction."""
+    scale = q.shape[-1] ** -0.5
+    # Fold the scale into the (small) query side rather than into the N x N scores.
+    qs, dqs = _as_batched_matrices(q * scale), _as_batched_matrices(dq * scale)
+    k3, dk3 = _as_batched_matrices(k), _as_batched_matrices(dk)
+    v3, dv3 = _as_batched_matrices(v), _as_batched_matrices(dv)
+    probs = torch.softmax(torch.bmm(qs, k3.mT), dim=-1)
+    weighted = probs * torch.baddbmm(torch.bmm(dqs, k3.mT), qs, dk3.mT)  # P * dS
+    tangent = torch.baddbmm(torch.bmm(probs, dv3), weighted, v3).reshape(out.shape)
+    row_sums = weighted.sum(-1).reshape(*out.shape[:-1], 1)
+    return torch.addcmul(tangent, row_sums, out, value=-1)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -348,7 +422,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, dim = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, dim))
+        # One implementation for Tensors and zoo.models.dual's row-tangent Duals (imported here:
+        # dual builds on this module).
+        from zoo.models.dual import multi_head_attention
+
+        return multi_head_attention(self, x)

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.config.schema import MLPConfig
-from zoo.models.base import FlowModel
+from zoo.models import dual as D
+from zoo.models.base import RowTangentModel
 from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
 
 
@@ -18,11 +19,12 @@ class ResidualBlock(nn.Module):
         self.emb = nn.Linear(emb_dim, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        return x + self.fc2(F.silu(self.fc1(F.silu(x)) + self.emb(emb)))
+    def forward(self, x: D.Value, emb: D.Value) -> D.Value:
+        h = D.add(D.linear(self.fc1, D.silu(x)), D.linear(self.emb, emb))
+        return D.add(x, D.linear(self.fc2, D.silu(h)))
 
 
-class MLP(FlowModel):
+class MLP(RowTangentModel):
     """u(z, t, r, y) for data of shape (dim,): input projection, `depth` residual blocks, output."""
 
     def __init__(
@@ -41,9 +43,11 @@ class MLP(FlowModel):
         self.blocks = nn.ModuleList(ResidualBlock(cfg.hidden, emb_dim) for _ in range(cfg.depth))
         self.output = nn.Linear(cfg.hidden, dim)
 
-    def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
-        emb = F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
-        x = self.input(z)
+    def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
+        return F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
+
+    def body(self, z: D.Value, emb: D.Value) -> D.Value:
+        x = D.linear(self.input, z)
         for block in self.blocks:
             x = block(x, emb)
-        return self.output(F.silu(x))
+        return D.linear(self.output, D.silu(x))

@@ -15,7 +15,8 @@ Resampling handles any size: 2x2 average pooling with ceil_mode (7 -> 4 keeps th
 pixels) and nearest-neighbour upsampling to the size of the matching skip (4 -> 7), so 28x28
 Fashion-MNIST works with three or four resolutions.
 
-GroupNorm and attention come from zoo.models.layers (fast exact JVPs).
+GroupNorm, convolutions and attention come from zoo.models.layers (fast exact JVPs); the
+forward is written in zoo.models.dual ops so that it can also carry row tangents (jvp="fused").
 """
 
 import math
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.config.schema import UNetConfig
-from zoo.models.base import FlowModel
+from zoo.models import dual as D
+from zoo.models.base import RowTangentModel
 from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
 from zoo.models.layers import Attention, Conv2d, GroupNorm
 
@@ -39,11 +41,11 @@ NORM_EPS = 1e-6
 EMB_MULT = 4  # embedding width = EMB_MULT * channels (EDM's channel_mult_emb)
 
 
-def _resample(x: Tensor, mode: Resample, size: tuple[int, int] | None) -> Tensor:
+def _resample(x: D.Value, mode: Resample, size: tuple[int, int] | None) -> D.Value:
     if mode == "down":
-        return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+        return D.lift(lambda a: F.avg_pool2d(a, kernel_size=2, stride=2, ceil_mode=True), x)
     if mode == "up":
-        return F.interpolate(x, size=size, mode="nearest")
+        return D.lift(lambda a: F.interpolate(a, size=size, mode="nearest"), x)
     return x
 
 
@@ -73,8 +75,8 @@ class ResBlock(nn.Module):
         # activations; the zero weights still receive gradients at once.
         nn.init.zeros_(self.conv1.weight)
         nn.init.zeros_(self.conv1.bias)
-        needs_projection = in_channels != out_channels or resample != "none"
-        self.skip = Conv2d(in_channels, out_channels, 1) if needs_projection else nn.Identity()
+        self.needs_projection = in_channels != out_channels or resample != "none"
+        self.skip = Conv2d(in_channels, out_channels, 1) if self.needs_projection else nn.Identity()
         if attention:
             self.norm2 = GroupNorm(num_groups, out_channels, eps=NORM_EPS)
             self.attn = Attention(out_channels, heads)
@@ -83,20 +85,24 @@ class ResBlock(nn.Module):
         else:
             self.attn = None
 
-    def forward(self, x: Tensor, emb: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        h = _resample(F.silu(self.norm0(x)), self.resample, size)
-        h = self.conv0(h) + self.emb(emb)[:, :, None, None]
-        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
-        x = (h + self.skip(_resample(x, self.resample, size))) * SKIP_SCALE
+    def forward(self, x: D.Value, emb: D.Value, size: tuple[int, int] | None = None) -> D.Value:
+        h = _resample(D.silu(D.group_norm(self.norm0, x)), self.resample, size)
+        h = D.add(D.conv2d(self.conv0, h), D.lift(lambda e: e[:, :, None, None], D.linear(self.emb, emb)))
+        h = D.conv2d(self.conv1, D.dropout(self.dropout, D.silu(D.group_norm(self.norm1, h))))
+        skip = _resample(x, self.resample, size)
+        if self.needs_projection:
+            skip = D.conv2d(self.skip, skip)
+        x = D.scale(D.add(h, skip), SKIP_SCALE)
         if self.attn is not None:
-            b, c, height, width = x.shape
-            tokens = self.norm2(x).flatten(2).transpose(1, 2)
-            a = self.attn(tokens).transpose(1, 2).reshape(b, c, height, width)
-            x = (x + a) * SKIP_SCALE
+            height, width = D.primal(x).shape[-2:]
+            tokens = D.lift(lambda a: a.flatten(2).transpose(1, 2), D.group_norm(self.norm2, x))
+            a = D.multi_head_attention(self.attn, tokens)
+            a = D.lift(lambda a_: a_.transpose(1, 2).reshape(a_.shape[0], -1, height, width), a)
+            x = D.scale(D.add(x, a), SKIP_SCALE)
         return x
 
 
-class UNet(FlowModel):
+class UNet(RowTangentModel):
     """u(z, t, r, y) on images (C, H, W)."""
 
     def __init__(self, cfg: UNetConfig, data_shape: tuple[int, ...], num_classes: int = 0) -> None:
@@ -169,10 +175,11 @@ class UNet(FlowModel):
         nn.init.zeros_(self.conv_out.weight)  # output exactly 0 at init (see ResBlock)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
-        emb = F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
+    def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
+        return F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
 
-        x = self.conv_in(z)
+    def body(self, z: D.Value, emb: D.Value) -> D.Value:
+        x = D.conv2d(self.conv_in, z)
         skips = [x]
         for block in self.encoder:
             x = block(x, emb)
@@ -181,7 +188,7 @@ class UNet(FlowModel):
             x = block(x, emb)
         for block in self.decoder:
             if block.resample == "up":
-                x = block(x, emb, size=skips[-1].shape[-2:])
+                x = block(x, emb, size=D.primal(skips[-1]).shape[-2:])
             else:
-                x = block(torch.cat([x, skips.pop()], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(x)))
+                x = block(D.cat([x, skips.pop()], dim=1), emb)
+        return D.conv2d(self.conv_out, D.silu(D.group_norm(self.norm_out, x)))
