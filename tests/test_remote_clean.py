@@ -92,6 +92,25 @@ def test_clean_refuses_everything_patterns_without_all(outputs):
     assert result.exit_code == 0 and "deleted 6 file(s)" in flat(result.output)  # 3 checkpoints + sha256
 
 
+def test_a_glob_that_happens_to_select_every_run_needs_all(outputs):
+    before = files(outputs)
+    for pattern in ("*-*", "[cm]*", "*-?"):  # not "*", yet every run here matches
+        result = runner.invoke(cli(), ["clean", pattern, "--outputs", str(outputs), "--yes"])
+        assert result.exit_code == 2 and "selects every run (3)" in flat(result.output), pattern
+    assert files(outputs) == before
+    allowed = runner.invoke(cli(), ["clean", "*-*", "--all", "--keep-last", "1", "--outputs", str(outputs), "--yes"])
+    assert allowed.exit_code == 0 and "deleted 6 file(s)" in flat(allowed.output)
+
+
+def test_a_literal_name_may_select_the_only_run(tmp_path):
+    write_run(tmp_path, "solo", archived=[10, 20], last_step=20)
+    store = LocalDirStore(tmp_path)
+    assert plan_clean(store, "", "solo", keep_last=0).runs_matched == ["solo"]
+    with pytest.raises(CleanError, match="selects every run"):
+        plan_clean(store, "", "s*", keep_last=0)
+    assert plan_clean(store, "", "s*", keep_last=0, allow_all=True).runs_matched == ["solo"]
+
+
 def test_runs_being_written_and_interrupted_writes(outputs):
     write_run(outputs, "cifar-live", archived=[10, 20], last_step=20, status="running", updated_ago=20, age=20)
     leftover = outputs / "cifar-b" / ".last.pt.tmp-999"

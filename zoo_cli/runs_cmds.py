@@ -326,7 +326,10 @@ def clean(
         store, prefix = remote_store_or_exit(volume, volume_dir), OUTPUTS
     else:
         store, prefix = LocalDirStore(outputs), ""
-    plan = plan_clean(store, prefix, pattern, keep_last, live_window=window)
+    try:
+        plan = plan_clean(store, prefix, pattern, keep_last, live_window=window, allow_all=all_runs)
+    except CleanError as exc:
+        raise fail(str(exc), 2) from None
     print_clean_plan(plan, store.describe())
     if not plan.deletions:
         return

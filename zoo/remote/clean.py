@@ -7,7 +7,9 @@ heartbeat says running and is recent, or (unless its heartbeat says finished or 
 of its files changed recently, which catches a run that has not written its first heartbeat
 yet; anything that changed between the listing and the deletion (the plan records size and
 mtime, and each run and file is checked again just before deleting).
-Patterns with no literal character (`*`, `**`, `?*`) match every run: refused unless `--all`.
+Patterns that select every run are refused unless `--all`: those with no literal character
+(`*`, `**`, `?*`) at once, and any other glob (`c*` where every run starts with c) once the runs
+are listed.
 """
 
 import fnmatch
@@ -77,7 +79,7 @@ def check_pattern(pattern: str | None, allow_all: bool) -> str:
     return pattern
 
 
-def _run_folders(store: RunStore, runs_prefix: str, pattern: str) -> dict[str, list[StoreEntry]]:
+def _run_folders(store: RunStore, runs_prefix: str) -> dict[str, list[StoreEntry]]:
     grouped: dict[str, list[StoreEntry]] = {}
     depth = len(PurePosixPath(runs_prefix).parts) if runs_prefix else 0
     for entry in store.list(runs_prefix, recursive=True):
@@ -85,7 +87,7 @@ def _run_folders(store: RunStore, runs_prefix: str, pattern: str) -> dict[str, l
         if len(parts) <= depth:
             continue
         run = parts[depth]
-        if not RUN_NAME_PATTERN.match(run) or not fnmatch.fnmatchcase(run, pattern):
+        if not RUN_NAME_PATTERN.match(run):
             continue
         grouped.setdefault(run, [])
         if not entry.is_dir:
@@ -115,6 +117,23 @@ def _busy_reason(store: RunStore, folder: str, files: list[StoreEntry], now: flo
     return None
 
 
+def select_runs(
+    runs: dict[str, list[StoreEntry]], pattern: str, allow_all: bool
+) -> dict[str, list[StoreEntry]]:
+    """The runs `pattern` names; a glob that names every run is refused unless `allow_all`.
+
+    A literal name is never refused (it names one run, even when that is the only one).
+    """
+    selected = {run: files for run, files in runs.items() if fnmatch.fnmatchcase(run, pattern)}
+    is_glob = any(char in pattern for char in "*?[")
+    if not allow_all and is_glob and selected and len(selected) == len(runs):
+        raise CleanError(
+            f"pattern {pattern!r} selects every run ({len(runs)}); give a pattern naming fewer runs "
+            "or pass --all to clean every run"
+        )
+    return selected
+
+
 def plan_clean(
     store: RunStore,
     runs_prefix: str,
@@ -122,13 +141,14 @@ def plan_clean(
     keep_last: int,
     now: float | None = None,
     live_window: float = DEFAULT_STALL_AFTER,
+    allow_all: bool = False,
 ) -> CleanPlan:
     """What `zoo clean` would delete under `runs_prefix` ('' for a local outputs folder, 'outputs' on the Volume)."""
     if keep_last < 0:
         raise CleanError(f"--keep-last must be 0 or more, got {keep_last}")
     now = time.time() if now is None else now
     plan = CleanPlan()
-    for run, files in sorted(_run_folders(store, runs_prefix, pattern).items()):
+    for run, files in sorted(select_runs(_run_folders(store, runs_prefix), pattern, allow_all).items()):
         plan.runs_matched.append(run)
         folder = f"{runs_prefix}/{run}" if runs_prefix else run
         busy = _busy_reason(store, folder, files, now, live_window)
