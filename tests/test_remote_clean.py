@@ -200,3 +200,19 @@ def test_remote_clean_uses_the_volume_layout(tmp_path):
         "step_0000003.pt",
     ]
     assert json.loads((volume / "outputs" / "far" / "heartbeat.json").read_text())["status"] == "finished"
+
+
+def test_the_checkpoint_named_in_eval_json_is_kept(tmp_path):
+    """A run as zoo train leaves it: eval.json names the archive its final evaluation used."""
+    from tiny_runs import TINY_RUN
+
+    from zoo.config.loading import load_config
+    from zoo.training.trainer import train_run
+
+    overrides = ["train.steps=15", "train.archive_every=5", "tracking.enabled=false", "run_name=evald"]
+    run = train_run(load_config("moons", [*TINY_RUN, *overrides, f"output_dir={tmp_path}"]))
+    evaluated = json.loads(run.eval_json.read_text())["checkpoint"]
+    assert evaluated == "step_0000015.pt" and run.archive(15).exists()
+    result = runner.invoke(cli(), ["clean", "evald", "--keep-last", "0", "--outputs", str(tmp_path), "--yes"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.root.glob("*.pt")) == ["last.pt", evaluated]

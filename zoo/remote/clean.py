@@ -2,7 +2,8 @@
 
 What may go:  archived checkpoints (`step_XXXXXXX.pt`) beyond the newest `keep_last` of a run,
 and temporaries left by interrupted atomic writes (`.last.pt.tmp-123`).
-What never goes: any run's `last.pt`; anything of a run that may be being written — its
+What never goes: any run's `last.pt`; the archived checkpoint its eval.json was computed from
+(the final evaluation names it: the model behind a reported number stays reproducible); anything of a run that may be being written — its
 heartbeat says running and is recent, or (unless its heartbeat says finished or failed) any
 of its files changed recently, which catches a run that has not written its first heartbeat
 yet; anything that changed between the listing and the deletion (the plan records size and
@@ -105,6 +106,13 @@ def _heartbeat(store: RunStore, folder: str) -> dict | None:
         return {"status": "running", "updated": time.time()}  # caught mid-write: someone is writing
 
 
+def _evaluated_checkpoint(store: RunStore, folder: str, top_level: list[StoreEntry]) -> str | None:
+    """The archive the run's final evaluation (eval.json) names, if it has one."""
+    if not any(f.name == "eval.json" for f in top_level):
+        return None
+    return json.loads(store.read_bytes(f"{folder}/eval.json"))["checkpoint"]
+
+
 def _busy_reason(store: RunStore, folder: str, files: list[StoreEntry], now: float, live_window: float) -> str | None:
     heartbeat = _heartbeat(store, folder)
     if heartbeat is not None and heartbeat.get("status") in ("finished", "failed"):
@@ -156,8 +164,9 @@ def plan_clean(
             plan.skipped.append((run, busy))
             continue
         top_level = [f for f in files if PurePosixPath(f.path).parent == PurePosixPath(folder)]
+        evaluated = _evaluated_checkpoint(store, folder, top_level)
         archived = sorted(
-            (f for f in top_level if checkpoint_step_from_name(f.name) is not None),
+            (f for f in top_level if checkpoint_step_from_name(f.name) is not None and f.name != evaluated),
             key=lambda f: checkpoint_step_from_name(f.name),
         )
         doomed = archived[: max(0, len(archived) - keep_last)]
