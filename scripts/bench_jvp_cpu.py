@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ratios", default="0.25,0.75")
-    parser.add_argument("--modes", default="full_batch,primal,selective,nograd")
+    parser.add_argument("--modes", default="fused,full_batch,primal,selective,nograd")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=0, help="untimed rounds after the memory pass (itself a warm-up)")
     parser.add_argument("--threads", type=int, default=2)

@@ -4,7 +4,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from zoo.bench.jvp_bench import (
@@ -19,8 +18,9 @@ from zoo.bench.jvp_bench import (
 )
 from zoo.training.memory import format_bytes
 from zoo_cli.errors import fail, user_errors
+from zoo_cli.render import make_console
 
-console = Console()
+console = make_console()
 
 
 def bench_jvp(

@@ -13,9 +13,9 @@ from zoo.evaluation import evaluate
 from zoo.inference import load_model
 from zoo.runs import atomic_write_json
 from zoo_cli.errors import user_errors
-from zoo_cli.render import eval_table
+from zoo_cli.render import eval_table, make_console
 
-console = Console()
+console = make_console()
 
 
 def eval_command(

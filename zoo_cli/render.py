@@ -1,5 +1,7 @@
 """Rich renderings shared by commands: the resolved config and the evaluation table."""
 
+import os
+
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
@@ -7,6 +9,19 @@ from rich.table import Table
 from zoo.config.loading import config_to_toml
 from zoo.config.schema import ZooConfigBody
 from zoo.evaluation import EvalReport
+
+
+PIPED_WIDTH = 160
+
+
+def make_console(**kwargs) -> Console:
+    """A command's rich console.  Piped into a file or a CI log there is no terminal to measure
+    and rich would use 80 columns, cutting wide tables into "…"; use PIPED_WIDTH there instead
+    (an explicit COLUMNS still wins)."""
+    console = Console(**kwargs)
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=PIPED_WIDTH, **kwargs)
 
 
 def print_config(console: Console, cfg: ZooConfigBody, title: str = "resolved config") -> None:

@@ -6,7 +6,6 @@ from typing import Annotated
 import numpy as np
 import torch
 import typer
-from rich.console import Console
 
 from zoo.devices import resolve_device
 from zoo.evaluation import Method
@@ -15,8 +14,9 @@ from zoo.plotting import save_image_grid, save_scatter
 from zoo.solvers.ode import get_solver, steps_for_nfe
 from zoo.solvers.samplers import sample_meanflow, sample_ode
 from zoo_cli.errors import fail, user_errors
+from zoo_cli.render import make_console
 
-console = Console()
+console = make_console()
 
 
 def choose_method(meanflow: bool, nfe: int, solver: str | None) -> Method:

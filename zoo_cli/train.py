@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from zoo.checkpoints import load_checkpoint
 from zoo.config.loading import (
@@ -23,9 +22,9 @@ from zoo.config.schema import ZooConfigBody
 from zoo.devices import resolve_device
 from zoo.runs import RunDir, check_run, default_run_name
 from zoo_cli.errors import fail, user_errors
-from zoo_cli.render import eval_table, print_config
+from zoo_cli.render import eval_table, make_console, print_config
 
-console = Console()
+console = make_console()
 
 
 def flag_overrides(**flags: Any) -> dict[str, Any]:
