@@ -134,3 +134,62 @@ def test_only_modal_app_imports_modal():
         if re.search(r"^\s*(import modal|from modal)", p.read_text(), flags=re.M)
     ]
     assert importers == ["zoo/remote/modal_app.py"]
+
+
+class FakeCall:
+    """A FunctionCall whose get() answers as Modal's client would."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+
+    def get(self, timeout):
+        assert timeout == 0  # a poll, never a wait
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+@pytest.mark.parametrize(
+    "outcome, state",
+    [
+        (TimeoutError(), ("running", None)),
+        (modal.exception.OutputExpiredError(), ("finished", None)),
+        ({"status": "finished"}, ("finished", None)),
+        ({"status": "failed", "error": "RunError: not yours"}, ("failed", "RunError: not yours")),
+        (modal.exception.FunctionTimeoutError("12h"), ("failed", "FunctionTimeoutError: 12h")),
+        (modal.exception.RemoteError("terminated"), ("failed", "RemoteError: terminated")),
+    ],
+)
+def test_call_state_reads_the_calls_outcome(monkeypatch, outcome, state):
+    monkeypatch.setattr(modal.FunctionCall, "from_id", lambda call_id: FakeCall(outcome))
+    result = modal_app.call_state("fc-1")
+    assert (result.state, result.error) == state
+
+
+def test_call_state_reports_the_runs_own_failure_and_lets_a_failure_to_ask_through(monkeypatch):
+    from zoo.remote.worker import RemoteTrainingError
+
+    monkeypatch.setattr(modal.FunctionCall, "from_id", lambda call_id: FakeCall(RemoteTrainingError("NCCL timeout")))
+    assert modal_app.call_state("fc-1").state == "failed"
+    # No network, a bad token: that says nothing about the run, which must not be shown as failed.
+    for error in (modal.exception.ConnectionError("unreachable"), modal.exception.AuthError("bad token"), OSError()):
+        monkeypatch.setattr(modal.FunctionCall, "from_id", lambda call_id, error=error: FakeCall(error))
+        with pytest.raises(type(error)):
+            modal_app.call_state("fc-1")
+
+
+def test_remote_train_lets_only_remote_training_errors_out(monkeypatch):
+    from zoo.remote import worker
+
+    class FakeVolume:
+        def commit(self) -> None:
+            pass
+
+    monkeypatch.setattr(modal.Volume, "from_name", lambda name: FakeVolume())
+
+    def broken_supervisor(**kwargs):
+        raise OSError("the Volume went read-only")
+
+    monkeypatch.setattr(worker, "supervise", broken_supervisor)
+    with pytest.raises(worker.RemoteTrainingError, match="outside training: OSError: the Volume went read-only"):
+        modal_app.remote_train({"run_name": "r1"}, "sub-1", False, 1, "zoo-test-volume")

@@ -123,21 +123,31 @@ def function_options(spec: ModalSpec, image: modal.Image) -> dict[str, Any]:
 
 
 def remote_train(config: dict[str, Any], submission_id: str, resume: bool, nproc: int, volume_name: str) -> dict:
-    """One attempt of a remote run, inside the container (Modal retries call it again)."""
-    from zoo.remote.worker import supervise
+    """One attempt of a remote run, inside the container (Modal retries call it again).
+
+    The only exception it lets out is RemoteTrainingError (Modal retries after any exception,
+    so this changes no retry): `call_state` on the client can then tell the run's failure from
+    a failure to ask Modal about it.
+    """
+    from zoo.remote.worker import RemoteTrainingError, describe_exception, supervise
 
     mounted = modal.Volume.from_name(volume_name)
     work_dir = Path(tempfile.mkdtemp(prefix="zoo-attempt-"))
-    return supervise(
-        volume_root=Path(str(VOLUME_MOUNT)),
-        config=config,
-        submission_id=submission_id,
-        resume=resume,
-        nproc=nproc,
-        commit=mounted.commit,
-        work_dir=work_dir,
-        command=f"zoo modal submit (run {config['run_name']})",
-    )
+    try:
+        return supervise(
+            volume_root=Path(str(VOLUME_MOUNT)),
+            config=config,
+            submission_id=submission_id,
+            resume=resume,
+            nproc=nproc,
+            commit=mounted.commit,
+            work_dir=work_dir,
+            command=f"zoo modal submit (run {config['run_name']})",
+        )
+    except RemoteTrainingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the attempt's own machinery failed (Volume, disk): one type out
+        raise RemoteTrainingError(f"the attempt failed outside training: {describe_exception(exc)}") from exc
 
 
 @dataclass
@@ -169,16 +179,30 @@ def spawn(
     return call.object_id, app_id
 
 
+# What FunctionCall.get raises when the call itself ended badly: remote_train's one exception,
+# and Modal's verdicts on the container (time limit, internal failure, a terminated or crashed
+# container, a remote exception it cannot rebuild here).  Anything else (no network, a bad
+# token, an unknown call id) is a failure to ask, and propagates: it is not the run's state.
+CALL_FAILURES: tuple[type[BaseException], ...] = (
+    modal.exception.FunctionTimeoutError,
+    modal.exception.InternalFailure,
+    modal.exception.RemoteError,
+    modal.exception.ExecutionError,
+)
+
+
 def call_state(call_id: str) -> CallState:
     """Modal's view of a run's function call, polled without waiting."""
+    from zoo.remote.worker import RemoteTrainingError
+
     call = modal.FunctionCall.from_id(call_id)
     try:
         result = call.get(timeout=0)
-    except TimeoutError:
+    except TimeoutError:  # the builtin one: no output yet (Modal's own timeouts are not subclasses)
         return CallState("running")
     except modal.exception.OutputExpiredError:
         return CallState("finished")  # results are kept 24 h; the heartbeat tells the rest
-    except Exception as exc:  # the remote exception itself, re-raised here by Modal
+    except (RemoteTrainingError, *CALL_FAILURES) as exc:
         return CallState("failed", f"{type(exc).__name__}: {exc}")
     if result["status"] == "finished":
         return CallState("finished")
