@@ -164,3 +164,22 @@ def test_resuming_a_run_whose_call_may_still_run_cancels_that_call_first(fake_mo
     resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m4"])
     assert resumed.exit_code == 0, resumed.output
     assert cancelled == (["fc-1"] if cancels else []) and len(spawned) == 2
+
+
+def test_status_when_modal_cannot_be_asked_about_a_call(fake_modal, monkeypatch):
+    volume, _ = fake_modal
+    from zoo.remote import credentials
+
+    monkeypatch.setattr(credentials, "ensure_modal_ready", lambda: None)
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m5"]).exit_code == 0
+    write_run(volume / "outputs", "m5", archived=[], last_step=100, status="running", updated_ago=3600)
+
+    def unreachable(call_id):
+        raise modal_app.modal.exception.ConnectionError("modal went away")
+
+    monkeypatch.setattr(modal_app, "call_state", unreachable)
+    result = runner.invoke(zoo_app, ["modal", "status", "--json"])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    assert record["state"] == "stalled"  # judged from its files, not "failed"
+    assert "could not ask Modal about call fc-1" in " ".join(result.stderr.split())

@@ -20,7 +20,7 @@ from zoo.config.loading import ConfigError, config_from_dict, config_to_dict, lo
 from zoo.remote.credentials import ModalUnavailable, ensure_modal_ready
 from zoo.remote.layout import REGISTRY
 from zoo.remote.listing import RunInfo, list_store_runs
-from zoo.remote.status import format_duration, parse_duration
+from zoo.remote.status import CallState, format_duration, parse_duration
 from zoo.remote.store import RunStore
 from zoo.remote.submission import (
     SubmitError,
@@ -199,6 +199,23 @@ def status_table(infos: list[RunInfo], now: float) -> Table:
     return table
 
 
+def call_state_or_warn(call_id: str) -> CallState | None:
+    """Modal's view of a call; None, with a warning, when Modal cannot be asked (the files then judge)."""
+    import modal.exception
+
+    from zoo.remote.modal_app import call_state
+
+    try:
+        return call_state(call_id)
+    except (modal.exception.Error, OSError) as exc:
+        err_console.print(
+            f"[yellow]warning:[/] could not ask Modal about call {call_id} ({type(exc).__name__}: {exc}); "
+            "its run's state comes from its files alone",
+            highlight=False,
+        )
+        return None
+
+
 @app.command()
 def status(
     run: Annotated[str | None, typer.Argument(help="one run (default: every remote run)")] = None,
@@ -210,11 +227,7 @@ def status(
     """Each remote run: running, finished, failed (with the error), stalled or stopped; step, loss, checkpoint."""
     stall = duration_or_exit(stall_after, "--stall-after")
     store = remote_store_or_exit(volume, volume_dir)
-    lookup = None
-    if volume_dir is None:
-        from zoo.remote.modal_app import call_state
-
-        lookup = call_state
+    lookup = call_state_or_warn if volume_dir is None else None
     now = time.time()
     infos = list_store_runs(store, now, stall, call_lookup=lookup)
     if run is not None:

@@ -257,14 +257,15 @@ def list_store_runs(
     store: RunStore,
     now: float | None = None,
     stall_after: float = DEFAULT_STALL_AFTER,
-    call_lookup: Callable[[str], CallState] | None = None,
+    call_lookup: Callable[[str], CallState | None] | None = None,
     workers: int = 8,
 ) -> list[RunInfo]:
     """Runs on a store with the Volume layout (live remote listing).
 
     `call_lookup(call_id)` asks Modal about a run's function call; it is consulted only for
     runs whose files cannot tell (no heartbeat yet, or a stale one), to name a failure the
-    container could not write down (image build error, crash outside training).
+    container could not write down (image build error, crash outside training).  None: Modal
+    could not say.
     """
     now = time.time() if now is None else now
     runs = _group_files(store.list(OUTPUTS, recursive=True), 1)
