@@ -123,6 +123,31 @@ def test_a_run_still_logging_remotely_brings_only_its_new_records(stores):
     assert json.loads((mirror / "heartbeat.json").read_text())["step"] == 60
 
 
+@pytest.mark.parametrize("synced_before_the_retry", [True, False])
+def test_steps_logged_again_after_a_retry_arrive_once(stores, synced_before_the_retry):
+    """A retry resumes from the checkpoint at step 20 and logs steps 30 and 40 a second time."""
+    volume, outputs, local_trackio = stores
+    remote_trackio = volume / "trackio" / "retried"
+    write_run(volume / "outputs", "retried", archived=[], last_step=60, status="running", updated_ago=5, age=5)
+    log_trackio(remote_trackio, "zoo", "retried", steps=[0, 10, 20, 30, 40], image=True)
+    if synced_before_the_retry:
+        assert sync_once(volume, outputs, local_trackio).merges[0].metrics_added == 6  # 5 steps + the image
+    log_trackio(remote_trackio, "zoo", "retried", steps=[30, 40], resume=True, image=True)  # the step-40 grid again
+    log_trackio(remote_trackio, "zoo", "retried", steps=[50, 60], resume=True)
+
+    merged = sync_once(volume, outputs, local_trackio).merges[0]
+    values = trackio_metric(local_trackio, "zoo", "retried@remote")
+    assert [step for step, _ in values] == [0, 10, 20, 30, 40, 50, 60]
+    images = [r for r in metric_rows(local_trackio / "zoo.db") if r[0] == "retried@remote" and r[1] in (40, 60)]
+    assert [step for _, step, _ in images] == [40, 40, 60]  # step 40: its train record and its grid, once each
+    with sqlite3.connect(remote_trackio / "zoo.db") as conn:
+        newest = conn.execute("SELECT log_id FROM metrics WHERE step = 30").fetchall()[-1][0]
+    assert newest in {log_id for _, step, log_id in metric_rows(local_trackio / "zoo.db") if step == 30}
+    assert merged.metrics_replaced == (3 if synced_before_the_retry else 0)  # steps 30, 40 and the grid
+    again = sync_once(volume, outputs, local_trackio)
+    assert again.rows_added == 0
+
+
 def test_a_remote_run_never_clobbers_a_local_run_of_the_same_name(stores, tmp_path):
     volume, outputs, local_trackio = stores
     write_run(outputs, "moons-a", archived=[100], last_step=200)

@@ -182,7 +182,9 @@ def sync(
         f"in {outputs}/<run>{mirror_name('')}",
         highlight=False,
     )
-    console.print(f"  trackio rows: {rows}; media files: {report.media_copied}", highlight=False)
+    replaced = sum(m.metrics_replaced for m in report.merges)
+    again = f" ({replaced} replaced by the same steps logged again after a retry)" if replaced else ""
+    console.print(f"  trackio rows: {rows}{again}; media files: {report.media_copied}", highlight=False)
     console.print(f"trackio: [bold]trackio show[/] (TRACKIO_DIR={trackio_dir}); checkpoints: [bold]zoo ckpts[/]")
 
 

@@ -11,6 +11,12 @@ database twice adds nothing, and merging a newer copy of a database that is stil
 logged to adds exactly the new rows.  Rows without a log_id (older trackio) get a
 deterministic one derived from their content.  Timestamps are kept as logged.
 
+Records logged again: a retried or resumed run repeats the steps after its last checkpoint and
+logs them again, under new log_ids.  A record is a run's row at one step with one set of metric
+names (`train/...` at a log step, `eval/...` or `samples` at an evaluation step); of the rows of
+one record only the newest is kept, in the merged database whatever order the copies arrive in.
+A superseded row is never inserted, so a later sync of the same copy adds nothing either.
+
 Renaming: remote runs are stored locally as `<run>@remote` (see zoo.remote.layout); media
 paths inside logged values (`{"_type": "trackio.image", "file_path": "<project>/<run>/..."}`)
 are rewritten the same way, and the sync copies the media files to the renamed paths.
@@ -45,6 +51,7 @@ class MergeResult:
     database: str
     runs: set[str] = field(default_factory=set)
     metrics_added: int = 0
+    metrics_replaced: int = 0  # rows dropped because the same record was logged again later
     system_metrics_added: int = 0
     configs_written: int = 0
 
@@ -177,6 +184,10 @@ def merge_database(
     return result
 
 
+def _metric_names(stored: bytes | str) -> tuple[str, ...]:
+    return tuple(sorted(json.loads(stored.decode() if isinstance(stored, bytes) else stored)))
+
+
 def _merge_metrics(
     src: sqlite3.Connection,
     dst: sqlite3.Connection,
@@ -184,19 +195,36 @@ def _merge_metrics(
     include: Callable[[str], bool],
     result: MergeResult,
 ) -> None:
-    before = dst.total_changes
+    # The newest row of each record (run, step, metric names) in the source: rows come in the
+    # order they were logged, so a later one replaces an earlier one.
+    newest: dict[tuple[str, int, tuple[str, ...]], tuple] = {}
     rows = src.execute("SELECT run_id, timestamp, run_name, step, metrics, log_id FROM metrics ORDER BY id")
-    for run_id, timestamp, run_name, step, metrics, log_id in rows:
-        if not include(run_name):
-            continue
-        result.runs.add(run_name)
+    for row in rows:
+        run_name, step, metrics = row[2], row[3], row[4]
+        if include(run_name):
+            result.runs.add(run_name)
+            newest[(run_name, step, _metric_names(metrics))] = row
+    for (run_name, step, names), (run_id, timestamp, _, _, metrics, log_id) in newest.items():
         log_id = log_id or _content_log_id(run_id, timestamp, step, metrics)
+        if dst.execute("SELECT 1 FROM metrics WHERE log_id = ?", (log_id,)).fetchone() is not None:
+            continue  # merged before
+        local_name = rename(run_name)
+        same_record = [
+            (row_id, logged)
+            for row_id, logged, stored in dst.execute(
+                "SELECT id, timestamp, metrics FROM metrics WHERE run_name = ? AND step = ?", (local_name, step)
+            )
+            if _metric_names(stored) == names
+        ]
+        if any(logged >= timestamp for _, logged in same_record):
+            continue  # this database already has the record as logged later (ISO timestamps sort as text)
+        dst.executemany("DELETE FROM metrics WHERE id = ?", [(row_id,) for row_id, _ in same_record])
         dst.execute(
-            "INSERT INTO metrics (run_id, timestamp, run_name, step, metrics, log_id) "
-            "SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM metrics WHERE log_id = ?)",
-            (run_id, timestamp, rename(run_name), step, _renamed_metrics_text(metrics, rename), log_id, log_id),
+            "INSERT INTO metrics (run_id, timestamp, run_name, step, metrics, log_id) VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, timestamp, local_name, step, _renamed_metrics_text(metrics, rename), log_id),
         )
-    result.metrics_added = dst.total_changes - before
+        result.metrics_added += 1
+        result.metrics_replaced += len(same_record)
 
 
 def _merge_system_metrics(
