@@ -9,6 +9,7 @@ from zoo.data.base import BatchSource, DataNotFoundError
 from zoo.data.images import build_celeba, build_cifar10, build_digits, build_fashion_mnist, build_imagenet
 from zoo.data.latents import build_imagenet_latents
 from zoo.data.toy2d import TOY_DISTRIBUTIONS, Toy2DSource
+from zoo.training import distributed
 
 __all__ = ["BatchSource", "DataNotFoundError", "build_data"]
 
@@ -27,8 +28,20 @@ def build_data(cfg: DataConfig, device: torch.device | str, seed: int, batch_siz
 
     `seed` fixes what is not drawn from the trainer's generator: the finite training set of a
     2-D source with `train_size`, and the epoch order of file-backed datasets (CelebA, ImageNet).
+
+    With `data.download` under data parallelism, rank 0 builds first (downloading once) while
+    the others wait; then they read what it wrote.  Several processes downloading into one
+    folder would overwrite each other's half-written files.
     """
-    device = torch.device(device)
+    if cfg.download and not distributed.is_main():
+        distributed.wait_for_main()
+    source = _build(cfg, torch.device(device), seed, batch_size)
+    if cfg.download and distributed.is_main():
+        distributed.wait_for_main()
+    return source
+
+
+def _build(cfg: DataConfig, device: torch.device, seed: int, batch_size: int) -> BatchSource:
     if cfg.name in TOY_DISTRIBUTIONS:
         if cfg.image_size is not None:
             raise ValueError(f"data.image_size does not apply to the 2-D dataset {cfg.name!r}: leave it unset")
