@@ -96,7 +96,8 @@ def test_sync_list_download_clean_a_run_written_by_zoo_train(trained, tmp_path):
 
     cleaned = runner.invoke(cli(), ["clean", "moons-real", "--remote", "--volume-dir", str(volume), "--yes"])
     assert cleaned.exit_code == 0, cleaned.output
-    assert sorted(p.name for p in (volume / "outputs" / "moons-real").glob("*.pt")) == ["last.pt"]
+    # Its only archive is the one eval.json names: kept, with last.pt.
+    assert sorted(p.name for p in (volume / "outputs" / "moons-real").glob("*.pt")) == ["last.pt", "step_0000020.pt"]
 
 
 SUPERVISE = """

@@ -201,13 +201,11 @@ def status_table(infos: list[RunInfo], now: float) -> Table:
 
 def call_state_or_warn(call_id: str) -> CallState | None:
     """Modal's view of a call; None, with a warning, when Modal cannot be asked (the files then judge)."""
-    import modal.exception
-
-    from zoo.remote.modal_app import call_state
+    from zoo.remote.modal_app import CLIENT_ERRORS, call_state
 
     try:
         return call_state(call_id)
-    except (modal.exception.Error, OSError) as exc:
+    except CLIENT_ERRORS as exc:
         err_console.print(
             f"[yellow]warning:[/] could not ask Modal about call {call_id} ({type(exc).__name__}: {exc}); "
             "its run's state comes from its files alone",

@@ -189,6 +189,8 @@ CALL_FAILURES: tuple[type[BaseException], ...] = (
     modal.exception.RemoteError,
     modal.exception.ExecutionError,
 )
+# What the Modal client raises when it cannot ask at all (no network, a bad token, an unknown id).
+CLIENT_ERRORS: tuple[type[BaseException], ...] = (modal.exception.Error, OSError)
 
 
 def call_state(call_id: str) -> CallState:
