@@ -125,8 +125,9 @@ def test_meter_works_inside_grad_recording_jvps_and_sees_their_tangent_activatio
         model.zero_grad(set_to_none=True)
         assert peaks[mode].fits
         assert peaks[mode].peak_bytes > meter.static_bytes == 3 * parameter_bytes(model)
-    # Recording the JVP for backward keeps tangent activations alive too (zoo.losses.jvp).
-    assert peaks["full_batch"].peak_bytes > peaks["primal"].peak_bytes > peaks["nograd"].peak_bytes
+    # A JVP recorded for backward over the whole batch keeps the built-in ops' tangent
+    # activations alive too (zoo's own layers compute theirs unrecorded: zoo.losses.jvp).
+    assert peaks["full_batch"].peak_bytes > max(peaks["primal"].peak_bytes, peaks["nograd"].peak_bytes)
 
 
 def test_measuring_changes_no_result() -> None:
