@@ -200,6 +200,35 @@ def test_stream_sampler_epochs():
     assert next(later) == stream[5:8]
 
 
+def test_stream_sampler_ranks_read_disjoint_shares_of_the_global_batches():
+    whole = iter(StreamBatchSampler(7, 6, seed=1, start=2))
+    ranks = [iter(StreamBatchSampler(7, 2, seed=1, start=2, rank=r, world=3)) for r in range(3)]
+    for _ in range(5):  # global batches that straddle epochs included
+        shares = [next(r) for r in ranks]
+        assert sum(shares, []) == next(whole)
+
+
+def test_sharded_loader_sources_together_read_one_process_stream_and_resume_on_every_rank(tmp_path):
+    files = write_id_images(tmp_path / "img", 10)
+    single = loader_source(files, batch_size=4, hflip=False)
+    g = torch.Generator()
+    expected = [decode_rgb(single.next_batch(g)[0])[0] for _ in range(4)]
+
+    ranks = [loader_source(files, batch_size=2, hflip=False) for _ in range(2)]
+    for rank, source in enumerate(ranks):
+        source.shard(rank, 2)
+    got = [torch.cat([decode_rgb(s.next_batch(g)[0])[0] for s in ranks]) for _ in range(2)]
+    assert [t.tolist() for t in got] == [t.tolist() for t in expected[:2]]
+    # Rank 0's state is a position in the shared stream: every rank continues from it.
+    state = ranks[0].state_dict()
+    resumed = [loader_source(files, batch_size=2, hflip=False) for _ in range(2)]
+    for rank, source in enumerate(resumed):
+        source.shard(rank, 2)
+        source.load_state_dict(state)
+    got = [torch.cat([decode_rgb(s.next_batch(g)[0])[0] for s in resumed]) for _ in range(2)]
+    assert [t.tolist() for t in got] == [t.tolist() for t in expected[2:]]
+
+
 def test_loader_source_batches_and_resume(tmp_path):
     files = write_id_images(tmp_path / "img", 10)
     s = loader_source(files)

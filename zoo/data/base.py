@@ -76,6 +76,15 @@ class BatchSource(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # True when every data-parallel rank reads one shared order (each its own share, `shard`),
+    # so rank 0's saved state is every rank's; False when each rank draws its own order from its
+    # own generator (rank 0's state must then not be replayed by the others).
+    order_shared_across_ranks: bool = False
+
+    def shard(self, rank: int, world: int) -> None:
+        """Become data-parallel rank `rank` of `world`.  Sources drawing from the trainer's
+        per-rank generator need nothing; a shared order is cut into disjoint shares here."""
+
     def describe(self) -> str:
         """One line for logs."""
         size = "fresh draws" if self.num_train is None else f"{self.num_train} training samples"

@@ -4,7 +4,9 @@ TensorSource: the whole dataset is one tensor (on the device when `on_device`), 
 per-epoch permutation drawn from the trainer's generator; flips drawn from the same generator.
 LoaderSource: a DataLoader whose workers only decode and resize files; the order comes from a
 sampler whose per-epoch permutation is a pure function of (seed, epoch), so the state to resume is
-one integer, and flips are drawn on the device from the trainer's generator.
+one integer, and flips are drawn on the device from the trainer's generator.  Data-parallel ranks
+share that order and each reads a disjoint share of every global batch.  (TensorSource ranks
+each shuffle with their own generator: independent epochs per rank.)
 
 Both treat the epochs as one endless stream of indices cut into batches, so a batch may straddle
 two epochs, every sample is seen once per epoch and a resumed run may even change the batch size.
@@ -206,28 +208,36 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> np.ndarray:
 
 class StreamBatchSampler:
     """Batches of indices from the endless stream permutation(seed, 0) ++ permutation(seed, 1) ++ ...,
-    starting at stream position `start`."""
+    starting at stream position `start`.
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int) -> None:
+    Data-parallel: the stream is cut into global batches of batch_size * world and rank r takes
+    the r-th share of each, so the ranks' batches are disjoint and together are exactly what one
+    process with the global batch would read.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, rank: int = 0, world: int = 1) -> None:
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
         self.start = start
+        self.rank = rank
+        self.world = world
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, position = divmod(self.start, self.size)
         order = epoch_permutation(self.size, self.seed, epoch)
+        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         while True:
             batch: list[int] = []
-            while len(batch) < self.batch_size:
+            while len(batch) < self.batch_size * self.world:
                 if position == self.size:
                     epoch += 1
                     position = 0
                     order = epoch_permutation(self.size, self.seed, epoch)
-                take = min(self.batch_size - len(batch), self.size - position)
+                take = min(self.batch_size * self.world - len(batch), self.size - position)
                 batch.extend(order[position : position + take].tolist())
                 position += take
-            yield batch
+            yield batch[share]
 
 
 class LoaderSource(BatchSource):
@@ -264,8 +274,15 @@ class LoaderSource(BatchSource):
         self.num_train = len(train)
         if self.num_train == 0:
             raise ValueError(f"{name}: the training set is empty")
-        self.consumed = 0  # position in the endless index stream
+        self.consumed = 0  # position in the endless index stream (all ranks' batches together)
+        self.rank, self.world = 0, 1
         self._iterator: Iterator[tuple[Tensor, Tensor]] | None = None
+
+    order_shared_across_ranks = True
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self._iterator = None
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         # A private generator: DataLoader draws its worker base seed from it when an iterator
@@ -286,10 +303,10 @@ class LoaderSource(BatchSource):
 
     def next_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         if self._iterator is None:
-            sampler = StreamBatchSampler(self.num_train, self.batch_size, self.seed, self.consumed)
+            sampler = StreamBatchSampler(self.num_train, self.batch_size, self.seed, self.consumed, self.rank, self.world)
             self._iterator = iter(self._loader(self.train, batch_sampler=sampler))
         images, labels = next(self._iterator)
-        self.consumed += len(images)
+        self.consumed += len(images) * self.world
         x = self._to_float(images)
         if self.hflip:
             x = random_flip(x, generator)

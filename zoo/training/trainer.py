@@ -90,10 +90,11 @@ def rank_batch_size(cfg: ZooConfigBody) -> int:
 
 def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.seed)
-    # Each data-parallel rank shuffles with its own seed, so ranks read different examples (the
-    # file-backed sources take their order from this seed alone).  Single-process runs: cfg.seed.
-    data_seed = cfg.seed + 1009 * distributed.rank()
-    source = build_data(cfg.data, device, data_seed, rank_batch_size(cfg) // cfg.train.grad_accum)
+    # One data seed for every rank: the same fixed training set (data.train_size) and, for the
+    # file-backed sources, one shared order of which each rank reads a disjoint share.  Sources
+    # that shuffle with the trainer's generator get a different order per rank from it.
+    source = build_data(cfg.data, device, cfg.seed, rank_batch_size(cfg) // cfg.train.grad_accum)
+    source.shard(distributed.rank(), distributed.world_size())
     num_classes = source.num_classes if cfg.data.class_conditional else 0
     model = build_model(cfg.model, source.data_shape, num_classes).to(device)
     distributed.broadcast_parameters(model)
@@ -159,9 +160,10 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
     state.ema.model.load_state_dict(payload["ema"])
     state.ema.updates = int(payload["ema_updates"])
     state.optimizer.load_state_dict(payload["optimizer"])
-    if distributed.rank() == 0:
-        # Only rank 0's data position is saved; other ranks start a fresh epoch of their own
-        # order (reseeded below) rather than reading rank 0's permutation in lockstep.
+    if distributed.rank() == 0 or state.source.order_shared_across_ranks:
+        # Only rank 0's data position is saved.  A shared order continues on every rank from it;
+        # otherwise the other ranks start a fresh epoch of their own order (reseeded below)
+        # rather than reading rank 0's permutation in lockstep.
         state.source.load_state_dict(payload["data_state"])
     state.step = int(payload["step"])
     state.micro_batches = int(payload["micro_batches"])
