@@ -97,7 +97,12 @@ class LossConfig(Section):
     weight_c: float = Field(1e-3, gt=0.0, description="adaptive weight constant c")
     jvp: JvpMode = "auto"
     jvp_precision: Literal["fp32", "tf32", "bf16"] = Field(
-        "fp32", description="precision inside the JVP (fp32 even under bf16 autocast by default)"
+        "tf32",
+        description=(
+            "precision inside the JVP, even under bf16 autocast: tf32 = fp32 tensors with TF32 "
+            "matmuls/convolutions on CUDA (plain fp32 elsewhere); fp32 = IEEE fp32 on CUDA too; "
+            "bf16 = bf16 autocast"
+        ),
     )
     class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="label dropout for guidance")
     guidance_omega: float = Field(1.0, gt=0.0, le=10.0, description="training-time CFG scale (1 = off)")

@@ -39,10 +39,12 @@ the target's du/dt sees a different mask than the prediction.  The modes therefo
 train mode with active dropout; without dropout (or in eval mode) they agree (tested).
 
 Precision: the JVP runs in fp32 with autocast disabled inside and reduced-precision inputs
-upcast, even when the caller is under bf16/fp16 autocast (jvp_precision = "fp32", IEEE fp32
-matmuls on CUDA); "tf32" allows TF32 matmuls/convolutions on CUDA inside; "bf16" runs the JVP
-under bf16 autocast.  Forwards outside the JVP follow the caller's autocast.  Note that modes
-reusing the primal compute the prediction u itself inside this island.
+upcast, even when the caller is under bf16/fp16 autocast.  jvp_precision = "tf32" (the config's
+default: on CUDA the tangent is most of MeanFlow's extra work, and tensor cores run TF32 at a
+multiple of IEEE fp32's rate for ~1e-3 relative error) allows TF32 matmuls/convolutions inside;
+"fp32" forces IEEE fp32 on CUDA too; on CPU both are plain fp32.  "bf16" runs the JVP under bf16
+autocast.  Forwards outside the JVP follow the caller's autocast.  Note that modes reusing the
+primal compute the prediction u itself inside this island (fused: only the tangent).
 """
 
 import functools
