@@ -14,10 +14,13 @@ from zoo.bench.calibration import (
     calibration_key,
     candidate_modes,
     choose_jvp_mode,
+    offers_fused,
     resolve_for_training,
+    time_candidates,
 )
 from zoo.config.loading import load_config
-from zoo.config.schema import LossConfig
+from zoo.config.schema import LossConfig, MLPConfig, OptimConfig
+from zoo.models import build_model
 from zoo.models.base import FlowModel
 
 CPU = torch.device("cpu")
@@ -126,3 +129,24 @@ def test_resolve_for_training_keeps_stored_and_explicit_modes_and_calibrates_aut
 def test_choose_jvp_mode_checks_the_batch_shape() -> None:
     with pytest.raises(ValueError, match="does not match the model's data shape"):
         choose_jvp_mode(CountingMLP(), LossConfig(), (16, 3), CPU, "fp32")
+
+
+def test_fused_is_offered_for_zoo_models_and_under_autocast_only_with_a_bf16_jvp() -> None:
+    zoo_mlp = build_model(MLPConfig(hidden=16, depth=1, time_embed_dim=8), (2,), 0)
+    assert offers_fused(zoo_mlp, LossConfig(), "fp32")
+    assert not offers_fused(zoo_mlp, LossConfig(), "bf16")  # tangent at bf16 activations
+    assert offers_fused(zoo_mlp, LossConfig(jvp_precision="bf16"), "bf16")
+    assert not offers_fused(CountingMLP(), LossConfig(), "fp32")  # no row tangents
+    calibration = calibrate(zoo_mlp, LossConfig(), 32, CPU, "fp32", use_cache=False)
+    assert "fused" in calibration.medians_s
+
+
+def test_peaks_do_not_depend_on_which_candidate_is_measured_first() -> None:
+    """Adam's moments exist before the first candidate's peak is taken (one untimed step)."""
+    model = CountingMLP(hidden=256)
+    orders = (["primal", "selective"], ["selective", "primal"])
+    peaks = [
+        time_candidates(model, LossConfig(ratio=0.5), 64, CPU, "fp32", OptimConfig(), order, None).peak_bytes
+        for order in orders
+    ]
+    assert peaks[0] == peaks[1]

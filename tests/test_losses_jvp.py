@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from zoo.config.schema import LossConfig
+from zoo.config.schema import DiTConfig, LossConfig
 from zoo.losses import MeanFlowLoss, build_jvp, resolve_jvp_mode
 from zoo.losses.jvp import CompileJvp, CudaGraphJvp, jvp_with_primal
 from zoo.losses.time_sampling import sample_t_r
+from zoo.models import build_model
 from zoo.models.base import FlowModel
 
 F64 = torch.float64
@@ -240,3 +241,12 @@ def test_modes_match_reference_on_cuda(mode: str) -> None:
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_jvp_with_primal_returns_a_detached_tangent() -> None:
+    """Layers compute their tangents unrecorded inside it: a graph on du/dt would be incomplete."""
+    model = build_model(DiTConfig(patch_size=2, hidden=16, depth=1, heads=2), (1, 4, 4), 0)
+    z = torch.randn(2, 1, 4, 4)
+    t = torch.rand(2)
+    u, dudt = jvp_with_primal(model, z, t, t * 0.5, None, torch.randn_like(z), "fp32")
+    assert u.requires_grad and not dudt.requires_grad

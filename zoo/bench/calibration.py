@@ -2,10 +2,11 @@
 
 The calibration runs on a throwaway copy of the model and a fresh optimiser, on a synthetic
 batch of the run's shape, inside `torch.random.fork_rng`, so the run's weights, optimiser state
-and every RNG stream are exactly as they were.  Candidates: fused (zoo's own networks), primal,
-full_batch, selective, plus cuda_graph on CUDA and compile when the run asks for torch.compile;
-nograd (the slow reference) never.  A candidate whose peak memory exceeds the limit is not chosen; if none fits, the one
-with the smallest peak is, and the trainer's memory probe then splits the batch.
+and every RNG stream are exactly as they were.  Candidates: fused (zoo's own networks; under
+bf16/fp16 autocast only with jvp_precision="bf16", see offers_fused), primal, full_batch,
+selective, plus cuda_graph on CUDA and compile when the run asks for torch.compile; nograd (the
+slow reference) never.  A candidate whose peak memory exceeds the limit is not chosen; if none
+fits, the one with the smallest peak is, and the trainer's memory probe then splits the batch.
 
 The choice is cached on disk per (device, model, loss settings, batch size, precision, torch
 version) in `$ZOO_CACHE_DIR/jvp_modes.json` (default ~/.cache/zoo), so later runs start at once.
@@ -43,8 +44,15 @@ def cache_path() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "zoo") / CACHE_FILE
 
 
+def offers_fused(model: FlowModel, loss_cfg: LossConfig, precision: str) -> bool:
+    """fused needs a RowTangentModel; under bf16/fp16 autocast its tangent is taken at
+    reduced-precision activations (zoo.losses.jvp.FusedJvp), so there only when the run's
+    jvp_precision="bf16" accepts bf16-size error in du/dt anyway."""
+    return isinstance(model, RowTangentModel) and (precision == "fp32" or loss_cfg.jvp_precision == "bf16")
+
+
 def candidate_modes(device: torch.device, include_compile: bool = False, fused: bool = True) -> list[str]:
-    """fused needs a RowTangentModel (zoo's own networks); pass fused=False for other models."""
+    """fused: whether to offer the fused mode (see offers_fused)."""
     modes = ["fused", "primal", "full_batch", "selective"] if fused else ["primal", "full_batch", "selective"]
     if device.type == "cuda":
         modes.append("cuda_graph")
@@ -115,7 +123,7 @@ def calibrate(
 ) -> Calibration:
     """The fastest JVP mode for this model, batch and device, from the cache or a fresh timing."""
     device = torch.device(device)
-    candidates = candidate_modes(device, include_compile, fused=isinstance(model, RowTangentModel))
+    candidates = candidate_modes(device, include_compile, fused=offers_fused(model, loss_cfg, precision))
     key = calibration_key(model, loss_cfg, batch_size, device, precision, candidates)
     path = cache_path()
     if use_cache:
@@ -153,6 +161,8 @@ def time_candidates(
             mode: training_step_fn(scratch, optimizer, meanflow_loss(loss_cfg, mode, loss_cfg.ratio), batch, precision)
             for mode in candidates
         }
+        # One untimed step first: every candidate's peak then includes Adam's moments.
+        measure_peak(next(iter(steps.values())), device, scratch, optimizer)
         peaks = {mode: measure_peak(step, device, scratch, optimizer) for mode, step in steps.items()}
         fitting = {mode: step for mode, step in steps.items() if peaks[mode] is not None and peaks[mode] <= limit}
         timings = {}

@@ -264,7 +264,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
 
     # One untimed training step first, so that every case's peak includes Adam's moments (a
     # training step's resident state) — without it the first step measured would lack them.
-    next(case for case in cases if case.name == FM_STEP).run()
+    measure_peak(next(case for case in cases if case.name == FM_STEP).run, device, model, optimizer)
     peaks: dict[str, int | None] = {}
     for case in cases:
         tick = time.perf_counter()

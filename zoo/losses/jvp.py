@@ -127,12 +127,13 @@ def jvp_with_primal(
 ) -> tuple[Tensor, Tensor]:
     """(u, du/dt) inside the precision island, du/dt at least fp32.
 
-    Records autograd for u when grad mode is on; du/dt is for detaching (zoo's layers compute
-    their tangents unrecorded, so gradients through it would be incomplete).
+    Records autograd for u when grad mode is on; du/dt comes back detached.
     """
     with jvp_precision(precision, z.device), detached_tangents():
         u, dudt = model_jvp(model, upcast(z), upcast(t), upcast(r), y, upcast(v))
-    return u, upcast(dudt)
+    # Detached: zoo's layers computed their parts of it unrecorded, so a graph left on it by the
+    # built-in ops would give silently incomplete gradients.
+    return u, upcast(dudt).detach()
 
 
 @contextmanager
@@ -211,7 +212,10 @@ class FusedJvp(JvpStrategy):
     """One grad forward over the whole batch that also carries du/dt of the r != t rows.
 
     The prediction is that forward's output (as flow matching's); du/dt is computed layer by
-    layer next to it for the k rows only, without autograd (zoo.models.dual).
+    layer next to it for the k rows only, without autograd (zoo.models.dual).  Under bf16/fp16
+    autocast the tangent is taken at the reduced-precision activations (bf16-size error in du/dt,
+    unlike the other modes' fp32 island), so `auto` offers fused there only when
+    jvp_precision="bf16" says that error is accepted.
     """
 
     name = "fused"
@@ -230,6 +234,7 @@ class FusedJvp(JvpStrategy):
         with island():
             dz = upcast(v[rows])
         u, dudt_rows = model.forward_with_row_tangents(z, t, r, y, rows, dz, island)
+        dudt_rows = upcast(dudt_rows)  # bf16 under jvp_precision="bf16"; the target wants fp32
         dudt = torch.zeros((z.shape[0], *dudt_rows.shape[1:]), dtype=dudt_rows.dtype, device=z.device)
         return u, dudt.index_copy_(0, rows, dudt_rows)
 

@@ -68,7 +68,15 @@ class RowTangentModel(FlowModel):
 
         rows: (k,) long batch indices; dz: (k, *data_shape).  `island()` is entered around every
         tangent computation: it must disable grad and set the tangents' precision.
+
+        The tangent is evaluated at this forward's activations: under bf16/fp16 autocast those
+        are reduced-precision values (measured: du/dt within ~3% of the fp32 JVP on a U-Net, as
+        a JVP run wholly in bf16), whatever the island's precision.
         """
+        if rows.numel() == 0:
+            u = self(z, t, r, y)
+            with island():
+                return u, torch.zeros((0, *u.shape[1:]), dtype=_wide(u.dtype), device=u.device)
         emb = self.condition(t, r, y)
         meta = D.RowTangents(rows=rows, batch=z.shape[0], island=island)
         with island():
@@ -84,3 +92,7 @@ class RowTangentModel(FlowModel):
             with island():
                 return out.primal, torch.zeros_like(meta.at(out.primal))
         return out.primal, out.tangent
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

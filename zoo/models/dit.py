@@ -84,6 +84,8 @@ class DiTBlock(nn.Module):
             nn.Linear(mlp_hidden, hidden),
         )
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        # forward() applies the Linears of `mlp` and `modulation` itself, through zoo.models.dual
+        # ops (SiLU, tanh-GELU); the containers keep DiT's parameter names.
 
     def forward(self, x: D.Value, c: D.Value) -> D.Value:
         modulation = D.linear(self.modulation[1], D.silu(c))

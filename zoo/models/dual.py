@@ -8,7 +8,8 @@ run the JVP on all B rows (tangent work on rows whose tangent is never used).  H
 runs over the whole batch with autograd, exactly as flow matching's, and each layer also
 computes the tangent of just the k rows, without autograd:
 
-    cost ~ FM step + tangent(k rows),   memory ~ FM step + one layer's tangent
+    cost ~ FM step + tangent(k rows),   memory ~ FM step + the k rows' tangents alive at once
+                                        (a layer's, plus a U-Net's skip connections')
 
 A `Dual` is (primal: the (B, ...) activation with its autograd graph, tangent: (k, ...) or
 None for zero, rows: which batch rows the tangent belongs to).  The functions here accept a
@@ -44,11 +45,23 @@ class RowTangents:
     island: Callable[[], AbstractContextManager]  # no grad + the JVP's precision
 
     def at(self, x: Tensor) -> Tensor:
-        """The rows' primal values, detached, upcast from fp16/bf16 (tangent arithmetic is wider)."""
-        x = x.detach()
-        if x.ndim and x.shape[0] == self.batch:
-            x = x[self.rows]
-        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        """The rows of a per-sample (B, ...) tensor, detached, upcast from fp16/bf16 (tangent
+        arithmetic is wider)."""
+        if x.ndim == 0 or x.shape[0] != self.batch:
+            raise ValueError(f"expected a per-sample tensor with {self.batch} rows, got shape {tuple(x.shape)}")
+        return _widened(x.detach()[self.rows])
+
+    def operand(self, x: Tensor, ndim: int) -> Tensor:
+        """A plain Tensor factor of a result with `ndim` dims: per-sample (its rows taken) when it
+        has all `ndim` dims and B rows, else a broadcast constant used as it is.  (Deciding by
+        the first size alone would misread a (C, 1, 1) scale as per-sample whenever C == B.)"""
+        if x.ndim == ndim and x.shape[0] == self.batch:
+            return self.at(x)
+        return _widened(x.detach())
+
+
+def _widened(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @dataclass(frozen=True)
@@ -111,11 +124,12 @@ def mul(a: Value, b: Value) -> Value:
     if meta is None:
         return out
     da, db = tangent(a), tangent(b)
+
+    def rows(x: Value) -> Tensor:
+        return meta.at(x.primal) if isinstance(x, Dual) else meta.operand(x, out.ndim)
+
     with meta.island():
-        terms = [
-            None if da is None else da * meta.at(primal(b)),
-            None if db is None else meta.at(primal(a)) * db,
-        ]
+        terms = [None if da is None else da * rows(b), None if db is None else rows(a) * db]
         return Dual(out, _sum_tangents(*terms), meta)
 
 
@@ -240,7 +254,7 @@ def dropout(module: nn.Dropout, x: Value) -> Value:
         return Dual(out, None, x.meta)
     with x.meta.island():
         scale = 1.0 / (1.0 - module.p)
-        return Dual(out, x.tangent * (keep[x.meta.rows] * scale), x.meta)
+        return Dual(out, x.tangent * (keep[x.meta.rows].to(x.tangent.dtype) * scale), x.meta)
 
 
 def attention(q: Value, k: Value, v: Value) -> Value:
