@@ -11,7 +11,7 @@ from torch import nn
 
 from zoo.config.schema import DiTConfig, LossConfig, MLPConfig, UNetConfig
 from zoo.losses import MeanFlowLoss, build_jvp, build_loss
-from zoo.losses.jvp import tangent_island
+from zoo.losses.jvp import cuda_fp32_precision, tangent_island
 from zoo.losses.time_sampling import sample_t_r
 from zoo.models import build_model
 from zoo.models import dual as D
@@ -250,8 +250,11 @@ def test_fused_matches_nograd_on_cuda():
     for mode in ("nograd", "fused"):
         model.zero_grad()
         loss_fn = MeanFlowLoss(LossConfig(jvp=mode, ratio=0.25, jvp_precision="fp32"))
-        out = loss_fn(model, x, y, torch.Generator(device="cuda").manual_seed(8))
-        out.loss.backward()
+        # IEEE fp32 outside the island too (cuDNN convolutions default to TF32): fused takes its
+        # tangent at the outside forward's activations, nograd at the island's.
+        with cuda_fp32_precision("ieee"):
+            out = loss_fn(model, x, y, torch.Generator(device="cuda").manual_seed(8))
+            out.loss.backward()
         results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_ref, grads_ref), (loss, grads) = results
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)

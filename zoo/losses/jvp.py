@@ -72,6 +72,11 @@ def cuda_fp32_precision(mode: str) -> Iterator[None]:
     legacy allow_tf32 flags otherwise makes later legacy reads raise.
     """
     matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    if matmul == mode and conv == mode:
+        # Nothing to change (the usual case inside training, which sets TF32 globally): the fused
+        # mode enters this once per layer, so skip the four setter calls.
+        yield
+        return
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
     try:
