@@ -27,6 +27,7 @@ The tangent formulas are also plain functions (`group_norm_tangent`, `layer_norm
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ __all__ = [
     "group_norm_tangent", "layer_norm_tangent",
 ]  # fmt: skip
 
-_tangents_detached = False
+# A context variable, not a module global: per thread (and task), so a JVP in one thread does not
+# change how another thread's layers record their tangents.
+_tangents_detached: ContextVar[bool] = ContextVar("zoo_tangents_detached", default=False)
 
 
 @contextmanager
@@ -49,17 +52,16 @@ def detached_tangents() -> Iterator[None]:
     tangent computed here would miss these layers' contributions, so only use it where the
     tangent is detached.
     """
-    global _tangents_detached
-    previous, _tangents_detached = _tangents_detached, True
+    token = _tangents_detached.set(True)
     try:
         yield
     finally:
-        _tangents_detached = previous
+        _tangents_detached.reset(token)
 
 
 def _tangent_grad_mode():
     """no_grad inside detached_tangents(), else the caller's grad mode."""
-    return torch.no_grad() if _tangents_detached else nullcontext()
+    return torch.no_grad() if _tangents_detached.get() else nullcontext()
 
 
 # ----------------------------------------------------------------------------- group norm
