@@ -39,9 +39,11 @@ def kernel_profile(run) -> tuple[float, int, list[tuple[str, float, int]]]:
         run()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e3
+    # Kernel-level events only: operator-level events repeat their kernels' device time.
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    top = sorted(((e.key, e.self_device_time_total / 1e3, e.count) for e in events), key=lambda row: -row[1])[:8]
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    top = sorted(((e.key, e.self_device_time_total / 1e3, e.count) for e in kernels), key=lambda row: -row[1])[:8]
     return busy, launches, top
 
 
