@@ -198,6 +198,15 @@ def all_reduce_gradients(module: nn.Module, bucket_bytes: int = BUCKET_BYTES) ->
             grad.copy_(chunk.view_as(grad))
 
 
+def max_across_ranks(value: int, device: torch.device) -> int:
+    """The largest `value` any rank holds; `value` itself for one process."""
+    if world_size() == 1:
+        return value
+    packed = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return int(packed.item())
+
+
 def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar metrics over ranks (for logging what the whole global batch saw)."""
     if world_size() == 1 or not values:

@@ -264,6 +264,12 @@ def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
     plan = plan_micro_batches(
         lambda size: probe_step(state, size), meter, batch, state.micro_batches, cfg.auto_microbatch
     )
+    # Every rank splits as finely as the rank that needed most: the same micro-batch size keeps
+    # the ranks' shares of a shared data order aligned (LoaderSource) and their steps in lockstep.
+    # (A finer split than this rank's own needs no more memory than the one it measured.)
+    finest = distributed.max_across_ranks(plan.micro_batches, state.device)
+    if finest != plan.micro_batches:
+        plan = MicroBatchPlan(finest, batch // finest, plan.peak_bytes)
     if plan.micro_batches != state.micro_batches:
         console.print(f"[yellow]memory:[/] {plan.describe(batch)}")
     state.micro_batches = plan.micro_batches
