@@ -157,3 +157,24 @@ def test_status_shows_the_phase_of_a_live_run(tmp_path):
     assert [(r["state"], r["phase"]) for r in json.loads(as_json.output)] == [("running", "eval")]
     table = runner.invoke(zoo_app, ["modal", "status", "--volume-dir", str(volume)], env={"COLUMNS": "200"})
     assert "running (eval)" in table.output
+
+
+def test_a_heartbeat_older_than_the_latest_submission_is_the_previous_attempts():
+    # Resumed 60 s ago; the heartbeat is the earlier attempt's (failed, finished, or stale).
+    for old in (beat("failed", 600, error="RuntimeError: x"), beat("finished", 600), beat("running", 3600)):
+        waiting = run_status(old, NOW, 900, submitted_at=NOW - 60)
+        assert waiting.state == "pending" and "waiting for the container" in waiting.detail
+        assert waiting.step == old["step"]
+    # The call lookup still names a failure the new container could not write down.
+    lookup = CallState("failed", "ImportError")
+    crashed = run_status(beat("finished", 600), NOW, 900, submitted_at=NOW - 60, call=lookup)
+    assert (crashed.state, crashed.detail) == ("failed", "ImportError")
+    # Within the clocks' disagreement the heartbeat counts as the new container's.
+    assert run_status(beat("running", 70), NOW, 900, submitted_at=NOW - 60).state == "running"
+
+
+def test_a_retrying_failure_then_stopped_is_stopped_with_its_last_error():
+    failed = beat("failed", 100, error="RuntimeError: NCCL", retrying=True, attempt=2)
+    status = run_status(failed, NOW, 900, submitted_at=NOW - 900, stopped_at=NOW - 60)
+    assert status.state == "stopped" and "(last error: RuntimeError: NCCL)" in status.detail
+    assert "Modal retries it" not in status.detail

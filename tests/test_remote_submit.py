@@ -57,6 +57,13 @@ def submission(volume, run):
     return json.loads((volume / "remote" / run / "submission.json").read_text())
 
 
+def backdate_submission(volume, run, seconds=7200.0):
+    """Submitted `seconds` earlier: the heartbeats write_run writes then come from its container."""
+    path = volume / "remote" / run / "submission.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "submitted": record["submitted"] - seconds}))
+
+
 def test_submit_sends_the_resolved_remote_config_and_records_the_call(fake_modal):
     volume, spawned = fake_modal
     result = runner.invoke(
@@ -81,6 +88,7 @@ def test_a_name_in_use_is_refused_unless_resuming(fake_modal):
     again = runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m2"])
     assert again.exit_code == 1 and "already exists" in " ".join(again.output.split())
     assert len(spawned) == 1
+    backdate_submission(volume, "m2")
 
     # Resuming needs a checkpoint, and a run that is not running any more.
     refused = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m2"])
@@ -160,6 +168,7 @@ def test_a_stopped_run_resumed_is_no_longer_stopped(fake_modal):
 def test_resuming_a_run_whose_call_may_still_run_cancels_that_call_first(fake_modal, heartbeat, cancels):
     volume, spawned = fake_modal
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m4"]).exit_code == 0
+    backdate_submission(volume, "m4")
     write_run(volume / "outputs", "m4", archived=[], last_step=100, **heartbeat)
     resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m4"])
     assert resumed.exit_code == 0, resumed.output
@@ -172,6 +181,7 @@ def test_status_when_modal_cannot_be_asked_about_a_call(fake_modal, monkeypatch)
 
     monkeypatch.setattr(credentials, "ensure_modal_ready", lambda: None)
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m5"]).exit_code == 0
+    backdate_submission(volume, "m5")
     write_run(volume / "outputs", "m5", archived=[], last_step=100, status="running", updated_ago=3600)
 
     def unreachable(call_id):
@@ -183,3 +193,36 @@ def test_status_when_modal_cannot_be_asked_about_a_call(fake_modal, monkeypatch)
     (record,) = json.loads(result.stdout)
     assert record["state"] == "stalled"  # judged from its files, not "failed"
     assert "could not ask Modal about call fc-1" in " ".join(result.stderr.split())
+
+
+def test_a_second_resume_while_the_first_is_pending_is_refused(fake_modal):
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m6"]).exit_code == 0
+    backdate_submission(volume, "m6")
+    write_run(volume / "outputs", "m6", archived=[], last_step=100, status="failed", updated_ago=600, error="x")
+    first = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m6"])
+    assert first.exit_code == 0, first.output and len(spawned) == 2
+    # Its container has not started: the heartbeat is still the failed attempt's.
+    assert remote_states(volume) == {"m6": "pending"}
+    second = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m6"])
+    text = " ".join(second.output.split())
+    assert second.exit_code == 1 and "a resume of 'm6' is already pending (call fc-2" in text, text
+    assert "`zoo modal stop m6` first" in text
+    assert len(spawned) == 2 and cancelled == [] and submission(volume, "m6")["call_id"] == "fc-2"
+    # After a stop, resuming is allowed again.
+    assert runner.invoke(zoo_app, ["modal", "stop", "m6"]).exit_code == 0
+    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m6"]).exit_code == 0
+    assert len(spawned) == 3
+
+
+def test_within_clock_skew_the_containers_start_record_decides(fake_modal):
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m7"]).exit_code == 0
+    # A heartbeat 5 s older than the submission may be skew: without a start line, still pending.
+    write_run(volume / "outputs", "m7", archived=[], last_step=100, status="failed", updated_ago=5, error="x")
+    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m7"]).exit_code == 1
+    start = {"event": "start", "submission_id": submission(volume, "m7")["submission_id"], "attempt": 1}
+    (volume / "remote" / "m7" / "attempts.jsonl").write_text(json.dumps(start) + "\n")
+    resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m7"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(spawned) == 2

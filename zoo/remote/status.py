@@ -7,12 +7,16 @@ This is what the predecessor lacked: its out-of-memory runs "appeared running" f
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 State = Literal["pending", "running", "finished", "failed", "stalled", "stopped", "unknown"]
 
 DEFAULT_STALL_AFTER = 15 * 60.0
+# Submission times come from the client's clock, heartbeats from the container's: a heartbeat
+# older than a submission by more than this was written before that submission (by an earlier
+# attempt), not by its container.
+CLOCK_SKEW_S = 30.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -80,6 +84,17 @@ def run_status(
     if heartbeat is None:
         stop = stop_in_effect(stopped_at, submitted_at)
         return _status_without_heartbeat(now, stall_after, submitted_at, stop, call)
+    if submitted_at is not None and heartbeat_predates(heartbeat, submitted_at):
+        # A resume whose container has not written yet: the heartbeat is the previous attempt's.
+        stop = stop_in_effect(stopped_at, submitted_at)
+        waiting = _status_without_heartbeat(now, stall_after, submitted_at, stop, call)
+        return replace(
+            waiting,
+            step=heartbeat.get("step"),
+            loss=heartbeat.get("loss"),
+            last_checkpoint=heartbeat.get("last_checkpoint"),
+            updated_ago=now - float(heartbeat["updated"]),
+        )
     updated = float(heartbeat["updated"])
     started = float(heartbeat.get("started", updated))
     stop = stop_in_effect(stopped_at, submitted_at if submitted_at is not None else started)
@@ -110,6 +125,9 @@ def run_status(
         return status("stopped", f"stopped with `zoo modal stop` {format_duration(now - stop)} ago")
     if reported == "failed":
         error = heartbeat.get("error") or "failed without an error message"
+        if stop is not None and heartbeat.get("retrying"):  # the stop ended the retries
+            ago = format_duration(now - stop)
+            return status("stopped", f"stopped with `zoo modal stop` {ago} ago (last error: {error})")
         if heartbeat.get("retrying"):
             error += f" (attempt {heartbeat.get('attempt', '?')}; Modal retries it, resuming from the last checkpoint)"
         return status("failed", error)
@@ -172,3 +190,8 @@ def is_live_writer(heartbeat: dict[str, Any] | None, now: float, live_window: fl
     if heartbeat is None:
         return False
     return heartbeat.get("status") == "running" and now - float(heartbeat["updated"]) < live_window
+
+
+def heartbeat_predates(heartbeat: dict[str, Any] | None, submitted_at: float) -> bool:
+    """Whether `heartbeat` was written before the submission made at `submitted_at` (see CLOCK_SKEW_S)."""
+    return heartbeat is None or float(heartbeat["updated"]) < submitted_at - CLOCK_SKEW_S

@@ -17,7 +17,14 @@ from typing import Any
 from zoo.config.loading import config_from_dict, config_to_dict
 from zoo.config.schema import ZooConfigBody
 from zoo.remote.layout import OUTPUTS, REGISTRY, mounted_path, validate_run_name
-from zoo.remote.status import DEFAULT_STALL_AFTER, format_duration, is_live_writer, stop_in_effect
+from zoo.remote.status import (
+    CLOCK_SKEW_S,
+    DEFAULT_STALL_AFTER,
+    format_duration,
+    heartbeat_predates,
+    is_live_writer,
+    stop_in_effect,
+)
 from zoo.remote.store import RunStore
 
 # Modal's GPU types (modal.com/docs/guide/gpu); a count after ':' puts several in one container.
@@ -156,6 +163,29 @@ def check_resumable(store: RunStore, run: str, live_window: float = DEFAULT_STAL
             f"remote run {run!r} is still running (heartbeat {format_duration(now - heartbeat['updated'])} "
             f"ago); stop it first (`zoo modal stop {run}`) or wait for it to end"
         )
+    if not is_stopped and awaits_container(store, run, previous, heartbeat):
+        what = "a resume" if previous["resume"] else "the submission"
+        raise SubmitError(
+            f"{what} of {run!r} is already pending (call {previous.get('call_id')}, submitted "
+            f"{format_duration(now - previous['submitted'])} ago; its container has not reported yet); "
+            f"`zoo modal stop {run}` first"
+        )
     status = None if heartbeat is None else heartbeat["status"]
     ended = is_stopped or status == "finished" or (status == "failed" and not heartbeat.get("retrying"))
     return ResumeTarget(previous, None if ended else previous.get("call_id"))
+
+
+def awaits_container(store: RunStore, run: str, submission: dict[str, Any], heartbeat: dict[str, Any] | None) -> bool:
+    """Whether the container of `submission` has yet to write the heartbeat (it is an earlier attempt's).
+
+    Clearly older than the submission: yes.  Within the clocks' disagreement (CLOCK_SKEW_S), the
+    container's own record decides: it appends a "start" line to attempts.jsonl before training.
+    """
+    if heartbeat_predates(heartbeat, submission["submitted"]):
+        return True
+    if float(heartbeat["updated"]) >= submission["submitted"] + CLOCK_SKEW_S:
+        return False
+    attempts = f"{REGISTRY}/{run}/attempts.jsonl"
+    lines = store.read_text(attempts).splitlines() if store.stat(attempts) is not None else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return not any(r["event"] == "start" and r["submission_id"] == submission["submission_id"] for r in records)
