@@ -5,6 +5,7 @@ No token, no network: building App/Image/Volume/Function objects is local in mod
 
 import importlib.metadata
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -14,6 +15,7 @@ modal = pytest.importorskip("modal", reason="the Modal layer needs the 'remote' 
 
 from zoo.config.loading import load_config  # noqa: E402
 from zoo.remote import modal_app  # noqa: E402
+from zoo.remote.status import RemoteTrainingError  # noqa: E402
 from zoo.remote.submission import MAX_TIMEOUT_S, check_timeout, parse_gpu, remote_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,4 +194,18 @@ def test_remote_train_lets_only_remote_training_errors_out(monkeypatch):
 
     monkeypatch.setattr(worker, "supervise", broken_supervisor)
     with pytest.raises(worker.RemoteTrainingError, match="outside training: OSError: the Volume went read-only"):
+        modal_app.remote_train({"run_name": "r1"}, "sub-1", False, 1, "zoo-test-volume")
+
+
+def test_call_state_reports_any_other_exception_of_the_call_as_its_failure(monkeypatch):
+    # An exception Modal rebuilt from the container (an image without a module, say) is the run's failure.
+    missing = ModuleNotFoundError("No module named 'zoo.remote.worker'")
+    monkeypatch.setattr(modal.FunctionCall, "from_id", lambda call_id: FakeCall(missing))
+    result = modal_app.call_state("fc-1")
+    assert (result.state, result.error) == ("failed", "ModuleNotFoundError: No module named 'zoo.remote.worker'")
+
+
+def test_remote_train_reports_an_image_that_cannot_import_the_worker_as_its_failure(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zoo.remote.worker", None)  # importing it raises ModuleNotFoundError
+    with pytest.raises(RemoteTrainingError, match="outside training: ModuleNotFoundError"):
         modal_app.remote_train({"run_name": "r1"}, "sub-1", False, 1, "zoo-test-volume")

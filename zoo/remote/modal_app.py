@@ -29,7 +29,7 @@ import modal.exception
 from modal.volume import FileEntryType
 
 from zoo.remote.layout import DEFAULT_VOLUME, VOLUME_MOUNT
-from zoo.remote.status import CallState
+from zoo.remote.status import CallState, RemoteTrainingError
 from zoo.remote.store import RunStore, StoreEntry, StoreError
 from zoo.remote.submission import GpuRequest
 
@@ -127,13 +127,14 @@ def remote_train(config: dict[str, Any], submission_id: str, resume: bool, nproc
 
     The only exception it lets out is RemoteTrainingError (Modal retries after any exception,
     so this changes no retry): `call_state` on the client can then tell the run's failure from
-    a failure to ask Modal about it.
+    a failure to ask Modal about it.  Everything is inside the `try`, the imports too: an image
+    that cannot import the trainer fails like any other attempt.
     """
-    from zoo.remote.worker import RemoteTrainingError, describe_exception, supervise
-
-    mounted = modal.Volume.from_name(volume_name)
-    work_dir = Path(tempfile.mkdtemp(prefix="zoo-attempt-"))
     try:
+        from zoo.remote.worker import supervise
+
+        mounted = modal.Volume.from_name(volume_name)
+        work_dir = Path(tempfile.mkdtemp(prefix="zoo-attempt-"))
         return supervise(
             volume_root=Path(str(VOLUME_MOUNT)),
             config=config,
@@ -146,8 +147,8 @@ def remote_train(config: dict[str, Any], submission_id: str, resume: bool, nproc
         )
     except RemoteTrainingError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the attempt's own machinery failed (Volume, disk): one type out
-        raise RemoteTrainingError(f"the attempt failed outside training: {describe_exception(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - the attempt's own machinery failed (import, Volume, disk): one type out
+        raise RemoteTrainingError(f"the attempt failed outside training: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -195,8 +196,6 @@ CLIENT_ERRORS: tuple[type[BaseException], ...] = (modal.exception.Error, OSError
 
 def call_state(call_id: str) -> CallState:
     """Modal's view of a run's function call, polled without waiting."""
-    from zoo.remote.worker import RemoteTrainingError
-
     call = modal.FunctionCall.from_id(call_id)
     try:
         result = call.get(timeout=0)
@@ -205,6 +204,10 @@ def call_state(call_id: str) -> CallState:
     except modal.exception.OutputExpiredError:
         return CallState("finished")  # results are kept 24 h; the heartbeat tells the rest
     except (RemoteTrainingError, *CALL_FAILURES) as exc:
+        return CallState("failed", f"{type(exc).__name__}: {exc}")
+    except CLIENT_ERRORS:
+        raise  # a failure to ask, not the run's state
+    except Exception as exc:  # noqa: BLE001 - any other exception the call raised (rebuilt here): its failure
         return CallState("failed", f"{type(exc).__name__}: {exc}")
     if result["status"] == "finished":
         return CallState("finished")

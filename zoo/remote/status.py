@@ -50,6 +50,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours / 24:.1f}d"
 
 
+class RemoteTrainingError(RuntimeError):
+    """A remote attempt's failure, the one exception its Modal function lets out (Modal then retries).
+
+    Raised in the container (zoo.remote.worker, zoo.remote.modal_app) and recognised by the
+    client's call lookup; defined here so that neither side needs the training stack to name it.
+    """
+
+
 @dataclass(frozen=True)
 class CallState:
     """What Modal reports about the function call of a remote run."""

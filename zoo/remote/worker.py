@@ -42,6 +42,7 @@ from zoo.checkpoints import CheckpointError
 from zoo.config.loading import config_from_dict
 from zoo.data.base import DataNotFoundError
 from zoo.remote.layout import ATTEMPTS, OUTPUTS, REGISTRY, TRACKIO
+from zoo.remote.status import RemoteTrainingError
 from zoo.runs import RunDir, RunError, atomic_write_json
 from zoo.training import distributed
 
@@ -73,10 +74,6 @@ SIGKILL_HINT = (
 SIGKILL_EXIT_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)
 EXIT_RETRYABLE = 1
 EXIT_NO_RETRY = 3
-
-
-class RemoteTrainingError(RuntimeError):
-    """Training failed in a way a fresh attempt may not repeat: raised so that Modal retries."""
 
 
 @dataclass(frozen=True)
