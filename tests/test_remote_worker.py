@@ -16,11 +16,14 @@ from zoo.checkpoints import save_checkpoint
 from zoo.config.loading import config_to_dict, load_config
 from zoo.remote.status import run_status
 from zoo.remote.worker import (
+    LOADER_KILLED_HINT,
     OOM_HINT,
     SIGKILL_HINT,
     RemoteTrainingError,
     RunPaths,
     collect_failure,
+    describe_exception,
+    is_retryable,
     plan_attempt,
     read_attempts,
     snapshot_trackio,
@@ -241,3 +244,30 @@ def test_trackio_snapshot_is_a_consistent_single_file(tmp_path):
         assert copy.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 100
         assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     assert (target / "media" / "zoo" / "r1" / "5" / "grid.png").read_bytes() == b"png"
+
+
+def test_a_killed_dataloader_worker_is_host_memory_and_not_retried():
+    for text in (
+        "DataLoader worker (pid 1234) is killed by signal: Killed.",
+        "DataLoader worker (pid(s) 1234, 1235) exited unexpectedly",
+    ):
+        exc = RuntimeError(text)
+        assert not is_retryable(exc)
+        assert describe_exception(exc).endswith(LOADER_KILLED_HINT) and "data.num_workers" in LOADER_KILLED_HINT
+    assert is_retryable(RuntimeError("NCCL watchdog timeout"))
+
+
+def test_host_memory_is_judged_from_the_first_rank_to_fail(tmp_path):
+    paths = RunPaths(tmp_path, "r1")
+    paths.registry.mkdir(parents=True)
+    # Rank 0 failed first with its own error; rank 2 was SIGKILLed afterwards (collateral).
+    launched = [{"rank": 0, "exitcode": 1, "signal": None}, {"rank": 2, "exitcode": -9, "signal": "SIGKILL"}]
+    paths.launch_failures.write_text(json.dumps({"failures": launched, "first_rank": 0}))
+    report = {"rank": 0, "error": "ValueError: bad shape", "retryable": False}
+    (paths.registry / "failure-rank0.json").write_text(json.dumps(report))
+    failure = collect_failure(paths, 1)
+    assert (failure.error, failure.retryable) == ("ValueError: bad shape", False)
+    # The SIGKILLed rank failing first is the host running out of memory.
+    paths.launch_failures.write_text(json.dumps({"failures": launched, "first_rank": 2}))
+    failure = collect_failure(paths, 1)
+    assert (failure.error, failure.retryable) == (f"rank 2 {SIGKILL_HINT}", False)

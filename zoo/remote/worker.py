@@ -70,6 +70,12 @@ SIGKILL_HINT = (
     "killed by SIGKILL — most likely the container ran out of host memory (the OOM killer sends "
     "SIGKILL, so the process could not report it); lower train.batch_size or data.num_workers"
 )
+LOADER_KILLED_HINT = (
+    " — a data-loading worker process died, most likely killed by the OOM killer (the container ran "
+    "out of host memory); lower data.num_workers or train.batch_size"
+)
+# How PyTorch's DataLoader reports a worker process that died (usually the host's OOM killer).
+LOADER_KILLED = ("is killed by signal: Killed", "exited unexpectedly")
 # How a process killed by SIGKILL ends: -9 from Popen or torchrun, 137 (128 + 9) through a shell.
 SIGKILL_EXIT_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)
 EXIT_RETRYABLE = 1
@@ -96,11 +102,19 @@ def describe_exception(exc: BaseException) -> str:
     message = type(exc).__name__ + (f": {text.splitlines()[0][:500]}" if text else "")
     if isinstance(exc, torch.OutOfMemoryError):
         message += OOM_HINT
+    elif is_loader_worker_death(exc):
+        message += LOADER_KILLED_HINT
     return message
 
 
+def is_loader_worker_death(exc: BaseException) -> bool:
+    """A DataLoader worker killed (host out of memory): a retry with the same settings dies the same way."""
+    text = str(exc)
+    return "DataLoader worker" in text and any(sign in text for sign in LOADER_KILLED)
+
+
 def is_retryable(exc: BaseException) -> bool:
-    return not isinstance(exc, NON_RETRYABLE)
+    return not isinstance(exc, NON_RETRYABLE) and not is_loader_worker_death(exc)
 
 
 class RunPaths:
@@ -236,13 +250,18 @@ def collect_failure(paths: RunPaths, returncode: int) -> Failure:
 
     Under torchrun a rank the OOM killer took leaves no report, and torchrun exits with 1 like
     any crash: its launcher's record (torchrun-failures.json) says which rank died of SIGKILL.
-    That death is the cause; the other ranks' errors (a collective that lost its peer) are
+    When that rank failed first, its death is the cause; the other ranks' errors (a collective that lost its peer) are
     consequences, and a retry would run out of memory again.
     """
-    launched = json.loads(paths.launch_failures.read_text())["failures"] if paths.launch_failures.exists() else []
-    killed = [f"rank {f['rank']}" for f in launched if f["exitcode"] in SIGKILL_EXIT_CODES]
-    if killed or returncode in SIGKILL_EXIT_CODES:
-        return Failure(f"{', '.join(killed) or 'training process'} {SIGKILL_HINT}", retryable=False)
+    record = json.loads(paths.launch_failures.read_text()) if paths.launch_failures.exists() else None
+    launched = [] if record is None else record["failures"]
+    # The first rank to fail is the root cause (torchrun's own judgement); a rank killed later
+    # may be collateral, and says nothing about host memory.
+    first = next((f for f in launched if f["rank"] == record["first_rank"]), None)
+    if first is not None and first["exitcode"] in SIGKILL_EXIT_CODES:
+        return Failure(f"rank {first['rank']} {SIGKILL_HINT}", retryable=False)
+    if returncode in SIGKILL_EXIT_CODES:
+        return Failure(f"training process {SIGKILL_HINT}", retryable=False)
     # A rank that failed for good (out of memory, say) is the cause; then a rank that a signal
     # killed; the other ranks' errors (a collective that lost its peer) are consequences.
     reports = sorted((json.loads(p.read_text()) for p in paths.failure_files()), key=lambda r: r["rank"])
