@@ -226,3 +226,12 @@ def test_within_clock_skew_the_containers_start_record_decides(fake_modal):
     resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m7"])
     assert resumed.exit_code == 0, resumed.output
     assert len(spawned) == 2
+
+
+def test_a_batch_that_does_not_split_over_the_gpus_is_refused_before_submitting(fake_modal):
+    volume, spawned = fake_modal
+    result = runner.invoke(zoo_app, ["modal", "submit", "moons", "train.batch_size=256", "--gpu", "H100:3"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and spawned == [] and not (volume / "remote").exists()
+    assert "train.batch_size=256 must be divisible by processes x grad_accum = 3 x 1 = 3" in text
+    assert "use train.batch_size=255 or 258, or change the GPU count (--gpu H100:3)" in text

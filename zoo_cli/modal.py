@@ -16,7 +16,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from zoo.config.loading import ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides
+from zoo.config.loading import (
+    ConfigError,
+    check_batch_split,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+)
 from zoo.remote.credentials import ModalUnavailable, ensure_modal_ready
 from zoo.remote.layout import REGISTRY
 from zoo.remote.listing import RunInfo, list_store_runs
@@ -133,6 +140,7 @@ def submit(
             run_name = run_name or cfg.run_name or default_run_name(cfg.preset)
             check_name_free(store, run_name)
             cfg = remote_config(cfg, run_name)
+        check_batch_split(cfg, gpu_request.count, how=f"the GPU count (--gpu {gpu_request.modal_spec})")
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     except (SubmitError, ValueError) as exc:

@@ -168,6 +168,20 @@ def load_config(preset: str | None, overrides: list[str] | dict[str, Any] | None
         _toml_path.reset(token)
 
 
+def check_batch_split(cfg: ZooConfigBody, processes: int, how: str = "the number of processes") -> None:
+    """`train.batch_size` (one optimiser step across all processes) must split evenly into
+    processes x grad_accum micro-batches; checked before anything is launched."""
+    parts = processes * cfg.train.grad_accum
+    batch = cfg.train.batch_size
+    if batch % parts:
+        lower, upper = batch - batch % parts, batch - batch % parts + parts
+        near = f"train.batch_size={upper}" if lower == 0 else f"train.batch_size={lower} or {upper}"
+        raise ConfigError(
+            f"train.batch_size={batch} must be divisible by processes x grad_accum = {processes} x "
+            f"{cfg.train.grad_accum} = {parts}; use {near}, or change {how} or train.grad_accum"
+        )
+
+
 def config_from_dict(data: dict[str, Any]) -> ZooConfigBody:
     """A stored (resolved) config, validated without environment or preset influence."""
     try:

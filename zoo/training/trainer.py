@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from zoo.checkpoints import clean_state_dict, load_checkpoint, save_checkpoint
-from zoo.config.loading import ConfigError, config_to_dict, config_to_toml
+from zoo.config.loading import ConfigError, check_batch_split, config_to_dict, config_to_toml
 from zoo.config.schema import LossConfig, ZooConfigBody
 from zoo.data import BatchSource, build_data
 from zoo.devices import autocast_dtype, resolve_device
@@ -80,11 +80,7 @@ def rank_batch_size(cfg: ZooConfigBody) -> int:
     """This process's share of `train.batch_size`, which is the effective batch of one optimiser
     step across all data-parallel processes (so `--gpu H100:8` trains the preset's batch)."""
     world = distributed.world_size()
-    if cfg.train.batch_size % (world * cfg.train.grad_accum):
-        raise RunError(
-            f"train.batch_size={cfg.train.batch_size} must be divisible by processes x grad_accum "
-            f"= {world} x {cfg.train.grad_accum}"
-        )
+    check_batch_split(cfg, world)
     return cfg.train.batch_size // world
 
 
