@@ -1,25 +1,36 @@
-"""What each torchrun process runs for `zoo train --nproc N`: the same train_run as one process."""
+"""What each torchrun process runs for `zoo train --nproc N`: the same train_run as one process.
+
+A user error (a config, a missing run or dataset) ends each process with the one "error:" line
+and the exit code of `zoo train`, not a traceback per rank.
+"""
 
 import json
 import sys
 from pathlib import Path
 
+import typer
+
 from zoo.config.loading import config_from_dict
 from zoo.devices import resolve_device
 from zoo.training import distributed
 from zoo.training.trainer import train_run
+from zoo_cli.errors import user_errors
 
 
-def main() -> None:
-    config_path, mode = sys.argv[1], sys.argv[2]
-    cfg = config_from_dict(json.loads(Path(config_path).read_text()))
-    # The run's device decides the backend (gloo for --device cpu even on a GPU machine).
-    distributed.init(device_type=resolve_device(cfg.device).type)
+def main(argv: list[str] | None = None) -> int:
+    config_path, mode = argv or sys.argv[1:3]
     try:
-        train_run(cfg, resume=mode == "--resume", command=f"zoo train --nproc {distributed.world_size()}")
+        with user_errors():
+            cfg = config_from_dict(json.loads(Path(config_path).read_text()))
+            # The run's device decides the backend (gloo for --device cpu even on a GPU machine).
+            distributed.init(device_type=resolve_device(cfg.device).type)
+            train_run(cfg, resume=mode == "--resume", command=f"zoo train --nproc {distributed.world_size()}")
+    except typer.Exit as exc:
+        return exc.exit_code
     finally:
         distributed.shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@ from zoo.checkpoints import load_checkpoint
 from zoo.config.loading import (
     ConfigError,
     ZooConfig,
+    check_batch_split,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -110,7 +111,12 @@ def train(
             if cfg.run_name is None:
                 cfg = cfg.model_copy(update={"run_name": default_run_name(cfg.preset)})
         if nproc > 1:
-            raise typer.Exit(launch_torchrun(nproc, cfg, resume))
+            check_batch_split(cfg, nproc, how="--nproc")
+            returncode = launch_torchrun(nproc, cfg, resume)
+            if returncode != 0:
+                raise typer.Exit(returncode)
+            report_run(RunDir(Path(cfg.output_dir) / cfg.run_name))
+            return
         from zoo.training import distributed
 
         under_torchrun = distributed.env_world_size() > 1
@@ -169,11 +175,12 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
     import json
     import tempfile
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(config_to_dict(cfg), handle)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "zoo_cli.distributed_entry", handle.name, "--resume" if resume else "--fresh",
-    ]
-    console.print(f"launching {nproc} processes: {' '.join(command)}")
-    return subprocess.call(command, env=os.environ.copy())
+    with tempfile.TemporaryDirectory(prefix="zoo-torchrun-") as folder:
+        config_path = Path(folder) / "config.json"
+        config_path.write_text(json.dumps(config_to_dict(cfg)))
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "zoo_cli.distributed_entry", str(config_path), "--resume" if resume else "--fresh",
+        ]
+        console.print(f"launching {nproc} processes: {' '.join(command)}")
+        return subprocess.call(command, env=os.environ.copy())

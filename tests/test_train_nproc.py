@@ -1,0 +1,62 @@
+"""`zoo train --nproc N` up to torchrun, and what each torchrun process does with a user error."""
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from zoo.config.loading import config_to_dict, load_config
+from zoo_cli import distributed_entry
+from zoo_cli import train as train_cli
+from zoo_cli.main import app as zoo_app
+
+runner = CliRunner()
+
+
+def fake_torchrun(monkeypatch, returncode: int) -> list[dict]:
+    launched: list[dict] = []
+
+    def call(command, env):
+        config_path = Path(command[command.index("zoo_cli.distributed_entry") + 1])
+        launched.append({"command": command, "config_path": config_path, "config": json.loads(config_path.read_text())})
+        return returncode
+
+    monkeypatch.setattr(train_cli.subprocess, "call", call)
+    return launched
+
+
+def test_a_batch_that_does_not_split_is_refused_before_torchrun(tmp_path, monkeypatch):
+    launched = fake_torchrun(monkeypatch, 0)
+    args = ["train", "moons", "train.batch_size=129", f"output_dir={tmp_path}", "--nproc", "2"]
+    result = runner.invoke(zoo_app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and launched == []
+    assert "error: train.batch_size=129 must be divisible by processes x grad_accum = 2 x 1 = 2" in text
+    assert "use train.batch_size=128 or 130, or change --nproc or train.grad_accum" in text
+    assert "Traceback" not in result.output
+
+
+def test_the_config_file_for_torchrun_is_removed_after_it_returns(tmp_path, monkeypatch):
+    launched = fake_torchrun(monkeypatch, 1)
+    result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r2", "--nproc", "2"])
+    assert result.exit_code == 1
+    (launch,) = launched
+    assert launch["config"]["run_name"] == "r2" and not launch["config_path"].exists()
+
+
+def test_a_successful_launch_prints_the_runs_evaluation(tmp_path, monkeypatch):
+    fake_torchrun(monkeypatch, 0)
+    reported: list[Path] = []
+    monkeypatch.setattr(train_cli, "report_run", lambda run: reported.append(run.root))
+    result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r3", "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    assert reported == [tmp_path / "r3"]
+
+
+def test_each_torchrun_process_reports_a_user_error_in_one_line(tmp_path, capsys):
+    cfg = load_config("moons", {"run_name": "missing", "output_dir": str(tmp_path)})
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config_to_dict(cfg)))
+    assert distributed_entry.main([str(config_path), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing" in err and "Traceback" not in err
