@@ -65,6 +65,7 @@ def test_dry_run_lists_and_frees_nothing(outputs):
     text = flat(result.output)
     assert "step_0000100.pt" in text and "step_0000200.pt" in text and "step_0000300.pt" not in text
     assert "4 file(s)" in text and "dry run: nothing deleted" in text  # 2 checkpoints + their sha256
+    assert "would delete" in text
     assert files(outputs) == before
 
 
@@ -79,6 +80,7 @@ def test_yes_deletes_old_archives_and_keeps_every_last_pt(outputs):
         "moons-x/step_0000020.pt",
     }
     assert "deleted 8 file(s)" in flat(result.output)  # 4 checkpoints + their sha256
+    assert "deleting (" in flat(result.output) and "would delete" not in flat(result.output)
     assert load_checkpoint(outputs / "cifar-a" / "last.pt")["step"] == 300
 
 
@@ -97,6 +99,7 @@ def test_a_glob_that_happens_to_select_every_run_needs_all(outputs):
     for pattern in ("*-*", "[cm]*", "*-?"):  # not "*", yet every run here matches
         result = runner.invoke(cli(), ["clean", pattern, "--outputs", str(outputs), "--yes"])
         assert result.exit_code == 2 and "selects every run (3)" in flat(result.output), pattern
+        assert f"pattern {pattern!r}" in flat(result.output)  # "[cm]" shown as typed, not read as markup
     assert files(outputs) == before
     allowed = runner.invoke(cli(), ["clean", "*-*", "--all", "--keep-last", "1", "--outputs", str(outputs), "--yes"])
     assert allowed.exit_code == 0 and "deleted 6 file(s)" in flat(allowed.output)

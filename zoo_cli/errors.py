@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from zoo.checkpoints import CheckpointError
 from zoo.config.loading import ConfigError
@@ -20,7 +21,8 @@ RUNTIME_ERRORS: tuple[type[Exception], ...] = (RunError, CheckpointError, Device
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    # The message is plain text: "[m]*" in a pattern it quotes is not rich markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     return typer.Exit(code)
 
 

@@ -282,9 +282,9 @@ def download(
     )
 
 
-def print_clean_plan(plan: CleanPlan, where: str) -> None:
+def print_clean_plan(plan: CleanPlan, where: str, deleting: bool) -> None:
     if plan.deletions:
-        table = Table(title=f"would delete ({where})")
+        table = Table(title=f"{'deleting' if deleting else 'would delete'} ({where})")
         table.add_column("run")
         table.add_column("file")
         table.add_column("size", justify="right")
@@ -332,7 +332,7 @@ def clean(
         plan = plan_clean(store, prefix, pattern, keep_last, live_window=window, allow_all=all_runs)
     except CleanError as exc:
         raise fail(str(exc), 2) from None
-    print_clean_plan(plan, store.describe())
+    print_clean_plan(plan, store.describe(), deleting=yes)
     if not plan.deletions:
         return
     if not yes:
