@@ -15,6 +15,7 @@ pytest.importorskip("modal", reason="submitting needs the 'remote' extra (pip in
 from test_remote_fixtures import write_run  # noqa: E402
 
 from zoo.remote import modal_app  # noqa: E402
+from zoo.remote.status import CallState  # noqa: E402
 from zoo.remote.store import LocalDirStore  # noqa: E402
 from zoo_cli import modal as modal_cli  # noqa: E402
 from zoo_cli.main import app as zoo_app  # noqa: E402
@@ -201,7 +202,8 @@ def test_a_second_resume_while_the_first_is_pending_is_refused(fake_modal):
     backdate_submission(volume, "m6")
     write_run(volume / "outputs", "m6", archived=[], last_step=100, status="failed", updated_ago=600, error="x")
     first = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m6"])
-    assert first.exit_code == 0, first.output and len(spawned) == 2
+    assert first.exit_code == 0, first.output
+    assert len(spawned) == 2
     # Its container has not started: the heartbeat is still the failed attempt's.
     assert remote_states(volume) == {"m6": "pending"}
     second = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m6"])
@@ -235,3 +237,47 @@ def test_a_batch_that_does_not_split_over_the_gpus_is_refused_before_submitting(
     assert result.exit_code == 2 and spawned == [] and not (volume / "remote").exists()
     assert "train.batch_size=256 must be divisible by processes x grad_accum = 3 x 1 = 3" in text
     assert "use train.batch_size=255 or 258, or change the GPU count (--gpu H100:3)" in text
+
+
+def stamp_heartbeat(volume, run, submission_id):
+    path = volume / "outputs" / run / "heartbeat.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "submission_id": submission_id}))
+
+
+def test_a_heartbeat_stamped_by_the_previous_submission_is_its_own_whatever_the_clocks_say(fake_modal):
+    """The cancelled container's late write (after the resume was submitted) is still the old attempt's."""
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m8"]).exit_code == 0
+    old_id = submission(volume, "m8")["submission_id"]
+    backdate_submission(volume, "m8")
+    write_run(volume / "outputs", "m8", archived=[], last_step=100, status="failed", updated_ago=600, error="x")
+    stamp_heartbeat(volume, "m8", old_id)
+    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m8"]).exit_code == 0
+    # Written 40 s *after* the resume was submitted (past any clock-skew allowance), but stamped
+    # with the old submission: the cancelled container's last words.
+    write_run(volume / "outputs", "m8", archived=[], last_step=100, status="failed", updated_ago=-40, error="late")
+    stamp_heartbeat(volume, "m8", old_id)
+    assert remote_states(volume) == {"m8": "pending"}
+    second = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m8"])
+    assert second.exit_code == 1 and "already pending" in " ".join(second.output.split())
+    # Once the new container writes (its own stamp), the heartbeat is believed.
+    write_run(volume / "outputs", "m8", archived=[], last_step=120, status="running", updated_ago=0)
+    stamp_heartbeat(volume, "m8", submission(volume, "m8")["submission_id"])
+    assert remote_states(volume) == {"m8": "running"}
+    assert len(spawned) == 2
+
+
+def test_a_resume_whose_container_died_before_reporting_can_be_resumed(fake_modal, monkeypatch):
+    """Modal's verdict on the pending call decides when no heartbeat will ever come."""
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m9"]).exit_code == 0
+    backdate_submission(volume, "m9")
+    write_run(volume / "outputs", "m9", archived=[], last_step=100, status="failed", updated_ago=600, error="x")
+    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"]).exit_code == 0
+    verdicts = {"fc-2": CallState("running")}
+    monkeypatch.setattr(modal_app, "call_state", lambda call_id: verdicts[call_id])
+    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"]).exit_code == 1
+    verdicts["fc-2"] = CallState("failed", "ImportError: no module named torch")
+    third = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"])
+    assert third.exit_code == 0, third.output
+    assert len(spawned) == 3 and cancelled == []  # an ended call needs no cancelling

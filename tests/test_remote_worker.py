@@ -29,7 +29,7 @@ from zoo.remote.worker import (
     snapshot_trackio,
     supervise,
 )
-from zoo.runs import RunError
+from zoo.runs import SUBMISSION_ENV, RunDir, RunError
 from zoo.training import distributed
 
 CHILD = """
@@ -94,6 +94,7 @@ def test_out_of_memory_is_a_failure_with_its_cause_and_no_retry(tmp_path):
     assert outcome["status"] == "failed" and "OutOfMemoryError: CUDA out of memory" in outcome["error"]
     beat = heartbeat(volume)
     assert beat["status"] == "failed" and beat["error"].endswith(OOM_HINT) and beat["retrying"] is False
+    assert beat["submission_id"] == "sub-1"  # whose attempt this was, for status after a resume
     status = run_status(beat, beat["updated"] + 10 * 3600)  # hours later: still failed, never "stalled"
     assert status.state == "failed" and "CUDA out of memory" in status.detail
     attempts = read_attempts(RunPaths(volume, "r1"))
@@ -271,3 +272,10 @@ def test_host_memory_is_judged_from_the_first_rank_to_fail(tmp_path):
     paths.launch_failures.write_text(json.dumps({"failures": launched, "first_rank": 2}))
     failure = collect_failure(paths, 1)
     assert (failure.error, failure.retryable) == (f"rank 2 {SIGKILL_HINT}", False)
+
+
+def test_heartbeats_written_under_a_remote_attempt_carry_its_submission(tmp_path, monkeypatch):
+    monkeypatch.setenv(SUBMISSION_ENV, "sub-9")  # what the supervisor sets for its training process
+    assert RunDir(tmp_path / "remote-run").write_heartbeat(status="running", step=1)["submission_id"] == "sub-9"
+    monkeypatch.delenv(SUBMISSION_ENV)
+    assert "submission_id" not in RunDir(tmp_path / "local-run").write_heartbeat(status="running", step=1)

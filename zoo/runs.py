@@ -22,6 +22,9 @@ from typing import Any
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
 HEARTBEAT_STATUSES = ("running", "finished", "failed")
+# Set by the remote supervisor (zoo.remote.worker) for its training process: the submission
+# whose attempt writes this run's heartbeats.
+SUBMISSION_ENV = "ZOO_SUBMISSION_ID"
 
 
 class RunError(RuntimeError):
@@ -109,6 +112,11 @@ class RunDir:
     def write_heartbeat(self, **fields: Any) -> dict[str, Any]:
         current = self.read_heartbeat() or {"run_name": self.name, "started": time.time()}
         current.update(fields)
+        submission = os.environ.get(SUBMISSION_ENV)
+        if submission:
+            # A remote attempt stamps every heartbeat with its submission, so status can tell an
+            # earlier attempt's heartbeat from this one's without comparing two machines' clocks.
+            current["submission_id"] = submission
         current["updated"] = time.time()
         if current.get("status") not in HEARTBEAT_STATUSES:
             raise ValueError(f"heartbeat status must be one of {HEARTBEAT_STATUSES}, got {current.get('status')!r}")

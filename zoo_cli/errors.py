@@ -13,7 +13,7 @@ from zoo.data.base import DataNotFoundError
 from zoo.devices import DeviceError
 from zoo.runs import RunError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
 # Exit 2 for input the user must change (config, arguments), 1 for things that failed.
 USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError,)

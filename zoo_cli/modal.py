@@ -131,7 +131,7 @@ def submit(
         if resume:
             if run_name is None:
                 raise fail("--resume needs --run-name: the remote run to continue (zoo ckpts --remote lists them)", 2)
-            target = check_resumable(store, run_name)
+            target = check_resumable(store, run_name, call_lookup=call_state_or_warn)
             cfg = config_from_dict(deep_merge(target.previous["config"], given))
         else:
             if preset is None:

@@ -281,6 +281,7 @@ def list_store_runs(
         timing = {
             "submitted_at": submission["submitted"] if submission else None,
             "stopped_at": stopped["stopped"] if stopped else None,
+            "submission_id": submission.get("submission_id") if submission else None,
         }
         status = run_status(heartbeat, now, stall_after, **timing)
         call_id = submission.get("call_id") if submission else None

@@ -87,12 +87,13 @@ def run_status(
     submitted_at: float | None = None,
     stopped_at: float | None = None,
     call: CallState | None = None,
+    submission_id: str | None = None,
 ) -> RunStatus:
-    """The state of one run. `submitted_at`/`stopped_at`/`call` exist only for remote runs."""
+    """The state of one run. `submitted_at`/`stopped_at`/`call`/`submission_id` exist only for remote runs."""
     if heartbeat is None:
         stop = stop_in_effect(stopped_at, submitted_at)
         return _status_without_heartbeat(now, stall_after, submitted_at, stop, call)
-    if submitted_at is not None and heartbeat_predates(heartbeat, submitted_at):
+    if submitted_at is not None and heartbeat_predates(heartbeat, submitted_at, submission_id):
         # A resume whose container has not written yet: the heartbeat is the previous attempt's.
         stop = stop_in_effect(stopped_at, submitted_at)
         waiting = _status_without_heartbeat(now, stall_after, submitted_at, stop, call)
@@ -200,6 +201,15 @@ def is_live_writer(heartbeat: dict[str, Any] | None, now: float, live_window: fl
     return heartbeat.get("status") == "running" and now - float(heartbeat["updated"]) < live_window
 
 
-def heartbeat_predates(heartbeat: dict[str, Any] | None, submitted_at: float) -> bool:
-    """Whether `heartbeat` was written before the submission made at `submitted_at` (see CLOCK_SKEW_S)."""
-    return heartbeat is None or float(heartbeat["updated"]) < submitted_at - CLOCK_SKEW_S
+def heartbeat_predates(heartbeat: dict[str, Any] | None, submitted_at: float, submission_id: str | None = None) -> bool:
+    """Whether `heartbeat` is an earlier attempt's, not that of the submission made at `submitted_at`.
+
+    Remote attempts stamp their heartbeats with their submission id, which decides without any
+    clock (also for a cancelled container's late write).  Heartbeats without one (older runs)
+    are judged by time, allowing CLOCK_SKEW_S between the client's and the container's clocks.
+    """
+    if heartbeat is None:
+        return True
+    if submission_id is not None and "submission_id" in heartbeat:
+        return heartbeat["submission_id"] != submission_id
+    return float(heartbeat["updated"]) < submitted_at - CLOCK_SKEW_S

@@ -11,6 +11,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from zoo.remote.layout import OUTPUTS, REGISTRY, mounted_path, validate_run_name
 from zoo.remote.status import (
     CLOCK_SKEW_S,
     DEFAULT_STALL_AFTER,
+    CallState,
     format_duration,
     heartbeat_predates,
     is_live_writer,
@@ -140,7 +142,12 @@ class ResumeTarget:
     cancel_call: str | None
 
 
-def check_resumable(store: RunStore, run: str, live_window: float = DEFAULT_STALL_AFTER) -> ResumeTarget:
+def check_resumable(
+    store: RunStore,
+    run: str,
+    live_window: float = DEFAULT_STALL_AFTER,
+    call_lookup: Callable[[str], CallState | None] | None = None,
+) -> ResumeTarget:
     """Refuse to resume a run without a checkpoint or one that is still running."""
     if store.stat(f"{OUTPUTS}/{run}/last.pt") is None:
         raise SubmitError(
@@ -164,6 +171,12 @@ def check_resumable(store: RunStore, run: str, live_window: float = DEFAULT_STAL
             f"ago); stop it first (`zoo modal stop {run}`) or wait for it to end"
         )
     if not is_stopped and awaits_container(store, run, previous, heartbeat):
+        # A container that died before its first heartbeat (image build, import error, no GPU)
+        # never reports: ask Modal whether the call has ended before calling it pending.
+        call_id = previous.get("call_id")
+        call = call_lookup(call_id) if call_lookup is not None and call_id else None
+        if call is not None and call.state in ("failed", "finished"):
+            return ResumeTarget(previous, None)
         what = "a resume" if previous["resume"] else "the submission"
         raise SubmitError(
             f"{what} of {run!r} is already pending (call {previous.get('call_id')}, submitted "
@@ -178,9 +191,12 @@ def check_resumable(store: RunStore, run: str, live_window: float = DEFAULT_STAL
 def awaits_container(store: RunStore, run: str, submission: dict[str, Any], heartbeat: dict[str, Any] | None) -> bool:
     """Whether the container of `submission` has yet to write the heartbeat (it is an earlier attempt's).
 
-    Clearly older than the submission: yes.  Within the clocks' disagreement (CLOCK_SKEW_S), the
+    A heartbeat stamped with a submission id answers directly.  Unstamped (older runs): clearly
+    older than the submission, yes; within the clocks' disagreement (CLOCK_SKEW_S), the
     container's own record decides: it appends a "start" line to attempts.jsonl before training.
     """
+    if heartbeat is not None and "submission_id" in heartbeat:
+        return heartbeat["submission_id"] != submission["submission_id"]
     if heartbeat_predates(heartbeat, submission["submitted"]):
         return True
     if float(heartbeat["updated"]) >= submission["submitted"] + CLOCK_SKEW_S:

@@ -43,7 +43,7 @@ from zoo.config.loading import config_from_dict
 from zoo.data.base import DataNotFoundError
 from zoo.remote.layout import ATTEMPTS, OUTPUTS, REGISTRY, TRACKIO
 from zoo.remote.status import RemoteTrainingError
-from zoo.runs import RunDir, RunError, atomic_write_json
+from zoo.runs import SUBMISSION_ENV, RunDir, RunError, atomic_write_json
 from zoo.training import distributed
 
 # Errors a retry would meet again: the same config, data and checkpoint give the same result.
@@ -281,10 +281,12 @@ def collect_failure(paths: RunPaths, returncode: int) -> Failure:
     )
 
 
-def mark_failed(paths: RunPaths, failure: Failure, plan: AttemptPlan) -> None:
-    """The heartbeat says failed, with the cause, and whether Modal will try again."""
+def mark_failed(paths: RunPaths, failure: Failure, plan: AttemptPlan, submission_id: str) -> None:
+    """The heartbeat says failed, with the cause, whether Modal will try again, and whose attempt it was."""
     retrying = failure.retryable and plan.retries_left > 0
-    paths.run_dir.write_heartbeat(status="failed", error=failure.error, attempt=plan.attempt, retrying=retrying)
+    paths.run_dir.write_heartbeat(
+        status="failed", error=failure.error, attempt=plan.attempt, retrying=retrying, submission_id=submission_id
+    )
 
 
 def _tee(process: subprocess.Popen, log: Path, attempt: int) -> None:
@@ -367,7 +369,7 @@ def supervise(
     commit()
 
     argv = child_command or worker_command(paths, config_path, plan.resume, nproc, command)
-    env = {**os.environ, "TRACKIO_DIR": str(local_trackio), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TRACKIO_DIR": str(local_trackio), "PYTHONUNBUFFERED": "1", SUBMISSION_ENV: submission_id}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tee = threading.Thread(target=_tee, args=(process, paths.train_log, plan.attempt), daemon=True)
     tee.start()
@@ -381,7 +383,7 @@ def supervise(
     except BaseException as exc:  # Modal's timeout or a shutdown signal: stop training, keep what it wrote
         _stop_child(process)
         if not isinstance(exc, KeyboardInterrupt):
-            mark_failed(paths, Failure(describe_exception(exc), retryable=True), plan)
+            mark_failed(paths, Failure(describe_exception(exc), retryable=True), plan, submission_id)
         append_attempt(paths, {"event": "end", "attempt": plan.attempt, "time": time.time(), "outcome": "interrupted"})
         snapshot_trackio(local_trackio, paths.trackio)
         commit()
@@ -394,7 +396,7 @@ def supervise(
         commit()
         return {"run_name": paths.run, "status": "finished", "attempt": plan.attempt}
     failure = collect_failure(paths, returncode)
-    mark_failed(paths, failure, plan)
+    mark_failed(paths, failure, plan, submission_id)
     append_attempt(
         paths,
         {
