@@ -53,10 +53,12 @@ def test_a_successful_launch_prints_the_runs_evaluation(tmp_path, monkeypatch):
     assert reported == [tmp_path / "r3"]
 
 
-def test_each_torchrun_process_reports_a_user_error_in_one_line(tmp_path, capsys):
+def test_torchrun_processes_report_a_user_error_in_one_line_from_rank_0(tmp_path, capsys, monkeypatch):
     cfg = load_config("moons", {"run_name": "missing", "output_dir": str(tmp_path)})
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config_to_dict(cfg)))
-    assert distributed_entry.main([str(config_path), "--resume"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "missing" in err and "Traceback" not in err
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert distributed_entry.main([str(config_path), "--resume"]) == 1  # every rank exits with the code
+        err = capsys.readouterr().err
+        assert (err.startswith("error:") and "missing" in err) == says and "Traceback" not in err, (rank, err)

@@ -1,10 +1,11 @@
 """What each torchrun process runs for `zoo train --nproc N`: the same train_run as one process.
 
-A user error (a config, a missing run or dataset) ends each process with the one "error:" line
-and the exit code of `zoo train`, not a traceback per rank.
+A user error (a config, a missing run or dataset) ends each process with the exit code of
+`zoo train` and rank 0's one "error:" line, not a traceback per rank.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,11 +15,14 @@ from zoo.config.loading import config_from_dict
 from zoo.devices import resolve_device
 from zoo.training import distributed
 from zoo.training.trainer import train_run
+from zoo_cli import errors
 from zoo_cli.errors import user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
     config_path, mode = argv or sys.argv[1:3]
+    # Every rank meets the same user error; rank 0's line says it once (torchrun sets RANK).
+    errors.err_console.quiet = int(os.environ.get("RANK", "0")) > 0
     try:
         with user_errors():
             cfg = config_from_dict(json.loads(Path(config_path).read_text()))
