@@ -58,6 +58,7 @@ from torch import Tensor
 from zoo.config.schema import LossConfig
 from zoo.losses.time_sampling import TimePair
 from zoo.models.base import FlowModel, RowTangentModel
+from zoo.models.dual import upcast
 from zoo.models.layers import detached_tangents
 
 JVP_MODES = ("full_batch", "primal", "fused", "selective", "nograd", "compile", "cuda_graph")
@@ -102,11 +103,6 @@ def jvp_precision(precision: str, device: torch.device) -> Iterator[None]:
                 yield
         else:
             yield
-
-
-def upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def select(y: Tensor | None, index: Tensor) -> Tensor | None:

@@ -75,8 +75,7 @@ class RowTangentModel(FlowModel):
         """
         if rows.numel() == 0:
             u = self(z, t, r, y)
-            with island():
-                return u, torch.zeros((0, *u.shape[1:]), dtype=_wide(u.dtype), device=u.device)
+            return u, D.upcast(u.detach()[:0])  # an empty tangent in the tangents' dtype
         emb = self.condition(t, r, y)
         meta = D.RowTangents(rows=rows, batch=z.shape[0], island=island)
         with island():
@@ -88,11 +87,7 @@ class RowTangentModel(FlowModel):
                 (torch.ones_like(t_rows), torch.zeros_like(r_rows)),
             )  # fmt: skip
         out = self.body(D.Dual(z, dz, meta), D.Dual(emb, emb_tangent, meta))
-        if out.tangent is None:
-            with island():
-                return out.primal, torch.zeros_like(meta.at(out.primal))
+        if out.tangent is None:  # the output does not depend on (z, t) at all
+            return out.primal, D.upcast(out.primal.detach().new_zeros((rows.shape[0], *out.primal.shape[1:])))
         return out.primal, out.tangent
 
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -49,7 +49,7 @@ class RowTangents:
         arithmetic is wider)."""
         if x.ndim == 0 or x.shape[0] != self.batch:
             raise ValueError(f"expected a per-sample tensor with {self.batch} rows, got shape {tuple(x.shape)}")
-        return _widened(x.detach()[self.rows])
+        return upcast(x.detach()[self.rows])
 
     def operand(self, x: Tensor, ndim: int) -> Tensor:
         """A plain Tensor factor of a result with `ndim` dims: per-sample (its rows taken) when it
@@ -57,10 +57,11 @@ class RowTangents:
         the first size alone would misread a (C, 1, 1) scale as per-sample whenever C == B.)"""
         if x.ndim == ndim and x.shape[0] == self.batch:
             return self.at(x)
-        return _widened(x.detach())
+        return upcast(x.detach())
 
 
-def _widened(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (the JVPs' tangent arithmetic)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -142,28 +143,31 @@ def cat(values: Sequence[Value], dim: int) -> Value:
     if all(tangent(v) is None for v in values):
         return Dual(out, None, meta)
     with meta.island():
+        # Zeros for a part without tangent, in the rows' shape and tangent dtype (no gather needed).
         parts = [
-            torch.zeros_like(meta.at(primal(v))) if tangent(v) is None else tangent(v) for v in values
+            upcast(p.new_zeros((meta.rows.shape[0], *p.shape[1:]))) if tangent(v) is None else tangent(v)
+            for v, p in ((v, primal(v)) for v in values)
         ]
         return Dual(out, torch.cat(parts, dim=dim), meta)
 
 
+def _split(x: Value, split: Callable[[Tensor], Sequence[Tensor]]) -> list[Value]:
+    """A split along a non-batch dimension, applied to the primal and the tangent alike."""
+    if not isinstance(x, Dual):
+        return list(split(x))
+    outs = split(x.primal)
+    tangents = [None] * len(outs) if x.tangent is None else split(x.tangent)
+    return [Dual(p, t, x.meta) for p, t in zip(outs, tangents, strict=True)]
+
+
 def chunk(x: Value, chunks: int, dim: int) -> list[Value]:
     """torch.chunk along a non-batch dimension."""
-    if not isinstance(x, Dual):
-        return list(x.chunk(chunks, dim=dim))
-    outs = x.primal.chunk(chunks, dim=dim)
-    tangents = [None] * chunks if x.tangent is None else x.tangent.chunk(chunks, dim=dim)
-    return [Dual(p, t, x.meta) for p, t in zip(outs, tangents, strict=True)]
+    return _split(x, lambda a: a.chunk(chunks, dim=dim))
 
 
 def unbind(x: Value, dim: int) -> list[Value]:
     """torch.unbind along a non-batch dimension (here: which of the stacked q, k, v)."""
-    if not isinstance(x, Dual):
-        return list(x.unbind(dim))
-    outs = x.primal.unbind(dim)
-    tangents = [None] * len(outs) if x.tangent is None else x.tangent.unbind(dim)
-    return [Dual(p, t, x.meta) for p, t in zip(outs, tangents, strict=True)]
+    return _split(x, lambda a: a.unbind(dim))
 
 
 # ----------------------------------------------------------------------------- nonlinearities
@@ -287,5 +291,5 @@ def scale(x: Value, factor: float) -> Value:
 __all__ = [
     "Dual", "RowTangents", "add", "attention", "cat", "chunk", "conv2d", "dropout", "gelu_tanh",
     "group_norm", "layer_norm", "lift", "linear", "mul", "multi_head_attention", "primal", "scale", "silu",
-    "tangent", "unbind",
+    "tangent", "unbind", "upcast",
 ]  # fmt: skip

@@ -14,7 +14,6 @@ by name in Modal's dashboard, and lets each run choose its own GPU, timeout and 
 
 import importlib.metadata
 import io
-import os
 import re
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from modal.volume import FileEntryType
 
 from zoo.remote.layout import DEFAULT_VOLUME, VOLUME_MOUNT
 from zoo.remote.status import CallState, RemoteTrainingError
-from zoo.remote.store import RunStore, StoreEntry, StoreError
+from zoo.remote.store import RunStore, StoreEntry, StoreError, write_chunks_atomically
 from zoo.remote.submission import GpuRequest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -267,23 +266,10 @@ class ModalVolumeStore(RunStore):
             raise StoreError(f"no file {path} in {self.describe()}") from exc
 
     def download(self, path: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        total = 0
         try:
-            with open(tmp, "wb") as handle:
-                for chunk in self._volume.read_file(path):
-                    handle.write(chunk)
-                    total += len(chunk)
-                    if on_bytes is not None:
-                        on_bytes(len(chunk))
-                handle.flush()
-                os.fsync(handle.fileno())
+            return write_chunks_atomically(self._volume.read_file(path), dest, on_bytes)
         except modal.exception.NotFoundError as exc:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"no file {path} in {self.describe()}") from exc
-        os.replace(tmp, dest)
-        return total
 
     def write_bytes(self, path: str, data: bytes) -> None:
         with self._volume.batch_upload(force=True) as batch:

@@ -9,13 +9,35 @@ strings relative to the store root ("outputs/run/last.pt").
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from zoo.runs import atomic_write_bytes
 
 CHUNK = 1 << 20
+
+
+def write_chunks_atomically(chunks: Iterable[bytes], dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
+    """Stream `chunks` into `dest` through a synced temporary file, so `dest` is whole or absent
+    (a crash or an error mid-stream leaves no partial file).  Returns the bytes written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    total = 0
+    try:
+        with open(tmp, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+                total += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
+    return total
 
 
 class StoreError(RuntimeError):
@@ -117,19 +139,8 @@ class LocalDirStore(RunStore):
         source = self._path(path)
         if not source.is_file():
             raise StoreError(f"no file {path} in {self.describe()}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        total = 0
-        with open(source, "rb") as reader, open(tmp, "wb") as writer:
-            while chunk := reader.read(CHUNK):
-                writer.write(chunk)
-                total += len(chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
-            writer.flush()
-            os.fsync(writer.fileno())
-        os.replace(tmp, dest)
-        return total
+        with open(source, "rb") as reader:
+            return write_chunks_atomically(iter(lambda: reader.read(CHUNK), b""), dest, on_bytes)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         atomic_write_bytes(self._path(path), data)

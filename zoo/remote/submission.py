@@ -195,11 +195,9 @@ def awaits_container(store: RunStore, run: str, submission: dict[str, Any], hear
     older than the submission, yes; within the clocks' disagreement (CLOCK_SKEW_S), the
     container's own record decides: it appends a "start" line to attempts.jsonl before training.
     """
-    if heartbeat is not None and "submission_id" in heartbeat:
-        return heartbeat["submission_id"] != submission["submission_id"]
-    if heartbeat_predates(heartbeat, submission["submitted"]):
+    if heartbeat_predates(heartbeat, submission["submitted"], submission["submission_id"]):
         return True
-    if float(heartbeat["updated"]) >= submission["submitted"] + CLOCK_SKEW_S:
+    if "submission_id" in heartbeat or float(heartbeat["updated"]) >= submission["submitted"] + CLOCK_SKEW_S:
         return False
     attempts = f"{REGISTRY}/{run}/attempts.jsonl"
     lines = store.read_text(attempts).splitlines() if store.stat(attempts) is not None else []
