@@ -78,6 +78,7 @@ def test_bad_config_fails_before_any_work(workdir):
     [
         (["digits", "model.attention_res=[5]"], "attention_res"),
         (["moons", "loss.jvp=cuda_graph"], "cuda_graph"),
+        (["moons", "train.cuda_graph=true"], "train.cuda_graph=false"),
         (["moons", "data.train_size=0"], "data.train_size"),
     ],
 )

@@ -37,6 +37,7 @@ def bench_jvp(
     memory_limit_gb: Annotated[float | None, typer.Option("--memory-limit-gb", help="memory a case may use (default: the device's)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the model and the synthetic batch")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="write every sample and ratio to this JSON file")] = None,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="also time each step with loss + backward replayed from a CUDA graph (train.cuda_graph)")] = False,
 ) -> None:
     """Forward, JVP alone, flow-matching step and MeanFlow step per JVP mode and ratio: interleaved medians."""
     with user_errors():
@@ -44,7 +45,7 @@ def bench_jvp(
             settings = BenchSettings(
                 preset=model, overrides=tuple(overrides or ()), device=device, batch_size=batch_size,
                 ratios=parse_ratios(ratios), modes=parse_modes(modes), precision=precision, repeats=repeats,
-                warmup=warmup, seed=seed, threads=threads, memory_limit_gb=memory_limit_gb,
+                warmup=warmup, seed=seed, threads=threads, memory_limit_gb=memory_limit_gb, cuda_graph=cuda_graph,
             )  # fmt: skip
             result = run_bench(settings, log=lambda line: console.print(line, style="dim", highlight=False))
         except BenchError as exc:
@@ -57,13 +58,14 @@ def bench_jvp(
         console.print(f"results: [bold]{json_path}[/]")
 
 
-REFERENCE_LABELS = {"forward": "forward", "fm_step": "FM step"}
+REFERENCE_LABELS = {"forward": "forward", "fm_step": "FM step", "fm_step+graph": "FM step (graph)"}
 
 
 def case_label(case: CaseResult) -> str:
+    graphed = " (graph)" if case.graphed else ""
     if case.kind == MEANFLOW_STEP:
-        return f"MeanFlow {case.mode} @{case.ratio:g}"
-    return {"forward": "forward", "jvp": "JVP alone", "fm_step": "FM step"}[case.kind]
+        return f"MeanFlow {case.mode} @{case.ratio:g}{graphed}"
+    return {"forward": "forward", "jvp": "JVP alone", "fm_step": "FM step"}[case.kind] + graphed
 
 
 def result_table(result: BenchResult) -> Table:
@@ -73,7 +75,8 @@ def result_table(result: BenchResult) -> Table:
             f"{settings.preset} ({result.parameters / 1e6:.1f}M parameters), batch {settings.batch_size}, "
             f"{settings.precision}, {result.device_name}: medians of {settings.repeats} interleaved rounds"
         ),
-        caption="no-grad forward and JVP; steps = loss + backward + Adam; MeanFlow MODE @RATIO",
+        caption="no-grad forward and JVP; steps = loss + backward + Adam; MeanFlow MODE @RATIO; "
+        "(graph): loss + backward replayed from a CUDA graph",
     )
     table.add_column("case", no_wrap=True)
     table.add_column("median", justify="right", no_wrap=True)
@@ -119,8 +122,9 @@ def summary_lines(result: BenchResult) -> list[str]:
             lines.append(f"ratio {ratio:g}: no MeanFlow mode fits in {format_bytes(result.memory_limit_bytes)}")
         elif best.versus is not None:
             lines.append(
-                f"ratio {ratio:g}: fastest mode that fits is [bold]{best.mode}[/] — MeanFlow step / FM step "
-                f"{best.versus.of_medians:.3f} (CPU time {best.versus_cpu.of_medians:.3f})"
+                f"ratio {ratio:g}: fastest mode that fits is [bold]{best.label}[/] — MeanFlow step / "
+                f"{REFERENCE_LABELS[best.reference]} {best.versus.of_medians:.3f} (CPU time {best.versus_cpu.of_medians:.3f})"
+                + (f"; / eager FM step {best.versus_eager.of_medians:.3f}" if best.versus_eager is not None else "")
             )
     meanflow = [c for c in result.cases if c.kind == MEANFLOW_STEP]
     if meanflow and all(not c.fits for c in meanflow):

@@ -34,6 +34,7 @@ from zoo.models.base import FlowModel, RowTangentModel
 from zoo.runs import atomic_write_json
 from zoo.training.memory import format_bytes
 from zoo.training.optim import build_optimizer
+from zoo.training.step_graph import MODES_NOT_CAPTURABLE
 
 CACHE_FILE = "jvp_modes.json"
 CALIBRATION_REPEATS = 3  # timed interleaved rounds per candidate, after the memory pass and one warm-up
@@ -51,14 +52,17 @@ def offers_fused(model: FlowModel, loss_cfg: LossConfig, precision: str) -> bool
     return isinstance(model, RowTangentModel) and (precision == "fp32" or loss_cfg.jvp_precision == "bf16")
 
 
-def candidate_modes(device: torch.device, include_compile: bool = False, fused: bool = True) -> list[str]:
-    """fused: whether to offer the fused mode (see offers_fused)."""
+def candidate_modes(
+    device: torch.device, include_compile: bool = False, fused: bool = True, captured_step: bool = False
+) -> list[str]:
+    """fused: whether to offer the fused mode (see offers_fused); captured_step: the run replays
+    its step from a CUDA graph (train.cuda_graph), inside which cuda_graph and compile cannot run."""
     modes = ["fused", "primal", "full_batch", "selective"] if fused else ["primal", "full_batch", "selective"]
     if device.type == "cuda":
         modes.append("cuda_graph")
     if include_compile:
         modes.append("compile")
-    return modes
+    return [m for m in modes if not (captured_step and m in MODES_NOT_CAPTURABLE)]
 
 
 @dataclass(frozen=True)
@@ -120,10 +124,12 @@ def calibrate(
     include_compile: bool = False,
     memory_limit_gb: float | None = None,
     use_cache: bool = True,
+    captured_step: bool = False,
 ) -> Calibration:
     """The fastest JVP mode for this model, batch and device, from the cache or a fresh timing."""
     device = torch.device(device)
-    candidates = candidate_modes(device, include_compile, fused=offers_fused(model, loss_cfg, precision))
+    fused = offers_fused(model, loss_cfg, precision)
+    candidates = candidate_modes(device, include_compile, fused=fused, captured_step=captured_step)
     key = calibration_key(model, loss_cfg, batch_size, device, precision, candidates)
     path = cache_path()
     if use_cache:
@@ -217,5 +223,6 @@ def resolve_for_training(
     calibration = calibrate(
         model, cfg.loss, batch_size, torch.device(device), cfg.precision, optim_cfg=cfg.optim,
         include_compile=cfg.train.compile, memory_limit_gb=cfg.train.memory_limit_gb,
+        captured_step=cfg.train.cuda_graph,
     )  # fmt: skip
     return calibration.mode, f"auto: {calibration.reason}"

@@ -5,6 +5,10 @@ Cases, all on one model, one Adam optimiser and one fixed synthetic batch, in on
     jvp                    no-grad JVP (primal + tangent) of the batch, every sample with r != t
     fm_step                flow-matching training step (loss + backward + Adam)
     meanflow/MODE/RATIO    MeanFlow training step with JVP strategy MODE at loss.ratio RATIO
+With --cuda-graph (CUDA) each step is also timed with its loss + backward replayed from a CUDA
+graph, as `train.cuda_graph = true` trains: fm_step+graph, and meanflow/MODE/RATIO+graph for
+every mode that can run inside a capture; those MeanFlow steps are compared with fm_step+graph
+(like with like), and the summary also gives their ratio to the eager FM step.
 First a memory pass runs every case once and records its peak memory (it doubles as the first
 warm-up round); then `warmup` more untimed rounds; then `repeats` timed rounds, interleaved
 (zoo.bench.timing).  Medians are reported, with the per-round ratio to the FM step (or, for the
@@ -28,6 +32,7 @@ from zoo.bench.steps import (
     data_signature,
     flow_matching_loss,
     forward_fn,
+    graphed_training_step_fn,
     jvp_fn,
     meanflow_loss,
     synthetic_batch,
@@ -43,8 +48,10 @@ from zoo.models.base import FlowModel
 from zoo.runs import atomic_write_json
 from zoo.training.memory import LiveTensors, format_bytes, parameter_bytes, physical_memory_bytes
 from zoo.training.optim import build_optimizer
+from zoo.training.step_graph import MODES_NOT_CAPTURABLE
 
 FORWARD, JVP, FM_STEP, MEANFLOW_STEP = "forward", "jvp", "fm_step", "meanflow_step"
+GRAPHED = "+graph"  # suffix of the cases whose loss + backward replay from a CUDA graph
 DEFAULT_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -52,8 +59,8 @@ class BenchError(ValueError):
     """Benchmark settings that cannot be run; the message says what to change."""
 
 
-def meanflow_case(mode: str, ratio: float) -> str:
-    return f"meanflow/{mode}/{ratio:g}"
+def meanflow_case(mode: str, ratio: float, graphed: bool = False) -> str:
+    return f"meanflow/{mode}/{ratio:g}" + (GRAPHED if graphed else "")
 
 
 def default_modes(device: torch.device) -> tuple[str, ...]:
@@ -95,6 +102,7 @@ class BenchSettings:
     seed: int = 0
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
     memory_limit_gb: float | None = None
+    cuda_graph: bool = False  # also time every step with loss + backward replayed from a CUDA graph
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -118,6 +126,8 @@ class BenchCase:
     run: Callable[[], None]
     mode: str | None = None
     ratio: float | None = None
+    graphed: bool = False
+    reference: str | None = None  # the case whose time this one is compared with
 
 
 @dataclass
@@ -126,6 +136,7 @@ class CaseResult:
     kind: str
     mode: str | None
     ratio: float | None
+    graphed: bool
     peak_bytes: int | None  # None: ran out of memory (CUDA)
     fits: bool
     samples_s: list[float] = field(default_factory=list)  # empty when it did not fit
@@ -137,6 +148,12 @@ class CaseResult:
     reference: str | None = None  # the case `versus` compares with
     versus: RatioStats | None = None  # wall-clock ratio to the reference
     versus_cpu: RatioStats | None = None  # CPU-time ratio to the reference
+    versus_eager: RatioStats | None = None  # a graphed step's wall-clock ratio to the eager FM step
+
+    @property
+    def label(self) -> str | None:
+        """The JVP mode, with +graph for a step replayed from a CUDA graph."""
+        return None if self.mode is None else self.mode + (GRAPHED if self.graphed else "")
 
 
 @dataclass
@@ -165,7 +182,7 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["fastest"] = {f"{r:g}": (c.mode if (c := self.fastest(r)) else None) for r in self.settings.ratios}
+        data["fastest"] = {f"{r:g}": (c.label if (c := self.fastest(r)) else None) for r in self.settings.ratios}
         return data
 
     def write_json(self, path: Path) -> None:
@@ -181,16 +198,29 @@ def build_cases(
 ) -> list[BenchCase]:
     batch = synthetic_batch(model, settings.batch_size, device, loss_base, seed=settings.seed)
     modes = settings.modes or default_modes(device)
+    precision, seed = settings.precision, settings.seed
+    fm_loss = flow_matching_loss(loss_base)
     cases = [
-        BenchCase(FORWARD, FORWARD, forward_fn(model, batch, settings.precision)),
-        BenchCase(JVP, JVP, jvp_fn(model, batch, settings.precision, loss_base.jvp_precision)),
-        BenchCase(FM_STEP, FM_STEP, training_step_fn(model, optimizer, flow_matching_loss(loss_base), batch, settings.precision, settings.seed)),
+        BenchCase(FORWARD, FORWARD, forward_fn(model, batch, precision)),
+        BenchCase(JVP, JVP, jvp_fn(model, batch, precision, loss_base.jvp_precision), reference=FORWARD),
+        BenchCase(FM_STEP, FM_STEP, training_step_fn(model, optimizer, fm_loss, batch, precision, seed)),
     ]
+    # The captured cases' graphs share one memory pool: they never run at the same time.
+    pool = torch.cuda.graph_pool_handle() if settings.cuda_graph else None
+    if settings.cuda_graph:
+        graphed = graphed_training_step_fn(model, optimizer, fm_loss, batch, precision, seed, pool)
+        cases.append(BenchCase(FM_STEP + GRAPHED, FM_STEP, graphed, graphed=True))
     for ratio in settings.ratios:
         for mode in modes:
             loss_fn = meanflow_loss(loss_base, mode, ratio)
-            step = training_step_fn(model, optimizer, loss_fn, batch, settings.precision, settings.seed)
-            cases.append(BenchCase(meanflow_case(mode, ratio), MEANFLOW_STEP, step, mode, ratio))
+            step = training_step_fn(model, optimizer, loss_fn, batch, precision, seed)
+            cases.append(BenchCase(meanflow_case(mode, ratio), MEANFLOW_STEP, step, mode, ratio, reference=FM_STEP))
+        for mode in modes if settings.cuda_graph else ():
+            if mode in MODES_NOT_CAPTURABLE:
+                continue
+            step = graphed_training_step_fn(model, optimizer, meanflow_loss(loss_base, mode, ratio), batch, precision, seed, pool)
+            name = meanflow_case(mode, ratio, graphed=True)
+            cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, graphed=True, reference=FM_STEP + GRAPHED))
     return cases
 
 
@@ -245,6 +275,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
     device = resolve_device(settings.device)
     if "cuda_graph" in (settings.modes or ()) and device.type != "cuda":
         raise BenchError(f"JVP mode cuda_graph needs a CUDA device, not {device}; leave it out of --modes")
+    if settings.cuda_graph and device.type != "cuda":
+        raise BenchError(f"--cuda-graph captures steps in CUDA graphs and needs a CUDA device, not {device}")
     if device.type == "cuda":
         # What the trainer sets on CUDA (zoo.training.trainer.train_run): time what training runs.
         torch.backends.cuda.matmul.fp32_precision = "tf32"
@@ -298,7 +330,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
 
 def case_result(case: BenchCase, peak: int | None, limit: int, timings: dict[str, Timing]) -> CaseResult:
     result = CaseResult(
-        name=case.name, kind=case.kind, mode=case.mode, ratio=case.ratio, peak_bytes=peak,
+        name=case.name, kind=case.kind, mode=case.mode, ratio=case.ratio, graphed=case.graphed, peak_bytes=peak,
         fits=peak is not None and peak <= limit,
     )  # fmt: skip
     if case.name not in timings:
@@ -309,11 +341,12 @@ def case_result(case: BenchCase, peak: int | None, limit: int, timings: dict[str
     result.q1_s, result.q3_s = timing.quartiles
     result.cpu_samples_s = timing.cpu_samples
     result.cpu_median_s = timing.cpu().median
-    reference = {JVP: FORWARD, FM_STEP: None, FORWARD: None}.get(case.kind, FM_STEP)
-    if reference is not None and reference in timings:
-        result.reference = reference
-        result.versus = paired_ratio(timing, timings[reference])
-        result.versus_cpu = paired_ratio(timing.cpu(), timings[reference].cpu())
+    if case.reference is not None and case.reference in timings:
+        result.reference = case.reference
+        result.versus = paired_ratio(timing, timings[case.reference])
+        result.versus_cpu = paired_ratio(timing.cpu(), timings[case.reference].cpu())
+    if case.graphed and case.kind == MEANFLOW_STEP and FM_STEP in timings:
+        result.versus_eager = paired_ratio(timing, timings[FM_STEP])
     return result
 
 

@@ -1,7 +1,8 @@
 """The workloads the JVP benchmark and the `auto` calibration time, on synthetic data.
 
 A training step here is what the trainer's step costs without data loading: the loss on a fixed
-batch, backward, one Adam step, gradients set to None.  The data is random (N(0, 1) images, or
+batch, backward, one Adam step, gradients set to None (or, with the step captured in a CUDA
+graph as train.cuda_graph runs it, zeroed in place).  The data is random (N(0, 1) images, or
 2-D points): shapes, not values, decide the cost, and the benchmark must run where no dataset
 has been downloaded.
 """
@@ -18,9 +19,11 @@ from zoo.data.toy2d import TOY_DISTRIBUTIONS
 from zoo.devices import autocast_dtype
 from zoo.flow import conditional_velocity, interpolate
 from zoo.losses import Loss, build_loss
+from zoo.losses.base import metrics_to_floats
 from zoo.losses.jvp import jvp_with_primal
 from zoo.losses.time_sampling import sample_t_r
 from zoo.models.base import FlowModel
+from zoo.training.step_graph import GraphedLossBackward
 
 # Image datasets' shapes (channels, height, width) and classes, known without their files.
 IMAGE_SHAPES: dict[str, tuple[int, int]] = {  # name -> (channels, default size)
@@ -76,7 +79,7 @@ def synthetic_batch(
 
 @contextlib.contextmanager
 def precision_context(device: torch.device, precision: str) -> Iterator[None]:
-    """The run's autocast (as the trainer's forward_loss): nothing for fp32."""
+    """The run's autocast (as the trainer's micro_batch_backward): nothing for fp32."""
     dtype = autocast_dtype(precision)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         yield
@@ -115,6 +118,29 @@ def training_step_fn(
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def graphed_training_step_fn(
+    model: FlowModel,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Loss,
+    batch: Batch,
+    precision: str,
+    seed: int = 0,
+    pool: tuple | None = None,
+) -> Callable[[], None]:
+    """training_step_fn with loss + backward replayed from a CUDA graph, as the trainer runs it
+    under train.cuda_graph: eager draws, replay, metrics to the host, Adam, gradients zeroed in place."""
+    generator = torch.Generator(device=batch.x.device).manual_seed(seed)
+    graphed = GraphedLossBackward(loss_fn, autocast_dtype(precision), pool=pool)
+
+    def run() -> None:
+        draws = loss_fn.draw(model, batch.x, batch.y, generator)
+        metrics_to_floats(graphed(model, batch.x, draws))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
 
     return run
 

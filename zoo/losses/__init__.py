@@ -6,7 +6,7 @@
 """
 
 from zoo.config.schema import LossConfig
-from zoo.losses.base import Loss, LossOutput
+from zoo.losses.base import Draws, Loss, LossOutput
 from zoo.losses.flow_matching import FlowMatchingLoss
 from zoo.losses.jvp import JVP_MODES, JvpStrategy, build_jvp, resolve_jvp_mode
 from zoo.losses.meanflow import MeanFlowLoss, MeanFlowTerms
@@ -23,6 +23,7 @@ def build_loss(cfg: LossConfig) -> Loss:
 
 __all__ = [
     "JVP_MODES",
+    "Draws",
     "FlowMatchingLoss",
     "JvpStrategy",
     "Loss",

@@ -1,13 +1,21 @@
 """The Loss interface, and the randomness every loss shares: noise and label dropout.
 
-Noise, times and dropped labels are drawn inside the loss from the generator handed in (a
+Noise, times and dropped labels are drawn by the loss from the generator handed in (a
 torch.Generator on x.device), never in dataset workers (predecessor defect 4).  `model` is the
 plain module, never a DDP wrapper: torch.func.jvp cannot pass through DDP (defect 6), so the
 trainer synchronises gradients itself.
+
+A loss is two phases: `draw` takes the step's randomness from the generator, `evaluate`
+computes the loss from the batch and those draws with no host synchronisation and no
+data-dependent shapes, so a CUDA graph can capture it (zoo.training.step_graph) while the
+draws stay on the run's own generator stream.  `loss(model, x, y, generator)` runs both.
 """
 
+import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +29,36 @@ from zoo.models.base import FlowModel
 class LossOutput:
     loss: Tensor  # scalar, differentiable
     metrics: dict[str, float]  # detached floats, e.g. "loss", "mse"
+
+
+@dataclass
+class Draws:
+    """The randomness of one loss evaluation: noise, times, the labels the model sees."""
+
+    noise: Tensor
+    times: Any  # (B,) t for flow matching; a TimePair for MeanFlow
+    y: Tensor | None  # labels after label dropout (None: unconditional)
+    dropped: Tensor  # (B,) bool, True where the label was replaced by the null class
+
+
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`value` with fn applied to every Tensor in it (through dataclasses, tuples, lists, dicts)."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value)})
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def flat_tensors(value: Any) -> list[Tensor]:
+    """Every Tensor in `value`, in map_tensors' order."""
+    found: list[Tensor] = []
+    map_tensors(value, lambda t: found.append(t) or t)
+    return found
 
 
 def metrics_to_floats(values: dict[str, Tensor]) -> dict[str, float]:
@@ -77,4 +115,13 @@ class Loss(ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def __call__(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> LossOutput: ...
+    def draw(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> Draws:
+        """The step's randomness, in a fixed order from `generator`; checks the labels."""
+
+    @abstractmethod
+    def evaluate(self, model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
+        """(scalar loss with grad, detached scalar metrics as Tensors); capturable in a CUDA graph."""
+
+    def __call__(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> LossOutput:
+        loss, metrics = self.evaluate(model, x, self.draw(model, x, y, generator))
+        return LossOutput(loss=loss, metrics=metrics_to_floats(metrics))

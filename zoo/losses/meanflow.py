@@ -20,7 +20,7 @@ from torch import Tensor
 
 from zoo.config.schema import LossConfig
 from zoo.flow import conditional_velocity, expand_time, interpolate
-from zoo.losses.base import Loss, LossOutput, draw_noise, drop_labels, metrics_to_floats
+from zoo.losses.base import Draws, Loss, draw_noise, drop_labels
 from zoo.losses.jvp import build_jvp
 from zoo.losses.time_sampling import TimePair, sample_t_r
 from zoo.models.base import FlowModel
@@ -80,23 +80,30 @@ class MeanFlowLoss(Loss):
         inside = (t >= cfg.guidance_t_min) & (t <= cfg.guidance_t_max) & ~dropped
         return torch.where(expand_time(inside, v), guided, v)
 
-    def terms(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> MeanFlowTerms:
-        cfg = self.cfg
+    def draw(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> Draws:
         batch = x.shape[0]
+        noise = draw_noise(x, generator)
+        times = sample_t_r(batch, self.cfg, generator, dtype=x.dtype)
+        y, dropped = drop_labels(model, y, self.cfg.class_dropout, batch, generator)
+        if self.guidance_active and y is None:
+            raise ValueError(
+                "training-time guidance (guidance_omega != 1 or guidance_kappa != 0) needs a "
+                "class-conditional model; set loss.guidance_omega = 1 and guidance_kappa = 0"
+            )
+        return Draws(noise=noise, times=times, y=y, dropped=dropped)
+
+    def terms(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> MeanFlowTerms:
+        return self.terms_of(model, x, self.draw(model, x, y, generator))
+
+    def terms_of(self, model: FlowModel, x: Tensor, draws: Draws) -> MeanFlowTerms:
+        cfg = self.cfg
         # fp32 arithmetic for the target and error (fp64 when the data is fp64, as in tests).
         dtype = torch.promote_types(x.dtype, torch.float32)
-        noise = draw_noise(x, generator)
-        times = sample_t_r(batch, cfg, generator, dtype=x.dtype)
-        y, dropped = drop_labels(model, y, cfg.class_dropout, batch, generator)
+        noise, times, y, dropped = draws.noise, draws.times, draws.y, draws.dropped
         t, r = times.t, times.r
         z = interpolate(x, noise, t)
         v = conditional_velocity(x, noise)
         if self.guidance_active:
-            if y is None:
-                raise ValueError(
-                    "training-time guidance (guidance_omega != 1 or guidance_kappa != 0) needs a "
-                    "class-conditional model; set loss.guidance_omega = 1 and guidance_kappa = 0"
-                )
             v = self.guided_velocity(model, z, t, v, y, dropped)
         u, dudt = self.jvp(model, z, t, r, y, v, times)
         u = u.to(dtype)
@@ -109,8 +116,8 @@ class MeanFlowLoss(Loss):
             target=target, delta=delta, weight=weight, loss=loss,
         )  # fmt: skip
 
-    def __call__(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> LossOutput:
-        terms = self.terms(model, x, y, generator)
+    def evaluate(self, model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
+        terms = self.terms_of(model, x, draws)
         dim = math.prod(x.shape[1:])
-        metrics = {"loss": terms.loss, "mse": terms.delta.detach().mean() / dim, "weight": terms.weight.mean()}
-        return LossOutput(loss=terms.loss, metrics=metrics_to_floats(metrics))
+        metrics = {"loss": terms.loss.detach(), "mse": terms.delta.detach().mean() / dim, "weight": terms.weight.mean()}
+        return terms.loss, metrics

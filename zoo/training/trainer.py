@@ -25,7 +25,7 @@ from zoo.devices import autocast_dtype, resolve_device
 from zoo.evaluation import EvalReport, Method, evaluate
 from zoo.experiment_log import append_run_entry
 from zoo.losses import Loss, build_loss, resolve_jvp_mode
-from zoo.losses.base import LossOutput
+from zoo.losses.base import metrics_to_floats
 from zoo.models import build_model
 from zoo.models.base import FlowModel
 from zoo.runs import RunDir, RunError, atomic_write_json, atomic_write_text, check_run
@@ -36,13 +36,14 @@ from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
 from zoo.bench.calibration import resolve_for_training
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.progress import PhaseHeartbeat, TrainProgress
+from zoo.training.step_graph import GraphedLossBackward, StepGraphError, check_capturable
 from zoo.training.visuals import save_samples
 
 # Keys a resumed run may change: how long it runs, how often it reports, where and how it
 # evaluates. Anything else (model, loss, data, optimiser, seed) must match the checkpoint.
 RESUMABLE_CHANGES = {
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.archive_every",
-    "device", "output_dir", "tracking", "eval", "experiment_log", "threads",
+    "device", "output_dir", "tracking", "eval", "experiment_log", "threads", "train.cuda_graph",
 }
 # The device may change only within a type: RNG states of CPU, CUDA and MPS generators differ.
 
@@ -61,6 +62,7 @@ class TrainState:
     jvp_mode: str = "nograd"
     step: int = 0
     micro_batches: int = 1
+    step_graph: GraphedLossBackward | None = None  # train.cuda_graph: the captured loss + backward
 
     @property
     def is_meanflow(self) -> bool:
@@ -203,12 +205,19 @@ def check_resume_config(stored: dict[str, Any], cfg: ZooConfigBody) -> None:
         )
 
 
-def forward_loss(state: TrainState) -> LossOutput:
-    """The loss of the next micro-batch, under the run's autocast precision."""
+def micro_batch_backward(state: TrainState) -> dict[str, torch.Tensor]:
+    """Draw the next micro-batch and its randomness, add its loss's gradient (divided by the
+    number of micro-batches) into `.grad`, and return its metrics as tensors (no host sync)."""
     x, y = state.source.next_batch(state.generator)
+    draws = state.loss_fn.draw(state.model, x, y, state.generator)
+    if state.step_graph is not None:
+        return state.step_graph(state.model, x, draws, state.micro_batches)
     dtype = autocast_dtype(state.cfg.precision)
     with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
-        return state.loss_fn(state.model, x, y, state.generator)
+        loss, metrics = state.loss_fn.evaluate(state.model, x, draws)
+    loss = loss / state.micro_batches
+    (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
+    return metrics
 
 
 def probe_step(state: TrainState, micro_size: int) -> None:
@@ -226,7 +235,11 @@ def probe_step(state: TrainState, micro_size: int) -> None:
     )
     try:
         state.source.batch_size = micro_size
-        forward_loss(state).loss.backward()
+        graph, state.step_graph = state.step_graph, None  # probe eagerly: capturing is for training
+        try:
+            micro_batch_backward(state)
+        finally:
+            state.step_graph = graph
     finally:
         state.model.zero_grad(set_to_none=True)
         torch.set_rng_state(saved[0])
@@ -278,13 +291,12 @@ def train_step(state: TrainState) -> dict[str, float]:
     cfg = state.cfg
     model, optimizer = state.model, state.optimizer
     state.source.batch_size = rank_batch_size(cfg) // state.micro_batches
-    totals: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     for _ in range(state.micro_batches):
-        out = forward_loss(state)
-        loss = out.loss / state.micro_batches
-        (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
-        for key, value in out.metrics.items():
-            totals[key] = totals.get(key, 0.0) + value / state.micro_batches
+        for key, value in micro_batch_backward(state).items():
+            sums[key] = sums[key] + value if key in sums else value
+    # One device-to-host copy for the step's metrics.
+    totals = {key: value / state.micro_batches for key, value in metrics_to_floats(sums).items()}
     distributed.all_reduce_gradients(model)
     if state.scaler is not None:
         state.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -297,7 +309,8 @@ def train_step(state: TrainState) -> dict[str, float]:
         state.scaler.update()
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # A captured step adds into static gradient tensors: zero them in place (zoo.training.step_graph).
+    optimizer.zero_grad(set_to_none=state.step_graph is None)
     state.ema.update(model)
     state.step += 1
     totals["lr"] = lr
@@ -347,6 +360,8 @@ def train_run(
     if cfg.run_name is None:
         raise RunError("a run needs a name: set run_name (zoo train picks one when --run-name is not given)")
     device = resolve_device(cfg.device)
+    if cfg.train.cuda_graph:
+        capturable(device, cfg, cfg.loss.jvp)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
@@ -379,6 +394,9 @@ def train_run(
                 "raise train.steps (--steps) to continue it"
             )
     choose_jvp_mode(state, payload["jvp_mode"] if resume else None, console)
+    if cfg.train.cuda_graph:
+        capturable(device, cfg, state.jvp_mode)
+        state.step_graph = GraphedLossBackward(state.loss_fn, autocast_dtype(cfg.precision))
     plan = fit_batch_in_memory(state, console)
     config_dict = config_to_dict(cfg)
     tracker: Tracker = make_tracker(
@@ -405,6 +423,14 @@ def train_run(
     finally:
         tracker.finish()
     return run
+
+
+def capturable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str) -> None:
+    """train.cuda_graph's requirements, as a configuration error naming the fix."""
+    try:
+        check_capturable(device, cfg.precision, jvp_mode if cfg.loss.kind == "meanflow" else "none")
+    except StepGraphError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def drop_metrics_after(run: RunDir, step: int) -> None:

@@ -1,0 +1,179 @@
+"""train.cuda_graph: a micro-batch's loss + backward replayed from a CUDA graph.
+
+On CPU: the settings it refuses and the helpers it is built on.  On CUDA: gradients equal to
+eager training's (same draws) over several optimiser steps, with accumulation, after eager code
+touched the gradients, and under recapture; and a real `zoo train` run.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from zoo.bench.calibration import candidate_modes
+from zoo.config.schema import LossConfig, UNetConfig
+from zoo.losses import build_loss
+from zoo.losses.base import Draws, flat_tensors, map_tensors
+from zoo.losses.jvp import cuda_fp32_precision
+from zoo.losses.time_sampling import sample_t_r
+from zoo.models import build_model
+from zoo.training.step_graph import GraphedLossBackward, StepGraphError, check_capturable
+from zoo_cli.main import app
+from tiny_runs import TINY_RUN
+
+CUDA = torch.cuda.is_available()
+NO_CUDA = "needs a CUDA device (CUDA graphs); none on this machine"
+
+
+@pytest.mark.parametrize(
+    "device, precision, mode, fix",
+    [
+        ("cpu", "fp32", "fused", "train.cuda_graph=false"),
+        ("cuda", "fp16", "fused", "precision=bf16"),
+        ("cuda", "bf16", "cuda_graph", "loss.jvp=fused"),
+        ("cuda", "fp32", "compile", "loss.jvp=fused"),
+    ],
+)
+def test_settings_a_captured_step_cannot_run_are_refused_with_the_fix(device, precision, mode, fix) -> None:
+    with pytest.raises(StepGraphError, match=fix.replace(".", r"\.")):
+        check_capturable(torch.device(device), precision, mode)
+
+
+def test_capturable_settings_pass() -> None:
+    for mode in ("fused", "primal", "full_batch", "selective", "nograd", "auto"):
+        check_capturable(torch.device("cuda"), "bf16", mode)
+
+
+def test_auto_does_not_offer_modes_that_cannot_run_inside_a_captured_step() -> None:
+    cuda = torch.device("cuda")
+    assert "cuda_graph" in candidate_modes(cuda, include_compile=True)
+    captured = candidate_modes(cuda, include_compile=True, captured_step=True)
+    assert "cuda_graph" not in captured and "compile" not in captured and "fused" in captured
+
+
+def test_map_tensors_reaches_every_tensor_of_the_draws_and_keeps_the_structure() -> None:
+    generator = torch.Generator().manual_seed(0)
+    times = sample_t_r(6, LossConfig(ratio=0.5), generator)
+    draws = Draws(noise=torch.randn(6, 2), times=times, y=None, dropped=torch.zeros(6, dtype=torch.bool))
+    doubled = map_tensors(draws, lambda t: t * 2 if t.is_floating_point() else t)
+    assert doubled.y is None and doubled.times.n_jvp == times.n_jvp == 3
+    torch.testing.assert_close(doubled.times.t, times.t * 2)
+    torch.testing.assert_close(doubled.noise, draws.noise * 2)
+    # noise, then the TimePair's t, r, mask, jvp_index, flow_index, then dropped
+    assert [tuple(t.shape) for t in flat_tensors(draws)] == [(6, 2), (6,), (6,), (6,), (3,), (3,), (6,)]
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def tiny_unet(num_classes: int = 0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = UNetConfig(channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8)
+    return build_model(cfg, (3, 8, 8), num_classes).cuda().train()
+
+
+def grads_of(model: torch.nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def assert_same_grads(a, b, **tol) -> None:
+    assert [g is None for g in a] == [g is None for g in b]
+    for ga, gb in zip(a, b, strict=True):
+        if ga is not None:
+            torch.testing.assert_close(ga, gb, **tol)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("kind, mode", [("flow_matching", "nograd"), ("meanflow", "fused"), ("meanflow", "primal")])
+def test_replayed_steps_give_eager_gradients_as_the_weights_change(kind, mode) -> None:
+    eager_model = tiny_unet(num_classes=3)
+    graph_model = copy.deepcopy(eager_model)
+    loss_fn = build_loss(LossConfig(kind=kind, jvp=mode, ratio=0.5, jvp_precision="fp32", class_dropout=0.2))
+    eager_opt = torch.optim.Adam(eager_model.parameters(), lr=1e-2)
+    graph_opt = torch.optim.Adam(graph_model.parameters(), lr=1e-2)
+    graphed = GraphedLossBackward(loss_fn, autocast_dtype=None)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    with cuda_fp32_precision("ieee"):
+        for step in range(4):
+            x = torch.randn(8, 3, 8, 8, device="cuda")
+            y = torch.randint(0, 3, (8,), device="cuda")
+            draws = loss_fn.draw(eager_model, x, y, generator)
+            loss, metrics = loss_fn.evaluate(eager_model, x, draws)
+            loss.backward()
+            replayed = graphed(graph_model, x, draws)
+            torch.testing.assert_close(replayed["loss"], metrics["loss"], rtol=1e-5, atol=1e-6)
+            assert_same_grads(grads_of(graph_model), grads_of(eager_model), rtol=1e-4, atol=1e-6)
+            for opt in (eager_opt, graph_opt):
+                opt.step()
+            eager_opt.zero_grad(set_to_none=True)
+            # Every other step the gradients are set to None, as eager code does: replays reattach them.
+            graph_opt.zero_grad(set_to_none=step % 2 == 1)
+    assert graphed.captures == 1  # the weights changed in place: no recapture, no stale weights
+    for a, b in zip(graph_model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_accumulated_replays_equal_the_eager_sum_and_new_shapes_recapture() -> None:
+    model = tiny_unet()
+    loss_fn = build_loss(LossConfig(kind="meanflow", jvp="fused", ratio=0.25, jvp_precision="fp32"))
+    graphed = GraphedLossBackward(loss_fn, autocast_dtype=None)
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    batches = [torch.randn(8, 3, 8, 8, device="cuda") for _ in range(2)]
+    draws = [loss_fn.draw(model, x, None, generator) for x in batches]
+    with cuda_fp32_precision("ieee"):
+        model.zero_grad(set_to_none=True)
+        for x, d in zip(batches, draws, strict=True):
+            (loss_fn.evaluate(model, x, d)[0] / 2).backward()
+        eager = grads_of(model)
+        model.zero_grad(set_to_none=True)
+        for x, d in zip(batches, draws, strict=True):
+            graphed(model, x, d, divisor=2)
+        assert_same_grads(grads_of(model), eager, rtol=1e-4, atol=1e-6)
+        # A gradient accumulated before a recapture survives it (warm-up runs must not leak in).
+        bigger = torch.randn(12, 3, 8, 8, device="cuda")
+        bigger_draws = loss_fn.draw(model, bigger, None, generator)
+        before = grads_of(model)
+        graphed(model, bigger, bigger_draws)
+        assert graphed.captures == 2
+        after = grads_of(model)
+        model.zero_grad(set_to_none=True)
+        loss_fn.evaluate(model, bigger, bigger_draws)[0].backward()
+        alone = grads_of(model)
+    for b, a, g in zip(before, after, alone, strict=True):
+        torch.testing.assert_close(a, b + g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_replay_under_bf16_autocast_matches_eager_bf16() -> None:
+    model = tiny_unet()
+    loss_fn = build_loss(LossConfig(kind="meanflow", jvp="fused", ratio=0.5, jvp_precision="bf16"))
+    graphed = GraphedLossBackward(loss_fn, autocast_dtype=torch.bfloat16)
+    x = torch.randn(8, 3, 8, 8, device="cuda")
+    draws = loss_fn.draw(model, x, None, torch.Generator(device="cuda").manual_seed(3))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = loss_fn.evaluate(model, x, draws)
+    loss.backward()
+    eager = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    metrics = graphed(model, x, draws)
+    torch.testing.assert_close(metrics["loss"], loss.detach(), rtol=2e-2, atol=1e-3)
+    assert_same_grads(grads_of(model), eager, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_zoo_train_with_a_captured_step_follows_the_eager_run(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    common = [*TINY_RUN, "device=cuda", "loss.jvp=fused", "tracking.enabled=false", "--steps", "20"]
+    losses = {}
+    for name, extra in (("eager", []), ("graph", ["train.cuda_graph=true"])):
+        result = runner.invoke(app, ["train", "moons", *common, *extra, "--run-name", name])
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in (tmp_path / "outputs" / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses["graph"]) == len(losses["eager"]) == 4
+    # Same draws from the same generator: the runs agree up to TF32 rounding.
+    torch.testing.assert_close(torch.tensor(losses["graph"]), torch.tensor(losses["eager"]), rtol=2e-2, atol=1e-3)

@@ -1,0 +1,162 @@
+"""A micro-batch's loss and backward replayed from one CUDA graph (`train.cuda_graph = true`).
+
+Why: on a GPU, a step of a model the size of the paper's CIFAR-10 U-Net is bound by the host
+issuing kernels, not by the GPU (EXPERIMENT_LOG, "First GPU measurements": an FM step launches
+~3500 kernels, a fused MeanFlow step ~6400, and the GPU idles between them).  Replaying them
+from a graph costs the host one launch, so a step takes what its kernels take.
+
+What the graph holds: `loss.evaluate` on the micro-batch and its draws, under the run's
+autocast, and backward, which accumulates into every parameter's `.grad` in place.  What stays
+eager: data loading, `loss.draw` (the run's generator gives the same stream as without the
+graph), gradient all-reduce, clipping, the optimiser and EMA.
+
+Rules that keep replays right (checked, not assumed: a change triggers a new capture):
+- Inputs are copied into static buffers; the graph reads parameters where they live, so
+  in-place optimiser updates are seen by the next replay.  A replaced parameter or buffer
+  (`.to()`, `p.data = ...`), a new model, train/eval mode, or other input shapes or dtypes
+  mean a new capture.
+- Gradients are static tensors the graph adds into; zero them in place between steps
+  (`zero_grad(set_to_none=False)`).  A gradient set to None or replaced in between is put back
+  into the static tensor before the next replay (None as zeros), so eager code may touch them.
+  Parameters the loss never reaches keep `.grad = None`, as in eager training.
+- Dropout draws from the device's default generator, whose graph-safe offsets advance per replay.
+- Not inside: fp16 loss scaling (GradScaler changes its scale on the host), a JVP mode that
+  itself captures a graph (`cuda_graph`, graphs do not nest) or compiles (`compile`).
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from zoo.losses.base import Draws, Loss, flat_tensors, map_tensors
+from zoo.models.base import FlowModel
+
+MODES_NOT_CAPTURABLE = ("cuda_graph", "compile")
+
+
+class StepGraphError(ValueError):
+    """Settings a captured step cannot run with; the message says what to change."""
+
+
+def check_capturable(device: torch.device, precision: str, jvp_mode: str) -> None:
+    """Refuse, with the fix, settings under which train.cuda_graph cannot run."""
+    if device.type != "cuda":
+        raise StepGraphError(f"train.cuda_graph needs a CUDA device, but this run uses {device}; set train.cuda_graph=false")
+    if precision == "fp16":
+        raise StepGraphError(
+            "train.cuda_graph does not run with precision=fp16 (its loss scaler changes the scale on the host "
+            "between steps); use precision=bf16, which needs no scaling"
+        )
+    if jvp_mode in MODES_NOT_CAPTURABLE:
+        raise StepGraphError(
+            f"loss.jvp={jvp_mode!r} cannot run inside train.cuda_graph's captured step (a graph cannot contain "
+            "another capture or a compiled region); use loss.jvp=fused (or primal) with it"
+        )
+
+
+@contextmanager
+def run_autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    # cache_enabled=False: autocast's cache of bf16 weight copies must not outlive one capture,
+    # or replays would read copies of the weights from before the optimiser's update.
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+        yield
+
+
+class GraphedLossBackward:
+    """loss.evaluate + backward of one micro-batch, captured once and replayed every call."""
+
+    def __init__(
+        self, loss_fn: Loss, autocast_dtype: torch.dtype | None, warmup: int = 3, pool: tuple | None = None
+    ) -> None:
+        """pool: a torch.cuda.graph_pool_handle() shared with other graphs that are never replayed
+        concurrently (the benchmark's cases), so their activations share one memory pool."""
+        self.loss_fn = loss_fn
+        self.pool = pool
+        self.autocast_dtype = autocast_dtype
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self.inputs: tuple[Tensor, Draws] | None = None
+        self.outputs: dict[str, Tensor] = {}
+        self.grads: dict[int, Tensor] = {}  # id(parameter) -> the static gradient the graph adds into
+        self.captures = 0
+
+    def graph_key(self, model: FlowModel, x: Tensor, draws: Draws, divisor: int) -> tuple:
+        inputs = tuple((tuple(t.shape), t.dtype) for t in flat_tensors((x, draws)))
+        structure = map_tensors(draws, lambda t: None)  # which fields are None (e.g. labels)
+        storage = tuple(p.data_ptr() for p in model.parameters()) + tuple(b.data_ptr() for b in model.buffers())
+        return (id(model), model.training, x.device, inputs, repr(structure), divisor, storage)
+
+    def attach_gradients(self, model: FlowModel) -> None:
+        """Make every reached parameter's `.grad` the static tensor the graph adds into, keeping
+        its value (None counts as zero)."""
+        to_zero: list[Tensor] = []
+        for p in model.parameters():
+            static = self.grads.get(id(p))
+            if static is None or p.grad is static:
+                continue
+            if p.grad is None:
+                to_zero.append(static)
+            else:
+                static.copy_(p.grad)
+            p.grad = static
+        if to_zero:
+            torch._foreach_zero_(to_zero)
+
+    def __call__(self, model: FlowModel, x: Tensor, draws: Draws, divisor: int = 1) -> dict[str, Tensor]:
+        """Add d(loss)/d(parameters) / divisor into `.grad` (divisor: micro-batches per step);
+        return the loss's metrics (fresh tensors, safe to keep across replays)."""
+        key = self.graph_key(model, x, draws, divisor)
+        if key != self.key:
+            self.capture(model, x, draws, divisor)
+            self.key = key
+        self.attach_gradients(model)
+        static_x, static_draws = self.inputs
+        for static, fresh in zip(flat_tensors((static_x, static_draws)), flat_tensors((x, draws)), strict=True):
+            static.copy_(fresh)
+        self.graph.replay()
+        return {name: value.clone() for name, value in self.outputs.items()}
+
+    def run(self, model: FlowModel, x: Tensor, draws: Draws, divisor: int) -> dict[str, Tensor]:
+        with run_autocast(x.device, self.autocast_dtype):
+            loss, metrics = self.loss_fn.evaluate(model, x, draws)
+        (loss / divisor).backward()
+        return metrics
+
+    def capture(self, model: FlowModel, x: Tensor, draws: Draws, divisor: int) -> None:
+        self.graph = None  # release the previous graph's memory pool first
+        params = list(model.parameters())
+        # Gradients accumulated so far this step (a recapture mid-step) are set aside and put back
+        # (attach_gradients copies them into the static tensors): warm-up and capture must not
+        # change what the step's gradients will be.
+        pending = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        self.inputs = map_tensors((x, draws), lambda t: t.clone())
+        static_x, static_draws = self.inputs
+        device = x.device
+
+        # Warm-up on a side stream (lazy initialisation, cuDNN autotuning, cuBLAS workspaces),
+        # which also tells which parameters the loss reaches.
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.run(model, static_x, static_draws, divisor)
+        torch.cuda.current_stream(device).wait_stream(side)
+        reached = [p for p in params if p.grad is not None]
+        for p in params:
+            p.grad = None
+        for p in reached:
+            p.grad = torch.zeros_like(p)
+        self.grads = {id(p): p.grad for p in reached}
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs = self.run(model, static_x, static_draws, divisor)
+        self.graph = graph
+        self.captures += 1
+        for p, grad in zip(params, pending, strict=True):
+            p.grad = grad
