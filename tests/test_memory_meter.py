@@ -77,12 +77,17 @@ def saved_activation_bytes(step, model: nn.Module) -> tuple[int, int]:
     dropped with the JVP and never read by the backward pass."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     sizes: dict[int, int] = {}
+    # Every packed storage is held until the step ends: a storage freed mid-step (a node whose
+    # backward ran early) could otherwise hand its address to a later one, and keying by address
+    # would then merge two storages — which made this measure vary from run to run.
+    held: list[torch.UntypedStorage] = []
 
     def pack(tensor: torch.Tensor):
         plain = plain_tensor(tensor)
         if plain._is_zerotensor():
             return tensor, None
         storage = plain.untyped_storage()
+        held.append(storage)
         return tensor, (storage.data_ptr(), storage.nbytes())
 
     def unpack(packed):

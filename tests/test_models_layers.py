@@ -315,6 +315,36 @@ def test_conv2d_backward_under_bf16_autocast_matches_nn_conv2d():
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=2e-2, atol=2e-2)
 
 
+def test_conv2d_under_bf16_autocast_saves_bf16_tensors_and_matches_nn_conv2d_exactly():
+    """Like autocast with nn.Conv2d: the input and weight are saved once, in bf16 (not fp32
+    copies cast again in backward), and values and gradients are nn.Conv2d's bit for bit."""
+    torch.manual_seed(2)
+    ours = Conv2d(4, 6, 3, padding=1)
+    reference = nn.Conv2d(4, 6, 3, padding=1)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    saved: list[torch.dtype] = []
+
+    def record(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ours(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref = reference(x_ref)
+    assert saved and all(dtype == torch.bfloat16 for dtype in saved), saved
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_ref.backward(grad)
+    assert x.grad.dtype == ours.weight.grad.dtype == ours.bias.grad.dtype == torch.float32
+    for a, b in ((x.grad, x_ref.grad), (ours.weight.grad, reference.weight.grad), (ours.bias.grad, reference.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_detached_tangents_skip_recording_and_keep_values():
     torch.manual_seed(0)
     norm, conv = GroupNorm(4, 8), Conv2d(8, 8, 3, padding=1)

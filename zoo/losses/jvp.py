@@ -144,12 +144,17 @@ def tangent_island(precision: str, device: torch.device) -> Iterator[None]:
         yield
 
 
+def inverse_permutation(order: Tensor) -> Tensor:
+    """The indices that put rows taken in `order` back where they came from."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return inverse
+
+
 def merge(first: Tensor, second: Tensor, times: TimePair) -> Tensor:
     """Put rows computed for times.jvp_index (first) and times.flow_index (second) back in batch order."""
     order = torch.cat([times.jvp_index, times.flow_index])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.shape[0], device=order.device)
-    return torch.cat([first, second.to(first.dtype)])[inverse]
+    return torch.cat([first, second.to(first.dtype)])[inverse_permutation(order)]
 
 
 class JvpStrategy(ABC):
@@ -230,14 +235,20 @@ class FusedJvp(JvpStrategy):
         if times.n_jvp == 0:
             u = model(z, t, r, y)
             return u, torch.zeros_like(upcast(u))
-        rows = times.jvp_index
+        # The r != t samples go first: every layer then reads its k rows as a view (a slice)
+        # instead of gathering them, ~350 gathers fewer per step on the paper's U-Net.  The
+        # forward is row-wise, so the order changes no value; u goes back to batch order.
+        k, order = times.n_jvp, torch.cat([times.jvp_index, times.flow_index])
         island = functools.partial(tangent_island, self.precision, z.device)
         with island():
-            dz = upcast(v[rows])
-        u, dudt_rows = model.forward_with_row_tangents(z, t, r, y, rows, dz, island)
+            dz = upcast(v[times.jvp_index])
+        u_ordered, dudt_rows = model.forward_with_row_tangents(
+            z[order], t[order], r[order], select(y, order), slice(0, k), dz, island
+        )
+        u = u_ordered[inverse_permutation(order)]
         dudt_rows = upcast(dudt_rows)  # bf16 under jvp_precision="bf16"; the target wants fp32
         dudt = torch.zeros((z.shape[0], *dudt_rows.shape[1:]), dtype=dudt_rows.dtype, device=z.device)
-        return u, dudt.index_copy_(0, rows, dudt_rows)
+        return u, dudt.index_copy_(0, times.jvp_index, dudt_rows)
 
 
 class SelectiveJvp(JvpStrategy):

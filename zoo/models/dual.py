@@ -36,13 +36,29 @@ from torch import Tensor, nn
 from zoo.models import layers
 
 
+Rows = Tensor | slice
+
+
+def row_count(rows: Rows, batch: int) -> int:
+    return len(range(*rows.indices(batch))) if isinstance(rows, slice) else rows.shape[0]
+
+
 @dataclass(frozen=True)
 class RowTangents:
-    """What every Dual of one fused pass shares: the rows and how to compute tangents."""
+    """What every Dual of one fused pass shares: the rows and how to compute tangents.
 
-    rows: Tensor  # (k,) long indices into the batch
+    rows: (k,) long indices into the batch, or a slice.  A slice (MeanFlow's fused mode puts the
+    r != t samples first, zoo.losses.jvp.FusedJvp) makes every row read a view: no gather
+    kernel per layer.
+    """
+
+    rows: Rows
     batch: int  # B
     island: Callable[[], AbstractContextManager]  # no grad + the JVP's precision
+
+    @property
+    def count(self) -> int:
+        return row_count(self.rows, self.batch)
 
     def at(self, x: Tensor) -> Tensor:
         """The rows of a per-sample (B, ...) tensor, detached, upcast from fp16/bf16 (tangent
@@ -145,7 +161,7 @@ def cat(values: Sequence[Value], dim: int) -> Value:
     with meta.island():
         # Zeros for a part without tangent, in the rows' shape and tangent dtype (no gather needed).
         parts = [
-            upcast(p.new_zeros((meta.rows.shape[0], *p.shape[1:]))) if tangent(v) is None else tangent(v)
+            upcast(p.new_zeros((meta.count, *p.shape[1:]))) if tangent(v) is None else tangent(v)
             for v, p in ((v, primal(v)) for v in values)
         ]
         return Dual(out, torch.cat(parts, dim=dim), meta)

@@ -67,12 +67,6 @@ def _tangent_grad_mode():
 # ----------------------------------------------------------------------------- group norm
 
 
-def _per_channel(per_group: Tensor, channels: int) -> Tensor:
-    """(N, G, 1) statistics -> (N, C): each group's value repeated for its channels."""
-    n, groups, _ = per_group.shape
-    return per_group.expand(n, groups, channels // groups).reshape(n, channels)
-
-
 def _differentiable_statistics(x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """The saved mean and rstd = (var + eps)^-1/2 over x's last dim, with autograd gradients.
 
@@ -162,23 +156,33 @@ def group_norm_tangent(
     """The tangent of group norm (see _GroupNormFunction) at x along dx (and dw, db).
 
     x, dx: (N, C, ...); weight: (C,); mean, rstd: (N, G, 1) — all in the working dtype.
+    With m = mean((x - mean) dx) per group and xhat = (x - mean) rstd,
+        dy = w (rstd dx - rstd^3 m (x - mean) - rstd mean(dx)) + dw xhat + db
+           = A dx + B x + O,
+    whose factors A, B, O are small (N, G, C/G, 1) tensors formed by broadcasting per-group
+    statistics against per-channel parameters: two fused multiply-adds over the activation.
     """
     n, c = x.shape[:2]
-    xg, dxg = x.reshape(n, groups, -1), dx.reshape(n, groups, -1)
-    mean_dx = dxg.mean(-1, keepdim=True)
+    grouped = (n, groups, c // groups, -1)
+    x4, dx4 = x.reshape(grouped), dx.reshape(grouped)
+    per_channel = (1, groups, c // groups, 1)
+    w = weight.reshape(per_channel)
+    mean, rstd = mean.reshape(n, groups, 1, 1), rstd.reshape(n, groups, 1, 1)
+    mean_dx = dx4.mean((2, 3), keepdim=True)
     # mean((x - mean) * dx), without materialising x - mean
-    mean_xc_dx = torch.linalg.vecdot(xg, dxg).unsqueeze(-1) / xg.shape[-1] - mean * mean_dx
-    a = _per_channel(rstd, c) * weight
-    b = _per_channel(-(rstd**3) * mean_xc_dx, c) * weight
-    offset = -_per_channel(rstd * mean_dx, c) * weight
+    xdx = torch.linalg.vecdot(x4.flatten(2), dx4.flatten(2)).reshape(n, groups, 1, 1) / (x4[0, 0].numel())
+    m = torch.addcmul(xdx, mean, mean_dx, value=-1)
+    cubed_m = rstd**3 * m
+    a = w * rstd
+    minus_b = w * cubed_m
+    o = w * torch.addcmul(cubed_m * mean, rstd, mean_dx, value=-1)
     if dw is not None:
-        b = b + _per_channel(rstd, c) * dw.to(x.dtype)
+        dw_rstd = dw.to(x.dtype).reshape(per_channel) * rstd
+        minus_b = minus_b - dw_rstd
+        o = o - dw_rstd * mean
     if db is not None:
-        offset = offset + db.to(x.dtype)
-    offset = offset - b * _per_channel(mean, c)  # b * x + offset = b * (x - mean) + ...
-    shape = (n, c) + (1,) * (x.ndim - 2)
-    dy = torch.addcmul(offset.reshape(shape), a.reshape(shape), dx)
-    return dy.addcmul_(b.reshape(shape), x)
+        o = o + db.to(x.dtype).reshape(per_channel)
+    return torch.addcmul(o, a, dx4).addcmul_(minus_b, x4, value=-1).reshape(x.shape)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -309,19 +313,12 @@ class _Conv2dFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        # Under autocast the forward ran in the autocast dtype (that of `grad`): the backward
-        # computes in it too and hands each gradient back in its input's dtype.
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x.to(grad.dtype), weight.to(grad.dtype), [weight.shape[0]] if ctx.has_bias else None,
+            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None,
             stride, padding, dilation, False, [0, 0], groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
         )  # fmt: skip
-        return (
-            gx.to(x.dtype) if gx is not None else None,
-            gw.to(weight.dtype) if gw is not None else None,
-            gb.to(weight.dtype) if gb is not None else None,
-            None, None, None, None,
-        )  # fmt: skip
+        return gx, gw, gb, None, None, None, None
 
     @staticmethod
     def jvp(ctx, dx: Tensor, dw, db, *_) -> Tensor:
@@ -337,7 +334,19 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise ValueError("zoo.models.layers.Conv2d supports numeric zero padding only")
-        return _Conv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight, bias = self.weight, self.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+            # Autocast's cast (which leaves fp64 alone), done before the Function rather than inside it: the Function then
+            # saves the low-precision input and weight its convolution used (half the memory of
+            # fp32 copies, and no second cast in backward), and the casts' own backward hands
+            # fp32 gradients to fp32 tensors, as autocast does for nn.Conv2d.
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                return _Conv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return _Conv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 # ----------------------------------------------------------------------------- attention
