@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from zoo.config.schema import LossConfig
 from zoo.losses import FlowMatchingLoss, MeanFlowLoss, build_loss
 from zoo.models.base import FlowModel
+from zoo.models.gaussian import GaussianMeanFlow
 
 F64 = torch.float64
 
@@ -217,3 +218,22 @@ def test_build_loss_needs_a_resolved_jvp_mode() -> None:
     with pytest.raises(ValueError, match="resolve_jvp_mode"):
         build_loss(LossConfig(jvp="auto"))
     assert isinstance(build_loss(LossConfig(jvp="primal")), MeanFlowLoss)
+
+
+@pytest.mark.parametrize("mode", ["nograd", "primal", "selective"])
+def test_loss_at_the_exact_gaussian_field_equals_its_closed_form_conditional_variance(mode: str) -> None:
+    """At the exact average velocity u* of data N(m, s^2 I) the MeanFlow residual is
+    u* - u_tgt = (sigma_r / sigma_t)(E[v | z_t] - v), so E[Delta | t, r] = d s^2 sigma_r^2 / sigma_t^4
+    (sigma_t^2 = (1 - t)^2 s^2 + t^2).  A tangent on r instead of t, the target's sign or swapped
+    times move this by 18-170% (scripts/check_meanflow_gaussian.py); sampling noise here is <1%."""
+    mean, std = torch.tensor([1.5, -1.0], dtype=torch.float64), 0.5
+    model = GaussianMeanFlow(mean, std)
+    x = mean + std * torch.randn(40_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cfg = LossConfig(jvp=mode, ratio=0.75, time_sampler="uniform", weight_p=0.0)
+    terms = MeanFlowLoss(cfg).terms(model, x, None, torch.Generator().manual_seed(2))
+    t, r = terms.times.t, terms.times.r
+    closed_form = 2 * std**2 * model.sigma(r) ** 2 / model.sigma(t) ** 4
+    far = (t - r) >= 0.3  # where a wrong JVP would show most
+    for rows in (slice(None), far):
+        ratio = terms.delta.detach()[rows].mean() / closed_form[rows].mean()
+        assert abs(ratio.item() - 1.0) < 0.03, ratio

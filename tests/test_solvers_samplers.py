@@ -12,39 +12,10 @@ from zoo.flow import expand_time
 from zoo.losses import MeanFlowLoss
 from zoo.losses.jvp import jvp_with_primal
 from zoo.models.base import FlowModel
+from zoo.models.gaussian import GaussianMeanFlow
 from zoo.solvers import get_solver, sample_meanflow, sample_ode, steps_for_nfe
 
 F64 = torch.float64
-
-
-class GaussianMeanFlow(FlowModel):
-    """The exact u(z, t, r) for data N(m, s^2 I) and the path z_t = (1 - t) x + t eps.
-
-    z_t ~ N((1 - t) m, sigma_t^2 I) with sigma_t^2 = (1 - t)^2 s^2 + t^2, and the probability-flow
-    ODE maps z_t to z_r = (1 - r) m + (sigma_r / sigma_t)(z_t - (1 - t) m) (an affine map per
-    dimension).  So u = (z_t - z_r) / (t - r), and at r = t the instantaneous velocity
-    v(z, t) = -m + (sigma_t' / sigma_t)(z - (1 - t) m), sigma_t' = (t - (1 - t) s^2) / sigma_t.
-    """
-
-    def __init__(self, mean: Tensor, std: float) -> None:
-        super().__init__(tuple(mean.shape))
-        self.register_buffer("mean", mean)
-        self.std = std
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return torch.sqrt((1 - t) ** 2 * self.std**2 + t**2)
-
-    def velocity(self, z: Tensor, t: Tensor) -> Tensor:
-        te = expand_time(t, z)
-        rate = (te - (1 - te) * self.std**2) / self.sigma(te) ** 2
-        return -self.mean + rate * (z - (1 - te) * self.mean)
-
-    def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
-        te, re = expand_time(t, z), expand_time(r, z)
-        z_r = (1 - re) * self.mean + self.sigma(re) / self.sigma(te) * (z - (1 - te) * self.mean)
-        h = te - re
-        average = (z - z_r) / torch.where(h > 0, h, torch.ones_like(h))
-        return torch.where(h > 0, average, self.velocity(z, t))
 
 
 MEAN = torch.tensor([1.5, -1.0], dtype=F64)

@@ -152,6 +152,9 @@ class GraphedLossBackward:
         for p in reached:
             p.grad = torch.zeros_like(p)
         self.grads = {id(p): p.grad for p in reached}
+        # The graph allocates from its own pool: hand the blocks the warm-up (and the memory
+        # probe before it) left cached back to the device, or the step's memory is held twice.
+        torch.cuda.empty_cache()
 
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
