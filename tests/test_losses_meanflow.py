@@ -220,7 +220,7 @@ def test_build_loss_needs_a_resolved_jvp_mode() -> None:
     assert isinstance(build_loss(LossConfig(jvp="primal")), MeanFlowLoss)
 
 
-@pytest.mark.parametrize("mode", ["nograd", "primal", "selective"])
+@pytest.mark.parametrize("mode", ["nograd", "primal", "selective", "full_batch"])
 def test_loss_at_the_exact_gaussian_field_equals_its_closed_form_conditional_variance(mode: str) -> None:
     """At the exact average velocity u* of data N(m, s^2 I) the MeanFlow residual is
     u* - u_tgt = (sigma_r / sigma_t)(E[v | z_t] - v), so E[Delta | t, r] = d s^2 sigma_r^2 / sigma_t^4

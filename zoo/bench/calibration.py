@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from zoo.bench.jvp_bench import device_name, measure_peak, memory_limit_bytes
-from zoo.bench.steps import meanflow_loss, synthetic_batch, training_step_fn
+from zoo.bench.steps import graphed_training_step_fn, meanflow_loss, synthetic_batch, training_step_fn
 from zoo.bench.timing import interleaved_timings
 from zoo.config.schema import LossConfig, OptimConfig, ZooConfigBody
 from zoo.devices import synchronize
@@ -139,8 +139,9 @@ def calibrate(
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(cached.created))
             return Calibration(**{**entry, "reason": f"{cached.reason} [cached {when} in {path}]"})
     calibration = time_candidates(
-        model, loss_cfg, batch_size, device, precision, optim_cfg or OptimConfig(), candidates, memory_limit_gb
-    )
+        model, loss_cfg, batch_size, device, precision, optim_cfg or OptimConfig(), candidates, memory_limit_gb,
+        captured_step,
+    )  # fmt: skip
     if use_cache:
         write_cache_entry(path, key, calibration)
     return calibration
@@ -155,18 +156,31 @@ def time_candidates(
     optim_cfg: OptimConfig,
     candidates: list[str],
     memory_limit_gb: float | None,
+    captured_step: bool = False,
 ) -> Calibration:
     """A memory pass (one step per candidate, also the first warm-up), one warm-up round, then
-    CALIBRATION_REPEATS interleaved timed rounds, on a copy of the model; RNGs restored after."""
+    CALIBRATION_REPEATS interleaved timed rounds, on a copy of the model; RNGs restored after.
+
+    captured_step: time the steps replayed from CUDA graphs, as train.cuda_graph will run them
+    (replay removes the launch overhead that decides the eager ranking)."""
     limit = memory_limit_bytes(device, memory_limit_gb)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         scratch = copy.deepcopy(model).train()
         optimizer = build_optimizer(scratch, optim_cfg)
         batch = synthetic_batch(scratch, batch_size, device, loss_cfg)
-        steps = {
-            mode: training_step_fn(scratch, optimizer, meanflow_loss(loss_cfg, mode, loss_cfg.ratio), batch, precision)
-            for mode in candidates
-        }
+        if captured_step:
+            pool = torch.cuda.graph_pool_handle()  # the candidates' graphs never replay at once
+            steps = {
+                mode: graphed_training_step_fn(
+                    scratch, optimizer, meanflow_loss(loss_cfg, mode, loss_cfg.ratio), batch, precision, pool=pool
+                )
+                for mode in candidates
+            }
+        else:
+            steps = {
+                mode: training_step_fn(scratch, optimizer, meanflow_loss(loss_cfg, mode, loss_cfg.ratio), batch, precision)
+                for mode in candidates
+            }
         # One untimed step first: every candidate's peak then includes Adam's moments.
         measure_peak(next(iter(steps.values())), device, scratch, optimizer)
         peaks = {mode: measure_peak(step, device, scratch, optimizer) for mode, step in steps.items()}

@@ -317,7 +317,16 @@ class CudaGraphJvp(JvpStrategy):
         return (id(model), model.training, tuple(z.shape), z.dtype, t.dtype, v.dtype, labels, z.device, storage)
 
     def capture(self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> None:
-        self.graph = None  # release the old graph's memory pool before capturing a new one
+        self.graph, self.key = None, None  # release the old graph's pool; no stale key if this fails
+        # Warm-up and capture draw dropout masks from the device's generator: restore it, so a
+        # resumed run (which captures again) stays on the uninterrupted run's random stream.
+        rng = torch.cuda.get_rng_state(z.device)
+        try:
+            self._warm_up_and_capture(model, z, t, r, y, v)
+        finally:
+            torch.cuda.set_rng_state(rng, z.device)
+
+    def _warm_up_and_capture(self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> None:
         self.inputs = {"z": upcast(z).clone(), "t": upcast(t).clone(), "r": upcast(r).clone(), "v": upcast(v).clone()}
         if y is not None:
             self.inputs["y"] = y.clone()
@@ -334,7 +343,9 @@ class CudaGraphJvp(JvpStrategy):
                 run()
         torch.cuda.current_stream(z.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), jvp_precision(self.precision, z.device), torch.cuda.graph(graph):
+        # thread_local: the data loader's pin-memory thread may call CUDA during the capture.
+        capturing = torch.cuda.graph(graph, capture_error_mode="thread_local")
+        with torch.no_grad(), jvp_precision(self.precision, z.device), capturing:
             self.output = run()
         self.graph = graph
         self.captures += 1
@@ -348,7 +359,7 @@ class CudaGraphJvp(JvpStrategy):
         key = self.graph_key(model, z, t, v, y)
         if key != self.key:
             self.capture(model, z, t, r, y, v)
-            self.key = key
+            self.key = key  # only once the capture succeeded
         s = self.inputs
         s["z"].copy_(z)
         s["t"].copy_(t)

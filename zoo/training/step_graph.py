@@ -111,7 +111,7 @@ class GraphedLossBackward:
         key = self.graph_key(model, x, draws, divisor)
         if key != self.key:
             self.capture(model, x, draws, divisor)
-            self.key = key
+            self.key = key  # only once the capture succeeded
         self.attach_gradients(model)
         static_x, static_draws = self.inputs
         for static, fresh in zip(flat_tensors((static_x, static_draws)), flat_tensors((x, draws)), strict=True):
@@ -126,14 +126,25 @@ class GraphedLossBackward:
         return metrics
 
     def capture(self, model: FlowModel, x: Tensor, draws: Draws, divisor: int) -> None:
-        self.graph = None  # release the previous graph's memory pool first
+        self.graph, self.key = None, None  # release the previous graph's pool; no stale key if this fails
         params = list(model.parameters())
         # Gradients accumulated so far this step (a recapture mid-step) are set aside and put back
         # (attach_gradients copies them into the static tensors): warm-up and capture must not
-        # change what the step's gradients will be.
+        # change what the step's gradients will be, even when they fail.
         pending = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        # Warm-up and capture draw dropout masks from the device's generator; restoring it keeps a
+        # resumed run (which captures again) on the uninterrupted run's random stream.
+        rng = torch.cuda.get_rng_state(x.device)
+        try:
+            for p in params:
+                p.grad = None
+            self._warm_up_and_capture(model, params, x, draws, divisor)
+        finally:
+            torch.cuda.set_rng_state(rng, x.device)
+            for p, grad in zip(params, pending, strict=True):
+                p.grad = grad
+
+    def _warm_up_and_capture(self, model: FlowModel, params: list[Tensor], x: Tensor, draws: Draws, divisor: int) -> None:
         self.inputs = map_tensors((x, draws), lambda t: t.clone())
         static_x, static_draws = self.inputs
         device = x.device
@@ -157,9 +168,10 @@ class GraphedLossBackward:
         torch.cuda.empty_cache()
 
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: only this thread's CUDA calls are checked during the capture.  The data
+        # loader's pin-memory thread keeps allocating pinned memory and querying events while
+        # the step is captured, which the default ("global") mode would count as an error.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self.outputs = self.run(model, static_x, static_draws, divisor)
         self.graph = graph
         self.captures += 1
-        for p, grad in zip(params, pending, strict=True):
-            p.grad = grad

@@ -36,7 +36,7 @@ from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
 from zoo.bench.calibration import resolve_for_training
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.progress import PhaseHeartbeat, TrainProgress
-from zoo.training.step_graph import GraphedLossBackward, StepGraphError, check_capturable
+from zoo.training.step_graph import MODES_NOT_CAPTURABLE, GraphedLossBackward, StepGraphError, check_capturable
 from zoo.training.visuals import save_samples
 
 # Keys a resumed run may change: how long it runs, how often it reports, where and how it
@@ -395,7 +395,7 @@ def train_run(
             )
     choose_jvp_mode(state, payload["jvp_mode"] if resume else None, console)
     if cfg.train.cuda_graph:
-        capturable(device, cfg, state.jvp_mode)
+        capturable(device, cfg, state.jvp_mode, resumed=resume)
         state.step_graph = GraphedLossBackward(state.loss_fn, autocast_dtype(cfg.precision))
     plan = fit_batch_in_memory(state, console)
     config_dict = config_to_dict(cfg)
@@ -425,10 +425,18 @@ def train_run(
     return run
 
 
-def capturable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str) -> None:
+def capturable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, resumed: bool = False) -> None:
     """train.cuda_graph's requirements, as a configuration error naming the fix."""
+    mode = jvp_mode if cfg.loss.kind == "meanflow" else "none"
+    if resumed and mode in MODES_NOT_CAPTURABLE:
+        # A resumed run keeps the JVP mode it started with (check_resume_config): changing
+        # loss.jvp is not a fix open to it.
+        raise ConfigError(
+            f"this run trains with loss.jvp={mode!r} (chosen when it started), which cannot run inside "
+            "train.cuda_graph's captured step; resume it without train.cuda_graph"
+        )
     try:
-        check_capturable(device, cfg.precision, jvp_mode if cfg.loss.kind == "meanflow" else "none")
+        check_capturable(device, cfg.precision, mode)
     except StepGraphError as exc:
         raise ConfigError(str(exc)) from None
 
