@@ -26,7 +26,7 @@ from rich.console import Console
 from torch.profiler import ProfilerActivity, profile
 
 from zoo.bench.jvp_bench import BenchResult, BenchSettings, meanflow_case, parse_modes, parse_ratios, run_bench
-from zoo_cli.bench import result_table, summary_lines
+from zoo_cli.bench_report import result_table, summary_lines
 
 # The measurements of the other implementations (same kind of machine, fp32, batch 8).
 OTHERS = {

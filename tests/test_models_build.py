@@ -14,6 +14,7 @@ from zoo.models import (
     dit_config,
 )
 from zoo.models.embeddings import MAX_PERIOD, TIME_SCALE, sinusoidal_embedding
+from model_helpers import perturb
 
 
 TINY_MLP = MLPConfig(hidden=32, depth=2, time_embed_dim=16)
@@ -43,14 +44,6 @@ IMAGE_CASES = [
     ((1, 8, 8), TINY_DIT),
     ((4, 32, 32), DiTConfig(patch_size=4, hidden=32, depth=1, heads=4)),  # SD-VAE latents
 ]
-
-
-def perturb(model: torch.nn.Module, scale: float = 0.1) -> None:
-    """Zero-initialised output layers make a fresh model ignore its inputs; break that."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def times(batch: int) -> tuple[torch.Tensor, torch.Tensor]:

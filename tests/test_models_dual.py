@@ -17,6 +17,7 @@ from zoo.models import build_model
 from zoo.models import dual as D
 from zoo.models.base import FlowModel
 from zoo.training.memory import LiveTensors
+from model_helpers import perturb
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -40,12 +41,7 @@ CASES = {
 def perturbed(cfg, shape, num_classes, dtype=F64, seed=0):
     """A model moved off its zero initialisation, so every path carries signal."""
     torch.manual_seed(seed)
-    model = build_model(cfg, shape, num_classes).to(dtype).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+    return perturb(build_model(cfg, shape, num_classes).to(dtype).eval(), seed=seed + 1)
 
 
 def island():

@@ -6,11 +6,9 @@ touched the gradients, and under recapture; and a real `zoo train` run.
 """
 
 import copy
-import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from zoo.bench.calibration import candidate_modes
 from zoo.config.loading import ConfigError, load_config
@@ -23,7 +21,8 @@ from zoo.models import build_model
 from zoo.training.step_graph import GraphedLossBackward, StepGraphError, check_capturable
 from zoo.training.trainer import capturable
 from zoo_cli.main import app
-from tiny_runs import TINY_RUN
+from model_helpers import labelled_cuda_batch
+from tiny_runs import TINY_RUN, train_moons_variants
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device (CUDA graphs); none on this machine"
@@ -50,9 +49,9 @@ def test_capturable_settings_pass() -> None:
 
 def test_auto_does_not_offer_modes_that_cannot_run_inside_a_captured_step() -> None:
     cuda = torch.device("cuda")
-    assert "cuda_graph" in candidate_modes(cuda, include_compile=True)
-    captured = candidate_modes(cuda, include_compile=True, captured_step=True)
-    assert "cuda_graph" not in captured and "compile" not in captured and "fused" in captured
+    assert "cuda_graph" in candidate_modes(cuda)
+    captured = candidate_modes(cuda, captured_step=True)
+    assert "cuda_graph" not in captured and "fused" in captured
 
 
 def test_map_tensors_reaches_every_tensor_of_the_draws_and_keeps_the_structure() -> None:
@@ -99,9 +98,7 @@ def test_replayed_steps_give_eager_gradients_as_the_weights_change(kind, mode) -
     generator = torch.Generator(device="cuda").manual_seed(1)
     with cuda_fp32_precision("ieee"):
         for step in range(4):
-            x = torch.randn(8, 3, 8, 8, device="cuda")
-            y = torch.randint(0, 3, (8,), device="cuda")
-            draws = loss_fn.draw(eager_model, x, y, generator)
+            x, draws = labelled_cuda_batch(loss_fn, eager_model, generator)
             loss, metrics = loss_fn.evaluate(eager_model, x, draws)
             loss.backward()
             replayed = graphed(graph_model, x, draws)
@@ -211,14 +208,9 @@ def test_replaced_weights_and_a_mode_switch_trigger_a_recapture() -> None:
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
 def test_zoo_train_with_a_captured_step_follows_the_eager_run(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
     common = [*TINY_RUN, "device=cuda", "loss.jvp=fused", "tracking.enabled=false", "--steps", "20"]
-    losses = {}
-    for name, extra in (("eager", []), ("graph", ["train.cuda_graph=true"])):
-        result = runner.invoke(app, ["train", "moons", *common, *extra, "--run-name", name])
-        assert result.exit_code == 0, result.output
-        records = [json.loads(line) for line in (tmp_path / "outputs" / name / "metrics.jsonl").read_text().splitlines()]
-        losses[name] = [r["train/loss"] for r in records if "train/loss" in r]
+    runs = train_moons_variants(app, common, {"eager": [], "graph": ["train.cuda_graph=true"]})
+    losses = {name: logged for name, (logged, _) in runs.items()}
     assert len(losses["graph"]) == len(losses["eager"]) == 4
     # Same draws from the same generator: the runs agree up to TF32 rounding.
     torch.testing.assert_close(torch.tensor(losses["graph"]), torch.tensor(losses["eager"]), rtol=5e-3, atol=1e-4)

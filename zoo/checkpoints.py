@@ -19,14 +19,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import zoo
+from zoo.errors import CheckpointError
 from zoo.runs import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT_FORMAT = "zoo-checkpoint/1"
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

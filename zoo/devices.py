@@ -2,9 +2,7 @@
 
 import torch
 
-
-class DeviceError(RuntimeError):
-    pass
+from zoo.errors import DeviceError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -7,10 +7,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from zoo.checkpoints import CheckpointError
 from zoo.config.loading import ConfigError
-from zoo.data.base import DataNotFoundError
-from zoo.devices import DeviceError
+from zoo.errors import CheckpointError, DataNotFoundError, DeviceError
 from zoo.runs import RunError
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs

@@ -7,10 +7,6 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
-from zoo.data import build_data
-from zoo.devices import resolve_device
-from zoo.evaluation import evaluate
-from zoo.inference import load_model
 from zoo.runs import atomic_write_json
 from zoo_cli.errors import user_errors
 from zoo_cli.render import eval_table, make_console
@@ -27,6 +23,11 @@ def eval_command(
     data_root: Annotated[str | None, typer.Option("--data-dir", help="dataset folder, if not the run's data.root")] = None,
 ) -> None:
     """Evaluate a checkpoint: MeanFlow 1/2/4 steps and ODE solvers at several NFE."""
+    from zoo.data import build_data
+    from zoo.devices import resolve_device
+    from zoo.evaluation import evaluate
+    from zoo.inference import load_model
+
     with user_errors():
         dev = resolve_device(device)
         loaded = load_model(checkpoint, dev)

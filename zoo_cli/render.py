@@ -1,6 +1,7 @@
 """Rich renderings shared by commands: the resolved config and the evaluation table."""
 
 import os
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.syntax import Syntax
@@ -8,7 +9,9 @@ from rich.table import Table
 
 from zoo.config.loading import config_to_toml
 from zoo.config.schema import ZooConfigBody
-from zoo.evaluation import EvalReport
+
+if TYPE_CHECKING:  # zoo.evaluation imports torch; the CLI imports it only in the commands that need it
+    from zoo.evaluation import EvalReport
 
 
 PIPED_WIDTH = 160
@@ -29,7 +32,7 @@ def print_config(console: Console, cfg: ZooConfigBody, title: str = "resolved co
     console.print(Syntax(config_to_toml(cfg), "toml", theme="ansi_dark", background_color="default"))
 
 
-def eval_table(report: EvalReport, title: str) -> Table:
+def eval_table(report: "EvalReport", title: str) -> Table:
     table = Table(title=title)
     table.add_column("sampler")
     table.add_column("NFE", justify="right")

@@ -1,26 +1,24 @@
 """`zoo sample CKPT --nfe K --n 64 --out FILE`: a picture and an .npz of generated samples."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
-import torch
 import typer
 
-from zoo.devices import resolve_device
-from zoo.evaluation import Method
-from zoo.inference import load_model
-from zoo.plotting import save_image_grid, save_scatter
-from zoo.solvers.ode import get_solver, steps_for_nfe
-from zoo.solvers.samplers import sample_meanflow, sample_ode
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import make_console
+
+if TYPE_CHECKING:
+    from zoo.evaluation import Method
 
 console = make_console()
 
 
-def choose_method(meanflow: bool, nfe: int, solver: str | None) -> Method:
+def choose_method(meanflow: bool, nfe: int, solver: str | None) -> "Method":
     """MeanFlow models take NFE jumps; flow-matching models (or --solver) integrate the ODE."""
+    from zoo.evaluation import Method
+    from zoo.solvers.ode import get_solver, steps_for_nfe
+
     if solver is None and meanflow:
         return Method("meanflow", nfe, nfe)
     name = solver or "euler"
@@ -43,6 +41,14 @@ def sample(
     raw: Annotated[bool, typer.Option("--raw", help="use the raw weights instead of the EMA")] = False,
 ) -> None:
     """Generate samples from a checkpoint."""
+    import numpy as np
+    import torch
+
+    from zoo.devices import resolve_device
+    from zoo.inference import load_model
+    from zoo.plotting import save_image_grid, save_scatter
+    from zoo.solvers.samplers import sample_meanflow, sample_ode
+
     with user_errors():
         dev = resolve_device(device)
         loaded = load_model(checkpoint, dev, use_ema=not raw)

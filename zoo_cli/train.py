@@ -9,7 +9,6 @@ from typing import Annotated, Any
 
 import typer
 
-from zoo.checkpoints import load_checkpoint
 from zoo.config.loading import (
     ConfigError,
     ZooConfig,
@@ -20,7 +19,6 @@ from zoo.config.loading import (
     parse_overrides,
 )
 from zoo.config.schema import ZooConfigBody
-from zoo.devices import resolve_device
 from zoo.runs import RunDir, check_run, default_run_name
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import eval_table, make_console, print_config
@@ -65,6 +63,8 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def resume_config(run_name: str, output_dir: str, preset: str | None, overrides: dict[str, Any]) -> ZooConfigBody:
     """A resumed run starts from its own stored config; the command line may only extend it."""
+    from zoo.checkpoints import load_checkpoint
+
     run = check_run(output_dir, run_name, resume=True)
     stored = load_checkpoint(run.last)["config"]
     if preset is not None and stored.get("preset") not in (preset, None) and not preset.endswith(".toml"):
@@ -117,6 +117,7 @@ def train(
                 raise typer.Exit(returncode)
             report_run(RunDir(Path(cfg.output_dir) / cfg.run_name))
             return
+        from zoo.devices import resolve_device
         from zoo.training import distributed
 
         under_torchrun = distributed.env_world_size() > 1

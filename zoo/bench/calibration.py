@@ -4,9 +4,11 @@ The calibration runs on a throwaway copy of the model and a fresh optimiser, on 
 batch of the run's shape, inside `torch.random.fork_rng`, so the run's weights, optimiser state
 and every RNG stream are exactly as they were.  Candidates: fused (zoo's own networks; under
 bf16/fp16 autocast only with jvp_precision="bf16", see offers_fused), primal, full_batch,
-selective, plus cuda_graph on CUDA and compile when the run asks for torch.compile; nograd (the
-slow reference) never.  A candidate whose peak memory exceeds the limit is not chosen; if none
-fits, the one with the smallest peak is, and the trainer's memory probe then splits the batch.
+selective, plus cuda_graph on CUDA; nograd (the slow reference) and compile (no gain measured,
+long compiles) never.  Under train.compile there is nothing to time: fused is the one mode a
+compiled step can run (zoo.training.compiled_step).  A candidate whose peak memory exceeds the
+limit is not chosen; if none fits, the one with the smallest peak is, and the trainer's memory
+probe then splits the batch.
 
 The choice is cached on disk per (device, model, loss settings, batch size, precision, torch
 version) in `$ZOO_CACHE_DIR/jvp_modes.json` (default ~/.cache/zoo), so later runs start at once.
@@ -52,16 +54,12 @@ def offers_fused(model: FlowModel, loss_cfg: LossConfig, precision: str) -> bool
     return isinstance(model, RowTangentModel) and (precision == "fp32" or loss_cfg.jvp_precision == "bf16")
 
 
-def candidate_modes(
-    device: torch.device, include_compile: bool = False, fused: bool = True, captured_step: bool = False
-) -> list[str]:
+def candidate_modes(device: torch.device, fused: bool = True, captured_step: bool = False) -> list[str]:
     """fused: whether to offer the fused mode (see offers_fused); captured_step: the run replays
-    its step from a CUDA graph (train.cuda_graph), inside which cuda_graph and compile cannot run."""
+    its step from a CUDA graph (train.cuda_graph), inside which cuda_graph cannot run."""
     modes = ["fused", "primal", "full_batch", "selective"] if fused else ["primal", "full_batch", "selective"]
     if device.type == "cuda":
         modes.append("cuda_graph")
-    if include_compile:
-        modes.append("compile")
     return [m for m in modes if not (captured_step and m in MODES_NOT_CAPTURABLE)]
 
 
@@ -121,7 +119,6 @@ def calibrate(
     device: torch.device,
     precision: str,
     optim_cfg: OptimConfig | None = None,
-    include_compile: bool = False,
     memory_limit_gb: float | None = None,
     use_cache: bool = True,
     captured_step: bool = False,
@@ -129,7 +126,7 @@ def calibrate(
     """The fastest JVP mode for this model, batch and device, from the cache or a fresh timing."""
     device = torch.device(device)
     fused = offers_fused(model, loss_cfg, precision)
-    candidates = candidate_modes(device, include_compile, fused=fused, captured_step=captured_step)
+    candidates = candidate_modes(device, fused=fused, captured_step=captured_step)
     key = calibration_key(model, loss_cfg, batch_size, device, precision, candidates)
     path = cache_path()
     if use_cache:
@@ -234,9 +231,18 @@ def resolve_for_training(
         return cfg.loss.jvp, "set by loss.jvp"
     if cfg.loss.kind != "meanflow":
         return resolve_jvp_mode(cfg.loss, device), "flow matching computes no JVP; the setting is unused"
+    if cfg.train.compile:
+        if not isinstance(model, RowTangentModel):
+            raise ValueError(
+                f"train.compile needs loss.jvp=fused, which {type(model).__name__} does not support; "
+                "set train.compile=false"
+            )
+        reason = "train.compile: the JVP torch.compile can trace (zoo.training.compiled_step)"
+        if cfg.precision != "fp32" and cfg.loss.jvp_precision != "bf16":
+            reason += f"; under {cfg.precision} its tangent is taken at {cfg.precision} activations"
+        return "fused", reason
     calibration = calibrate(
         model, cfg.loss, batch_size, torch.device(device), cfg.precision, optim_cfg=cfg.optim,
-        include_compile=cfg.train.compile, memory_limit_gb=cfg.train.memory_limit_gb,
-        captured_step=cfg.train.cuda_graph,
+        memory_limit_gb=cfg.train.memory_limit_gb, captured_step=cfg.train.cuda_graph,
     )  # fmt: skip
     return calibration.mode, f"auto: {calibration.reason}"

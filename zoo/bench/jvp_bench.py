@@ -8,7 +8,12 @@ Cases, all on one model, one Adam optimiser and one fixed synthetic batch, in on
 With --cuda-graph (CUDA) each step is also timed with its loss + backward replayed from a CUDA
 graph, as `train.cuda_graph = true` trains: fm_step+graph, and meanflow/MODE/RATIO+graph for
 every mode that can run inside a capture; those MeanFlow steps are compared with fm_step+graph
-(like with like), and the summary also gives their ratio to the eager FM step.
+(like with like), and the summary also gives their ratio to the eager FM step.  With --compile
+each step is also timed with its loss + backward compiled, as `train.compile = true` trains
+(zoo.training.compiled_step; --compile-mode picks torch.compile's mode): fm_step+compile and
+meanflow/fused/RATIO+compile (the one JVP mode torch.compile can trace), compared in the same way.
+Each compiled case compiles in its own untimed pass before the memory pass (a case that runs
+out of memory while compiling is marked so, as in the memory pass).
 First a memory pass runs every case once and records its peak memory (it doubles as the first
 warm-up round); then `warmup` more untimed rounds; then `repeats` timed rounds, interleaved
 (zoo.bench.timing).  Medians are reported, with the per-round ratio to the FM step (or, for the
@@ -16,7 +21,9 @@ JVP, to the forward) and its range as the honest noise band, in wall-clock time 
 CPU time (the steadier measure on a CPU shared with other jobs).
 
 A case "fits" when its peak is within the memory limit (the device's memory, or
---memory-limit-gb).  On CUDA a case that runs out of memory is marked so and not timed.
+--memory-limit-gb).  On CUDA a case that runs out of memory is marked so and not timed.  A
+compiled step's peak is measured on CUDA only: on a CPU it is timed, but whether it fits is
+unknown (fits = None), so it is never named the fastest mode that fits (see run_bench).
 """
 
 import platform
@@ -29,6 +36,7 @@ from typing import Any
 import torch
 
 from zoo.bench.steps import (
+    compiled_training_step_fn,
     data_signature,
     flow_matching_loss,
     forward_fn,
@@ -46,12 +54,16 @@ from zoo.losses.jvp import JVP_MODES
 from zoo.models import build_model, count_parameters
 from zoo.models.base import FlowModel
 from zoo.runs import atomic_write_json
+from zoo.training.compiled_step import COMPILE_MODES, CompileSettingsError, check_compilable
 from zoo.training.memory import LiveTensors, format_bytes, parameter_bytes, physical_memory_bytes
 from zoo.training.optim import build_optimizer
 from zoo.training.step_graph import MODES_NOT_CAPTURABLE
 
 FORWARD, JVP, FM_STEP, MEANFLOW_STEP = "forward", "jvp", "fm_step", "meanflow_step"
-GRAPHED = "+graph"  # suffix of the cases whose loss + backward replay from a CUDA graph
+# How a step's loss + backward run: eagerly, replayed from a CUDA graph (train.cuda_graph), or
+# compiled (train.compile).  Non-eager cases carry the variant as a suffix: fm_step+graph.
+EAGER, GRAPH, COMPILE = "eager", "graph", "compile"
+COMPILABLE_MODES = ("fused",)  # zoo.training.compiled_step
 DEFAULT_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -59,8 +71,12 @@ class BenchError(ValueError):
     """Benchmark settings that cannot be run; the message says what to change."""
 
 
-def meanflow_case(mode: str, ratio: float, graphed: bool = False) -> str:
-    return f"meanflow/{mode}/{ratio:g}" + (GRAPHED if graphed else "")
+def variant_suffix(variant: str) -> str:
+    return "" if variant == EAGER else f"+{variant}"
+
+
+def meanflow_case(mode: str, ratio: float, variant: str = EAGER) -> str:
+    return f"meanflow/{mode}/{ratio:g}" + variant_suffix(variant)
 
 
 def default_modes(device: torch.device) -> tuple[str, ...]:
@@ -103,6 +119,8 @@ class BenchSettings:
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
     memory_limit_gb: float | None = None
     cuda_graph: bool = False  # also time every step with loss + backward replayed from a CUDA graph
+    compile: bool = False  # also time FM and fused MeanFlow steps with loss + backward compiled
+    compile_mode: str = "default"  # torch.compile's mode for those cases
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -117,6 +135,8 @@ class BenchSettings:
             raise BenchError(f"unknown JVP mode(s) {unknown}; choose from {list(JVP_MODES)}")
         if self.repeats < 1 or self.warmup < 0:
             raise BenchError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise BenchError(f"unknown --compile-mode {self.compile_mode!r}; choose from {list(COMPILE_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -126,7 +146,7 @@ class BenchCase:
     run: Callable[[], None]
     mode: str | None = None
     ratio: float | None = None
-    graphed: bool = False
+    variant: str = EAGER  # EAGER | GRAPH | COMPILE
     reference: str | None = None  # the case whose time this one is compared with
 
 
@@ -136,9 +156,10 @@ class CaseResult:
     kind: str
     mode: str | None
     ratio: float | None
-    graphed: bool
-    peak_bytes: int | None  # None: ran out of memory (CUDA)
-    fits: bool
+    variant: str
+    peak_bytes: int | None  # None: ran out of memory (CUDA), or not measured (peak_measured)
+    fits: bool | None  # None: peak not measured
+    peak_measured: bool = True  # False: a compiled step on a CPU, which the memory meter cannot watch
     samples_s: list[float] = field(default_factory=list)  # empty when it did not fit
     median_s: float | None = None
     q1_s: float | None = None
@@ -148,12 +169,12 @@ class CaseResult:
     reference: str | None = None  # the case `versus` compares with
     versus: RatioStats | None = None  # wall-clock ratio to the reference
     versus_cpu: RatioStats | None = None  # CPU-time ratio to the reference
-    versus_eager: RatioStats | None = None  # a graphed step's wall-clock ratio to the eager FM step
+    versus_eager: RatioStats | None = None  # a graphed or compiled step's wall-clock ratio to the eager FM step
 
     @property
     def label(self) -> str | None:
-        """The JVP mode, with +graph for a step replayed from a CUDA graph."""
-        return None if self.mode is None else self.mode + (GRAPHED if self.graphed else "")
+        """The JVP mode, with +graph / +compile for a step replayed from a CUDA graph / compiled."""
+        return None if self.mode is None else self.mode + variant_suffix(self.variant)
 
 
 @dataclass
@@ -176,7 +197,8 @@ class BenchResult:
         raise KeyError(f"no case {name!r}; cases: {[c.name for c in self.cases]}")
 
     def fastest(self, ratio: float) -> CaseResult | None:
-        """The fastest MeanFlow step at `ratio` among the modes that fit (None if none fits)."""
+        """The fastest MeanFlow step at `ratio` among the modes known to fit (None if none does):
+        a step whose peak was not measured is not a candidate."""
         fitting = [c for c in self.cases if c.kind == MEANFLOW_STEP and c.ratio == ratio and c.fits]
         return min(fitting, key=lambda c: c.median_s, default=None)
 
@@ -207,9 +229,13 @@ def build_cases(
     ]
     # The captured cases' graphs share one memory pool: they never run at the same time.
     pool = torch.cuda.graph_pool_handle() if settings.cuda_graph else None
+    fm_graph, fm_compiled = FM_STEP + variant_suffix(GRAPH), FM_STEP + variant_suffix(COMPILE)
     if settings.cuda_graph:
         graphed = graphed_training_step_fn(model, optimizer, fm_loss, batch, precision, seed, pool)
-        cases.append(BenchCase(FM_STEP + GRAPHED, FM_STEP, graphed, graphed=True))
+        cases.append(BenchCase(fm_graph, FM_STEP, graphed, variant=GRAPH))
+    if settings.compile:
+        compiled = compiled_training_step_fn(model, optimizer, fm_loss, batch, precision, settings.compile_mode, seed)
+        cases.append(BenchCase(fm_compiled, FM_STEP, compiled, variant=COMPILE))
     for ratio in settings.ratios:
         for mode in modes:
             loss_fn = meanflow_loss(loss_base, mode, ratio)
@@ -219,8 +245,15 @@ def build_cases(
             if mode in MODES_NOT_CAPTURABLE:
                 continue
             step = graphed_training_step_fn(model, optimizer, meanflow_loss(loss_base, mode, ratio), batch, precision, seed, pool)
-            name = meanflow_case(mode, ratio, graphed=True)
-            cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, graphed=True, reference=FM_STEP + GRAPHED))
+            name = meanflow_case(mode, ratio, GRAPH)
+            cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, GRAPH, reference=fm_graph))
+        for mode in modes if settings.compile else ():
+            if mode not in COMPILABLE_MODES:
+                continue
+            loss_fn = meanflow_loss(loss_base, mode, ratio)
+            step = compiled_training_step_fn(model, optimizer, loss_fn, batch, precision, settings.compile_mode, seed)
+            name = meanflow_case(mode, ratio, COMPILE)
+            cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, COMPILE, reference=fm_compiled))
     return cases
 
 
@@ -234,6 +267,18 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
         if isinstance(value, torch.Tensor)
     )
     return parameter_bytes(model) + grads + state
+
+
+def compile_case(run: Callable[[], None], device: torch.device, optimizer: torch.optim.Optimizer) -> bool:
+    """Run a compiled case once, which compiles it; False if it ran out of memory (CUDA)."""
+    try:
+        run()
+        synchronize(device)
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return False
+    return True
 
 
 def measure_peak(
@@ -256,6 +301,17 @@ def measure_peak(
     with LiveTensors() as live:
         run()
     return resident + live.peak_bytes
+
+
+def check_compile_settings(settings: BenchSettings, device: torch.device, jvp_precision: str) -> None:
+    """--compile's requirements (those of train.compile), as a BenchError naming the fix."""
+    modes = settings.modes or default_modes(device)
+    if not set(modes) & set(COMPILABLE_MODES):
+        raise BenchError(f"--compile times the JVP modes {list(COMPILABLE_MODES)} only; add one to --modes")
+    try:
+        check_compilable(device, "meanflow", COMPILABLE_MODES[0], jvp_precision)
+    except CompileSettingsError as exc:
+        raise BenchError(str(exc).replace("loss.jvp_precision", "the override loss.jvp_precision")) from None
 
 
 def memory_limit_bytes(device: torch.device, limit_gb: float | None) -> int:
@@ -283,6 +339,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
         torch.backends.cudnn.conv.fp32_precision = "tf32"
         torch.backends.cudnn.benchmark = True
     cfg = load_config(settings.preset, list(settings.overrides))
+    if settings.compile:
+        check_compile_settings(settings, device, cfg.loss.jvp_precision)
     data_shape, num_classes = data_signature(cfg.data)
     torch.manual_seed(settings.seed)
     model = build_model(cfg.model, data_shape, num_classes).to(device).train()
@@ -294,16 +352,31 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
         f"batch {settings.batch_size}, {settings.precision}, {device_name(device)}, {len(cases)} cases"
     )
 
+    # Compile before anything is measured or timed (even with --warmup 0).  On a CPU the memory
+    # meter (a TorchDispatchMode) would make torch.compile run the step eagerly, so a compiled
+    # step's CPU peak is not measured; on CUDA the allocator's peak is the compiled step's own.
+    peaks: dict[str, int | None] = {}
+    for case in cases:
+        if case.variant == COMPILE:
+            tick = time.perf_counter()
+            if not compile_case(case.run, device, optimizer):
+                peaks[case.name] = None
+            shown = "out of memory" if case.name in peaks else f"{time.perf_counter() - tick:.1f} s"
+            log(f"compiled     {case.name:24s} ({shown})")
+    unmeasured = {c.name for c in cases if c.variant == COMPILE and device.type != "cuda"}
     # One untimed training step first, so that every case's peak includes Adam's moments (a
     # training step's resident state) — without it the first step measured would lack them.
     measure_peak(next(case for case in cases if case.name == FM_STEP).run, device, model, optimizer)
-    peaks: dict[str, int | None] = {}
     for case in cases:
+        if case.name in unmeasured or case.name in peaks:
+            continue
         tick = time.perf_counter()
         peaks[case.name] = measure_peak(case.run, device, model, optimizer)
         shown = "out of memory" if peaks[case.name] is None else format_bytes(peaks[case.name])
         log(f"memory pass  {case.name:24s} peak {shown:>12s}  ({time.perf_counter() - tick:.1f} s)")
-    fitting = {c.name: c.run for c in cases if peaks[c.name] is not None and peaks[c.name] <= limit}
+    fitting = {
+        c.name: c.run for c in cases if c.name in unmeasured or (peaks[c.name] is not None and peaks[c.name] <= limit)
+    }
 
     def progress(name: str, round_index: int, seconds: float) -> None:
         log(f"round {round_index + 1}/{settings.repeats}  {name:24s} {seconds * 1e3:10.1f} ms")
@@ -313,7 +386,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
         timings = interleaved_timings(
             fitting, settings.repeats, settings.warmup, sync=lambda: synchronize(device), on_sample=progress
         )
-    results = [case_result(case, peaks[case.name], limit, timings) for case in cases]
+    results = [case_result(case, peaks.get(case.name), limit, timings, case.name not in unmeasured) for case in cases]
     return BenchResult(
         settings=settings,
         device=str(device),
@@ -328,10 +401,12 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
     )
 
 
-def case_result(case: BenchCase, peak: int | None, limit: int, timings: dict[str, Timing]) -> CaseResult:
+def case_result(
+    case: BenchCase, peak: int | None, limit: int, timings: dict[str, Timing], peak_measured: bool = True
+) -> CaseResult:
     result = CaseResult(
-        name=case.name, kind=case.kind, mode=case.mode, ratio=case.ratio, graphed=case.graphed, peak_bytes=peak,
-        fits=peak is not None and peak <= limit,
+        name=case.name, kind=case.kind, mode=case.mode, ratio=case.ratio, variant=case.variant, peak_bytes=peak,
+        fits=(peak is not None and peak <= limit) if peak_measured else None, peak_measured=peak_measured,
     )  # fmt: skip
     if case.name not in timings:
         return result
@@ -345,7 +420,7 @@ def case_result(case: BenchCase, peak: int | None, limit: int, timings: dict[str
         result.reference = case.reference
         result.versus = paired_ratio(timing, timings[case.reference])
         result.versus_cpu = paired_ratio(timing.cpu(), timings[case.reference].cpu())
-    if case.graphed and case.kind == MEANFLOW_STEP and FM_STEP in timings:
+    if case.variant != EAGER and case.kind == MEANFLOW_STEP and FM_STEP in timings:
         result.versus_eager = paired_ratio(timing, timings[FM_STEP])
     return result
 

@@ -2,7 +2,7 @@
 
 A training step here is what the trainer's step costs without data loading: the loss on a fixed
 batch, backward, one Adam step, gradients set to None (or, with the step captured in a CUDA
-graph as train.cuda_graph runs it, zeroed in place).  The data is random (N(0, 1) images, or
+graph as train.cuda_graph runs it, zeroed in place; compiled as train.compile runs it).  The data is random (N(0, 1) images, or
 2-D points): shapes, not values, decide the cost, and the benchmark must run where no dataset
 has been downloaded.
 """
@@ -23,6 +23,7 @@ from zoo.losses.base import metrics_to_floats
 from zoo.losses.jvp import jvp_with_primal
 from zoo.losses.time_sampling import sample_t_r
 from zoo.models.base import FlowModel
+from zoo.training.compiled_step import compile_evaluate, keeps_grads
 from zoo.training.step_graph import GraphedLossBackward
 
 # Image datasets' shapes (channels, height, width) and classes, known without their files.
@@ -141,6 +142,33 @@ def graphed_training_step_fn(
         metrics_to_floats(graphed(model, batch.x, draws))
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
+
+    return run
+
+
+def compiled_training_step_fn(
+    model: FlowModel,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Loss,
+    batch: Batch,
+    precision: str,
+    compile_mode: str = "default",
+    seed: int = 0,
+) -> Callable[[], None]:
+    """training_step_fn with loss + backward compiled, as the trainer runs it under train.compile:
+    eager draws, the compiled loss (zoo.training.compiled_step) and its backward, Adam.  The
+    first call compiles."""
+    generator = torch.Generator(device=batch.x.device).manual_seed(seed)
+    evaluate = compile_evaluate(loss_fn, compile_mode)
+
+    def run() -> None:
+        draws = loss_fn.draw(model, batch.x, batch.y, generator)
+        with precision_context(batch.x.device, precision):
+            loss, metrics = evaluate(model, batch.x, draws)
+        loss.backward()
+        metrics_to_floats(metrics)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=not keeps_grads(compile_mode))  # as the trainer does
 
     return run
 

@@ -101,7 +101,8 @@ class LossConfig(Section):
         description=(
             "precision inside the JVP, even under bf16 autocast: tf32 = fp32 tensors with TF32 "
             "matmuls/convolutions on CUDA (plain fp32 elsewhere); fp32 = IEEE fp32 on CUDA too; "
-            "bf16 = bf16 autocast"
+            "bf16 = bf16 autocast; under train.compile the JVP follows the run's TF32 setting "
+            "(fp32 is refused on CUDA there)"
         ),
     )
     class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="label dropout for guidance")
@@ -135,6 +136,10 @@ class OptimConfig(Section):
         return self
 
 
+# torch.compile's modes (zoo.training.compiled_step); reduce-overhead and max-autotune replay CUDA graphs.
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 class TrainConfig(Section):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -146,12 +151,29 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
     save_every: int = Field(500, ge=1, description="refresh last.pt")
     archive_every: int = Field(0, ge=0, description="keep step_XXXXXXX.pt; 0 = only the final one")
-    compile: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile each micro-batch's loss and backward (flow matching, or MeanFlow with "
+        "loss.jvp=fused): fuses the step's small kernels; the first step of each shape compiles",
+    )
+    compile_mode: CompileMode = Field(
+        "default", description="torch.compile's mode; reduce-overhead and max-autotune also replay CUDA graphs"
+    )
     cuda_graph: bool = Field(
         False,
         description="replay each micro-batch's loss + backward from a CUDA graph (CUDA, fp32 or bf16): "
         "removes the host's kernel-launch cost, which bounds steps of small and mid-size models",
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_capture(self) -> "TrainConfig":
+        if self.compile and self.cuda_graph:
+            raise ValueError(
+                "train.compile and train.cuda_graph cannot be combined (a compiled step inside a hand-made capture); "
+                "for compiled kernels replayed from CUDA graphs set train.compile_mode=reduce-overhead and "
+                "train.cuda_graph=false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _accumulation_divides_batch(self) -> "TrainConfig":

@@ -5,7 +5,8 @@ from collections.abc import Callable
 import torch
 
 from zoo.config.schema import DataConfig
-from zoo.data.base import BatchSource, DataNotFoundError
+from zoo.data.base import BatchSource
+from zoo.errors import DataNotFoundError
 from zoo.data.images import build_celeba, build_cifar10, build_digits, build_fashion_mnist, build_imagenet
 from zoo.data.latents import build_imagenet_latents
 from zoo.data.toy2d import TOY_DISTRIBUTIONS, Toy2DSource

@@ -14,14 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+
 # Fixed seeds for evaluation sets: the same held-out / reference samples for every run and every
 # training seed, so metrics of different runs are comparable.
 HELD_OUT_SEED = 1_000_003
 REFERENCE_SEED = 2_000_003
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A dataset's files are missing; the message names the paths searched and how to get them."""
 
 
 class BatchSource(ABC):

@@ -20,7 +20,7 @@ from typing import BinaryIO
 import torch
 
 from zoo.config.schema import DataConfig
-from zoo.data.base import DataNotFoundError
+from zoo.errors import DataNotFoundError
 from zoo.data.sources import CenterCropResize, ImageFiles, LoaderSource, Split, TensorSource, limit_train
 
 # Where `apt-get install dataset-fashion-mnist` puts the real Fashion-MNIST IDX files.

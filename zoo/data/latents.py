@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from zoo.config.schema import DataConfig
-from zoo.data.base import DataNotFoundError
+from zoo.errors import DataNotFoundError
 from zoo.data.sources import ImageFiles, Split, TensorSource, limit_train
 
 LATENT_FOLDER = "imagenet-latents"

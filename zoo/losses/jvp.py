@@ -48,6 +48,7 @@ primal compute the prediction u itself inside this island (fused: only the tange
 """
 
 import functools
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +64,21 @@ from zoo.models.layers import detached_tangents
 
 JVP_MODES = ("full_batch", "primal", "fused", "selective", "nograd", "compile", "cuda_graph")
 JVP_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def load_forward_ad_decompositions() -> None:
+    """Load torch's forward-AD decompositions now, without the warning they raise.
+
+    torch loads them on a process's first JVP and builds them with torch.jit.script, which torch
+    2.14 itself marks deprecated: every MeanFlow run would print a FutureWarning about torch's
+    internals.  Loading them here (0.1–0.3 s) with that one warning ignored keeps runs' output clean.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+load_forward_ad_decompositions()
 
 
 @contextmanager
@@ -98,7 +114,10 @@ def jvp_precision(precision: str, device: torch.device) -> Iterator[None]:
     if precision not in ("fp32", "tf32"):
         raise ValueError(f"unknown jvp_precision {precision!r}; use one of {JVP_PRECISIONS}")
     with torch.autocast(device.type, enabled=False):
-        if device.type == "cuda":
+        # Inside a compiled step (train.compile) the flags cannot be switched for part of the
+        # graph: its matmuls and convolutions follow the process-wide flags in effect when it
+        # runs (TF32 in zoo's training and benchmarks; compiled_step refuses IEEE fp32 there).
+        if device.type == "cuda" and not torch.compiler.is_compiling():
             with cuda_fp32_precision("tf32" if precision == "tf32" else "ieee"):
                 yield
         else:

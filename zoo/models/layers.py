@@ -170,7 +170,7 @@ def group_norm_tangent(
     mean, rstd = mean.reshape(n, groups, 1, 1), rstd.reshape(n, groups, 1, 1)
     mean_dx = dx4.mean((2, 3), keepdim=True)
     # mean((x - mean) * dx), without materialising x - mean
-    xdx = torch.linalg.vecdot(x4.flatten(2), dx4.flatten(2)).reshape(n, groups, 1, 1) / (x4[0, 0].numel())
+    xdx = torch.linalg.vecdot(x4.flatten(2), dx4.flatten(2)).reshape(n, groups, 1, 1) / (x4.shape[2] * x4.shape[3])
     m = torch.addcmul(xdx, mean, mean_dx, value=-1)
     cubed_m = rstd**3 * m
     a = w * rstd
@@ -201,6 +201,11 @@ class GroupNorm(nn.GroupNorm):
             # autocast list, so apply that policy by hand (on every device: accurate statistics
             # of low-precision activations, and the closed-form tangent wants fp32).
             x = x.float()
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile, which cannot trace a Function with a custom jvp: the native
+            # op, whose backward autograd knows (a compiled step takes no torch.func.jvp).
+            n, c = x.shape[:2]
+            return torch.native_group_norm(x, self.weight, self.bias, n, c, math.prod(x.shape[2:]), self.num_groups, self.eps)
         return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
 
 
@@ -280,6 +285,8 @@ class LayerNorm(nn.LayerNorm):
         """(output, mean, rstd), the statistics (..., 1) without gradient."""
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()  # CUDA autocast's policy for layer_norm, as in GroupNorm
+        if torch.compiler.is_compiling():
+            return torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)  # see GroupNorm
         return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
 
 
@@ -335,6 +342,8 @@ class Conv2d(nn.Conv2d):
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise ValueError("zoo.models.layers.Conv2d supports numeric zero padding only")
         weight, bias = self.weight, self.bias
+        if torch.compiler.is_compiling():
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)  # see GroupNorm
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
             # Autocast's cast (which leaves fp64 alone), done before the Function rather than inside it: the Function then
@@ -413,7 +422,13 @@ def attention_tangent(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dq: Tensor, 
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v for (batch, heads, tokens, head_dim) tensors, JVP-capable."""
+    """softmax(q k^T / sqrt(d)) v for (batch, heads, tokens, head_dim) tensors, JVP-capable.
+
+    While compiling: the native op.  Its backward follows autocast, where the eager Function's
+    recomputes outside it; the two differ only for fp32 q/k/v under autocast, which zoo's models
+    never produce (their q/k/v come out of an autocast Linear)."""
+    if torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v)  # see GroupNorm.normalize
     return _AttentionFunction.apply(q, k, v)
 
 

@@ -22,7 +22,6 @@ forward is written in zoo.models.dual ops so that it can also carry row tangents
 import math
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

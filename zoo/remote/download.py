@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoo.checkpoints import CheckpointError, load_checkpoint
+from zoo.errors import CheckpointError
 from zoo.remote.listing import checkpoint_step_from_name
 from zoo.remote.store import RunStore, StoreEntry
 
@@ -96,6 +96,8 @@ def download_checkpoint(
             expected = store.read_text(sidecar).split()[0]
             if expected != digest:
                 raise DownloadError(f"{folder}/{name}: sha256 {digest} differs from the recorded {expected}")
+        from zoo.checkpoints import load_checkpoint  # torch: only once a file has arrived (`zoo sync` lists without it)
+
         try:
             payload = load_checkpoint(partial)
         except CheckpointError as exc:

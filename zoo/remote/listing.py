@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
 
 from zoo.remote.layout import (
     CHECKPOINT_SUFFIX,
@@ -67,6 +66,8 @@ def checkpoint_step_from_name(name: str) -> int | None:
 
 def peek_checkpoint_step(path: Path) -> int | None:
     """The step stored in a local checkpoint (mmap keeps this cheap for large files); None if unreadable."""
+    import torch  # here, not at the top: listing runs and syncing them need no torch until a file is read
+
     try:
         payload = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # noqa: BLE001 - a damaged or foreign file: the listing shows "?" rather than failing

@@ -38,9 +38,8 @@ from typing import Any
 
 import torch
 
-from zoo.checkpoints import CheckpointError
 from zoo.config.loading import config_from_dict
-from zoo.data.base import DataNotFoundError
+from zoo.errors import CheckpointError, DataNotFoundError
 from zoo.remote.layout import ATTEMPTS, OUTPUTS, REGISTRY, TRACKIO
 from zoo.remote.status import RemoteTrainingError
 from zoo.runs import SUBMISSION_ENV, RunDir, RunError, atomic_write_json

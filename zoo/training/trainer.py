@@ -36,6 +36,7 @@ from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
 from zoo.bench.calibration import resolve_for_training
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.progress import PhaseHeartbeat, TrainProgress
+from zoo.training.compiled_step import CompileSettingsError, Evaluate, check_compilable, compile_evaluate, keeps_grads
 from zoo.training.step_graph import MODES_NOT_CAPTURABLE, GraphedLossBackward, StepGraphError, check_capturable
 from zoo.training.visuals import save_samples
 
@@ -43,7 +44,8 @@ from zoo.training.visuals import save_samples
 # evaluates. Anything else (model, loss, data, optimiser, seed) must match the checkpoint.
 RESUMABLE_CHANGES = {
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.archive_every",
-    "device", "output_dir", "tracking", "eval", "experiment_log", "threads", "train.cuda_graph",
+    "device", "output_dir", "tracking", "eval", "experiment_log", "threads", "train.cuda_graph", "train.compile",
+    "train.compile_mode",
 }
 # The device may change only within a type: RNG states of CPU, CUDA and MPS generators differ.
 
@@ -63,6 +65,7 @@ class TrainState:
     step: int = 0
     micro_batches: int = 1
     step_graph: GraphedLossBackward | None = None  # train.cuda_graph: the captured loss + backward
+    compiled_evaluate: Evaluate | None = None  # train.compile: loss_fn.evaluate, compiled
 
     @property
     def is_meanflow(self) -> bool:
@@ -213,8 +216,9 @@ def micro_batch_backward(state: TrainState) -> dict[str, torch.Tensor]:
     if state.step_graph is not None:
         return state.step_graph(state.model, x, draws, state.micro_batches)
     dtype = autocast_dtype(state.cfg.precision)
+    evaluate = state.compiled_evaluate or state.loss_fn.evaluate
     with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
-        loss, metrics = state.loss_fn.evaluate(state.model, x, draws)
+        loss, metrics = evaluate(state.model, x, draws)
     loss = loss / state.micro_batches
     (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
     return metrics
@@ -309,8 +313,9 @@ def train_step(state: TrainState) -> dict[str, float]:
         state.scaler.update()
     else:
         optimizer.step()
-    # A captured step adds into static gradient tensors: zero them in place (zoo.training.step_graph).
-    optimizer.zero_grad(set_to_none=state.step_graph is None)
+    # A captured step, and a compiled one replaying CUDA graphs, add into gradient buffers that
+    # must stay where they are: zero them in place (zoo.training.step_graph, compiled_step).
+    optimizer.zero_grad(set_to_none=not keeps_grads_allocated(state))
     state.ema.update(model)
     state.step += 1
     totals["lr"] = lr
@@ -362,6 +367,8 @@ def train_run(
     device = resolve_device(cfg.device)
     if cfg.train.cuda_graph:
         capturable(device, cfg, cfg.loss.jvp)
+    if cfg.train.compile:
+        compilable(device, cfg, cfg.loss.jvp)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
@@ -397,6 +404,14 @@ def train_run(
     if cfg.train.cuda_graph:
         capturable(device, cfg, state.jvp_mode, resumed=resume)
         state.step_graph = GraphedLossBackward(state.loss_fn, autocast_dtype(cfg.precision))
+    if cfg.train.compile:
+        compilable(device, cfg, state.jvp_mode, resumed=resume)
+        state.compiled_evaluate = compile_evaluate(state.loss_fn, cfg.train.compile_mode)
+        if main:
+            console.print(
+                f"torch.compile ({cfg.train.compile_mode}): the first step compiles the loss and its backward "
+                "(seconds for small models, minutes for large ones)"
+            )
     plan = fit_batch_in_memory(state, console)
     config_dict = config_to_dict(cfg)
     tracker: Tracker = make_tracker(
@@ -438,6 +453,19 @@ def capturable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, resumed:
     try:
         check_capturable(device, cfg.precision, mode)
     except StepGraphError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def keeps_grads_allocated(state: TrainState) -> bool:
+    compiled = state.compiled_evaluate is not None and keeps_grads(state.cfg.train.compile_mode)
+    return state.step_graph is not None or compiled
+
+
+def compilable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, resumed: bool = False) -> None:
+    """train.compile's requirements, as a configuration error naming the fix."""
+    try:
+        check_compilable(device, cfg.loss.kind, jvp_mode, cfg.loss.jvp_precision, resumed)
+    except CompileSettingsError as exc:
         raise ConfigError(str(exc)) from None
 
 

@@ -1,0 +1,17 @@
+"""Errors a user can act on, raised by the torch-side modules and turned into one line by the CLI.
+
+They live apart from those modules (which import torch) so that the CLI's error handling, and with
+it `zoo --help`, `zoo ckpts`, `zoo sync` and `zoo clean`, never has to import torch.
+"""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or from an incompatible run."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message names the paths searched and how to get them."""
+
+
+class DeviceError(RuntimeError):
+    """A requested device is unavailable or misnamed."""

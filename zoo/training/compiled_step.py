@@ -1,0 +1,118 @@
+"""`train.compile = true`: each micro-batch's loss and backward compiled by torch.compile.
+
+What is compiled: `loss.evaluate` — the model's forward, MeanFlow's fused tangent and the loss.
+AOTAutograd derives the backward from it, so a micro-batch shape gets one forward graph and one
+backward graph, in which inductor fuses the element-wise chains (norms, activations, casts and
+the fused mode's tangent arithmetic, ~1700 small operations per step of the paper's U-Net,
+EXPERIMENT_LOG) into few kernels.  Data, `loss.draw` (the run's generator: the same stream as
+without compiling), gradient all-reduce, the optimiser and EMA stay eager, and the model is
+not wrapped, so checkpoints are those of an eager run.  Randomness inside the model (dropout)
+comes from inductor's own generator, not the eager one: a run with dropout > 0 is reproducible
+compiled, but draws other masks than the same run eager (and than before a resume that toggles
+train.compile).
+
+MeanFlow compiles with the fused JVP only.  The other modes call torch.func.jvp, which
+torch.compile (2.14) cannot trace inside a training step: it refuses zoo's custom-jvp layers
+and `detached_tangents`' context variable, and its fallback hits an internal assert
+(`_make_dual`).  The fused mode's tangent is ordinary tensor code and compiles into the same
+graph as the forward; while compiling, zoo's layers run their native operations
+(zoo.models.layers, `torch.compiler.is_compiling()`), whose derivatives autograd knows.
+
+Cost: the first step of each micro-batch shape compiles (tens of seconds for small models,
+minutes for the paper's U-Net on a CPU); on CUDA the memory probe compiles each micro-batch size
+it tries.  A shape beyond RECOMPILE_LIMIT is an error, not torch's silent fall-back to eager.
+
+Modes with CUDA graphs ("reduce-overhead", "max-autotune") replace train.cuda_graph, which
+refuses to run with compile.  Their backward's outputs live in the graphs' memory pool, which the
+next replay overwrites: `.grad` must then be buffers of its own (allocated before the first
+compiled call, zeroed in place after each step: `keeps_grads`), into which each micro-batch's
+gradient is added — otherwise `.grad` would be the pool's tensor and a second micro-batch
+(grad_accum, or a batch the memory probe split) would overwrite the first one's gradient.
+"""
+
+from collections.abc import Callable
+from typing import get_args
+
+import torch
+from torch import Tensor
+
+from zoo.config.schema import CompileMode
+from zoo.losses.base import Draws, Loss
+from zoo.models.base import FlowModel
+
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+USES_CUDA_GRAPHS = ("reduce-overhead", "max-autotune")
+# Graphs kept per compiled function (one per micro-batch shape and loss settings; a benchmark
+# sweeping ratios compiles one per ratio).  torch's default (8) would make the ninth shape run
+# eagerly without a word, so a step, or a benchmark case labelled compiled, would not be.
+RECOMPILE_LIMIT = 64
+
+Evaluate = Callable[[FlowModel, Tensor, Draws], tuple[Tensor, dict[str, Tensor]]]
+
+
+class CompileSettingsError(ValueError):
+    """Settings a compiled step cannot run with; the message says what to change."""
+
+
+def check_compilable(device: torch.device, loss_kind: str, jvp_mode: str, jvp_precision: str, resumed: bool = False) -> None:
+    """Refuse, with the fix, settings under which train.compile cannot run."""
+    if loss_kind != "meanflow":
+        return
+    if jvp_mode not in ("fused", "auto"):
+        if resumed:
+            # A resumed run keeps its JVP mode (the checkpoint's): changing loss.jvp is no fix.
+            raise CompileSettingsError(
+                f"this run trains with loss.jvp={jvp_mode!r} (chosen when it started), which torch.compile cannot "
+                "trace (it runs torch.func.jvp); resume it without train.compile"
+            )
+        raise CompileSettingsError(
+            f"train.compile compiles MeanFlow with loss.jvp=fused only; loss.jvp={jvp_mode!r} runs torch.func.jvp, "
+            "which torch.compile cannot trace in a training step. Use loss.jvp=fused (or auto), or train.compile=false"
+        )
+    if device.type == "cuda" and jvp_precision == "fp32":
+        raise CompileSettingsError(
+            "under train.compile the JVP cannot switch matmul precision inside the compiled step and follows the "
+            "run's (TF32 on CUDA), so loss.jvp_precision=fp32 (IEEE) cannot hold; use loss.jvp_precision=tf32 or "
+            "bf16, or train.compile=false"
+        )
+
+
+def keeps_grads(mode: str) -> bool:
+    """Whether `.grad` must stay allocated between steps (zero_grad(set_to_none=False)): under
+    the modes with CUDA graphs (see the module doc)."""
+    return mode in USES_CUDA_GRAPHS
+
+
+def allocate_grads(model: torch.nn.Module) -> None:
+    """Give every trainable parameter without one a zeroed `.grad` of its own, outside any graph."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+
+
+def compile_evaluate(loss_fn: Loss, mode: str) -> Evaluate:
+    """`loss_fn.evaluate`, compiled; static shapes (each micro-batch shape compiles once).
+
+    Under modes with CUDA graphs each call gives the parameters gradient buffers of their own
+    (see the module doc), starts a new graph step and hands back metrics the next replay cannot
+    overwrite (the trainer keeps them across micro-batches).
+    """
+    if mode not in COMPILE_MODES:
+        raise CompileSettingsError(f"unknown train.compile_mode {mode!r}; use one of {COMPILE_MODES}")
+    # fullgraph=False: a graph break (a model zoo's layers do not cover) costs speed, not the run;
+    # zoo's own networks trace without one (tests/test_training_compiled_step.py explains them).
+    compiled = torch.compile(loss_fn.evaluate, mode=mode, dynamic=False)
+    # Patched per call: recompiles happen inside the call that meets a new shape.
+    limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+
+    def evaluate(model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
+        if not keeps_grads(mode):
+            with limits:
+                return compiled(model, x, draws)
+        allocate_grads(model)
+        torch.compiler.cudagraph_mark_step_begin()
+        with limits:
+            loss, metrics = compiled(model, x, draws)
+        return loss, {name: value.clone() for name, value in metrics.items()}
+
+    return evaluate
