@@ -23,6 +23,7 @@ from zoo.config.schema import DiTConfig, LossConfig, MLPConfig, UNetConfig
 from zoo.losses import build_loss
 from zoo.losses.jvp import cuda_fp32_precision
 from zoo.models import build_model
+from zoo.errors import CompileError
 from zoo.models.layers import Attention, Conv2d, GroupNorm, LayerNorm
 from zoo.training.compiled_step import (
     RECOMPILE_LIMIT,
@@ -91,6 +92,7 @@ def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:
 LAYERS = {
     "group_norm": (lambda: GroupNorm(4, 8), (3, 8, 5, 5)),
     "layer_norm": (lambda: LayerNorm(12, eps=1e-6, elementwise_affine=False), (3, 7, 12)),
+    "layer_norm_affine": (lambda: LayerNorm(12), (3, 7, 12)),
     "conv": (lambda: Conv2d(8, 6, 3, stride=2, padding=1), (3, 8, 9, 9)),
     "conv_dilated": (lambda: Conv2d(8, 8, 3, padding=2, dilation=2, groups=2), (2, 8, 6, 6)),
     "attention": (lambda: Attention(16, heads=2), (3, 10, 16)),
@@ -166,11 +168,11 @@ def test_zoo_train_with_train_compile_follows_the_eager_run(tmp_path, monkeypatc
     # Inductor's kernels, through the trainer: same draws, same losses up to float reassociation.
     monkeypatch.chdir(tmp_path)
     common = [*TINY_RUN, "loss.kind=meanflow", "loss.jvp=fused", "tracking.enabled=false", "--steps", "15"]
+    (eager, _), = train_moons_variants(app, common, {"eager": []}).values()
     before = graphs_compiled()
-    runs = train_moons_variants(app, common, {"eager": [], "compiled": ["train.compile=true"]})
+    (compiled, output), = train_moons_variants(app, common, {"compiled": ["train.compile=true"]}).values()
     # Something was compiled (an eager fall-back would also match the eager losses).
     assert graphs_compiled() > before
-    (eager, _), (compiled, output) = runs["eager"], runs["compiled"]
     assert "torch.compile" in output
     assert len(compiled) == len(eager) == 3
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-6)
@@ -187,7 +189,7 @@ def test_a_shape_beyond_the_recompile_limit_is_an_error_not_a_silent_eager_step(
         x = torch.randn(batch, 2)
         evaluate(model, x, loss_fn.draw(model, x, None, generator))
     x = torch.randn(6, 2)
-    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+    with pytest.raises(CompileError, match=r"2 micro-batch shapes .* train\.compile=false"):
         evaluate(model, x, loss_fn.draw(model, x, None, generator))
     assert RECOMPILE_LIMIT > 8  # zoo's own limit is above torch's default
 
@@ -314,7 +316,7 @@ def test_compiled_cuda_steps_follow_eager_steps_as_the_weights_change(compile_mo
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CUDA graphs); none on this machine")
-@pytest.mark.parametrize("compile_mode", ["reduce-overhead", "max-autotune"])
+@pytest.mark.parametrize("compile_mode", ["reduce-overhead"])  # max-autotune: same graph path, minutes of autotuning
 def test_micro_batches_accumulate_under_compile_modes_with_cuda_graphs(compile_mode) -> None:
     # Under CUDA graphs the backward's outputs live in the graphs' pool: the second micro-batch's
     # replay must not overwrite the first one's gradient (compiled_step keeps .grad buffers of its

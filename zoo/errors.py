@@ -15,3 +15,7 @@ class DataNotFoundError(FileNotFoundError):
 
 class DeviceError(RuntimeError):
     """A requested device is unavailable or misnamed."""
+
+
+class CompileError(RuntimeError):
+    """A compiled step (train.compile, bench-jvp --compile) cannot go on compiled."""

@@ -73,7 +73,7 @@ def summary_lines(result: BenchResult) -> list[str]:
     for ratio in result.settings.ratios:
         best = result.fastest(ratio)
         if best is None:
-            lines.append(f"ratio {ratio:g}: no MeanFlow mode fits in {format_bytes(result.memory_limit_bytes)}")
+            lines.append(f"ratio {ratio:g}: no measured MeanFlow mode fits in {format_bytes(result.memory_limit_bytes)}")
         elif best.versus is not None:
             lines.append(
                 f"ratio {ratio:g}: fastest mode that fits is [bold]{best.label}[/] — MeanFlow step / "

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from zoo.config.schema import CompileMode
+from zoo.errors import CompileError
 from zoo.losses.base import Draws, Loss
 from zoo.models.base import FlowModel
 
@@ -79,12 +80,17 @@ def check_compilable(device: torch.device, loss_kind: str, jvp_mode: str, jvp_pr
 
 def keeps_grads(mode: str) -> bool:
     """Whether `.grad` must stay allocated between steps (zero_grad(set_to_none=False)): under
-    the modes with CUDA graphs (see the module doc)."""
+    the modes with CUDA graphs (see the module doc; off CUDA they replay none, and keeping the
+    buffers costs an in-place zero)."""
     return mode in USES_CUDA_GRAPHS
 
 
 def allocate_grads(model: torch.nn.Module) -> None:
-    """Give every trainable parameter without one a zeroed `.grad` of its own, outside any graph."""
+    """Give every trainable parameter without one a zeroed `.grad` of its own, outside any graph.
+
+    Unlike eager training, a parameter the loss never reaches then has a zero gradient rather
+    than None, which AdamW's weight decay would still apply to; every parameter of zoo's
+    networks gets a gradient from both losses, so no run differs today."""
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
@@ -105,14 +111,24 @@ def compile_evaluate(loss_fn: Loss, mode: str) -> Evaluate:
     # Patched per call: recompiles happen inside the call that meets a new shape.
     limits = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
 
-    def evaluate(model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
-        if not keeps_grads(mode):
+    def run_compiled(model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
+        try:
             with limits:
                 return compiled(model, x, draws)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            raise CompileError(
+                f"train.compile: {RECOMPILE_LIMIT} micro-batch shapes or loss settings have already compiled this "
+                f"loss (now batch {tuple(x.shape)}), and torch.compile would run the next one eagerly; keep the "
+                "micro-batch size fixed (train.batch_size, train.grad_accum, train.auto_microbatch), or set "
+                "train.compile=false"
+            ) from None
+
+    def evaluate(model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
+        if not keeps_grads(mode):
+            return run_compiled(model, x, draws)
         allocate_grads(model)
         torch.compiler.cudagraph_mark_step_begin()
-        with limits:
-            loss, metrics = compiled(model, x, draws)
+        loss, metrics = run_compiled(model, x, draws)
         return loss, {name: value.clone() for name, value in metrics.items()}
 
     return evaluate
