@@ -62,6 +62,15 @@ def result_table(result: BenchResult) -> Table:
     return table
 
 
+def step_ratios(case: CaseResult) -> str:
+    return f"MeanFlow step / {REFERENCE_LABELS[case.reference]} {case.versus.of_medians:.3f}"
+
+
+def eager_ratio(case: CaseResult) -> str:
+    """A graphed or compiled step's ratio to the eager FM step ("" for an eager step)."""
+    return "" if case.versus_eager is None else f"; / eager FM step {case.versus_eager.of_medians:.3f}"
+
+
 def summary_lines(result: BenchResult) -> list[str]:
     lines = []
     jvp = result.case("jvp")
@@ -76,16 +85,14 @@ def summary_lines(result: BenchResult) -> list[str]:
             lines.append(f"ratio {ratio:g}: no measured MeanFlow mode fits in {format_bytes(result.memory_limit_bytes)}")
         elif best.versus is not None:
             lines.append(
-                f"ratio {ratio:g}: fastest mode that fits is [bold]{best.label}[/] — MeanFlow step / "
-                f"{REFERENCE_LABELS[best.reference]} {best.versus.of_medians:.3f} (CPU time {best.versus_cpu.of_medians:.3f})"
-                + (f"; / eager FM step {best.versus_eager.of_medians:.3f}" if best.versus_eager is not None else "")
+                f"ratio {ratio:g}: fastest mode that fits is [bold]{best.label}[/] — {step_ratios(best)} "
+                f"(CPU time {best.versus_cpu.of_medians:.3f})" + eager_ratio(best)
             )
     for case in result.cases:
         if case.kind == MEANFLOW_STEP and not case.peak_measured and case.versus is not None:
             lines.append(
-                f"ratio {case.ratio:g}: {case.label} (peak memory measured on CUDA only) — MeanFlow step / "
-                f"{REFERENCE_LABELS[case.reference]} {case.versus.of_medians:.3f}"
-                + (f"; / eager FM step {case.versus_eager.of_medians:.3f}" if case.versus_eager is not None else "")
+                f"ratio {case.ratio:g}: {case.label} (peak memory measured on CUDA only) — {step_ratios(case)}"
+                + eager_ratio(case)
             )
     meanflow = [c for c in result.cases if c.kind == MEANFLOW_STEP]
     if meanflow and all(c.fits is False for c in meanflow):

@@ -54,7 +54,7 @@ from zoo.losses.jvp import JVP_MODES
 from zoo.models import build_model, count_parameters
 from zoo.models.base import FlowModel
 from zoo.runs import atomic_write_json
-from zoo.training.compiled_step import COMPILE_MODES, CompileSettingsError, check_compilable
+from zoo.training.compiled_step import COMPILABLE_JVP_MODES, COMPILE_MODES, CompileSettingsError, check_compilable
 from zoo.training.memory import LiveTensors, format_bytes, parameter_bytes, physical_memory_bytes
 from zoo.training.optim import build_optimizer
 from zoo.training.step_graph import MODES_NOT_CAPTURABLE
@@ -63,7 +63,6 @@ FORWARD, JVP, FM_STEP, MEANFLOW_STEP = "forward", "jvp", "fm_step", "meanflow_st
 # How a step's loss + backward run: eagerly, replayed from a CUDA graph (train.cuda_graph), or
 # compiled (train.compile).  Non-eager cases carry the variant as a suffix: fm_step+graph.
 EAGER, GRAPH, COMPILE = "eager", "graph", "compile"
-COMPILABLE_MODES = ("fused",)  # zoo.training.compiled_step
 DEFAULT_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -248,7 +247,7 @@ def build_cases(
             name = meanflow_case(mode, ratio, GRAPH)
             cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, GRAPH, reference=fm_graph))
         for mode in modes if settings.compile else ():
-            if mode not in COMPILABLE_MODES:
+            if mode not in COMPILABLE_JVP_MODES:
                 continue
             loss_fn = meanflow_loss(loss_base, mode, ratio)
             step = compiled_training_step_fn(model, optimizer, loss_fn, batch, precision, settings.compile_mode, seed)
@@ -311,10 +310,10 @@ def measure_peak(
 def check_compile_settings(settings: BenchSettings, device: torch.device, jvp_precision: str) -> None:
     """--compile's requirements (those of train.compile), as a BenchError naming the fix."""
     modes = settings.modes or default_modes(device)
-    if not set(modes) & set(COMPILABLE_MODES):
-        raise BenchError(f"--compile times the JVP modes {list(COMPILABLE_MODES)} only; add one to --modes")
+    if not set(modes) & set(COMPILABLE_JVP_MODES):
+        raise BenchError(f"--compile times the JVP modes {list(COMPILABLE_JVP_MODES)} only; add one to --modes")
     try:
-        check_compilable(device, "meanflow", COMPILABLE_MODES[0], jvp_precision)
+        check_compilable(device, "meanflow", COMPILABLE_JVP_MODES[0], jvp_precision)
     except CompileSettingsError as exc:
         raise BenchError(str(exc).replace("loss.jvp_precision", "the override loss.jvp_precision")) from None
 

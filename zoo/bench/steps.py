@@ -2,9 +2,9 @@
 
 A training step here is what the trainer's step costs without data loading: the loss on a fixed
 batch, backward, one Adam step, gradients set to None (or, with the step captured in a CUDA
-graph as train.cuda_graph runs it, zeroed in place; compiled as train.compile runs it).  The data is random (N(0, 1) images, or
-2-D points): shapes, not values, decide the cost, and the benchmark must run where no dataset
-has been downloaded.
+graph as train.cuda_graph runs it, zeroed in place; or compiled as train.compile runs it).  The
+data is random (N(0, 1) images, or 2-D points): shapes, not values, decide the cost, and the
+benchmark must run where no dataset has been downloaded.
 """
 
 import contextlib

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 # Fixed seeds for evaluation sets: the same held-out / reference samples for every run and every
 # training seed, so metrics of different runs are comparable.
 HELD_OUT_SEED = 1_000_003

@@ -43,6 +43,7 @@ from zoo.models.base import FlowModel
 
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 USES_CUDA_GRAPHS = ("reduce-overhead", "max-autotune")
+COMPILABLE_JVP_MODES = ("fused",)  # MeanFlow's JVP modes a compiled step can trace (see above)
 # Graphs kept per compiled function (one per micro-batch shape and loss settings; a benchmark
 # sweeping ratios compiles one per ratio).  torch's default (8) would make the ninth shape run
 # eagerly without a word, so a step, or a benchmark case labelled compiled, would not be.
@@ -59,7 +60,7 @@ def check_compilable(device: torch.device, loss_kind: str, jvp_mode: str, jvp_pr
     """Refuse, with the fix, settings under which train.compile cannot run."""
     if loss_kind != "meanflow":
         return
-    if jvp_mode not in ("fused", "auto"):
+    if jvp_mode not in (*COMPILABLE_JVP_MODES, "auto"):
         if resumed:
             # A resumed run keeps its JVP mode (the checkpoint's): changing loss.jvp is no fix.
             raise CompileSettingsError(
@@ -123,9 +124,10 @@ def compile_evaluate(loss_fn: Loss, mode: str) -> Evaluate:
                 "train.compile=false"
             ) from None
 
+    if not keeps_grads(mode):
+        return run_compiled
+
     def evaluate(model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
-        if not keeps_grads(mode):
-            return run_compiled(model, x, draws)
         allocate_grads(model)
         torch.compiler.cudagraph_mark_step_begin()
         loss, metrics = run_compiled(model, x, draws)
