@@ -19,3 +19,7 @@ class DeviceError(RuntimeError):
 
 class CompileError(RuntimeError):
     """A compiled step (train.compile, bench-jvp --compile) cannot go on compiled."""
+
+
+class OutputPathError(OSError):
+    """A file or folder zoo was asked to write cannot be written there (checked before the work)."""
