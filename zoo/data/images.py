@@ -11,16 +11,24 @@ Layout under `data.root` (the same on every machine: nothing is hard-coded elsew
     imagenet/{train,val}/<class folder>/*.JPEG
 """
 
+import contextlib
 import gzip
+import hashlib
 import os
 import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from zoo.config.schema import DataConfig
-from zoo.errors import DataNotFoundError
+from zoo.errors import DataNotFoundError, OutputPathError
+from zoo.output_paths import check_writable_dir
 from zoo.data.sources import CenterCropResize, ImageFiles, LoaderSource, Split, TensorSource, limit_train
 
 # Where `apt-get install dataset-fashion-mnist` puts the real Fashion-MNIST IDX files.
@@ -44,6 +52,11 @@ def tv_datasets():
 
 
 CIFAR10_FILES = [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch", "batches.meta"]
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision's source
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+DOWNLOAD_TIMEOUT_S = 60  # per connection attempt and read: a dead network fails instead of hanging
+DATA_ROOT_OPTION = "data.root (--data-dir)"
 DIGITS_HELD_OUT = 297
 DIGITS_SPLIT_SEED = 0
 CELEBA_CROP = 178
@@ -101,6 +114,57 @@ def build_digits(cfg: DataConfig, device: torch.device, seed: int, batch_size: i
     )  # fmt: skip
 
 
+# --- Writing into data.root -----------------------------------------------------------------------
+
+
+def check_data_root(folder: Path, why: str) -> None:
+    """`folder` (under data.root) can be created and written, or an OutputPathError (exit 2)
+    naming data.root and `why` zoo writes there, before anything is copied or downloaded."""
+    try:
+        check_writable_dir(folder, DATA_ROOT_OPTION)
+    except OutputPathError as exc:
+        raise OutputPathError(f"{why}: {exc}") from None
+
+
+@contextlib.contextmanager
+def staging_folder(root: Path) -> Iterator[Path]:
+    """A hidden folder in `root` for a download, removed whatever happens: a failed or interrupted
+    download leaves nothing half-written, and only whole, checked files are moved into place.
+    A data.root this created is removed again if the download fails: the disk is as it was."""
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".zoo-download-", dir=root) as folder:
+            yield Path(folder)
+    except BaseException:
+        for folder in created:  # deepest first; each is empty unless something else wrote there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def move_files(source: Path, target: Path, names: list[str]) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.replace(source / name, target / name)
+
+
+def download_reason(exc: Exception) -> str:
+    """The cause of a failed download, without urllib's "<urlopen error ...>" wrapping."""
+    return str(exc.reason) if isinstance(exc, urllib.error.URLError) else str(exc)
+
+
+def fetch_url(url: str, dest: Path, md5: str) -> None:
+    """Stream `url` into `dest` and check its MD5; OSError (URLError is one) or ValueError on failure."""
+    digest = hashlib.md5()
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, dest.open("wb") as out:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != md5:
+        raise ValueError(f"the file's MD5 is {digest.hexdigest()}, expected {md5} (truncated or altered)")
+
+
 # --- Fashion-MNIST ---------------------------------------------------------------------------------
 
 
@@ -122,13 +186,24 @@ def prepare_fashion_mnist(root: Path, download: bool) -> Path:
         return raw
     packaged = [DEBIAN_FASHION_MNIST / f"{f}.gz" for f in FASHION_MNIST_FILES]
     if all(p.is_file() for p in packaged):
+        check_data_root(raw, f"Fashion-MNIST is unpacked from {DEBIAN_FASHION_MNIST} into data.root")
         raw.mkdir(parents=True, exist_ok=True)
         for gz, name in zip(packaged, FASHION_MNIST_FILES, strict=True):
             with gzip.open(gz, "rb") as source:
                 _write_atomically_from(source, raw / name)
         return raw
     if download:
-        tv_datasets().FashionMNIST(str(root), train=True, download=True)
+        check_data_root(raw, "Fashion-MNIST is downloaded into data.root")
+        with staging_folder(root) as staging:
+            try:
+                tv_datasets().FashionMNIST(str(staging), train=True, download=True)
+            except (OSError, RuntimeError) as exc:  # torchvision: RuntimeError once every mirror failed
+                raise DataNotFoundError(
+                    f"could not download Fashion-MNIST ({download_reason(exc)}). Fix: `apt-get install "
+                    f"dataset-fashion-mnist` (offline-friendly, real data), or put the files "
+                    f"{', '.join(FASHION_MNIST_FILES)} (unzipped) into {raw}/ by hand."
+                ) from None
+            move_files(staging / "FashionMNIST" / "raw", raw, FASHION_MNIST_FILES)
         return raw
     raise DataNotFoundError(
         f"Fashion-MNIST not found: searched {raw} (files {', '.join(FASHION_MNIST_FILES)}) and "
@@ -157,9 +232,11 @@ def build_fashion_mnist(cfg: DataConfig, device: torch.device, seed: int, batch_
 def build_cifar10(cfg: DataConfig, device: torch.device, seed: int, batch_size: int) -> TensorSource:
     """CIFAR-10 through torchvision: 50k training / 10k test images, 3x32x32, 10 classes."""
     root = Path(cfg.root)
-    folder = root / "cifar-10-batches-py"
+    folder = root / CIFAR10_FOLDER
     missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
-    if missing and not cfg.download:
+    if missing and cfg.download:
+        download_cifar10(root)
+    elif missing:
         raise DataNotFoundError(
             f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}. The files must be in "
             f"{folder}/ (torchvision's python version: data_batch_1..5, test_batch, batches.meta). "
@@ -169,7 +246,7 @@ def build_cifar10(cfg: DataConfig, device: torch.device, seed: int, batch_size: 
     splits = {}
     classes: list[str] = []
     for train in (True, False):
-        data = tv_datasets().CIFAR10(str(root), train=train, download=cfg.download)
+        data = tv_datasets().CIFAR10(str(root), train=train, download=False)
         images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
         splits[train] = Split(images, torch.tensor(data.targets, dtype=torch.long))
         classes = list(data.classes)
@@ -177,6 +254,25 @@ def build_cifar10(cfg: DataConfig, device: torch.device, seed: int, batch_size: 
         cfg, "cifar10", splits[True], splits[False], max_value=255.0, hflip=cfg.hflip,
         class_names=classes, device=device, batch_size=batch_size,
     )  # fmt: skip
+
+
+def download_cifar10(root: Path) -> None:
+    """Fetch torchvision's CIFAR-10 archive, check it and unpack it into root/cifar-10-batches-py."""
+    folder = root / CIFAR10_FOLDER
+    check_data_root(folder, "CIFAR-10 is downloaded into data.root")
+    with staging_folder(root) as staging:
+        archive = staging / "cifar-10-python.tar.gz"
+        try:
+            fetch_url(CIFAR10_URL, archive, CIFAR10_MD5)
+            with tarfile.open(archive) as tar:
+                tar.extractall(staging, filter="data")
+        except (OSError, ValueError, tarfile.TarError) as exc:
+            raise DataNotFoundError(
+                f"could not download CIFAR-10 from {CIFAR10_URL} ({download_reason(exc)}). Fix: download "
+                f"cifar-10-python.tar.gz by hand and unpack it into {root}/ so that {folder}/ holds "
+                "data_batch_1..5, test_batch and batches.meta (torchvision's python version)."
+            ) from None
+        move_files(staging / CIFAR10_FOLDER, folder, CIFAR10_FILES)
 
 
 # --- CelebA and ImageNet (files, DataLoader workers) -----------------------------------------------
