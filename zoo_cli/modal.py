@@ -25,7 +25,7 @@ from zoo.config.loading import (
     parse_overrides,
 )
 from zoo.remote.credentials import ModalUnavailable, ensure_modal_ready
-from zoo.remote.layout import REGISTRY
+from zoo.remote.layout import REGISTRY, validate_run_name
 from zoo.remote.listing import RunInfo, list_store_runs
 from zoo.remote.status import CallState, format_duration, parse_duration
 from zoo.remote.store import RunStore
@@ -51,6 +51,7 @@ from zoo_cli.runs_cmds import (
     VolumeOption,
     duration_or_exit,
     metric_text,
+    print_table,
     remote_store_or_exit,
     run_record,
     styled_state,
@@ -112,7 +113,8 @@ def submit(
     volume: VolumeOption = DEFAULT_VOLUME,
 ) -> None:
     """Start a training run on Modal and return at once; it survives this terminal closing."""
-    modal_ready_or_exit()
+    # Everything typed here is checked (the same errors as `zoo train`, exit 2) before Modal is
+    # asked anything: a typo should not be answered with "no Modal token".
     try:
         gpu_request = parse_gpu(gpu)
         timeout_s = check_timeout(parse_duration(timeout))
@@ -121,26 +123,31 @@ def submit(
             parse_overrides(overrides or []),
             flag_overrides(ratio=ratio, steps=steps, batch_size=batch_size, seed=seed, precision=precision),
         )
+        if resume:
+            if run_name is None:
+                raise fail("--resume needs --run-name: the remote run to continue (zoo ckpts --remote lists them)", 2)
+            validate_run_name(run_name)  # its stored config, extended by `given`, is checked once read
+        else:
+            if preset is None:
+                raise fail("give a preset or a .toml file, e.g. `zoo modal submit cifar10 --gpu A100-80GB`", 2)
+            cfg = load_config(preset, given)
+            run_name = run_name or cfg.run_name or default_run_name(cfg.preset)
+            cfg = remote_config(cfg, run_name)
+            check_batch_split(cfg, gpu_request.count, how=f"the GPU count (--gpu {gpu_request.modal_spec})")
     except (ValueError, ConfigError) as exc:
         raise fail(str(exc), 2) from None
+    modal_ready_or_exit()
     from zoo.remote.modal_app import ModalSpec, ModalVolumeStore, build_app, spawn
 
     store = ModalVolumeStore(volume)
     target = None
     try:
         if resume:
-            if run_name is None:
-                raise fail("--resume needs --run-name: the remote run to continue (zoo ckpts --remote lists them)", 2)
             target = check_resumable(store, run_name, call_lookup=call_state_or_warn)
             cfg = config_from_dict(deep_merge(target.previous["config"], given))
+            check_batch_split(cfg, gpu_request.count, how=f"the GPU count (--gpu {gpu_request.modal_spec})")
         else:
-            if preset is None:
-                raise fail("give a preset or a .toml file, e.g. `zoo modal submit cifar10 --gpu A100-80GB`", 2)
-            cfg = load_config(preset, given)
-            run_name = run_name or cfg.run_name or default_run_name(cfg.preset)
             check_name_free(store, run_name)
-            cfg = remote_config(cfg, run_name)
-        check_batch_split(cfg, gpu_request.count, how=f"the GPU count (--gpu {gpu_request.modal_spec})")
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     except (SubmitError, ValueError) as exc:
@@ -189,7 +196,7 @@ def status_table(infos: list[RunInfo], now: float) -> Table:
         ("gpu", "left"),
         ("key metric", "right"),
     ):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, overflow="fold")  # names whole, if need be on two lines
     for info in infos:
         s = info.status
         newest = info.checkpoints[0] if info.checkpoints else None
@@ -246,7 +253,7 @@ def status(
     if not infos:
         console.print(f"no remote runs on {store.describe()}; start one with `zoo modal submit PRESET`")
         return
-    console.print(status_table(infos, now))
+    print_table(status_table(infos, now))
     for info in infos:
         if info.status.detail:
             console.print(f"[bold]{info.name}[/] {styled_state(info)}: {info.status.detail}", highlight=False)

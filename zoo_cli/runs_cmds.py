@@ -13,18 +13,20 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from zoo.output_paths import check_writable_file
 from zoo.remote.clean import CleanError, CleanPlan, check_pattern, execute_clean, plan_clean
-from zoo.remote.credentials import ModalUnavailable, token_source
+from zoo.remote.credentials import ModalUnavailable, require_token
 from zoo.remote.download import DownloadError, download_checkpoint, parse_checkpoint_spec, resolve_checkpoint
 from zoo.remote.layout import DEFAULT_VOLUME, OUTPUTS, mirror_name
 from zoo.remote.listing import CheckpointInfo, RunInfo, list_local_runs, list_store_runs
 from zoo.remote.status import format_duration, parse_duration
 from zoo.remote.store import LocalDirStore, RunStore, StoreError, open_remote_store
 from zoo.remote.sync import execute_sync, local_trackio_dir, plan_sync
-from zoo_cli.errors import fail
+from zoo_cli.errors import fail, user_errors
 
 console = Console(soft_wrap=True)  # long paths stay on one line (copyable, greppable)
 err_console = Console(stderr=True)
@@ -58,6 +60,15 @@ def remote_store_or_exit(volume: str, volume_dir: Path | None) -> RunStore:
         raise fail(str(exc), 2) from None
 
 
+def token_problem() -> str | None:
+    """Why no Modal token can be used (none configured, a broken ~/.modal.toml), or None."""
+    try:
+        require_token()
+    except ModalUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def duration_or_exit(text: str, option: str) -> float:
     try:
         return parse_duration(text)
@@ -71,6 +82,16 @@ def format_bytes(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} GB"
+
+
+def print_table(table: Table) -> None:
+    """In a terminal the table fits the window (a long name folds onto the next line, never cut
+    to "…"); piped, it is as wide as its content, so each row is one line that grep can match."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+    Console(soft_wrap=True, width=max(console.width, natural)).print(table)
 
 
 def byte_progress() -> Progress:
@@ -134,7 +155,7 @@ def checkpoints_table(infos: list[RunInfo], now: float) -> Table:
         ("age", "right"),
         ("key metric", "right"),
     ):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, overflow="fold")  # names whole, if need be on two lines
     for info in infos:
         rows = info.checkpoints or [None]
         for index, checkpoint in enumerate(rows):
@@ -216,7 +237,13 @@ def ckpts(
     now = time.time()
     # Remote runs live from the Volume when asked for, or by default when Modal is configured;
     # otherwise the copies the last `zoo sync` made stand in for them.
-    live_remote = remote or volume_dir is not None or (not local and token_source() is not None)
+    asked = remote or volume_dir is not None
+    no_token = None if local or asked else token_problem()
+    live_remote = asked or (not local and no_token is None)
+    if no_token is not None:  # say what the listing leaves out, as when Modal does not answer
+        err_console.print(
+            f"[yellow]remote runs not listed:[/] {no_token}; showing synced copies", highlight=False, soft_wrap=True
+        )
     infos: list[RunInfo] = []
     if not remote:
         infos += list_local_runs(outputs, now, stall, include_mirrors=not live_remote)
@@ -226,7 +253,9 @@ def ckpts(
         except (ModalUnavailable, StoreError) as exc:
             if remote or volume_dir is not None:
                 raise fail(str(exc), 1) from None
-            err_console.print(f"[yellow]remote runs not listed:[/] {exc}; showing synced copies", highlight=False)
+            err_console.print(
+                f"[yellow]remote runs not listed:[/] {exc}; showing synced copies", highlight=False, soft_wrap=True
+            )
             infos += [i for i in list_local_runs(outputs, now, stall) if i.where != "local"]
         else:
             infos += list_store_runs(store, now, stall)
@@ -240,7 +269,7 @@ def ckpts(
     if not infos:
         console.print(f"no runs in {outputs}" + ("" if not live_remote else " or on the remote store"))
         return
-    console.print(checkpoints_table(infos, now))
+    print_table(checkpoints_table(infos, now))
 
 
 @ckpts_app.command("download")
@@ -258,8 +287,11 @@ def download(
         run, name = parse_checkpoint_spec(spec)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
-    store = remote_store_or_exit(volume, volume_dir)
     target = dest or outputs / mirror_name(run) / name
+    with user_errors():  # before the transfer, which may be gigabytes
+        check_writable_file(target, "--dest")
+        check_writable_file(target.with_name(f"{target.name}.sha256"), "--dest")
+    store = remote_store_or_exit(volume, volume_dir)
     folder = f"{OUTPUTS}/{run}"
     try:
         entry = resolve_checkpoint(store, folder, name)
@@ -285,13 +317,13 @@ def download(
 def print_clean_plan(plan: CleanPlan, where: str, deleting: bool) -> None:
     if plan.deletions:
         table = Table(title=f"{'deleting' if deleting else 'would delete'} ({where})")
-        table.add_column("run")
-        table.add_column("file")
+        table.add_column("run", overflow="fold")
+        table.add_column("file", overflow="fold")
         table.add_column("size", justify="right")
         table.add_column("why")
         for deletion in plan.deletions:
             table.add_row(deletion.run, Path(deletion.path).name, format_bytes(deletion.size), deletion.reason)
-        console.print(table)
+        print_table(table)
     for run, reason in plan.skipped:
         console.print(f"[yellow]skipping {run}:[/] {reason}", highlight=False)
     console.print(
@@ -327,6 +359,8 @@ def clean(
     if remote:
         store, prefix = remote_store_or_exit(volume, volume_dir), OUTPUTS
     else:
+        if not outputs.is_dir():  # otherwise "0 run(s) matched" hides a mistyped folder
+            raise fail(f"--outputs {outputs} is not a folder: give the folder holding the run folders (default outputs)", 2)
         store, prefix = LocalDirStore(outputs), ""
     try:
         plan = plan_clean(store, prefix, pattern, keep_last, live_window=window, allow_all=all_runs)
