@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from zoo.output_paths import check_writable_file
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import make_console
 
@@ -30,6 +31,9 @@ def bench_jvp(
     compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode for --compile: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs")] = "default",
 ) -> None:
     """Forward, JVP alone, flow-matching step and MeanFlow step per JVP mode and ratio: interleaved medians."""
+    if json_path is not None:
+        with user_errors():  # before the benchmark (and torch's import), not after minutes of it
+            check_writable_file(json_path, "--json")
     from zoo.bench.jvp_bench import BenchError, BenchSettings, parse_modes, parse_ratios, run_bench
     from zoo_cli.bench_report import result_table, summary_lines
 

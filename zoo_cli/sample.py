@@ -1,10 +1,14 @@
 """`zoo sample CKPT --nfe K --n 64 --out FILE`: a picture and an .npz of generated samples."""
 
+import io
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from zoo.output_paths import check_writable_dir, check_writable_file
+from zoo.runs import atomic_write_bytes
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import make_console
 
@@ -13,24 +17,45 @@ if TYPE_CHECKING:
 
 console = make_console()
 
+# NFE when the ODE is integrated and --nfe is not given (the README's `--nfe 50 --solver heun`),
+# rounded up to a multiple of the solver's calls per step (rk4: 52).  One call would be one
+# Euler step: useless for a flow-matching model, refused outright by the multi-call solvers.
+DEFAULT_ODE_NFE = 50
 
-def choose_method(meanflow: bool, nfe: int, solver: str | None) -> "Method":
-    """MeanFlow models take NFE jumps; flow-matching models (or --solver) integrate the ODE."""
+
+def ode_nfe(solver_name: str, nfe: int | None) -> int:
+    from zoo.solvers.ode import get_solver
+
+    if nfe is not None:
+        return nfe
+    calls = get_solver(solver_name).calls_per_step
+    return math.ceil(DEFAULT_ODE_NFE / calls) * calls
+
+
+def choose_method(meanflow: bool, nfe: int | None, solver: str | None) -> "Method":
+    """MeanFlow models take NFE jumps (default 1); flow-matching models (or --solver) integrate
+    the ODE (default NFE: DEFAULT_ODE_NFE)."""
     from zoo.evaluation import Method
     from zoo.solvers.ode import get_solver, steps_for_nfe
 
     if solver is None and meanflow:
-        return Method("meanflow", nfe, nfe)
+        return Method("meanflow", nfe or 1, nfe or 1)
     name = solver or "euler"
     try:
-        return Method(name, steps_for_nfe(get_solver(name), nfe), nfe)
+        total = ode_nfe(name, nfe)
+        return Method(name, steps_for_nfe(get_solver(name), total), total)
     except ValueError as exc:
         raise fail(str(exc)) from None
 
 
+def resolve_checkpoint_path(checkpoint: Path) -> Path:
+    """A run folder stands for its last.pt."""
+    return checkpoint / "last.pt" if checkpoint.is_dir() else checkpoint
+
+
 def sample(
-    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt)")],
-    nfe: Annotated[int, typer.Option(min=1, help="network evaluations: 1 = one-step MeanFlow")] = 1,
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt) or a run folder (its last.pt)")],
+    nfe: Annotated[int | None, typer.Option(min=1, help=f"network evaluations (default: 1 = one-step MeanFlow; {DEFAULT_ODE_NFE} when integrating the ODE, rounded up to the solver's calls per step, e.g. rk4 52)")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="number of samples")] = 64,
     out: Annotated[Path | None, typer.Option(help="PNG to write (an .npz of the samples goes beside it)")] = None,
     solver: Annotated[str | None, typer.Option(help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps")] = None,
@@ -39,8 +64,22 @@ def sample(
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="use the raw weights instead of the EMA")] = False,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")] = 0,
 ) -> None:
     """Generate samples from a checkpoint."""
+    checkpoint = resolve_checkpoint_path(checkpoint)
+    with user_errors():
+        # Everything the user typed is checked before the checkpoint is read and the samples drawn.
+        if solver is not None:
+            choose_method(False, nfe, solver)
+        if out is not None:
+            if out.suffix.lower() != ".png":
+                raise fail(f"--out must end in .png, got {out}")
+            check_writable_file(out, "--out")
+            check_writable_file(out.with_suffix(".npz"), "--out")
+        elif checkpoint.is_file():  # (a missing checkpoint is reported as such by load_model)
+            check_writable_dir(checkpoint.parent / "samples", "--out")
+
     import numpy as np
     import torch
 
@@ -50,6 +89,8 @@ def sample(
     from zoo.solvers.samplers import sample_meanflow, sample_ode
 
     with user_errors():
+        if threads:
+            torch.set_num_threads(threads)
         dev = resolve_device(device)
         loaded = load_model(checkpoint, dev, use_ema=not raw)
         model = loaded.model
@@ -60,9 +101,7 @@ def sample(
         if label is not None and not 0 <= label < model.num_classes:
             raise fail(f"--class must be in 0..{model.num_classes - 1}, got {label}")
         method = choose_method(loaded.is_meanflow, nfe, solver)
-        out = out or checkpoint.parent / "samples" / f"{checkpoint.stem}_{method.kind}_{nfe}nfe.png"
-        if out.suffix.lower() != ".png":
-            raise fail(f"--out must end in .png, got {out}")
+        out = out or checkpoint.parent / "samples" / f"{checkpoint.stem}_{method.kind}_{method.nfe}nfe.png"
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *model.data_shape), generator=generator).to(dev)
         labels = None
@@ -80,11 +119,13 @@ def sample(
         samples = samples.float().cpu()
         out.parent.mkdir(parents=True, exist_ok=True)
         if len(model.data_shape) == 1:
-            save_scatter(samples, out, title=f"{method.label} ({nfe} NFE), step {loaded.step}")
+            save_scatter(samples, out, title=f"{method.label} ({method.nfe} NFE), step {loaded.step}")
         else:
             save_image_grid(samples, out)
-        arrays = {"samples": samples.numpy(), "nfe": np.array(nfe), "step": np.array(loaded.step)}
+        arrays = {"samples": samples.numpy(), "nfe": np.array(method.nfe), "step": np.array(loaded.step)}
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()
-        np.savez(out.with_suffix(".npz"), **arrays)
-    console.print(f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {nfe} NFE)")
+        npz = io.BytesIO()
+        np.savez(npz, **arrays)
+        atomic_write_bytes(out.with_suffix(".npz"), npz.getvalue())
+    console.print(f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE)")

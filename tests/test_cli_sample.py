@@ -1,0 +1,92 @@
+"""`zoo sample` as a user runs it on a tiny real run: output paths checked before any work, the
+ODE's default NFE, a run folder for its last.pt, --threads."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_runs import TINY_RUN
+from typer.testing import CliRunner
+
+from zoo_cli.main import app
+
+runner = CliRunner()
+
+
+def zoo(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """outputs/s: a 10-step 2-D MeanFlow run (a few seconds)."""
+    outputs = tmp_path_factory.mktemp("sample") / "outputs"
+    result = zoo("train", "moons", *TINY_RUN, f"output_dir={outputs}", "--steps", "10", "--run-name", "s")
+    assert result.exit_code == 0, result.output
+    return outputs / "s"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_an_unwritable_out_is_refused_before_the_checkpoint_is_read(workdir, run):
+    (workdir / "afile").write_text("x")
+    (workdir / "broken.pt").write_bytes(b"not a checkpoint")  # reading it would fail differently
+    result = zoo("sample", workdir / "broken.pt", "--out", "afile/x.png", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert flat(result.output).startswith("error: cannot write --out afile/x.png")
+    assert "afile is a file, not a folder" in flat(result.output) and "Traceback" not in result.output
+    result = zoo("sample", run / "last.pt", "--out", "/proc/zoo-x.png", "--device", "cpu")
+    assert result.exit_code == 2 and "cannot write --out /proc/zoo-x.png" in flat(result.output)
+    assert sorted(p.name for p in workdir.iterdir()) == ["afile", "broken.pt"]
+
+
+def test_an_unwritable_samples_folder_beside_the_checkpoint_names_out(workdir, run):
+    folder = workdir / "r"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes((run / "last.pt").read_bytes())
+    (folder / "samples").write_text("a file where the samples folder goes")
+    result = zoo("sample", folder, "--device", "cpu")
+    assert result.exit_code == 2 and "choose another --out" in flat(result.output)
+
+
+@pytest.mark.parametrize("solver, nfe, steps", [("heun", 50, 25), ("rk4", 52, 13), ("euler", 50, 50)])
+def test_a_solver_without_nfe_integrates_with_the_default_nfe(workdir, run, solver, nfe, steps):
+    result = zoo("sample", run / "last.pt", "--solver", solver, "--n", "8", "--out", "o.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert f"{steps} steps, {nfe} NFE" in flat(result.output)
+    assert int(np.load(workdir / "o.npz")["nfe"]) == nfe
+
+
+def test_an_explicit_nfe_still_wins_and_is_checked_before_loading(workdir, run):
+    result = zoo("sample", run / "last.pt", "--solver", "heun", "--nfe", "4", "--n", "8", "--out", "o.png", "--device", "cpu")
+    assert result.exit_code == 0 and "2 steps, 4 NFE" in flat(result.output)
+    result = zoo("sample", workdir / "absent.pt", "--solver", "heun", "--nfe", "3")
+    assert result.exit_code == 2 and "multiple of 2; got 3" in flat(result.output)
+
+
+def test_a_run_folder_samples_its_last_checkpoint(run):
+    result = zoo("sample", run, "--n", "8", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    written = run / "samples" / "last_meanflow_1nfe.npz"
+    data = np.load(written)
+    assert data["samples"].shape == (8, 2) and int(data["step"]) == 10
+
+
+def test_threads_sets_torchs_cpu_threads(workdir, run):
+    before = torch.get_num_threads()
+    try:
+        result = zoo("sample", run / "last.pt", "--n", "8", "--out", "t.png", "--device", "cpu", "--threads", "2")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert "--threads" in zoo("sample", "--help").output
