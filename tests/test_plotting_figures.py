@@ -18,7 +18,7 @@ def test_image_grid_layout_and_values(tmp_path):
     x = torch.full((10, 3, 8, 8), -1.0)
     x[3] = 1.0  # one white image: 4th of the first row
     x[7, 0] = 0.0  # one with a mid-grey red channel
-    grid = save_image_grid(x, tmp_path / "grid.png", nrow=5)
+    grid = save_image_grid(x, tmp_path / "grid.png", nrow=5, min_width=0)
     assert grid.shape == (2 * (8 + 2) + 2, 5 * (8 + 2) + 2, 3) and grid.dtype == np.uint8
     assert np.array_equal(read_png(tmp_path / "grid.png"), grid)
     top, left = 2, 2 + 3 * 10
@@ -31,11 +31,26 @@ def test_image_grid_layout_and_values(tmp_path):
 
 def test_grayscale_grid_and_default_square_layout(tmp_path):
     x = torch.linspace(-1, 1, 9 * 28 * 28).view(9, 1, 28, 28)
-    grid = save_image_grid(x, tmp_path / "sub" / "g.png")
+    grid = save_image_grid(x, tmp_path / "sub" / "g.png", min_width=0)
     assert grid.shape == (3 * 30 + 2, 3 * 30 + 2, 3)
     assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 1] == grid[..., 2]).all()
     with Image.open(tmp_path / "sub" / "g.png") as image:
         assert image.size == (92, 92)
+
+
+def test_small_images_are_enlarged_by_whole_pixels(tmp_path):
+    # 16 digits of 8x8: a 42-pixel grid, written 7x larger (the least factor reaching 256 px).
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    small = image_grid(x)
+    assert small.shape == (42, 42, 3)
+    grid = save_image_grid(x, tmp_path / "digits.png")
+    png = read_png(tmp_path / "digits.png")
+    assert png.shape == (294, 294, 3) and np.array_equal(png, grid)
+    # nearest neighbour: each source pixel becomes a 7x7 block of exactly its value
+    assert np.array_equal(png, small.repeat(7, axis=0).repeat(7, axis=1))
+    # a grid already wide enough is written as it is
+    large = save_image_grid(torch.zeros(4, 3, 128, 128), tmp_path / "large.png")
+    assert large.shape == (2 * 130 + 2, 2 * 130 + 2, 3)
 
 
 def test_values_outside_range_are_clipped():

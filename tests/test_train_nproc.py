@@ -16,12 +16,15 @@ runner = CliRunner()
 def fake_torchrun(monkeypatch, returncode: int) -> list[dict]:
     launched: list[dict] = []
 
-    def call(command, env):
-        config_path = Path(command[command.index("zoo_cli.distributed_entry") + 1])
-        launched.append({"command": command, "config_path": config_path, "config": json.loads(config_path.read_text())})
-        return returncode
+    class Torchrun:
+        def __init__(self, command, env):
+            config_path = Path(command[command.index("zoo_cli.distributed_entry") + 1])
+            launched.append({"command": command, "config_path": config_path, "config": json.loads(config_path.read_text())})
 
-    monkeypatch.setattr(train_cli.subprocess, "call", call)
+        def wait(self) -> int:
+            return returncode
+
+    monkeypatch.setattr(train_cli.subprocess, "Popen", Torchrun)
     return launched
 
 

@@ -64,7 +64,8 @@ def test_training_goes_back_to_phase_train_after_a_periodic_evaluation(tmp_path,
     monkeypatch.setattr(trainer.RunDir, "write_heartbeat", recording_write)
     trainer.train_run(cfg)
     compact = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
-    assert compact == ["train", "eval", "train", "eval"], phases
+    # ... and a finished run's heartbeat says it is done, not "eval".
+    assert compact == ["train", "eval", "train", "eval", "done"], phases
 
 
 # The process group's timeout, and how long rank 0's periodic evaluation takes: longer.

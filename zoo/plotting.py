@@ -60,9 +60,21 @@ def image_grid(x: Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarr
     return grid.permute(1, 2, 0).numpy()
 
 
-def save_image_grid(x: Tensor, path: Path, nrow: int | None = None) -> np.ndarray:
-    """Write images (N, C, H, W) in [-1, 1] as one PNG grid; return the grid (H', W', 3) uint8."""
-    grid = image_grid(x, nrow)
+# Small images (8x8 digits) make a grid of a few dozen pixels: it is enlarged, by whole pixels
+# (nearest neighbour, so every pixel stays visible as it is), until it is at least this wide.
+MIN_GRID_WIDTH = 256
+
+
+def upscale(grid: np.ndarray, min_width: int) -> np.ndarray:
+    """`grid` (H, W, 3) repeated k x k per pixel, k the least integer making it `min_width` wide."""
+    factor = max(1, math.ceil(min_width / grid.shape[1]))
+    return grid.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def save_image_grid(x: Tensor, path: Path, nrow: int | None = None, min_width: int = MIN_GRID_WIDTH) -> np.ndarray:
+    """Write images (N, C, H, W) in [-1, 1] as one PNG grid, enlarged to at least `min_width`
+    pixels wide (see MIN_GRID_WIDTH); return the grid as written, (H', W', 3) uint8."""
+    grid = upscale(image_grid(x, nrow), min_width)
     _save_png(grid, Path(path))
     return grid
 

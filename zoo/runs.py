@@ -7,6 +7,7 @@
     heartbeat.json        status, step, last loss, last checkpoint, updated time
     eval.json             the last evaluation table
     samples/              sample grids / scatter plots
+    loss.png              the training loss curve (refreshed at every checkpoint)
 
 Small text files are written atomically (temporary file, then rename) so a reader — `zoo ckpts`,
 `zoo sync`, a crash — never sees half of one.
@@ -15,13 +16,17 @@ Small text files are written atomically (temporary file, then rename) so a reade
 import json
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zoo.output_paths import check_writable_dir
+
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
-HEARTBEAT_STATUSES = ("running", "finished", "failed")
+# "interrupted": stopped by SIGINT/SIGTERM, after saving what it could; `--resume` continues it.
+HEARTBEAT_STATUSES = ("running", "finished", "failed", "interrupted")
 # Set by the remote supervisor (zoo.remote.worker) for its training process: the submission
 # whose attempt writes this run's heartbeats.
 SUBMISSION_ENV = "ZOO_SUBMISSION_ID"
@@ -29,6 +34,21 @@ SUBMISSION_ENV = "ZOO_SUBMISSION_ID"
 
 class RunError(RuntimeError):
     """A run folder that cannot be used as asked (collision, missing run to resume, ...)."""
+
+
+class RunInterrupted(BaseException):
+    """Training stopped on SIGINT or SIGTERM; the message says where, and how to resume.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` takes it for an error.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -83,6 +103,10 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.root / "samples"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / "loss.png"
 
     def archived_checkpoints(self) -> list[tuple[int, Path]]:
         found = []
@@ -139,7 +163,9 @@ def check_run(output_dir: str | Path, run_name: str, resume: bool) -> RunDir:
     Only checks: the caller creates the folder once everything that can fail on bad input has
     been built, so a refused start writes nothing.
     """
+    check_writable_dir(output_dir, "output_dir")
     run = RunDir(Path(output_dir) / run_name)
+    check_writable_dir(run.root, "--run-name")
     exists = run.root.exists() and any(run.root.iterdir())
     if resume:
         if not run.last.exists():
@@ -151,6 +177,16 @@ def check_run(output_dir: str | Path, run_name: str, resume: bool) -> RunDir:
     if exists:
         raise RunError(
             f"run {run_name!r} already exists at {run.root}; pass --resume to continue it, "
-            "or choose another --run-name (or remove it: zoo clean)"
+            f"choose another --run-name, or delete it first (rm -r {shlex.quote(str(run.root))})"
         )
     return run
+
+
+def check_checkpoint_owner(run: RunDir, owner: str) -> None:
+    """A run resumes only from its own checkpoints: a copied or renamed folder holds another run's."""
+    if owner != run.name:
+        raise RunError(
+            f"{run.last} belongs to run {owner!r}, not {run.name!r} (was the folder copied or renamed?); "
+            f"a run resumes only from its own checkpoints: continue {owner!r} with --run-name {owner} in its own "
+            f"folder, or start a new run under another --run-name"
+        )

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from zoo.config.loading import config_from_dict
 from zoo.devices import resolve_device
 from zoo.training import distributed
+from zoo.runs import RunInterrupted
 from zoo.training.trainer import train_run
 from zoo_cli import errors
 from zoo_cli.errors import user_errors
@@ -30,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
             distributed.init(device_type=resolve_device(cfg.device).type)
             train_run(cfg, resume=mode == "--resume", command=f"zoo train --nproc {distributed.world_size()}")
     except typer.Exit as exc:
+        return exc.exit_code
+    except RunInterrupted as exc:  # SIGINT/SIGTERM: rank 0 saved the step reached and says how to resume
+        if not errors.err_console.quiet:
+            errors.err_console.print(f"[bold yellow]{escape(str(exc))}[/]", highlight=False, markup=True)
         return exc.exit_code
     finally:
         distributed.shutdown()

@@ -2,12 +2,14 @@
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from zoo.config.loading import (
     ConfigError,
@@ -19,8 +21,8 @@ from zoo.config.loading import (
     parse_overrides,
 )
 from zoo.config.schema import ZooConfigBody
-from zoo.runs import RunDir, check_run, default_run_name
-from zoo_cli.errors import fail, user_errors
+from zoo.runs import RunDir, RunInterrupted, check_checkpoint_owner, check_run, default_run_name
+from zoo_cli.errors import err_console, fail, user_errors
 from zoo_cli.render import eval_table, make_console, print_config
 
 console = make_console()
@@ -66,7 +68,9 @@ def resume_config(run_name: str, output_dir: str, preset: str | None, overrides:
     from zoo.checkpoints import load_checkpoint
 
     run = check_run(output_dir, run_name, resume=True)
-    stored = load_checkpoint(run.last)["config"]
+    payload = load_checkpoint(run.last)
+    check_checkpoint_owner(run, payload["run_name"])
+    stored = payload["config"]
     if preset is not None and stored.get("preset") not in (preset, None) and not preset.endswith(".toml"):
         raise ConfigError(
             f"run {run_name!r} was trained from preset {stored.get('preset')!r}, not {preset!r}; "
@@ -110,6 +114,8 @@ def train(
             cfg = load_config(preset, given)
             if cfg.run_name is None:
                 cfg = cfg.model_copy(update={"run_name": default_run_name(cfg.preset)})
+            # A name collision or an output_dir that cannot be written: said before anything else.
+            check_run(cfg.output_dir, cfg.run_name, resume=False)
         if nproc > 1:
             check_batch_split(cfg, nproc, how="--nproc")
             returncode = launch_torchrun(nproc, cfg, resume)
@@ -138,13 +144,23 @@ def train(
              "--threads": threads},
             resume,
         )
+        main = distributed.is_main()
         try:
             run = train_run(cfg, resume=resume, command=command)
+        except RunInterrupted as exc:
+            if main:
+                report_interrupted(exc)
+            raise typer.Exit(exc.exit_code) from None
         finally:
             if under_torchrun:
                 distributed.shutdown()
-    if distributed.is_main():
+    if main:
         report_run(run)
+
+
+def report_interrupted(exc: RunInterrupted) -> None:
+    """One line: where training stopped, its last checkpoint, and the command that resumes it."""
+    err_console.print(f"[bold yellow]{escape(str(exc))}[/]", highlight=False, markup=True)
 
 
 def command_line(preset: str | None, overrides: list[str], flags: dict[str, Any], resume: bool) -> str:
@@ -184,4 +200,21 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
             "-m", "zoo_cli.distributed_entry", str(config_path), "--resume" if resume else "--fresh",
         ]
         console.print(f"launching {nproc} processes: {' '.join(command)}")
-        return subprocess.call(command, env=os.environ.copy())
+        process = subprocess.Popen(command, env=os.environ.copy())
+        received: list[int] = []
+
+        def forward(signum: int, frame: object) -> None:
+            # Ctrl-C reaches every process of the terminal's group by itself; SIGTERM (timeout, a
+            # scheduler) reaches only this one. torchrun passes either on to its processes, which
+            # stop after the same step, save it, and rank 0 prints how to resume.
+            received.append(signum)
+            if signum == signal.SIGTERM:
+                process.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            returncode = process.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return 128 + received[0] if received else returncode

@@ -14,6 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 from rich.text import Text
 
 from zoo.runs import RunDir
@@ -23,11 +24,16 @@ from zoo.runs import RunDir
 PHASE_HEARTBEAT_EVERY_S = 30.0
 
 
+def fixed() -> Column:
+    """A column that keeps its full width: only the bar gives way on a narrow terminal."""
+    return Column(no_wrap=True)
+
+
 class FieldColumn(ProgressColumn):
     """A task field, blank for tasks without it (evaluation shares the display)."""
 
     def __init__(self, field: str, template: str) -> None:
-        super().__init__()
+        super().__init__(table_column=fixed())
         self.field = field
         self.template = template
 
@@ -39,16 +45,18 @@ class FieldColumn(ProgressColumn):
 class TrainProgress:
     def __init__(self, console: Console, total: int, start: int, enabled: bool = True) -> None:
         self.enabled = enabled
+        # The loss is the number people watch: every field keeps its width and the bar takes what
+        # is left (80 columns hold a 6-digit step counter), down to a few cells.
         self.rich = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("[bold]{task.description}", table_column=fixed()),
+            BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=3)),
+            MofNCompleteColumn(table_column=fixed()),
             FieldColumn("loss", "loss {}"),
             FieldColumn("mse", "mse {}"),
             FieldColumn("rate", "{} it/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TimeElapsedColumn(table_column=fixed()),
+            TextColumn("ETA", table_column=fixed()),
+            TimeRemainingColumn(table_column=fixed()),
             console=console,
             disable=not enabled,
         )

@@ -8,9 +8,11 @@ draws exactly what the uninterrupted run would have drawn.
 import copy
 import json
 import math
+import shlex
 import sys
 import time
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,18 @@ from zoo.losses import Loss, build_loss, resolve_jvp_mode
 from zoo.losses.base import metrics_to_floats
 from zoo.models import build_model
 from zoo.models.base import FlowModel
-from zoo.runs import RunDir, RunError, atomic_write_json, atomic_write_text, check_run
+from zoo.runs import RunDir, RunError, RunInterrupted, atomic_write_json, atomic_write_text, check_checkpoint_owner, check_run
 from zoo.tracking import Tracker, make_tracker
 from zoo.training import distributed
 from zoo.training.ema import EMA
 from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
 from zoo.bench.calibration import resolve_for_training
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
+from zoo.training.interrupts import StopRequested, StopSignals
 from zoo.training.progress import PhaseHeartbeat, TrainProgress
 from zoo.training.compiled_step import CompileSettingsError, Evaluate, check_compilable, compile_evaluate, keeps_grads
 from zoo.training.step_graph import MODES_NOT_CAPTURABLE, GraphedLossBackward, StepGraphError, check_capturable
-from zoo.training.visuals import save_samples
+from zoo.training.visuals import save_loss_plot, save_samples
 
 # Keys a resumed run may change: how long it runs, how often it reports, where and how it
 # evaluates. Anything else (model, loss, data, optimiser, seed) must match the checkpoint.
@@ -66,6 +69,9 @@ class TrainState:
     micro_batches: int = 1
     step_graph: GraphedLossBackward | None = None  # train.cuda_graph: the captured loss + backward
     compiled_evaluate: Evaluate | None = None  # train.compile: loss_fn.evaluate, compiled
+    elapsed_s: float = 0.0  # training time up to `step`, over every session of the run
+    checkpoint_step: int | None = None  # the step of last.pt (None: no checkpoint yet)
+    metrics: dict[str, float] = field(default_factory=dict)  # the last step's
 
     @property
     def is_meanflow(self) -> bool:
@@ -143,6 +149,7 @@ def checkpoint_payload(state: TrainState, metrics: dict[str, float]) -> dict[str
         "num_classes": state.model.num_classes,
         "config": config_to_dict(state.cfg),
         "metrics": metrics,
+        "elapsed_s": state.elapsed_s,
     }
 
 
@@ -151,11 +158,6 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
         raise RunError(
             f"run {state.cfg.run_name!r} was trained on {payload['device_type']} and cannot resume exactly on "
             f"{state.device.type} (their random-number states differ); resume with --device {payload['device_type']}"
-        )
-    if payload["run_name"] != state.cfg.run_name:
-        raise RunError(
-            f"checkpoint belongs to run {payload['run_name']!r}, not {state.cfg.run_name!r}; "
-            "a run only resumes from its own checkpoints"
         )
     state.model.load_state_dict(payload["model"])
     state.ema.model.load_state_dict(payload["ema"])
@@ -166,7 +168,10 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
         # otherwise the other ranks start a fresh epoch of their own order (reseeded below)
         # rather than reading rank 0's permutation in lockstep.
         state.source.load_state_dict(payload["data_state"])
-    state.step = int(payload["step"])
+    state.step = state.checkpoint_step = int(payload["step"])
+    state.metrics = dict(payload["metrics"])
+    # Checkpoints written before the elapsed time was stored continue from 0.
+    state.elapsed_s = float(payload.get("elapsed_s", 0.0))
     state.micro_batches = int(payload["micro_batches"])
     if state.scaler is not None:
         state.scaler.load_state_dict(payload["scaler"])
@@ -351,6 +356,8 @@ def save(run: RunDir, state: TrainState, metrics: dict[str, float], archive: boo
     save_checkpoint(run.last, payload)
     if archive:
         save_checkpoint(run.archive(state.step), payload)
+    state.checkpoint_step = state.step
+    save_loss_plot(run)  # a few tens of ms: far less than writing the checkpoint
     return run.last
 
 
@@ -360,10 +367,27 @@ def train_run(
     console: Console | None = None,
     command: str | None = None,
 ) -> RunDir:
-    """Train `cfg` into `<output_dir>/<run_name>/`, or continue that run with `resume`."""
+    """Train `cfg` into `<output_dir>/<run_name>/`, or continue that run with `resume`.
+
+    SIGINT and SIGTERM stop it after the step in progress with a checkpoint of that step and
+    the heartbeat "interrupted"; it then raises RunInterrupted, whose message says how to resume.
+    """
     console = console or Console(stderr=True)
     if cfg.run_name is None:
         raise RunError("a run needs a name: set run_name (zoo train picks one when --run-name is not given)")
+    with StopSignals() as stops:
+        try:
+            return start_and_train(cfg, resume, console, command, stops)
+        except StopRequested as stop:
+            # Before the first step: nothing of this session was written.
+            name = signal.Signals(stop.signum).name
+            what = f"resume with `{resume_command(cfg)}`" if resume else "nothing was written"
+            raise RunInterrupted(f"interrupted by {name} before training started; {what}", stop.signum) from None
+
+
+def start_and_train(
+    cfg: ZooConfigBody, resume: bool, console: Console, command: str | None, stops: StopSignals
+) -> RunDir:
     device = resolve_device(cfg.device)
     if cfg.train.cuda_graph:
         capturable(device, cfg, cfg.loss.jvp)
@@ -390,16 +414,10 @@ def train_run(
     if resume:
         # RNG states must stay CPU byte tensors; load_state_dict moves weights to the device.
         payload = load_checkpoint(run.last, map_location="cpu")
+        check_checkpoint_owner(run, payload["run_name"])
         check_resume_config(payload["config"], cfg)
         restore(state, payload)
-        if main:
-            drop_metrics_after(run, state.step)
-        finished = (run.read_heartbeat() or {}).get("status") == "finished"
-        if state.step >= cfg.train.steps and finished:
-            raise RunError(
-                f"run {cfg.run_name!r} is already at step {state.step} of {cfg.train.steps}; "
-                "raise train.steps (--steps) to continue it"
-            )
+        check_steps_left(state, run)
     choose_jvp_mode(state, payload["jvp_mode"] if resume else None, console)
     if cfg.train.cuda_graph:
         capturable(device, cfg, state.jvp_mode, resumed=resume)
@@ -417,20 +435,25 @@ def train_run(
     tracker: Tracker = make_tracker(
         cfg.tracking.enabled and main, cfg.tracking.project, cfg.run_name, config_dict, resume
     )
+    # From here on the run folder is written: every refusal above has left it untouched.
     if main:
+        if resume:
+            drop_metrics_after(run, state.step)
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(config_to_toml(cfg))
         run.write_heartbeat(
             status="running", phase="train", step=state.step, loss=None, error=None, device=str(device),
             jvp_mode=state.jvp_mode, micro_batches=plan.micro_batches, peak_memory_bytes=plan.peak_bytes,
         )
-    last_metrics: dict[str, float] = {}
     try:
         with TrainProgress(console, cfg.train.steps, state.step, enabled=main) as progress:
-            last_metrics = train_loop(state, run, tracker, progress, main)
+            train_loop(state, run, tracker, progress, main, stops)
             final_report = run_evaluation(state, run, final=True, progress=progress) if main else None
         if main:
-            finish_run(state, run, tracker, final_report, last_metrics, command, console)
+            finish_run(state, run, tracker, final_report, command, console)
+    except StopRequested as stop:
+        message = stop_run(state, run, stop.signum) if main else "interrupted"
+        raise RunInterrupted(message, stop.signum) from None
     except BaseException as exc:
         if main:
             run.write_heartbeat(status="failed", error=f"{type(exc).__name__}: {exc}", step=state.step)
@@ -438,6 +461,45 @@ def train_run(
     finally:
         tracker.finish()
     return run
+
+
+def check_steps_left(state: TrainState, run: RunDir) -> None:
+    """A resumed run must have steps left, or a final evaluation it did not get to."""
+    steps = state.cfg.train.steps
+    finished = (run.read_heartbeat() or {}).get("status") == "finished"
+    if state.step > steps or (state.step == steps and finished):
+        raise RunError(
+            f"run {state.cfg.run_name!r} is already at step {state.step} of {steps}; "
+            "raise train.steps (--steps) to continue it"
+        )
+
+
+def resume_command(cfg: ZooConfigBody) -> str:
+    """How to continue this run: `zoo train PRESET --run-name NAME --resume` (and its output_dir)."""
+    parts = ["zoo", "train", *([cfg.preset] if cfg.preset else []), "--run-name", str(cfg.run_name), "--resume"]
+    if cfg.output_dir != ZooConfigBody.model_fields["output_dir"].default:
+        parts.insert(2 + bool(cfg.preset), f"output_dir={cfg.output_dir}")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def stop_run(state: TrainState, run: RunDir, signum: int) -> str:
+    """Rank 0, on SIGINT/SIGTERM: checkpoint the step reached, mark the heartbeat, say how to resume.
+
+    The state is that of a whole step: signals wait for the step in progress (StopSignals.held),
+    and what else can be interrupted (evaluation, sample grids) does not change it.
+    """
+    if state.checkpoint_step != state.step:
+        save(run, state, state.metrics, archive=False)
+    name = signal.Signals(signum).name
+    message = (
+        f"interrupted by {name} at step {state.step}, last checkpoint at step {state.checkpoint_step}; "
+        f"resume with `{resume_command(state.cfg)}`"
+    )
+    run.write_heartbeat(
+        status="interrupted", signal=name, message=message, step=state.step,
+        last_checkpoint=run.last.name, checkpoint_step=state.checkpoint_step,
+    )
+    return message
 
 
 def capturable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, resumed: bool = False) -> None:
@@ -476,46 +538,62 @@ def drop_metrics_after(run: RunDir, step: int) -> None:
 
 
 def train_loop(
-    state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, main: bool
-) -> dict[str, float]:
+    state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, main: bool, stops: StopSignals
+) -> None:
     cfg = state.cfg.train
     window: list[float] = []
-    metrics: dict[str, float] = {}
-    started, started_step = time.time(), state.step
+    # time/elapsed_s continues over resumes; the rate is this session's.
+    session_start, session_step = time.time(), state.step
+    run_start = session_start - state.elapsed_s
     while state.step < cfg.steps:
-        metrics = train_step(state)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data")
-        window.append(metrics["loss"])
-        progress.update(state.step, metrics)
-        at_end = state.step == cfg.steps
-        evaluate_now = cfg.eval_every > 0 and state.step % cfg.eval_every == 0 and not at_end
-        if not main:
-            if evaluate_now:
-                distributed.wait_for_main()
-            continue
-        if state.step % cfg.log_every == 0 or at_end:
-            record = {f"train/{k}": v for k, v in metrics.items()}
-            record["train/loss_avg"] = sum(window) / len(window)
-            record["time/elapsed_s"] = time.time() - started
-            record["time/steps_per_s"] = (state.step - started_step) / max(record["time/elapsed_s"], 1e-9)
-            window.clear()
-            run.append_metrics({"step": state.step, "time": time.time(), **record})
-            tracker.log(record, step=state.step)
-            run.write_heartbeat(status="running", phase="train", step=state.step, loss=metrics["loss"])
-        archive = at_end or (cfg.archive_every > 0 and state.step % cfg.archive_every == 0)
-        if state.step % cfg.save_every == 0 or archive:
-            save(run, state, metrics, archive)
-            run.write_heartbeat(
-                status="running", step=state.step, last_checkpoint=run.last.name, checkpoint_step=state.step
-            )
-        if evaluate_now:
-            report = run_evaluation(state, run, final=False, progress=progress)
-            log_evaluation(state, run, tracker, report, tag=f"step_{state.step:07d}")
-            run.write_heartbeat(status="running", phase="train")
+        # A signal waits for the step, its records and its checkpoint to be complete.
+        with stops.held():
+            metrics = state.metrics = train_step(state)
+            state.elapsed_s = time.time() - run_start
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data")
+            window.append(metrics["loss"])
+            progress.update(state.step, metrics)
+            at_end = state.step == cfg.steps
+            if main:
+                log_and_save(state, run, tracker, metrics, window, session_start, session_step, at_end)
+        stops.check(state.device)  # under torchrun, every rank stops after the same step
+        if cfg.eval_every > 0 and state.step % cfg.eval_every == 0 and not at_end:
+            if main:
+                report = run_evaluation(state, run, final=False, progress=progress)
+                log_evaluation(state, run, tracker, report, tag=f"step_{state.step:07d}")
+                run.write_heartbeat(status="running", phase="train")
             # The other ranks waited here, not in the next step's all-reduce (see wait_for_main).
             distributed.wait_for_main()
-    return metrics
+
+
+def log_and_save(
+    state: TrainState,
+    run: RunDir,
+    tracker: Tracker,
+    metrics: dict[str, float],
+    window: list[float],
+    session_start: float,
+    session_step: int,
+    at_end: bool,
+) -> None:
+    """Rank 0, after a step: metrics and heartbeat every log_every steps, checkpoints every save_every."""
+    cfg = state.cfg.train
+    if state.step % cfg.log_every == 0 or at_end:
+        record = {f"train/{k}": v for k, v in metrics.items()}
+        record["train/loss_avg"] = sum(window) / len(window)
+        record["time/elapsed_s"] = state.elapsed_s
+        record["time/steps_per_s"] = (state.step - session_step) / max(time.time() - session_start, 1e-9)
+        window.clear()
+        run.append_metrics({"step": state.step, "time": time.time(), **record})
+        tracker.log(record, step=state.step)
+        run.write_heartbeat(status="running", phase="train", step=state.step, loss=metrics["loss"])
+    archive = at_end or (cfg.archive_every > 0 and state.step % cfg.archive_every == 0)
+    if state.step % cfg.save_every == 0 or archive:
+        save(run, state, metrics, archive)
+        run.write_heartbeat(
+            status="running", step=state.step, last_checkpoint=run.last.name, checkpoint_step=state.step
+        )
 
 
 def log_evaluation(state: TrainState, run: RunDir, tracker: Tracker, report: EvalReport, tag: str) -> None:
@@ -534,13 +612,14 @@ def finish_run(
     run: RunDir,
     tracker: Tracker,
     report: EvalReport,
-    last_metrics: dict[str, float],
     command: str | None,
     console: Console,
 ) -> None:
     log_evaluation(state, run, tracker, report, tag="final")
     atomic_write_json(run.eval_json, {"step": state.step, "checkpoint": run.archive(state.step).name, **report.to_dict()})
-    run.write_heartbeat(status="finished", step=state.step, loss=last_metrics.get("loss"))
+    save_loss_plot(run)
+    last_metrics = state.metrics
+    run.write_heartbeat(status="finished", phase="done", step=state.step, loss=last_metrics.get("loss"))
     if state.cfg.experiment_log:
         # Log the JVP strategy actually used, not "auto".
         logged_cfg = state.cfg.model_copy(update={"loss": state.cfg.loss.model_copy(update={"jvp": state.jvp_mode})})
@@ -552,4 +631,7 @@ def finish_run(
             report=report,
             # With p = 1 the adaptive loss sits near 1 by construction: mse is the number that moves.
             final_metrics={k: v for k, v in last_metrics.items() if k in ("loss", "mse", "grad_norm")},
+        )
+        console.print(
+            f"logged to {state.cfg.experiment_log} (the experiment record; `experiment_log=` turns this off)"
         )

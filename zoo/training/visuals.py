@@ -10,7 +10,8 @@ from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource
 from zoo.evaluation import Method, draw_noise_and_labels, generate, no_progress
 from zoo.models.base import FlowModel
-from zoo.plotting import save_image_grid, save_scatter
+from zoo.plotting import save_image_grid, save_loss_curve, save_scatter
+from zoo.runs import RunDir
 
 
 def headline_method(meanflow: bool) -> Method:
@@ -48,3 +49,11 @@ def save_samples(
     else:
         image = save_scatter(samples, path, reference=source.held_out(n).float().cpu(), title=method.label)
     return image, f"{method.label} ({method.nfe} NFE)"
+
+
+def save_loss_plot(run: RunDir) -> None:
+    """The training loss so far (all sessions of the run, from metrics.jsonl) as `loss.png`."""
+    records = [r for r in run.read_metrics() if "train/loss" in r]
+    if records:
+        save_loss_curve([r["step"] for r in records], [r["train/loss"] for r in records], run.loss_curve,
+                        title=f"{run.name}: training loss")

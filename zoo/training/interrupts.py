@@ -1,0 +1,74 @@
+"""SIGINT (Ctrl-C) and SIGTERM (`timeout`, schedulers, the remote supervisor) as a request to stop.
+
+A signal that arrives during a training step (or while a checkpoint is being written) is held
+until the step is complete, so the run can stop on a checkpoint of a whole step; at any other
+time (calibration, evaluation) it stops at once: those never change the training state.  Under
+torchrun every rank asks the others after each step, so all of them stop after the same step
+(a rank that stopped alone would leave the others waiting in the next all-reduce).
+
+Further signals while stopping are ignored, so that a second Ctrl-C, or torchrun passing the
+terminal's signal on to its processes, cannot cut the final checkpoint short; SIGKILL still ends
+the process at once.
+"""
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+import torch
+
+from zoo.training import distributed
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequested(BaseException):
+    """Raised inside the trainer when a signal asks it to stop; train_run turns it into RunInterrupted."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """Installs the handlers for the duration of a `with` block (main thread only: Python
+    delivers signals there, and only there can handlers be set)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._holding = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            return  # already stopping
+        self.signum = signum
+        if not self._holding:
+            raise StopRequested(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A signal arriving inside this block waits for its end (see check)."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+
+    def check(self, device: torch.device) -> None:
+        """After a step: stop if any rank was asked to (a collective under torchrun: every rank calls it)."""
+        asked = distributed.max_across_ranks(self.signum or 0, device)
+        if asked:
+            self.signum = self.signum or asked
+            raise StopRequested(asked)
