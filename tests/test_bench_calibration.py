@@ -150,3 +150,79 @@ def test_peaks_do_not_depend_on_which_candidate_is_measured_first() -> None:
         for order in orders
     ]
     assert peaks[0] == peaks[1]
+
+
+def bf16_losses(modes: list[str], jvp_precision: str = "tf32") -> dict[str, float]:
+    """The MeanFlow loss of one fixed batch and draw under each mode, under bf16 autocast on the
+    CPU (and "fp32": full_batch without autocast)."""
+    from zoo.losses import build_loss
+
+    model = build_model(MLPConfig(hidden=64, depth=2, time_embed_dim=16), (2,), 0).eval()
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for mode in [*modes, "fp32"]:
+        loss_fn = build_loss(LossConfig(jvp="full_batch" if mode == "fp32" else mode, jvp_precision=jvp_precision, ratio=0.5))
+        draws = loss_fn.draw(model, x, None, torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
+            losses[mode] = float(loss_fn.evaluate(model, x, draws)[0].detach())
+    return losses
+
+
+def test_full_batch_under_bf16_is_fp32_so_auto_does_not_offer_it() -> None:
+    """The audit's finding, as the reason for the rule: under bf16 autocast full_batch's loss is
+    bit-identical to fp32's (its prediction comes from the fp32 JVP island); selective's is not."""
+    losses = bf16_losses(["full_batch", "primal", "selective"])
+    assert losses["full_batch"] == losses["fp32"]
+    assert losses["selective"] != losses["fp32"] and losses["primal"] != losses["fp32"]
+    assert abs(losses["selective"] - losses["fp32"]) < 0.05 * abs(losses["fp32"])  # bf16-size, not a bug
+    assert candidate_modes(CPU, fused=False, precision="bf16", jvp_precision="tf32") == ["selective"]
+    assert candidate_modes(CPU, fused=False, precision="fp16", jvp_precision="fp32") == ["selective"]
+    # With the JVP itself in bf16, full_batch's prediction is bf16 too: offered again.
+    assert bf16_losses(["full_batch"], jvp_precision="bf16")["full_batch"] != losses["fp32"]
+    assert candidate_modes(CPU, fused=True, precision="bf16", jvp_precision="bf16") == [
+        "fused", "primal", "full_batch", "selective"
+    ]
+    assert candidate_modes(CPU, fused=False, precision="fp32", jvp_precision="bf16") == ["selective"]
+    assert candidate_modes(CPU, fused=False) == ["primal", "full_batch", "selective"]
+
+
+def test_the_jvp_mode_line_says_what_precision_the_prediction_gets() -> None:
+    model = build_model(MLPConfig(hidden=16, depth=1, time_embed_dim=8), (2,), 0)
+    cfg = load_config("moons", ["train.batch_size=16", "precision=bf16"])
+    mode, reason = resolve_for_training(cfg, model, CPU, 16)
+    assert mode == "selective"
+    assert "full_batch and primal not offered: they compute the prediction in the JVP's fp32/TF32, not bf16" in reason
+    explicit = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"jvp": "full_batch"})})
+    mode, reason = resolve_for_training(explicit, model, CPU, 16)
+    assert mode == "full_batch" and reason.startswith("set by loss.jvp; note: full_batch computes the prediction")
+    assert "precision bf16 changes almost nothing" in reason and "loss.jvp=selective" in reason
+    assert "loss.jvp_precision=bf16" in reason
+    resumed = resolve_for_training(cfg, model, CPU, 16, stored_mode="primal")[1]
+    assert "kept from the checkpoint" in resumed and "applies to the other rows only" in resumed
+    fp32 = load_config("moons", ["train.batch_size=16"])
+    assert "note" not in resolve_for_training(fp32.model_copy(update={"loss": explicit.loss}), model, CPU, 16)[1]
+
+
+def test_train_prints_the_cache_and_the_precision_note(tmp_path, monkeypatch, cache_dir) -> None:
+    """Through `zoo train`'s own output (rich markup): the cached choice names the cache file."""
+    from typer.testing import CliRunner
+
+    from tiny_runs import TINY_RUN
+    from zoo_cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    common = [*TINY_RUN, "loss.jvp=auto", "--precision", "bf16", "--steps", "2", "--threads", "1",
+              "tracking.enabled=false", "eval.n_samples=50", "eval.batch_size=50"]
+    outputs = []
+    for name in ("first", "second"):
+        result = CliRunner().invoke(app, ["train", "moons", *common, "--run-name", name])
+        assert result.exit_code == 0, result.output
+        outputs.append("".join(result.output.split()))  # rich wraps lines, even inside the path
+
+    def squeezed(text: str) -> str:
+        return "".join(text.split())
+
+    assert squeezed("JVP mode: selective (auto: fastest step of selective") in outputs[0]
+    assert "cached" not in outputs[0]
+    assert squeezed("; cached ") in outputs[1] and squeezed(f"in {cache_path()}") in outputs[1]
+    assert squeezed("not offered: they compute the prediction in the JVP's fp32/TF32, not bf16") in outputs[1]

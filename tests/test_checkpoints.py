@@ -1,10 +1,15 @@
 """Checkpoint files: atomic, weights_only-loadable, prefix-free, and clear errors when broken."""
 
+import os
+import threading
+import time
+
 import pytest
 import torch
 from torch import nn
 
-from zoo.checkpoints import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint, unwrap
+from zoo import checkpoints
+from zoo.checkpoints import CheckpointError, checksum_path, clean_state_dict, load_checkpoint, save_checkpoint, unwrap
 from zoo.runs import RunDir, RunError, check_run
 
 
@@ -31,7 +36,7 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
     save_checkpoint(tmp_path / "good.pt", {"step": 1, "model": {"w": torch.ones(1000)}})
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
         load_checkpoint(tmp_path / "cut.pt")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a zoo checkpoint"):
@@ -69,3 +74,115 @@ def test_heartbeat_and_metrics_tolerate_partial_lines(tmp_path):
     with open(run.metrics, "a") as handle:
         handle.write('{"step": 2, "train/lo')  # a writer caught mid-line
     assert run.read_metrics() == [{"step": 1, "train/loss": 0.5}]
+
+
+def flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def tensor_offset(data: bytes, tensor: torch.Tensor) -> int:
+    """Where `tensor`'s bytes sit in a saved file (torch stores them uncompressed)."""
+    offset = data.find(tensor.numpy().tobytes())
+    assert offset > 0
+    return offset + 5
+
+
+def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
+    weights = torch.arange(1000, dtype=torch.float32)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 3, "model": {"w": weights}})
+    flip_byte(path, tensor_offset(path.read_bytes(), weights))
+    # The flip is in the weights' bytes: torch itself loads the file without a word (the test's
+    # premise), with one weight silently changed.
+    silent = torch.load(path, weights_only=True)
+    assert not torch.equal(silent["model"]["w"], weights)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path} does not match its checksum") and "last.pt.sha256" in message
+    assert "damaged" in message and "step_*.pt" in message and "\n" not in message
+    # Without its sidecar the same file loads as before (nothing to check against).
+    checksum_path(path).unlink()
+    assert not torch.equal(load_checkpoint(path)["model"]["w"], weights)
+
+
+def test_intact_file_with_sidecar_loads_and_a_bad_sidecar_is_named(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"step": 7, "model": {"w": torch.ones(10)}})
+    assert load_checkpoint(path)["step"] == 7
+    checksum_path(path).write_text("not a digest\n")
+    with pytest.raises(CheckpointError, match=r"c\.pt\.sha256 is not a sha256 checksum file"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("keep", [100, 0.5, -10])
+def test_truncated_file_is_one_clean_sentence(tmp_path, keep):
+    path = tmp_path / "cut.pt"
+    save_checkpoint(tmp_path / "good.pt", {"step": 1, "model": {"w": torch.ones(1000)}})
+    data = (tmp_path / "good.pt").read_bytes()
+    end = int(len(data) * keep) if isinstance(keep, float) else keep
+    path.write_bytes(data[:end])
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path} is truncated or damaged") and f"{len(data[:end])} bytes" in message
+    assert "miniz" not in message and "\n" not in message and len(message) < 300
+    # The same file with a sidecar (as zoo writes it) is caught earlier, by its checksum.
+    checksum_path(path).write_text(checksum_path(tmp_path / "good.pt").read_text())
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        load_checkpoint(path)
+
+
+def test_a_file_that_is_no_archive_is_named(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.pt is not a checkpoint \(a torch\.save zip archive"):
+        load_checkpoint(path)
+
+
+def stop_between_writes(path, payload) -> bytes:
+    """What save_checkpoint does for a new checkpoint, stopped between its two writes: the new
+    sidecar in place and the new checkpoint's temporary file being written, not yet renamed."""
+    staged = path.with_name("staged.pt")
+    save_checkpoint(staged, payload)
+    checksum_path(path).write_text(checksum_path(staged).read_text().replace(staged.name, path.name))
+    path.with_name(f".{path.name}.tmp-4242").write_bytes(b"partly written")
+    return staged.read_bytes()
+
+
+def test_load_during_a_save_waits_for_the_new_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 10, "model": {"w": torch.ones(10)}})
+    new_bytes = stop_between_writes(path, {"step": 20, "model": {"w": torch.zeros(10)}})
+
+    def finish_save():
+        time.sleep(0.5)
+        temporary = path.with_name(".last.pt.tmp-4242")
+        temporary.write_bytes(new_bytes)
+        temporary.replace(path)
+
+    saver = threading.Thread(target=finish_save)
+    saver.start()
+    try:
+        assert load_checkpoint(path)["step"] == 20
+    finally:
+        saver.join()
+
+
+def test_a_save_that_never_finishes_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "SAVE_WAIT_S", 0.5)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 10, "model": {"w": torch.ones(10)}})
+    stop_between_writes(path, {"step": 20, "model": {"w": torch.zeros(10)}})
+    with pytest.raises(CheckpointError, match=r"a save is still writing it after 0.5 s"):
+        load_checkpoint(path)
+    # A temporary file left by a save killed long ago is no save in progress: damaged at once.
+    monkeypatch.setattr(checkpoints, "SAVE_WAIT_S", 600)
+    stale = time.time() - 3600
+    os.utime(path.with_name(".last.pt.tmp-4242"), (stale, stale))
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="the file is damaged"):
+        load_checkpoint(path)
+    assert time.monotonic() - started < 5

@@ -150,6 +150,6 @@ def test_sample_and_eval_commands(workdir):
 def test_corrupt_checkpoint_is_a_clear_error(workdir):
     (workdir / "broken.pt").write_bytes(b"not a checkpoint at all")
     result = zoo("sample", workdir / "broken.pt")
-    assert result.exit_code == 1 and "not a readable checkpoint" in result.output
+    assert result.exit_code == 1 and "broken.pt is not a checkpoint" in result.output and "\\n" not in result.output.strip()
     result = zoo("eval", workdir / "absent.pt")
     assert result.exit_code == 1 and "no checkpoint at" in result.output

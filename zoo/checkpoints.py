@@ -8,9 +8,14 @@ temporary file in the same folder and are renamed into place: a crash never leav
 checkpoint under the real name.
 """
 
+import contextlib
 import hashlib
 import io
+import os
 import platform
+import re
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +81,100 @@ def checksum_path(path: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's payload, verified against its `.sha256` sidecar when it has one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; `zoo ckpts` lists the runs and checkpoints there are")
+    # With a sidecar the file is read once into memory and hashed there, and torch loads from those
+    # bytes: no second read, and the bytes loaded are exactly the bytes checked.  The cost is the
+    # file's size in memory for a moment, as save_checkpoint's own buffer.
+    data = read_verified(path)
+    source = io.BytesIO(data) if data is not None else path
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt, truncated, or not a zoo file): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        ) from exc
+        payload = torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types (RuntimeError, OSError, KeyError, ...) for bad files
+        raise CheckpointError(f"{path} {unreadable_reason(path, data)}; {DAMAGED_FIX}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a zoo checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return payload
+
+
+DAMAGED_FIX = "download it again if it came from a remote run (`zoo ckpts download RUN/STEP`), or use one of the run's archived step_*.pt"
+# How long a load waits for a save in progress (see read_verified) to finish.
+SAVE_WAIT_S = 120.0
+
+
+def unreadable_reason(path: Path, data: bytes | None) -> str:
+    """Why torch could not read a file, in words (torch's own text runs to a paragraph)."""
+    size = len(data) if data is not None else path.stat().st_size
+    with path.open("rb") if data is None else contextlib.nullcontext(io.BytesIO(data)) as stream:
+        head = stream.read(4)
+        stream.seek(0)
+        is_zip = zipfile.is_zipfile(stream)
+    if head != b"PK\x03\x04":
+        return f"is not a checkpoint (a torch.save zip archive starts with PK, this file does not; {size} bytes)"
+    if not is_zip:
+        return f"is truncated or damaged (its zip archive has no central directory; {size} bytes)"
+    return f"is damaged (a zip archive whose contents torch cannot unpickle; {size} bytes)"
+
+
+def read_verified(path: Path) -> bytes | None:
+    """The checkpoint's bytes, checked against its sidecar; None when it has no sidecar.
+
+    save_checkpoint writes the sidecar first, then the checkpoint through a temporary file that is
+    renamed into place.  A mismatch while that temporary file is being written is a save in
+    progress (a run writing last.pt while it is sampled from), not damage: wait for the new file.
+    """
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return None
+    deadline = time.monotonic() + SAVE_WAIT_S
+    while True:
+        expected = recorded_digest(sidecar)
+        before = path.stat()
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual == expected:
+            return data
+        saving = save_in_progress(path)
+        if saving and wait_for_replacement(path, before, deadline):
+            continue
+        why = (
+            f"a save is still writing it after {SAVE_WAIT_S:g} s; try again when the run has saved"
+            if saving
+            else f"the file is damaged; {DAMAGED_FIX}"
+        )
+        raise CheckpointError(
+            f"{path} does not match its checksum (sha256 {actual[:16]}..., {sidecar.name} records "
+            f"{expected[:16]}...): {why}"
+        )
+
+
+def save_in_progress(path: Path) -> bool:
+    """Whether a save's temporary file for `path` (zoo.runs.atomic_write_bytes) is being written:
+    one changed in the last minute.  Older ones are left by killed saves and mean nothing."""
+    now = time.time()
+    for temporary in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            if now - temporary.stat().st_mtime < 60:
+                return True
+        except FileNotFoundError:  # renamed into place since the listing
+            return True
+    return False
+
+
+def recorded_digest(sidecar: Path) -> str:
+    fields = sidecar.read_text().split()
+    if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+        raise CheckpointError(f"{sidecar} is not a sha256 checksum file; delete it to load the checkpoint unchecked")
+    return fields[0]
+
+
+def wait_for_replacement(path: Path, before: os.stat_result, deadline: float) -> bool:
+    """Whether `path` was replaced (another inode or mtime) before `deadline`."""
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = path.stat()
+        if (now.st_ino, now.st_mtime_ns) != (before.st_ino, before.st_mtime_ns):
+            return True
+    return False

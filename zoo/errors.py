@@ -23,3 +23,11 @@ class CompileError(RuntimeError):
 
 class OutputPathError(OSError):
     """A file or folder zoo was asked to write cannot be written there (checked before the work)."""
+
+
+class FidUnavailableError(RuntimeError):
+    """FID cannot be computed here: clean-fid is missing or its files cannot be downloaded."""
+
+
+class FidUnsupportedError(ValueError):
+    """FID was asked of a dataset that has no reference statistics."""

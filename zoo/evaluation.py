@@ -3,6 +3,7 @@
 Every method starts from the same noise (common random numbers): differences between rows are
 then differences between samplers, not between noise draws.  The data-vs-data row (training
 samples against held-out samples) is the floor no model can be expected to beat at this n.
+`evaluate_fid` adds FID for one method (image datasets with clean-fid statistics, zoo.metrics.fid).
 """
 
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from torch import Tensor
 from zoo.config.schema import EvalConfig
 from zoo.data import BatchSource
 from zoo.metrics.energy import energy_distance
+from zoo.metrics.fid import FidBackend, fid_of_generator
 from zoo.models.base import FlowModel
 from zoo.solvers.ode import get_solver, steps_for_nfe
 from zoo.solvers.samplers import sample_meanflow, sample_ode
@@ -42,6 +44,20 @@ class EvalRow:
     nfe: int
     energy_distance: float
     stderr: float
+    fid: float | None = None  # set on the row of the method FID was computed for
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not (k == "fid" and v is None)}
+
+
+@dataclass
+class FidInfo:
+    """How the FID in a report was measured."""
+
+    method: str
+    n_samples: int
+    reference: str  # e.g. "cifar10 train statistics at 32 px"
+    value: float
 
 
 @dataclass
@@ -49,13 +65,23 @@ class EvalReport:
     n_samples: int
     rows: list[EvalRow] = field(default_factory=list)
     noise_floor: EvalRow | None = None
+    fid: FidInfo | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "n_samples": self.n_samples,
-            "rows": [asdict(r) for r in self.rows],
-            "noise_floor": asdict(self.noise_floor) if self.noise_floor else None,
+            "rows": [r.to_dict() for r in self.rows],
+            "noise_floor": self.noise_floor.to_dict() if self.noise_floor else None,
         }
+        if self.fid is not None:
+            out["fid"] = asdict(self.fid)
+        return out
+
+    def record_fid(self, method: "Method", info: FidInfo) -> None:
+        """Put the FID on `method`'s row (evaluate it with that method among its rows)."""
+        row = next(r for r in self.rows if (r.kind, r.steps) == (method.kind, method.steps))
+        row.fid = info.value
+        self.fid = info
 
     def metrics(self) -> dict[str, float]:
         """Flat `eval/...` metrics for trackio and metrics.jsonl."""
@@ -64,6 +90,8 @@ class EvalReport:
             key = f"eval/energy_{row.kind}_{row.steps}"
             out[key] = row.energy_distance
             out[key + "_se"] = row.stderr
+            if row.fid is not None:
+                out[f"eval/fid_{row.kind}_{row.steps}"] = row.fid
         if self.noise_floor:
             out["eval/energy_data_floor"] = self.noise_floor.energy_distance
         return out
@@ -77,6 +105,22 @@ def default_methods(cfg: EvalConfig, meanflow: bool) -> list[Method]:
             if nfe % solver.calls_per_step == 0:
                 methods.append(Method(solver_name, steps_for_nfe(solver, nfe), nfe))
     return methods
+
+
+def headline_method(cfg: EvalConfig, meanflow: bool, solver: str | None = None, nfe: int | None = None) -> Method:
+    """The one sampler a single number (FID, a picture) is reported for, as `zoo sample` picks:
+    MeanFlow jumps (default 1 NFE) for a MeanFlow model unless `solver` is given; otherwise the
+    ODE solver (default: the first of eval.solvers, else euler) at `nfe` (default: the largest
+    of eval.solver_nfe).  A bad solver name or NFE is a ValueError naming the fix."""
+    if solver in (None, "meanflow") and meanflow:
+        steps = nfe or 1
+        return Method("meanflow", steps, steps)
+    if solver == "meanflow":
+        raise ValueError("MeanFlow jumps need a MeanFlow model; this one was trained by flow matching: pick an ODE solver")
+    name = solver or (cfg.solvers[0] if cfg.solvers else "euler")
+    ode = get_solver(name)
+    nfe = nfe or max(cfg.solver_nfe)
+    return Method(name, steps_for_nfe(ode, nfe), nfe)
 
 
 def no_progress() -> None:
@@ -165,3 +209,42 @@ def evaluate(
         progress.remove_task(task)
     model.train(was_training)
     return report
+
+
+def fid_noise_stream(model: FlowModel, seed: int) -> Callable[[int], tuple[Tensor, Tensor | None]]:
+    """Noise (and labels) for FID, k at a time from one seeded generator: 50k images never sit in
+    memory at once, and the samples depend on the seed only, not on the batch size."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def draw(k: int) -> tuple[Tensor, Tensor | None]:
+        noise = torch.randn((k, *model.data_shape), generator=generator)
+        labels = torch.randint(0, model.num_classes, (k,), generator=generator) if model.num_classes else None
+        return noise.to(device), labels.to(device) if labels is not None else None
+
+    return draw
+
+
+def evaluate_fid(
+    model: FlowModel,
+    method: Method,
+    backend: FidBackend,
+    n: int,
+    batch_size: int,
+    guidance: float,
+    seed: int = 0,
+    on_batch: Callable[[], None] = no_progress,
+) -> FidInfo:
+    """FID of `n` samples of `method` against the backend's reference statistics."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    draw = fid_noise_stream(model, seed)
+
+    def generate_fn(k: int) -> Tensor:
+        noise, labels = draw(k)
+        return generate(model, method, noise, labels, guidance, batch_size, on_batch=on_batch)
+
+    value = fid_of_generator(backend, generate_fn, n, batch_size, device)
+    model.train(was_training)
+    return FidInfo(method=method.label, n_samples=n, reference=backend.reference.describe(), value=value)

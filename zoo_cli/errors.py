@@ -8,14 +8,24 @@ from rich.console import Console
 from rich.markup import escape
 
 from zoo.config.loading import ConfigError
-from zoo.errors import CheckpointError, CompileError, DataNotFoundError, DeviceError, OutputPathError
+from zoo.errors import (
+    CheckpointError,
+    CompileError,
+    DataNotFoundError,
+    DeviceError,
+    FidUnavailableError,
+    FidUnsupportedError,
+    OutputPathError,
+)
 from zoo.runs import RunError
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
 # Exit 2 for input the user must change (config, arguments), 1 for things that failed.
-USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, OutputPathError)
-RUNTIME_ERRORS: tuple[type[Exception], ...] = (RunError, CheckpointError, DeviceError, DataNotFoundError, CompileError)
+USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, OutputPathError, FidUnsupportedError)
+RUNTIME_ERRORS: tuple[type[Exception], ...] = (
+    RunError, CheckpointError, DeviceError, DataNotFoundError, CompileError, FidUnavailableError,
+)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -3,8 +3,9 @@
 The calibration runs on a throwaway copy of the model and a fresh optimiser, on a synthetic
 batch of the run's shape, inside `torch.random.fork_rng`, so the run's weights, optimiser state
 and every RNG stream are exactly as they were.  Candidates: fused (zoo's own networks; under
-bf16/fp16 autocast only with jvp_precision="bf16", see offers_fused), primal, full_batch,
-selective, plus cuda_graph on CUDA; nograd (the slow reference) and compile (no gain measured,
+bf16/fp16 autocast only with jvp_precision="bf16", see offers_fused), primal, full_batch (both
+only when the JVP island computes at the run's precision, see candidate_modes), selective, plus
+cuda_graph on CUDA; nograd (the slow reference) and compile (no gain measured,
 long compiles) never.  Under train.compile there is nothing to time: fused is the one mode a
 compiled step can run (zoo.training.compiled_step).  A candidate whose peak memory exceeds the
 limit is not chosen; if none fits, the one with the smallest peak is, and the trainer's memory
@@ -32,6 +33,7 @@ from zoo.bench.timing import interleaved_timings
 from zoo.config.schema import LossConfig, OptimConfig, ZooConfigBody
 from zoo.devices import synchronize
 from zoo.losses import resolve_jvp_mode
+from zoo.losses.jvp import PREDICTION_IN_ISLAND, prediction_precision_note
 from zoo.models.base import FlowModel, RowTangentModel
 from zoo.runs import atomic_write_json
 from zoo.training.memory import format_bytes
@@ -54,10 +56,26 @@ def offers_fused(model: FlowModel, loss_cfg: LossConfig, precision: str) -> bool
     return isinstance(model, RowTangentModel) and (precision == "fp32" or loss_cfg.jvp_precision == "bf16")
 
 
-def candidate_modes(device: torch.device, fused: bool = True, captured_step: bool = False) -> list[str]:
+def candidate_modes(
+    device: torch.device,
+    fused: bool = True,
+    captured_step: bool = False,
+    precision: str = "fp32",
+    jvp_precision: str = "tf32",
+) -> list[str]:
     """fused: whether to offer the fused mode (see offers_fused); captured_step: the run replays
-    its step from a CUDA graph (train.cuda_graph), inside which cuda_graph cannot run."""
+    its step from a CUDA graph (train.cuda_graph), inside which cuda_graph cannot run.
+
+    full_batch and primal are offered only when the JVP island computes at the run's precision.
+    They take the prediction from the JVP's primal output, computed in the island (fp32/TF32 by
+    default), so under --precision bf16 they train exactly as fp32 does: the audit found losses
+    bit-identical to fp32's.  `auto` chooses the fastest way to compute the loss the user asked
+    for; it must not swap bf16 numerics for fp32 ones because those happened to time faster.  A
+    user who prefers that trade sets --precision fp32 (auto then times them) or names the mode
+    (the "JVP mode:" line then says what it does to the precision, prediction_precision_note).
+    """
     modes = ["fused", "primal", "full_batch", "selective"] if fused else ["primal", "full_batch", "selective"]
+    modes = [m for m in modes if prediction_precision_note(m, precision, jvp_precision) is None]
     if device.type == "cuda":
         modes.append("cuda_graph")
     return [m for m in modes if not (captured_step and m in MODES_NOT_CAPTURABLE)]
@@ -126,7 +144,7 @@ def calibrate(
     """The fastest JVP mode for this model, batch and device, from the cache or a fresh timing."""
     device = torch.device(device)
     fused = offers_fused(model, loss_cfg, precision)
-    candidates = candidate_modes(device, fused=fused, captured_step=captured_step)
+    candidates = candidate_modes(device, fused, captured_step, precision, loss_cfg.jvp_precision)
     key = calibration_key(model, loss_cfg, batch_size, device, precision, candidates)
     path = cache_path()
     if use_cache:
@@ -134,7 +152,8 @@ def calibrate(
         if entry is not None:
             cached = Calibration(**entry)
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(cached.created))
-            return Calibration(**{**entry, "reason": f"{cached.reason} [cached {when} in {path}]"})
+            # No square brackets: the trainer prints the reason as rich markup, which would eat them.
+            return Calibration(**{**entry, "reason": f"{cached.reason}; cached {when} in {path}"})
     calibration = time_candidates(
         model, loss_cfg, batch_size, device, precision, optim_cfg or OptimConfig(), candidates, memory_limit_gb,
         captured_step,
@@ -225,6 +244,17 @@ def resolve_for_training(
     A resumed run passes the mode its checkpoint recorded (`stored_mode`) and keeps it, so the
     run continues with the same strategy (and dropout-mask behaviour) it started with.
     """
+    mode, reason = decide_mode(cfg, model, device, batch_size, stored_mode)
+    note = prediction_precision_note(mode, cfg.precision, cfg.loss.jvp_precision)
+    if note is None or cfg.loss.kind != "meanflow":
+        return mode, reason
+    return mode, f"{reason}; {note}"
+
+
+def decide_mode(
+    cfg: ZooConfigBody, model: FlowModel, device: torch.device, batch_size: int, stored_mode: str | None
+) -> tuple[str, str]:
+    """resolve_for_training's choice and its reason, before the note on precision."""
     if stored_mode is not None:
         return stored_mode, "kept from the checkpoint (a resumed run keeps its JVP mode)"
     if cfg.loss.jvp != "auto":
@@ -245,4 +275,12 @@ def resolve_for_training(
         model, cfg.loss, batch_size, torch.device(device), cfg.precision, optim_cfg=cfg.optim,
         memory_limit_gb=cfg.train.memory_limit_gb, captured_step=cfg.train.cuda_graph,
     )  # fmt: skip
-    return calibration.mode, f"auto: {calibration.reason}"
+    reason = f"auto: {calibration.reason}"
+    left_out = [m for m in PREDICTION_IN_ISLAND if prediction_precision_note(m, cfg.precision, cfg.loss.jvp_precision)]
+    if left_out:
+        island = "bf16" if cfg.loss.jvp_precision == "bf16" else "fp32/TF32"
+        reason += (
+            f"; {' and '.join(left_out)} not offered: they compute the prediction in the JVP's {island}, "
+            f"not {cfg.precision}"
+        )
+    return calibration.mode, reason

@@ -44,7 +44,10 @@ default: on CUDA the tangent is most of MeanFlow's extra work, and tensor cores 
 multiple of IEEE fp32's rate for ~1e-3 relative error) allows TF32 matmuls/convolutions inside;
 "fp32" forces IEEE fp32 on CUDA too; on CPU both are plain fp32.  "bf16" runs the JVP under bf16
 autocast.  Forwards outside the JVP follow the caller's autocast.  Note that modes reusing the
-primal compute the prediction u itself inside this island (fused: only the tangent).
+primal compute the prediction u itself inside this island (full_batch: every row; primal: the
+r != t rows; fused: only the tangent), where the run's --precision does not reach it:
+prediction_precision_note says so, and `auto` leaves those modes out when the island's precision
+is not the run's (zoo.bench.calibration.candidate_modes).
 """
 
 import functools
@@ -408,13 +411,47 @@ def build_jvp(mode: str, precision: str = "fp32") -> JvpStrategy:
 
 
 def resolve_jvp_mode(cfg: LossConfig, device: torch.device | str) -> str:
-    """The concrete JVP mode for `cfg.jvp` on `device`.
+    """The concrete JVP mode for `cfg.jvp` on `device`, without timing anything.
 
-    A concrete setting is returned unchanged.  "auto" is, for now, "full_batch" on CUDA (one
-    static-shape JVP whose primal is reused: fewest launches, no subset gathers) and "primal"
-    elsewhere (fewest flops, (3 + ratio)F, where compute not launch overhead dominates).  A later
-    task replaces this with a timed calibration on the actual model.
+    A concrete setting is returned unchanged.  For "auto" the answer is only a stand-in: the
+    trainer builds its first loss with it, then settles "auto" before the first step with
+    zoo.bench.calibration.resolve_for_training (the candidate modes timed on the run's own model,
+    batch and precision, cached per device).  Flow matching computes no JVP and keeps the stand-in.
+    The stand-in is "full_batch" on CUDA and "primal" elsewhere.
     """
     if cfg.jvp != "auto":
         return cfg.jvp
     return "full_batch" if torch.device(device).type == "cuda" else "primal"
+
+
+# Modes whose prediction u is the JVP's primal output, computed inside the JVP's precision island
+# instead of under the run's autocast: for which rows.
+PREDICTION_IN_ISLAND = {"full_batch": "every row", "primal": "the r != t rows"}
+
+
+def island_precision(jvp_precision: str) -> str:
+    """The run precision the JVP island computes in: fp32 (TF32 matmuls on CUDA) or bf16."""
+    return "bf16" if jvp_precision == "bf16" else "fp32"
+
+
+def prediction_precision_note(mode: str, precision: str, jvp_precision: str) -> str | None:
+    """Why the run's `precision` does not (fully) reach `mode`'s prediction, and what to set
+    instead; None when the prediction is computed at the run's precision."""
+    island = island_precision(jvp_precision)
+    if mode not in PREDICTION_IN_ISLAND or island == precision:
+        return None
+    where = "fp32/TF32" if island == "fp32" else island
+    if mode == "full_batch":
+        head = f"note: full_batch computes the prediction inside the JVP's {where} island, so"
+    else:
+        head = f"note: primal computes the prediction of the r != t rows inside the JVP's {where} island, so"
+    if precision == "fp32":
+        return (
+            f"{head} it is in {island}, not fp32; set loss.jvp=selective to compute the prediction in fp32, "
+            "or loss.jvp_precision=tf32"
+        )
+    effect = "changes almost nothing (the loss is fp32's)" if mode == "full_batch" else "applies to the other rows only"
+    fix = f"set loss.jvp=selective to compute the prediction in {precision} (only the JVP stays in {where})"
+    if precision == "bf16":
+        fix += ", or loss.jvp_precision=bf16 to run the JVP in bf16 too (which also allows fused)"
+    return f"{head} precision {precision} {effect}; {fix}"

@@ -1,29 +1,62 @@
 """FID: the Fréchet distance between Gaussians fitted to Inception features.
 
 `frechet_distance` / `feature_statistics` are pure torch (float64) and testable offline.
-`compute_fid` wraps clean-fid (the optional `fid` extra, imported only when called): generated
-images against clean-fid's precomputed reference statistics.  Clean-fid's defaults are
-FFHQ / 1024 px / CUDA, so the dataset name, resolution, split and device are always passed.
-Offline, clean-fid fails on its first download (Inception weights or reference statistics); that
-becomes a `FidUnavailableError` saying which files to fetch and where to put them.
+The rest uses clean-fid (the optional `fid` extra, imported only when called): its Inception
+network, its image resizing, and its precomputed reference statistics of real datasets.
+Clean-fid's defaults are FFHQ / 1024 px / CUDA, so the dataset name, resolution, split and
+device are always passed.  `load_fid_backend` fetches clean-fid's two files (the Inception
+weights and the reference statistics) before anything is sampled; offline, that fails at once
+as a `FidUnavailableError` saying which files to fetch and where to put them.
 """
 
 import importlib.util
 import urllib.error
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from zoo.errors import FidUnavailableError, FidUnsupportedError
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 # clean-fid loads the Inception weights from this folder (its fixed choice on Linux and macOS).
 INCEPTION_DIR = Path("/tmp")
 STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
+INSTALL_HINT = "FID needs clean-fid: `pip install clean-fid` (or `pip install -e '.[fid]'`)"
 
 
-class FidUnavailableError(RuntimeError):
-    """FID cannot be computed here: clean-fid is missing or its files cannot be downloaded."""
+@dataclass(frozen=True)
+class FidReference:
+    """Clean-fid's precomputed statistics of one dataset at one resolution and split."""
+
+    name: str
+    resolution: int
+    split: str
+
+    @property
+    def stats_file(self) -> str:
+        return f"{self.name}_clean_{self.split}_{self.resolution}.npz".lower()
+
+    def describe(self) -> str:
+        return f"{self.name} {self.split} statistics at {self.resolution} px"
+
+
+# zoo's datasets that clean-fid has reference statistics for: only CIFAR-10 (32 px; train, as the
+# predecessor and the MeanFlow paper report).  Clean-fid publishes none for Fashion-MNIST, the
+# digits, zoo's CelebA crops or ImageNet; the 2-D sets are no images.
+FID_REFERENCES = {"cifar10": FidReference("cifar10", 32, "train")}
+
+
+def fid_reference(dataset: str) -> FidReference:
+    if dataset not in FID_REFERENCES:
+        raise FidUnsupportedError(
+            f"--fid needs clean-fid reference statistics, which exist for {', '.join(sorted(FID_REFERENCES))} "
+            f"only, not for {dataset}; compare {dataset} models by the energy distance (zoo eval without --fid)"
+        )
+    return FID_REFERENCES[dataset]
 
 
 def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,6 +94,88 @@ def frechet_distance_of_features(features1: Tensor, features2: Tensor) -> float:
     return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
 
 
+@dataclass
+class FidBackend:
+    """What FID needs besides the generated images: the feature network and the reference statistics.
+
+    `features` maps images (B, 3, 299, 299) in [0, 255] (clean-fid's resized input) to (B, d).
+    """
+
+    features: Callable[[Tensor], Tensor | np.ndarray]
+    mu: np.ndarray
+    sigma: np.ndarray
+    reference: FidReference
+
+
+def cleanfid_stats_dir() -> Path:
+    spec = importlib.util.find_spec("cleanfid")
+    return Path(spec.origin).parent / "stats"
+
+
+def missing_files_message(reference: FidReference, reason: object) -> str:
+    stats = reference.stats_file
+    return (
+        f"FID could not download clean-fid's files ({reason}). Offline, fetch them on a machine with "
+        f"network and put them in place: {INCEPTION_URL} as {INCEPTION_DIR / 'inception-2015-12-05.pt'}, "
+        f"and {STATS_URL}/{stats} as {cleanfid_stats_dir() / stats}"
+    )
+
+
+def load_fid_backend(reference: FidReference, device: torch.device | str) -> FidBackend:
+    """Clean-fid's Inception network and `reference`'s statistics, downloaded now if missing.
+
+    Called before any image is generated: offline, FID fails at once, not after 50k samples.
+    """
+    if importlib.util.find_spec("cleanfid") is None:
+        raise FidUnavailableError(INSTALL_HINT)
+    from cleanfid import fid as cleanfid_fid
+
+    try:
+        features = cleanfid_fid.build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
+        mu, sigma = cleanfid_fid.get_reference_statistics(
+            reference.name, reference.resolution, mode="clean", model_name="inception_v3", seed=0,
+            split=reference.split,
+        )  # fmt: skip
+    except urllib.error.URLError as error:
+        raise FidUnavailableError(missing_files_message(reference, error.reason)) from error
+    return FidBackend(features, np.asarray(mu), np.asarray(sigma), reference)
+
+
+def to_pixels(images: Tensor) -> Tensor:
+    """Images in [-1, 1] as 3-channel [0, 255] pixel values, rounded to integers: the reference
+    statistics come from 8-bit images, so generated ones are quantised as a saved PNG would be."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
+def fid_of_generator(
+    backend: FidBackend,
+    generate_fn: Callable[[int], Tensor],
+    n: int,
+    batch_size: int,
+    device: torch.device | str,
+) -> float:
+    """FID of `n` images from `generate_fn(k)` (k images (k, C, H, W) in [-1, 1]) against the
+    backend's reference statistics, through clean-fid's resizing ("clean" mode)."""
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 images for a covariance, got {n}")
+    from cleanfid import fid as cleanfid_fid
+
+    def generator(z: Tensor) -> Tensor:
+        # clean-fid passes noise z (batch_size, z_dim) and expects exactly batch_size images in
+        # [0, 255]; ours draws its own noise (model-shaped, from the evaluation's seed).
+        return to_pixels(generate_fn(len(z)))
+
+    # z_dim=1: clean-fid's noise is unused, so keep it tiny.  It rounds n up to whole batches and
+    # keeps the first n feature rows.
+    features = cleanfid_fid.get_model_features(
+        generator, backend.features, mode="clean", z_dim=1, num_gen=n, batch_size=min(batch_size, n),
+        device=torch.device(device), verbose=False,
+    )  # fmt: skip
+    mu, cov = feature_statistics(torch.as_tensor(features))
+    return frechet_distance(mu, cov, torch.as_tensor(backend.mu), torch.as_tensor(backend.sigma))
+
+
 def compute_fid(
     generate_fn: Callable[[int], Tensor],
     dataset_name: str,
@@ -72,38 +187,5 @@ def compute_fid(
 ) -> float:
     """FID of `n` generated images against clean-fid's reference statistics
     (e.g. "cifar10", 32, "train").  `generate_fn(k)` returns k images (k, C, H, W) in [-1, 1]."""
-    if importlib.util.find_spec("cleanfid") is None:
-        raise FidUnavailableError("FID needs clean-fid: `pip install clean-fid` (or the zoo[fid] extra)")
-    from cleanfid import fid as cleanfid_fid
-
-    def generator(z: Tensor) -> Tensor:
-        # clean-fid passes its own noise z of shape (batch_size, z_dim) and expects exactly
-        # batch_size images in [0, 255]; our generator draws its own noise from the count.
-        images = generate_fn(len(z)).clamp(-1, 1)
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        return (images + 1) * 127.5
-
-    try:
-        return float(
-            cleanfid_fid.compute_fid(
-                gen=generator,
-                dataset_name=dataset_name,
-                dataset_res=resolution,
-                dataset_split=split,
-                mode="clean",
-                num_gen=n,
-                batch_size=batch_size,
-                device=torch.device(device),
-                use_dataparallel=False,
-                verbose=False,
-            )
-        )
-    except urllib.error.URLError as error:
-        stats_file = f"{dataset_name}_clean_{split}_{resolution}.npz".lower()
-        stats_dir = Path(cleanfid_fid.__file__).parent / "stats"
-        raise FidUnavailableError(
-            f"FID could not download its files ({error.reason}). Offline, put them in place first: "
-            f"the Inception weights {INCEPTION_URL} as {INCEPTION_DIR / 'inception-2015-12-05.pt'}, "
-            f"and the reference statistics {STATS_URL}/{stats_file} as {stats_dir / stats_file}."
-        ) from error
+    backend = load_fid_backend(FidReference(dataset_name, resolution, split), device)
+    return fid_of_generator(backend, generate_fn, n, batch_size, device)
