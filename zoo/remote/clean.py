@@ -115,7 +115,7 @@ def _evaluated_checkpoint(store: RunStore, folder: str, top_level: list[StoreEnt
 
 def _busy_reason(store: RunStore, folder: str, files: list[StoreEntry], now: float, live_window: float) -> str | None:
     heartbeat = _heartbeat(store, folder)
-    if heartbeat is not None and heartbeat.get("status") in ("finished", "failed"):
+    if heartbeat is not None and heartbeat.get("status") in ("finished", "failed", "interrupted"):
         return None  # its writer is done (a retry starting later says "running" again, and is re-checked)
     if is_live_writer(heartbeat, now, live_window):
         return f"still being written (heartbeat {format_duration(now - float(heartbeat['updated']))} ago)"

@@ -108,7 +108,7 @@ def run_status(
     started = float(heartbeat.get("started", updated))
     stop = stop_in_effect(stopped_at, submitted_at if submitted_at is not None else started)
     reported = heartbeat["status"]
-    ended = reported in ("finished", "failed")
+    ended = reported in ("finished", "failed", "interrupted")
     elapsed = (updated if ended else now) - started
     age = now - updated
 
@@ -132,6 +132,8 @@ def run_status(
         # A failure written after the stop is its consequence (the cancelled container's
         # supervisor records the interruption), not a cause to report.
         return status("stopped", f"stopped with `zoo modal stop` {format_duration(now - stop)} ago")
+    if reported == "interrupted":  # SIGINT/SIGTERM: saved its step and stopped (zoo.training.interrupts)
+        return status("stopped", heartbeat.get("message") or "interrupted")
     if reported == "failed":
         error = heartbeat.get("error") or "failed without an error message"
         if stop is not None and heartbeat.get("retrying"):  # the stop ended the retries

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from zoo.checkpoints import clean_state_dict, load_checkpoint, save_checkpoint
 from zoo.config.loading import ConfigError, check_batch_split, config_to_dict, config_to_toml
@@ -271,7 +272,7 @@ def choose_jvp_mode(state: TrainState, stored_mode: str | None, console: Console
         state.loss_fn = build_loss(state.cfg.loss.model_copy(update={"jvp": mode}))
         state.jvp_mode = mode
     if state.cfg.loss.kind == "meanflow" and distributed.is_main():
-        console.print(f"JVP mode: [bold]{mode}[/] ({reason})")
+        console.print(f"JVP mode: [bold]{mode}[/] ({escape(reason)})")
 
 
 def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
