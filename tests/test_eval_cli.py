@@ -2,7 +2,10 @@
 network and reference statistics of real digits injected), its errors before any sampling,
 --threads, --json checked first, the sample picture, and damaged checkpoints."""
 
+import contextlib
+import io
 import json
+import socket
 import urllib.error
 from pathlib import Path
 
@@ -140,6 +143,43 @@ def test_fid_unavailable_offline_is_one_line_before_any_sampling(digits_run, tmp
     assert line.startswith("error: FID could not download clean-fid's files (network unreachable)")
     assert "inception-2015-12-05.pt as /tmp/inception-2015-12-05.pt" in line and str(stats) in line
     assert "Traceback" not in result.output and sampled == [] and not out.exists()
+
+
+def test_a_download_cut_off_midway_leaves_no_partial_file(digits_run, tmp_path, monkeypatch):
+    """clean-fid writes straight into its target; a connection reset halfway left a file every
+    later --fid failed to load.  zoo removes what the failed download began."""
+    import cleanfid.downloads_helper as helper
+
+    inception = zoo_fid.INCEPTION_DIR / "inception-2015-12-05.pt"
+    if inception.exists():
+        pytest.skip("clean-fid's Inception weights are present here: nothing is downloaded")
+
+    class CutOff(io.RawIOBase):
+        sent = False
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            if self.sent:
+                raise ConnectionResetError("connection reset by peer")
+            self.sent = True
+            buffer[:4] = b"PK\x03\x04"
+            return 4
+
+    def cut_off(url, *args, **kwargs):
+        assert socket.getdefaulttimeout() == zoo_fid.DOWNLOAD_TIMEOUT_S  # no endless hang either
+        return contextlib.closing(io.BufferedReader(CutOff()))
+
+    monkeypatch.setattr(helper.urllib.request, "urlopen", cut_off)
+    monkeypatch.setitem(zoo_fid.FID_REFERENCES, "digits", FidReference("digits", 8, "train"))
+    try:
+        result = zoo("eval", digits_run, "--fid", "--json", tmp_path / "e.json", "--device", "cpu")
+        assert result.exit_code == 1, result.output
+        assert "ConnectionResetError: connection reset by peer" in " ".join(result.output.split())
+        assert not inception.exists() and socket.getdefaulttimeout() is None
+    finally:
+        inception.unlink(missing_ok=True)
 
 
 def test_fid_refuses_datasets_without_statistics_and_bad_options(digits_run, tmp_path):

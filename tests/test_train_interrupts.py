@@ -89,3 +89,37 @@ def test_a_signal_mid_run_saves_the_step_reached_and_says_how_to_resume(tmp_path
     final = json.loads((run_dir / "heartbeat.json").read_text())
     assert final["status"] == "finished" and final["step"] == step + 3
 
+
+
+def test_an_ignored_signal_stays_ignored_and_handlers_are_restored():
+    """A shell starts background jobs with SIGINT ignored; training must not take it back."""
+    from zoo.training.interrupts import StopSignals
+
+    before_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before_term = signal.getsignal(signal.SIGTERM)
+    try:
+        with StopSignals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not before_term  # zoo's handler
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before_term
+    finally:
+        signal.signal(signal.SIGINT, before_int)
+
+
+def test_under_torchrun_a_rank_stops_only_at_the_collective_check(monkeypatch):
+    """Between steps a rank must not raise on its own: another rank holding the same signal inside
+    its step would then wait for it in the next all-reduce."""
+    from zoo.training import distributed
+    from zoo.training.interrupts import StopRequested, StopSignals
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    asked = []
+    monkeypatch.setattr(distributed, "max_across_ranks", lambda value, device: asked.append(value) or value)
+    with StopSignals() as stops:
+        os.kill(os.getpid(), signal.SIGTERM)  # outside held(): a single process would stop here
+        time.sleep(0.05)
+        assert stops.signum == signal.SIGTERM
+        with pytest.raises(StopRequested):
+            stops.check("cpu")
+    assert asked == [signal.SIGTERM]

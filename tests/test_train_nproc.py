@@ -17,9 +17,12 @@ def fake_torchrun(monkeypatch, returncode: int) -> list[dict]:
     launched: list[dict] = []
 
     class Torchrun:
-        def __init__(self, command, env):
+        def __init__(self, command, env, start_new_session=False):
             config_path = Path(command[command.index("zoo_cli.distributed_entry") + 1])
-            launched.append({"command": command, "config_path": config_path, "config": json.loads(config_path.read_text())})
+            launched.append({
+                "command": command, "config_path": config_path, "config": json.loads(config_path.read_text()),
+                "own_session": start_new_session,
+            })  # fmt: skip
 
         def wait(self) -> int:
             return returncode
@@ -45,6 +48,9 @@ def test_the_config_file_for_torchrun_is_removed_after_it_returns(tmp_path, monk
     assert result.exit_code == 1
     (launch,) = launched
     assert launch["config"]["run_name"] == "r2" and not launch["config_path"].exists()
+    # Stopping ranks get time to save their step (torchrun's own default SIGKILLs after 30 s), and
+    # the terminal's Ctrl-C reaches the launcher alone, which passes it on once.
+    assert "--shutdown_timeout=300" in launch["command"] and launch["own_session"]
 
 
 def test_a_successful_launch_prints_the_runs_evaluation(tmp_path, monkeypatch):

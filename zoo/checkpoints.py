@@ -16,8 +16,9 @@ import platform
 import re
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -85,57 +86,67 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; `zoo ckpts` lists the runs and checkpoints there are")
-    # With a sidecar the file is read once into memory and hashed there, and torch loads from those
-    # bytes: no second read, and the bytes loaded are exactly the bytes checked.  The cost is the
-    # file's size in memory for a moment, as save_checkpoint's own buffer.
-    data = read_verified(path)
-    source = io.BytesIO(data) if data is not None else path
-    try:
-        payload = torch.load(source, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types (RuntimeError, OSError, KeyError, ...) for bad files
-        raise CheckpointError(f"{path} {unreadable_reason(path, data)}; {DAMAGED_FIX}") from exc
+    # One open file: hashed in chunks, then loaded from the same handle.  A save replaces the file
+    # by renaming a new one into place, which never changes an open file's bytes: what torch
+    # loads is exactly what was checked, in constant extra memory.
+    with verified_open(path) as source:
+        try:
+            payload = torch.load(source, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises many types (RuntimeError, OSError, KeyError, ...) for bad files
+            raise CheckpointError(f"{path} {unreadable_reason(source)}; {DAMAGED_FIX}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a zoo checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return payload
 
 
 DAMAGED_FIX = "download it again if it came from a remote run (`zoo ckpts download RUN/STEP`), or use one of the run's archived step_*.pt"
-# How long a load waits for a save in progress (see read_verified) to finish.
+# How long a load waits for a save in progress (see verified_open) to finish.
 SAVE_WAIT_S = 120.0
 
 
-def unreadable_reason(path: Path, data: bytes | None) -> str:
+def unreadable_reason(stream: BinaryIO) -> str:
     """Why torch could not read a file, in words (torch's own text runs to a paragraph)."""
-    size = len(data) if data is not None else path.stat().st_size
-    with path.open("rb") if data is None else contextlib.nullcontext(io.BytesIO(data)) as stream:
-        head = stream.read(4)
-        stream.seek(0)
-        is_zip = zipfile.is_zipfile(stream)
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(0)
+    head = stream.read(4)
+    stream.seek(0)
     if head != b"PK\x03\x04":
         return f"is not a checkpoint (a torch.save zip archive starts with PK, this file does not; {size} bytes)"
-    if not is_zip:
+    if not zipfile.is_zipfile(stream):
         return f"is truncated or damaged (its zip archive has no central directory; {size} bytes)"
     return f"is damaged (a zip archive whose contents torch cannot unpickle; {size} bytes)"
 
 
-def read_verified(path: Path) -> bytes | None:
-    """The checkpoint's bytes, checked against its sidecar; None when it has no sidecar.
+def file_digest(stream: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(1 << 24), b""):
+        digest.update(chunk)
+    stream.seek(0)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def verified_open(path: Path) -> Iterator[BinaryIO]:
+    """The checkpoint opened for reading, checked against its sidecar when it has one.
 
     save_checkpoint writes the sidecar first, then the checkpoint through a temporary file that is
     renamed into place.  A mismatch while that temporary file is being written is a save in
     progress (a run writing last.pt while it is sampled from), not damage: wait for the new file.
     """
     sidecar = checksum_path(path)
-    if not sidecar.is_file():
-        return None
     deadline = time.monotonic() + SAVE_WAIT_S
     while True:
+        handle = path.open("rb")
+        if not sidecar.is_file():
+            break
         expected = recorded_digest(sidecar)
-        before = path.stat()
-        data = path.read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
+        before = os.fstat(handle.fileno())
+        actual = file_digest(handle)
         if actual == expected:
-            return data
+            break
+        handle.close()
+        if recorded_digest(sidecar) != expected:  # the sidecar of a save that began meanwhile
+            continue
         saving = save_in_progress(path)
         if saving and wait_for_replacement(path, before, deadline):
             continue
@@ -148,6 +159,8 @@ def read_verified(path: Path) -> bytes | None:
             f"{path} does not match its checksum (sha256 {actual[:16]}..., {sidecar.name} records "
             f"{expected[:16]}...): {why}"
         )
+    with handle:
+        yield handle
 
 
 def save_in_progress(path: Path) -> bool:

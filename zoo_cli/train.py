@@ -4,7 +4,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -195,21 +194,22 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="zoo-torchrun-") as folder:
         config_path = Path(folder) / "config.json"
         config_path.write_text(json.dumps(config_to_dict(cfg)))
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "zoo_cli.distributed_entry", str(config_path), "--resume" if resume else "--fresh",
-        ]
+        from zoo.training import distributed
+
+        args = [str(config_path), "--resume" if resume else "--fresh"]
+        command = distributed.torchrun_command(nproc, "zoo_cli.distributed_entry", args)
         console.print(f"launching {nproc} processes: {' '.join(command)}")
-        process = subprocess.Popen(command, env=os.environ.copy())
+        # Its own session: a Ctrl-C in the terminal reaches only this process, which passes it on
+        # once, like a SIGTERM (timeout, a scheduler) or a kill aimed at this process alone.
+        # torchrun passes it to the ranks, which stop after the same step, save it, and rank 0
+        # prints how to resume.
+        process = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
         received: list[int] = []
 
         def forward(signum: int, frame: object) -> None:
-            # Ctrl-C reaches every process of the terminal's group by itself; SIGTERM (timeout, a
-            # scheduler) reaches only this one. torchrun passes either on to its processes, which
-            # stop after the same step, save it, and rank 0 prints how to resume.
-            received.append(signum)
-            if signum == signal.SIGTERM:
+            if not received:
                 process.send_signal(signum)
+            received.append(signum)
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -217,4 +217,5 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        return 128 + received[0] if received else returncode
+        # A run that finished although asked to stop (the signal came during its final records) succeeded.
+        return 128 + received[0] if received and returncode != 0 else returncode

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import socket
 import tarfile
 import tempfile
 import urllib.error
@@ -196,7 +197,8 @@ def prepare_fashion_mnist(root: Path, download: bool) -> Path:
         check_data_root(raw, "Fashion-MNIST is downloaded into data.root")
         with staging_folder(root) as staging:
             try:
-                tv_datasets().FashionMNIST(str(staging), train=True, download=True)
+                with socket_timeout(DOWNLOAD_TIMEOUT_S):  # torchvision's urlopen calls pass none
+                    tv_datasets().FashionMNIST(str(staging), train=True, download=True)
             except (OSError, RuntimeError) as exc:  # torchvision: RuntimeError once every mirror failed
                 raise DataNotFoundError(
                     f"could not download Fashion-MNIST ({download_reason(exc)}). Fix: `apt-get install "
@@ -210,6 +212,17 @@ def prepare_fashion_mnist(root: Path, download: bool) -> Path:
         f"{DEBIAN_FASHION_MNIST} (the same files .gz). Fix: `apt-get install dataset-fashion-mnist` "
         "(offline-friendly, real data), or set data.download=true to let torchvision download it."
     )
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds: float) -> Iterator[None]:
+    """A default timeout for sockets opened inside (a silent network fails instead of hanging)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def build_fashion_mnist(cfg: DataConfig, device: torch.device, seed: int, batch_size: int) -> TensorSource:

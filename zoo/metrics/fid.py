@@ -9,7 +9,9 @@ weights and the reference statistics) before anything is sampled; offline, that 
 as a `FidUnavailableError` saying which files to fetch and where to put them.
 """
 
+import http.client
 import importlib.util
+import socket
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 # clean-fid loads the Inception weights from this folder (its fixed choice on Linux and macOS).
 INCEPTION_DIR = Path("/tmp")
 STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
+# Seconds a silent network may stall a download before FID gives up (clean-fid sets none).
+DOWNLOAD_TIMEOUT_S = 60.0
 INSTALL_HINT = "FID needs clean-fid: `pip install clean-fid` (or `pip install -e '.[fid]'`)"
 
 
@@ -130,14 +134,25 @@ def load_fid_backend(reference: FidReference, device: torch.device | str) -> Fid
         raise FidUnavailableError(INSTALL_HINT)
     from cleanfid import fid as cleanfid_fid
 
+    # clean-fid downloads without a timeout and leaves a cut-off file in place, which every later
+    # run then fails to load: give its sockets a timeout, and remove what a failed download began.
+    downloads = [INCEPTION_DIR / "inception-2015-12-05.pt", cleanfid_stats_dir() / reference.stats_file]
+    absent = [path for path in downloads if not path.exists()]
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         features = cleanfid_fid.build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
         mu, sigma = cleanfid_fid.get_reference_statistics(
             reference.name, reference.resolution, mode="clean", model_name="inception_v3", seed=0,
             split=reference.split,
         )  # fmt: skip
-    except urllib.error.URLError as error:
-        raise FidUnavailableError(missing_files_message(reference, error.reason)) from error
+    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut-off bodies
+        for path in absent:
+            path.unlink(missing_ok=True)
+        reason = error.reason if isinstance(error, urllib.error.URLError) else f"{type(error).__name__}: {error}"
+        raise FidUnavailableError(missing_files_message(reference, reason)) from error
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     return FidBackend(features, np.asarray(mu), np.asarray(sigma), reference)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from zoo.errors import CheckpointError
 from zoo.remote.listing import checkpoint_step_from_name
 from zoo.remote.store import RunStore, StoreEntry
+from zoo.runs import atomic_write_text
 
 MAX_ATTEMPTS = 3
 
@@ -108,6 +109,7 @@ def download_checkpoint(
     except DownloadError:
         partial.unlink(missing_ok=True)
         raise
+    # The sidecar first, as save_checkpoint does: the new file never sits beside an old checksum.
+    atomic_write_text(dest.with_name(f"{dest.name}.sha256"), f"{digest}  {dest.name}\n")
     os.replace(partial, dest)
-    dest.with_name(f"{dest.name}.sha256").write_text(f"{digest}  {dest.name}\n")
     return DownloadResult(dest, received, digest, step)

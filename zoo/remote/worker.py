@@ -312,7 +312,7 @@ def _publish_progress(local_trackio: Path, volume_trackio: Path, commit: Callabl
         print(f"[zoo] warning: publishing progress failed ({type(exc).__name__}: {exc}); retrying later", flush=True)
 
 
-def _stop_child(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+def _stop_child(process: subprocess.Popen, grace_s: float = distributed.STOP_GRACE_S) -> None:
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)

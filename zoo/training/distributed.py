@@ -217,6 +217,10 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return {k: float(v) / world_size() for k, v in zip(keys, packed.tolist(), strict=True)}
 
 
+# Seconds a training process gets, after SIGTERM, to finish its step and save it before SIGKILL.
+STOP_GRACE_S = 300
+
+
 def torchrun_command(nproc: int, module: str, args: list[str], failures_file: Path | None = None) -> list[str]:
     """`python -m torch.distributed.run` with `nproc` processes on this machine running `-m module args`.
 
@@ -225,6 +229,8 @@ def torchrun_command(nproc: int, module: str, args: list[str], failures_file: Pa
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
+    # torchrun SIGKILLs its workers this long after passing a SIGINT/SIGTERM on (its default: 30 s);
+    # a stopping run first finishes its step and writes a checkpoint, which can take longer.
     launcher = ["torch.distributed.run"]
     if failures_file is not None:
         launcher = ["zoo.training.launch", "--failures-file", str(failures_file)]
@@ -234,6 +240,7 @@ def torchrun_command(nproc: int, module: str, args: list[str], failures_file: Pa
         *launcher,
         "--standalone",
         f"--nproc_per_node={nproc}",
+        f"--shutdown_timeout={STOP_GRACE_S}",
         "-m",
         module,
         *args,

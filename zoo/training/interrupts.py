@@ -39,11 +39,19 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._holding = False
+        # Under torchrun a rank never stops on its own, only in check(), which all ranks reach
+        # after the same step: a rank raising between steps while another held the signal would
+        # leave that one waiting in the next all-reduce.
+        self._only_at_check = distributed.world_size() > 1
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            for signum in SIGNALS:
+                # An ignored signal stays ignored (a shell starts background jobs with SIGINT
+                # ignored: `zoo train ... &` in a script must survive Ctrl-C on the script).
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -54,7 +62,7 @@ class StopSignals:
         if self.signum is not None:
             return  # already stopping
         self.signum = signum
-        if not self._holding:
+        if not self._holding and not self._only_at_check:
             raise StopRequested(signum)
 
     @contextlib.contextmanager

@@ -10,8 +10,8 @@ import json
 import math
 import shlex
 import sys
-import time
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,7 +451,8 @@ def start_and_train(
             train_loop(state, run, tracker, progress, main, stops)
             final_report = run_evaluation(state, run, final=True, progress=progress) if main else None
         if main:
-            finish_run(state, run, tracker, final_report, command, console)
+            with stops.held():  # finished is finished: a late signal must not turn it into "interrupted"
+                finish_run(state, run, tracker, final_report, command, console)
     except StopRequested as stop:
         message = stop_run(state, run, stop.signum) if main else "interrupted"
         raise RunInterrupted(message, stop.signum) from None
@@ -460,7 +461,8 @@ def start_and_train(
             run.write_heartbeat(status="failed", error=f"{type(exc).__name__}: {exc}", step=state.step)
         raise
     finally:
-        tracker.finish()
+        with stops.held():
+            tracker.finish()
     return run
 
 
