@@ -91,6 +91,22 @@ def test_a_signal_mid_run_saves_the_step_reached_and_says_how_to_resume(tmp_path
 
 
 
+def test_sigterm_to_the_nproc_launcher_stops_every_rank_after_the_same_step(tmp_path):
+    """`zoo train --nproc 2`: a SIGTERM aimed at the launcher alone (a scheduler, `timeout`) reaches
+    both ranks through torchrun; they stop after one step, rank 0 saves it and says how to resume."""
+    run_dir = tmp_path / "outputs" / "ddp"
+    process = start(tmp_path, "ddp", "--steps", "100000", "--nproc", "2")
+    wait_for_step(run_dir / "heartbeat.json", 3, process, timeout=180)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    heartbeat = json.loads((run_dir / "heartbeat.json").read_text())
+    step = heartbeat["step"]
+    assert heartbeat["status"] == "interrupted" and step >= 3
+    assert load_checkpoint(run_dir / "last.pt")["step"] == step == heartbeat["checkpoint_step"]
+    assert f"interrupted by SIGTERM at step {step}, last checkpoint at step {step}" in " ".join(err.split())
+
+
 def test_an_ignored_signal_stays_ignored_and_handlers_are_restored():
     """A shell starts background jobs with SIGINT ignored; training must not take it back."""
     from zoo.training.interrupts import StopSignals

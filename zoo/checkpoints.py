@@ -137,30 +137,45 @@ def verified_open(path: Path) -> Iterator[BinaryIO]:
     deadline = time.monotonic() + SAVE_WAIT_S
     while True:
         handle = path.open("rb")
-        if not sidecar.is_file():
-            break
-        expected = recorded_digest(sidecar)
-        before = os.fstat(handle.fileno())
-        actual = file_digest(handle)
-        if actual == expected:
+        try:
+            mismatch = None if not sidecar.is_file() else checksum_mismatch(path, handle, sidecar, deadline)
+        except BaseException:
+            handle.close()
+            raise
+        if mismatch is None:
             break
         handle.close()
-        if recorded_digest(sidecar) != expected:  # the sidecar of a save that began meanwhile
+        if mismatch == "retry":
             continue
-        saving = save_in_progress(path)
-        if saving and wait_for_replacement(path, before, deadline):
-            continue
-        why = (
-            f"a save is still writing it after {SAVE_WAIT_S:g} s; try again when the run has saved"
-            if saving
-            else f"the file is damaged; {DAMAGED_FIX}"
-        )
-        raise CheckpointError(
-            f"{path} does not match its checksum (sha256 {actual[:16]}..., {sidecar.name} records "
-            f"{expected[:16]}...): {why}"
-        )
+        raise CheckpointError(mismatch)
     with handle:
         yield handle
+
+
+def checksum_mismatch(path: Path, handle: BinaryIO, sidecar: Path, deadline: float) -> str | None:
+    """None when the open file matches its sidecar; "retry" when a save replaced it meanwhile (or is
+    replacing it before `deadline`); else the error message."""
+    expected = recorded_digest(sidecar)
+    before = os.fstat(handle.fileno())
+    actual = file_digest(handle)
+    if actual == expected:
+        return None
+    if time.monotonic() < deadline:
+        # A save renamed a new file into place while this one was hashed (the sidecar is written
+        # first, so an old file can meet a new sidecar), or is about to.
+        if path.stat().st_ino != before.st_ino or recorded_digest(sidecar) != expected:
+            return "retry"
+        if save_in_progress(path) and wait_for_replacement(path, before, deadline):
+            return "retry"
+    why = (
+        f"a save is still writing it after {SAVE_WAIT_S:g} s; try again when the run has saved"
+        if save_in_progress(path)
+        else f"the file is damaged; {DAMAGED_FIX}"
+    )
+    return (
+        f"{path} does not match its checksum (sha256 {actual[:16]}..., {sidecar.name} records "
+        f"{expected[:16]}...): {why}"
+    )
 
 
 def save_in_progress(path: Path) -> bool:

@@ -200,22 +200,31 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
         command = distributed.torchrun_command(nproc, "zoo_cli.distributed_entry", args)
         console.print(f"launching {nproc} processes: {' '.join(command)}")
         # Its own session: a Ctrl-C in the terminal reaches only this process, which passes it on
-        # once, like a SIGTERM (timeout, a scheduler) or a kill aimed at this process alone.
-        # torchrun passes it to the ranks, which stop after the same step, save it, and rank 0
-        # prints how to resume.
-        process = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
+        # once, like a SIGTERM (timeout, a scheduler) or a kill aimed at this process alone, and a
+        # hang-up (closed terminal or ssh) as SIGTERM.  torchrun passes it to the ranks, which stop
+        # after the same step, save it, and rank 0 prints how to resume.
         received: list[int] = []
+        processes: list[subprocess.Popen] = []
 
         def forward(signum: int, frame: object) -> None:
-            if not received:
-                process.send_signal(signum)
+            if not received and processes:
+                processes[0].send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
             received.append(signum)
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        # An ignored signal stays ignored (`zoo train --nproc 2 &` in a script survives its Ctrl-C).
+        caught = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+        previous = {s: signal.signal(s, forward) for s in caught}
         try:
-            returncode = process.wait()
+            processes.append(subprocess.Popen(command, env=os.environ.copy(), start_new_session=True))
+            if received:  # arrived while starting
+                processes[0].send_signal(signal.SIGTERM if received[0] == signal.SIGHUP else received[0])
+            returncode = processes[0].wait()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        # A run that finished although asked to stop (the signal came during its final records) succeeded.
-        return 128 + received[0] if received and returncode != 0 else returncode
+        if not received:
+            return returncode
+        # torchrun exits 1 whenever it was signalled, whatever its ranks did: the run's heartbeat
+        # says whether it finished anyway (the signal came during its final records).
+        heartbeat = RunDir(Path(cfg.output_dir) / cfg.run_name).read_heartbeat() or {}
+        return 0 if heartbeat.get("status") == "finished" else 128 + received[0]

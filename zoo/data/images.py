@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import socket
 import tarfile
 import tempfile
 import urllib.error
@@ -29,6 +28,7 @@ import torch
 
 from zoo.config.schema import DataConfig
 from zoo.errors import DataNotFoundError, OutputPathError
+from zoo.network import socket_timeout
 from zoo.output_paths import check_writable_dir
 from zoo.data.sources import CenterCropResize, ImageFiles, LoaderSource, Split, TensorSource, limit_train
 
@@ -212,17 +212,6 @@ def prepare_fashion_mnist(root: Path, download: bool) -> Path:
         f"{DEBIAN_FASHION_MNIST} (the same files .gz). Fix: `apt-get install dataset-fashion-mnist` "
         "(offline-friendly, real data), or set data.download=true to let torchvision download it."
     )
-
-
-@contextlib.contextmanager
-def socket_timeout(seconds: float) -> Iterator[None]:
-    """A default timeout for sockets opened inside (a silent network fails instead of hanging)."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def build_fashion_mnist(cfg: DataConfig, device: torch.device, seed: int, batch_size: int) -> TensorSource:

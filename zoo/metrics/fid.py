@@ -11,7 +11,6 @@ as a `FidUnavailableError` saying which files to fetch and where to put them.
 
 import http.client
 import importlib.util
-import socket
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from zoo.errors import FidUnavailableError, FidUnsupportedError
+from zoo.network import socket_timeout
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 # clean-fid loads the Inception weights from this folder (its fixed choice on Linux and macOS).
@@ -138,21 +138,20 @@ def load_fid_backend(reference: FidReference, device: torch.device | str) -> Fid
     # run then fails to load: give its sockets a timeout, and remove what a failed download began.
     downloads = [INCEPTION_DIR / "inception-2015-12-05.pt", cleanfid_stats_dir() / reference.stats_file]
     absent = [path for path in downloads if not path.exists()]
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        features = cleanfid_fid.build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
-        mu, sigma = cleanfid_fid.get_reference_statistics(
-            reference.name, reference.resolution, mode="clean", model_name="inception_v3", seed=0,
-            split=reference.split,
-        )  # fmt: skip
-    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut-off bodies
+        with socket_timeout(DOWNLOAD_TIMEOUT_S):
+            features = cleanfid_fid.build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
+            mu, sigma = cleanfid_fid.get_reference_statistics(
+                reference.name, reference.resolution, mode="clean", model_name="inception_v3", seed=0,
+                split=reference.split,
+            )  # fmt: skip
+    except BaseException as error:  # Ctrl-C cuts a download off as surely as the network does
         for path in absent:
             path.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, http.client.HTTPException)):  # URLError, timeouts, resets, cut-off bodies
+            raise
         reason = error.reason if isinstance(error, urllib.error.URLError) else f"{type(error).__name__}: {error}"
         raise FidUnavailableError(missing_files_message(reference, reason)) from error
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
     return FidBackend(features, np.asarray(mu), np.asarray(sigma), reference)
 
 

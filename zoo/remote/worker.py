@@ -312,7 +312,13 @@ def _publish_progress(local_trackio: Path, volume_trackio: Path, commit: Callabl
         print(f"[zoo] warning: publishing progress failed ({type(exc).__name__}: {exc}); retrying later", flush=True)
 
 
-def _stop_child(process: subprocess.Popen, grace_s: float = distributed.STOP_GRACE_S) -> None:
+# Below Modal's own grace after it signals the container (about 30 s), so that the supervisor
+# still marks, snapshots and commits what the child wrote; a local `zoo train` gives its ranks
+# distributed.STOP_GRACE_S instead.
+CHILD_STOP_GRACE_S = 25.0
+
+
+def _stop_child(process: subprocess.Popen, grace_s: float = CHILD_STOP_GRACE_S) -> None:
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)

@@ -2,9 +2,11 @@
 
 A signal that arrives during a training step (or while a checkpoint is being written) is held
 until the step is complete, so the run can stop on a checkpoint of a whole step; at any other
-time (calibration, evaluation) it stops at once: those never change the training state.  Under
-torchrun every rank asks the others after each step, so all of them stop after the same step
-(a rank that stopped alone would leave the others waiting in the next all-reduce).
+time (calibration, evaluation) a single process stops at once: those never change the training
+state.  Under torchrun a rank never stops on its own while the ranks work together: they ask each
+other once before the run folder is written and after each step, so all of them stop at the same
+point (a rank that stopped alone would leave the others waiting in the next all-reduce); after the
+loop, where rank 0 alone evaluates, it stops at once again (act_alone).
 
 Further signals while stopping are ignored, so that a second Ctrl-C, or torchrun passing the
 terminal's signal on to its processes, cannot cut the final checkpoint short; SIGKILL still ends
@@ -73,6 +75,13 @@ class StopSignals:
             yield
         finally:
             self._holding = False
+
+    def act_alone(self) -> None:
+        """From here each rank works alone (rank 0's final evaluation): stop at once again,
+        first on a signal that arrived since the last check."""
+        self._only_at_check = False
+        if self.signum is not None:
+            raise StopRequested(self.signum)
 
     def check(self, device: torch.device) -> None:
         """After a step: stop if any rank was asked to (a collective under torchrun: every rank calls it)."""

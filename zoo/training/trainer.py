@@ -432,6 +432,7 @@ def start_and_train(
                 "(seconds for small models, minutes for large ones)"
             )
     plan = fit_batch_in_memory(state, console)
+    stops.check(device)  # a signal during calibration or the probe: stop now, before the folder is written
     config_dict = config_to_dict(cfg)
     tracker: Tracker = make_tracker(
         cfg.tracking.enabled and main, cfg.tracking.project, cfg.run_name, config_dict, resume
@@ -449,6 +450,7 @@ def start_and_train(
     try:
         with TrainProgress(console, cfg.train.steps, state.step, enabled=main) as progress:
             train_loop(state, run, tracker, progress, main, stops)
+            stops.act_alone()
             final_report = run_evaluation(state, run, final=True, progress=progress) if main else None
         if main:
             with stops.held():  # finished is finished: a late signal must not turn it into "interrupted"
