@@ -218,6 +218,8 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
 
 
 # Seconds a training process gets, after SIGTERM, to finish its step and save it before SIGKILL.
+# The price: when one rank crashes, torchrun gives the survivors the same time, and under NCCL they
+# wait for the dead peer in their next all-reduce until it runs out (gloo notices at once).
 STOP_GRACE_S = 300
 
 
