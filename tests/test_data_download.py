@@ -5,11 +5,11 @@ local port or a file:// archive built here."""
 import hashlib
 import io
 import pickle
-import socket
 import tarfile
 from pathlib import Path
 
 import pytest
+from test_remote_fixtures import closed_port
 from typer.testing import CliRunner
 
 from zoo.config.schema import DataConfig
@@ -26,10 +26,7 @@ def flat(text: str) -> str:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"  # refused: the socket is closed again
+    return f"http://127.0.0.1:{closed_port()}/cifar-10-python.tar.gz"  # refused: nothing listens there
 
 
 def fake_cifar_archive(path: Path) -> str:

@@ -2,13 +2,12 @@
 listings say what they left out, names stay whole in tables, a missing --outputs is an error."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from rich.console import Console
-from test_remote_fixtures import REPO, write_run
+from test_remote_fixtures import REPO, offline_modal, write_run
 from typer.testing import CliRunner
 
 from zoo.remote.listing import list_local_runs
@@ -23,21 +22,10 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def no_modal(tmp_path, monkeypatch):
     """No token anywhere, and a Modal server that refuses connections (nothing reaches the network)."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / ".modal.toml"))
-    monkeypatch.setenv("MODAL_SERVER_URL", f"http://127.0.0.1:{closed_port()}")
-    for key in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)
+    offline_modal(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(

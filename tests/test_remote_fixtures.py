@@ -6,6 +6,7 @@ subprocess with its own TRACKIO_DIR, and read back through trackio's own CLI.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -131,3 +132,20 @@ def test_fixtures_write_what_zoo_train_writes(tmp_path):
         "step_0000020.pt.sha256",
     ]
     assert torch.load(run.last, weights_only=True)["step"] == 20
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when the block ends: connections are refused
+
+
+def offline_modal(home: Path, monkeypatch) -> None:
+    """A home without ~/.modal.toml, no token variables, and a Modal server that refuses
+    connections (nothing reaches the network); the working folder is `home`."""
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MODAL_CONFIG_PATH", str(home / ".modal.toml"))
+    monkeypatch.setenv("MODAL_SERVER_URL", f"http://127.0.0.1:{closed_port()}")
+    for key in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(home)

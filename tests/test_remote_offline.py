@@ -7,7 +7,7 @@ import time
 
 import pytest
 import typer
-from test_remote_fixtures import write_run
+from test_remote_fixtures import offline_modal, write_run
 from typer.testing import CliRunner
 
 from zoo.remote.credentials import ModalUnavailable, check_reachable, ensure_modal_ready, token_source
@@ -32,21 +32,10 @@ def cli() -> typer.Typer:
     return zoo_app
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again when the block ends: connections are refused
-
-
 @pytest.fixture(autouse=True)
 def no_modal(tmp_path, monkeypatch):
     """A home without ~/.modal.toml, no token variables, and a Modal server that refuses connections."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / ".modal.toml"))
-    monkeypatch.setenv("MODAL_SERVER_URL", f"http://127.0.0.1:{closed_port()}")
-    for key in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)
+    offline_modal(tmp_path, monkeypatch)
 
 
 def flat(text: str) -> str:
