@@ -90,3 +90,15 @@ def test_threads_sets_torchs_cpu_threads(workdir, run):
     finally:
         torch.set_num_threads(before)
     assert "--threads" in zoo("sample", "--help").output
+
+
+def test_solver_meanflow_is_the_jump_sampler_and_refused_for_flow_matching(workdir, run, tmp_path):
+    result = zoo("sample", run, "--solver", "meanflow", "--nfe", "2", "--n", "8", "--out", "m.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert int(np.load(workdir / "m.npz")["nfe"]) == 2
+    outputs = tmp_path / "fm-outputs"
+    trained = zoo("train", "moons", *TINY_RUN, f"output_dir={outputs}", "--steps", "5", "--run-name", "f", "loss.kind=flow_matching")
+    assert trained.exit_code == 0, trained.output
+    result = zoo("sample", outputs / "f", "--solver", "meanflow", "--n", "8", "--out", "f.png", "--device", "cpu")
+    assert result.exit_code == 2 and "need a MeanFlow model" in flat(result.output)
+    assert not (workdir / "f.png").exists()

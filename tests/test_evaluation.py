@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from zoo.config import load_config
-from zoo.evaluation import Method, default_methods, evaluate
+from zoo.evaluation import Method, default_methods, evaluate, headline_method, pick_method
 from zoo.training.trainer import build_state, train_step
 
 
@@ -46,3 +47,23 @@ def test_default_methods_skip_nfe_a_solver_cannot_take():
     assert ("heun", 25, 50) in labels and ("rk4", 2, 8) in labels
     assert not any(kind == "rk4" and nfe in (2, 50) for kind, _, nfe in labels)
     assert not any(kind == "meanflow" for kind, *_ in {(m.kind, m.steps, m.nfe) for m in default_methods(cfg.eval, meanflow=False)})
+
+
+def test_headline_method_follows_the_run_and_rounds_up_to_whole_solver_steps():
+    cfg = load_config("moons", ["eval.solvers=[\"rk4\", \"euler\"]", "eval.solver_nfe=[2, 8, 50]"])
+    assert headline_method(cfg.eval, meanflow=True) == Method("meanflow", 1, 1)
+    # flow matching: the run's first solver at its largest NFE; 50 is no multiple of rk4's 4 calls
+    assert headline_method(cfg.eval, meanflow=False) == Method("rk4", 13, 52)
+    assert headline_method(cfg.eval, meanflow=True, solver="heun") == Method("heun", 25, 50)
+    assert headline_method(cfg.eval, meanflow=True, nfe=2) == Method("meanflow", 2, 2)
+    # an NFE the user typed is taken as given, never rounded
+    with pytest.raises(ValueError, match="multiple of 4; got 50"):
+        headline_method(cfg.eval, meanflow=False, nfe=50)
+    with pytest.raises(ValueError, match="need a MeanFlow model"):
+        headline_method(cfg.eval, meanflow=False, solver="meanflow")
+
+
+def test_pick_method_defaults_are_the_callers():
+    assert pick_method(False, None, None, "heun", 7) == Method("heun", 4, 8)
+    assert pick_method(True, "meanflow", 4, "euler", 50) == Method("meanflow", 4, 4)
+    assert pick_method(True, "midpoint", None, "euler", 50) == Method("midpoint", 25, 50)

@@ -107,20 +107,28 @@ def default_methods(cfg: EvalConfig, meanflow: bool) -> list[Method]:
     return methods
 
 
-def headline_method(cfg: EvalConfig, meanflow: bool, solver: str | None = None, nfe: int | None = None) -> Method:
-    """The one sampler a single number (FID, a picture) is reported for, as `zoo sample` picks:
-    MeanFlow jumps (default 1 NFE) for a MeanFlow model unless `solver` is given; otherwise the
-    ODE solver (default: the first of eval.solvers, else euler) at `nfe` (default: the largest
-    of eval.solver_nfe).  A bad solver name or NFE is a ValueError naming the fix."""
+def pick_method(meanflow: bool, solver: str | None, nfe: int | None, default_solver: str, default_nfe: int) -> Method:
+    """One sampler from what the user asked for: MeanFlow jumps (default 1 NFE) for a MeanFlow
+    model unless an ODE `solver` is given; otherwise `solver` (default `default_solver`) at `nfe`
+    evaluations (default `default_nfe`, rounded up to a multiple of the solver's calls per step,
+    e.g. rk4 50 -> 52).  A bad solver name or NFE is a ValueError naming the fix."""
     if solver in (None, "meanflow") and meanflow:
         steps = nfe or 1
         return Method("meanflow", steps, steps)
     if solver == "meanflow":
         raise ValueError("MeanFlow jumps need a MeanFlow model; this one was trained by flow matching: pick an ODE solver")
-    name = solver or (cfg.solvers[0] if cfg.solvers else "euler")
-    ode = get_solver(name)
-    nfe = nfe or max(cfg.solver_nfe)
-    return Method(name, steps_for_nfe(ode, nfe), nfe)
+    ode = get_solver(solver or default_solver)
+    if nfe is None:
+        nfe = -(-default_nfe // ode.calls_per_step) * ode.calls_per_step
+    return Method(ode.name, steps_for_nfe(ode, nfe), nfe)
+
+
+def headline_method(cfg: EvalConfig, meanflow: bool, solver: str | None = None, nfe: int | None = None) -> Method:
+    """The one sampler a single number (FID) or a picture is reported for, in `zoo eval` and in
+    training's sample grids: the run's first eval solver (else euler) at its largest
+    eval.solver_nfe, unless the model is a MeanFlow model or `solver`/`nfe` say otherwise."""
+    default_solver = cfg.solvers[0] if cfg.solvers else "euler"
+    return pick_method(meanflow, solver, nfe, default_solver, max(cfg.solver_nfe))
 
 
 def no_progress() -> None:

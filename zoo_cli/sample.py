@@ -1,7 +1,6 @@
 """`zoo sample CKPT --nfe K --n 64 --out FILE`: a picture and an .npz of generated samples."""
 
 import io
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -23,27 +22,13 @@ console = make_console()
 DEFAULT_ODE_NFE = 50
 
 
-def ode_nfe(solver_name: str, nfe: int | None) -> int:
-    from zoo.solvers.ode import get_solver
-
-    if nfe is not None:
-        return nfe
-    calls = get_solver(solver_name).calls_per_step
-    return math.ceil(DEFAULT_ODE_NFE / calls) * calls
-
-
 def choose_method(meanflow: bool, nfe: int | None, solver: str | None) -> "Method":
     """MeanFlow models take NFE jumps (default 1); flow-matching models (or --solver) integrate
-    the ODE (default NFE: DEFAULT_ODE_NFE)."""
-    from zoo.evaluation import Method
-    from zoo.solvers.ode import get_solver, steps_for_nfe
+    the ODE (default solver euler, default NFE: DEFAULT_ODE_NFE)."""
+    from zoo.evaluation import pick_method
 
-    if solver is None and meanflow:
-        return Method("meanflow", nfe or 1, nfe or 1)
-    name = solver or "euler"
     try:
-        total = ode_nfe(name, nfe)
-        return Method(name, steps_for_nfe(get_solver(name), total), total)
+        return pick_method(meanflow, solver, nfe, "euler", DEFAULT_ODE_NFE)
     except ValueError as exc:
         raise fail(str(exc)) from None
 
@@ -58,7 +43,7 @@ def sample(
     nfe: Annotated[int | None, typer.Option(min=1, help=f"network evaluations (default: 1 = one-step MeanFlow; {DEFAULT_ODE_NFE} when integrating the ODE, rounded up to the solver's calls per step, e.g. rk4 52)")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="number of samples")] = 64,
     out: Annotated[Path | None, typer.Option(help="PNG to write (an .npz of the samples goes beside it)")] = None,
-    solver: Annotated[str | None, typer.Option(help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps")] = None,
+    solver: Annotated[str | None, typer.Option(help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps (meanflow: the jumps)")] = None,
     label: Annotated[int | None, typer.Option("--class", help="class label for class-conditional models")] = None,
     guidance: Annotated[float, typer.Option(min=0.0, help="classifier-free guidance scale (1 = none)")] = 1.0,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
@@ -70,8 +55,8 @@ def sample(
     checkpoint = resolve_checkpoint_path(checkpoint)
     with user_errors():
         # Everything the user typed is checked before the checkpoint is read and the samples drawn.
-        if solver is not None:
-            choose_method(False, nfe, solver)
+        if solver not in (None, "meanflow"):
+            choose_method(False, nfe, solver)  # a bad solver or NFE, before the checkpoint is read
         if out is not None:
             if out.suffix.lower() != ".png":
                 raise fail(f"--out must end in .png, got {out}")

@@ -8,14 +8,10 @@ import torch
 
 from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource
-from zoo.evaluation import Method, draw_noise_and_labels, generate, no_progress
+from zoo.evaluation import draw_noise_and_labels, generate, headline_method, no_progress
 from zoo.models.base import FlowModel
 from zoo.plotting import save_image_grid, save_loss_curve, save_scatter
 from zoo.runs import RunDir
-
-
-def headline_method(meanflow: bool) -> Method:
-    return Method("meanflow", 1, 1) if meanflow else Method("euler", 50, 50)
 
 
 @torch.no_grad()
@@ -30,7 +26,7 @@ def save_samples(
     """Write the picture for the headline sampler; returns it as an image array and a caption.
 
     `on_batch` is called after each sampled batch (see zoo.evaluation.generate)."""
-    method = headline_method(meanflow)
+    method = headline_method(cfg.eval, meanflow)  # the sampler `zoo eval` pictures and scores by FID
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
