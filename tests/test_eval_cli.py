@@ -193,6 +193,33 @@ def test_fid_refuses_datasets_without_statistics_and_bad_options(digits_run, tmp
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "option, value", [("--fid-n", 50_000), ("--fid-solver", "meanflow"), ("--fid-nfe", 1), ("--fid-batch-size", 50)]
+)
+def test_an_fid_option_without_fid_is_a_usage_error_even_at_its_default_value(digits_run, tmp_path, option, value):
+    result = zoo("eval", digits_run, option, value, "--json", tmp_path / "e.json", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    line = " ".join(result.output.split())
+    assert f"{option} given without --fid" in line and "add --fid" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_fid_puts_a_training_model_back_in_training_mode_when_it_fails(digits_run):
+    """Sampled in eval mode (no dropout), and back in the caller's mode however FID ends."""
+    loaded = load_model(digits_run, torch.device("cpu"))
+    model = loaded.model.train()
+    modes = []
+
+    def failing_features(batch):
+        modes.append(model.training)
+        raise RuntimeError("the feature network failed")
+
+    backend = FidBackend(failing_features, np.zeros(16), np.eye(16), FidReference("digits", 8, "train"))
+    with pytest.raises(RuntimeError, match="the feature network failed"):
+        evaluation.evaluate_fid(model, evaluation.Method("meanflow", 1, 1), backend, 8, 4, loaded.cfg.eval.guidance)
+    assert modes == [False] and model.training
+
+
 def test_missing_clean_fid_says_how_to_install(digits_run, tmp_path, monkeypatch):
     real_find_spec = zoo_fid.importlib.util.find_spec
     monkeypatch.setattr(zoo_fid.importlib.util, "find_spec", lambda name: None if name == "cleanfid" else real_find_spec(name))

@@ -1,9 +1,12 @@
 """SIGTERM and Ctrl-C (SIGINT) during `zoo train`: a real process, a real signal mid-run.
 
 It must stop after a whole step with a checkpoint of that step, mark the heartbeat, print one
-line saying how to resume, and exit 128 + the signal; resuming then continues the run.
+line saying how to resume, and exit 128 + the signal; resuming then continues the run.  A stop
+held for the step in progress is said at once, and a second Ctrl-C is acknowledged.  A resumed
+run logs what an uninterrupted one would have: the same loss averages, the same evaluations.
 """
 
+import io
 import json
 import os
 import signal
@@ -13,8 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from tiny_runs import TINY_RUN
 
-from zoo.checkpoints import load_checkpoint
+from zoo.checkpoints import load_checkpoint, save_checkpoint
+from zoo.config.loading import load_config
+from zoo.runs import RunInterrupted
+from zoo.training import trainer
 
 ZOO = str(Path(sys.executable).parent / "zoo")
 # Far more steps than it will run; checkpoints only at the end (so the one found after the
@@ -139,3 +147,131 @@ def test_under_torchrun_a_rank_stops_only_at_the_collective_check(monkeypatch):
         with pytest.raises(StopRequested):
             stops.check("cpu")
     assert asked == [signal.SIGTERM]
+
+
+# --- in process: a real signal sent at a chosen point of a tiny run ----------------------------
+
+
+def tiny_config(tmp_path: Path, name: str, *extra: str):
+    return load_config(
+        "moons", [*TINY_RUN, "tracking.enabled=false", f"run_name={name}", f"output_dir={tmp_path / 'outputs'}", *extra]
+    )
+
+
+def signal_during_step(monkeypatch, at_step: int, then=lambda: None) -> None:
+    """SIGINT to this process while step `at_step` runs (inside StopSignals.held), then `then()`."""
+    step = trainer.train_step
+
+    def step_and_signal(state):
+        metrics = step(state)
+        if state.step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+            then()
+        return metrics
+
+    monkeypatch.setattr(trainer, "train_step", step_and_signal)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_bar_says_at_once_that_the_run_stops_after_the_step_and_acknowledges_a_second_ctrl_c(tmp_path, monkeypatch, capfd):
+    """The notice is drawn by the bar's own thread while the (here: slow) step is still running."""
+    screen = io.StringIO()
+    seen = []
+
+    def look_twice():
+        time.sleep(0.5)  # a long step: rich redraws about ten times a second meanwhile
+        seen.append(" ".join(screen.getvalue().split()))
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        seen.append(" ".join(screen.getvalue().split()))
+
+    signal_during_step(monkeypatch, 3, then=look_twice)
+    terminal = Console(file=screen, force_terminal=True, color_system=None, width=250)
+    with pytest.raises(RunInterrupted, match="interrupted by SIGINT at step 3, last checkpoint at step 3"):
+        trainer.train_run(tiny_config(tmp_path, "bar", "train.steps=50"), console=terminal)
+    assert "stopping after this step — saving a checkpoint" in seen[0] and "ignored" not in seen[0]
+    assert f"Ctrl-C again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once" in seen[1]
+    assert capfd.readouterr().err == ""  # the handler wrote nothing through the live bar
+    assert load_checkpoint(tmp_path / "outputs" / "bar" / "last.pt")["step"] == 3
+
+
+def test_without_a_terminal_a_held_stop_is_one_plain_line_at_once(tmp_path, monkeypatch, capfd):
+    lines = []
+    signal_during_step(monkeypatch, 3, then=lambda: lines.append(capfd.readouterr().err))
+    with pytest.raises(RunInterrupted):
+        trainer.train_run(tiny_config(tmp_path, "log", "train.steps=50"), console=Console(file=io.StringIO()))
+    assert lines == ["stopping after this step — saving a checkpoint\n"]
+
+
+def test_a_run_resumed_between_two_log_steps_logs_the_loss_average_of_one_that_never_stopped(tmp_path, monkeypatch):
+    """train/loss_avg averages the losses since the last record: those before the stop count too."""
+    trainer.train_run(tiny_config(tmp_path, "straight", "train.steps=15"))
+    signal_during_step(monkeypatch, 7)  # records every 5 steps (TINY_RUN): two losses pending
+    with pytest.raises(RunInterrupted):
+        trainer.train_run(tiny_config(tmp_path, "split", "train.steps=15"))
+    monkeypatch.undo()
+    trainer.train_run(tiny_config(tmp_path, "split", "train.steps=15"), resume=True)
+
+    def averages(name):
+        return {r["step"]: r["train/loss_avg"] for r in records(tmp_path / "outputs" / name) if "train/loss_avg" in r}
+
+    straight, split = averages("straight"), averages("split")
+    assert sorted(straight) == sorted(split) == [5, 10, 15]
+    for step in straight:
+        assert split[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+
+
+def test_a_checkpoint_without_a_loss_window_still_resumes(tmp_path, monkeypatch):
+    """Checkpoints written before the window was stored: the resumed run starts an empty one."""
+    signal_during_step(monkeypatch, 7)
+    with pytest.raises(RunInterrupted):
+        trainer.train_run(tiny_config(tmp_path, "old", "train.steps=10"))
+    monkeypatch.undo()
+    last = tmp_path / "outputs" / "old" / "last.pt"
+    payload = load_checkpoint(last)
+    del payload["loss_window"]
+    save_checkpoint(last, payload)
+    trainer.train_run(tiny_config(tmp_path, "old", "train.steps=10"), resume=True)
+    assert [r["step"] for r in records(last.parent) if "train/loss_avg" in r] == [5, 10]
+
+
+@pytest.mark.parametrize("during", ["the step", "its evaluation"])
+def test_an_evaluation_step_stopped_before_its_evaluation_completed_is_evaluated_on_resume(tmp_path, monkeypatch, during):
+    """Stopped in step 5 (held: it stops after the step, before its evaluation) or in the middle of
+    step 5's evaluation: the resumed run evaluates step 5 as the uninterrupted run did."""
+    steps = ["train.steps=10", "train.eval_every=5"]
+    trainer.train_run(tiny_config(tmp_path, "straight", *steps))
+    if during == "the step":
+        signal_during_step(monkeypatch, 5)
+    else:
+        evaluate = trainer.run_evaluation
+
+        def interrupted_evaluation(state, run, final, progress):
+            os.kill(os.getpid(), signal.SIGINT)  # not held: it stops here, at once
+            return evaluate(state, run, final, progress)
+
+        monkeypatch.setattr(trainer, "run_evaluation", interrupted_evaluation)
+    with pytest.raises(RunInterrupted, match="at step 5, last checkpoint at step 5"):
+        trainer.train_run(tiny_config(tmp_path, "split", *steps))
+    monkeypatch.undo()
+    trainer.train_run(tiny_config(tmp_path, "split", *steps), resume=True)
+
+    def evaluations(name):
+        return [(r["step"], r) for r in records(tmp_path / "outputs" / name) if "eval/energy_meanflow_1" in r]
+
+    straight, split = evaluations("straight"), evaluations("split")
+    assert [s for s, _ in split] == [s for s, _ in straight] == [5, 10]
+    for (_, a), (_, b) in zip(straight, split, strict=True):
+        assert b["eval/energy_meanflow_1"] == pytest.approx(a["eval/energy_meanflow_1"], rel=1e-6, abs=1e-9)
+    assert (tmp_path / "outputs" / "split" / "samples" / "step_0000005.png").exists()
+
+
+def test_an_evaluation_that_completed_is_not_repeated_on_resume(tmp_path):
+    """A finished run continued past its last step: that step's final evaluation counts."""
+    trainer.train_run(tiny_config(tmp_path, "more", "train.steps=5", "train.eval_every=5"))
+    trainer.train_run(tiny_config(tmp_path, "more", "train.steps=10", "train.eval_every=5"), resume=True)
+    evaluated = [r["step"] for r in records(tmp_path / "outputs" / "more") if "eval/energy_meanflow_1" in r]
+    assert evaluated == [5, 10]

@@ -6,7 +6,8 @@ samples against held-out samples) is the floor no model can be expected to beat 
 `evaluate_fid` adds FID for one method (image datasets with clean-fid statistics, zoo.metrics.fid).
 """
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,6 +20,18 @@ from zoo.metrics.fid import FidBackend, fid_of_generator
 from zoo.models.base import FlowModel
 from zoo.solvers.ode import get_solver, steps_for_nfe
 from zoo.solvers.samplers import sample_meanflow, sample_ode
+
+
+@contextlib.contextmanager
+def eval_mode(model: FlowModel) -> Iterator[None]:
+    """The model in eval mode (no dropout) for sampling, and back to its own mode afterwards,
+    however the block ends: Ctrl-C or a failing metric must not leave a training model in eval."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass(frozen=True)
@@ -190,8 +203,6 @@ def evaluate(
     `on_progress` is called after each piece of work: a sampled batch, a metric.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     methods = methods if methods is not None else default_methods(cfg, meanflow)
     held_out = source.held_out(cfg.n_samples).float().cpu()
     n = held_out.shape[0]
@@ -199,15 +210,16 @@ def evaluate(
     noise, labels = draw_noise_and_labels(model, n, device, seed)
     report = EvalReport(n_samples=n)
     task = progress.add_task("evaluating", total=len(methods)) if progress is not None else None
-    for method in methods:
-        samples = generate(model, method, noise, labels, cfg.guidance, cfg.batch_size, on_batch=on_progress)
-        result = energy_distance(samples, held_out)
-        on_progress()
-        report.rows.append(
-            EvalRow(method.label, method.kind, method.steps, method.nfe, result.value, result.stderr)
-        )
-        if progress is not None:
-            progress.advance(task)
+    with eval_mode(model):
+        for method in methods:
+            samples = generate(model, method, noise, labels, cfg.guidance, cfg.batch_size, on_batch=on_progress)
+            result = energy_distance(samples, held_out)
+            on_progress()
+            report.rows.append(
+                EvalRow(method.label, method.kind, method.steps, method.nfe, result.value, result.stderr)
+            )
+            if progress is not None:
+                progress.advance(task)
     if with_floor:
         reference = source.reference(n).float().cpu()
         floor = energy_distance(reference, held_out)
@@ -215,7 +227,6 @@ def evaluate(
         report.noise_floor = EvalRow("data vs data", "data", 0, 0, floor.value, floor.stderr)
     if progress is not None:
         progress.remove_task(task)
-    model.train(was_training)
     return report
 
 
@@ -245,14 +256,12 @@ def evaluate_fid(
 ) -> FidInfo:
     """FID of `n` samples of `method` against the backend's reference statistics."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     draw = fid_noise_stream(model, seed)
 
     def generate_fn(k: int) -> Tensor:
         noise, labels = draw(k)
         return generate(model, method, noise, labels, guidance, batch_size, on_batch=on_batch)
 
-    value = fid_of_generator(backend, generate_fn, n, batch_size, device)
-    model.train(was_training)
+    with eval_mode(model):
+        value = fid_of_generator(backend, generate_fn, n, batch_size, device)
     return FidInfo(method=method.label, n_samples=n, reference=backend.reference.describe(), value=value)

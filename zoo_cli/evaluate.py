@@ -15,6 +15,8 @@ from zoo_cli.render import eval_table, make_console
 
 console = make_console()
 
+FID_STANDARD_N = 50_000  # --fid-n's default: the number of images FID is usually reported over
+
 
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt)")],
@@ -25,7 +27,7 @@ def eval_command(
     data_root: Annotated[str | None, typer.Option("--data-dir", help="dataset folder, if not the run's data.root")] = None,
     threads: Annotated[int | None, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="also FID against clean-fid's reference statistics (CIFAR-10 only; needs clean-fid)")] = False,
-    fid_n: Annotated[int, typer.Option("--fid-n", min=2, help="generated images for FID (50000 is the standard)")] = 50_000,
+    fid_n: Annotated[int | None, typer.Option("--fid-n", min=2, help=f"generated images for FID (default: {FID_STANDARD_N}, the standard)")] = None,
     fid_solver: Annotated[str | None, typer.Option("--fid-solver", help="sampler for FID: meanflow | euler | midpoint | heun | rk4 (default: MeanFlow jumps for a MeanFlow model, else the run's first eval solver)")] = None,
     fid_nfe: Annotated[int | None, typer.Option("--fid-nfe", min=1, help="network evaluations per FID image (default: 1 for MeanFlow, else the run's largest eval.solver_nfe)")] = None,
     fid_batch_size: Annotated[int | None, typer.Option("--fid-batch-size", min=1, help="images generated and scored at once for FID (default: eval.batch_size)")] = None,
@@ -39,8 +41,12 @@ def eval_command(
     from zoo.inference import load_model
     from zoo.metrics.fid import fid_reference, load_fid_backend
 
-    if not fid and (fid_solver is not None or fid_nfe is not None or fid_batch_size is not None or fid_n != 50_000):
-        raise fail("--fid-n, --fid-solver, --fid-nfe and --fid-batch-size only apply with --fid; add --fid")
+    # None defaults tell an option given from one left out, even when given its default value.
+    fid_options = {"--fid-n": fid_n, "--fid-solver": fid_solver, "--fid-nfe": fid_nfe, "--fid-batch-size": fid_batch_size}
+    given = [flag for flag, value in fid_options.items() if value is not None]
+    if given and not fid:
+        raise fail(f"{', '.join(given)} given without --fid (the FID options only apply with it); add --fid")
+    fid_n = fid_n if fid_n is not None else FID_STANDARD_N
     json_out = json_out or checkpoint.with_name(f"eval_{checkpoint.stem}_seed{seed}.json")
     picture = json_out.with_suffix(".png")
     with user_errors():

@@ -11,9 +11,14 @@ loop, where rank 0 alone evaluates, it stops at once again (act_alone).
 Further signals while stopping are ignored, so that a second Ctrl-C, or torchrun passing the
 terminal's signal on to its processes, cannot cut the final checkpoint short; SIGKILL still ends
 the process at once.
+
+A held signal is not silent: a step can take seconds.  The handler only records it; the training
+bar (zoo.training.progress), redrawn by rich's own thread, shows notice().  Without a live bar
+(a log file, a pipe) rank 0 writes one plain line per signal instead; other ranks say nothing.
 """
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -24,6 +29,22 @@ import torch
 from zoo.training import distributed
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# What a signal outside held() means under torchrun, where a rank stops only at the ranks' next
+# check together (after the step in progress, or before the run folder is written).
+UNHELD_RANK_NOTICE = "stopping once every rank reaches the next check (after a step: saving a checkpoint of it)"
+
+
+def ignored_notice(signum: int) -> str:
+    """Said for each signal after the first: why it is ignored, and what does stop at once.
+
+    Not "losing only the step in progress": the checkpoint being written is this step's, and the
+    one on disk may be save_every steps older."""
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    return (
+        f"{name} again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once, "
+        "losing the steps since the last checkpoint on disk (written atomically, it stays intact)"
+    )
 
 
 class StopRequested(BaseException):
@@ -41,6 +62,14 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._holding = False
+        self._on_held = ""  # what held() says happens to a signal it holds
+        self._notice: str | None = None  # what happens to the signal received, once it is held
+        self._ignored: int | None = None  # the last signal ignored while stopping
+        # The ranks' lines would repeat rank 0's.
+        self._speaks = distributed.is_main()
+        # Set while a live progress bar shows notice(): a line written from the handler, which may
+        # have interrupted a render in this thread, would tear the bar.
+        self.shown_live = False
         # Under torchrun a rank never stops on its own, only in check(), which all ranks reach
         # after the same step: a rank raising between steps while another held the signal would
         # leave that one waiting in the next all-reduce.
@@ -61,16 +90,39 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Only records and, without a live bar, writes a line: it runs between two bytecodes of
+        # whatever the main thread was doing, a rich render included.
         if self.signum is not None:
-            return  # already stopping
+            self._ignored = signum  # already stopping
+            self._tell(ignored_notice(signum))
+            return
         self.signum = signum
-        if not self._holding and not self._only_at_check:
-            raise StopRequested(signum)
+        if self._holding:
+            self._notice = self._on_held
+        elif self._only_at_check:
+            self._notice = UNHELD_RANK_NOTICE
+        else:
+            raise StopRequested(signum)  # said by the interrupted run's last line
+        self._tell(self._notice)
+
+    def _tell(self, line: str) -> None:
+        if self._speaks and not self.shown_live:
+            # os.write, not print: sys.stderr's buffer refuses a write that interrupted its own.
+            os.write(2, f"{line}\n".encode())
+
+    def notice(self) -> str | None:
+        """What the progress display shows: nothing until a signal is held, then what it waits for
+        and, once another signal came, that it was ignored."""
+        if self._notice is None:
+            return None
+        if self._ignored is None:
+            return self._notice
+        return f"{self._notice}. {ignored_notice(self._ignored)}"
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """A signal arriving inside this block waits for its end (see check)."""
-        self._holding = True
+    def held(self, notice: str) -> Iterator[None]:
+        """A signal arriving inside this block waits for its end (see check); `notice` says so."""
+        self._holding, self._on_held = True, notice
         try:
             yield
         finally:

@@ -1,9 +1,11 @@
-"""Progress: the training bar (step, loss, it/s and ETA, on stderr so stdout stays parseable),
-and the heartbeat kept fresh through long phases without training steps."""
+"""Progress: the training bar (step, loss, it/s and ETA, on stderr so stdout stays parseable, and
+below it what a held Ctrl-C/SIGTERM waits for), and the heartbeat kept fresh through long phases
+without training steps."""
 
 import time
+from collections.abc import Callable, Iterable
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,6 +20,7 @@ from rich.table import Column
 from rich.text import Text
 
 from zoo.runs import RunDir
+from zoo.training.interrupts import StopSignals
 
 # How often, at most, a long phase rewrites heartbeat.json (one small fsynced file; on Modal, on
 # the Volume): far below any sensible --stall-after, far above the time of one write.
@@ -42,12 +45,33 @@ class FieldColumn(ProgressColumn):
         return Text(self.template.format(value) if value is not None else "")
 
 
+class NoticeProgress(Progress):
+    """A rich Progress with a line of notice under its tasks while `notice()` has one.
+
+    rich's refresh thread redraws it about ten times a second, so a notice set by a signal handler
+    shows within a step however long the step takes, without the handler touching the display."""
+
+    def __init__(self, *columns: ProgressColumn, notice: Callable[[], str | None], **kwargs) -> None:
+        self.notice = notice  # first: building the display draws it
+        super().__init__(*columns, **kwargs)
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield from super().get_renderables()
+        notice = self.notice()
+        if notice is not None:
+            yield Text(notice, style="bold yellow")
+
+
 class TrainProgress:
-    def __init__(self, console: Console, total: int, start: int, enabled: bool = True) -> None:
+    def __init__(self, console: Console, total: int, start: int, stops: StopSignals, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.stops = stops
+        # Live only on a terminal (as rich's Live decides): in a log file or a pipe the bar is drawn
+        # once at the end, and the signal handler writes its plain line instead.
+        self.live = enabled and console.is_terminal and not console.is_dumb_terminal
         # The loss is the number people watch: every field keeps its width and the bar takes what
         # is left (80 columns hold a 6-digit step counter), down to a few cells.
-        self.rich = Progress(
+        self.rich = NoticeProgress(
             TextColumn("[bold]{task.description}", table_column=fixed()),
             BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=3)),
             MofNCompleteColumn(table_column=fixed()),
@@ -59,14 +83,17 @@ class TrainProgress:
             TimeRemainingColumn(table_column=fixed()),
             console=console,
             disable=not enabled,
+            notice=stops.notice,
         )
         self.task = self.rich.add_task("training", total=total, completed=start, loss="-", mse="-", rate="-")
 
     def __enter__(self) -> "TrainProgress":
         self.rich.__enter__()
+        self.stops.shown_live = self.live
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stops.shown_live = False
         self.rich.__exit__(*exc)
 
     def update(self, step: int, metrics: dict[str, float]) -> None:

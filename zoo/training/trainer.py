@@ -53,6 +53,10 @@ RESUMABLE_CHANGES = {
 }
 # The device may change only within a type: RNG states of CPU, CUDA and MPS generators differ.
 
+# What a Ctrl-C/SIGTERM during a training step waits for (StopSignals.held), and at the end.
+STEP_NOTICE = "stopping after this step — saving a checkpoint"
+FINISH_NOTICE = "the run has finished — writing its last records; it stays finished"
+
 
 @dataclass
 class TrainState:
@@ -73,6 +77,9 @@ class TrainState:
     elapsed_s: float = 0.0  # training time up to `step`, over every session of the run
     checkpoint_step: int | None = None  # the step of last.pt (None: no checkpoint yet)
     metrics: dict[str, float] = field(default_factory=dict)  # the last step's
+    # Rank 0's losses since its last logged record (train/loss_avg): in the checkpoint, so that a run
+    # resumed between two log steps logs the same average as one that never stopped.
+    loss_window: list[float] = field(default_factory=list)
 
     @property
     def is_meanflow(self) -> bool:
@@ -151,6 +158,7 @@ def checkpoint_payload(state: TrainState, metrics: dict[str, float]) -> dict[str
         "config": config_to_dict(state.cfg),
         "metrics": metrics,
         "elapsed_s": state.elapsed_s,
+        "loss_window": list(state.loss_window),
     }
 
 
@@ -173,6 +181,8 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
     state.metrics = dict(payload["metrics"])
     # Checkpoints written before the elapsed time was stored continue from 0.
     state.elapsed_s = float(payload.get("elapsed_s", 0.0))
+    # Checkpoints written before the window was stored start an empty one.
+    state.loss_window = [float(loss) for loss in payload.get("loss_window", [])]
     state.micro_batches = int(payload["micro_batches"])
     if state.scaler is not None:
         state.scaler.load_state_dict(payload["scaler"])
@@ -448,12 +458,12 @@ def start_and_train(
             jvp_mode=state.jvp_mode, micro_batches=plan.micro_batches, peak_memory_bytes=plan.peak_bytes,
         )
     try:
-        with TrainProgress(console, cfg.train.steps, state.step, enabled=main) as progress:
+        with TrainProgress(console, cfg.train.steps, state.step, stops, enabled=main) as progress:
             train_loop(state, run, tracker, progress, main, stops)
             stops.act_alone()
             final_report = run_evaluation(state, run, final=True, progress=progress) if main else None
         if main:
-            with stops.held():  # finished is finished: a late signal must not turn it into "interrupted"
+            with stops.held(FINISH_NOTICE):  # finished is finished: a late signal must not turn it into "interrupted"
                 finish_run(state, run, tracker, final_report, command, console)
     except StopRequested as stop:
         message = stop_run(state, run, stop.signum) if main else "interrupted"
@@ -463,7 +473,7 @@ def start_and_train(
             run.write_heartbeat(status="failed", error=f"{type(exc).__name__}: {exc}", step=state.step)
         raise
     finally:
-        with stops.held():
+        with stops.held("closing the experiment tracker first"):
             tracker.finish()
     return run
 
@@ -546,30 +556,54 @@ def train_loop(
     state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, main: bool, stops: StopSignals
 ) -> None:
     cfg = state.cfg.train
-    window: list[float] = []
     # time/elapsed_s continues over resumes; the rate is this session's.
     session_start, session_step = time.time(), state.step
     run_start = session_start - state.elapsed_s
+    if periodic_evaluation_due(state):
+        # Resumed at an evaluation step: its evaluation may never have completed (a stop or a crash
+        # during it, or between it and the step's checkpoint, written first).  Rank 0 redoes it
+        # unless metrics.jsonl records it.
+        periodic_evaluation(state, run, tracker, progress, here=main and not evaluated_at(run, state.step))
     while state.step < cfg.steps:
         # A signal waits for the step, its records and its checkpoint to be complete.
-        with stops.held():
+        with stops.held(STEP_NOTICE):
             metrics = state.metrics = train_step(state)
             state.elapsed_s = time.time() - run_start
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data")
-            window.append(metrics["loss"])
             progress.update(state.step, metrics)
-            at_end = state.step == cfg.steps
             if main:
-                log_and_save(state, run, tracker, metrics, window, session_start, session_step, at_end)
+                log_and_save(state, run, tracker, metrics, session_start, session_step, state.step == cfg.steps)
         stops.check(state.device)  # under torchrun, every rank stops after the same step
-        if cfg.eval_every > 0 and state.step % cfg.eval_every == 0 and not at_end:
-            if main:
-                report = run_evaluation(state, run, final=False, progress=progress)
-                log_evaluation(state, run, tracker, report, tag=f"step_{state.step:07d}")
-                run.write_heartbeat(status="running", phase="train")
-            # The other ranks waited here, not in the next step's all-reduce (see wait_for_main).
-            distributed.wait_for_main()
+        if periodic_evaluation_due(state):
+            periodic_evaluation(state, run, tracker, progress, here=main)
+
+
+def periodic_evaluation_due(state: TrainState) -> bool:
+    """Every train.eval_every steps, except at the last step, which gets the final evaluation."""
+    cfg = state.cfg.train
+    return cfg.eval_every > 0 and 0 < state.step < cfg.steps and state.step % cfg.eval_every == 0
+
+
+def evaluated_at(run: RunDir, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation of `step`.
+
+    metrics.jsonl is the record of evaluations that completed: log_evaluation appends the record
+    after the evaluation and its picture, and a resumed run first drops every record after its
+    checkpoint (drop_metrics_after).  Simpler than a mark in the checkpoint, which is written
+    before the evaluation and would have to be rewritten after it.
+    """
+    return any(r["step"] == step and any(key.startswith("eval/") for key in r) for r in run.read_metrics())
+
+
+def periodic_evaluation(state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, here: bool) -> None:
+    """The step reached is evaluated by the process told `here` (rank 0 at most); every rank meets it after."""
+    if here:
+        report = run_evaluation(state, run, final=False, progress=progress)
+        log_evaluation(state, run, tracker, report, tag=f"step_{state.step:07d}")
+        run.write_heartbeat(status="running", phase="train")
+    # The other ranks waited here, not in the next step's all-reduce (see wait_for_main).
+    distributed.wait_for_main()
 
 
 def log_and_save(
@@ -577,19 +611,19 @@ def log_and_save(
     run: RunDir,
     tracker: Tracker,
     metrics: dict[str, float],
-    window: list[float],
     session_start: float,
     session_step: int,
     at_end: bool,
 ) -> None:
     """Rank 0, after a step: metrics and heartbeat every log_every steps, checkpoints every save_every."""
     cfg = state.cfg.train
+    state.loss_window.append(metrics["loss"])
     if state.step % cfg.log_every == 0 or at_end:
         record = {f"train/{k}": v for k, v in metrics.items()}
-        record["train/loss_avg"] = sum(window) / len(window)
+        record["train/loss_avg"] = sum(state.loss_window) / len(state.loss_window)
         record["time/elapsed_s"] = state.elapsed_s
         record["time/steps_per_s"] = (state.step - session_step) / max(time.time() - session_start, 1e-9)
-        window.clear()
+        state.loss_window.clear()
         run.append_metrics({"step": state.step, "time": time.time(), **record})
         tracker.log(record, step=state.step)
         run.write_heartbeat(status="running", phase="train", step=state.step, loss=metrics["loss"])
@@ -602,13 +636,14 @@ def log_and_save(
 
 
 def log_evaluation(state: TrainState, run: RunDir, tracker: Tracker, report: EvalReport, tag: str) -> None:
-    metrics = report.metrics()
-    run.append_metrics({"step": state.step, "time": time.time(), **metrics})
-    tracker.log(metrics, step=state.step)
     image, caption = save_samples(
         state.ema.model, state.source, state.is_meanflow, run.samples / f"{tag}.png", state.cfg,
         on_batch=PhaseHeartbeat(run, "eval"),
     )
+    # The record last: it marks the evaluation complete (evaluated_at).
+    metrics = report.metrics()
+    run.append_metrics({"step": state.step, "time": time.time(), **metrics})
+    tracker.log(metrics, step=state.step)
     tracker.log_image("samples", image, step=state.step, caption=caption)
 
 

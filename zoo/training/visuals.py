@@ -8,7 +8,7 @@ import torch
 
 from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource
-from zoo.evaluation import draw_noise_and_labels, generate, headline_method, no_progress
+from zoo.evaluation import draw_noise_and_labels, eval_mode, generate, headline_method, no_progress
 from zoo.models.base import FlowModel
 from zoo.plotting import save_image_grid, save_loss_curve, save_scatter
 from zoo.runs import RunDir
@@ -27,13 +27,11 @@ def save_samples(
 
     `on_batch` is called after each sampled batch (see zoo.evaluation.generate)."""
     method = headline_method(cfg.eval, meanflow)  # the sampler `zoo eval` pictures and scores by FID
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     n = cfg.eval.grid_size if source.is_image or source.is_latent else min(cfg.eval.n_samples, 2000)
     noise, labels = draw_noise_and_labels(model, n, device, seed=cfg.seed + 1)
-    samples = generate(model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size, on_batch=on_batch)
-    model.train(was_training)
+    with eval_mode(model):
+        samples = generate(model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size, on_batch=on_batch)
     if source.is_image:
         image = save_image_grid(samples, path)
     elif source.is_latent:
