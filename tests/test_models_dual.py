@@ -256,3 +256,12 @@ def test_fused_matches_nograd_on_cuda():
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [slice(0, 3), slice(0, 0), slice(2, None), slice(None, 9), slice(0, 20), slice(5, 2)])
+def test_row_count_of_a_slice_is_what_indexing_selects(rows):
+    # Arithmetic, not slice.indices (opaque to torch.compile in torch 2.11): checked against indexing.
+    assert D.row_count(rows, 9) == torch.arange(9)[rows].shape[0]
+    assert D.row_count(torch.tensor([4, 1]), 9) == 2
+    with pytest.raises(ValueError, match="forward"):
+        D.row_count(slice(0, 4, 2), 9)

@@ -71,3 +71,14 @@ def test_torchrun_processes_report_a_user_error_in_one_line_from_rank_0(tmp_path
         assert distributed_entry.main([str(config_path), "--resume"]) == 1  # every rank exits with the code
         err = capsys.readouterr().err
         assert (err.startswith("error:") and "missing" in err) == says and "Traceback" not in err, (rank, err)
+
+
+def test_the_stop_grace_is_passed_only_to_a_torchrun_that_takes_it():
+    from torch.distributed.run import get_args_parser
+
+    from zoo.training.distributed import STOP_GRACE_S, torchrun_command
+
+    takes_it = "shutdown_timeout" in vars(get_args_parser().parse_args(["script.py"]))
+    command = torchrun_command(2, "zoo_cli.distributed_entry", ["cfg.json"])
+    assert (f"--shutdown_timeout={STOP_GRACE_S}" in command) == takes_it
+    assert command[-3:] == ["-m", "zoo_cli.distributed_entry", "cfg.json"]

@@ -40,7 +40,17 @@ Rows = Tensor | slice
 
 
 def row_count(rows: Rows, batch: int) -> int:
-    return len(range(*rows.indices(batch))) if isinstance(rows, slice) else rows.shape[0]
+    """How many rows `rows` selects from a batch of `batch`.
+
+    Arithmetic rather than `slice.indices`, which torch.compile cannot trace in every torch
+    (dynamo of torch 2.11 refuses it: a graph break in every layer).  Only forward slices with
+    non-negative bounds occur here (FusedJvp's `slice(0, k)`)."""
+    if not isinstance(rows, slice):
+        return rows.shape[0]
+    start, stop = rows.start or 0, batch if rows.stop is None else min(rows.stop, batch)
+    if rows.step not in (None, 1) or start < 0 or stop < 0:
+        raise ValueError(f"row slices must be forward with non-negative bounds, got {rows}")
+    return max(stop - start, 0)
 
 
 @dataclass(frozen=True)
@@ -115,8 +125,9 @@ def lift(fn: Callable[[Tensor], Tensor], x: Value, tangent_fn: Callable[[Tensor]
     out = fn(x.primal)
     if x.tangent is None:
         return Dual(out, None, x.meta)
+    linear_part = fn if tangent_fn is None else tangent_fn  # not `or`: torch 2.11's dynamo cannot branch on a function
     with x.meta.island():
-        return Dual(out, (tangent_fn or fn)(x.tangent), x.meta)
+        return Dual(out, linear_part(x.tangent), x.meta)
 
 
 def _sum_tangents(a: Tensor | None, b: Tensor | None) -> Tensor | None:

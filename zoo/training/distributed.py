@@ -223,6 +223,12 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
 STOP_GRACE_S = 300
 
 
+def torchrun_has_shutdown_timeout() -> bool:
+    from torch.distributed.run import get_args_parser
+
+    return "--shutdown" in get_args_parser().format_help()
+
+
 def torchrun_command(nproc: int, module: str, args: list[str], failures_file: Path | None = None) -> list[str]:
     """`python -m torch.distributed.run` with `nproc` processes on this machine running `-m module args`.
 
@@ -236,13 +242,16 @@ def torchrun_command(nproc: int, module: str, args: list[str], failures_file: Pa
     launcher = ["torch.distributed.run"]
     if failures_file is not None:
         launcher = ["zoo.training.launch", "--failures-file", str(failures_file)]
+    # An older torchrun (torch 2.11, e.g. on a GPU machine with its own torch) has no
+    # --shutdown_timeout: its fixed 30 s then apply.
+    grace = [f"--shutdown_timeout={STOP_GRACE_S}"] if torchrun_has_shutdown_timeout() else []
     return [
         sys.executable,
         "-m",
         *launcher,
         "--standalone",
         f"--nproc_per_node={nproc}",
-        f"--shutdown_timeout={STOP_GRACE_S}",
+        *grace,
         "-m",
         module,
         *args,

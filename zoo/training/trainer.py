@@ -256,10 +256,16 @@ def probe_step(state: TrainState, micro_size: int) -> None:
     try:
         state.source.batch_size = micro_size
         graph, state.step_graph = state.step_graph, None  # probe eagerly: capturing is for training
+        compiled = state.compiled_evaluate
+        if state.device.type != "cuda":
+            # Off CUDA the meter is a TorchDispatchMode, under which torch.compile runs the step
+            # eagerly anyway, and torch 2.11's dynamo then never compiles that code again (the
+            # whole run silently eager): probe the eager step, the one the meter would see.
+            state.compiled_evaluate = None
         try:
             micro_batch_backward(state)
         finally:
-            state.step_graph = graph
+            state.step_graph, state.compiled_evaluate = graph, compiled
     finally:
         state.model.zero_grad(set_to_none=True)
         torch.set_rng_state(saved[0])
