@@ -19,7 +19,8 @@
 # cannot take the others' output with it, and writes at most two files (a log, a bench's JSON)
 # under ${OUT:-outputs/gpu}: the device tool brings back at most 8 files per call.
 # zoo's dependencies must be importable (README: the wheels for the device machine);
-# trackio is not needed, tracking is off.
+# trackio is not needed, tracking is off.  The device's own torch is older than zoo's pin (2.11.0 on
+# the H200s): run `bash scripts/test_with_torch.sh 2.11.0 0.26.0` on a CPU first (device time is short).
 set -uo pipefail
 out="${OUT:-outputs/gpu}"
 mkdir -p "$out"
