@@ -1,6 +1,9 @@
 """TensorSource and LoaderSource: epochs, randomness from the trainer's generator only, flips,
 exact resume.  Every sample carries its index in its pixels so batches can be decoded."""
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +278,20 @@ def test_loader_held_out_and_reference(tmp_path):
     assert sorted(ids.tolist()) == [0, 1, 2] and not flipped.any()
     assert torch.equal(y, ids % 2)
     assert sorted(decode_rgb(s.reference(10))[0].tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_loader_workers_leave_a_stop_signal_to_the_training_process(tmp_path, signum):
+    # A terminal's Ctrl-C reaches the whole process group, workers included; a worker that died of
+    # it would fail the batch a held training step waits for: a failed run instead of a clean stop.
+    files = write_id_images(tmp_path / "img", 10)
+    s = loader_source(files, num_workers=2, batch_size=2)
+    g = torch.Generator().manual_seed(0)
+    s.next_batch(g)
+    workers = s._iterator._workers
+    for worker in workers:
+        os.kill(worker.pid, signum)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    batches = [s.next_batch(g)[0] for _ in range(8)]  # more than the workers had prefetched
+    assert all(b.shape == (2, 3, 8, 8) for b in batches)

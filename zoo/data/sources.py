@@ -12,6 +12,7 @@ Both treat the epochs as one endless stream of indices cut into batches, so a ba
 two epochs, every sample is seen once per epoch and a resumed run may even change the batch size.
 """
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +241,17 @@ class StreamBatchSampler:
             yield batch[share]
 
 
+def leave_stop_signals_to_parent(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM: the training process decides when to stop.
+
+    A terminal's Ctrl-C reaches the whole foreground process group, workers included (and
+    torchrun's SIGTERM its ranks' groups); a worker dead of it would fail the batch a held step is
+    waiting for, a failed run instead of a clean stop (zoo.training.interrupts).  Workers still end
+    with their parent (DataLoader's watchdog) and with SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class LoaderSource(BatchSource):
     """Large image datasets read from files by DataLoader workers."""
 
@@ -292,6 +304,7 @@ class LoaderSource(BatchSource):
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=leave_stop_signals_to_parent,
             **kwargs,
         )
 
