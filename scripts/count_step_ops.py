@@ -79,7 +79,7 @@ def main() -> None:
         counts = count_step(model, meanflow_loss(cfg.loss, args.mode, ratio), batch.x, batch.y, args.precision)
         print(f"{f'{args.mode} @{ratio:g}':16s} {sum(counts.values()):6d} {kernels(counts):9d}")
         extras.append(counts - fm)
-    print(f"non-view operations the first ratio adds to the FM step, most frequent first:")
+    print("non-view operations the first ratio adds to the FM step, most frequent first:")
     for name, n in [(k, v) for k, v in extras[0].most_common() if k not in VIEWS][: args.top]:
         print(f"  {name:36s} {n:5d}")
 

@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from zoo.bench.steps import data_signature, flow_matching_loss, meanflow_loss, synthetic_batch, training_step_fn
+from zoo.devices import enable_cuda_tf32
 from zoo.config.loading import load_config
 from zoo.models import build_model
 from zoo.training.optim import build_optimizer
@@ -53,9 +54,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/profile-cuda"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
-    torch.backends.cudnn.benchmark = True
+    enable_cuda_tf32()
     cfg = load_config("cifar10", [])
     shape, classes = data_signature(cfg.data)
     device = torch.device("cuda")

@@ -253,3 +253,25 @@ def test_jvp_with_primal_returns_a_detached_tangent() -> None:
     t = torch.rand(2)
     u, dudt = jvp_with_primal(model, z, t, t * 0.5, None, torch.randn_like(z), "fp32")
     assert u.requires_grad and not dudt.requires_grad
+
+
+@pytest.fixture
+def restore_fp32_precision():
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark = saved[1], saved[2]
+
+
+def test_zoo_tf32_settings_leave_every_precision_reader_working(restore_fp32_precision) -> None:
+    # The flags are process-wide and settable without a GPU.  Inductor's kernel tuning reads the
+    # legacy getter, the JVP's island the per-backend flags: both must work, before and after it.
+    from zoo.devices import enable_cuda_tf32
+
+    enable_cuda_tf32()
+    assert torch.get_float32_matmul_precision() == "high"  # raised with the per-backend flags alone
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    with cuda_fp32_precision("ieee"):
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    assert torch.get_float32_matmul_precision() == "high"

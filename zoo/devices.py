@@ -43,3 +43,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def enable_cuda_tf32() -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA, and cuDNN's autotuner: what zoo trains
+    (and benchmarks) with on a GPU.
+
+    Matmuls through set_float32_matmul_precision("high"), which also sets the per-backend flag
+    the JVP's fp32 island switches (cuda.matmul.fp32_precision = "tf32", zoo.losses.jvp): setting
+    that flag alone leaves torch.get_float32_matmul_precision() raising ("mix of the legacy and
+    new APIs"), and inductor's kernel tuning (train.compile_mode=max-autotune, torch 2.11) calls it.
+    """
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    torch.backends.cudnn.benchmark = True

@@ -49,12 +49,18 @@ from zoo.bench.steps import (
 from zoo.bench.timing import RatioStats, Timing, interleaved_timings, paired_ratio
 from zoo.config.loading import load_config
 from zoo.config.schema import LossConfig
-from zoo.devices import resolve_device, synchronize
+from zoo.devices import enable_cuda_tf32, resolve_device, synchronize
 from zoo.losses.jvp import JVP_MODES
 from zoo.models import build_model, count_parameters
 from zoo.models.base import FlowModel
 from zoo.runs import atomic_write_json
-from zoo.training.compiled_step import COMPILABLE_JVP_MODES, COMPILE_MODES, CompileSettingsError, check_compilable
+from zoo.training.compiled_step import (
+    COMPILABLE_JVP_MODES,
+    COMPILE_MODES,
+    USES_CUDA_GRAPHS,
+    CompileSettingsError,
+    check_compilable,
+)
 from zoo.training.memory import LiveTensors, format_bytes, parameter_bytes, physical_memory_bytes
 from zoo.training.optim import build_optimizer
 from zoo.training.step_graph import MODES_NOT_CAPTURABLE
@@ -268,6 +274,16 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return parameter_bytes(model) + grads + state
 
 
+def cudagraph_skips_note(device: torch.device, compile_mode: str) -> str:
+    """Under compile modes with CUDA graphs, how many graphs inductor has so far left uncaptured
+    (it says why only in its `cudagraphs` log, off by default): such a case replays kernels
+    one by one and is no measurement of its mode."""
+    if device.type != "cuda" or compile_mode not in USES_CUDA_GRAPHS:
+        return ""
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    return f", CUDA graphs skipped so far: {skips}" + (" — rerun with TORCH_LOGS=cudagraphs for why" if skips else "")
+
+
 def compile_case(run: Callable[[], None], device: torch.device, optimizer: torch.optim.Optimizer) -> bool:
     """Run a compiled case once, which compiles it; False if it ran out of memory (CUDA)."""
     try:
@@ -338,10 +354,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
     if settings.cuda_graph and device.type != "cuda":
         raise BenchError(f"--cuda-graph captures steps in CUDA graphs and needs a CUDA device, not {device}")
     if device.type == "cuda":
-        # What the trainer sets on CUDA (zoo.training.trainer.train_run): time what training runs.
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-        torch.backends.cudnn.benchmark = True
+        enable_cuda_tf32()  # what the trainer sets on CUDA: time what training runs
     cfg = load_config(settings.preset, list(settings.overrides))
     if settings.compile:
         check_compile_settings(settings, device, cfg.loss.jvp_precision)
@@ -366,7 +379,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
             if not compile_case(case.run, device, optimizer):
                 peaks[case.name] = None
             shown = "out of memory" if case.name in peaks else f"{time.perf_counter() - tick:.1f} s"
-            log(f"compiled     {case.name:24s} ({shown})")
+            log(f"compiled     {case.name:24s} ({shown}{cudagraph_skips_note(device, settings.compile_mode)})")
     unmeasured = {c.name for c in cases if c.variant == COMPILE and device.type != "cuda"}
     # One untimed training step first, so that every case's peak includes Adam's moments (a
     # training step's resident state) — without it the first step measured would lack them.

@@ -24,7 +24,7 @@ from zoo.checkpoints import clean_state_dict, load_checkpoint, save_checkpoint
 from zoo.config.loading import ConfigError, check_batch_split, config_to_dict, config_to_toml
 from zoo.config.schema import LossConfig, ZooConfigBody
 from zoo.data import BatchSource, build_data
-from zoo.devices import autocast_dtype, resolve_device
+from zoo.devices import autocast_dtype, enable_cuda_tf32, resolve_device
 from zoo.evaluation import EvalReport, Method, evaluate
 from zoo.experiment_log import append_run_entry
 from zoo.losses import Loss, build_loss, resolve_jvp_mode
@@ -413,11 +413,7 @@ def start_and_train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
-        # TF32 through the new precision API only: the JVP's fp32 island saves and restores these
-        # settings, and mixing them with the legacy allow_tf32 flags makes torch raise.
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-        torch.backends.cudnn.benchmark = True
+        enable_cuda_tf32()
     main = distributed.is_main()
     run = check_run(cfg.output_dir, cfg.run_name, resume)
     # Build everything that can fail on bad input (data, model) before the run folder exists,
