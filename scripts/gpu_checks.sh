@@ -27,7 +27,8 @@
 # writes at most two files (a log, a bench's JSON) under ${OUT:-outputs/gpu}: the device tool
 # brings back at most 8 files per call.  A bench killed at its limit writes no JSON; its log has
 # every timed round.
-# zoo's dependencies must be importable (README: the wheels for the device machine);
+# zoo's dependencies must be importable: `bash scripts/device_wheels.sh` here puts them in .whl/ and
+# prints the line that installs them there (carry [".whl"]);
 # trackio is not needed, tracking is off.  The device's own torch is older than zoo's pin (2.11.0 on
 # the H200s): run `bash scripts/test_with_torch.sh 2.11.0 0.26.0` on a CPU first (device time is short).
 set -uo pipefail
