@@ -20,3 +20,4 @@ rm -rf .whl && mkdir .whl
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${pins[@]}"
 ls .whl && du -sh .whl
+echo 'device call (carry [".whl"]): python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$(pwd) || exit; OUT=$OUT bash scripts/gpu_checks.sh targets bf16jvp tests'
