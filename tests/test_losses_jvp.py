@@ -257,19 +257,28 @@ def test_jvp_with_primal_returns_a_detached_tangent() -> None:
 
 @pytest.fixture
 def restore_fp32_precision():
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark
+    backends = torch.backends
+    saved = (
+        torch.get_float32_matmul_precision(), backends.cudnn.conv.fp32_precision, backends.cudnn.benchmark,
+        backends.mkldnn.matmul.fp32_precision,
+    )  # fmt: skip
     yield
     torch.set_float32_matmul_precision(saved[0])
-    torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark = saved[1], saved[2]
+    backends.cudnn.conv.fp32_precision, backends.cudnn.benchmark = saved[1], saved[2]
+    backends.mkldnn.matmul.fp32_precision = saved[3]
 
 
-def test_zoo_tf32_settings_leave_every_precision_reader_working(restore_fp32_precision) -> None:
-    # The flags are process-wide and settable without a GPU.  Inductor's kernel tuning reads the
-    # legacy getter, the JVP's island the per-backend flags: both must work, before and after it.
+def test_zoo_tf32_settings_keep_the_precision_getter_working_and_the_cpu_in_ieee(restore_fp32_precision) -> None:
+    """The flags are process-wide and settable without a GPU.  Inductor's kernel tuning reads
+    torch.get_float32_matmul_precision(), the JVP's island the per-backend flags: both must work,
+    before and after the island.  (Inside it the legacy allow_tf32 getters raise, "mix of the
+    legacy and new APIs"; of torch's own code only TunableOp reads them, which zoo never enables.)
+    The CPU's oneDNN matmuls stay IEEE fp32."""
     from zoo.devices import enable_cuda_tf32
 
     enable_cuda_tf32()
     assert torch.get_float32_matmul_precision() == "high"  # raised with the per-backend flags alone
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"  # "high" had set it to tf32
     assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
     with cuda_fp32_precision("ieee"):
         assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")

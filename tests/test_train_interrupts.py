@@ -206,6 +206,24 @@ def test_without_a_terminal_a_held_stop_is_one_plain_line_at_once(tmp_path, monk
     assert lines == ["stopping after this step — saving a checkpoint\n"]
 
 
+def test_a_notice_nobody_can_read_does_not_cost_the_checkpoint(tmp_path, monkeypatch):
+    """`zoo train ... 2>&1 | tee log`: the Ctrl-C also ends tee, so stderr is a pipe without a
+    reader and writing the notice fails (EPIPE); the run must still stop on a checkpoint."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stderr_fd = os.dup(2)
+    os.dup2(write_end, 2)
+    try:
+        signal_during_step(monkeypatch, 3)
+        with pytest.raises(RunInterrupted, match="interrupted by SIGINT at step 3, last checkpoint at step 3"):
+            trainer.train_run(tiny_config(tmp_path, "pipe", "train.steps=50"), console=Console(file=io.StringIO()))
+    finally:
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+        os.close(write_end)
+    assert load_checkpoint(tmp_path / "outputs" / "pipe" / "last.pt")["step"] == 3
+
+
 def test_a_run_resumed_between_two_log_steps_logs_the_loss_average_of_one_that_never_stopped(tmp_path, monkeypatch):
     """train/loss_avg averages the losses since the last record: those before the stop count too."""
     trainer.train_run(tiny_config(tmp_path, "straight", "train.steps=15"))

@@ -1,11 +1,14 @@
 """`zoo train --nproc N` up to torchrun, and what each torchrun process does with a user error."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from zoo.config.loading import config_to_dict, load_config
+from zoo.training import distributed
 from zoo_cli import distributed_entry
 from zoo_cli import train as train_cli
 from zoo_cli.main import app as zoo_app
@@ -44,6 +47,7 @@ def test_a_batch_that_does_not_split_is_refused_before_torchrun(tmp_path, monkey
 
 def test_the_config_file_for_torchrun_is_removed_after_it_returns(tmp_path, monkeypatch):
     launched = fake_torchrun(monkeypatch, 1)
+    monkeypatch.setattr(distributed, "torchrun_has_shutdown_timeout", lambda: True)
     result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r2", "--nproc", "2"])
     assert result.exit_code == 1
     (launch,) = launched
@@ -51,6 +55,44 @@ def test_the_config_file_for_torchrun_is_removed_after_it_returns(tmp_path, monk
     # Stopping ranks get time to save their step (torchrun's own default SIGKILLs after 30 s), and
     # the terminal's Ctrl-C reaches the launcher alone, which passes it on once.
     assert "--shutdown_timeout=300" in launch["command"] and launch["own_session"]
+
+
+def test_a_torchrun_without_the_stop_grace_is_said_at_launch(tmp_path, monkeypatch):
+    """torch 2.11's torchrun has no --shutdown_timeout: a stop then gets its fixed 30 s, which a
+    slow step plus a large checkpoint can exceed, so the user is told before the run starts."""
+    launched = fake_torchrun(monkeypatch, 0)
+    monkeypatch.setattr(distributed, "torchrun_has_shutdown_timeout", lambda: False)
+    monkeypatch.setattr(train_cli, "report_run", lambda run: None)
+    result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r4", "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    assert not any(part.startswith("--shutdown_timeout") for part in launched[0]["command"])
+    text = " ".join(result.output.split())
+    assert "torchrun has no --shutdown_timeout: a stopped run gets its fixed 30 s (not 300 s)" in text
+
+
+def test_the_launcher_passes_a_signal_on_once_and_says_why_it_ignores_the_next(tmp_path, monkeypatch, capfd):
+    """A second Ctrl-C passed on could cut the ranks' checkpoint short: it is ignored, and said so."""
+    sent: list[int] = []
+
+    class Torchrun:
+        def __init__(self, command, env, start_new_session=False):
+            pass
+
+        def send_signal(self, signum):
+            sent.append(signum)
+
+        def wait(self) -> int:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            return 1
+
+    monkeypatch.setattr(train_cli.subprocess, "Popen", Torchrun)
+    monkeypatch.setattr(distributed, "torchrun_has_shutdown_timeout", lambda: True)
+    result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r5", "--nproc", "2"])
+    assert result.exit_code == 128 + signal.SIGINT and sent == [signal.SIGINT]
+    err = " ".join(capfd.readouterr().err.split())
+    assert err.count("Ctrl-C again: ignored, so the ranks' checkpoint is written whole") == 1
+    assert "torchrun kills them 300 s after the first signal at the latest" in err
 
 
 def test_a_successful_launch_prints_the_runs_evaluation(tmp_path, monkeypatch):

@@ -53,7 +53,10 @@ def enable_cuda_tf32() -> None:
     the JVP's fp32 island switches (cuda.matmul.fp32_precision = "tf32", zoo.losses.jvp): setting
     that flag alone leaves torch.get_float32_matmul_precision() raising ("mix of the legacy and
     new APIs"), and inductor's kernel tuning (train.compile_mode=max-autotune, torch 2.11) calls it.
+    That call also switches the CPU's oneDNN matmuls to TF32 (where the CPU has it): set back, as
+    CPU work (evaluation of a copy on the CPU, the tests) keeps IEEE fp32.
     """
     torch.set_float32_matmul_precision("high")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     torch.backends.cudnn.benchmark = True

@@ -12,23 +12,30 @@ from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import make_console
 
 if TYPE_CHECKING:
+    from zoo.config.schema import EvalConfig
     from zoo.evaluation import Method
 
 console = make_console()
 
-# NFE when the ODE is integrated and --nfe is not given (the README's `--nfe 50 --solver heun`),
-# rounded up to a multiple of the solver's calls per step (rk4: 52).  One call would be one
-# Euler step: useless for a flow-matching model, refused outright by the multi-call solvers.
-DEFAULT_ODE_NFE = 50
-
-
-def choose_method(meanflow: bool, nfe: int | None, solver: str | None) -> "Method":
-    """MeanFlow models take NFE jumps (default 1); flow-matching models (or --solver) integrate
-    the ODE (default solver euler, default NFE: DEFAULT_ODE_NFE)."""
+def check_method_args(nfe: int | None, solver: str | None) -> None:
+    """A bad --solver or --nfe, refused before the checkpoint is read (its run's defaults come later)."""
     from zoo.evaluation import pick_method
 
     try:
-        return pick_method(meanflow, solver, nfe, "euler", DEFAULT_ODE_NFE)
+        pick_method(False, solver, nfe, "euler", 1)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+def choose_method(eval_cfg: "EvalConfig", meanflow: bool, nfe: int | None, solver: str | None) -> "Method":
+    """MeanFlow models take NFE jumps (default 1); flow-matching models (or --solver) integrate
+    the ODE with the run's own headline sampler (its first eval solver at its largest
+    eval.solver_nfe): the one its training grids and `zoo eval` show, so the same run gives the
+    same picture everywhere."""
+    from zoo.evaluation import headline_method
+
+    try:
+        return headline_method(eval_cfg, meanflow, solver, nfe)
     except ValueError as exc:
         raise fail(str(exc)) from None
 
@@ -40,10 +47,10 @@ def resolve_checkpoint_path(checkpoint: Path) -> Path:
 
 def sample(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt) or a run folder (its last.pt)")],
-    nfe: Annotated[int | None, typer.Option(min=1, help=f"network evaluations (default: 1 = one-step MeanFlow; {DEFAULT_ODE_NFE} when integrating the ODE, rounded up to the solver's calls per step, e.g. rk4 52)")] = None,
+    nfe: Annotated[int | None, typer.Option(min=1, help="network evaluations (default: 1 = one-step MeanFlow; when integrating the ODE, the run's largest eval.solver_nfe, rounded up to the solver's calls per step)")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="number of samples")] = 64,
     out: Annotated[Path | None, typer.Option(help="PNG to write (an .npz of the samples goes beside it)")] = None,
-    solver: Annotated[str | None, typer.Option(help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps (meanflow: the jumps)")] = None,
+    solver: Annotated[str | None, typer.Option(help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps (meanflow: the jumps; default for a flow-matching model: the run's first eval solver)")] = None,
     label: Annotated[int | None, typer.Option("--class", help="class label for class-conditional models")] = None,
     guidance: Annotated[float, typer.Option(min=0.0, help="classifier-free guidance scale (1 = none)")] = 1.0,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
@@ -56,7 +63,7 @@ def sample(
     with user_errors():
         # Everything the user typed is checked before the checkpoint is read and the samples drawn.
         if solver not in (None, "meanflow"):
-            choose_method(False, nfe, solver)  # a bad solver or NFE, before the checkpoint is read
+            check_method_args(nfe, solver)
         if out is not None:
             if out.suffix.lower() != ".png":
                 raise fail(f"--out must end in .png, got {out}")
@@ -85,7 +92,7 @@ def sample(
             raise fail("--class given, but this model is unconditional")
         if label is not None and not 0 <= label < model.num_classes:
             raise fail(f"--class must be in 0..{model.num_classes - 1}, got {label}")
-        method = choose_method(loaded.is_meanflow, nfe, solver)
+        method = choose_method(loaded.cfg.eval, loaded.is_meanflow, nfe, solver)
         out = out or checkpoint.parent / "samples" / f"{checkpoint.stem}_{method.kind}_{method.nfe}nfe.png"
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *model.data_shape), generator=generator).to(dev)

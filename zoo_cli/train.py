@@ -186,6 +186,16 @@ def report_run(run: RunDir) -> None:
     console.print(f"run folder: [bold]{run.root}[/]  (samples: {run.samples / 'final.png'})")
 
 
+def launcher_ignored_notice(signum: int, grace_s: int) -> str:
+    """Said for each signal after the first that reached `zoo train --nproc`: passing it on too
+    could cut the ranks' checkpoint short."""
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    return (
+        f"{name} again: ignored, so the ranks' checkpoint is written whole; they stop after their step "
+        f"(torchrun kills them {grace_s} s after the first signal at the latest)"
+    )
+
+
 def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
     """Re-run this command under torchrun with the resolved config, one process per device."""
     import json
@@ -195,10 +205,17 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
         config_path = Path(folder) / "config.json"
         config_path.write_text(json.dumps(config_to_dict(cfg)))
         from zoo.training import distributed
+        from zoo.training.interrupts import write_from_handler
 
         args = [str(config_path), "--resume" if resume else "--fresh"]
         command = distributed.torchrun_command(nproc, "zoo_cli.distributed_entry", args)
         console.print(f"launching {nproc} processes: {' '.join(command)}")
+        grace_s = distributed.shutdown_grace_s()
+        if grace_s != distributed.STOP_GRACE_S:
+            console.print(
+                f"[yellow]this torch's torchrun has no --shutdown_timeout: a stopped run gets its fixed "
+                f"{grace_s} s (not {distributed.STOP_GRACE_S} s) to finish its step and save the checkpoint[/]"
+            )
         # Its own session: a Ctrl-C in the terminal reaches only this process, which passes it on
         # once, like a SIGTERM (timeout, a scheduler) or a kill aimed at this process alone, and a
         # hang-up (closed terminal or ssh) as SIGTERM.  torchrun passes it to the ranks, which stop
@@ -209,6 +226,8 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
         def forward(signum: int, frame: object) -> None:
             if not received and processes:
                 processes[0].send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+            elif received:
+                write_from_handler(launcher_ignored_notice(signum, grace_s))
             received.append(signum)
 
         # An ignored signal stays ignored (`zoo train --nproc 2 &` in a script survives its Ctrl-C).

@@ -221,12 +221,20 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
 # The price: when one rank crashes, torchrun gives the survivors the same time, and under NCCL they
 # wait for the dead peer in their next all-reduce until it runs out (gloo notices at once).
 STOP_GRACE_S = 300
+TORCHRUN_DEFAULT_GRACE_S = 30  # what a torchrun without --shutdown_timeout gives (torch 2.11)
 
 
 def torchrun_has_shutdown_timeout() -> bool:
     from torch.distributed.run import get_args_parser
 
-    return "--shutdown" in get_args_parser().format_help()
+    defaults = vars(get_args_parser().parse_args(["script.py"]))
+    return "shutdown_timeout" in defaults
+
+
+def shutdown_grace_s() -> int:
+    """Seconds torchrun gives stopping ranks before SIGKILL: zoo's grace where torchrun takes it,
+    else torchrun's fixed default."""
+    return STOP_GRACE_S if torchrun_has_shutdown_timeout() else TORCHRUN_DEFAULT_GRACE_S
 
 
 def torchrun_command(nproc: int, module: str, args: list[str], failures_file: Path | None = None) -> list[str]:

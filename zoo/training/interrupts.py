@@ -47,6 +47,17 @@ def ignored_notice(signum: int) -> str:
     )
 
 
+def write_from_handler(line: str) -> None:
+    """One line to stderr from a signal handler."""
+    # os.write, not print: sys.stderr's buffer refuses a write that interrupted its own.
+    try:
+        os.write(2, f"{line}\n".encode())
+    except OSError:
+        # Nobody is reading (`zoo train ... 2>&1 | tee log` whose tee the same Ctrl-C ended:
+        # EPIPE): the notice is lost; the stop, and the checkpoint it saves, must not be.
+        pass
+
+
 class StopRequested(BaseException):
     """Raised inside the trainer when a signal asks it to stop; train_run turns it into RunInterrupted."""
 
@@ -107,8 +118,7 @@ class StopSignals:
 
     def _tell(self, line: str) -> None:
         if self._speaks and not self.shown_live:
-            # os.write, not print: sys.stderr's buffer refuses a write that interrupted its own.
-            os.write(2, f"{line}\n".encode())
+            write_from_handler(line)
 
     def notice(self) -> str | None:
         """What the progress display shows: nothing until a signal is held, then what it waits for
