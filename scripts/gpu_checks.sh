@@ -72,7 +72,7 @@ for stage in "${stages[@]}"; do
                 2>&1 | tee "$out/tests.log" | tail -25
             grep -q "SKIPPED" "$out/tests.log" && echo "!!! some CUDA tests were SKIPPED on the GPU machine: see tests.log"
             # pytest's last line ("N passed in T s") is missing when the stage's timeout killed it.
-            grep -qE "(passed|failed|error).* in [0-9.]+s" "$out/tests.log" \
+            grep -qE " in [0-9.]+s( \([0-9:]+\))?( =+)?$" "$out/tests.log" \
                 || echo "!!! pytest ended without its summary line (killed by the stage limit of $limit s?): the tests are incomplete" ;;
         train)
             # (No torchrun here: with one process, a world of 1 starts no process group.)

@@ -32,6 +32,20 @@ def run(tmp_path_factory) -> Path:
     return outputs / "s"
 
 
+@pytest.fixture(scope="module")
+def fm_run(tmp_path_factory) -> Path:
+    """outputs/f: a 5-step class-conditional flow-matching run evaluated with heun at 6 NFE and
+    guidance 2."""
+    outputs = tmp_path_factory.mktemp("sample-fm") / "outputs"
+    args = [
+        "--steps", "5", "--run-name", "f", "loss.kind=flow_matching", "data.class_conditional=true",
+        'eval.solvers=["heun"]', "eval.solver_nfe=[6]", "eval.guidance=2.0",
+    ]  # fmt: skip
+    result = zoo("train", "moons", *TINY_RUN, f"output_dir={outputs}", *args)
+    assert result.exit_code == 0, result.output
+    return outputs / "f"
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
@@ -95,13 +109,32 @@ def test_threads_sets_torchs_cpu_threads(workdir, run):
     assert "--threads" in zoo("sample", "--help").output
 
 
-def test_solver_meanflow_is_the_jump_sampler_and_refused_for_flow_matching(workdir, run, tmp_path):
+def test_a_flow_matching_run_is_sampled_as_its_evaluation_sampled_it(workdir, fm_run):
+    """No --solver, --nfe or --guidance: the run's eval.solvers[0] at its largest eval.solver_nfe,
+    with its eval.guidance, as its training grids and `zoo eval` use them."""
+    result = zoo("sample", fm_run, "--n", "16", "--out", "run.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "3 steps, 6 NFE, guidance 2" in flat(result.output)
+    default = np.load(workdir / "run.npz")
+    assert (int(default["nfe"]), float(default["guidance"])) == (6, 2.0)
+    given = ["--solver", "heun", "--nfe", "6", "--n", "16", "--device", "cpu"]
+    for guidance, out in (("2", "g2.png"), ("1", "g1.png")):
+        assert zoo("sample", fm_run, *given, "--guidance", guidance, "--out", out).exit_code == 0
+    np.testing.assert_array_equal(default["samples"], np.load(workdir / "g2.npz")["samples"])
+    assert not np.allclose(default["samples"], np.load(workdir / "g1.npz")["samples"])
+
+
+def test_an_nfe_the_runs_solver_cannot_take_names_where_the_solver_came_from(workdir, fm_run):
+    result = zoo("sample", fm_run, "--nfe", "3", "--n", "8", "--out", "x.png", "--device", "cpu")
+    assert result.exit_code == 2 and "multiple of 2; got 3" in flat(result.output)
+    assert "the run's eval.solvers[0] is heun; pass --solver euler for any NFE" in flat(result.output)
+    assert not (workdir / "x.png").exists()
+
+
+def test_solver_meanflow_is_the_jump_sampler_and_refused_for_flow_matching(workdir, run, fm_run):
     result = zoo("sample", run, "--solver", "meanflow", "--nfe", "2", "--n", "8", "--out", "m.png", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert int(np.load(workdir / "m.npz")["nfe"]) == 2
-    outputs = tmp_path / "fm-outputs"
-    trained = zoo("train", "moons", *TINY_RUN, f"output_dir={outputs}", "--steps", "5", "--run-name", "f", "loss.kind=flow_matching")
-    assert trained.exit_code == 0, trained.output
-    result = zoo("sample", outputs / "f", "--solver", "meanflow", "--n", "8", "--out", "f.png", "--device", "cpu")
+    result = zoo("sample", fm_run, "--solver", "meanflow", "--n", "8", "--out", "f.png", "--device", "cpu")
     assert result.exit_code == 2 and "need a MeanFlow model" in flat(result.output)
     assert not (workdir / "f.png").exists()

@@ -37,6 +37,9 @@ def choose_method(eval_cfg: "EvalConfig", meanflow: bool, nfe: int | None, solve
     try:
         return headline_method(eval_cfg, meanflow, solver, nfe)
     except ValueError as exc:
+        if solver is None and not meanflow:  # the solver came from the run, not from the command line
+            run_solver = eval_cfg.solvers[0] if eval_cfg.solvers else "euler"
+            raise fail(f"{exc} (the run's eval.solvers[0] is {run_solver}; pass --solver euler for any NFE)") from None
         raise fail(str(exc)) from None
 
 
@@ -52,7 +55,7 @@ def sample(
     out: Annotated[Path | None, typer.Option(help="PNG to write (an .npz of the samples goes beside it)")] = None,
     solver: Annotated[str | None, typer.Option(help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps (meanflow: the jumps; default for a flow-matching model: the run's first eval solver)")] = None,
     label: Annotated[int | None, typer.Option("--class", help="class label for class-conditional models")] = None,
-    guidance: Annotated[float, typer.Option(min=0.0, help="classifier-free guidance scale (1 = none)")] = 1.0,
+    guidance: Annotated[float | None, typer.Option(min=0.0, help="classifier-free guidance scale (1 = none; default: the run's eval.guidance)")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="use the raw weights instead of the EMA")] = False,
@@ -86,8 +89,10 @@ def sample(
         dev = resolve_device(device)
         loaded = load_model(checkpoint, dev, use_ema=not raw)
         model = loaded.model
-        if guidance != 1.0 and not model.num_classes:
+        if guidance not in (None, 1.0) and not model.num_classes:
             raise fail(f"--guidance {guidance} needs a class-conditional model; this one is unconditional")
+        if guidance is None:  # as the run's training grids and `zoo eval` sample it
+            guidance = loaded.cfg.eval.guidance if model.num_classes else 1.0
         if label is not None and not model.num_classes:
             raise fail("--class given, but this model is unconditional")
         if label is not None and not 0 <= label < model.num_classes:
@@ -114,10 +119,14 @@ def sample(
             save_scatter(samples, out, title=f"{method.label} ({method.nfe} NFE), step {loaded.step}")
         else:
             save_image_grid(samples, out)
-        arrays = {"samples": samples.numpy(), "nfe": np.array(method.nfe), "step": np.array(loaded.step)}
+        arrays = {
+            "samples": samples.numpy(), "nfe": np.array(method.nfe), "step": np.array(loaded.step),
+            "guidance": np.array(guidance),
+        }  # fmt: skip
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()
         npz = io.BytesIO()
         np.savez(npz, **arrays)
         atomic_write_bytes(out.with_suffix(".npz"), npz.getvalue())
-    console.print(f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE)")
+    guided = f", guidance {guidance:g}" if guidance != 1.0 else ""
+    console.print(f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE{guided})")

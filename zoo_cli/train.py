@@ -189,9 +189,10 @@ def report_run(run: RunDir) -> None:
 def launcher_ignored_notice(signum: int, grace_s: int) -> str:
     """Said for each signal after the first that reached `zoo train --nproc`: passing it on too
     could cut the ranks' checkpoint short."""
-    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    from zoo.training.interrupts import signal_display_name
+
     return (
-        f"{name} again: ignored, so the ranks' checkpoint is written whole; they stop after their step "
+        f"{signal_display_name(signum)} again: ignored, so the ranks' checkpoint is written whole; they stop after their step "
         f"(torchrun kills them {grace_s} s after the first signal at the latest)"
     )
 

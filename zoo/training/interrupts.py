@@ -35,14 +35,18 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 UNHELD_RANK_NOTICE = "stopping once every rank reaches the next check (after a step: saving a checkpoint of it)"
 
 
+def signal_display_name(signum: int) -> str:
+    """How a user knows the signal: SIGINT is the Ctrl-C they typed."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 def ignored_notice(signum: int) -> str:
     """Said for each signal after the first: why it is ignored, and what does stop at once.
 
     Not "losing only the step in progress": the checkpoint being written is this step's, and the
     one on disk may be save_every steps older."""
-    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     return (
-        f"{name} again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once, "
+        f"{signal_display_name(signum)} again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once, "
         "losing the steps since the last checkpoint on disk (written atomically, it stays intact)"
     )
 

@@ -94,7 +94,13 @@ class TrainProgress:
 
     def __exit__(self, *exc) -> None:
         self.stops.shown_live = False
-        self.rich.__exit__(*exc)
+        try:
+            self.rich.__exit__(*exc)  # draws the bar a last time
+        except (OSError, SystemExit):  # rich turns EPIPE (nobody reading any more) into SystemExit(1)
+            # `zoo train ... 2>&1 | tee log` whose tee the Ctrl-C ended: the display's failure
+            # must not replace the stop in flight, which still has its checkpoint to save.
+            if exc[1] is None:
+                raise
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         # With the adaptive weight (p = 1) the loss sits near 1 by construction; the raw mse moves.
