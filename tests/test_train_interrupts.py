@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -207,10 +208,10 @@ def test_without_a_terminal_a_held_stop_is_one_plain_line_at_once(tmp_path, monk
     assert lines == ["stopping after this step — saving a checkpoint\n"]
 
 
-def test_output_nobody_can_read_does_not_cost_the_checkpoint(tmp_path, monkeypatch):
-    """`zoo train ... 2>&1 | tee log`: the Ctrl-C also ends tee, so the console and stderr are a
-    pipe without a reader: the held stop's notice and the bar's last drawing fail (EPIPE), and
-    the run must still stop on a checkpoint."""
+@contextlib.contextmanager
+def output_nobody_reads_from_step_2(monkeypatch) -> Iterator[Console]:
+    """`zoo train ... 2>&1 | tee log` whose tee ends during step 2 (the Ctrl-C also reaches it, or
+    it is closed by hand): the console and stderr become a pipe without a reader (EPIPE)."""
     read_end, write_end = os.pipe()
     stderr_fd = os.dup(2)
     os.dup2(write_end, 2)
@@ -222,18 +223,49 @@ def test_output_nobody_can_read_does_not_cost_the_checkpoint(tmp_path, monkeypat
         return step(state)
 
     monkeypatch.setattr(trainer, "train_step", end_the_reader_then_step)
-    signal_during_step(monkeypatch, 3)
     stream = open(write_end, "w", closefd=False)  # like sys.stderr: buffered text on the pipe
     try:
-        with pytest.raises(RunInterrupted, match="at step 3, last checkpoint at step 3"):
-            trainer.train_run(tiny_config(tmp_path, "pipe", "train.steps=50"), console=Console(file=stream))
+        yield Console(file=stream)
     finally:
         with contextlib.suppress(BrokenPipeError):
             stream.close()  # what is left in its buffer has nowhere to go
         os.dup2(stderr_fd, 2)
         os.close(stderr_fd)
         os.close(write_end)
+
+
+def test_output_nobody_can_read_does_not_cost_the_checkpoint(tmp_path, monkeypatch):
+    """The held stop's notice and the bar's last drawing fail; the run still stops on a checkpoint."""
+    with output_nobody_reads_from_step_2(monkeypatch) as console:
+        signal_during_step(monkeypatch, 3)
+        with pytest.raises(RunInterrupted, match="at step 3, last checkpoint at step 3"):
+            trainer.train_run(tiny_config(tmp_path, "pipe", "train.steps=50"), console=console)
     assert load_checkpoint(tmp_path / "outputs" / "pipe" / "last.pt")["step"] == 3
+    assert json.loads((tmp_path / "outputs" / "pipe" / "heartbeat.json").read_text())["status"] == "interrupted"
+
+
+def test_output_nobody_can_read_does_not_fail_a_run_that_finishes(tmp_path, monkeypatch):
+    """The bar is only a display: a run whose reader went away still writes its final records."""
+    with output_nobody_reads_from_step_2(monkeypatch) as console:
+        trainer.train_run(tiny_config(tmp_path, "done", "train.steps=5"), console=console)
+    run_dir = tmp_path / "outputs" / "done"
+    assert json.loads((run_dir / "heartbeat.json").read_text())["status"] == "finished"
+    assert (run_dir / "eval.json").exists() and load_checkpoint(run_dir / "last.pt")["step"] == 5
+
+
+def test_the_resume_line_nobody_can_read_keeps_the_exit_code(monkeypatch):
+    """zoo train exits 128 + signal after a stop even when its last line cannot be written."""
+    from zoo_cli import train as train_cli
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = open(write_end, "w")
+    try:
+        monkeypatch.setattr(train_cli, "err_console", Console(file=stream))
+        train_cli.report_interrupted(RunInterrupted("interrupted by SIGINT at step 3", signal.SIGINT))
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
 
 
 def test_a_run_resumed_between_two_log_steps_logs_the_loss_average_of_one_that_never_stopped(tmp_path, monkeypatch):

@@ -159,7 +159,10 @@ def train(
 
 def report_interrupted(exc: RunInterrupted) -> None:
     """One line: where training stopped, its last checkpoint, and the command that resumes it."""
-    err_console.print(f"[bold yellow]{escape(str(exc))}[/]", highlight=False, markup=True)
+    try:
+        err_console.print(f"[bold yellow]{escape(str(exc))}[/]", highlight=False, markup=True)
+    except (OSError, SystemExit):  # nobody reading (rich: EPIPE as SystemExit(1)); the run still exits 128 + signal
+        pass
 
 
 def command_line(preset: str | None, overrides: list[str], flags: dict[str, Any], resume: bool) -> str:

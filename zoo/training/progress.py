@@ -97,10 +97,10 @@ class TrainProgress:
         try:
             self.rich.__exit__(*exc)  # draws the bar a last time
         except (OSError, SystemExit):  # rich turns EPIPE (nobody reading any more) into SystemExit(1)
-            # `zoo train ... 2>&1 | tee log` whose tee the Ctrl-C ended: the display's failure
-            # must not replace the stop in flight, which still has its checkpoint to save.
-            if exc[1] is None:
-                raise
+            # `zoo train ... 2>&1 | tee log` whose tee ended (the same Ctrl-C, or closed by hand):
+            # the bar is only a display; its failure must replace neither a stop in flight, which
+            # still has its checkpoint to save, nor a finished run's final records.
+            pass
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         # With the adaptive weight (p = 1) the loss sits near 1 by construction; the raw mse moves.
