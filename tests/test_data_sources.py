@@ -3,6 +3,8 @@ exact resume.  Every sample carries its index in its pixels so batches can be de
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from zoo.data import sources
 from zoo.data.sources import (
     CenterCropResize,
     ImageFiles,
@@ -281,17 +284,41 @@ def test_loader_held_out_and_reference(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_loader_workers_leave_a_stop_signal_to_the_training_process(tmp_path, signum):
+def test_loader_workers_leave_a_stop_signal_to_the_training_process(tmp_path, monkeypatch, signum):
     # A terminal's Ctrl-C reaches the whole process group, workers included; a worker that died of
     # it would fail the batch a held training step waits for: a failed run instead of a clean stop.
+    # The signal is sent while the workers are still starting (held up here before their
+    # worker_init_fn): the window in which they could not yet ignore it.
+    original = sources.leave_stop_signals_to_parent
+    monkeypatch.setattr(sources, "leave_stop_signals_to_parent", lambda worker_id: (time.sleep(1.0), original(worker_id)))
     files = write_id_images(tmp_path / "img", 10)
     s = loader_source(files, num_workers=2, batch_size=2)
     g = torch.Generator().manual_seed(0)
-    s.next_batch(g)
+    s._iterator = s._stream()
     workers = s._iterator._workers
     for worker in workers:
         os.kill(worker.pid, signum)
-    time.sleep(0.5)
+    time.sleep(1.5)
     assert all(worker.is_alive() for worker in workers)
     batches = [s.next_batch(g)[0] for _ in range(8)]  # more than the workers had prefetched
     assert all(b.shape == (2, 3, 8, 8) for b in batches)
+
+
+def test_a_crash_with_loader_workers_alive_still_exits(tmp_path):
+    """The traceback of an uncaught error keeps the loader's workers alive until exit, where
+    multiprocessing ends them with SIGTERM, which they ignore, and would wait for them forever."""
+    script = f"""
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_data_sources import loader_source, write_id_images
+source = loader_source(write_id_images(Path({str(tmp_path)!r}) / "img", 10), num_workers=2, batch_size=2)
+source.next_batch(torch.Generator().manual_seed(0))
+raise RuntimeError("a crash while the workers run")
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung at exit waiting for its loader workers")
+    assert done.returncode == 1 and "a crash while the workers run" in done.stderr, done.stderr

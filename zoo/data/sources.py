@@ -12,7 +12,9 @@ Both treat the epochs as one endless stream of indices cut into batches, so a ba
 two epochs, every sample is seen once per epoch and a resumed run may even change the batch size.
 """
 
+import atexit
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,15 +243,57 @@ class StreamBatchSampler:
             yield batch[share]
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def leave_stop_signals_to_parent(worker_id: int) -> None:
     """DataLoader workers ignore Ctrl-C and SIGTERM: the training process decides when to stop.
 
     A terminal's Ctrl-C reaches the whole foreground process group, workers included (and
     torchrun's SIGTERM its ranks' groups); a worker dead of it would fail the batch a held step is
     waiting for, a failed run instead of a clean stop (zoo.training.interrupts).  Workers still end
-    with their parent (DataLoader's watchdog) and with SIGKILL."""
+    with their parent (DataLoader's watchdog) and with SIGKILL.  They start with the signals
+    blocked (iter_with_workers), so one sent before this runs waits, and is then dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+# Iterators whose workers may still run; ended at exit by end_live_workers.
+_live_iterators: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def end_live_workers() -> None:
+    """At interpreter exit, ends the workers of iterators still alive (a crash's traceback keeps
+    them: sys.last_traceback) the way DataLoader does, by telling them to finish.
+
+    Without it multiprocessing's own exit hook ends daemonic workers with SIGTERM, which ours
+    ignore, and then waits for them forever: a crashed run would hang instead of exiting.  Runs
+    first: registered after both that hook and torch's (after which DataLoader skips its shutdown)."""
+    for iterator in list(_live_iterators):
+        iterator._shutdown_workers()
+
+
+def iter_with_workers(loader: DataLoader) -> Iterator[Any]:
+    """iter(loader), its workers started with Ctrl-C and SIGTERM blocked.
+
+    A worker inherits the signal mask of the thread that starts it (through fork, and through
+    exec for spawn): blocked, a signal cannot kill it (or run the parent's handler in it) before
+    its worker_init_fn ignores it.  In this process a signal arriving meanwhile is only delayed
+    until the mask is restored, never lost."""
+    global _exit_hook_registered
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        iterator = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if hasattr(iterator, "_shutdown_workers"):  # started workers (num_workers > 0)
+        _live_iterators.add(iterator)
+        if not _exit_hook_registered:  # now, after multiprocessing's hook: atexit runs the last first
+            atexit.register(end_live_workers)
+            _exit_hook_registered = True
+    return iterator
 
 
 class LoaderSource(BatchSource):
@@ -314,10 +358,14 @@ class LoaderSource(BatchSource):
     def _labels(self, labels: Tensor) -> Tensor | None:
         return labels.to(self.device) if self.num_classes else None
 
+    def _stream(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training batches from the current stream position on (starts the workers)."""
+        sampler = StreamBatchSampler(self.num_train, self.batch_size, self.seed, self.consumed, self.rank, self.world)
+        return iter_with_workers(self._loader(self.train, batch_sampler=sampler))
+
     def next_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         if self._iterator is None:
-            sampler = StreamBatchSampler(self.num_train, self.batch_size, self.seed, self.consumed, self.rank, self.world)
-            self._iterator = iter(self._loader(self.train, batch_sampler=sampler))
+            self._iterator = self._stream()
         images, labels = next(self._iterator)
         self.consumed += len(images) * self.world
         x = self._to_float(images)
@@ -327,7 +375,7 @@ class LoaderSource(BatchSource):
 
     def _load(self, dataset: ImageFiles, index: Tensor) -> tuple[Tensor, Tensor]:
         loader = self._loader(Subset(dataset, index.tolist()), batch_size=256, shuffle=False)
-        images, labels = zip(*loader, strict=True)
+        images, labels = zip(*iter_with_workers(loader), strict=True)
         return torch.cat(images), torch.cat(labels)
 
     def held_out_labeled(self, n: int) -> tuple[Tensor, Tensor | None]:
