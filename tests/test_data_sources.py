@@ -294,7 +294,9 @@ def test_loader_workers_leave_a_stop_signal_to_the_training_process(tmp_path, mo
     files = write_id_images(tmp_path / "img", 10)
     s = loader_source(files, num_workers=2, batch_size=2)
     g = torch.Generator().manual_seed(0)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     s._iterator = s._stream()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask  # this process's mask restored
     workers = s._iterator._workers
     for worker in workers:
         os.kill(worker.pid, signum)

@@ -261,7 +261,6 @@ def leave_stop_signals_to_parent(worker_id: int) -> None:
 
 # Iterators whose workers may still run; ended at exit by end_live_workers.
 _live_iterators: "weakref.WeakSet[Any]" = weakref.WeakSet()
-_exit_hook_registered = False
 
 
 def end_live_workers() -> None:
@@ -269,30 +268,36 @@ def end_live_workers() -> None:
     them: sys.last_traceback) the way DataLoader does, by telling them to finish.
 
     Without it multiprocessing's own exit hook ends daemonic workers with SIGTERM, which ours
-    ignore, and then waits for them forever: a crashed run would hang instead of exiting.  Runs
-    first: registered after both that hook and torch's (after which DataLoader skips its shutdown)."""
+    ignore, and then waits for them forever: a crashed run would hang instead of exiting."""
     for iterator in list(_live_iterators):
-        iterator._shutdown_workers()
+        try:
+            iterator._shutdown_workers()
+        except Exception:  # one iterator's failure must not leave the others' workers running
+            pass
+
+
+# Registered after multiprocessing's exit hook and torch's (imported above; after torch's hook
+# DataLoader skips its shutdown), so it runs before both: atexit runs the last registered first.
+# (multiprocessing.get_logger() would register its hook again; zoo never calls it.)
+atexit.register(end_live_workers)
 
 
 def iter_with_workers(loader: DataLoader) -> Iterator[Any]:
     """iter(loader), its workers started with Ctrl-C and SIGTERM blocked.
 
-    A worker inherits the signal mask of the thread that starts it (through fork, and through
-    exec for spawn): blocked, a signal cannot kill it (or run the parent's handler in it) before
-    its worker_init_fn ignores it.  In this process a signal arriving meanwhile is only delayed
-    until the mask is restored, never lost."""
-    global _exit_hook_registered
+    A worker inherits the signal mask of the thread that starts it (fork, the start method on
+    Linux up to Python 3.13): blocked, a signal cannot kill it (or run the parent's handler in it)
+    before its worker_init_fn ignores it.  In this process a signal arriving meanwhile is only
+    delayed until the mask is restored, never lost."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         iterator = iter(loader)
+        # Before the mask is restored: a handler raising then (Ctrl-C) must not leave these
+        # workers out of end_live_workers.
+        if hasattr(iterator, "_shutdown_workers"):  # started workers (num_workers > 0)
+            _live_iterators.add(iterator)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    if hasattr(iterator, "_shutdown_workers"):  # started workers (num_workers > 0)
-        _live_iterators.add(iterator)
-        if not _exit_hook_registered:  # now, after multiprocessing's hook: atexit runs the last first
-            atexit.register(end_live_workers)
-            _exit_hook_registered = True
     return iterator
 
 
