@@ -136,12 +136,16 @@ def pick_method(meanflow: bool, solver: str | None, nfe: int | None, default_sol
     return Method(ode.name, steps_for_nfe(ode, nfe), nfe)
 
 
+def headline_solver(cfg: EvalConfig) -> str:
+    """The ODE solver of the headline sampler: the run's first eval solver, else euler."""
+    return cfg.solvers[0] if cfg.solvers else "euler"
+
+
 def headline_method(cfg: EvalConfig, meanflow: bool, solver: str | None = None, nfe: int | None = None) -> Method:
     """The one sampler a single number (FID) or a picture is reported for, in `zoo eval` and in
     training's sample grids: the run's first eval solver (else euler) at its largest
     eval.solver_nfe, unless the model is a MeanFlow model or `solver`/`nfe` say otherwise."""
-    default_solver = cfg.solvers[0] if cfg.solvers else "euler"
-    return pick_method(meanflow, solver, nfe, default_solver, max(cfg.solver_nfe))
+    return pick_method(meanflow, solver, nfe, headline_solver(cfg), max(cfg.solver_nfe))
 
 
 def no_progress() -> None:

@@ -32,14 +32,13 @@ def choose_method(eval_cfg: "EvalConfig", meanflow: bool, nfe: int | None, solve
     the ODE with the run's own headline sampler (its first eval solver at its largest
     eval.solver_nfe): the one its training grids and `zoo eval` show, so the same run gives the
     same picture everywhere."""
-    from zoo.evaluation import headline_method
+    from zoo.evaluation import headline_method, headline_solver
 
     try:
         return headline_method(eval_cfg, meanflow, solver, nfe)
     except ValueError as exc:
         if solver is None and not meanflow:  # the solver came from the run, not from the command line
-            run_solver = eval_cfg.solvers[0] if eval_cfg.solvers else "euler"
-            raise fail(f"{exc} (the run's eval.solvers[0] is {run_solver}; pass --solver euler for any NFE)") from None
+            raise fail(f"{exc} (the run's eval.solvers[0] is {headline_solver(eval_cfg)}; pass --solver euler for any NFE)") from None
         raise fail(str(exc)) from None
 
 

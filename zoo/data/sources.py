@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from zoo.data.base import HELD_OUT_SEED, REFERENCE_SEED, BatchSource, check_batch_size, random_flip
+from zoo.training.interrupts import SIGNALS  # the signals that ask training to stop
 
 
 @dataclass
@@ -243,9 +244,6 @@ class StreamBatchSampler:
             yield batch[share]
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
 def leave_stop_signals_to_parent(worker_id: int) -> None:
     """DataLoader workers ignore Ctrl-C and SIGTERM: the training process decides when to stop.
 
@@ -256,7 +254,7 @@ def leave_stop_signals_to_parent(worker_id: int) -> None:
     blocked (iter_with_workers), so one sent before this runs waits, and is then dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 # Iterators whose workers may still run; ended at exit by end_live_workers.
@@ -289,7 +287,7 @@ def iter_with_workers(loader: DataLoader) -> Iterator[Any]:
     Linux up to Python 3.13): blocked, a signal cannot kill it (or run the parent's handler in it)
     before its worker_init_fn ignores it.  In this process a signal arriving meanwhile is only
     delayed until the mask is restored, never lost."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         iterator = iter(loader)
         # Before the mask is restored: a handler raising then (Ctrl-C) must not leave these
