@@ -8,18 +8,30 @@
 #   targets     ~2  zoo bench-jvp, bf16, batch 128, ratios 0.25/0.75/1.0: eager fused and primal
 #                   steps and the same replayed from a CUDA graph (--cuda-graph) — the issue's
 #                   targets (<= 1.15 at 0.25, <= 1.40 at 1.0; 0.75 runs without OOM)
-#   bf16jvp     ~2  the same with loss.jvp_precision=bf16, 0.25/1.0: the tangent at bf16 tensor-core
-#                   speed instead of TF32's half (at ratio 1.0 likely the only way under 1.40)
+#   bf16jvp     ~1  the same with loss.jvp_precision=bf16, 0.25/1.0: the tangent's convolutions at
+#                   bf16 rate (on the H200 this did not speed the captured step: 1.504 vs 1.505 at 1.0)
 #   tests       ~2  the CUDA-only tests (JVP modes, captured steps, compiled CUDA steps); a skipped
 #                   one is reported: all skipped means CUDA was not usable, not a pass
 #   compile     ~5  fused with loss + backward compiled (--compile, mode default), 0.25/1.0
 #   compile-ro  ~5  --compile --compile-mode reduce-overhead (inductor + CUDA graphs), 0.25/1.0
+#   compile-bf16    ~5  compile with loss.jvp_precision=bf16: inductor fuses the casts, so the
+#                   tangent's convolutions should run at bf16 rate (inferred, not yet measured: the
+#                   part of compile's extra time that grows with the ratio, ~13 ms at 1.0 on the
+#                   H200, is about the TF32 tangent convolutions' arithmetic)
+#   compile-ro-bf16 ~3  the same with reduce-overhead (expected, not measured: inductor's on-disk
+#                   cache, warm from compile-bf16 in the same call, spares part of the compiling)
+#   profile     ~2  scripts/profile_step_cuda.py: kernel time by category of the FM and fused
+#                   steps (tangent in TF32 and bf16): where a captured step's extra time goes
 #   train       ~3  zoo train moons on CUDA: eager, cuda_graph, compile, compile reduce-overhead
 #                   with grad_accum=2
 #
-# The device tool allows 600 s a call and about 15 min a session, a machine start included:
-#   call 1:  OUT=$OUT bash scripts/gpu_checks.sh targets bf16jvp tests     (timeout_s 590)
-#   call 2:  OUT=$OUT bash scripts/gpu_checks.sh compile compile-ro       (timeout_s 590)
+# The device tool allows 600 s a call and about 15 min a session, a machine start included; a
+# call made within 30 s of the last one finds the machine warm.  Session 9 (H200) ran
+#   OUT=$OUT bash scripts/gpu_checks.sh targets bf16jvp tests                    (305 s)
+#   DEADLINE=400 STAGE_TIMEOUT=380 OUT=$OUT bash scripts/gpu_checks.sh compile    (335 s)
+# (EXPERIMENT_LOG, session 9).  Next, most informative first:
+#   call 1:  DEADLINE=470 OUT=$OUT bash scripts/gpu_checks.sh compile-bf16 compile-ro-bf16   (timeout_s 490)
+#   call 2:  DEADLINE=<what is left - 30> OUT=$OUT bash scripts/gpu_checks.sh tests targets profile
 # DEADLINE (seconds, default 560) bounds the whole call: each stage runs under
 # min(STAGE_TIMEOUT (default 420), time left - 20 s) and is skipped with under 60 s left, so the
 # logs of the stages that ran always come back.  `timeout -k 20` also kills a process that holds
@@ -63,13 +75,23 @@ for stage in "${stages[@]}"; do
         targets) bench bench-targets --modes fused,primal,cuda_graph --ratios 0.25,0.75,1.0 --cuda-graph ;;
         compile) bench bench-compile --modes fused --ratios 0.25,1.0 --compile ;;
         compile-ro) bench bench-compile-ro --modes fused --ratios 0.25,1.0 --compile --compile-mode reduce-overhead ;;
+        compile-bf16) bench bench-compile-bf16 --modes fused --ratios 0.25,1.0 --compile loss.jvp_precision=bf16 ;;
+        compile-ro-bf16) bench bench-compile-ro-bf16 --modes fused --ratios 0.25,1.0 --compile \
+            --compile-mode reduce-overhead loss.jvp_precision=bf16 ;;
+        profile)
+            timeout -k 20 "$limit" python3 scripts/profile_step_cuda.py --batch-size 128 --out "$out" 2>&1 \
+                | tee "$out/profile.log" | tail -40 ;;
         bf16jvp) bench bench-bf16jvp --modes fused,primal --ratios 0.25,1.0 --cuda-graph loss.jvp_precision=bf16 ;;
         tests)
             # -rs names every skip: a CUDA test skipped on the GPU machine means CUDA was unusable.
-            timeout -k 20 "$limit" python3 -m pytest -q -rs -p no:cacheprovider tests/test_losses_jvp.py \
+            # -rfEs: failures, errors and skips listed.  No -q: pyproject's addopts has one, and
+            # -qq drops pytest's summary line (session 9's log lacked it for that reason alone).
+            # The exit status printed is timeout's: pytest's own, or 124 / 137 when the stage limit stopped it.
+            timeout -k 20 "$limit" python3 -m pytest -rfEs -p no:cacheprovider tests/test_losses_jvp.py \
                 tests/test_models_dual.py tests/test_models_layers.py tests/test_training_step_graph.py \
                 tests/test_training_compiled_step.py -k "(cuda or replay or recapture or captured_step_follows) and not refuses" \
                 2>&1 | tee "$out/tests.log" | tail -25
+            echo "pytest exit status (through timeout) ${PIPESTATUS[0]}" | tee -a "$out/tests.log"
             grep -q "SKIPPED" "$out/tests.log" && echo "!!! some CUDA tests were SKIPPED on the GPU machine: see tests.log"
             # pytest's last line ("N passed in T s") is missing when the stage's timeout killed it.
             grep -qE " in [0-9.]+s( \([0-9:]+\))?( =+)?$" "$out/tests.log" \
@@ -81,7 +103,7 @@ for stage in "${stages[@]}"; do
             train_moons gpu-moons-graph train.cuda_graph=true
             train_moons gpu-moons-compile train.compile=true loss.jvp=fused
             train_moons gpu-moons-compile-ro train.compile=true train.compile_mode=reduce-overhead train.grad_accum=2 loss.jvp=fused ;;
-        *) echo "unknown stage '$stage': choose from targets bf16jvp tests compile compile-ro train" >&2; exit 2 ;;
+        *) echo "unknown stage '$stage': choose from targets bf16jvp tests compile compile-ro compile-bf16 compile-ro-bf16 profile train" >&2; exit 2 ;;
     esac
     echo "=== stage $stage took $((SECONDS - start)) s"
 done

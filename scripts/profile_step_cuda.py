@@ -1,15 +1,23 @@
 """Where a training step's time goes on a GPU: FM step vs MeanFlow fused step, paper U-Net, bf16.
 
 For each step: wall time (median of 10 after warm-up), GPU busy time (sum of CUDA kernel time
-from torch.profiler), the number of kernel launches, and the top kernels.  GPU busy time far
-below wall time means the step is launch/dispatch-bound (EXPERIMENT_LOG, first GPU measurements).
-Also times the FM step with channels-last activations, to see what the memory format is worth.
+from torch.profiler), the number of kernel launches, the top kernels, and the kernel time by
+category (matrix: convolutions and GEMMs; casts and layout copies; element-wise; reductions;
+norms; other) with what each MeanFlow step adds to the FM step's.  GPU busy time far below wall
+time means the step is launch/dispatch-bound (EXPERIMENT_LOG, first GPU measurements); a step
+replayed from a CUDA graph (train.cuda_graph) runs the same kernels without the host's gaps, so
+the categories of these eager steps approximate where a captured MeanFlow step's extra time goes
+(an approximation: a replay's kernels can run faster back to back, on clocks that never idle).  The fused steps run with the tangent in
+TF32 (the default) and in bf16 (loss.jvp_precision=bf16).  Also times the FM step with
+channels-last activations, to see what the memory format is worth.
 
     python3 scripts/profile_step_cuda.py --batch-size 128 --out outputs/profile-cuda
 """
 
 import argparse
+import collections
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +43,25 @@ def wall_ms(run, repeats: int = 10) -> float:
     return statistics.median(samples)
 
 
-def kernel_profile(run) -> tuple[float, int, list[tuple[str, float, int]]]:
+# First match wins: a cast is an element-wise kernel whose functor is a copy.  "copies" also holds
+# torch.cat, clone/contiguous and index_copy: the top kernels of it and of "other" are printed,
+# so a misfiled kernel shows.
+KERNEL_CATEGORIES = [
+    ("copies", re.compile(r"copy|CatArray|nchwToNhwc|nhwcToNchw|transpose|permute", re.I)),
+    ("matrix", re.compile(r"conv|cudnn|gemm|nvjet|xmma|cutlass|wgrad|dgrad|fprop|sm90|flash|fmha|attention", re.I)),
+    ("norm", re.compile(r"group_?norm|layer_?norm|RowwiseMoments|ComputeFused|Welford|ComputeInternalGradients|"
+                        r"BackwardFusedParams|GammaBeta", re.I)),
+    ("reduction", re.compile(r"reduce", re.I)),
+    ("element-wise", re.compile(r"elementwise|vectorized|unrolled|dropout", re.I)),
+]
+LISTED_CATEGORIES = ("copies", "other")
+
+
+def kernel_category(name: str) -> str:
+    return next((label for label, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
+
+
+def kernel_profile(run) -> tuple[float, int, list[tuple[str, float, int]], dict[str, float], list[tuple[str, float, int]]]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
@@ -45,7 +71,15 @@ def kernel_profile(run) -> tuple[float, int, list[tuple[str, float, int]]]:
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     top = sorted(((e.key, e.self_device_time_total / 1e3, e.count) for e in kernels), key=lambda row: -row[1])[:8]
-    return busy, launches, top
+    categories: collections.Counter[str] = collections.Counter()
+    for e in kernels:
+        categories[kernel_category(e.key)] += e.self_device_time_total / 1e3
+    listed = sorted(
+        ((f"[{kernel_category(e.key)}] {e.key}", e.self_device_time_total / 1e3, e.count) for e in kernels
+         if kernel_category(e.key) in LISTED_CATEGORIES),
+        key=lambda row: -row[1],
+    )[:6]  # fmt: skip
+    return busy, launches, top, dict(categories), listed
 
 
 def main() -> None:
@@ -61,21 +95,32 @@ def main() -> None:
     model = build_model(cfg.model, shape, classes).to(device).train()
     optimizer = build_optimizer(model, cfg.optim)
     batch = synthetic_batch(model, args.batch_size, device, cfg.loss)
+    bf16_tangent = cfg.loss.model_copy(update={"jvp_precision": "bf16"})
     steps = {
         "fm": training_step_fn(model, optimizer, flow_matching_loss(cfg.loss), batch, "bf16"),
         "fused@0.25": training_step_fn(model, optimizer, meanflow_loss(cfg.loss, "fused", 0.25), batch, "bf16"),
         "fused@1.0": training_step_fn(model, optimizer, meanflow_loss(cfg.loss, "fused", 1.0), batch, "bf16"),
+        "fused@0.25 bf16 JVP": training_step_fn(model, optimizer, meanflow_loss(bf16_tangent, "fused", 0.25), batch, "bf16"),
+        "fused@1.0 bf16 JVP": training_step_fn(model, optimizer, meanflow_loss(bf16_tangent, "fused", 1.0), batch, "bf16"),
     }
     report = {}
     for name, run in steps.items():
         for _ in range(3):
             run()
         ms = wall_ms(run)
-        busy, launches, top = kernel_profile(run)
-        report[name] = {"wall_ms": ms, "gpu_busy_ms": busy, "launches": launches, "top": top}
-        print(f"{name:12s} wall {ms:7.1f} ms   GPU busy {busy:7.1f} ms ({100 * busy / ms:4.1f}%)   launches {launches}")
-        for key, kernel_ms, count in top[:5]:
+        busy, launches, top, categories, listed = kernel_profile(run)
+        report[name] = {"wall_ms": ms, "gpu_busy_ms": busy, "launches": launches, "top": top, "categories": categories,
+                        "copies_and_other": listed}  # fmt: skip
+        print(f"{name:20s} wall {ms:7.1f} ms   GPU busy {busy:7.1f} ms ({100 * busy / ms:4.1f}%)   launches {launches}")
+        for key, kernel_ms, count in top[:5] + listed:
             print(f"    {kernel_ms:7.2f} ms  x{count:<5d} {key[:90]}")
+    labels = [label for label, _ in KERNEL_CATEGORIES] + ["other"]
+    print("kernel ms by category (MeanFlow rows: + over the FM step)")
+    print(f"{'step':20s}" + "".join(f"{label:>14s}" for label in labels))
+    fm_categories = report["fm"]["categories"]
+    for name, row in report.items():
+        cells = (row["categories"].get(label, 0.0) - (0.0 if name == "fm" else fm_categories.get(label, 0.0)) for label in labels)
+        print(f"{name:20s}" + "".join(f"{value:14.1f}" for value in cells))
     model_cl = model.to(memory_format=torch.channels_last)
     batch.z, batch.x, batch.v = (t.contiguous(memory_format=torch.channels_last) for t in (batch.z, batch.x, batch.v))
     fm_cl = training_step_fn(model_cl, optimizer, flow_matching_loss(cfg.loss), batch, "bf16")

@@ -12,7 +12,7 @@ def perturb(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device))
     return model
 
 

@@ -170,18 +170,29 @@ def test_a_broadcast_factor_is_not_mistaken_for_per_sample_when_its_size_equals_
     torch.testing.assert_close(out.tangent, expected[rows])
 
 
-def test_dropout_tangent_uses_the_primal_mask():
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_dropout_tangent_uses_the_primal_mask(dtype):
     module = nn.Dropout(0.4).train()
     x = torch.rand(6, 50, dtype=F64) + 0.5  # nonzero: output / input reveals mask / (1 - p)
     rows = torch.tensor([5, 1])
     dx = torch.randn(2, 50, dtype=F64)
     meta = D.RowTangents(rows=rows, batch=6, island=island)
-    out = D.dropout(module, D.Dual(x, dx, meta))
+    out = D.dropout(module, D.Dual(x, dx.to(dtype), meta))
     factor = out.primal[rows] / x[rows]
     kept = factor != 0
     assert kept.any() and (~kept).any()
     torch.testing.assert_close(factor[kept], torch.full_like(factor[kept], 1 / 0.6))
-    torch.testing.assert_close(out.tangent, dx * factor, rtol=1e-14, atol=0)
+    assert out.tangent.dtype == dtype
+    # In bf16 too the scale is applied unrounded and the product rounded once (torch's own
+    # forward-AD rule): exactly dx * (1 / 0.6) rounded to the tangent's dtype, zero where dropped.
+    expected = torch.where(kept, (dx.to(dtype).double() / 0.6).to(dtype), torch.zeros((), dtype=dtype))
+    torch.testing.assert_close(out.tangent, expected, rtol=1e-14 if dtype == F64 else 0, atol=0)
+
+
+def test_dropout_of_one_drops_the_tangent_too():
+    meta = D.RowTangents(rows=torch.tensor([0]), batch=2, island=island)
+    out = D.dropout(nn.Dropout(1.0).train(), D.Dual(torch.ones(2, 5), torch.ones(1, 5), meta))
+    assert torch.equal(out.primal, torch.zeros(2, 5)) and torch.equal(out.tangent, torch.zeros(1, 5))
 
 
 def test_product_rule_matches_torch_func_jvp():

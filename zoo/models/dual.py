@@ -246,12 +246,14 @@ def _normalization(
     """A norm layer with its saved statistics; tangent_of(x_rows, dx, mean_rows, rstd_rows)."""
     if not isinstance(x, Dual):
         return module(x)
-    out, mean, rstd = module.normalize(x.primal)
+    # The fp32 copy the norm computes on under autocast: its rows are views, not casts.
+    x_in = layers.norm_input(x.primal)
+    out, mean, rstd = module.normalize(x_in)
     if x.tangent is None:
         return Dual(out, None, x.meta)
     meta = x.meta
     with meta.island():
-        rows = meta.at(x.primal)
+        rows = meta.at(x_in)
         return Dual(out, tangent_of(rows, x.tangent.to(rows.dtype), meta.at(mean), meta.at(rstd)), meta)
 
 
@@ -284,8 +286,10 @@ def dropout(module: nn.Dropout, x: Value) -> Value:
     if x.tangent is None:
         return Dual(out, None, x.meta)
     with x.meta.island():
-        scale = 1.0 / (1.0 - module.p)
-        return Dual(out, x.tangent * (keep[x.meta.rows].to(x.tangent.dtype) * scale), x.meta)
+        # tangent * mask * scale in one kernel, rounded once: PyTorch's own forward-AD rule for
+        # dropout, bit for bit in every dtype (p = 1 keeps nothing: scale 0, as torch's).
+        scale = 0.0 if module.p == 1.0 else 1.0 / (1.0 - module.p)
+        return Dual(out, torch.ops.aten.native_dropout_backward(x.tangent, keep[x.meta.rows], scale), x.meta)
 
 
 def attention(q: Value, k: Value, v: Value) -> Value:

@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "Attention", "Conv2d", "GroupNorm", "LayerNorm", "attention", "attention_tangent", "detached_tangents",
-    "group_norm_tangent", "layer_norm_tangent",
+    "group_norm_tangent", "layer_norm_tangent", "norm_input",
 ]  # fmt: skip
 
 # A context variable, not a module global: per thread (and task), so a JVP in one thread does not
@@ -185,6 +185,18 @@ def group_norm_tangent(
     return torch.addcmul(o, a, dx4).addcmul_(minus_b, x4, value=-1).reshape(x.shape)
 
 
+def norm_input(x: Tensor) -> Tensor:
+    """What group and layer norm compute on: x, with fp16/bf16 upcast to fp32 under autocast.
+
+    CUDA autocast runs F.group_norm and F.layer_norm in fp32 (and leaves fp64 alone); the native
+    kernels called here are on no autocast list, so that policy is applied by hand (on every
+    device: accurate statistics of low-precision activations, and the closed-form tangents want
+    fp32).  The fused JVP reads its rows from this same copy (zoo.models.dual): no second cast."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
+
+
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (always affine, same `weight`/`bias` state_dict keys) with a fast exact JVP."""
 
@@ -196,11 +208,7 @@ class GroupNorm(nn.GroupNorm):
 
     def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(output, mean, rstd), the statistics (N, G) without gradient."""
-        if torch.is_autocast_enabled(x.device.type):
-            # CUDA autocast runs F.group_norm in fp32; the native kernel called here is on no
-            # autocast list, so apply that policy by hand (on every device: accurate statistics
-            # of low-precision activations, and the closed-form tangent wants fp32).
-            x = x.float()
+        x = norm_input(x)
         if torch.compiler.is_compiling():
             # Traced by torch.compile, which cannot trace a Function with a custom jvp: the native
             # op, whose backward autograd knows (a compiled step takes no torch.func.jvp).
@@ -283,8 +291,7 @@ class LayerNorm(nn.LayerNorm):
 
     def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(output, mean, rstd), the statistics (..., 1) without gradient."""
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.float()  # CUDA autocast's policy for layer_norm, as in GroupNorm
+        x = norm_input(x)
         if torch.compiler.is_compiling():
             return torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)  # see GroupNorm
         return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
