@@ -19,7 +19,7 @@ from zoo.losses.jvp import cuda_fp32_precision
 from zoo.losses.time_sampling import sample_t_r
 from zoo.models import build_model
 from zoo.training.step_graph import GraphedLossBackward, StepGraphError, check_capturable
-from zoo.training.trainer import capturable
+from zoo.training.trainer import capturable, compilable, faster_step_tip
 from zoo_cli.main import app
 from model_helpers import labelled_cuda_batch, perturb
 from tiny_runs import TINY_RUN, train_moons_variants
@@ -230,3 +230,29 @@ def test_a_resumed_run_whose_mode_cannot_be_captured_is_told_to_resume_without_t
         capturable(torch.device("cuda"), cfg, "cuda_graph", resumed=True)
     with pytest.raises(ConfigError, match=r"loss\.jvp=fused"):
         capturable(torch.device("cuda"), cfg, "cuda_graph", resumed=False)
+
+
+@pytest.mark.parametrize(
+    "device, overrides, named",
+    [
+        ("cuda", [], ["train.cuda_graph=true", "train.compile=true"]),
+        ("cuda", ["precision=fp16"], ["train.compile=true"]),  # fp16 cannot be captured
+        ("cuda", ["train.cuda_graph=true"], None),
+        ("cuda", ["train.compile=true"], None),
+        ("cpu", [], None),
+    ],
+)
+def test_a_cuda_run_with_eager_steps_is_pointed_at_the_faster_ones(device, overrides, named) -> None:
+    tip = faster_step_tip(torch.device(device), load_config("moons", overrides))
+    if named is None:
+        assert tip is None
+    else:
+        assert all(option in tip for option in named)
+        assert ("train.cuda_graph=true" in tip) == ("train.cuda_graph=true" in named)
+        # Every option the tip names is one the run accepts (a refused one would be a bad tip).
+        for option in named:
+            cfg = load_config("moons", [*overrides, option])
+            if option == "train.cuda_graph=true":
+                capturable(torch.device(device), cfg, "auto")
+            else:
+                compilable(torch.device(device), cfg, "auto")
