@@ -6,6 +6,7 @@ touched the gradients, and under recapture; and a real `zoo train` run.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -233,26 +234,28 @@ def test_a_resumed_run_whose_mode_cannot_be_captured_is_told_to_resume_without_t
 
 
 @pytest.mark.parametrize(
-    "device, overrides, named",
+    "device, overrides, mode, resumed, named",
     [
-        ("cuda", [], ["train.cuda_graph=true", "train.compile=true"]),
-        ("cuda", ["precision=fp16"], ["train.compile=true"]),  # fp16 cannot be captured
-        ("cuda", ["train.cuda_graph=true"], None),
-        ("cuda", ["train.compile=true"], None),
-        ("cpu", [], None),
+        ("cuda", [], "auto", False, {"train.cuda_graph=true", "train.compile=true"}),
+        ("cuda", ["loss.kind=flow_matching"], "auto", False, {"train.cuda_graph=true", "train.compile=true"}),
+        ("cuda", ["precision=fp16"], "auto", False, {"train.compile=true"}),  # fp16 cannot be captured
+        ("cuda", ["loss.jvp_precision=fp32"], "auto", False, {"train.cuda_graph=true"}),  # compile: TF32 only
+        ("cuda", ["precision=fp16", "loss.jvp_precision=fp32"], "auto", False, set()),
+        ("cuda", ["loss.jvp=selective"], "selective", False, {"train.cuda_graph=true"}),  # compile: fused only
+        ("cuda", ["loss.jvp=cuda_graph"], "cuda_graph", False, set()),
+        ("cuda", [], "selective", True, {"train.cuda_graph=true"}),  # a resumed run keeps its mode
+        ("cuda", [], "cuda_graph", True, set()),
+        ("cuda", ["train.cuda_graph=true"], "auto", False, set()),
+        ("cuda", ["train.compile=true"], "auto", False, set()),
+        ("cpu", [], "auto", False, set()),
     ],
 )
-def test_a_cuda_run_with_eager_steps_is_pointed_at_the_faster_ones(device, overrides, named) -> None:
-    tip = faster_step_tip(torch.device(device), load_config("moons", overrides))
-    if named is None:
-        assert tip is None
-    else:
-        assert all(option in tip for option in named)
-        assert ("train.cuda_graph=true" in tip) == ("train.cuda_graph=true" in named)
-        # Every option the tip names is one the run accepts (a refused one would be a bad tip).
-        for option in named:
-            cfg = load_config("moons", [*overrides, option])
-            if option == "train.cuda_graph=true":
-                capturable(torch.device(device), cfg, "auto")
-            else:
-                compilable(torch.device(device), cfg, "auto")
+def test_a_cuda_run_with_eager_steps_is_pointed_at_the_faster_steps_it_accepts(device, overrides, mode, resumed, named) -> None:
+    cfg = load_config("moons", overrides)
+    tip = faster_step_tip(torch.device(device), cfg, mode, resumed)
+    offered = set() if tip is None else set(re.findall(r"train\.\w+=true", tip))
+    assert offered == named
+    # Independently of the expectations above: every option named is accepted by the run's checks.
+    checks = {"train.cuda_graph=true": capturable, "train.compile=true": compilable}
+    for option in offered:
+        checks[option](torch.device(device), load_config("moons", [*overrides, option]), mode, resumed)
