@@ -20,6 +20,8 @@
 #                   H200, is about the TF32 tangent convolutions' arithmetic)
 #   compile-ro-bf16 ~3  the same with reduce-overhead (expected, not measured: inductor's on-disk
 #                   cache, warm from compile-bf16 in the same call, spares part of the compiling)
+#   triton      ~1  fused eager and captured steps with loss.jvp_kernels=triton (the group-norm
+#                   tangents in two Triton kernels each), 0.25/1.0: compare with stage targets
 #   profile     ~2  scripts/profile_step_cuda.py: kernel time by category of the FM and fused
 #                   steps (tangent in TF32 and bf16): where a captured step's extra time goes
 #   train       ~3  zoo train moons on CUDA: eager, cuda_graph, compile, compile reduce-overhead
@@ -31,7 +33,7 @@
 #   DEADLINE=400 STAGE_TIMEOUT=380 OUT=$OUT bash scripts/gpu_checks.sh compile    (335 s)
 # (EXPERIMENT_LOG, session 9).  Next, most informative first:
 #   call 1:  DEADLINE=470 OUT=$OUT bash scripts/gpu_checks.sh compile-bf16 compile-ro-bf16   (timeout_s 490)
-#   call 2:  DEADLINE=<what is left - 30> OUT=$OUT bash scripts/gpu_checks.sh tests targets profile
+#   call 2:  DEADLINE=<what is left - 30> OUT=$OUT bash scripts/gpu_checks.sh tests triton targets profile
 # DEADLINE (seconds, default 560) bounds the whole call: each stage runs under
 # min(STAGE_TIMEOUT (default 420), time left - 20 s) and is skipped with under 60 s left, so the
 # logs of the stages that ran always come back.  `timeout -k 20` also kills a process that holds
@@ -78,6 +80,7 @@ for stage in "${stages[@]}"; do
         compile-bf16) bench bench-compile-bf16 --modes fused --ratios 0.25,1.0 --compile loss.jvp_precision=bf16 ;;
         compile-ro-bf16) bench bench-compile-ro-bf16 --modes fused --ratios 0.25,1.0 --compile \
             --compile-mode reduce-overhead loss.jvp_precision=bf16 ;;
+        triton) bench bench-triton --modes fused --ratios 0.25,1.0 --cuda-graph loss.jvp_kernels=triton ;;
         profile)
             timeout -k 20 "$limit" python3 scripts/profile_step_cuda.py --batch-size 128 --out "$out" 2>&1 \
                 | tee "$out/profile.log" | tail -40 ;;
@@ -89,7 +92,7 @@ for stage in "${stages[@]}"; do
             # The exit status printed is timeout's: pytest's own, or 124 / 137 when the stage limit stopped it.
             timeout -k 20 "$limit" python3 -m pytest -rfEs -p no:cacheprovider tests/test_losses_jvp.py \
                 tests/test_models_dual.py tests/test_models_layers.py tests/test_training_step_graph.py \
-                tests/test_training_compiled_step.py -k "(cuda or replay or recapture or captured_step_follows) and not refuses" \
+                tests/test_training_compiled_step.py tests/test_group_norm_tangent_kernel.py -k "(cuda or replay or recapture or captured_step_follows) and not refuses" \
                 2>&1 | tee "$out/tests.log" | tail -25
             echo "pytest exit status (through timeout) ${PIPESTATUS[0]}" | tee -a "$out/tests.log"
             grep -q "SKIPPED" "$out/tests.log" && echo "!!! some CUDA tests were SKIPPED on the GPU machine: see tests.log"
@@ -103,7 +106,7 @@ for stage in "${stages[@]}"; do
             train_moons gpu-moons-graph train.cuda_graph=true
             train_moons gpu-moons-compile train.compile=true loss.jvp=fused
             train_moons gpu-moons-compile-ro train.compile=true train.compile_mode=reduce-overhead train.grad_accum=2 loss.jvp=fused ;;
-        *) echo "unknown stage '$stage': choose from targets bf16jvp tests compile compile-ro compile-bf16 compile-ro-bf16 profile train" >&2; exit 2 ;;
+        *) echo "unknown stage '$stage': choose from targets bf16jvp tests compile compile-ro compile-bf16 compile-ro-bf16 triton profile train" >&2; exit 2 ;;
     esac
     echo "=== stage $stage took $((SECONDS - start)) s"
 done

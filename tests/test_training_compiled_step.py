@@ -58,6 +58,11 @@ def losses():
     return {
         "flow_matching": build_loss(LossConfig(kind="flow_matching", class_dropout=0.2)),
         "meanflow": build_loss(LossConfig(kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, weight_p=0.0)),
+        # The Triton kernels' option: a compiled step uses the PyTorch operations, with no check or branch
+        # left in the graph (torch 2.11's dynamo broke it on the kernels' availability check).
+        "meanflow-triton-kernels": build_loss(
+            LossConfig(kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, weight_p=0.0, jvp_kernels="triton")
+        ),
     }
 
 
@@ -73,7 +78,7 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("network", list(NETWORKS))
-@pytest.mark.parametrize("kind", ["flow_matching", "meanflow"])
+@pytest.mark.parametrize("kind", ["flow_matching", "meanflow", "meanflow-triton-kernels"])
 def test_the_loss_traces_into_one_graph_without_breaks(network, kind) -> None:
     # A graph break would run part of the step eagerly, and custom-jvp Functions break the graph:
     # zoo's layers must switch to native operations while compiling (zoo.models.layers).

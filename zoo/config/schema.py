@@ -105,6 +105,14 @@ class LossConfig(Section):
             "(fp32 is refused on CUDA there)"
         ),
     )
+    jvp_kernels: Literal["torch", "triton"] = Field(
+        "torch",
+        description=(
+            "how jvp='fused' computes its group-norm tangents: torch = PyTorch operations; triton = two "
+            "Triton kernels per layer (CUDA only; fewer launches and passes over memory; opt-in until "
+            "measured on a GPU; train.compile uses the torch operations, which inductor fuses)"
+        ),
+    )
     class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="label dropout for guidance")
     guidance_omega: float = Field(1.0, gt=0.0, le=10.0, description="training-time CFG scale (1 = off)")
     guidance_kappa: float = Field(0.0, ge=0.0, lt=1.0)

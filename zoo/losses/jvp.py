@@ -61,6 +61,7 @@ from torch import Tensor
 
 from zoo.config.schema import LossConfig
 from zoo.losses.time_sampling import TimePair
+from zoo.models import group_norm_tangent_kernel
 from zoo.models.base import FlowModel, RowTangentModel
 from zoo.models.dual import upcast
 from zoo.models.layers import detached_tangents
@@ -248,7 +249,19 @@ class FusedJvp(JvpStrategy):
 
     name = "fused"
 
+    def __init__(self, precision: str = "fp32", kernels: str = "torch") -> None:
+        super().__init__(precision)
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"unknown jvp_kernels {kernels!r}; use 'torch' or 'triton'")
+        self.kernels = kernels  # the group-norm tangents' implementation (zoo.models.group_norm_tangent_kernel)
+
     def __call__(self, model, z, t, r, y, v, times):
+        # Not while compiling: the check is host work dynamo would break the graph on (torch 2.11),
+        # and a compiled step computes the tangents with PyTorch operations anyway.
+        if self.kernels == "triton" and not torch.compiler.is_compiling() and (
+            reason := group_norm_tangent_kernel.unusable_reason(z.device)
+        ):
+            raise ValueError(f"loss.jvp_kernels='triton' cannot run: {reason}; use loss.jvp_kernels=torch")
         if not isinstance(model, RowTangentModel):
             raise ValueError(
                 f"jvp='fused' needs a network written in zoo.models.dual ops (a RowTangentModel, as "
@@ -265,7 +278,7 @@ class FusedJvp(JvpStrategy):
         with island():
             dz = upcast(v[times.jvp_index])
         u_ordered, dudt_rows = model.forward_with_row_tangents(
-            z[order], t[order], r[order], select(y, order), slice(0, k), dz, island
+            z[order], t[order], r[order], select(y, order), slice(0, k), dz, island, self.kernels
         )
         u = u_ordered[inverse_permutation(order)]
         dudt_rows = upcast(dudt_rows)  # bf16 under jvp_precision="bf16"; the target wants fp32
@@ -399,7 +412,7 @@ STRATEGIES: dict[str, type[JvpStrategy]] = {
 }
 
 
-def build_jvp(mode: str, precision: str = "fp32") -> JvpStrategy:
+def build_jvp(mode: str, precision: str = "fp32", kernels: str = "torch") -> JvpStrategy:
     if mode == "auto":
         raise ValueError(
             "jvp='auto' must be resolved to a concrete mode before building the loss: "
@@ -407,6 +420,8 @@ def build_jvp(mode: str, precision: str = "fp32") -> JvpStrategy:
         )
     if mode not in STRATEGIES:
         raise ValueError(f"unknown jvp mode {mode!r}; use one of {sorted(STRATEGIES)} or 'auto'")
+    if mode == "fused":
+        return FusedJvp(precision, kernels)  # the other modes have no kernels of their own to choose
     return STRATEGIES[mode](precision)
 
 

@@ -53,7 +53,7 @@ class MeanFlowLoss(Loss):
             raise ValueError(
                 f"guidance_t_min ({cfg.guidance_t_min}) must not exceed guidance_t_max ({cfg.guidance_t_max})"
             )
-        self.jvp = build_jvp(cfg.jvp, cfg.jvp_precision)
+        self.jvp = build_jvp(cfg.jvp, cfg.jvp_precision, cfg.jvp_kernels)
 
     @property
     def guidance_active(self) -> bool:

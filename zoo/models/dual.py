@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.models import layers
+from zoo.models import group_norm_tangent_kernel, layers
 
 
 Rows = Tensor | slice
@@ -65,6 +65,7 @@ class RowTangents:
     rows: Rows
     batch: int  # B
     island: Callable[[], AbstractContextManager]  # no grad + the JVP's precision
+    kernels: str = "torch"  # "triton": group-norm tangents by zoo.models.group_norm_tangent_kernel
 
     @property
     def count(self) -> int:
@@ -259,8 +260,11 @@ def _normalization(
 
 def group_norm(module: layers.GroupNorm, x: Value) -> Value:
     groups = module.num_groups
+    use_kernel = isinstance(x, Dual) and x.meta.kernels == "triton"
 
     def tangent_of(rows: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+        if use_kernel and group_norm_tangent_kernel.applies(rows):
+            return group_norm_tangent_kernel.group_norm_tangent(rows, dx, module.weight, mean, rstd, groups)
         n = rows.shape[0]
         weight = module.weight.to(rows.dtype)
         return layers.group_norm_tangent(rows, dx, weight, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), groups)

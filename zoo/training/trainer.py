@@ -29,7 +29,7 @@ from zoo.evaluation import EvalReport, Method, evaluate
 from zoo.experiment_log import append_run_entry
 from zoo.losses import Loss, build_loss, resolve_jvp_mode
 from zoo.losses.base import metrics_to_floats
-from zoo.models import build_model
+from zoo.models import build_model, group_norm_tangent_kernel
 from zoo.models.base import FlowModel
 from zoo.runs import RunDir, RunError, RunInterrupted, atomic_write_json, atomic_write_text, check_checkpoint_owner, check_run
 from zoo.tracking import Tracker, make_tracker
@@ -49,7 +49,7 @@ from zoo.training.visuals import save_loss_plot, save_samples
 RESUMABLE_CHANGES = {
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.archive_every",
     "device", "output_dir", "tracking", "eval", "experiment_log", "threads", "train.cuda_graph", "train.compile",
-    "train.compile_mode",
+    "train.compile_mode", "loss.jvp_kernels",
 }
 # The device may change only within a type: RNG states of CPU, CUDA and MPS generators differ.
 
@@ -406,6 +406,14 @@ def start_and_train(
     cfg: ZooConfigBody, resume: bool, console: Console, command: str | None, stops: StopSignals
 ) -> RunDir:
     device = resolve_device(cfg.device)
+    if cfg.loss.kind == "meanflow" and cfg.loss.jvp_kernels == "triton":
+        if cfg.loss.jvp not in ("fused", "auto"):
+            raise ConfigError(
+                f"loss.jvp_kernels=triton changes how loss.jvp=fused computes tangents, and this run uses "
+                f"loss.jvp={cfg.loss.jvp}: drop loss.jvp_kernels=triton or use loss.jvp=fused"
+            )
+        if reason := group_norm_tangent_kernel.unusable_reason(device):
+            raise ConfigError(f"loss.jvp_kernels=triton cannot run: {reason}; use loss.jvp_kernels=torch")
     if cfg.train.cuda_graph:
         capturable(device, cfg, cfg.loss.jvp)
     if cfg.train.compile:
