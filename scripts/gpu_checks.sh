@@ -31,9 +31,11 @@
 # call made within 30 s of the last one finds the machine warm.  Session 9 (H200) ran
 #   OUT=$OUT bash scripts/gpu_checks.sh targets bf16jvp tests                    (305 s)
 #   DEADLINE=400 STAGE_TIMEOUT=380 OUT=$OUT bash scripts/gpu_checks.sh compile    (335 s)
-# (EXPERIMENT_LOG, session 9).  Next, most informative first:
-#   call 1:  DEADLINE=470 OUT=$OUT bash scripts/gpu_checks.sh compile-bf16 compile-ro-bf16   (timeout_s 490)
-#   call 2:  DEADLINE=<what is left - 30> OUT=$OUT bash scripts/gpu_checks.sh tests triton targets profile
+# (EXPERIMENT_LOG, session 9).  Next, most informative first (~900 s in all, a start included):
+#   call 1:  DEADLINE=330 OUT=$OUT bash scripts/gpu_checks.sh tests triton targets       (timeout_s 350)
+#            the CUDA tests (the SGD replay test, the compiled Triton kernels), the captured step
+#            with loss.jvp_kernels=triton and without (after session 9's changes)
+#   call 2, within 30 s:  DEADLINE=<left - 40> OUT=$OUT bash scripts/gpu_checks.sh compile-bf16 profile
 # DEADLINE (seconds, default 560) bounds the whole call: each stage runs under
 # min(STAGE_TIMEOUT (default 420), time left - 20 s) and is skipped with under 60 s left, so the
 # logs of the stages that ran always come back.  `timeout -k 20` also kills a process that holds
