@@ -406,14 +406,7 @@ def start_and_train(
     cfg: ZooConfigBody, resume: bool, console: Console, command: str | None, stops: StopSignals
 ) -> RunDir:
     device = resolve_device(cfg.device)
-    if cfg.loss.kind == "meanflow" and cfg.loss.jvp_kernels == "triton":
-        if cfg.loss.jvp not in ("fused", "auto"):
-            raise ConfigError(
-                f"loss.jvp_kernels=triton changes how loss.jvp=fused computes tangents, and this run uses "
-                f"loss.jvp={cfg.loss.jvp}: drop loss.jvp_kernels=triton or use loss.jvp=fused"
-            )
-        if reason := group_norm_tangent_kernel.unusable_reason(device):
-            raise ConfigError(f"loss.jvp_kernels=triton cannot run: {reason}; use loss.jvp_kernels=torch")
+    tangent_kernels_usable(device, cfg)
     if cfg.train.cuda_graph:
         capturable(device, cfg, cfg.loss.jvp)
     if cfg.train.compile:
@@ -556,6 +549,19 @@ def faster_step_tip(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, res
         f"tip: this CUDA run takes eager steps; {options} may be faster (on an H200 the paper U-Net's "
         f"bf16 steps ran {gains}: EXPERIMENT_LOG.md, session 9)"
     )
+
+
+def tangent_kernels_usable(device: torch.device, cfg: ZooConfigBody) -> None:
+    """loss.jvp_kernels=triton's requirements, as a configuration error naming the fix."""
+    if cfg.loss.kind != "meanflow" or cfg.loss.jvp_kernels != "triton":
+        return
+    if cfg.loss.jvp not in ("fused", "auto"):
+        raise ConfigError(
+            f"loss.jvp_kernels=triton changes how loss.jvp=fused computes tangents, and this run uses "
+            f"loss.jvp={cfg.loss.jvp}: drop loss.jvp_kernels=triton or use loss.jvp=fused"
+        )
+    if reason := group_norm_tangent_kernel.unusable_reason(device):
+        raise ConfigError(f"loss.jvp_kernels=triton cannot run: {reason}; use loss.jvp_kernels=torch")
 
 
 def capturable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, resumed: bool = False) -> None:
