@@ -7,7 +7,8 @@
 # paper U-Net dominates the compile stages):
 #   targets     ~2  zoo bench-jvp, bf16, batch 128, ratios 0.25/0.75/1.0: eager fused and primal
 #                   steps and the same replayed from a CUDA graph (--cuda-graph) — the issue's
-#                   targets (<= 1.15 at 0.25, <= 1.40 at 1.0; 0.75 runs without OOM)
+#                   targets (<= 1.15 at 0.25, <= 1.40 at 1.0; 0.75 runs without OOM); met on an H200
+#                   by the captured fused step with the Triton group-norm tangents (session 10)
 #   bf16jvp     ~1  the same with loss.jvp_precision=bf16, 0.25/1.0: the tangent's convolutions at
 #                   bf16 rate (on the H200 this did not speed the captured step: 1.504 vs 1.505 at 1.0)
 #   tests       ~2  the CUDA-only tests (JVP modes, captured steps, compiled CUDA steps); a skipped
@@ -20,8 +21,9 @@
 #                   H200, is about the TF32 tangent convolutions' arithmetic)
 #   compile-ro-bf16 ~3  the same with reduce-overhead (expected, not measured: inductor's on-disk
 #                   cache, warm from compile-bf16 in the same call, spares part of the compiling)
-#   triton      ~1  fused eager and captured steps with loss.jvp_kernels=triton (the group-norm
-#                   tangents in two Triton kernels each), 0.25/1.0: compare with stage targets
+#   torch-kernels  ~1  fused eager and captured steps with loss.jvp_kernels=torch (the group-norm
+#                   tangents as PyTorch operations; since session 10 the default on CUDA is the
+#                   Triton kernels), 0.25/1.0: compare with stage targets
 #   profile     ~2  scripts/profile_step_cuda.py: kernel time by category of the FM and fused
 #                   steps (tangent in TF32 and bf16): where a captured step's extra time goes
 #   train       ~3  zoo train moons on CUDA: eager, cuda_graph, compile, compile reduce-overhead
@@ -31,11 +33,11 @@
 # call made within 30 s of the last one finds the machine warm.  Session 9 (H200) ran
 #   OUT=$OUT bash scripts/gpu_checks.sh targets bf16jvp tests                    (305 s)
 #   DEADLINE=400 STAGE_TIMEOUT=380 OUT=$OUT bash scripts/gpu_checks.sh compile    (335 s)
-# (EXPERIMENT_LOG, session 9).  Next, most informative first (~900 s in all, a start included):
-#   call 1:  DEADLINE=330 OUT=$OUT bash scripts/gpu_checks.sh tests triton targets       (timeout_s 350)
-#            the CUDA tests (the SGD replay test, the compiled Triton kernels), the captured step
-#            with loss.jvp_kernels=triton and without (after session 9's changes)
-#   call 2, within 30 s:  DEADLINE=<left - 40> OUT=$OUT bash scripts/gpu_checks.sh compile-bf16 profile
+# (EXPERIMENT_LOG, session 9); session 10 (EXPERIMENT_LOG) ran stages tests and triton (the stage
+# torch-kernels replaced) and met the targets with captured steps.  Next, about the compiled steps
+# (1.28 / 1.42 in session 9), ~900 s in all with a start:
+#   call 1:  DEADLINE=560 OUT=$OUT bash scripts/gpu_checks.sh tests compile-bf16     (timeout_s 580)
+#   call 2, within 30 s:  DEADLINE=<left - 40> OUT=$OUT bash scripts/gpu_checks.sh targets profile
 # DEADLINE (seconds, default 560) bounds the whole call: each stage runs under
 # min(STAGE_TIMEOUT (default 420), time left - 20 s) and is skipped with under 60 s left, so the
 # logs of the stages that ran always come back.  `timeout -k 20` also kills a process that holds
@@ -82,7 +84,7 @@ for stage in "${stages[@]}"; do
         compile-bf16) bench bench-compile-bf16 --modes fused --ratios 0.25,1.0 --compile loss.jvp_precision=bf16 ;;
         compile-ro-bf16) bench bench-compile-ro-bf16 --modes fused --ratios 0.25,1.0 --compile \
             --compile-mode reduce-overhead loss.jvp_precision=bf16 ;;
-        triton) bench bench-triton --modes fused --ratios 0.25,1.0 --cuda-graph loss.jvp_kernels=triton ;;
+        torch-kernels) bench bench-torch-kernels --modes fused --ratios 0.25,1.0 --cuda-graph loss.jvp_kernels=torch ;;
         profile)
             timeout -k 20 "$limit" python3 scripts/profile_step_cuda.py --batch-size 128 --out "$out" 2>&1 \
                 | tee "$out/profile.log" | tail -40 ;;
@@ -108,7 +110,7 @@ for stage in "${stages[@]}"; do
             train_moons gpu-moons-graph train.cuda_graph=true
             train_moons gpu-moons-compile train.compile=true loss.jvp=fused
             train_moons gpu-moons-compile-ro train.compile=true train.compile_mode=reduce-overhead train.grad_accum=2 loss.jvp=fused ;;
-        *) echo "unknown stage '$stage': choose from targets bf16jvp tests compile compile-ro compile-bf16 compile-ro-bf16 triton profile train" >&2; exit 2 ;;
+        *) echo "unknown stage '$stage': choose from targets bf16jvp tests compile compile-ro compile-bf16 compile-ro-bf16 torch-kernels profile train" >&2; exit 2 ;;
     esac
     echo "=== stage $stage took $((SECONDS - start)) s"
 done

@@ -49,8 +49,10 @@ def wall_ms(run, repeats: int = 10) -> float:
 KERNEL_CATEGORIES = [
     ("copies", re.compile(r"copy|CatArray|nchwToNhwc|nhwcToNchw|transpose|permute", re.I)),
     ("matrix", re.compile(r"conv|cudnn|gemm|nvjet|xmma|cutlass|wgrad|dgrad|fprop|sm90|flash|fmha|attention", re.I)),
+    # group_sums and tangent: zoo's Triton group-norm tangent kernels (loss.jvp_kernels, Triton on CUDA
+    # by default since session 10; earlier profiles had the PyTorch operations, under element-wise/reduction).
     ("norm", re.compile(r"group_?norm|layer_?norm|RowwiseMoments|ComputeFused|Welford|ComputeInternalGradients|"
-                        r"BackwardFusedParams|GammaBeta", re.I)),
+                        r"BackwardFusedParams|GammaBeta|^group_sums|^tangent\b", re.I)),
     ("reduction", re.compile(r"reduce", re.I)),
     ("element-wise", re.compile(r"elementwise|vectorized|unrolled|dropout", re.I)),
 ]

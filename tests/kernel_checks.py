@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from model_helpers import perturb
 from zoo.config.schema import LossConfig, UNetConfig
 from zoo.losses import build_loss
+from zoo.losses.base import map_tensors
 from zoo.losses.jvp import cuda_fp32_precision
 from zoo.models import build_model, group_norm_tangent_kernel
 
@@ -50,8 +51,16 @@ def tangent_errors(device: str = "cpu") -> list[str]:
     return lines
 
 
-def fused_step_difference(device: str = "cpu") -> dict[str, float]:
-    """A fused MeanFlow step on a U-Net with the kernels vs the PyTorch operations."""
+def fused_step_errors(device: str = "cpu") -> dict[str, float]:
+    """A fused MeanFlow step on a U-Net in fp32, with the kernels and with the PyTorch operations,
+    each against the same step in float64 (the PyTorch operations; the kernels leave fp64 alone).
+
+    Against float64 rather than against each other: the two fp32 paths sum in different orders, so
+    their difference measures rounding, amplified by whatever runs after the tangents; each path's
+    distance from float64 is its accuracy.  jvp_precision="fp32": under the default "tf32" the
+    tangent island's convolutions round their inputs to TF32, which turned the paths' ~1e-7
+    differences into gradients 1.8e-4 apart on an H200 (session 10), whatever precision the caller set.
+    """
     cfg = UNetConfig(channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8)
     torch.manual_seed(0)
     model = perturb(build_model(cfg, (3, 8, 8), 3).train()).to(device)
@@ -59,25 +68,39 @@ def fused_step_difference(device: str = "cpu") -> dict[str, float]:
     calls = []
     kernel_tangent = group_norm_tangent_kernel.group_norm_tangent
     group_norm_tangent_kernel.group_norm_tangent = lambda *a: calls.append(1) or kernel_tangent(*a)
-    results = {}
+    steps = {}
     try:
-        for kernels in ("torch", "triton"):
-            loss_fn = build_loss(LossConfig(kind="meanflow", jvp="fused", ratio=0.5, jvp_kernels=kernels, weight_p=0.0))
+        for name, kernels, dtype in (("float64", "torch", torch.float64), ("torch", "torch", torch.float32), ("triton", "triton", torch.float32)):
+            loss_fn = build_loss(LossConfig(kind="meanflow", jvp="fused", ratio=0.5, jvp_kernels=kernels, jvp_precision="fp32", weight_p=0.0))
             draws = loss_fn.draw(model, x, y, torch.Generator(device=device).manual_seed(1))
-            model.zero_grad(set_to_none=True)
-            # IEEE fp32 on CUDA: TF32 convolutions would differ between the runs by more than the kernels do.
+            draws = map_tensors(draws, lambda t: t.to(dtype) if t.is_floating_point() else t)
+            model.to(dtype).zero_grad(set_to_none=True)
+            # IEEE fp32 on CUDA outside the tangent island too.
             with cuda_fp32_precision("ieee"):
-                loss, _ = loss_fn.evaluate(model, x, draws)
+                loss, _ = loss_fn.evaluate(model, x.to(dtype), draws)
                 loss.backward()
-            results[kernels] = loss.detach(), [p.grad.clone() for p in model.parameters()]
+            steps[name] = loss.detach().double(), [p.grad.double() for p in model.parameters()]
     finally:  # the CUDA test runs in the pytest process
         group_norm_tangent_kernel.group_norm_tangent = kernel_tangent
-    (loss_torch, grads_torch), (loss_triton, grads_triton) = results["torch"], results["triton"]
-    worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads_triton, grads_torch, strict=True))
-    return {
+    loss_64, grads_64 = steps["float64"]
+
+    assert all(g.abs().max() > 0 for g in grads_64), "a parameter without gradient: no relative error to take"
+
+    def worst_grad_error(grads):  # per tensor, relative to the float64 tensor's largest entry
+        return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, grads_64, strict=True))
+
+    result = {
         "kernel_calls": len(calls),
         "group_norms": sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()),
-        "loss_relative_difference": abs((loss_triton - loss_torch) / loss_torch).item(),
-        "worst_grad_difference": worst,  # per tensor, relative to its largest entry
-        "grad_norm": sum(g.norm() ** 2 for g in grads_torch).sqrt().item(),
+        "grad_norm": sum(g.norm() ** 2 for g in grads_64).sqrt().item(),
     }
+    for name in ("torch", "triton"):
+        loss, grads = steps[name]
+        result[f"{name}_loss_error"] = abs((loss - loss_64) / loss_64).item()
+        result[f"{name}_grad_error"] = worst_grad_error(grads)
+    return result
+
+
+def first_launch_failure() -> str | None:
+    """zoo's first-launch check of the kernels, on the CPU (run with the interpreter on)."""
+    return group_norm_tangent_kernel.first_launch_failure(torch.device("cpu"))

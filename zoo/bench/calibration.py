@@ -34,6 +34,7 @@ from zoo.config.schema import LossConfig, OptimConfig, ZooConfigBody
 from zoo.devices import synchronize
 from zoo.losses import resolve_jvp_mode
 from zoo.losses.jvp import PREDICTION_IN_ISLAND, prediction_precision_note
+from zoo.models import group_norm_tangent_kernel
 from zoo.models.base import FlowModel, RowTangentModel
 from zoo.runs import atomic_write_json
 from zoo.training.memory import format_bytes
@@ -107,9 +108,12 @@ def model_fingerprint(model: FlowModel, loss_cfg: LossConfig) -> str:
 def calibration_key(
     model: FlowModel, loss_cfg: LossConfig, batch_size: int, device: torch.device, precision: str, candidates: list[str]
 ) -> str:
+    # The group-norm tangents as resolved here (loss.jvp_kernels=auto: Triton or, where the kernels
+    # fail or cannot run, the PyTorch operations): timings taken with one do not stand for the other.
+    kernels = group_norm_tangent_kernel.resolve(loss_cfg.jvp_kernels, device)
     return (
         f"{device_name(device)}|model={model_fingerprint(model, loss_cfg)}|batch={batch_size}|{precision}"
-        f"|torch={torch.__version__}|candidates={','.join(candidates)}"
+        f"|torch={torch.__version__}|candidates={','.join(candidates)}|tangent_kernels={kernels}"
     )
 
 

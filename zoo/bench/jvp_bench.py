@@ -51,7 +51,7 @@ from zoo.config.loading import load_config
 from zoo.config.schema import LossConfig
 from zoo.devices import enable_cuda_tf32, resolve_device, synchronize
 from zoo.losses.jvp import JVP_MODES
-from zoo.models import build_model, count_parameters
+from zoo.models import build_model, count_parameters, group_norm_tangent_kernel
 from zoo.models.base import FlowModel
 from zoo.runs import atomic_write_json
 from zoo.training.compiled_step import (
@@ -82,6 +82,16 @@ def variant_suffix(variant: str) -> str:
 
 def meanflow_case(mode: str, ratio: float, variant: str = EAGER) -> str:
     return f"meanflow/{mode}/{ratio:g}" + variant_suffix(variant)
+
+
+def tangent_kernels_note(settings: "BenchSettings", model: FlowModel, device: torch.device, loss_cfg: LossConfig) -> str:
+    """Which group-norm tangents the fused cases run (loss.jvp_kernels; compiled cases: inductor's)."""
+    if "fused" not in (settings.modes or default_modes(device)) or not any(
+        isinstance(m, torch.nn.GroupNorm) for m in model.modules()
+    ):
+        return ""
+    note = f", fused group-norm tangents: {group_norm_tangent_kernel.resolve(loss_cfg.jvp_kernels, device)}"
+    return note + (" (compiled cases: torch, fused by inductor)" if settings.compile else "")
 
 
 def default_modes(device: torch.device) -> tuple[str, ...]:
@@ -367,6 +377,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
     log(
         f"{settings.preset}: {count_parameters(model) / 1e6:.1f}M parameters, data {tuple(data_shape)}, "
         f"batch {settings.batch_size}, {settings.precision}, {device_name(device)}, {len(cases)} cases"
+        + tangent_kernels_note(settings, model, device, cfg.loss)
     )
 
     # Compile before anything is measured or timed (even with --warmup 0).  On a CPU the memory

@@ -105,12 +105,13 @@ class LossConfig(Section):
             "(fp32 is refused on CUDA there)"
         ),
     )
-    jvp_kernels: Literal["torch", "triton"] = Field(
-        "torch",
+    jvp_kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto",
         description=(
             "how jvp='fused' computes its group-norm tangents: torch = PyTorch operations; triton = two "
-            "Triton kernels per layer (CUDA only; fewer launches and passes over memory; opt-in until "
-            "measured on a GPU; train.compile uses the torch operations, which inductor fuses)"
+            "Triton kernels per layer (CUDA only; fewer launches and passes over memory); auto = triton "
+            "on a CUDA device with Triton installed where a first tiny launch works (else torch, with "
+            "a warning), torch elsewhere; train.compile uses the torch operations, which inductor fuses"
         ),
     )
     class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="label dropout for guidance")

@@ -249,19 +249,24 @@ class FusedJvp(JvpStrategy):
 
     name = "fused"
 
-    def __init__(self, precision: str = "fp32", kernels: str = "torch") -> None:
+    def __init__(self, precision: str = "fp32", kernels: str = "auto") -> None:
         super().__init__(precision)
-        if kernels not in ("torch", "triton"):
-            raise ValueError(f"unknown jvp_kernels {kernels!r}; use 'torch' or 'triton'")
+        if kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"unknown jvp_kernels {kernels!r}; use 'auto', 'torch' or 'triton'")
         self.kernels = kernels  # the group-norm tangents' implementation (zoo.models.group_norm_tangent_kernel)
 
-    def __call__(self, model, z, t, r, y, v, times):
-        # Not while compiling: the check is host work dynamo would break the graph on (torch 2.11),
-        # and a compiled step computes the tangents with PyTorch operations anyway.
-        if self.kernels == "triton" and not torch.compiler.is_compiling() and (
-            reason := group_norm_tangent_kernel.unusable_reason(z.device)
-        ):
+    def kernels_on(self, device: torch.device) -> str:
+        """The group-norm tangents' implementation on `device`: "auto" resolved, "triton" checked."""
+        # Not while compiling: the checks are host work dynamo would break the graph on (torch
+        # 2.11), and a compiled step computes the tangents with PyTorch operations anyway.
+        if torch.compiler.is_compiling():
+            return "torch" if self.kernels == "auto" else self.kernels
+        if self.kernels == "triton" and (reason := group_norm_tangent_kernel.unusable_reason(device)):
             raise ValueError(f"loss.jvp_kernels='triton' cannot run: {reason}; use loss.jvp_kernels=torch")
+        return group_norm_tangent_kernel.resolve(self.kernels, device)
+
+    def __call__(self, model, z, t, r, y, v, times):
+        kernels = self.kernels_on(z.device)
         if not isinstance(model, RowTangentModel):
             raise ValueError(
                 f"jvp='fused' needs a network written in zoo.models.dual ops (a RowTangentModel, as "
@@ -278,7 +283,7 @@ class FusedJvp(JvpStrategy):
         with island():
             dz = upcast(v[times.jvp_index])
         u_ordered, dudt_rows = model.forward_with_row_tangents(
-            z[order], t[order], r[order], select(y, order), slice(0, k), dz, island, self.kernels
+            z[order], t[order], r[order], select(y, order), slice(0, k), dz, island, kernels
         )
         u = u_ordered[inverse_permutation(order)]
         dudt_rows = upcast(dudt_rows)  # bf16 under jvp_precision="bf16"; the target wants fp32
@@ -412,7 +417,7 @@ STRATEGIES: dict[str, type[JvpStrategy]] = {
 }
 
 
-def build_jvp(mode: str, precision: str = "fp32", kernels: str = "torch") -> JvpStrategy:
+def build_jvp(mode: str, precision: str = "fp32", kernels: str = "auto") -> JvpStrategy:
     if mode == "auto":
         raise ValueError(
             "jvp='auto' must be resolved to a concrete mode before building the loss: "

@@ -1,4 +1,5 @@
-"""The group-norm tangent of MeanFlow's fused JVP in two Triton kernels (loss.jvp_kernels="triton").
+"""The group-norm tangent of MeanFlow's fused JVP in two Triton kernels (loss.jvp_kernels: "auto",
+the default, uses them on CUDA; "triton" forces them).
 
 With xhat = (x - mu) rstd per (sample, group) of M elements, the tangent along dx is
     dy = w_c rstd (dx - S1/M - (x - mu) rstd^2 S2/M),   S1 = sum(dx),  S2 = sum((x - mu) dx).
@@ -9,14 +10,16 @@ the fused step's extra time is kernels and memory traffic rather than arithmetic
 session 9), and this tangent is the largest share of that traffic.  S2 is summed about the
 primal's mean mu, known beforehand, so it has none of E[x dx] - mu E[dx]'s cancellation.
 
-Tested on a CPU through Triton's interpreter (TRITON_INTERPRET=1, tests/test_group_norm_tangent_kernel.py);
-opt-in until a GPU has measured it (scripts/gpu_checks.sh, stage triton).
+Tested on a CPU through Triton's interpreter (TRITON_INTERPRET=1, tests/test_group_norm_tangent_kernel.py)
+and compiled on an H200, where they made the captured MeanFlow step meet issue 3's targets
+(EXPERIMENT_LOG.md, session 10).
 """
 
 import contextlib
 import functools
 import importlib.util
 import os
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -48,6 +51,75 @@ def unusable_reason(device: torch.device) -> str | None:
         return "TRITON_INTERPRET=1 runs Triton kernels on the CPU (slowly, and not inside CUDA graphs): unset it"
     if device.type != "cuda" and not interpreted():
         return f"the Triton kernels run on CUDA, and this run uses {device}"
+    return None
+
+
+# Per CUDA device ("cuda:0"): why the kernels failed their first launch there, or None.
+first_launches: dict[str, str | None] = {}
+
+
+def resolve(kernels: str, device: torch.device) -> str:
+    """loss.jvp_kernels as a run on `device` uses it: "auto" is "triton" on a CUDA device where the
+    kernels can run, "torch" anywhere else (never the interpreter: it is for tests, and slow).
+
+    Why "auto" prefers the kernels on CUDA: on an H200 (bf16, batch 128, paper U-Net, captured
+    steps) they took the MeanFlow/FM step ratio from 1.159 to 1.113 at ratio 0.25 and from 1.452
+    to 1.372 at ratio 1.0 (EXPERIMENT_LOG.md, session 10).  Because "auto" is the default, it
+    must not turn a machine where Triton is installed but cannot build or launch kernels into a
+    failed run: the first use on each device launches them once on a tiny tensor and falls back
+    to the PyTorch operations, with a warning, if that fails (first_launch_failure).
+    """
+    if kernels != "auto":
+        return kernels
+    if device.type != "cuda" or unusable_reason(device) is not None:
+        return "torch"
+    key = cuda_key(device)
+    if key not in first_launches:
+        if torch.cuda.is_current_stream_capturing():
+            # Never launch (or synchronise) inside a graph capture.  Not reached by zoo's own runs:
+            # the trainer and the bench resolve before any capture, to name the choice.
+            return "torch"
+        first_launches[key] = failure = first_launch_failure(torch.device(key))
+        if failure:
+            warnings.warn(
+                f"loss.jvp_kernels=auto: the Triton group-norm tangent kernels failed on {key} ({failure}); "
+                f"the fused JVP uses the PyTorch operations instead (set loss.jvp_kernels=torch to skip the attempt)",
+                stacklevel=2,
+            )
+    return "torch" if first_launches[key] else "triton"
+
+
+def cuda_key(device: torch.device) -> str:
+    """A CUDA device as first_launches keys it: "cuda" is the current device's index."""
+    return str(torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index))
+
+
+def failed_first_launch(device: torch.device) -> str | None:
+    """Why "auto" fell back to the PyTorch operations on `device` after trying the kernels, or None."""
+    return first_launches.get(cuda_key(device)) if device.type == "cuda" else None
+
+
+def first_launch_failure(device: torch.device) -> str | None:
+    """Why the kernels cannot serve on `device` (building or launching them raised, or their result
+    is off the PyTorch operations'), or None.  One tiny launch: a few ms once the kernels are built."""
+    from zoo.models import layers  # here, not at the top: zoo.models.layers need not import Triton's side
+
+    generator = torch.Generator().manual_seed(0)
+    x, dx, weight = (torch.randn(shape, generator=generator).to(device) for shape in ((2, 4, 3, 5), (2, 4, 3, 5), (4,)))
+    if device.type == "cuda":
+        # Outside the try: an error pending from earlier GPU work is not the kernels' and must not
+        # be taken for theirs (a broken CUDA context would fail the run anyway, fallback or not).
+        torch.cuda.synchronize(device)
+    try:
+        grouped = x.reshape(2, 2, -1)
+        mean, rstd = grouped.mean(-1, keepdim=True), (grouped.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+        got = group_norm_tangent(x, dx, weight, mean, rstd, 2)
+        error = ((got - layers.group_norm_tangent(x, dx, weight, mean, rstd, 2)).norm() / got.norm()).item()
+    except Exception as failure:  # Triton's toolchain: no C compiler, an unsupported GPU, an unwritable cache...
+        lines = str(failure).strip().splitlines()
+        return f"{type(failure).__name__}: {lines[0][:200]}" if lines else type(failure).__name__
+    if not error < 1e-4:  # also catches NaN
+        return f"their result differed from the PyTorch operations' by {error:.1e} (relative)"
     return None
 
 

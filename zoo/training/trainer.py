@@ -288,7 +288,19 @@ def choose_jvp_mode(state: TrainState, stored_mode: str | None, console: Console
         state.loss_fn = build_loss(state.cfg.loss.model_copy(update={"jvp": mode}))
         state.jvp_mode = mode
     if state.cfg.loss.kind == "meanflow" and distributed.is_main():
-        console.print(f"JVP mode: [bold]{mode}[/] ({escape(reason)})")
+        console.print(f"JVP mode: [bold]{mode}[/] ({escape(reason)}){tangent_kernels_note(state.cfg, mode, state.model, state.device)}")
+
+
+def tangent_kernels_note(cfg: ZooConfigBody, mode: str, model: torch.nn.Module, device: torch.device) -> str:
+    """How the fused mode's group-norm tangents run, for the JVP mode's line (loss.jvp_kernels)."""
+    if mode != "fused" or not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules()):
+        return ""
+    if cfg.train.compile:
+        return "; group-norm tangents: PyTorch operations, fused by inductor"
+    if group_norm_tangent_kernel.resolve(cfg.loss.jvp_kernels, device) == "triton":
+        return "; group-norm tangents: Triton kernels (loss.jvp_kernels)"
+    failed = group_norm_tangent_kernel.failed_first_launch(device)
+    return f"; group-norm tangents: PyTorch operations (loss.jvp_kernels{'; the Triton kernels failed: ' + failed if failed else ''})"
 
 
 def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
@@ -527,13 +539,13 @@ def faster_step_tip(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, res
 
     jvp_mode: what the run's JVP mode would be checked as with either option on, i.e.
     cfg.loss.jvp for a new run, the mode the run keeps when resumed.  Only options the run's own
-    checks accept are named.  Figures: EXPERIMENT_LOG.md, session 9 (H200, paper U-Net, bf16,
+    checks accept are named.  Figures: EXPERIMENT_LOG.md, sessions 9 and 10 (H200, paper U-Net, bf16,
     batch 128, FM and fused MeanFlow steps; eager over faster step, each pair timed in one run)."""
     if device.type != "cuda" or cfg.train.cuda_graph or cfg.train.compile:
         return None
     offers = []
     for option, check, gain in (
-        ("train.cuda_graph=true", capturable, "1.07-1.46x faster captured"),
+        ("train.cuda_graph=true", capturable, "1.06-2.1x faster captured"),
         ("train.compile=true", compilable, "1.8-2.15x faster compiled, after 1.5-2 min of compiling"),
     ):
         try:
@@ -547,7 +559,7 @@ def faster_step_tip(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, res
     gains = "; ".join(gain for _, gain in offers)
     return (
         f"tip: this CUDA run takes eager steps; {options} may be faster (on an H200 the paper U-Net's "
-        f"bf16 steps ran {gains}: EXPERIMENT_LOG.md, session 9)"
+        f"bf16 steps ran {gains}: EXPERIMENT_LOG.md, sessions 9-10)"
     )
 
 
