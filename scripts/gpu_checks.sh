@@ -21,9 +21,9 @@
 #                   H200, is about the TF32 tangent convolutions' arithmetic)
 #   compile-ro-bf16 ~3  the same with reduce-overhead (expected, not measured: inductor's on-disk
 #                   cache, warm from compile-bf16 in the same call, spares part of the compiling)
-#   torch-kernels  ~1  fused eager and captured steps with loss.jvp_kernels=torch (the group-norm
-#                   tangents as PyTorch operations; since session 10 the default on CUDA is the
-#                   Triton kernels), 0.25/1.0: compare with stage targets
+#   torch-kernels  ~2  fused eager and captured steps, 0.25/1.0, with the default group-norm
+#                   tangents (Triton kernels on CUDA since session 10) and, in the same process,
+#                   with loss.jvp_kernels=torch (--loss-variant): the kernels' A/B in one run
 #   profile     ~2  scripts/profile_step_cuda.py: kernel time by category of the FM and fused
 #                   steps (tangent in TF32 and bf16): where a captured step's extra time goes
 #   train       ~3  zoo train moons on CUDA: eager, cuda_graph, compile, compile reduce-overhead
@@ -37,7 +37,8 @@
 # torch-kernels replaced) and met the targets with captured steps.  Next, about the compiled steps
 # (1.28 / 1.42 in session 9), ~900 s in all with a start:
 #   call 1:  DEADLINE=560 OUT=$OUT bash scripts/gpu_checks.sh tests compile-bf16     (timeout_s 580)
-#   call 2, within 30 s:  DEADLINE=<left - 40> OUT=$OUT bash scripts/gpu_checks.sh targets profile
+#   call 2, within 30 s:  DEADLINE=<left - 40> OUT=$OUT bash scripts/gpu_checks.sh torch-kernels profile
+#            (torch-kernels: session 10's Triton-vs-PyTorch comparison was across processes; this is one run)
 # DEADLINE (seconds, default 560) bounds the whole call: each stage runs under
 # min(STAGE_TIMEOUT (default 420), time left - 20 s) and is skipped with under 60 s left, so the
 # logs of the stages that ran always come back.  `timeout -k 20` also kills a process that holds
@@ -84,7 +85,7 @@ for stage in "${stages[@]}"; do
         compile-bf16) bench bench-compile-bf16 --modes fused --ratios 0.25,1.0 --compile loss.jvp_precision=bf16 ;;
         compile-ro-bf16) bench bench-compile-ro-bf16 --modes fused --ratios 0.25,1.0 --compile \
             --compile-mode reduce-overhead loss.jvp_precision=bf16 ;;
-        torch-kernels) bench bench-torch-kernels --modes fused --ratios 0.25,1.0 --cuda-graph loss.jvp_kernels=torch ;;
+        torch-kernels) bench bench-torch-kernels --modes fused --ratios 0.25,1.0 --cuda-graph --loss-variant loss.jvp_kernels=torch ;;
         profile)
             timeout -k 20 "$limit" python3 scripts/profile_step_cuda.py --batch-size 128 --out "$out" 2>&1 \
                 | tee "$out/profile.log" | tail -40 ;;

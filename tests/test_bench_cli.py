@@ -61,6 +61,47 @@ def test_bench_jvp_on_a_tiny_mlp_writes_every_case_to_json(tmp_path, restore_thr
     assert data["settings"]["batch_size"] == 16 and data["parameters"] > 0 and data["threads"] == 1
 
 
+def test_a_loss_variant_times_every_meanflow_step_again_with_its_overrides(tmp_path, monkeypatch, restore_threads) -> None:
+    import zoo.bench.jvp_bench as jvp_bench
+
+    built = []  # (adaptive weight p and c, mode, ratio) of every MeanFlow loss the cases were built with
+    real_meanflow_loss = jvp_bench.meanflow_loss
+    monkeypatch.setattr(
+        jvp_bench, "meanflow_loss",
+        lambda cfg, mode, ratio: built.append((cfg.weight_p, cfg.weight_c, mode, ratio)) or real_meanflow_loss(cfg, mode, ratio),
+    )  # fmt: skip
+    path = tmp_path / "bench.json"
+    result = runner.invoke(
+        app,
+        ["bench-jvp", "model.hidden=32", "model.depth=2", "loss.weight_p=1.0", "--device", "cpu", "--model", "moons",
+         "--batch-size", "16", "--ratios", "0.25,1", "--modes", "fused,nograd", "--repeats", "2", "--warmup", "0",
+         "--threads", "1", "--loss-variant", " loss.weight_p=0.0   loss.weight_c=0.01", "--json", str(path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    variant = "loss.weight_p=0.0 loss.weight_c=0.01"  # spaces normalised
+    # Built in case order: the run's own loss (p=1, the preset's c) for every case, then the variant's.
+    own_c = load_config("moons").loss.weight_c
+    assert own_c != 0.01
+    assert built == [(p, c, m, r) for p, c in ((1.0, own_c), (0.0, 0.01)) for r in (0.25, 1.0) for m in ("fused", "nograd")]
+    cases = {c["name"]: c for c in json.loads(path.read_text())["cases"]}
+    for mode in ("fused", "nograd"):
+        for ratio in ("0.25", "1"):
+            own, other = cases[f"meanflow/{mode}/{ratio}"], cases[f"meanflow/{mode}/{ratio} [{variant}]"]
+            assert own["loss_variant"] == "" and other["loss_variant"] == variant
+            assert other["reference"] == "fm_step" and other["median_s"] > 0
+            assert other["versus"]["of_medians"] == pytest.approx(other["median_s"] / cases["fm_step"]["median_s"])
+            assert other["versus_own_loss"]["of_medians"] == pytest.approx(other["median_s"] / own["median_s"])
+            assert own["versus_own_loss"] is None
+    data = json.loads(path.read_text())
+    assert [c["name"] for c in data["cases"]][3:] == [  # the variant's steps after the run's own, in the same order
+        f"meanflow/{m}/{r}{suffix}" for suffix in ("", f" [{variant}]") for r in ("0.25", "1") for m in ("fused", "nograd")
+    ]
+    output = " ".join(result.output.split())
+    assert f"MeanFlow fused @0.25 [{variant}]" in output  # the label, not taken for markup
+    assert f"round 1/2 meanflow/fused/0.25 [{variant}]" in output  # the log lines too
+    assert f"fused [{variant}] @0.25 / the same step without the variant:" in output
+
+
 def test_a_case_over_the_memory_limit_is_reported_and_not_timed() -> None:
     settings = BenchSettings(
         preset="cifar10",
@@ -97,6 +138,10 @@ def test_data_signature_knows_image_shapes_without_the_files() -> None:
         (["--ratios", "0.5,1.5"], "ratios must be"),
         (["--ratios", "a,b"], "comma-separated numbers"),
         (["--precision", "fp8"], "precision must be"),
+        (["--loss-variant", "model.hidden=8"], "loss.KEY=VALUE"),
+        (["--loss-variant", "loss.weight_p=0", "--loss-variant", "loss.weight_p=0"], "given twice"),
+        (["--loss-variant", "loss.weight_p=9"], "loss.weight_p"),
+        (["--loss-variant", "loss.weight_p=0 loss.ratio=0.5"], "choose JVP modes with --modes and ratios with --ratios"),
     ],
 )
 def test_bad_options_fail_with_a_message(args: list[str], message: str) -> None:

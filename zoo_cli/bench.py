@@ -29,6 +29,7 @@ def bench_jvp(
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="also time each step with loss + backward replayed from a CUDA graph (train.cuda_graph)")] = False,
     compile_steps: Annotated[bool, typer.Option("--compile", help="also time FM and fused MeanFlow steps with loss + backward compiled (train.compile)")] = False,
     compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode for --compile: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs")] = "default",
+    loss_variants: Annotated[list[str] | None, typer.Option("--loss-variant", help="also time every MeanFlow step with these space-separated loss.KEY=VALUE overrides, in the same run (repeatable), e.g. 'loss.jvp_kernels=torch'")] = None,
 ) -> None:
     """Forward, JVP alone, flow-matching step and MeanFlow step per JVP mode and ratio: interleaved medians."""
     if json_path is not None:
@@ -44,8 +45,9 @@ def bench_jvp(
                 ratios=parse_ratios(ratios), modes=parse_modes(modes), precision=precision, repeats=repeats,
                 warmup=warmup, seed=seed, threads=threads, memory_limit_gb=memory_limit_gb, cuda_graph=cuda_graph,
                 compile=compile_steps, compile_mode=compile_mode,
+                loss_variants=tuple(" ".join(v.split()) for v in loss_variants or ()),
             )  # fmt: skip
-            result = run_bench(settings, log=lambda line: console.print(line, style="dim", highlight=False))
+            result = run_bench(settings, log=lambda line: console.print(line, style="dim", highlight=False, markup=False))
         except BenchError as exc:
             raise fail(str(exc)) from None
     console.print(result_table(result))

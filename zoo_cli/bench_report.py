@@ -1,8 +1,9 @@
 """`zoo bench-jvp`'s table and summary lines, from a BenchResult."""
 
+from rich.markup import escape
 from rich.table import Table
 
-from zoo.bench.jvp_bench import COMPILE, EAGER, GRAPH, MEANFLOW_STEP, BenchResult, CaseResult
+from zoo.bench.jvp_bench import COMPILE, EAGER, GRAPH, MEANFLOW_STEP, BenchResult, CaseResult, loss_variant_suffix
 from zoo.training.memory import format_bytes
 
 REFERENCE_LABELS = {
@@ -14,7 +15,7 @@ VARIANT_LABELS = {EAGER: "", GRAPH: " (graph)", COMPILE: " (compiled)"}
 def case_label(case: CaseResult) -> str:
     variant = VARIANT_LABELS[case.variant]
     if case.kind == MEANFLOW_STEP:
-        return f"MeanFlow {case.mode} @{case.ratio:g}{variant}"
+        return f"MeanFlow {case.mode} @{case.ratio:g}{variant}{loss_variant_suffix(case.loss_variant)}"
     return {"forward": "forward", "jvp": "JVP alone", "fm_step": "FM step"}[case.kind] + variant
 
 
@@ -25,7 +26,7 @@ def result_table(result: BenchResult) -> Table:
             f"{settings.preset} ({result.parameters / 1e6:.1f}M parameters), batch {settings.batch_size}, "
             f"{settings.precision}, {result.device_name}: medians of {settings.repeats} interleaved rounds"
         ),
-        caption="no-grad forward and JVP; steps = loss + backward + Adam; MeanFlow MODE @RATIO; "
+        caption="no-grad forward and JVP; steps = loss + backward + Adam; MeanFlow MODE @RATIO [--loss-variant]; "
         "(graph): loss + backward replayed from a CUDA graph; (compiled): loss + backward by torch.compile"
         + ("; a compiled step's peak memory is measured on CUDA only" if any(not c.peak_measured for c in result.cases) else ""),
     )
@@ -58,7 +59,7 @@ def result_table(result: BenchResult) -> Table:
         if case.fits is False:
             memory += " ✗"
         style = "bold green" if case.name in fastest else ""
-        table.add_row(case_label(case), *timing, *versus, memory, style=style)
+        table.add_row(escape(case_label(case)), *timing, *versus, memory, style=style)
     return table
 
 
@@ -85,14 +86,20 @@ def summary_lines(result: BenchResult) -> list[str]:
             lines.append(f"ratio {ratio:g}: no measured MeanFlow mode fits in {format_bytes(result.memory_limit_bytes)}")
         elif best.versus is not None:
             lines.append(
-                f"ratio {ratio:g}: fastest mode that fits is [bold]{best.label}[/] — {step_ratios(best)} "
+                f"ratio {ratio:g}: fastest mode that fits is [bold]{escape(best.label)}[/] — {step_ratios(best)} "
                 f"(CPU time {best.versus_cpu.of_medians:.3f})" + eager_ratio(best)
             )
     for case in result.cases:
         if case.kind == MEANFLOW_STEP and not case.peak_measured and case.versus is not None:
             lines.append(
-                f"ratio {case.ratio:g}: {case.label} (peak memory measured on CUDA only) — {step_ratios(case)}"
+                f"ratio {case.ratio:g}: {escape(case.label)} (peak memory measured on CUDA only) — {step_ratios(case)}"
                 + eager_ratio(case)
+            )
+    for case in result.cases:
+        if (ab := case.versus_own_loss) is not None:
+            lines.append(
+                f"{escape(case.label)} @{case.ratio:g} / the same step without the variant: {ab.of_medians:.3f} "
+                f"(paired {ab.paired_median:.3f}, per round {ab.paired_min:.2f}–{ab.paired_max:.2f})"
             )
     meanflow = [c for c in result.cases if c.kind == MEANFLOW_STEP]
     if meanflow and all(c.fits is False for c in meanflow):

@@ -80,8 +80,32 @@ def variant_suffix(variant: str) -> str:
     return "" if variant == EAGER else f"+{variant}"
 
 
-def meanflow_case(mode: str, ratio: float, variant: str = EAGER) -> str:
-    return f"meanflow/{mode}/{ratio:g}" + variant_suffix(variant)
+def meanflow_case(mode: str, ratio: float, variant: str = EAGER, loss_variant: str = "") -> str:
+    return f"meanflow/{mode}/{ratio:g}" + variant_suffix(variant) + loss_variant_suffix(loss_variant)
+
+
+def loss_variant_suffix(loss_variant: str) -> str:
+    """' [loss.jvp_kernels=torch]' for a case timed with a --loss-variant; '' for the run's own loss."""
+    return f" [{loss_variant}]" if loss_variant else ""
+
+
+def loss_variant_overrides(loss_variant: str) -> list[str]:
+    """A --loss-variant's overrides: space-separated loss.KEY=VALUE, nothing else (every case shares
+    the model, data and optimiser, so only the loss may differ between them)."""
+    overrides = loss_variant.split()
+    bad = [o for o in overrides if not (o.startswith("loss.") and "=" in o)]
+    if not overrides or bad:
+        raise BenchError(
+            f"--loss-variant {loss_variant!r}: give space-separated loss.KEY=VALUE overrides, e.g. "
+            f"--loss-variant 'loss.jvp_kernels=torch' (the model, data and optimiser are shared by every case)"
+        )
+    # Every case sets these itself (a MeanFlow step per --modes and --ratios), so a variant's would be ignored.
+    if fixed := [o for o in overrides if o.split("=", 1)[0] in ("loss.kind", "loss.jvp", "loss.ratio")]:
+        raise BenchError(
+            f"--loss-variant {loss_variant!r}: {', '.join(fixed)} is set by each case; choose JVP modes with "
+            f"--modes and ratios with --ratios"
+        )
+    return overrides
 
 
 def tangent_kernels_note(settings: "BenchSettings", model: FlowModel, device: torch.device, loss_cfg: LossConfig) -> str:
@@ -136,6 +160,9 @@ class BenchSettings:
     cuda_graph: bool = False  # also time every step with loss + backward replayed from a CUDA graph
     compile: bool = False  # also time FM and fused MeanFlow steps with loss + backward compiled
     compile_mode: str = "default"  # torch.compile's mode for those cases
+    # Each also times every MeanFlow step with these loss overrides ("loss.jvp_kernels=torch"), in
+    # this process: an A/B of two loss settings on the same model, batch and FM step.
+    loss_variants: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -152,6 +179,10 @@ class BenchSettings:
             raise BenchError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
         if self.compile_mode not in COMPILE_MODES:
             raise BenchError(f"unknown --compile-mode {self.compile_mode!r}; choose from {list(COMPILE_MODES)}")
+        for loss_variant in self.loss_variants:
+            loss_variant_overrides(loss_variant)
+        if len(set(self.loss_variants)) < len(self.loss_variants):
+            raise BenchError(f"--loss-variant given twice with the same overrides: {list(self.loss_variants)}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +194,7 @@ class BenchCase:
     ratio: float | None = None
     variant: str = EAGER  # EAGER | GRAPH | COMPILE
     reference: str | None = None  # the case whose time this one is compared with
+    loss_variant: str = ""  # a MeanFlow step's --loss-variant ("": the run's own loss)
 
 
 @dataclass
@@ -174,6 +206,7 @@ class CaseResult:
     variant: str
     peak_bytes: int | None  # None: ran out of memory (CUDA), or not measured (peak_measured)
     fits: bool | None  # None: peak not measured
+    loss_variant: str = ""  # a MeanFlow step's --loss-variant ("": the run's own loss)
     peak_measured: bool = True  # False: a compiled step on a CPU, which the memory meter cannot watch
     samples_s: list[float] = field(default_factory=list)  # empty when it did not fit
     median_s: float | None = None
@@ -185,11 +218,13 @@ class CaseResult:
     versus: RatioStats | None = None  # wall-clock ratio to the reference
     versus_cpu: RatioStats | None = None  # CPU-time ratio to the reference
     versus_eager: RatioStats | None = None  # a graphed or compiled step's wall-clock ratio to the eager FM step
+    versus_own_loss: RatioStats | None = None  # a --loss-variant step's wall-clock ratio to the same step with the run's loss
 
     @property
     def label(self) -> str | None:
-        """The JVP mode, with +graph / +compile for a step replayed from a CUDA graph / compiled."""
-        return None if self.mode is None else self.mode + variant_suffix(self.variant)
+        """The JVP mode, with +graph / +compile for a step replayed from a CUDA graph / compiled, and
+        the loss overrides of a --loss-variant in brackets."""
+        return None if self.mode is None else self.mode + variant_suffix(self.variant) + loss_variant_suffix(self.loss_variant)
 
 
 @dataclass
@@ -232,7 +267,10 @@ def build_cases(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     loss_base: LossConfig,
+    loss_variants: dict[str, LossConfig] | None = None,
 ) -> list[BenchCase]:
+    """The cases in the order they run each round; loss_variants: --loss-variant -> its loss config,
+    whose MeanFlow steps are added after the run's own, against the same FM steps."""
     batch = synthetic_batch(model, settings.batch_size, device, loss_base, seed=settings.seed)
     modes = settings.modes or default_modes(device)
     precision, seed = settings.precision, settings.seed
@@ -251,24 +289,44 @@ def build_cases(
     if settings.compile:
         compiled = compiled_training_step_fn(model, optimizer, fm_loss, batch, precision, settings.compile_mode, seed)
         cases.append(BenchCase(fm_compiled, FM_STEP, compiled, variant=COMPILE))
-    for ratio in settings.ratios:
-        for mode in modes:
-            loss_fn = meanflow_loss(loss_base, mode, ratio)
-            step = training_step_fn(model, optimizer, loss_fn, batch, precision, seed)
-            cases.append(BenchCase(meanflow_case(mode, ratio), MEANFLOW_STEP, step, mode, ratio, reference=FM_STEP))
-        for mode in modes if settings.cuda_graph else ():
-            if mode in MODES_NOT_CAPTURABLE:
-                continue
-            step = graphed_training_step_fn(model, optimizer, meanflow_loss(loss_base, mode, ratio), batch, precision, seed, pool)
-            name = meanflow_case(mode, ratio, GRAPH)
-            cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, GRAPH, reference=fm_graph))
-        for mode in modes if settings.compile else ():
-            if mode not in COMPILABLE_JVP_MODES:
-                continue
-            loss_fn = meanflow_loss(loss_base, mode, ratio)
-            step = compiled_training_step_fn(model, optimizer, loss_fn, batch, precision, settings.compile_mode, seed)
-            name = meanflow_case(mode, ratio, COMPILE)
-            cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, COMPILE, reference=fm_compiled))
+    for loss_variant, loss_cfg in {"": loss_base, **(loss_variants or {})}.items():
+        for ratio in settings.ratios:
+            cases += meanflow_cases(settings, model, optimizer, batch, modes, loss_cfg, ratio, loss_variant, pool)
+    return cases
+
+
+def meanflow_cases(
+    settings: BenchSettings,
+    model: FlowModel,
+    optimizer: torch.optim.Optimizer,
+    batch,
+    modes: tuple[str, ...],
+    loss_cfg: LossConfig,
+    ratio: float,
+    loss_variant: str,
+    pool,
+) -> list[BenchCase]:
+    """The MeanFlow steps at one ratio with one loss: eager per mode, then captured, then compiled."""
+    precision, seed = settings.precision, settings.seed
+    fm_graph, fm_compiled = FM_STEP + variant_suffix(GRAPH), FM_STEP + variant_suffix(COMPILE)
+    cases = []
+    for mode in modes:
+        step = training_step_fn(model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed)
+        name = meanflow_case(mode, ratio, EAGER, loss_variant)
+        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, reference=FM_STEP, loss_variant=loss_variant))
+    for mode in modes if settings.cuda_graph else ():
+        if mode in MODES_NOT_CAPTURABLE:
+            continue
+        step = graphed_training_step_fn(model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed, pool)
+        name = meanflow_case(mode, ratio, GRAPH, loss_variant)
+        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, GRAPH, reference=fm_graph, loss_variant=loss_variant))
+    for mode in modes if settings.compile else ():
+        if mode not in COMPILABLE_JVP_MODES:
+            continue
+        loss_fn = meanflow_loss(loss_cfg, mode, ratio)
+        step = compiled_training_step_fn(model, optimizer, loss_fn, batch, precision, settings.compile_mode, seed)
+        name = meanflow_case(mode, ratio, COMPILE, loss_variant)
+        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, COMPILE, reference=fm_compiled, loss_variant=loss_variant))
     return cases
 
 
@@ -366,13 +424,16 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
     if device.type == "cuda":
         enable_cuda_tf32()  # what the trainer sets on CUDA: time what training runs
     cfg = load_config(settings.preset, list(settings.overrides))
-    if settings.compile:
-        check_compile_settings(settings, device, cfg.loss.jvp_precision)
+    loss_variants = {
+        v: load_config(settings.preset, [*settings.overrides, *loss_variant_overrides(v)]).loss for v in settings.loss_variants
+    }
+    for loss_cfg in (cfg.loss, *loss_variants.values()) if settings.compile else ():
+        check_compile_settings(settings, device, loss_cfg.jvp_precision)
     data_shape, num_classes = data_signature(cfg.data)
     torch.manual_seed(settings.seed)
     model = build_model(cfg.model, data_shape, num_classes).to(device).train()
     optimizer = build_optimizer(model, cfg.optim)
-    cases = build_cases(settings, model, optimizer, device, cfg.loss)
+    cases = build_cases(settings, model, optimizer, device, cfg.loss, loss_variants)
     limit = memory_limit_bytes(device, settings.memory_limit_gb)
     log(
         f"{settings.preset}: {count_parameters(model) / 1e6:.1f}M parameters, data {tuple(data_shape)}, "
@@ -434,6 +495,7 @@ def case_result(
 ) -> CaseResult:
     result = CaseResult(
         name=case.name, kind=case.kind, mode=case.mode, ratio=case.ratio, variant=case.variant, peak_bytes=peak,
+        loss_variant=case.loss_variant,
         fits=(peak is not None and peak <= limit) if peak_measured else None, peak_measured=peak_measured,
     )  # fmt: skip
     if case.name not in timings:
@@ -450,6 +512,8 @@ def case_result(
         result.versus_cpu = paired_ratio(timing.cpu(), timings[case.reference].cpu())
     if case.variant != EAGER and case.kind == MEANFLOW_STEP and FM_STEP in timings:
         result.versus_eager = paired_ratio(timing, timings[FM_STEP])
+    if case.loss_variant and (own := meanflow_case(case.mode, case.ratio, case.variant)) in timings:
+        result.versus_own_loss = paired_ratio(timing, timings[own])  # the A/B a --loss-variant is for
     return result
 
 
