@@ -1,6 +1,7 @@
 """TensorSource and LoaderSource: epochs, randomness from the trainer's generator only, flips,
 exact resume.  Every sample carries its index in its pixels so batches can be decoded."""
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -283,14 +284,33 @@ def test_loader_held_out_and_reference(tmp_path):
     assert sorted(decode_rgb(s.reference(10))[0].tolist()) == list(range(10))
 
 
+LEAVE_STOP_SIGNALS_TO_PARENT = sources.leave_stop_signals_to_parent
+
+
+def slow_to_leave_stop_signals_to_parent(worker_id: int) -> None:
+    """zoo's worker_init_fn, a second late (a module-level function: a non-fork start method pickles it)."""
+    time.sleep(1.0)
+    LEAVE_STOP_SIGNALS_TO_PARENT(worker_id)
+
+
+@pytest.fixture(params=["default", "forkserver"])
+def python_start_method(request):
+    """Python's default start method as found, or forkserver (Python 3.14's default on Linux)."""
+    previous = multiprocessing.get_start_method(allow_none=True)
+    if request.param != "default":
+        multiprocessing.set_start_method(request.param, force=True)
+    yield request.param
+    multiprocessing.set_start_method(previous, force=True)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_loader_workers_leave_a_stop_signal_to_the_training_process(tmp_path, monkeypatch, signum):
+def test_loader_workers_leave_a_stop_signal_to_the_training_process(tmp_path, monkeypatch, signum, python_start_method):
     # A terminal's Ctrl-C reaches the whole process group, workers included; a worker that died of
     # it would fail the batch a held training step waits for: a failed run instead of a clean stop.
     # The signal is sent while the workers are still starting (held up here before their
-    # worker_init_fn): the window in which they could not yet ignore it.
-    original = sources.leave_stop_signals_to_parent
-    monkeypatch.setattr(sources, "leave_stop_signals_to_parent", lambda worker_id: (time.sleep(1.0), original(worker_id)))
+    # worker_init_fn): the window in which they could not yet ignore it.  Under forkserver as
+    # Python's default too: zoo's loader forks its workers on Linux whatever the default is.
+    monkeypatch.setattr(sources, "leave_stop_signals_to_parent", slow_to_leave_stop_signals_to_parent)
     files = write_id_images(tmp_path / "img", 10)
     s = loader_source(files, num_workers=2, batch_size=2)
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,7 @@ two epochs, every sample is seen once per epoch and a resumed run may even chang
 
 import atexit
 import signal
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -280,6 +281,15 @@ def end_live_workers() -> None:
 atexit.register(end_live_workers)
 
 
+def worker_start_method(num_workers: int) -> str | None:
+    """"fork" for DataLoader workers on Linux (None: DataLoader's default elsewhere, or no workers).
+
+    Fork was Linux's default up to Python 3.13; 3.14 makes it forkserver, whose workers are
+    children of the fork server and take its signal mask, not the one iter_with_workers sets, so
+    a Ctrl-C could kill them before worker_init_fn ignores it."""
+    return "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
+
+
 def iter_with_workers(loader: DataLoader) -> Iterator[Any]:
     """iter(loader), its workers started with Ctrl-C and SIGTERM blocked.
 
@@ -352,6 +362,7 @@ class LoaderSource(BatchSource):
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(0),
             worker_init_fn=leave_stop_signals_to_parent,
+            multiprocessing_context=worker_start_method(self.num_workers),
             **kwargs,
         )
 
