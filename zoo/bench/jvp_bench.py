@@ -69,6 +69,7 @@ FORWARD, JVP, FM_STEP, MEANFLOW_STEP = "forward", "jvp", "fm_step", "meanflow_st
 # How a step's loss + backward run: eagerly, replayed from a CUDA graph (train.cuda_graph), or
 # compiled (train.compile).  Non-eager cases carry the variant as a suffix: fm_step+graph.
 EAGER, GRAPH, COMPILE = "eager", "graph", "compile"
+FM_GRAPH_STEP, FM_COMPILED_STEP = f"{FM_STEP}+{GRAPH}", f"{FM_STEP}+{COMPILE}"  # variant_suffix's names
 DEFAULT_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -110,9 +111,7 @@ def loss_variant_overrides(loss_variant: str) -> list[str]:
 
 def tangent_kernels_note(settings: "BenchSettings", model: FlowModel, device: torch.device, loss_cfg: LossConfig) -> str:
     """Which group-norm tangents the fused cases run (loss.jvp_kernels; compiled cases: inductor's)."""
-    if "fused" not in (settings.modes or default_modes(device)) or not any(
-        isinstance(m, torch.nn.GroupNorm) for m in model.modules()
-    ):
+    if "fused" not in (settings.modes or default_modes(device)) or not group_norm_tangent_kernel.has_group_norms(model):
         return ""
     note = f", fused group-norm tangents: {group_norm_tangent_kernel.resolve(loss_cfg.jvp_kernels, device)}"
     return note + (" (compiled cases: torch, fused by inductor)" if settings.compile else "")
@@ -282,13 +281,12 @@ def build_cases(
     ]
     # The captured cases' graphs share one memory pool: they never run at the same time.
     pool = torch.cuda.graph_pool_handle() if settings.cuda_graph else None
-    fm_graph, fm_compiled = FM_STEP + variant_suffix(GRAPH), FM_STEP + variant_suffix(COMPILE)
     if settings.cuda_graph:
         graphed = graphed_training_step_fn(model, optimizer, fm_loss, batch, precision, seed, pool)
-        cases.append(BenchCase(fm_graph, FM_STEP, graphed, variant=GRAPH))
+        cases.append(BenchCase(FM_GRAPH_STEP, FM_STEP, graphed, variant=GRAPH))
     if settings.compile:
         compiled = compiled_training_step_fn(model, optimizer, fm_loss, batch, precision, settings.compile_mode, seed)
-        cases.append(BenchCase(fm_compiled, FM_STEP, compiled, variant=COMPILE))
+        cases.append(BenchCase(FM_COMPILED_STEP, FM_STEP, compiled, variant=COMPILE))
     for loss_variant, loss_cfg in {"": loss_base, **(loss_variants or {})}.items():
         for ratio in settings.ratios:
             cases += meanflow_cases(settings, model, optimizer, batch, modes, loss_cfg, ratio, loss_variant, pool)
@@ -308,7 +306,6 @@ def meanflow_cases(
 ) -> list[BenchCase]:
     """The MeanFlow steps at one ratio with one loss: eager per mode, then captured, then compiled."""
     precision, seed = settings.precision, settings.seed
-    fm_graph, fm_compiled = FM_STEP + variant_suffix(GRAPH), FM_STEP + variant_suffix(COMPILE)
     cases = []
     for mode in modes:
         step = training_step_fn(model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed)
@@ -319,14 +316,14 @@ def meanflow_cases(
             continue
         step = graphed_training_step_fn(model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed, pool)
         name = meanflow_case(mode, ratio, GRAPH, loss_variant)
-        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, GRAPH, reference=fm_graph, loss_variant=loss_variant))
+        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, GRAPH, reference=FM_GRAPH_STEP, loss_variant=loss_variant))
     for mode in modes if settings.compile else ():
         if mode not in COMPILABLE_JVP_MODES:
             continue
         loss_fn = meanflow_loss(loss_cfg, mode, ratio)
         step = compiled_training_step_fn(model, optimizer, loss_fn, batch, precision, settings.compile_mode, seed)
         name = meanflow_case(mode, ratio, COMPILE, loss_variant)
-        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, COMPILE, reference=fm_compiled, loss_variant=loss_variant))
+        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, COMPILE, reference=FM_COMPILED_STEP, loss_variant=loss_variant))
     return cases
 
 

@@ -89,6 +89,11 @@ def resolve(kernels: str, device: torch.device) -> str:
     return "torch" if first_launches[key] else "triton"
 
 
+def has_group_norms(model: torch.nn.Module) -> bool:
+    """Whether a fused step of `model` has group-norm tangents for loss.jvp_kernels to choose."""
+    return any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+
+
 def cuda_key(device: torch.device) -> str:
     """A CUDA device as first_launches keys it: "cuda" is the current device's index."""
     return str(torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index))
@@ -128,9 +133,9 @@ def applies(x: Tensor) -> bool:
     (inductor fuses the torch version's operations itself)."""
     return (
         x.dtype in KERNEL_DTYPES
-        and ((x.is_cuda and not interpreted()) or (x.device.type == "cpu" and interpreted()))
+        and x.device.type in ("cuda", "cpu")  # the CPU through the interpreter only (unusable_reason)
         and not torch.compiler.is_compiling()
-        and installed()
+        and unusable_reason(x.device) is None
     )
 
 

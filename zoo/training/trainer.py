@@ -293,7 +293,7 @@ def choose_jvp_mode(state: TrainState, stored_mode: str | None, console: Console
 
 def tangent_kernels_note(cfg: ZooConfigBody, mode: str, model: torch.nn.Module, device: torch.device) -> str:
     """How the fused mode's group-norm tangents run, for the JVP mode's line (loss.jvp_kernels)."""
-    if mode != "fused" or not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules()):
+    if mode != "fused" or not group_norm_tangent_kernel.has_group_norms(model):
         return ""
     if cfg.train.compile:
         return "; group-norm tangents: PyTorch operations, fused by inductor"
