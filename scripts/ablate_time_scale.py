@@ -20,7 +20,9 @@ from zoo.training.trainer import build_state, train_step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 10.0, 100.0, 1000.0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--n", type=int, default=2000)
@@ -38,12 +40,24 @@ def main() -> None:
         for _ in range(cfg.train.steps):
             mse.append(train_step(state)["mse"])
         methods = [Method("meanflow", 1, 1), Method("meanflow", 2, 2), Method("euler", 50, 50)]
-        report = evaluate(state.ema.model, state.source, cfg.eval.model_copy(update={"n_samples": args.n}),
-                          meanflow=True, methods=methods, with_floor=False)
-        row = {"scale": scale, "seconds": time.time() - started, "mse_last100": sum(mse[-100:]) / 100,
-               "rows": [{"method": r.method, "energy": r.energy_distance, "se": r.stderr} for r in report.rows]}
+        report = evaluate(
+            state.ema.model,
+            state.source,
+            cfg.eval.model_copy(update={"n_samples": args.n}),
+            meanflow=True,
+            methods=methods,
+            with_floor=False,
+        )
+        row = {
+            "scale": scale,
+            "seconds": time.time() - started,
+            "mse_last100": sum(mse[-100:]) / 100,
+            "rows": [{"method": r.method, "energy": r.energy_distance, "se": r.stderr} for r in report.rows],
+        }
         results.append(row)
-        line = f"scale {scale:7g}: " + ", ".join(f"{r['method']} {r['energy']:.4f}±{r['se']:.4f}" for r in row["rows"])
+        line = f"scale {scale:7g}: " + ", ".join(
+            f"{r['method']} {r['energy']:.4f}±{r['se']:.4f}" for r in row["rows"]
+        )
         line += f" | mse(last 100) {row['mse_last100']:.2f} | {row['seconds']:.0f} s"
         print(line, flush=True)
         log.write(line + "\n")

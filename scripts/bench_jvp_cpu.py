@@ -25,7 +25,14 @@ import torch
 from rich.console import Console
 from torch.profiler import ProfilerActivity, profile
 
-from zoo.bench.jvp_bench import BenchResult, BenchSettings, meanflow_case, parse_modes, parse_ratios, run_bench
+from zoo.bench.jvp_bench import (
+    BenchResult,
+    BenchSettings,
+    meanflow_case,
+    parse_modes,
+    parse_ratios,
+    run_bench,
+)
 from zoo_cli.bench_report import result_table, summary_lines
 
 # The measurements of the other implementations (same kind of machine, fp32, batch 8).
@@ -81,7 +88,9 @@ def comparison_lines(result: BenchResult) -> list[str]:
     lines.append(f"{'zoo (fastest mode; per-round range)':44s} " + " ".join(f"{v:>22s}" for v in zoo_cells))
     lines.append(f"{'target':44s} " + " ".join(f"{'≤ ' + cell(TARGETS[c]):>22s}" for c in columns))
     verdicts = [
-        f"{c}: {'met' if zoo[c] <= TARGETS[c] else 'MISSED'} ({zoo[c]:.3f} vs ≤ {TARGETS[c]})" for c in columns if c in zoo
+        f"{c}: {'met' if zoo[c] <= TARGETS[c] else 'MISSED'} ({zoo[c]:.3f} vs ≤ {TARGETS[c]})"
+        for c in columns
+        if c in zoo
     ]
     lines.append("targets: " + "; ".join(verdicts))
     return lines
@@ -100,7 +109,10 @@ def profile_forward_and_jvp(settings: BenchSettings, log: Tee, rows: int = 25) -
     torch.manual_seed(settings.seed)
     model = build_model(cfg.model, shape, classes).train()
     batch = synthetic_batch(model, settings.batch_size, torch.device("cpu"), cfg.loss, seed=settings.seed)
-    runs = {"forward": forward_fn(model, batch, "fp32"), "jvp": jvp_fn(model, batch, "fp32", cfg.loss.jvp_precision)}
+    runs = {
+        "forward": forward_fn(model, batch, "fp32"),
+        "jvp": jvp_fn(model, batch, "fp32", cfg.loss.jvp_precision),
+    }
     per_op: dict[str, dict[str, tuple[float, int]]] = {}
     for name, run in runs.items():
         run()  # warm-up
@@ -108,13 +120,17 @@ def profile_forward_and_jvp(settings: BenchSettings, log: Tee, rows: int = 25) -
             run()
         per_op[name] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
         total = sum(ms for ms, _ in per_op[name].values())
-        log(f"--- {name}: self CPU time {total:.0f} ms over {sum(c for _, c in per_op[name].values())} operator calls")
+        log(
+            f"--- {name}: self CPU time {total:.0f} ms over {sum(c for _, c in per_op[name].values())} operator calls"
+        )
         for key, (ms, count) in sorted(per_op[name].items(), key=lambda kv: -kv[1][0])[:rows]:
             log(f"{key:55s} {ms:9.1f} ms {100 * ms / total:5.1f}%  x{count}")
     forward, jvp = per_op["forward"], per_op["jvp"]
     totals = {name: sum(ms for ms, _ in ops.values()) for name, ops in per_op.items()}
-    log(f"--- JVP excess over the forward: {totals['jvp'] - totals['forward']:.0f} ms "
-        f"(JVP / forward self time {totals['jvp'] / totals['forward']:.2f})")
+    log(
+        f"--- JVP excess over the forward: {totals['jvp'] - totals['forward']:.0f} ms "
+        f"(JVP / forward self time {totals['jvp'] / totals['forward']:.2f})"
+    )
     excess = {k: jvp[k][0] - forward.get(k, (0.0, 0))[0] for k in jvp}
     for key, ms in sorted(excess.items(), key=lambda kv: -kv[1])[:rows]:
         calls = jvp[key][1] - forward.get(key, (0.0, 0))[1]
@@ -123,28 +139,44 @@ def profile_forward_and_jvp(settings: BenchSettings, log: Tee, rows: int = 25) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ratios", default="0.25,0.75")
     parser.add_argument("--modes", default="fused,full_batch,primal,selective,nograd")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=0, help="untimed rounds after the memory pass (itself a warm-up)")
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="untimed rounds after the memory pass (itself a warm-up)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--profile", action="store_true", help="profile one forward and one JVP instead of timing")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. a smaller model to try the script)")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one forward and one JVP instead of timing"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value config overrides (e.g. a smaller model to try the script)"
+    )
     args = parser.parse_args()
     out = args.out or Path("outputs") / f"bench-jvp-cpu-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     log = Tee(out / "bench.log")
     log("command: " + " ".join([sys.executable, *sys.argv]))
     settings = BenchSettings(
-        preset=args.preset, overrides=tuple(args.overrides), device="cpu", batch_size=args.batch_size,
-        ratios=parse_ratios(args.ratios), modes=parse_modes(args.modes), precision="fp32", repeats=args.repeats,
-        warmup=args.warmup, seed=args.seed, threads=args.threads,
-    )  # fmt: skip
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+        device="cpu",
+        batch_size=args.batch_size,
+        ratios=parse_ratios(args.ratios),
+        modes=parse_modes(args.modes),
+        precision="fp32",
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        threads=args.threads,
+    )
     log(f"settings: {settings}")
     if args.profile:
         report = profile_forward_and_jvp(settings, log)

@@ -64,7 +64,9 @@ def main() -> None:
         for lo, hi in bins:
             sel = (h >= lo) & (h < hi) if hi > 1e-12 else h == 0
             if sel.any():
-                parts.append(f"h in [{lo:.1g},{hi:.1g}): {delta[sel].mean().item() / cf[sel].mean().item():.4f}")
+                parts.append(
+                    f"h in [{lo:.1g},{hi:.1g}): {delta[sel].mean().item() / cf[sel].mean().item():.4f}"
+                )
         print(f"   {name:34s} all: {delta.mean().item() / cf.mean().item():.4f}   " + "  ".join(parts))
 
     for mode in ("primal", "nograd", "full_batch", "selective"):
@@ -79,8 +81,11 @@ def main() -> None:
     t, r, z, v = terms.times.t, terms.times.r, terms.z, terms.v
 
     def jvp(tangent_t: float, tangent_r: float, m: FlowModel = model) -> tuple[Tensor, Tensor]:
-        return torch.func.jvp(lambda a, b, c: m(a, b, c), (z, t, r),
-                              (v, torch.full_like(t, tangent_t), torch.full_like(r, tangent_r)))
+        return torch.func.jvp(
+            lambda a, b, c: m(a, b, c),
+            (z, t, r),
+            (v, torch.full_like(t, tangent_t), torch.full_like(r, tangent_r)),
+        )
 
     hcol = expand_time(t - r, z)
     u, dudt = jvp(1.0, 0.0)

@@ -37,7 +37,9 @@ class Tee:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="moons")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--n", type=int, default=4000, help="samples per energy distance")
@@ -50,10 +52,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = Tee(out / "compare.log")
     log("command:", " ".join([sys.executable, *sys.argv]))
-    log(f"config: preset={args.preset} steps={args.steps} n={args.n} seed={args.seed} overrides={args.overrides}")
+    log(
+        f"config: preset={args.preset} steps={args.steps} n={args.n} seed={args.seed} overrides={args.overrides}"
+    )
 
-    common = [f"train.steps={args.steps}", f"seed={args.seed}", f"output_dir={out}", "experiment_log=", "device=cpu",
-              "tracking.enabled=false", *args.overrides]
+    common = [
+        f"train.steps={args.steps}",
+        f"seed={args.seed}",
+        f"output_dir={out}",
+        "experiment_log=",
+        "device=cpu",
+        "tracking.enabled=false",
+        *args.overrides,
+    ]
     runs = {}
     for kind in ("meanflow", "flow_matching"):
         cfg = load_config(args.preset, [*common, f"loss.kind={kind}", f"run_name={kind}"])
@@ -63,22 +74,39 @@ def main() -> None:
 
     methods = {
         "meanflow": [Method("meanflow", 1, 1), Method("meanflow", 2, 2)],
-        "flow_matching": [Method("euler", 50, 50), Method("heun", 25, 50), Method("euler", 100, 100), Method("rk4", 25, 100)],
+        "flow_matching": [
+            Method("euler", 50, 50),
+            Method("heun", 25, 50),
+            Method("euler", 100, 100),
+            Method("rk4", 25, 100),
+        ],
     }
     rows, floor = [], None
     for kind, run in runs.items():
         loaded = load_model(run.last, torch.device("cpu"))
         source = build_data(loaded.cfg.data, "cpu", loaded.cfg.seed, batch_size=256)
         eval_cfg = loaded.cfg.eval.model_copy(update={"n_samples": args.n})
-        report = evaluate(loaded.model, source, eval_cfg, meanflow=kind == "meanflow", seed=args.seed, methods=methods[kind])
+        report = evaluate(
+            loaded.model, source, eval_cfg, meanflow=kind == "meanflow", seed=args.seed, methods=methods[kind]
+        )
         floor = report.noise_floor
         for row in report.rows:
             rows.append({"training": kind, **row.__dict__})
-            log(f"{kind:14s} {row.method:18s} NFE {row.nfe:3d}  energy distance {row.energy_distance:.5f} ± {row.stderr:.5f}")
-    log(f"{'data vs data':14s} {'floor':18s}          energy distance {floor.energy_distance:.5f} ± {floor.stderr:.5f}")
+            log(
+                f"{kind:14s} {row.method:18s} NFE {row.nfe:3d}  energy distance {row.energy_distance:.5f} ± {row.stderr:.5f}"
+            )
+    log(
+        f"{'data vs data':14s} {'floor':18s}          energy distance {floor.energy_distance:.5f} ± {floor.stderr:.5f}"
+    )
 
-    result = {"preset": args.preset, "steps": args.steps, "n": args.n, "seed": args.seed, "rows": rows,
-              "floor": floor.__dict__}
+    result = {
+        "preset": args.preset,
+        "steps": args.steps,
+        "n": args.n,
+        "seed": args.seed,
+        "rows": rows,
+        "floor": floor.__dict__,
+    }
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     save_metric_bars(
         [f"{r['training']}\n{r['method']}" for r in rows],

@@ -34,20 +34,44 @@ from zoo.models.base import FlowModel
 
 # Operations that only re-describe memory: no kernel on any device.
 VIEWS = {
-    "aten.view", "aten._unsafe_view", "aten.reshape", "aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.t",
-    "aten.transpose", "aten.permute", "aten.detach", "aten.alias", "aten.slice", "aten.select", "aten.split",
-    "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.as_strided", "aten.is_same_size",
-    "aten._has_same_storage_numel", "aten.lift_fresh",
-}  # fmt: skip
+    "aten.view",
+    "aten._unsafe_view",
+    "aten.reshape",
+    "aten.expand",
+    "aten.unsqueeze",
+    "aten.squeeze",
+    "aten.t",
+    "aten.transpose",
+    "aten.permute",
+    "aten.detach",
+    "aten.alias",
+    "aten.slice",
+    "aten.select",
+    "aten.split",
+    "aten.split_with_sizes",
+    "aten.chunk",
+    "aten.unbind",
+    "aten.as_strided",
+    "aten.is_same_size",
+    "aten._has_same_storage_numel",
+    "aten.lift_fresh",
+}
 
 
 # Operations bound by arithmetic rather than memory traffic.
 MATRIX = {
-    "aten.convolution", "aten.convolution_backward", "aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm",
-    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
-    "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten.convolution",
+    "aten.convolution_backward",
+    "aten.mm",
+    "aten.addmm",
+    "aten.bmm",
+    "aten.baddbmm",
+    "aten._scaled_dot_product_flash_attention",
+    "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention",
+    "aten._scaled_dot_product_flash_attention_for_cpu",
     "aten._scaled_dot_product_flash_attention_for_cpu_backward",
-}  # fmt: skip
+}
 
 
 def tensor_bytes(tree) -> int:
@@ -88,7 +112,9 @@ def cuda_like_dropout(module: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor
     return torch.native_dropout(x, module.p, module.training)[0]
 
 
-def count_step(model: FlowModel, loss_fn: Loss, x: torch.Tensor, y: torch.Tensor | None, precision: str) -> StepCount:
+def count_step(
+    model: FlowModel, loss_fn: Loss, x: torch.Tensor, y: torch.Tensor | None, precision: str
+) -> StepCount:
     draws = loss_fn.draw(model, x, y, torch.Generator().manual_seed(0))
     with unittest.mock.patch.object(torch.nn.Dropout, "forward", cuda_like_dropout), OpCounter() as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -107,7 +133,9 @@ def main() -> None:
     parser.add_argument("--mode", default="fused", help="the MeanFlow JVP mode counted")
     parser.add_argument("--ratios", default="0.25,1.0")
     parser.add_argument("--top", type=int, default=15, help="operations listed for the first ratio's extra")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.channels=32 (a narrow model counts faster)")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. model.channels=32 (a narrow model counts faster)"
+    )
     args = parser.parse_args()
 
     cfg = load_config(args.preset, [f"loss.jvp_precision={args.jvp_precision}", *args.overrides])
@@ -120,7 +148,9 @@ def main() -> None:
     print(f"{'case':16s} {'ops':>6s} {'non-view':>9s} {'MB other':>9s} {'MB matrix':>10s}")
 
     def row(case: str, step: StepCount) -> None:
-        print(f"{case:16s} {sum(step.counts.values()):6d} {step.kernels:9d} {step.traffic(False):9.1f} {step.traffic(True):10.1f}")
+        print(
+            f"{case:16s} {sum(step.counts.values()):6d} {step.kernels:9d} {step.traffic(False):9.1f} {step.traffic(True):10.1f}"
+        )
 
     row("FM step", fm)
     extras = []

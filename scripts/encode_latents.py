@@ -20,7 +20,9 @@ from zoo.data.sources import CenterCropResize, ImageFiles
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", type=Path, default=Path("data"), help="folder holding imagenet/")
     parser.add_argument("--split", choices=["train", "val"], required=True)
     parser.add_argument("--image-size", type=int, default=256)
@@ -28,7 +30,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="encode only the first N images (a quick check)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="encode only the first N images (a quick check)"
+    )
     args = parser.parse_args()
 
     out_dir = args.root / LATENT_FOLDER
@@ -49,9 +53,15 @@ def main() -> None:
     dataset = ImageFiles(files, labels, CenterCropResize(args.image_size))
     vae = SDVAE.from_pretrained(args.vae).to(args.device).eval()
     summary = encode_images(
-        vae.encode, dataset, out_dir, args.split, device=torch.device(args.device),
-        batch_size=args.batch_size, num_workers=args.num_workers, log=log,
-    )  # fmt: skip
+        vae.encode,
+        dataset,
+        out_dir,
+        args.split,
+        device=torch.device(args.device),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        log=log,
+    )
     meta = {"classes": classes, "image_size": args.image_size, "vae": args.vae, "scale": SD_VAE_SCALE}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     (out_dir / f"encode_{args.split}.json").write_text(json.dumps(summary, indent=1))

@@ -14,7 +14,9 @@ from zoo.losses.time_sampling import sample_t_r
 
 N, W = 4_000_000, 0.05
 SETTINGS = {
-    "logit-normal(-0.4, 1.0), ratio 0.75 (moons / ImageNet-like)": dict(time_mu=-0.4, time_sigma=1.0, ratio=0.75),
+    "logit-normal(-0.4, 1.0), ratio 0.75 (moons / ImageNet-like)": dict(
+        time_mu=-0.4, time_sigma=1.0, ratio=0.75
+    ),
     "logit-normal(-0.4, 1.0), ratio 0.25 (paper ImageNet)": dict(time_mu=-0.4, time_sigma=1.0, ratio=0.25),
     "logit-normal(-2.0, 2.0), ratio 0.75 (paper CIFAR-10)": dict(time_mu=-2.0, time_sigma=2.0, ratio=0.75),
     "uniform, ratio 0.75": dict(time_sampler="uniform", ratio=0.75),

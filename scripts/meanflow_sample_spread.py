@@ -27,8 +27,11 @@ def main() -> None:
         print(path)
         print(f"  data        std {held.std(0).numpy().round(3)}  nearest-held-out {nearest(ref, held):.4f}")
         with torch.no_grad():
-            outs = {"MF 1-step": sample_meanflow(loaded.model, noise, 1), "MF 2-step": sample_meanflow(loaded.model, noise, 2),
-                    "ODE rk4x25": sample_ode(loaded.model, noise, "rk4", 25)}  # fmt: skip
+            outs = {
+                "MF 1-step": sample_meanflow(loaded.model, noise, 1),
+                "MF 2-step": sample_meanflow(loaded.model, noise, 2),
+                "ODE rk4x25": sample_ode(loaded.model, noise, "rk4", 25),
+            }
         for name, x in outs.items():
             print(f"  {name:11s} std {x.std(0).numpy().round(3)}  nearest-held-out {nearest(x, held):.4f}")
 

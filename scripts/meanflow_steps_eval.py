@@ -52,7 +52,9 @@ def main() -> None:
         scores: dict[str, list[float]] = {}
         rms: dict[str, list[float]] = {}
         for seed in args.seeds:
-            noise = torch.randn(args.n, *loaded.model.data_shape, generator=torch.Generator().manual_seed(1000 + seed))
+            noise = torch.randn(
+                args.n, *loaded.model.data_shape, generator=torch.Generator().manual_seed(1000 + seed)
+            )
             outs = samplers(loaded.model, noise, args.quick)
             for name, x in outs.items():
                 scores.setdefault(name, []).append(energy_distance(x, held).value)
@@ -62,9 +64,13 @@ def main() -> None:
         print(f"{path} (step {loaded.step})")
         for name, vals in scores.items():
             sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-            print(f"  {name:11s} ED {statistics.mean(vals):.5f} (sd over seeds {sd:.5f})   RMS to ODE (--quick: to 4-step) {statistics.mean(rms[name]):.4f}")
+            print(
+                f"  {name:11s} ED {statistics.mean(vals):.5f} (sd over seeds {sd:.5f})   RMS to ODE (--quick: to 4-step) {statistics.mean(rms[name]):.4f}"
+            )
         spread = statistics.stdev(diff) if len(diff) > 1 else float("nan")
-        print(f"  2-step minus 1-step: {statistics.mean(diff):+.5f} sd {spread:.5f} (per seed: {', '.join(f'{d:+.5f}' for d in diff)})")
+        print(
+            f"  2-step minus 1-step: {statistics.mean(diff):+.5f} sd {spread:.5f} (per seed: {', '.join(f'{d:+.5f}' for d in diff)})"
+        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def main() -> None:
                 terms = loss.terms_of(loaded.model, x, draws)
             delta, w = terms.delta.detach(), terms.weight
             cv = lambda a: (a.std() / a.mean()).item()  # noqa: E731
-            print(f"  (t, r) = ({t0}, {r0}):  mean Delta {delta.mean().item():9.3f}   CV(Delta) {cv(delta):.2f}   CV(w) {cv(w):.2f}")
+            print(
+                f"  (t, r) = ({t0}, {r0}):  mean Delta {delta.mean().item():9.3f}   CV(Delta) {cv(delta):.2f}   CV(w) {cv(w):.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def weighted_fixed_point(v: torch.Tensor, p: float, iters: int = 100) -> torch.T
 
 
 def field_1d(z: torch.Tensor, t: float, p: float, g: torch.Generator, n: int = 1000) -> torch.Tensor:
-    return torch.stack([weighted_fixed_point(posterior_samples(float(zi), t, 1, n, g), p, iters=40)[0] for zi in z])
+    return torch.stack(
+        [weighted_fixed_point(posterior_samples(float(zi), t, 1, n, g), p, iters=40)[0] for zi in z]
+    )
 
 
 def main() -> None:
@@ -67,8 +69,10 @@ def main() -> None:
         for a, b in zip(grid[:-1].tolist(), grid[1:].tolist()):
             table = field_1d(zs, a, p, g)
             z = z + (b - a) * torch.from_numpy(np.interp(z.numpy(), zs.numpy(), table.numpy()))
-        print(f"  p={p}: sample std {z.std().item():.3f}, fraction within 0.3 of +-1: "
-              f"{((z.abs() - 1).abs() < 0.3).double().mean().item():.3f}")
+        print(
+            f"  p={p}: sample std {z.std().item():.3f}, fraction within 0.3 of +-1: "
+            f"{((z.abs() - 1).abs() < 0.3).double().mean().item():.3f}"
+        )
 
 
 if __name__ == "__main__":

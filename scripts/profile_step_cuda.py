@@ -25,9 +25,15 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from zoo.bench.steps import data_signature, flow_matching_loss, meanflow_loss, synthetic_batch, training_step_fn
-from zoo.devices import enable_cuda_tf32
+from zoo.bench.steps import (
+    data_signature,
+    flow_matching_loss,
+    meanflow_loss,
+    synthetic_batch,
+    training_step_fn,
+)
 from zoo.config.loading import load_config
+from zoo.devices import enable_cuda_tf32
 from zoo.models import build_model
 from zoo.training.optim import build_optimizer
 
@@ -48,11 +54,20 @@ def wall_ms(run, repeats: int = 10) -> float:
 # so a misfiled kernel shows.
 KERNEL_CATEGORIES = [
     ("copies", re.compile(r"copy|CatArray|nchwToNhwc|nhwcToNchw|transpose|permute", re.I)),
-    ("matrix", re.compile(r"conv|cudnn|gemm|nvjet|xmma|cutlass|wgrad|dgrad|fprop|sm90|flash|fmha|attention", re.I)),
+    (
+        "matrix",
+        re.compile(r"conv|cudnn|gemm|nvjet|xmma|cutlass|wgrad|dgrad|fprop|sm90|flash|fmha|attention", re.I),
+    ),
     # group_sums and tangent: zoo's Triton group-norm tangent kernels (loss.jvp_kernels, Triton on CUDA
     # by default since session 10; earlier profiles had the PyTorch operations, under element-wise/reduction).
-    ("norm", re.compile(r"group_?norm|layer_?norm|RowwiseMoments|ComputeFused|Welford|ComputeInternalGradients|"
-                        r"BackwardFusedParams|GammaBeta|^group_sums|^tangent\b", re.I)),
+    (
+        "norm",
+        re.compile(
+            r"group_?norm|layer_?norm|RowwiseMoments|ComputeFused|Welford|ComputeInternalGradients|"
+            r"BackwardFusedParams|GammaBeta|^group_sums|^tangent\b",
+            re.I,
+        ),
+    ),
     ("reduction", re.compile(r"reduce", re.I)),
     ("element-wise", re.compile(r"elementwise|vectorized|unrolled|dropout", re.I)),
 ]
@@ -63,29 +78,42 @@ def kernel_category(name: str) -> str:
     return next((label for label, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
 
 
-def kernel_profile(run) -> tuple[float, int, list[tuple[str, float, int]], dict[str, float], list[tuple[str, float, int]]]:
+def kernel_profile(
+    run,
+) -> tuple[float, int, list[tuple[str, float, int]], dict[str, float], list[tuple[str, float, int]]]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
     events = prof.key_averages()
     # Kernel-level events only: operator-level events repeat their kernels' device time.
-    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    busy = (
+        sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    )
+    launches = sum(
+        e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+    )
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    top = sorted(((e.key, e.self_device_time_total / 1e3, e.count) for e in kernels), key=lambda row: -row[1])[:8]
+    top = sorted(
+        ((e.key, e.self_device_time_total / 1e3, e.count) for e in kernels), key=lambda row: -row[1]
+    )[:8]
     categories: collections.Counter[str] = collections.Counter()
     for e in kernels:
         categories[kernel_category(e.key)] += e.self_device_time_total / 1e3
     listed = sorted(
-        ((f"[{kernel_category(e.key)}] {e.key}", e.self_device_time_total / 1e3, e.count) for e in kernels
-         if kernel_category(e.key) in LISTED_CATEGORIES),
+        (
+            (f"[{kernel_category(e.key)}] {e.key}", e.self_device_time_total / 1e3, e.count)
+            for e in kernels
+            if kernel_category(e.key) in LISTED_CATEGORIES
+        ),
         key=lambda row: -row[1],
-    )[:6]  # fmt: skip
+    )[:6]
     return busy, launches, top, dict(categories), listed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("outputs/profile-cuda"))
     args = parser.parse_args()
@@ -100,10 +128,16 @@ def main() -> None:
     bf16_tangent = cfg.loss.model_copy(update={"jvp_precision": "bf16"})
     steps = {
         "fm": training_step_fn(model, optimizer, flow_matching_loss(cfg.loss), batch, "bf16"),
-        "fused@0.25": training_step_fn(model, optimizer, meanflow_loss(cfg.loss, "fused", 0.25), batch, "bf16"),
+        "fused@0.25": training_step_fn(
+            model, optimizer, meanflow_loss(cfg.loss, "fused", 0.25), batch, "bf16"
+        ),
         "fused@1.0": training_step_fn(model, optimizer, meanflow_loss(cfg.loss, "fused", 1.0), batch, "bf16"),
-        "fused@0.25 bf16 JVP": training_step_fn(model, optimizer, meanflow_loss(bf16_tangent, "fused", 0.25), batch, "bf16"),
-        "fused@1.0 bf16 JVP": training_step_fn(model, optimizer, meanflow_loss(bf16_tangent, "fused", 1.0), batch, "bf16"),
+        "fused@0.25 bf16 JVP": training_step_fn(
+            model, optimizer, meanflow_loss(bf16_tangent, "fused", 0.25), batch, "bf16"
+        ),
+        "fused@1.0 bf16 JVP": training_step_fn(
+            model, optimizer, meanflow_loss(bf16_tangent, "fused", 1.0), batch, "bf16"
+        ),
     }
     report = {}
     for name, run in steps.items():
@@ -111,9 +145,17 @@ def main() -> None:
             run()
         ms = wall_ms(run)
         busy, launches, top, categories, listed = kernel_profile(run)
-        report[name] = {"wall_ms": ms, "gpu_busy_ms": busy, "launches": launches, "top": top, "categories": categories,
-                        "copies_and_other": listed}  # fmt: skip
-        print(f"{name:20s} wall {ms:7.1f} ms   GPU busy {busy:7.1f} ms ({100 * busy / ms:4.1f}%)   launches {launches}")
+        report[name] = {
+            "wall_ms": ms,
+            "gpu_busy_ms": busy,
+            "launches": launches,
+            "top": top,
+            "categories": categories,
+            "copies_and_other": listed,
+        }
+        print(
+            f"{name:20s} wall {ms:7.1f} ms   GPU busy {busy:7.1f} ms ({100 * busy / ms:4.1f}%)   launches {launches}"
+        )
         for key, kernel_ms, count in top[:5] + listed:
             print(f"    {kernel_ms:7.2f} ms  x{count:<5d} {key[:90]}")
     labels = [label for label, _ in KERNEL_CATEGORIES] + ["other"]
@@ -121,10 +163,15 @@ def main() -> None:
     print(f"{'step':20s}" + "".join(f"{label:>14s}" for label in labels))
     fm_categories = report["fm"]["categories"]
     for name, row in report.items():
-        cells = (row["categories"].get(label, 0.0) - (0.0 if name == "fm" else fm_categories.get(label, 0.0)) for label in labels)
+        cells = (
+            row["categories"].get(label, 0.0) - (0.0 if name == "fm" else fm_categories.get(label, 0.0))
+            for label in labels
+        )
         print(f"{name:20s}" + "".join(f"{value:14.1f}" for value in cells))
     model_cl = model.to(memory_format=torch.channels_last)
-    batch.z, batch.x, batch.v = (t.contiguous(memory_format=torch.channels_last) for t in (batch.z, batch.x, batch.v))
+    batch.z, batch.x, batch.v = (
+        t.contiguous(memory_format=torch.channels_last) for t in (batch.z, batch.x, batch.v)
+    )
     fm_cl = training_step_fn(model_cl, optimizer, flow_matching_loss(cfg.loss), batch, "bf16")
     for _ in range(3):
         fm_cl()

@@ -19,7 +19,11 @@ def free_port() -> int:
 def join(rank: int, world: int, port: int, timeout_s: float = 1800.0) -> None:
     """In a child process: torchrun's environment for `rank`, one thread, then distributed.init."""
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     distributed.init(device_type="cpu", timeout_s=timeout_s)

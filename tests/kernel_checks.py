@@ -5,8 +5,8 @@ in the test process, compiled."""
 
 import torch
 import torch.nn.functional as F
-
 from model_helpers import perturb
+
 from zoo.config.schema import LossConfig, UNetConfig
 from zoo.losses import build_loss
 from zoo.losses.base import map_tensors
@@ -42,12 +42,19 @@ def tangent_errors(device: str = "cpu") -> list[str]:
             grouped = x.reshape(shape[0], groups, -1)
             mean, rstd = grouped.mean(-1), (grouped.var(-1, unbiased=False) + 1e-5).rsqrt()
             got = group_norm_tangent_kernel.group_norm_tangent(
-                x.to(device, dtype), dx.to(device, dtype), weight.float().to(device), mean.to(device), rstd.to(device), groups
+                x.to(device, dtype),
+                dx.to(device, dtype),
+                weight.float().to(device),
+                mean.to(device),
+                rstd.to(device),
+                groups,
             ).cpu()
             want = reference_tangent(x, dx, weight, groups)
             error = ((got.double() - want).norm() / want.norm()).item()
             ok = got.dtype == dtype and got.shape == x.shape and error < tolerance
-            lines.append(f"{'ok' if ok else 'FAIL'} {dtype} {shape} groups {groups} offset {offset}: {error:.2e}")
+            lines.append(
+                f"{'ok' if ok else 'FAIL'} {dtype} {shape} groups {groups} offset {offset}: {error:.2e}"
+            )
     return lines
 
 
@@ -61,7 +68,9 @@ def fused_step_errors(device: str = "cpu") -> dict[str, float]:
     tangent island's convolutions round their inputs to TF32, which turned the paths' ~1e-7
     differences into gradients 1.8e-4 apart on an H200 (session 10), whatever precision the caller set.
     """
-    cfg = UNetConfig(channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8)
+    cfg = UNetConfig(
+        channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8
+    )
     torch.manual_seed(0)
     model = perturb(build_model(cfg, (3, 8, 8), 3).train()).to(device)
     x, y = torch.randn(6, 3, 8, 8).to(device), torch.randint(0, 3, (6,)).to(device)
@@ -70,8 +79,21 @@ def fused_step_errors(device: str = "cpu") -> dict[str, float]:
     group_norm_tangent_kernel.group_norm_tangent = lambda *a: calls.append(1) or kernel_tangent(*a)
     steps = {}
     try:
-        for name, kernels, dtype in (("float64", "torch", torch.float64), ("torch", "torch", torch.float32), ("triton", "triton", torch.float32)):
-            loss_fn = build_loss(LossConfig(kind="meanflow", jvp="fused", ratio=0.5, jvp_kernels=kernels, jvp_precision="fp32", weight_p=0.0))
+        for name, kernels, dtype in (
+            ("float64", "torch", torch.float64),
+            ("torch", "torch", torch.float32),
+            ("triton", "triton", torch.float32),
+        ):
+            loss_fn = build_loss(
+                LossConfig(
+                    kind="meanflow",
+                    jvp="fused",
+                    ratio=0.5,
+                    jvp_kernels=kernels,
+                    jvp_precision="fp32",
+                    weight_p=0.0,
+                )
+            )
             draws = loss_fn.draw(model, x, y, torch.Generator(device=device).manual_seed(1))
             draws = map_tensors(draws, lambda t: t.to(dtype) if t.is_floating_point() else t)
             model.to(dtype).zero_grad(set_to_none=True)

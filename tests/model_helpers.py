@@ -16,7 +16,9 @@ def perturb(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.
     return model
 
 
-def labelled_cuda_batch(loss_fn: Loss, model: torch.nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, Draws]:
+def labelled_cuda_batch(
+    loss_fn: Loss, model: torch.nn.Module, generator: torch.Generator
+) -> tuple[torch.Tensor, Draws]:
     """A random CUDA batch of eight 3x8x8 images with labels in 0..2, and the loss's draws for it."""
     x = torch.randn(8, 3, 8, 8, device="cuda")
     y = torch.randint(0, 3, (8,), device="cuda")

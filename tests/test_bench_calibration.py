@@ -81,13 +81,20 @@ def test_cache_keys_differ_by_batch_size_precision_model_and_ratio() -> None:
     others = [
         calibration_key(model, LossConfig(), 32, CPU, "fp32", candidate_modes(CPU, fused=False)),
         calibration_key(model, LossConfig(), 16, CPU, "bf16", candidate_modes(CPU, fused=False)),
-        calibration_key(CountingMLP(hidden=64), LossConfig(), 16, CPU, "fp32", candidate_modes(CPU, fused=False)),
+        calibration_key(
+            CountingMLP(hidden=64), LossConfig(), 16, CPU, "fp32", candidate_modes(CPU, fused=False)
+        ),
         calibration_key(model, LossConfig(ratio=0.25), 16, CPU, "fp32", candidate_modes(CPU, fused=False)),
         calibration_key(model, LossConfig(), 16, CPU, "fp32", candidate_modes(CPU)),
     ]
     assert len({key, *others}) == 6
     # Weights do not matter, only the architecture; the configured jvp is what is being chosen.
-    assert calibration_key(CountingMLP(), LossConfig(jvp="primal"), 16, CPU, "fp32", candidate_modes(CPU, fused=False)) == key
+    assert (
+        calibration_key(
+            CountingMLP(), LossConfig(jvp="primal"), 16, CPU, "fp32", candidate_modes(CPU, fused=False)
+        )
+        == key
+    )
     # A new batch size is a new calibration.
     calibrate(model, LossConfig(), 16, CPU, "fp32")
     before = CountingMLP.calls
@@ -103,7 +110,9 @@ def test_candidates_that_do_not_fit_are_never_chosen() -> None:
     greedy = max(peaks, key=peaks.get)
     assert peaks[greedy] > peaks[leanest]
     limit_gb = (peaks[leanest] + peaks[greedy]) / 2 / 2**30
-    capped = calibrate(model, LossConfig(ratio=1.0), 256, CPU, "fp32", memory_limit_gb=limit_gb, use_cache=False)
+    capped = calibrate(
+        model, LossConfig(ratio=1.0), 256, CPU, "fp32", memory_limit_gb=limit_gb, use_cache=False
+    )
     assert capped.peak_bytes[capped.mode] <= limit_gb * 2**30
     assert greedy not in capped.medians_s and "over the memory limit" in capped.reason
     nothing = calibrate(model, LossConfig(ratio=1.0), 256, CPU, "fp32", memory_limit_gb=1e-6, use_cache=False)
@@ -161,7 +170,9 @@ def bf16_losses(modes: list[str], jvp_precision: str = "tf32") -> dict[str, floa
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     losses = {}
     for mode in [*modes, "fp32"]:
-        loss_fn = build_loss(LossConfig(jvp="full_batch" if mode == "fp32" else mode, jvp_precision=jvp_precision, ratio=0.5))
+        loss_fn = build_loss(
+            LossConfig(jvp="full_batch" if mode == "fp32" else mode, jvp_precision=jvp_precision, ratio=0.5)
+        )
         draws = loss_fn.draw(model, x, None, torch.Generator().manual_seed(1))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
             losses[mode] = float(loss_fn.evaluate(model, x, draws)[0].detach())
@@ -180,7 +191,10 @@ def test_full_batch_under_bf16_is_fp32_so_auto_does_not_offer_it() -> None:
     # With the JVP itself in bf16, full_batch's prediction is bf16 too: offered again.
     assert bf16_losses(["full_batch"], jvp_precision="bf16")["full_batch"] != losses["fp32"]
     assert candidate_modes(CPU, fused=True, precision="bf16", jvp_precision="bf16") == [
-        "fused", "primal", "full_batch", "selective"
+        "fused",
+        "primal",
+        "full_batch",
+        "selective",
     ]
     assert candidate_modes(CPU, fused=False, precision="fp32", jvp_precision="bf16") == ["selective"]
     assert candidate_modes(CPU, fused=False) == ["primal", "full_batch", "selective"]
@@ -191,28 +205,46 @@ def test_the_jvp_mode_line_says_what_precision_the_prediction_gets() -> None:
     cfg = load_config("moons", ["train.batch_size=16", "precision=bf16"])
     mode, reason = resolve_for_training(cfg, model, CPU, 16)
     assert mode == "selective"
-    assert "full_batch and primal not offered: they compute the prediction in the JVP's fp32/TF32, not bf16" in reason
+    assert (
+        "full_batch and primal not offered: they compute the prediction in the JVP's fp32/TF32, not bf16"
+        in reason
+    )
     explicit = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"jvp": "full_batch"})})
     mode, reason = resolve_for_training(explicit, model, CPU, 16)
-    assert mode == "full_batch" and reason.startswith("set by loss.jvp; note: full_batch computes the prediction")
+    assert mode == "full_batch" and reason.startswith(
+        "set by loss.jvp; note: full_batch computes the prediction"
+    )
     assert "precision bf16 changes almost nothing" in reason and "loss.jvp=selective" in reason
     assert "loss.jvp_precision=bf16" in reason
     resumed = resolve_for_training(cfg, model, CPU, 16, stored_mode="primal")[1]
     assert "kept from the checkpoint" in resumed and "applies to the other rows only" in resumed
     fp32 = load_config("moons", ["train.batch_size=16"])
-    assert "note" not in resolve_for_training(fp32.model_copy(update={"loss": explicit.loss}), model, CPU, 16)[1]
+    assert (
+        "note" not in resolve_for_training(fp32.model_copy(update={"loss": explicit.loss}), model, CPU, 16)[1]
+    )
 
 
 def test_train_prints_the_cache_and_the_precision_note(tmp_path, monkeypatch, cache_dir) -> None:
     """Through `zoo train`'s own output (rich markup): the cached choice names the cache file."""
+    from tiny_runs import TINY_RUN
     from typer.testing import CliRunner
 
-    from tiny_runs import TINY_RUN
     from zoo_cli.main import app
 
     monkeypatch.chdir(tmp_path)
-    common = [*TINY_RUN, "loss.jvp=auto", "--precision", "bf16", "--steps", "2", "--threads", "1",
-              "tracking.enabled=false", "eval.n_samples=50", "eval.batch_size=50"]
+    common = [
+        *TINY_RUN,
+        "loss.jvp=auto",
+        "--precision",
+        "bf16",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "tracking.enabled=false",
+        "eval.n_samples=50",
+        "eval.batch_size=50",
+    ]
     outputs = []
     for name in ("first", "second"):
         result = CliRunner().invoke(app, ["train", "moons", *common, "--run-name", name])

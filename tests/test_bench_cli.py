@@ -35,14 +35,35 @@ def test_bench_jvp_on_a_tiny_mlp_writes_every_case_to_json(tmp_path, restore_thr
     path = tmp_path / "bench.json"
     result = runner.invoke(
         app,
-        ["bench-jvp", "model.hidden=32", "model.depth=2", "--device", "cpu", "--model", "moons", "--batch-size", "16",
-         "--ratios", "0.25,0.75", "--repeats", "3", "--warmup", "0", "--threads", "1", "--json", str(path)],
-    )  # fmt: skip
+        [
+            "bench-jvp",
+            "model.hidden=32",
+            "model.depth=2",
+            "--device",
+            "cpu",
+            "--model",
+            "moons",
+            "--batch-size",
+            "16",
+            "--ratios",
+            "0.25,0.75",
+            "--repeats",
+            "3",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--json",
+            str(path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "JVP / forward" in result.output and "fastest mode that fits" in result.output
     data = json.loads(path.read_text())
     names = [c["name"] for c in data["cases"]]
-    expected = ["forward", "jvp", "fm_step"] + [f"meanflow/{m}/{r}" for r in ("0.25", "0.75") for m in CPU_MODES]
+    expected = ["forward", "jvp", "fm_step"] + [
+        f"meanflow/{m}/{r}" for r in ("0.25", "0.75") for m in CPU_MODES
+    ]
     assert names == expected
     for case in data["cases"]:
         assert len(case["samples_s"]) == 3 and all(s > 0 for s in case["samples_s"])
@@ -50,7 +71,9 @@ def test_bench_jvp_on_a_tiny_mlp_writes_every_case_to_json(tmp_path, restore_thr
         assert case["peak_bytes"] > 0 and case["fits"]
     cases = {c["name"]: c for c in data["cases"]}
     assert cases["jvp"]["reference"] == "forward"
-    assert cases["jvp"]["versus"]["of_medians"] == pytest.approx(cases["jvp"]["median_s"] / cases["forward"]["median_s"])
+    assert cases["jvp"]["versus"]["of_medians"] == pytest.approx(
+        cases["jvp"]["median_s"] / cases["forward"]["median_s"]
+    )
     assert cases["meanflow/primal/0.25"]["reference"] == "fm_step"
     # Training steps hold more than a no-grad forward: gradients and Adam state.
     assert cases["fm_step"]["peak_bytes"] > cases["forward"]["peak_bytes"]
@@ -61,40 +84,79 @@ def test_bench_jvp_on_a_tiny_mlp_writes_every_case_to_json(tmp_path, restore_thr
     assert data["settings"]["batch_size"] == 16 and data["parameters"] > 0 and data["threads"] == 1
 
 
-def test_a_loss_variant_times_every_meanflow_step_again_with_its_overrides(tmp_path, monkeypatch, restore_threads) -> None:
+def test_a_loss_variant_times_every_meanflow_step_again_with_its_overrides(
+    tmp_path, monkeypatch, restore_threads
+) -> None:
     import zoo.bench.jvp_bench as jvp_bench
 
     built = []  # (adaptive weight p and c, mode, ratio) of every MeanFlow loss the cases were built with
     real_meanflow_loss = jvp_bench.meanflow_loss
     monkeypatch.setattr(
-        jvp_bench, "meanflow_loss",
-        lambda cfg, mode, ratio: built.append((cfg.weight_p, cfg.weight_c, mode, ratio)) or real_meanflow_loss(cfg, mode, ratio),
-    )  # fmt: skip
+        jvp_bench,
+        "meanflow_loss",
+        lambda cfg, mode, ratio: (
+            built.append((cfg.weight_p, cfg.weight_c, mode, ratio)) or real_meanflow_loss(cfg, mode, ratio)
+        ),
+    )
     path = tmp_path / "bench.json"
     result = runner.invoke(
         app,
-        ["bench-jvp", "model.hidden=32", "model.depth=2", "loss.weight_p=1.0", "--device", "cpu", "--model", "moons",
-         "--batch-size", "16", "--ratios", "0.25,1", "--modes", "fused,nograd", "--repeats", "2", "--warmup", "0",
-         "--threads", "1", "--loss-variant", " loss.weight_p=0.0   loss.weight_c=0.01", "--json", str(path)],
-    )  # fmt: skip
+        [
+            "bench-jvp",
+            "model.hidden=32",
+            "model.depth=2",
+            "loss.weight_p=1.0",
+            "--device",
+            "cpu",
+            "--model",
+            "moons",
+            "--batch-size",
+            "16",
+            "--ratios",
+            "0.25,1",
+            "--modes",
+            "fused,nograd",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--loss-variant",
+            " loss.weight_p=0.0   loss.weight_c=0.01",
+            "--json",
+            str(path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     variant = "loss.weight_p=0.0 loss.weight_c=0.01"  # spaces normalised
     # Built in case order: the run's own loss (p=1, the preset's c) for every case, then the variant's.
     own_c = load_config("moons").loss.weight_c
     assert own_c != 0.01
-    assert built == [(p, c, m, r) for p, c in ((1.0, own_c), (0.0, 0.01)) for r in (0.25, 1.0) for m in ("fused", "nograd")]
+    assert built == [
+        (p, c, m, r) for p, c in ((1.0, own_c), (0.0, 0.01)) for r in (0.25, 1.0) for m in ("fused", "nograd")
+    ]
     cases = {c["name"]: c for c in json.loads(path.read_text())["cases"]}
     for mode in ("fused", "nograd"):
         for ratio in ("0.25", "1"):
             own, other = cases[f"meanflow/{mode}/{ratio}"], cases[f"meanflow/{mode}/{ratio} [{variant}]"]
             assert own["loss_variant"] == "" and other["loss_variant"] == variant
             assert other["reference"] == "fm_step" and other["median_s"] > 0
-            assert other["versus"]["of_medians"] == pytest.approx(other["median_s"] / cases["fm_step"]["median_s"])
-            assert other["versus_own_loss"]["of_medians"] == pytest.approx(other["median_s"] / own["median_s"])
+            assert other["versus"]["of_medians"] == pytest.approx(
+                other["median_s"] / cases["fm_step"]["median_s"]
+            )
+            assert other["versus_own_loss"]["of_medians"] == pytest.approx(
+                other["median_s"] / own["median_s"]
+            )
             assert own["versus_own_loss"] is None
     data = json.loads(path.read_text())
-    assert [c["name"] for c in data["cases"]][3:] == [  # the variant's steps after the run's own, in the same order
-        f"meanflow/{m}/{r}{suffix}" for suffix in ("", f" [{variant}]") for r in ("0.25", "1") for m in ("fused", "nograd")
+    assert [c["name"] for c in data["cases"]][
+        3:
+    ] == [  # the variant's steps after the run's own, in the same order
+        f"meanflow/{m}/{r}{suffix}"
+        for suffix in ("", f" [{variant}]")
+        for r in ("0.25", "1")
+        for m in ("fused", "nograd")
     ]
     output = " ".join(result.output.split())
     assert f"MeanFlow fused @0.25 [{variant}]" in output  # the label, not taken for markup
@@ -105,10 +167,20 @@ def test_a_loss_variant_times_every_meanflow_step_again_with_its_overrides(tmp_p
 def test_a_case_over_the_memory_limit_is_reported_and_not_timed() -> None:
     settings = BenchSettings(
         preset="cifar10",
-        overrides=("model.channels=8", "model.channel_mults=[1,2]", "model.blocks_per_res=1", "model.num_groups=4",
-                   "model.attention_res=[16]"),
-        device="cpu", batch_size=2, ratios=(1.0,), modes=("full_batch", "nograd"), repeats=1, warmup=0,
-    )  # fmt: skip
+        overrides=(
+            "model.channels=8",
+            "model.channel_mults=[1,2]",
+            "model.blocks_per_res=1",
+            "model.num_groups=4",
+            "model.attention_res=[16]",
+        ),
+        device="cpu",
+        batch_size=2,
+        ratios=(1.0,),
+        modes=("full_batch", "nograd"),
+        repeats=1,
+        warmup=0,
+    )
     free = run_bench(settings)
     assert free.data_shape == [3, 32, 32]  # the CIFAR-10 preset, without the dataset on disk
     lean, greedy = free.case("meanflow/nograd/1").peak_bytes, free.case("meanflow/full_batch/1").peak_bytes
@@ -141,7 +213,10 @@ def test_data_signature_knows_image_shapes_without_the_files() -> None:
         (["--loss-variant", "model.hidden=8"], "loss.KEY=VALUE"),
         (["--loss-variant", "loss.weight_p=0", "--loss-variant", "loss.weight_p=0"], "given twice"),
         (["--loss-variant", "loss.weight_p=9"], "loss.weight_p"),
-        (["--loss-variant", "loss.weight_p=0 loss.ratio=0.5"], "choose JVP modes with --modes and ratios with --ratios"),
+        (
+            ["--loss-variant", "loss.weight_p=0 loss.ratio=0.5"],
+            "choose JVP modes with --modes and ratios with --ratios",
+        ),
     ],
 )
 def test_bad_options_fail_with_a_message(args: list[str], message: str) -> None:

@@ -23,7 +23,7 @@ def test_rounds_interleave_with_rotating_order_after_untimed_warmup() -> None:
     cases = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     timings = interleaved_timings(cases, repeats=3, warmup=2)
     # Warm-up rounds and timed rounds all run every case once per round, the order rotating.
-    assert calls == list("abc" "bca" "abc" "bca" "cab")
+    assert calls == list("abcbcaabcbcacab")
     assert {name: len(t.samples) for name, t in timings.items()} == {"a": 3, "b": 3, "c": 3}
 
 

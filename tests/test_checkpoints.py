@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from zoo import checkpoints
-from zoo.checkpoints import CheckpointError, checksum_path, clean_state_dict, load_checkpoint, save_checkpoint, unwrap
+from zoo.checkpoints import (
+    CheckpointError,
+    checksum_path,
+    clean_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from zoo.runs import RunDir, RunError, check_run
 
 
@@ -18,8 +25,14 @@ def test_round_trip_with_weights_only(tmp_path):
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    payload = {"run_name": "a", "step": 5, "model": model.state_dict(), "optimizer": opt.state_dict(),
-               "rng": {"torch": torch.get_rng_state()}, "config": {"seed": 1}}
+    payload = {
+        "run_name": "a",
+        "step": 5,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "config": {"seed": 1},
+    }
     save_checkpoint(tmp_path / "c.pt", payload)
     loaded = load_checkpoint(tmp_path / "c.pt")
     assert loaded["step"] == 5 and loaded["run_name"] == "a"
@@ -44,7 +57,11 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
 
 
 def test_compiled_and_ddp_prefixes_are_removed():
-    state = {"_orig_mod.net.0.weight": torch.ones(1), "module._orig_mod.head.bias": torch.zeros(1), "plain": torch.ones(1)}
+    state = {
+        "_orig_mod.net.0.weight": torch.ones(1),
+        "module._orig_mod.head.bias": torch.zeros(1),
+        "plain": torch.ones(1),
+    }
     assert set(clean_state_dict(state)) == {"net.0.weight", "head.bias", "plain"}
     model = nn.Linear(2, 2)
     assert unwrap(torch.compile(model)) is model

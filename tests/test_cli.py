@@ -17,9 +17,16 @@ runner = CliRunner()
 
 # A 2-D MeanFlow run small enough for a test: tiny MLP, few steps, small evaluation.
 TINY = [
-    "model.hidden=64", "model.depth=2", "train.batch_size=64", "train.log_every=5",
-    "train.save_every=10", "eval.n_samples=200", "eval.solver_nfe=[2,4]", "eval.batch_size=200",
-    "--device", "cpu",
+    "model.hidden=64",
+    "model.depth=2",
+    "train.batch_size=64",
+    "train.log_every=5",
+    "train.save_every=10",
+    "eval.n_samples=200",
+    "eval.solver_nfe=[2,4]",
+    "eval.batch_size=200",
+    "--device",
+    "cpu",
 ]
 
 
@@ -41,7 +48,15 @@ def test_train_writes_complete_run_folder(workdir, isolated_trackio):
     result = train("t1", 20)
     assert result.exit_code == 0, result.output
     run = workdir / "outputs" / "t1"
-    for name in ["last.pt", "step_0000020.pt", "config.toml", "metrics.jsonl", "heartbeat.json", "eval.json", "samples/final.png"]:
+    for name in [
+        "last.pt",
+        "step_0000020.pt",
+        "config.toml",
+        "metrics.jsonl",
+        "heartbeat.json",
+        "eval.json",
+        "samples/final.png",
+    ]:
         assert (run / name).exists(), name
     assert "MeanFlow 1-step" in result.output and "data vs data" in result.output
     heartbeat = json.loads((run / "heartbeat.json").read_text())
@@ -56,9 +71,21 @@ def test_train_writes_complete_run_folder(workdir, isolated_trackio):
     assert {("meanflow", 1), ("meanflow", 2), ("meanflow", 4), ("euler", 2), ("heun", 1)} <= kinds
     # trackio reads the run back through its own CLI
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "trackio"), "get", "metric", "--project", "zoo", "--run", "t1",
-         "--metric", "train/loss", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            str(Path(sys.executable).parent / "trackio"),
+            "get",
+            "metric",
+            "--project",
+            "zoo",
+            "--run",
+            "t1",
+            "--metric",
+            "train/loss",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     values = json.loads(out.stdout)["values"]
     assert [v["step"] for v in values] == [5, 10, 15, 20]
@@ -115,7 +142,10 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(workdir):
     assert result.exit_code == 0, result.output
 
     def losses(name):
-        records = [json.loads(line) for line in (workdir / "outputs" / name / "metrics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line)
+            for line in (workdir / "outputs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
         return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
     straight, split = losses("straight"), losses("split")
@@ -136,7 +166,9 @@ def test_sample_and_eval_commands(workdir):
     assert result.exit_code == 0, result.output
     samples = np.load(workdir / "two.npz")["samples"]
     assert samples.shape == (50, 2) and np.isfinite(samples).all()
-    result = zoo("sample", ckpt, "--nfe", "4", "--solver", "heun", "--n", "10", "--out", "heun.png", "--device", "cpu")
+    result = zoo(
+        "sample", ckpt, "--nfe", "4", "--solver", "heun", "--n", "10", "--out", "heun.png", "--device", "cpu"
+    )
     assert result.exit_code == 0 and (workdir / "heun.png").exists()
     result = zoo("sample", ckpt, "--nfe", "3", "--solver", "heun", "--out", "x.png")
     assert result.exit_code == 2 and "multiple" in result.output
@@ -150,6 +182,10 @@ def test_sample_and_eval_commands(workdir):
 def test_corrupt_checkpoint_is_a_clear_error(workdir):
     (workdir / "broken.pt").write_bytes(b"not a checkpoint at all")
     result = zoo("sample", workdir / "broken.pt")
-    assert result.exit_code == 1 and "broken.pt is not a checkpoint" in result.output and "\\n" not in result.output.strip()
+    assert (
+        result.exit_code == 1
+        and "broken.pt is not a checkpoint" in result.output
+        and "\\n" not in result.output.strip()
+    )
     result = zoo("eval", workdir / "absent.pt")
     assert result.exit_code == 1 and "no checkpoint at" in result.output

@@ -30,7 +30,20 @@ def never_run(*args, **kwargs):
 def test_bench_json_is_checked_before_the_benchmark(workdir, monkeypatch, json_path):
     monkeypatch.setattr(jvp_bench, "run_bench", never_run)
     result = runner.invoke(
-        app, ["bench-jvp", "--device", "cpu", "--model", "moons", "--ratios", "0.5", "--repeats", "1", "--json", json_path]
+        app,
+        [
+            "bench-jvp",
+            "--device",
+            "cpu",
+            "--model",
+            "moons",
+            "--ratios",
+            "0.5",
+            "--repeats",
+            "1",
+            "--json",
+            json_path,
+        ],
     )
     assert result.exit_code == 2, result.output
     assert flat(result.output).startswith(f"error: cannot write --json {json_path}")

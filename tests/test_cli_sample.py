@@ -38,9 +38,16 @@ def fm_run(tmp_path_factory) -> Path:
     guidance 2."""
     outputs = tmp_path_factory.mktemp("sample-fm") / "outputs"
     args = [
-        "--steps", "5", "--run-name", "f", "loss.kind=flow_matching", "data.class_conditional=true",
-        'eval.solvers=["heun"]', "eval.solver_nfe=[6]", "eval.guidance=2.0",
-    ]  # fmt: skip
+        "--steps",
+        "5",
+        "--run-name",
+        "f",
+        "loss.kind=flow_matching",
+        "data.class_conditional=true",
+        'eval.solvers=["heun"]',
+        "eval.solver_nfe=[6]",
+        "eval.guidance=2.0",
+    ]
     result = zoo("train", "moons", *TINY_RUN, f"output_dir={outputs}", *args)
     assert result.exit_code == 0, result.output
     return outputs / "f"
@@ -77,14 +84,29 @@ def test_an_unwritable_samples_folder_beside_the_checkpoint_names_out(workdir, r
 def test_a_solver_without_nfe_integrates_with_the_runs_largest_eval_nfe(workdir, run, solver, nfe, steps):
     """The NFE its training grids and `zoo eval` used, so the same run gives the same picture
     (rounded up to the solver's calls per step: rk4 makes 4)."""
-    result = zoo("sample", run / "last.pt", "--solver", solver, "--n", "8", "--out", "o.png", "--device", "cpu")
+    result = zoo(
+        "sample", run / "last.pt", "--solver", solver, "--n", "8", "--out", "o.png", "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     assert f"{steps} steps, {nfe} NFE" in flat(result.output)
     assert int(np.load(workdir / "o.npz")["nfe"]) == nfe
 
 
 def test_an_explicit_nfe_still_wins_and_is_checked_before_loading(workdir, run):
-    result = zoo("sample", run / "last.pt", "--solver", "heun", "--nfe", "4", "--n", "8", "--out", "o.png", "--device", "cpu")
+    result = zoo(
+        "sample",
+        run / "last.pt",
+        "--solver",
+        "heun",
+        "--nfe",
+        "4",
+        "--n",
+        "8",
+        "--out",
+        "o.png",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0 and "2 steps, 4 NFE" in flat(result.output)
     result = zoo("sample", workdir / "absent.pt", "--solver", "heun", "--nfe", "3")
     assert result.exit_code == 2 and "multiple of 2; got 3" in flat(result.output)
@@ -101,7 +123,9 @@ def test_a_run_folder_samples_its_last_checkpoint(run):
 def test_threads_sets_torchs_cpu_threads(workdir, run):
     before = torch.get_num_threads()
     try:
-        result = zoo("sample", run / "last.pt", "--n", "8", "--out", "t.png", "--device", "cpu", "--threads", "2")
+        result = zoo(
+            "sample", run / "last.pt", "--n", "8", "--out", "t.png", "--device", "cpu", "--threads", "2"
+        )
         assert result.exit_code == 0, result.output
         assert torch.get_num_threads() == 2
     finally:
@@ -132,7 +156,9 @@ def test_an_nfe_the_runs_solver_cannot_take_names_where_the_solver_came_from(wor
 
 
 def test_solver_meanflow_is_the_jump_sampler_and_refused_for_flow_matching(workdir, run, fm_run):
-    result = zoo("sample", run, "--solver", "meanflow", "--nfe", "2", "--n", "8", "--out", "m.png", "--device", "cpu")
+    result = zoo(
+        "sample", run, "--solver", "meanflow", "--nfe", "2", "--n", "8", "--out", "m.png", "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     assert int(np.load(workdir / "m.npz")["nfe"]) == 2
     result = zoo("sample", fm_run, "--solver", "meanflow", "--n", "8", "--out", "f.png", "--device", "cpu")

@@ -4,7 +4,14 @@ import tomllib
 
 import pytest
 
-from zoo.config import ConfigError, available_presets, config_from_dict, config_to_dict, config_to_toml, load_config
+from zoo.config import (
+    ConfigError,
+    available_presets,
+    config_from_dict,
+    config_to_dict,
+    config_to_toml,
+    load_config,
+)
 from zoo.config.loading import parse_overrides, parse_value
 
 
@@ -56,7 +63,10 @@ def test_precedence_cli_over_env_over_preset(monkeypatch):
         (["data.name=mnist3d"], ["data.name", "mnist3d", "fashion-mnist"]),
         (["eval.solver_nfe=[0]"], ["eval.solver_nfe.0", "greater than or equal to 1"]),
         (["eval.meanflow_steps=[]"], ["eval.meanflow_steps", "at least 1"]),
-        (["loss.guidance_t_min=0.8", "loss.guidance_t_max=0.2"], ["guidance_t_min=0.8", "guidance_t_max=0.2"]),
+        (
+            ["loss.guidance_t_min=0.8", "loss.guidance_t_max=0.2"],
+            ["guidance_t_min=0.8", "guidance_t_max=0.2"],
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_rule(override, expected):
@@ -88,5 +98,7 @@ def test_toml_round_trip_and_dict_round_trip(tmp_path):
     path.write_text(config_to_toml(cfg))
     again = load_config(str(path))
     assert config_to_dict(again) | {"preset": cfg.preset} == config_to_dict(cfg)
-    assert config_from_dict(config_to_dict(cfg)) == config_from_dict(config_to_dict(again) | {"preset": "cifar10"})
+    assert config_from_dict(config_to_dict(cfg)) == config_from_dict(
+        config_to_dict(again) | {"preset": "cifar10"}
+    )
     assert tomllib.loads(path.read_text())["loss"]["ratio"] == 0.5

@@ -83,9 +83,22 @@ def test_zoo_train_with_a_failed_download_exits_1_and_writes_nothing(tmp_path, m
     monkeypatch.setattr(image_data, "CIFAR10_URL", closed_port_url())
     (tmp_path / "dl").mkdir()
     result = runner.invoke(
-        app, ["train", "cifar10", "--data-dir", "dl", "--steps", "2", "data.download=true", "--run-name", "c",
-              "--device", "cpu", "experiment_log="],
-    )  # fmt: skip
+        app,
+        [
+            "train",
+            "cifar10",
+            "--data-dir",
+            "dl",
+            "--steps",
+            "2",
+            "data.download=true",
+            "--run-name",
+            "c",
+            "--device",
+            "cpu",
+            "experiment_log=",
+        ],
+    )
     assert result.exit_code == 1, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "could not download CIFAR-10" in error[0] and "Traceback" not in result.output
@@ -102,7 +115,9 @@ def test_an_unwritable_data_root_for_the_debian_fashion_mnist_names_data_root(tm
     with pytest.raises(OutputPathError) as error:
         image_data.prepare_fashion_mnist(tmp_path / "afile" / "data", download=False)
     message = str(error.value)
-    assert message.startswith(f"Fashion-MNIST is unpacked from {package} into data.root: cannot write into data.root")
+    assert message.startswith(
+        f"Fashion-MNIST is unpacked from {package} into data.root: cannot write into data.root"
+    )
     assert "choose another data.root (--data-dir)" in message
     assert (tmp_path / "afile").read_text() == "x"
 
@@ -115,9 +130,21 @@ def test_zoo_train_with_an_unwritable_data_dir_exits_2(tmp_path, monkeypatch):
         (package / f"{name}.gz").write_bytes(b"")
     monkeypatch.setattr(image_data, "DEBIAN_FASHION_MNIST", package)
     result = runner.invoke(
-        app, ["train", "fashion-mnist", "--data-dir", "/proc/x", "--steps", "2", "--run-name", "f", "--device", "cpu",
-              "experiment_log="],
-    )  # fmt: skip
+        app,
+        [
+            "train",
+            "fashion-mnist",
+            "--data-dir",
+            "/proc/x",
+            "--steps",
+            "2",
+            "--run-name",
+            "f",
+            "--device",
+            "cpu",
+            "experiment_log=",
+        ],
+    )
     assert result.exit_code == 2, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and error[0].startswith("error: Fashion-MNIST is unpacked from")
@@ -127,7 +154,9 @@ def test_zoo_train_with_an_unwritable_data_dir_exits_2(tmp_path, monkeypatch):
 
 def test_a_failed_fashion_mnist_download_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(image_data, "DEBIAN_FASHION_MNIST", tmp_path / "no-package")
-    monkeypatch.setattr(image_data.tv_datasets().FashionMNIST, "mirrors", [closed_port_url().rsplit("/", 1)[0] + "/"])
+    monkeypatch.setattr(
+        image_data.tv_datasets().FashionMNIST, "mirrors", [closed_port_url().rsplit("/", 1)[0] + "/"]
+    )
     root = tmp_path / "data"
     root.mkdir()
     with pytest.raises(DataNotFoundError) as error:

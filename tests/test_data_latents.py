@@ -37,9 +37,15 @@ def test_encode_then_train_on_latents(tmp_path):
     logged: list[str] = []
     for split, count in (("train", 7), ("val", 4)):
         summary = encode_images(
-            fake_encoder, make_split(tmp_path, split, count), out, split,
-            device=torch.device("cpu"), batch_size=3, num_workers=0, log=logged.append,
-        )  # fmt: skip
+            fake_encoder,
+            make_split(tmp_path, split, count),
+            out,
+            split,
+            device=torch.device("cpu"),
+            batch_size=3,
+            num_workers=0,
+            log=logged.append,
+        )
         assert summary["images"] == count
     (out / "meta.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
     assert not list(out.glob("*.tmp"))
@@ -50,8 +56,16 @@ def test_encode_then_train_on_latents(tmp_path):
     assert np.allclose(latents[2, :3, 0, 0], expected, atol=1e-3)
     assert any("7/7" in line for line in logged)
 
-    s = build_data(DataConfig(name="imagenet-latents", root=str(tmp_path), class_conditional=True), "cpu", 0, 5)
-    assert (s.data_shape, s.num_train, s.num_classes, s.is_latent, s.is_image) == ((4, 4, 4), 7, 3, True, False)
+    s = build_data(
+        DataConfig(name="imagenet-latents", root=str(tmp_path), class_conditional=True), "cpu", 0, 5
+    )
+    assert (s.data_shape, s.num_train, s.num_classes, s.is_latent, s.is_image) == (
+        (4, 4, 4),
+        7,
+        3,
+        True,
+        False,
+    )
     x, y = s.next_batch(torch.Generator().manual_seed(0))
     assert x.dtype == torch.float32 and x.shape == (5, 4, 4, 4)
     train = torch.from_numpy(latents).float()

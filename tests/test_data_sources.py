@@ -177,14 +177,24 @@ def decode_rgb(x: Tensor) -> tuple[Tensor, Tensor]:
     return (value - 5) // 10, flipped
 
 
-def loader_source(files: list[Path], num_workers: int = 0, batch_size: int = 4, hflip: bool = True) -> LoaderSource:
+def loader_source(
+    files: list[Path], num_workers: int = 0, batch_size: int = 4, hflip: bool = True
+) -> LoaderSource:
     transform = CenterCropResize(8)
     dataset = ImageFiles(files, [i % 2 for i in range(len(files))], transform)
     return LoaderSource(
-        "files", dataset, ImageFiles(files[:3], [0, 1, 0], transform), batch_size=batch_size,
-        device=torch.device("cpu"), seed=5, num_workers=num_workers, hflip=hflip, num_classes=2,
-        class_names=["even", "odd"], image_size=8,
-    )  # fmt: skip
+        "files",
+        dataset,
+        ImageFiles(files[:3], [0, 1, 0], transform),
+        batch_size=batch_size,
+        device=torch.device("cpu"),
+        seed=5,
+        num_workers=num_workers,
+        hflip=hflip,
+        num_classes=2,
+        class_names=["even", "odd"],
+        image_size=8,
+    )
 
 
 def test_center_crop_resize_takes_the_middle_square():
@@ -304,7 +314,9 @@ def python_start_method(request):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_loader_workers_leave_a_stop_signal_to_the_training_process(tmp_path, monkeypatch, signum, python_start_method):
+def test_loader_workers_leave_a_stop_signal_to_the_training_process(
+    tmp_path, monkeypatch, signum, python_start_method
+):
     # A terminal's Ctrl-C reaches the whole process group, workers included; a worker that died of
     # it would fail the batch a held training step waits for: a failed run instead of a clean stop.
     # The signal is sent while the workers are still starting (held up here before their

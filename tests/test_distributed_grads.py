@@ -58,14 +58,18 @@ def record_gradients(state: trainer.TrainState) -> dict[str, torch.Tensor | None
     step = state.optimizer.step
 
     def recording(*args, **kwargs):
-        seen.update({n: None if p.grad is None else p.grad.clone() for n, p in state.model.named_parameters()})
+        seen.update(
+            {n: None if p.grad is None else p.grad.clone() for n, p in state.model.named_parameters()}
+        )
         return step(*args, **kwargs)
 
     state.optimizer.step = recording
     return seen
 
 
-def one_step_from(batch_size: int, grad_accum: int, start: tuple[torch.Tensor, dict] | None) -> tuple[dict, list]:
+def one_step_from(
+    batch_size: int, grad_accum: int, start: tuple[torch.Tensor, dict] | None
+) -> tuple[dict, list]:
     """train_step on a fresh state (this process's rank and world), from the draw state `start`."""
     state = trainer.build_state(config(batch_size, grad_accum), torch.device("cpu"))
     if start is not None:
@@ -100,7 +104,10 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
 
     # Guard: one rank's own half of the batch gives another gradient (else this proves nothing).
     half, _ = one_step_from(BATCH // 2, grad_accum=2, start=draws[0])
-    flat = {key: torch.cat([g.flatten() for g in grads.values()]) for key, grads in (("half", half), ("all", expected))}
+    flat = {
+        key: torch.cat([g.flatten() for g in grads.values()])
+        for key, grads in (("half", half), ("all", expected))
+    }
     assert (flat["half"] - flat["all"]).norm() > 0.1 * flat["all"].norm()
 
 
@@ -129,7 +136,9 @@ def test_a_parameter_without_gradient_on_one_rank_counts_as_zero_there(tmp_path)
     torch.manual_seed(0)
     module = TwoBranches()
     # One process on both ranks' samples: shared sees both, rank0_only rank 0's, with mean over ranks.
-    (module.shared(torch.full((2, 3), 1.0)).sum() + module.shared(torch.full((2, 3), 2.0)).sum()).mul(0.5).backward()
+    (module.shared(torch.full((2, 3), 1.0)).sum() + module.shared(torch.full((2, 3), 2.0)).sum()).mul(
+        0.5
+    ).backward()
     (module.rank0_only(torch.full((2, 3), 1.0)).sum() * 0.5).backward()
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -30,7 +30,9 @@ def rank_main(rank: int, world: int, port: int, out_dir: Path) -> None:
     trainer.resolve_for_training = own_resolver  # the forked child's copy only
     cfg = load_config("moons", ["model.hidden=16", "model.depth=1", "loss.jvp=auto"])
     model = build_model(cfg.model, (2,), 0)
-    state = SimpleNamespace(cfg=cfg, model=model, device=torch.device("cpu"), micro_batches=1, jvp_mode="nograd", loss_fn=None)
+    state = SimpleNamespace(
+        cfg=cfg, model=model, device=torch.device("cpu"), micro_batches=1, jvp_mode="nograd", loss_fn=None
+    )
     trainer.choose_jvp_mode(state, None, Console(quiet=True))
     result = {"mode": state.jvp_mode, "loss_mode": state.loss_fn.jvp.name, "calls": calls}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))

@@ -21,11 +21,18 @@ def rank_main(rank: int, world: int, port: int, out_dir: Path) -> None:
     trainer.plan_micro_batches = lambda *args, **kwargs: OWN_PLAN[rank]  # this forked child only
     cfg = load_config("moons", ["model.hidden=16", "model.depth=1", "train.batch_size=16"])
     state = SimpleNamespace(
-        cfg=cfg, model=build_model(cfg.model, (2,), 0), device=torch.device("cpu"), micro_batches=1,
+        cfg=cfg,
+        model=build_model(cfg.model, (2,), 0),
+        device=torch.device("cpu"),
+        micro_batches=1,
         source=SimpleNamespace(batch_size=8),
-    )  # fmt: skip
+    )
     plan = trainer.fit_batch_in_memory(state, Console(quiet=True))
-    result = {"plan": [plan.micro_batches, plan.micro_batch_size], "state": state.micro_batches, "source": state.source.batch_size}
+    result = {
+        "plan": [plan.micro_batches, plan.micro_batch_size],
+        "state": state.micro_batches,
+        "source": state.source.batch_size,
+    }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     distributed.shutdown()
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_runs import TINY_RUN
 
 from zoo.checkpoints import load_checkpoint
@@ -22,7 +21,12 @@ TINY = TINY_RUN
 
 @pytest.mark.slow
 def test_zoo_train_with_two_processes(tmp_path):
-    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "TRACKIO_DIR": str(tmp_path / "trackio"),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
         [
             sys.executable,
@@ -50,7 +54,9 @@ def test_zoo_train_with_two_processes(tmp_path):
     assert heartbeat["status"] == "finished" and heartbeat["step"] == 20
     assert load_checkpoint(run / "last.pt")["step"] == 20
     steps = [
-        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
     ]
     assert steps == [5, 10, 15, 20]  # one writer: no record twice
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["ddp"]

@@ -28,10 +28,26 @@ pytest.importorskip("cleanfid", reason="clean-fid is the optional `fid` extra")
 
 runner = CliRunner()
 TINY_DIGITS = [
-    "model.channels=8", "model.channel_mults=[1]", "model.attention_res=[]", "model.num_groups=4",
-    "train.batch_size=16", "loss.jvp=nograd", "eval.n_samples=50", "eval.batch_size=50",
-    "eval.meanflow_steps=[1]", 'eval.solvers=["euler"]', "eval.solver_nfe=[2]", "eval.grid_size=16",
-    "experiment_log=", "tracking.enabled=false", "--steps", "3", "--device", "cpu", "--threads", "1",
+    "model.channels=8",
+    "model.channel_mults=[1]",
+    "model.attention_res=[]",
+    "model.num_groups=4",
+    "train.batch_size=16",
+    "loss.jvp=nograd",
+    "eval.n_samples=50",
+    "eval.batch_size=50",
+    "eval.meanflow_steps=[1]",
+    'eval.solvers=["euler"]',
+    "eval.solver_nfe=[2]",
+    "eval.grid_size=16",
+    "experiment_log=",
+    "tracking.enabled=false",
+    "--steps",
+    "3",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
 ]
 
 
@@ -43,7 +59,9 @@ def zoo(*args):
 def digits_run(tmp_path_factory) -> Path:
     """A real (3-step) MeanFlow U-Net on scikit-learn's digits: its last.pt."""
     root = tmp_path_factory.mktemp("digits-run")
-    result = runner.invoke(app, ["train", "digits", *TINY_DIGITS, "--run-name", "dg", "output_dir=" + str(root)])
+    result = runner.invoke(
+        app, ["train", "digits", *TINY_DIGITS, "--run-name", "dg", "output_dir=" + str(root)]
+    )
     assert result.exit_code == 0, result.output
     return root / "dg" / "last.pt"
 
@@ -88,14 +106,31 @@ def digits_reference(monkeypatch):
     mu, sigma = statistics(real)
     reference = FidReference("digits", 8, "train")
     monkeypatch.setitem(zoo_fid.FID_REFERENCES, "digits", reference)
-    monkeypatch.setattr(zoo_fid, "load_fid_backend", lambda ref, device: FidBackend(features_of, mu, sigma, ref))
+    monkeypatch.setattr(
+        zoo_fid, "load_fid_backend", lambda ref, device: FidBackend(features_of, mu, sigma, ref)
+    )
     return mu, sigma
 
 
 def test_fid_end_to_end_matches_an_independent_computation(digits_run, digits_reference, tmp_path):
     out = tmp_path / "e.json"
-    result = zoo("eval", digits_run, "--fid", "--fid-n", 120, "--fid-batch-size", 40, "--seed", 3,
-                 "--json", out, "--device", "cpu", "--threads", 1)
+    result = zoo(
+        "eval",
+        digits_run,
+        "--fid",
+        "--fid-n",
+        120,
+        "--fid-batch-size",
+        40,
+        "--seed",
+        3,
+        "--json",
+        out,
+        "--device",
+        "cpu",
+        "--threads",
+        1,
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["fid"]["n_samples"] == 120 and data["fid"]["method"] == "MeanFlow 1-step"
@@ -108,7 +143,9 @@ def test_fid_end_to_end_matches_an_independent_computation(digits_run, digits_re
     model = load_model(digits_run, torch.device("cpu")).model
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        images = torch.cat([sample_meanflow(model, torch.randn((40, 1, 8, 8), generator=generator), 1) for _ in range(3)])
+        images = torch.cat(
+            [sample_meanflow(model, torch.randn((40, 1, 8, 8), generator=generator), 1) for _ in range(3)]
+        )
     truth = scipy_frechet(*statistics(images), *digits_reference)
     assert data["fid"]["value"] == pytest.approx(truth, rel=1e-6)
     # A distance that can tell: 120 real digits score far lower than a 3-step model's samples.
@@ -194,9 +231,12 @@ def test_fid_refuses_datasets_without_statistics_and_bad_options(digits_run, tmp
 
 
 @pytest.mark.parametrize(
-    "option, value", [("--fid-n", 50_000), ("--fid-solver", "meanflow"), ("--fid-nfe", 1), ("--fid-batch-size", 50)]
+    "option, value",
+    [("--fid-n", 50_000), ("--fid-solver", "meanflow"), ("--fid-nfe", 1), ("--fid-batch-size", 50)],
 )
-def test_an_fid_option_without_fid_is_a_usage_error_even_at_its_default_value(digits_run, tmp_path, option, value):
+def test_an_fid_option_without_fid_is_a_usage_error_even_at_its_default_value(
+    digits_run, tmp_path, option, value
+):
     result = zoo("eval", digits_run, option, value, "--json", tmp_path / "e.json", "--device", "cpu")
     assert result.exit_code == 2, result.output
     line = " ".join(result.output.split())
@@ -216,13 +256,17 @@ def test_fid_puts_a_training_model_back_in_training_mode_when_it_fails(digits_ru
 
     backend = FidBackend(failing_features, np.zeros(16), np.eye(16), FidReference("digits", 8, "train"))
     with pytest.raises(RuntimeError, match="the feature network failed"):
-        evaluation.evaluate_fid(model, evaluation.Method("meanflow", 1, 1), backend, 8, 4, loaded.cfg.eval.guidance)
+        evaluation.evaluate_fid(
+            model, evaluation.Method("meanflow", 1, 1), backend, 8, 4, loaded.cfg.eval.guidance
+        )
     assert modes == [False] and model.training
 
 
 def test_missing_clean_fid_says_how_to_install(digits_run, tmp_path, monkeypatch):
     real_find_spec = zoo_fid.importlib.util.find_spec
-    monkeypatch.setattr(zoo_fid.importlib.util, "find_spec", lambda name: None if name == "cleanfid" else real_find_spec(name))
+    monkeypatch.setattr(
+        zoo_fid.importlib.util, "find_spec", lambda name: None if name == "cleanfid" else real_find_spec(name)
+    )
     monkeypatch.setitem(zoo_fid.FID_REFERENCES, "digits", FidReference("digits", 8, "train"))
     result = zoo("eval", digits_run, "--fid", "--json", tmp_path / "e.json", "--device", "cpu")
     assert result.exit_code == 1 and "pip install clean-fid" in result.output
@@ -239,7 +283,9 @@ def test_json_path_checked_before_the_evaluation(digits_run, monkeypatch):
 def test_threads_option_sets_torch_threads(digits_run, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
-    result = zoo("eval", digits_run, "--threads", 1, "--n", 50, "--json", tmp_path / "e.json", "--device", "cpu")
+    result = zoo(
+        "eval", digits_run, "--threads", 1, "--n", 50, "--json", tmp_path / "e.json", "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     assert seen == [1] and (tmp_path / "e.png").exists()
 
@@ -252,10 +298,16 @@ def test_flipped_byte_in_last_pt_stops_sample_eval_and_resume(tmp_path, monkeypa
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0x01
     last.write_bytes(bytes(data))
-    for args in (["sample", last, "--device", "cpu"], ["eval", last, "--device", "cpu"],
-                 ["train", "digits", *TINY_DIGITS, "--run-name", "flip", "--resume", "--steps", "6"]):
+    for args in (
+        ["sample", last, "--device", "cpu"],
+        ["eval", last, "--device", "cpu"],
+        ["train", "digits", *TINY_DIGITS, "--run-name", "flip", "--resume", "--steps", "6"],
+    ):
         result = zoo(*args)
         assert result.exit_code == 1, (args, result.output)
         line = " ".join(result.output.split())
-        assert f"{last.relative_to(tmp_path)} does not match its checksum" in line or f"{last} does not match" in line
+        assert (
+            f"{last.relative_to(tmp_path)} does not match its checksum" in line
+            or f"{last} does not match" in line
+        )
         assert "Traceback" not in result.output

@@ -16,8 +16,17 @@ def trained_moons(steps: int):
     # through an unstable phase first (EMA 1-step energy distance 0.052 at step 150, about the
     # untrained model's 0.053; 0.18 at step 300, 0.01 by step 800;
     # EXPERIMENT_LOG "2-D presets train with loss.weight_p = 0").
-    cfg = load_config("moons", ["run_name=e", "model.hidden=64", "model.depth=2", "train.batch_size=128",
-                                "loss.jvp=primal", "loss.weight_p=1.0"])
+    cfg = load_config(
+        "moons",
+        [
+            "run_name=e",
+            "model.hidden=64",
+            "model.depth=2",
+            "train.batch_size=128",
+            "loss.jvp=primal",
+            "loss.weight_p=1.0",
+        ],
+    )
     state = build_state(cfg, torch.device("cpu"))
     for _ in range(steps):
         train_step(state)
@@ -28,29 +37,36 @@ def test_two_evaluations_agree_within_error_bars_and_training_helps():
     cfg, state = trained_moons(150)
     eval_cfg = cfg.eval.model_copy(update={"n_samples": 1500})
     methods = [Method("meanflow", 1, 1)]
-    first = evaluate(state.ema.model, state.source, eval_cfg, meanflow=True, seed=0, methods=methods, with_floor=False).rows[0]
+    first = evaluate(
+        state.ema.model, state.source, eval_cfg, meanflow=True, seed=0, methods=methods, with_floor=False
+    ).rows[0]
     second = evaluate(state.ema.model, state.source, eval_cfg, meanflow=True, seed=1, methods=methods).rows[0]
     combined = math.hypot(first.stderr, second.stderr)
     assert abs(first.energy_distance - second.energy_distance) < 3 * combined
     # The error bars are informative, not vacuous: the untrained model (its zero-initialised
     # output makes its samples pure noise) is several of them away.
     untrained_cfg, untrained = trained_moons(0)
-    worse = evaluate(untrained.ema.model, untrained.source, eval_cfg, meanflow=True, seed=0, methods=methods).rows[0]
+    worse = evaluate(
+        untrained.ema.model, untrained.source, eval_cfg, meanflow=True, seed=0, methods=methods
+    ).rows[0]
     assert worse.energy_distance - first.energy_distance > 3 * math.hypot(worse.stderr, first.stderr)
 
 
 def test_default_methods_skip_nfe_a_solver_cannot_take():
-    cfg = load_config("moons", ["eval.solvers=[\"euler\", \"heun\", \"rk4\"]", "eval.solver_nfe=[2, 8, 50]"])
+    cfg = load_config("moons", ['eval.solvers=["euler", "heun", "rk4"]', "eval.solver_nfe=[2, 8, 50]"])
     methods = default_methods(cfg.eval, meanflow=True)
     labels = {(m.kind, m.steps, m.nfe) for m in methods}
     assert {("meanflow", 1, 1), ("meanflow", 2, 2), ("meanflow", 4, 4)} <= labels
     assert ("heun", 25, 50) in labels and ("rk4", 2, 8) in labels
     assert not any(kind == "rk4" and nfe in (2, 50) for kind, _, nfe in labels)
-    assert not any(kind == "meanflow" for kind, *_ in {(m.kind, m.steps, m.nfe) for m in default_methods(cfg.eval, meanflow=False)})
+    assert not any(
+        kind == "meanflow"
+        for kind, *_ in {(m.kind, m.steps, m.nfe) for m in default_methods(cfg.eval, meanflow=False)}
+    )
 
 
 def test_headline_method_follows_the_run_and_rounds_up_to_whole_solver_steps():
-    cfg = load_config("moons", ["eval.solvers=[\"rk4\", \"euler\"]", "eval.solver_nfe=[2, 8, 50]"])
+    cfg = load_config("moons", ['eval.solvers=["rk4", "euler"]', "eval.solver_nfe=[2, 8, 50]"])
     assert headline_method(cfg.eval, meanflow=True) == Method("meanflow", 1, 1)
     # flow matching: the run's first solver at its largest NFE; 50 is no multiple of rk4's 4 calls
     assert headline_method(cfg.eval, meanflow=False) == Method("rk4", 13, 52)

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import TINY_RUN
 from typer.testing import CliRunner
 
-from tiny_runs import TINY_RUN
 from zoo.config.loading import load_config
 from zoo.models import build_model, group_norm_tangent_kernel
 from zoo.training.trainer import tangent_kernels_note
 from zoo_cli.main import app
 
 TESTS = Path(__file__).parent
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed"
+)
 
 
 def in_interpreter(expression: str) -> str:
@@ -49,7 +51,9 @@ def assert_kernels_as_accurate_as_the_torch_operations(result: dict[str, float])
     """Both fp32 paths against the float64 step: the kernels' errors within a small factor of the
     PyTorch operations' (both are fp32 rounding, summed in different orders); a wrong tangent
     anywhere would err by orders of magnitude more (the loss's target carries it)."""
-    assert result["kernel_calls"] == result["group_norms"] > 0, result  # every group norm's tangent took the kernels
+    assert result["kernel_calls"] == result["group_norms"] > 0, (
+        result
+    )  # every group norm's tangent took the kernels
     assert result["grad_norm"] > 0, result
     for what in ("loss", "grad"):
         torch_error, triton_error = result[f"torch_{what}_error"], result[f"triton_{what}_error"]
@@ -59,10 +63,15 @@ def assert_kernels_as_accurate_as_the_torch_operations(result: dict[str, float])
 
 @needs_triton
 def test_fused_meanflow_step_with_the_kernels_is_as_accurate_as_the_torch_operations() -> None:
-    assert_kernels_as_accurate_as_the_torch_operations(json.loads(in_interpreter("kernel_checks.fused_step_errors()")))
+    assert_kernels_as_accurate_as_the_torch_operations(
+        json.loads(in_interpreter("kernel_checks.fused_step_errors()"))
+    )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton kernels); none on this machine")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device (compiled Triton kernels); none on this machine",
+)
 def test_compiled_cuda_kernels_equal_forward_mode_ad_and_the_torch_operations() -> None:
     import kernel_checks
 
@@ -74,13 +83,27 @@ def test_compiled_cuda_kernels_equal_forward_mode_ad_and_the_torch_operations() 
 
 @pytest.mark.parametrize(
     "jvp, fix",
-    [("fused", "loss.jvp_kernels=torch"), ("auto", "loss.jvp_kernels=torch"), ("nograd", "use loss.jvp=fused")],
+    [
+        ("fused", "loss.jvp_kernels=torch"),
+        ("auto", "loss.jvp_kernels=torch"),
+        ("nograd", "use loss.jvp=fused"),
+    ],
 )
 def test_the_kernels_are_refused_where_they_cannot_run_with_the_fix(tmp_path, monkeypatch, jvp, fix) -> None:
     # On this CPU (or without Triton installed) for the fused mode; for another mode anywhere: it has no fused tangents.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.chdir(tmp_path)
-    args = ["train", "moons", *TINY_RUN, f"loss.jvp={jvp}", "loss.jvp_kernels=triton", "--steps", "2", "--device", "cpu"]
+    args = [
+        "train",
+        "moons",
+        *TINY_RUN,
+        f"loss.jvp={jvp}",
+        "loss.jvp_kernels=triton",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0
     assert fix in result.output, result.output
@@ -94,19 +117,29 @@ def pretend_cuda_with_triton(monkeypatch, first_launch_failure: str | None = Non
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(group_norm_tangent_kernel, "installed", lambda: True)
     monkeypatch.setattr(group_norm_tangent_kernel, "first_launches", {})
-    monkeypatch.setattr(group_norm_tangent_kernel, "first_launch_failure", lambda device: tried.append(str(device)) or first_launch_failure)
+    monkeypatch.setattr(
+        group_norm_tangent_kernel,
+        "first_launch_failure",
+        lambda device: tried.append(str(device)) or first_launch_failure,
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     return tried
 
 
-def test_auto_takes_the_kernels_on_cuda_where_they_can_run_and_the_torch_operations_elsewhere(monkeypatch) -> None:
+def test_auto_takes_the_kernels_on_cuda_where_they_can_run_and_the_torch_operations_elsewhere(
+    monkeypatch,
+) -> None:
     resolve = group_norm_tangent_kernel.resolve
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     pretend_cuda_with_triton(monkeypatch)
     assert (resolve("auto", cuda), resolve("auto", cpu)) == ("triton", "torch")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter: only when a test asks for "triton"
-    assert (resolve("auto", cuda), resolve("auto", cpu), resolve("triton", cpu)) == ("torch", "torch", "triton")
+    assert (resolve("auto", cuda), resolve("auto", cpu), resolve("triton", cpu)) == (
+        "torch",
+        "torch",
+        "triton",
+    )
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(group_norm_tangent_kernel, "installed", lambda: False)
     assert (resolve("auto", cuda), resolve("torch", cuda)) == ("torch", "torch")
@@ -114,7 +147,10 @@ def test_auto_takes_the_kernels_on_cuda_where_they_can_run_and_the_torch_operati
 
 def test_a_run_says_how_its_group_norm_tangents_run(monkeypatch) -> None:
     pretend_cuda_with_triton(monkeypatch)
-    cfg = load_config("digits", ["model.channels=8", "model.channel_mults=[1]", "model.attention_res=[]", "model.num_groups=4"])
+    cfg = load_config(
+        "digits",
+        ["model.channels=8", "model.channel_mults=[1]", "model.attention_res=[]", "model.num_groups=4"],
+    )
     unet = build_model(cfg.model, (1, 8, 8), 10)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert "Triton kernels" in tangent_kernels_note(cfg, "fused", unet, cuda)
@@ -125,11 +161,17 @@ def test_a_run_says_how_its_group_norm_tangents_run(monkeypatch) -> None:
     assert "inductor" in tangent_kernels_note(compiled, "fused", unet, cuda)
     assert tangent_kernels_note(cfg, "nograd", unet, cuda) == ""  # no fused tangents
     moons = load_config("moons", [])
-    assert tangent_kernels_note(moons, "fused", build_model(moons.model, (2,), 0), cuda) == ""  # no group norms
+    assert (
+        tangent_kernels_note(moons, "fused", build_model(moons.model, (2,), 0), cuda) == ""
+    )  # no group norms
 
 
-def test_auto_falls_back_to_the_torch_operations_when_the_kernels_fail_their_first_launch(monkeypatch) -> None:
-    tried = pretend_cuda_with_triton(monkeypatch, first_launch_failure="RuntimeError: Failed to find C compiler")
+def test_auto_falls_back_to_the_torch_operations_when_the_kernels_fail_their_first_launch(
+    monkeypatch,
+) -> None:
+    tried = pretend_cuda_with_triton(
+        monkeypatch, first_launch_failure="RuntimeError: Failed to find C compiler"
+    )
     cuda = torch.device("cuda")
     with pytest.warns(UserWarning, match="Failed to find C compiler.*loss.jvp_kernels=torch"):
         assert group_norm_tangent_kernel.resolve("auto", cuda) == "torch"
@@ -140,8 +182,13 @@ def test_auto_falls_back_to_the_torch_operations_when_the_kernels_fail_their_fir
     with pytest.warns(UserWarning, match="failed on cuda:1"):  # another device: tried (and warned) on its own
         assert group_norm_tangent_kernel.resolve("auto", torch.device("cuda:1")) == "torch"
     assert tried == ["cuda:0", "cuda:1"]
-    assert group_norm_tangent_kernel.resolve("triton", cuda) == "triton"  # forced: its errors are the user's to see
-    cfg = load_config("digits", ["model.channels=8", "model.channel_mults=[1]", "model.attention_res=[]", "model.num_groups=4"])
+    assert (
+        group_norm_tangent_kernel.resolve("triton", cuda) == "triton"
+    )  # forced: its errors are the user's to see
+    cfg = load_config(
+        "digits",
+        ["model.channels=8", "model.channel_mults=[1]", "model.attention_res=[]", "model.num_groups=4"],
+    )
     note = tangent_kernels_note(cfg, "fused", build_model(cfg.model, (1, 8, 8), 10), cuda)
     assert "PyTorch operations" in note and "Failed to find C compiler" in note
 
@@ -152,7 +199,9 @@ def test_the_first_launch_check_catches_kernels_that_raise_or_compute_wrongly(mo
 
     def torch_tangent(x, dx, weight, mean, rstd, groups):
         n = x.shape[0]
-        return layers.group_norm_tangent(x, dx, weight, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), groups)
+        return layers.group_norm_tangent(
+            x, dx, weight, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), groups
+        )
 
     check, cpu = group_norm_tangent_kernel.first_launch_failure, torch.device("cpu")
     monkeypatch.setattr(group_norm_tangent_kernel, "group_norm_tangent", torch_tangent)
@@ -164,7 +213,9 @@ def test_the_first_launch_check_catches_kernels_that_raise_or_compute_wrongly(mo
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
 
     monkeypatch.setattr(group_norm_tangent_kernel, "group_norm_tangent", no_compiler)
-    assert check(cpu) == "RuntimeError: Failed to find C compiler. Please specify via CC environment variable."
+    assert (
+        check(cpu) == "RuntimeError: Failed to find C compiler. Please specify via CC environment variable."
+    )
 
 
 def test_auto_never_launches_inside_a_graph_capture(monkeypatch) -> None:

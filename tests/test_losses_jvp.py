@@ -21,14 +21,21 @@ NO_CUDA = "needs a CUDA device (CUDA graphs); none on this machine"
 
 
 class DropoutMLP(FlowModel):
-    def __init__(self, data_shape: tuple[int, ...] = (2,), hidden: int = 32, num_classes: int = 0, p: float = 0.3):
+    def __init__(
+        self, data_shape: tuple[int, ...] = (2,), hidden: int = 32, num_classes: int = 0, p: float = 0.3
+    ):
         super().__init__(data_shape, num_classes)
         dim = math.prod(data_shape)
         self.inp = nn.Linear(dim + 2, hidden)
         if num_classes:
             self.embed = nn.Embedding(num_classes + 1, hidden)
         self.body = nn.Sequential(
-            nn.SiLU(), nn.Dropout(p), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(p), nn.Linear(hidden, dim)
+            nn.SiLU(),
+            nn.Dropout(p),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Dropout(p),
+            nn.Linear(hidden, dim),
         )
 
     def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
@@ -83,7 +90,9 @@ MODES = ["full_batch", "primal", "selective", "compile"]
 def test_every_mode_matches_nograd_reference(mode: str, ratio: float, conditional: bool) -> None:
     torch.manual_seed(1)
     num_classes = 4 if conditional else 0
-    model = DropoutMLP(data_shape=(2, 3), num_classes=num_classes).double().eval()  # dropout off: modes comparable
+    model = (
+        DropoutMLP(data_shape=(2, 3), num_classes=num_classes).double().eval()
+    )  # dropout off: modes comparable
     x = torch.randn(8, 2, 3, dtype=F64)
     y = torch.randint(0, num_classes, (8,)) if conditional else None
     # Conditional: label dropout and training-time guidance (omega, kappa, interval) on as well.
@@ -239,7 +248,9 @@ def test_modes_match_reference_on_cuda(mode: str) -> None:
     # default for convolutions) would differ between the two by ~1e-3 relative.
     base = LossConfig(ratio=0.25, jvp_precision="fp32")
     with cuda_fp32_precision("ieee"):
-        loss_ref, grads_ref = loss_and_grads(model, MeanFlowLoss(base.model_copy(update={"jvp": "nograd"})), x, None, 8)
+        loss_ref, grads_ref = loss_and_grads(
+            model, MeanFlowLoss(base.model_copy(update={"jvp": "nograd"})), x, None, 8
+        )
         loss, grads = loss_and_grads(model, MeanFlowLoss(base.model_copy(update={"jvp": mode})), x, None, 8)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, grads_ref, strict=True):
@@ -259,16 +270,20 @@ def test_jvp_with_primal_returns_a_detached_tangent() -> None:
 def restore_fp32_precision():
     backends = torch.backends
     saved = (
-        torch.get_float32_matmul_precision(), backends.cudnn.conv.fp32_precision, backends.cudnn.benchmark,
+        torch.get_float32_matmul_precision(),
+        backends.cudnn.conv.fp32_precision,
+        backends.cudnn.benchmark,
         backends.mkldnn.matmul.fp32_precision,
-    )  # fmt: skip
+    )
     yield
     torch.set_float32_matmul_precision(saved[0])
     backends.cudnn.conv.fp32_precision, backends.cudnn.benchmark = saved[1], saved[2]
     backends.mkldnn.matmul.fp32_precision = saved[3]
 
 
-def test_zoo_tf32_settings_keep_the_precision_getter_working_and_the_cpu_in_ieee(restore_fp32_precision) -> None:
+def test_zoo_tf32_settings_keep_the_precision_getter_working_and_the_cpu_in_ieee(
+    restore_fp32_precision,
+) -> None:
     """The flags are process-wide and settable without a GPU.  Inductor's kernel tuning reads
     torch.get_float32_matmul_precision(), the JVP's island the per-backend flags: both must work,
     before and after the island.  (Inside it the legacy allow_tf32 getters raise, "mix of the
@@ -279,8 +294,17 @@ def test_zoo_tf32_settings_keep_the_precision_getter_working_and_the_cpu_in_ieee
     enable_cuda_tf32()
     assert torch.get_float32_matmul_precision() == "high"  # raised with the per-backend flags alone
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"  # "high" had set it to tf32
-    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (
+        "tf32",
+        "tf32",
+    )
     with cuda_fp32_precision("ieee"):
-        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
-    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (
+            "ieee",
+            "ieee",
+        )
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (
+        "tf32",
+        "tf32",
+    )
     assert torch.get_float32_matmul_precision() == "high"

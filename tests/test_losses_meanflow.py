@@ -154,7 +154,7 @@ def test_flow_matching_loss_is_mse_to_eps_minus_x_at_r_equals_t() -> None:
     model = Recorder(TinyMLP(data_shape=(2, 3)).double())
     x = randn(32, 2, 3)
     out = build_loss(LossConfig(kind="flow_matching")).__call__(model, x, None, gen())
-    (z, t, r, _), = model.calls
+    ((z, t, r, _),) = model.calls
     assert torch.equal(t, r)
     tt = t[:, None, None]
     eps = (z - (1 - tt) * x) / tt  # invert z = (1 - t) x + t eps
@@ -191,7 +191,13 @@ def test_training_time_guidance_matches_formula_inside_interval_only(kappa: floa
     x, y = randn(256, 2), torch.randint(0, 3, (256,))
     omega, t_min, t_max = 0.6, 0.2, 0.7
     loss_fn = MeanFlowLoss(
-        cfg(guidance_omega=omega, guidance_kappa=kappa, guidance_t_min=t_min, guidance_t_max=t_max, class_dropout=0.3)
+        cfg(
+            guidance_omega=omega,
+            guidance_kappa=kappa,
+            guidance_t_min=t_min,
+            guidance_t_max=t_max,
+            class_dropout=0.3,
+        )
     )
     terms = loss_fn.terms(model, x, y, gen(8))
     t, z, eps = terms.times.t, terms.z, terms.noise

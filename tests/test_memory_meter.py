@@ -65,7 +65,9 @@ def test_peak_of_an_mlp_training_step_matches_the_hand_count() -> None:
 
 
 def small_unet():
-    cfg = UNetConfig(channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[8], num_groups=4, dropout=0.0)
+    cfg = UNetConfig(
+        channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[8], num_groups=4, dropout=0.0
+    )
     torch.manual_seed(0)
     return build_model(cfg, (3, 16, 16))
 
@@ -116,7 +118,11 @@ def test_unet_meanflow_step_peak_is_saved_activations_plus_a_few_backward_buffer
         step()
     # Every saved activation is alive at the end of the forward; the backward adds gradients of
     # activations (a few at a time) and the parameter gradients.
-    assert saved <= live.peak_bytes <= saved + parameter_bytes(model) + 6 * largest, (live.peak_bytes, saved, largest)
+    assert saved <= live.peak_bytes <= saved + parameter_bytes(model) + 6 * largest, (
+        live.peak_bytes,
+        saved,
+        largest,
+    )
 
 
 def test_meter_works_inside_grad_recording_jvps_and_sees_their_tangent_activations() -> None:
@@ -126,7 +132,9 @@ def test_meter_works_inside_grad_recording_jvps_and_sees_their_tangent_activatio
     for mode in ["nograd", "full_batch", "primal"]:
         loss_fn = build_loss(LossConfig(jvp=mode, ratio=0.75))
         meter = LiveTensorMeter(model, None)
-        peaks[mode] = meter.measure(lambda: loss_fn(model, x, None, torch.Generator().manual_seed(0)).loss.backward())
+        peaks[mode] = meter.measure(
+            lambda: loss_fn(model, x, None, torch.Generator().manual_seed(0)).loss.backward()
+        )
         model.zero_grad(set_to_none=True)
         assert peaks[mode].fits
         assert peaks[mode].peak_bytes > meter.static_bytes == 3 * parameter_bytes(model)

@@ -28,10 +28,16 @@ from zoo_cli.main import app
 CPU = torch.device("cpu")
 BATCH = 256
 SMALL_RUN = [
-    "model.hidden=32", "model.depth=2", f"train.batch_size={BATCH}", "loss.jvp=nograd",
-    "eval.n_samples=100", "eval.solver_nfe=[2]", "eval.meanflow_steps=[1]", "eval.batch_size=100",
+    "model.hidden=32",
+    "model.depth=2",
+    f"train.batch_size={BATCH}",
+    "loss.jvp=nograd",
+    "eval.n_samples=100",
+    "eval.solver_nfe=[2]",
+    "eval.meanflow_steps=[1]",
+    "eval.batch_size=100",
     "tracking.enabled=false",
-]  # fmt: skip
+]
 
 
 def small_state() -> trainer.TrainState:
@@ -41,7 +47,9 @@ def small_state() -> trainer.TrainState:
 
 def probe_peaks(state: trainer.TrainState, sizes: list[int]) -> dict[int, int]:
     meter = LiveTensorMeter(state.model, None)
-    return {size: meter.measure(lambda size=size: trainer.probe_step(state, size)).peak_bytes for size in sizes}
+    return {
+        size: meter.measure(lambda size=size: trainer.probe_step(state, size)).peak_bytes for size in sizes
+    }
 
 
 def cap_between(low: int, high: int) -> int:
@@ -71,7 +79,9 @@ def test_a_batch_over_the_cap_is_split_into_micro_batches_that_fit_with_the_same
     generator_state = state.generator.get_state()
     torch_state = torch.get_rng_state()
     trainer.probe_step(state, 64)
-    assert torch.equal(state.generator.get_state(), generator_state) and torch.equal(torch.get_rng_state(), torch_state)
+    assert torch.equal(state.generator.get_state(), generator_state) and torch.equal(
+        torch.get_rng_state(), torch_state
+    )
 
 
 def test_without_auto_microbatch_it_fails_at_once_naming_the_largest_batch_that_really_fits() -> None:
@@ -166,10 +176,16 @@ def one_step_update(model, x: Tensor, micro_batches: int, cfg) -> list[Tensor]:
     """The trainer's train_step with plain SGD: parameter change / lr = the accumulated gradient."""
     model = copy.deepcopy(model)
     state = trainer.TrainState(
-        cfg=cfg, device=CPU, source=FixedBatches(x), model=model, ema=EMA(model, 0.9),
-        loss_fn=MeanFlowLoss(cfg.loss), optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        generator=torch.Generator().manual_seed(0), micro_batches=micro_batches,
-    )  # fmt: skip
+        cfg=cfg,
+        device=CPU,
+        source=FixedBatches(x),
+        model=model,
+        ema=EMA(model, 0.9),
+        loss_fn=MeanFlowLoss(cfg.loss),
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        generator=torch.Generator().manual_seed(0),
+        micro_batches=micro_batches,
+    )
     before = [p.detach().clone() for p in model.parameters()]
     trainer.train_step(state)
     lr = state.optimizer.param_groups[0]["lr"]
@@ -182,9 +198,17 @@ def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient(mode, 
     monkeypatch.setattr("zoo.losses.meanflow.draw_noise", draws.noise)
     monkeypatch.setattr("zoo.losses.meanflow.sample_t_r", draws.times)
     cfg = load_config(
-        "moons", ["model.hidden=32", "model.depth=2", "train.batch_size=48", "optim.grad_clip=0", "optim.warmup_steps=0",
-                  f"loss.jvp={mode}", "loss.weight_p=0.75"]
-    )  # fmt: skip
+        "moons",
+        [
+            "model.hidden=32",
+            "model.depth=2",
+            "train.batch_size=48",
+            "optim.grad_clip=0",
+            "optim.warmup_steps=0",
+            f"loss.jvp={mode}",
+            "loss.weight_p=0.75",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(MLPConfig(hidden=32, depth=2), (2,)).double()
     x = torch.randn(48, 2, dtype=torch.float64)
@@ -210,9 +234,20 @@ def test_zoo_train_splits_the_batch_under_a_tiny_cap_and_records_it(tmp_path, mo
     cap = cli_cap_gb()
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(
-        app, ["train", "moons", *SMALL_RUN, f"train.memory_limit_gb={cap!r}", "--device", "cpu", "--steps", "6",
-              "--run-name", "capped"],
-    )  # fmt: skip
+        app,
+        [
+            "train",
+            "moons",
+            *SMALL_RUN,
+            f"train.memory_limit_gb={cap!r}",
+            "--device",
+            "cpu",
+            "--steps",
+            "6",
+            "--run-name",
+            "capped",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "split into 4 micro-batches of 64" in result.output
     heartbeat = json.loads((tmp_path / "outputs" / "capped" / "heartbeat.json").read_text())
@@ -220,14 +255,28 @@ def test_zoo_train_splits_the_batch_under_a_tiny_cap_and_records_it(tmp_path, mo
     assert heartbeat["micro_batches"] == 4
 
 
-def test_zoo_train_without_auto_microbatch_exits_quickly_naming_the_largest_batch(tmp_path, monkeypatch) -> None:
+def test_zoo_train_without_auto_microbatch_exits_quickly_naming_the_largest_batch(
+    tmp_path, monkeypatch
+) -> None:
     cap = cli_cap_gb()
     monkeypatch.chdir(tmp_path)
     started = time.perf_counter()
     result = CliRunner().invoke(
-        app, ["train", "moons", *SMALL_RUN, f"train.memory_limit_gb={cap!r}", "train.auto_microbatch=false",
-              "--device", "cpu", "--steps", "6", "--run-name", "refused"],
-    )  # fmt: skip
+        app,
+        [
+            "train",
+            "moons",
+            *SMALL_RUN,
+            f"train.memory_limit_gb={cap!r}",
+            "train.auto_microbatch=false",
+            "--device",
+            "cpu",
+            "--steps",
+            "6",
+            "--run-name",
+            "refused",
+        ],
+    )
     assert result.exit_code != 0
     assert "largest batch that fits is" in result.output, result.output
     assert time.perf_counter() - started < 30

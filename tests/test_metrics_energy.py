@@ -80,7 +80,9 @@ def test_jackknife_error_matches_the_spread_over_repeated_draws():
     values, errors = [], []
     for _ in range(150):
         x = torch.randn(150, 2, generator=g, dtype=torch.float64)
-        y = torch.randn(150, 2, generator=g, dtype=torch.float64) + torch.tensor([0.5, 0.0], dtype=torch.float64)
+        y = torch.randn(150, 2, generator=g, dtype=torch.float64) + torch.tensor(
+            [0.5, 0.0], dtype=torch.float64
+        )
         result = energy_distance(x, y)
         values.append(result.value)
         errors.append(result.stderr)

@@ -27,7 +27,9 @@ def test_diagonal_covariances_closed_form():
 
 def test_one_dimensional_gaussians():
     # W2^2 between N(m1, s1^2) and N(m2, s2^2) is (m1 - m2)^2 + (s1 - s2)^2.
-    value = frechet_distance(torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([-0.5]), torch.tensor([[0.25]]))
+    value = frechet_distance(
+        torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([-0.5]), torch.tensor([[0.25]])
+    )
     assert value == pytest.approx(1.5**2 + 1.5**2, rel=1e-12)
 
 
@@ -36,7 +38,10 @@ def test_general_covariances_match_scipy_sqrtm():
 
     g = torch.Generator().manual_seed(1)
     s1, s2 = random_spd(12, g), random_spd(12, g)
-    mu1, mu2 = torch.randn(12, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)
+    mu1, mu2 = (
+        torch.randn(12, generator=g, dtype=torch.float64),
+        torch.randn(12, generator=g, dtype=torch.float64),
+    )
     cross = sqrtm(s1.numpy() @ s2.numpy()).real
     truth = float((mu1 - mu2).square().sum()) + np.trace(s1.numpy() + s2.numpy() - 2 * cross)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(truth, rel=1e-9)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from model_helpers import perturb
 
 from zoo.config.schema import DiTConfig, MLPConfig, UNetConfig
 from zoo.models import (
@@ -14,8 +15,6 @@ from zoo.models import (
     dit_config,
 )
 from zoo.models.embeddings import MAX_PERIOD, TIME_SCALE, sinusoidal_embedding
-from model_helpers import perturb
-
 
 TINY_MLP = MLPConfig(hidden=32, depth=2, time_embed_dim=16)
 
@@ -75,9 +74,7 @@ def test_models_depend_on_t_on_r_and_on_z(shape, cfg):
         assert (other - base).abs().max() > 1e-4 * base.abs().max()
 
 
-@pytest.mark.parametrize(
-    "shape,cfg", [((2,), TINY_MLP), ((1, 8, 8), tiny_unet([4])), ((1, 8, 8), TINY_DIT)]
-)
+@pytest.mark.parametrize("shape,cfg", [((2,), TINY_MLP), ((1, 8, 8), tiny_unet([4])), ((1, 8, 8), TINY_DIT)])
 def test_class_conditional_models_use_the_label(shape, cfg):
     torch.manual_seed(0)
     model = build_model(cfg, shape, num_classes=5).eval()
@@ -87,9 +84,7 @@ def test_class_conditional_models_use_the_label(shape, cfg):
     t, r = times(4)
     y = torch.tensor([0, 1, 2, 3])
     out = model(z, t, r, y)
-    assert (model(z, t, r, (y + 1) % 5) - out).abs().amax(
-        dim=tuple(range(1, out.ndim))
-    ).min() > 1e-5
+    assert (model(z, t, r, (y + 1) % 5) - out).abs().amax(dim=tuple(range(1, out.ndim))).min() > 1e-5
     # y=None is the null ("no class") label
     null = torch.full((4,), 5)
     assert torch.equal(model(z, t, r, None), model(z, t, r, null))

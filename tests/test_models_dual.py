@@ -7,6 +7,7 @@ memory of a flow-matching step.
 
 import pytest
 import torch
+from model_helpers import perturb
 from torch import nn
 
 from zoo.config.schema import DiTConfig, LossConfig, MLPConfig, UNetConfig
@@ -17,7 +18,6 @@ from zoo.models import build_model
 from zoo.models import dual as D
 from zoo.models.base import FlowModel
 from zoo.training.memory import LiveTensors
-from model_helpers import perturb
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -26,7 +26,9 @@ CASES = {
     "mlp": ((2,), MLPConfig(hidden=32, depth=2, time_embed_dim=16), 0),
     "unet-attention": (
         (1, 8, 8),
-        UNetConfig(channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[8, 4], num_groups=8, heads=2),
+        UNetConfig(
+            channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[8, 4], num_groups=8, heads=2
+        ),
         3,
     ),
     "unet-odd-size": (
@@ -84,16 +86,24 @@ def test_gradients_through_the_fused_output_equal_the_plain_forward(name):
     (model(z, t, r, y) * weights).sum().backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    u, _ = model.forward_with_row_tangents(z, t, r, y, torch.tensor([1, 3]), torch.randn(2, *shape, dtype=F64), island)
+    u, _ = model.forward_with_row_tangents(
+        z, t, r, y, torch.tensor([1, 3]), torch.randn(2, *shape, dtype=F64), island
+    )
     (u * weights).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], rtol=0, atol=0, msg=n)
 
 
 LOSS_CASES = [
-    ("mlp", 0.0, False), ("mlp", 0.25, False), ("mlp", 1.0, False), ("mlp", 0.25, True), ("mlp", 1.0, True),
-    ("unet-attention", 0.5, True), ("unet-odd-size", 0.25, False), ("dit", 0.5, True),
-]  # fmt: skip
+    ("mlp", 0.0, False),
+    ("mlp", 0.25, False),
+    ("mlp", 1.0, False),
+    ("mlp", 0.25, True),
+    ("mlp", 1.0, True),
+    ("unet-attention", 0.5, True),
+    ("unet-odd-size", 0.25, False),
+    ("dit", 0.5, True),
+]
 
 
 @pytest.mark.parametrize("name,ratio,conditional", LOSS_CASES)
@@ -109,7 +119,9 @@ def test_fused_loss_and_gradients_match_the_nograd_reference(name, ratio, condit
     results = []
     for mode in ("nograd", "fused"):
         model.zero_grad()
-        out = MeanFlowLoss(base.model_copy(update={"jvp": mode}))(model, x, y, torch.Generator().manual_seed(5))
+        out = MeanFlowLoss(base.model_copy(update={"jvp": mode}))(
+            model, x, y, torch.Generator().manual_seed(5)
+        )
         out.loss.backward()
         results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_ref, grads_ref), (loss, grads) = results
@@ -139,7 +151,9 @@ def test_fused_with_a_bf16_jvp_returns_fp32_du_dt_close_to_fp32():
     shape, cfg, num_classes = CASES["dit"]
     model = perturbed(cfg, shape, num_classes, dtype=torch.float32)
     x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
-    ref = MeanFlowLoss(LossConfig(jvp="fused", ratio=0.5)).terms(model, x, y, torch.Generator().manual_seed(3))
+    ref = MeanFlowLoss(LossConfig(jvp="fused", ratio=0.5)).terms(
+        model, x, y, torch.Generator().manual_seed(3)
+    )
     loss_fn = MeanFlowLoss(LossConfig(jvp="fused", ratio=0.5, jvp_precision="bf16"))
     terms = loss_fn.terms(model, x, y, torch.Generator().manual_seed(3))
     m = terms.times.mask
@@ -212,7 +226,9 @@ def test_product_rule_matches_torch_func_jvp():
 
 def _sigmoid(x: D.Dual) -> D.Dual:
     """sigmoid through the pointwise helper: derivative s (1 - s)."""
-    return D._pointwise(x, torch.sigmoid, lambda dx, rows: dx * torch.sigmoid(rows) * (1 - torch.sigmoid(rows)))
+    return D._pointwise(
+        x, torch.sigmoid, lambda dx, rows: dx * torch.sigmoid(rows) * (1 - torch.sigmoid(rows))
+    )
 
 
 def test_fused_step_needs_no_more_memory_than_flow_matching():
@@ -269,7 +285,9 @@ def test_fused_matches_nograd_on_cuda():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [slice(0, 3), slice(0, 0), slice(2, None), slice(None, 9), slice(0, 20), slice(5, 2)])
+@pytest.mark.parametrize(
+    "rows", [slice(0, 3), slice(0, 0), slice(2, None), slice(None, 9), slice(0, 20), slice(5, 2)]
+)
 def test_row_count_of_a_slice_is_what_indexing_selects(rows):
     # Arithmetic, not slice.indices (opaque to torch.compile in torch 2.11): checked against indexing.
     assert D.row_count(rows, 9) == torch.arange(9)[rows].shape[0]

@@ -7,7 +7,6 @@ import torch
 from zoo.config.schema import DiTConfig, MLPConfig, UNetConfig
 from zoo.models import build_model
 
-
 CASES = [
     ((2,), MLPConfig(hidden=32, depth=2, time_embed_dim=16), 0),
     (
@@ -24,9 +23,7 @@ CASES = [
     ),
     (
         (3, 12, 12),
-        UNetConfig(
-            channels=16, channel_mults=[1, 2, 2], blocks_per_res=1, attention_res=[3], num_groups=4
-        ),
+        UNetConfig(channels=16, channel_mults=[1, 2, 2], blocks_per_res=1, attention_res=[3], num_groups=4),
         0,
     ),
     ((2, 8, 8), DiTConfig(patch_size=2, hidden=32, depth=2, heads=4), 3),

@@ -6,7 +6,6 @@ from torch import Tensor, nn
 
 from zoo.models.layers import Attention, Conv2d, GroupNorm, LayerNorm, attention, detached_tangents
 
-
 F64 = dict(dtype=torch.float64)
 
 
@@ -243,9 +242,7 @@ def test_attention_gradients_match_math_attention_including_through_jvp():
 
 def test_attention_gradcheck_backward_and_forward_ad():
     q, k, v = qkv(shape=(1, 2, 4, 3), requires_grad=True)
-    assert torch.autograd.gradcheck(
-        attention, (q, k, v), check_forward_ad=True, check_batched_grad=False
-    )
+    assert torch.autograd.gradcheck(attention, (q, k, v), check_forward_ad=True, check_batched_grad=False)
 
 
 def test_attention_module_matches_explicit_multi_head_reference():
@@ -257,9 +254,7 @@ def test_attention_module_matches_explicit_multi_head_reference():
     def reference(x):
         b, n, dim = x.shape
         q, k, v = module.qkv(x).split(dim, dim=-1)
-        heads = [
-            math_attention(*(a[..., h * 4 : (h + 1) * 4] for a in (q, k, v))) for h in range(3)
-        ]
+        heads = [math_attention(*(a[..., h * 4 : (h + 1) * 4] for a in (q, k, v))) for h in range(3)]
         return module.proj(torch.cat(heads, dim=-1))
 
     y_ref, t_ref = torch.func.jvp(reference, (x,), (dx,))
@@ -288,7 +283,9 @@ def test_conv2d_values_tangents_and_gradients_match_nn_conv2d(stride, padding, b
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dy, dy_ref, rtol=1e-12, atol=1e-12)
     eps = 1e-6  # and against central finite differences
-    torch.testing.assert_close(dy, (ours(x + eps * dx) - ours(x - eps * dx)) / (2 * eps), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        dy, (ours(x + eps * dx) - ours(x - eps * dx)) / (2 * eps), rtol=1e-6, atol=1e-6
+    )
     # gradients, including through the primal output of a JVP (MeanFlow's primal-reuse modes)
     xg = x.clone().requires_grad_()
     primal, _ = torch.func.jvp(ours, (xg,), (dx,))
@@ -341,7 +338,11 @@ def test_conv2d_under_bf16_autocast_saves_bf16_tensors_and_matches_nn_conv2d_exa
     out.backward(grad)
     out_ref.backward(grad)
     assert x.grad.dtype == ours.weight.grad.dtype == ours.bias.grad.dtype == torch.float32
-    for a, b in ((x.grad, x_ref.grad), (ours.weight.grad, reference.weight.grad), (ours.bias.grad, reference.bias.grad)):
+    for a, b in (
+        (x.grad, x_ref.grad),
+        (ours.weight.grad, reference.weight.grad),
+        (ours.bias.grad, reference.bias.grad),
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -34,7 +34,9 @@ def test_a_folder_given_as_file_is_refused(tmp_path):
 
 def test_unwritable_places_are_refused(tmp_path):
     # /proc refuses new files even to root, for whom os.access always says yes.
-    with pytest.raises(OutputPathError, match=r"cannot write --json /proc/zoo/e\.json \(/proc: .+\); choose another --json"):
+    with pytest.raises(
+        OutputPathError, match=r"cannot write --json /proc/zoo/e\.json \(/proc: .+\); choose another --json"
+    ):
         check_writable_file("/proc/zoo/e.json", "--json")
     with pytest.raises(OutputPathError, match="choose another output_dir"):
         check_writable_dir("/proc/foo", "output_dir")

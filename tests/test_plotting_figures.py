@@ -85,9 +85,13 @@ def test_loss_curve_and_metric_bars(tmp_path):
     assert np.array_equal(read_png(tmp_path / "loss.png"), picture)
     save_loss_curve([0, 1, 2], [0.5, -0.1, 0.2], tmp_path / "signed.png")  # linear axis for signed losses
     bars = save_metric_bars(
-        ["meanflow 1", "meanflow 2", "euler 8", "heun 50"], [0.3, 0.2, 0.25, 0.05], [0.02, 0.02, 0.03, 0.01],
-        tmp_path / "bars.png", floor=0.001, title="energy distance vs NFE",
-    )  # fmt: skip
+        ["meanflow 1", "meanflow 2", "euler 8", "heun 50"],
+        [0.3, 0.2, 0.25, 0.05],
+        [0.02, 0.02, 0.03, 0.01],
+        tmp_path / "bars.png",
+        floor=0.001,
+        title="energy distance vs NFE",
+    )
     assert bars.shape[2] == 3 and np.array_equal(read_png(tmp_path / "bars.png"), bars)
     with pytest.raises(ValueError):
         save_loss_curve([1, 2], [1.0], tmp_path / "x.png")

@@ -101,7 +101,9 @@ def test_a_glob_that_happens_to_select_every_run_needs_all(outputs):
         assert result.exit_code == 2 and "selects every run (3)" in flat(result.output), pattern
         assert f"pattern {pattern!r}" in flat(result.output)  # "[cm]" shown as typed, not read as markup
     assert files(outputs) == before
-    allowed = runner.invoke(cli(), ["clean", "*-*", "--all", "--keep-last", "1", "--outputs", str(outputs), "--yes"])
+    allowed = runner.invoke(
+        cli(), ["clean", "*-*", "--all", "--keep-last", "1", "--outputs", str(outputs), "--yes"]
+    )
     assert allowed.exit_code == 0 and "deleted 6 file(s)" in flat(allowed.output)
 
 
@@ -115,7 +117,9 @@ def test_a_literal_name_may_select_the_only_run(tmp_path):
 
 
 def test_runs_being_written_and_interrupted_writes(outputs):
-    write_run(outputs, "cifar-live", archived=[10, 20], last_step=20, status="running", updated_ago=20, age=20)
+    write_run(
+        outputs, "cifar-live", archived=[10, 20], last_step=20, status="running", updated_ago=20, age=20
+    )
     leftover = outputs / "cifar-b" / ".last.pt.tmp-999"
     leftover.write_bytes(b"half a checkpoint")  # a write that died an hour ago
     os.utime(leftover, (time.time() - 3600, time.time() - 3600))

@@ -39,7 +39,11 @@ def no_modal(tmp_path, monkeypatch):
         (["moons", "--timeout", "48h"], "--timeout must lie between 1m and 24h", False),
         (["moons", "--retries", "-1"], "--retries must lie between 0 and 10", False),
         (["moons", "--run-name", "bad/name"], "run name 'bad/name' is not valid", False),
-        (["moons", "train.batch_size=256", "--gpu", "H100:3"], "train.batch_size=256 must be divisible", False),
+        (
+            ["moons", "train.batch_size=256", "--gpu", "H100:3"],
+            "train.batch_size=256 must be divisible",
+            False,
+        ),
         (["--resume"], "--resume needs --run-name", False),
         ([], "give a preset", False),
     ],
@@ -54,7 +58,9 @@ def test_submit_judges_local_input_before_asking_for_a_token(args, message, trai
 
 
 def test_submit_with_good_input_still_needs_the_token():
-    result = runner.invoke(app, ["modal", "submit", "moons", "--gpu", "H100", "--timeout", "2h", "--retries", "1"])
+    result = runner.invoke(
+        app, ["modal", "submit", "moons", "--gpu", "H100", "--timeout", "2h", "--retries", "1"]
+    )
     assert result.exit_code == 1 and "no Modal token configured" in flat(result.output)
 
 
@@ -83,9 +89,22 @@ def test_piped_ckpts_keeps_every_name_whole_on_its_line(tmp_path):
     write_run(tmp_path / "outputs", LONG_NAME, archived=[10], last_step=20)
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-c", "from zoo_cli.main import app; app()", "ckpts", "--local", "--outputs", "outputs"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "from zoo_cli.main import app; app()",
+            "ckpts",
+            "--local",
+            "--outputs",
+            "outputs",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        check=True,
+    )
     lines = done.stdout.splitlines()
     assert any(LONG_NAME in line and "last.pt" in line for line in lines), done.stdout
     assert any("step_0000010.pt" in line for line in lines) and "…" not in done.stdout

@@ -59,7 +59,9 @@ def test_download_via_cli_verifies_and_is_repeatable(volume, tmp_path):
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     assert (got.parent / "step_0000010.pt.sha256").read_text().split()[0] == digest
     assert "step 10" in result.output and "verified" in result.output
-    again = runner.invoke(cli(), ["ckpts", "download", "far", "--volume-dir", str(volume), "--outputs", str(outputs)])
+    again = runner.invoke(
+        cli(), ["ckpts", "download", "far", "--volume-dir", str(volume), "--outputs", str(outputs)]
+    )
     assert again.exit_code == 0 and load_checkpoint(outputs / "far@remote" / "last.pt")["step"] == 20
     assert sorted(p.name for p in got.parent.iterdir()) == [
         "last.pt",
@@ -102,7 +104,9 @@ def test_a_sidecar_hash_mismatch_is_rejected(volume, tmp_path):
 
 
 def test_a_file_that_is_not_a_checkpoint_of_this_run_is_rejected(volume, tmp_path):
-    save_checkpoint(volume / "outputs" / "far" / "step_0000010.pt", {"run_name": "other", "step": 10, "model": {}})
+    save_checkpoint(
+        volume / "outputs" / "far" / "step_0000010.pt", {"run_name": "other", "step": 10, "model": {}}
+    )
     with pytest.raises(DownloadError, match="belongs to run 'other'"):
         download_checkpoint(LocalDirStore(volume), "outputs/far", "step_0000010.pt", "far", tmp_path / "x.pt")
     (volume / "outputs" / "far" / "step_0000020.pt").write_bytes(b"not a checkpoint at all")
@@ -139,4 +143,7 @@ def test_a_checkpoint_replaced_during_download_is_fetched_again(volume, tmp_path
 
 def test_store_entries_report_sizes(volume):
     entry = LocalDirStore(volume).stat("outputs/far/last.pt")
-    assert isinstance(entry, StoreEntry) and entry.size == (volume / "outputs" / "far" / "last.pt").stat().st_size
+    assert (
+        isinstance(entry, StoreEntry)
+        and entry.size == (volume / "outputs" / "far" / "last.pt").stat().st_size
+    )

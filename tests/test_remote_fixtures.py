@@ -59,7 +59,9 @@ def log_trackio(
     subprocess.run([PYTHON, "-c", _LOG_SCRIPT, json.dumps(spec)], env=env, check=True, capture_output=True)
 
 
-def trackio_metric(trackio_dir: Path, project: str, run: str, metric: str = "train/loss") -> list[tuple[int, float]]:
+def trackio_metric(
+    trackio_dir: Path, project: str, run: str, metric: str = "train/loss"
+) -> list[tuple[int, float]]:
     """(step, value) pairs as `trackio get metric --json` reports them."""
     out = subprocess.run(
         [TRACKIO_CLI, "get", "metric", "--project", project, "--run", run, "--metric", metric, "--json"],
@@ -89,12 +91,19 @@ def write_run(
         payload = {"run_name": name, "step": step, "model": model.state_dict(), "config": {"run_name": name}}
         save_checkpoint(run.archive(step) if step in archived else run.last, payload)
     if last_step in archived:  # last.pt is refreshed at the final archived step too
-        save_checkpoint(run.last, {"run_name": name, "step": last_step, "model": model.state_dict(), "config": {}})
+        save_checkpoint(
+            run.last, {"run_name": name, "step": last_step, "model": model.state_dict(), "config": {}}
+        )
     run.config.write_text(f'run_name = "{name}"\n')
     for step in range(0, last_step + 1, 10):
         run.append_metrics({"step": step, "time": time.time(), "train/loss": 1.0 / (step + 1)})
     run.append_metrics(
-        {"step": last_step, "time": time.time(), "eval/energy_meanflow_1": 0.25, "eval/energy_data_floor": 0.01}
+        {
+            "step": last_step,
+            "time": time.time(),
+            "eval/energy_meanflow_1": 0.25,
+            "eval/energy_data_floor": 0.01,
+        }
     )
     now = time.time()
     heartbeat = {

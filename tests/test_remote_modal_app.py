@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-modal = pytest.importorskip("modal", reason="the Modal layer needs the 'remote' extra (pip install 'zoo[remote]')")
+modal = pytest.importorskip(
+    "modal", reason="the Modal layer needs the 'remote' extra (pip install 'zoo[remote]')"
+)
 
 from zoo.config.loading import load_config  # noqa: E402
 from zoo.remote import modal_app  # noqa: E402
@@ -76,7 +78,12 @@ def test_one_gpu_runs_one_process_and_a_count_runs_torchrun():
     multi = worker_command(paths, Path("c.json"), True, 8, "zoo modal submit")
     assert single[1:3] == ["-m", "zoo.remote.worker"]
     # torchrun through zoo's launcher, which records how each failed rank ended
-    assert multi[1:5] == ["-m", "zoo.training.launch", "--failures-file", "/vol/remote/r1/torchrun-failures.json"]
+    assert multi[1:5] == [
+        "-m",
+        "zoo.training.launch",
+        "--failures-file",
+        "/vol/remote/r1/torchrun-failures.json",
+    ]
     assert "--nproc_per_node=8" in multi and multi[-1] == "--resume"
 
 
@@ -171,10 +178,16 @@ def test_call_state_reads_the_calls_outcome(monkeypatch, outcome, state):
 def test_call_state_reports_the_runs_own_failure_and_lets_a_failure_to_ask_through(monkeypatch):
     from zoo.remote.worker import RemoteTrainingError
 
-    monkeypatch.setattr(modal.FunctionCall, "from_id", lambda call_id: FakeCall(RemoteTrainingError("NCCL timeout")))
+    monkeypatch.setattr(
+        modal.FunctionCall, "from_id", lambda call_id: FakeCall(RemoteTrainingError("NCCL timeout"))
+    )
     assert modal_app.call_state("fc-1").state == "failed"
     # No network, a bad token: that says nothing about the run, which must not be shown as failed.
-    for error in (modal.exception.ConnectionError("unreachable"), modal.exception.AuthError("bad token"), OSError()):
+    for error in (
+        modal.exception.ConnectionError("unreachable"),
+        modal.exception.AuthError("bad token"),
+        OSError(),
+    ):
         monkeypatch.setattr(modal.FunctionCall, "from_id", lambda call_id, error=error: FakeCall(error))
         with pytest.raises(type(error)):
             modal_app.call_state("fc-1")
@@ -193,7 +206,9 @@ def test_remote_train_lets_only_remote_training_errors_out(monkeypatch):
         raise OSError("the Volume went read-only")
 
     monkeypatch.setattr(worker, "supervise", broken_supervisor)
-    with pytest.raises(worker.RemoteTrainingError, match="outside training: OSError: the Volume went read-only"):
+    with pytest.raises(
+        worker.RemoteTrainingError, match="outside training: OSError: the Volume went read-only"
+    ):
         modal_app.remote_train({"run_name": "r1"}, "sub-1", False, 1, "zoo-test-volume")
 
 
@@ -202,7 +217,10 @@ def test_call_state_reports_any_other_exception_of_the_call_as_its_failure(monke
     missing = ModuleNotFoundError("No module named 'zoo.remote.worker'")
     monkeypatch.setattr(modal.FunctionCall, "from_id", lambda call_id: FakeCall(missing))
     result = modal_app.call_state("fc-1")
-    assert (result.state, result.error) == ("failed", "ModuleNotFoundError: No module named 'zoo.remote.worker'")
+    assert (result.state, result.error) == (
+        "failed",
+        "ModuleNotFoundError: No module named 'zoo.remote.worker'",
+    )
 
 
 def test_remote_train_reports_an_image_that_cannot_import_the_worker_as_its_failure(monkeypatch):

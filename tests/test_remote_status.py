@@ -19,12 +19,27 @@ NOW = 1_800_000_000.0
 
 
 def beat(status: str, updated_ago: float, **extra) -> dict:
-    return {"status": status, "updated": NOW - updated_ago, "started": NOW - 5000, "step": 700, "loss": 0.3, **extra}
+    return {
+        "status": status,
+        "updated": NOW - updated_ago,
+        "started": NOW - 5000,
+        "step": 700,
+        "loss": 0.3,
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("90s", 90), ("15m", 900), ("12h", 43200), ("1h30m", 5400), ("2d", 172800), ("45", 45), (" 1.5h ", 5400)],
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("12h", 43200),
+        ("1h30m", 5400),
+        ("2d", 172800),
+        ("45", 45),
+        (" 1.5h ", 5400),
+    ],
 )
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
@@ -43,7 +58,11 @@ def test_format_duration():
 def test_a_fresh_heartbeat_is_running_and_an_old_one_is_stalled():
     assert run_status(beat("running", 60), NOW, stall_after=900).state == "running"
     stalled = run_status(beat("running", 1800), NOW, stall_after=900)
-    assert stalled.state == "stalled" and "no heartbeat for 30m" in stalled.detail and "SIGKILL" in stalled.detail
+    assert (
+        stalled.state == "stalled"
+        and "no heartbeat for 30m" in stalled.detail
+        and "SIGKILL" in stalled.detail
+    )
     assert stalled.step == 700 and stalled.elapsed == pytest.approx(5000)
     assert run_status(beat("running", 1800), NOW, stall_after=3600).state == "running"  # configurable
 
@@ -62,14 +81,18 @@ def test_remote_states_without_a_heartbeat():
     assert run_status(None, NOW, 900, submitted_at=NOW - 60).state == "pending"
     never = run_status(None, NOW, 900, submitted_at=NOW - 3600)
     assert never.state == "stalled" and "never started training" in never.detail
-    crashed = run_status(None, NOW, 900, submitted_at=NOW - 3600, call=CallState("failed", "ImageBuildError: pip"))
+    crashed = run_status(
+        None, NOW, 900, submitted_at=NOW - 3600, call=CallState("failed", "ImageBuildError: pip")
+    )
     assert crashed.state == "failed" and "ImageBuildError" in crashed.detail
     assert run_status(None, NOW, 900, submitted_at=NOW - 60, stopped_at=NOW - 30).state == "stopped"
     assert run_status(None, NOW).state == "unknown"
 
 
 def test_a_stale_heartbeat_with_a_failed_call_is_a_failure_not_a_stall():
-    status = run_status(beat("running", 3600), NOW, 900, call=CallState("failed", "FunctionTimeoutError: 12h"))
+    status = run_status(
+        beat("running", 3600), NOW, 900, call=CallState("failed", "FunctionTimeoutError: 12h")
+    )
     assert status.state == "failed" and "FunctionTimeoutError" in status.detail
     stopped = run_status(beat("running", 3600), NOW, 900, stopped_at=NOW - 100)
     assert stopped.state == "stopped"
@@ -82,7 +105,10 @@ def test_a_stop_is_superseded_by_a_later_submission():
     waiting = run_status(None, NOW, 900, submitted_at=NOW - 60, stopped_at=NOW - 1000)
     assert waiting.state == "pending"
     # Stopped after the latest submission: stopped, even while its heartbeat still looks fresh.
-    assert run_status(beat("running", 30), NOW, 900, submitted_at=NOW - 900, stopped_at=NOW - 60).state == "stopped"
+    assert (
+        run_status(beat("running", 30), NOW, 900, submitted_at=NOW - 900, stopped_at=NOW - 60).state
+        == "stopped"
+    )
     # The cancelled container's supervisor records the interruption as a failure: that is the stop.
     after = beat("failed", 20, error="InputCancellation: cancelled", retrying=True, attempt=1)
     assert run_status(after, NOW, 900, submitted_at=NOW - 900, stopped_at=NOW - 60).state == "stopped"
@@ -110,7 +136,14 @@ def test_zoo_modal_status_on_a_volume_layout(tmp_path):
     outputs = volume / "outputs"
     write_run(outputs, "ok", archived=[20], last_step=20)
     write_run(outputs, "live", archived=[], last_step=30, status="running", updated_ago=30, age=30)
-    write_run(outputs, "oom", archived=[], last_step=10, status="failed", error="OutOfMemoryError: CUDA out of memory")
+    write_run(
+        outputs,
+        "oom",
+        archived=[],
+        last_step=10,
+        status="failed",
+        error="OutOfMemoryError: CUDA out of memory",
+    )
     write_run(outputs, "frozen", archived=[], last_step=40, status="running", updated_ago=1800)
     for run in ("ok", "live", "oom", "frozen"):
         submit_record(volume, run, 7200)
@@ -132,7 +165,9 @@ def test_zoo_modal_status_on_a_volume_layout(tmp_path):
     assert "oom failed: OutOfMemoryError: CUDA out of memory" in text
     assert "frozen stalled: no heartbeat for 30m" in text
 
-    relaxed = runner.invoke(app, ["modal", "status", "--volume-dir", str(volume), "--stall-after", "2h", "--json"])
+    relaxed = runner.invoke(
+        app, ["modal", "status", "--volume-dir", str(volume), "--stall-after", "2h", "--json"]
+    )
     assert {r["run"]: r["state"] for r in json.loads(relaxed.output)}["frozen"] == "running"
     one = runner.invoke(app, ["modal", "status", "oom", "--volume-dir", str(volume)])
     assert one.exit_code == 0 and "zoo modal submit oom" in " ".join(one.output.split())

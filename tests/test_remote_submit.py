@@ -31,9 +31,16 @@ def fake_modal(tmp_path, monkeypatch):
 
     def spawn(built, config, submission_id, resume, volume_name):
         record = json.loads((volume / "remote" / config["run_name"] / "submission.json").read_text())
-        assert record["submission_id"] == submission_id, "the record is on the Volume before the container starts"
+        assert record["submission_id"] == submission_id, (
+            "the record is on the Volume before the container starts"
+        )
         spawned.append(
-            {"gpu": built.options["gpu"], "timeout": built.options["timeout"], "config": config, "resume": resume}
+            {
+                "gpu": built.options["gpu"],
+                "timeout": built.options["timeout"],
+                "config": config,
+                "resume": resume,
+            }
         )
         if config["run_name"].startswith("doomed"):
             raise ConnectionError("modal went away")
@@ -69,7 +76,18 @@ def test_submit_sends_the_resolved_remote_config_and_records_the_call(fake_modal
     volume, spawned = fake_modal
     result = runner.invoke(
         zoo_app,
-        ["modal", "submit", "moons", "train.steps=300", "--ratio", "0.5", "--gpu", "H100:2", "--run-name", "m1"],
+        [
+            "modal",
+            "submit",
+            "moons",
+            "train.steps=300",
+            "--ratio",
+            "0.5",
+            "--gpu",
+            "H100:2",
+            "--run-name",
+            "m1",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "m1" in result.output and "fc-1" in result.output
@@ -77,7 +95,11 @@ def test_submit_sends_the_resolved_remote_config_and_records_the_call(fake_modal
     assert call["gpu"] == "H100:2" and call["timeout"] == 12 * 3600 and call["resume"] is False
     config = call["config"]
     assert config["loss"]["ratio"] == 0.5 and config["train"]["steps"] == 300 and config["preset"] == "moons"
-    assert (config["output_dir"], config["device"], config["data"]["root"]) == ("/vol/outputs", "cuda", "/vol/data")
+    assert (config["output_dir"], config["device"], config["data"]["root"]) == (
+        "/vol/outputs",
+        "cuda",
+        "/vol/data",
+    )
     record = submission(volume, "m1")
     assert record["call_id"] == "fc-1" and record["nproc"] == 2 and record["retries"] == 5
     assert record["config"] == config and record["app_name"] == "zoo-m1"
@@ -200,7 +222,9 @@ def test_a_second_resume_while_the_first_is_pending_is_refused(fake_modal):
     volume, spawned = fake_modal
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m6"]).exit_code == 0
     backdate_submission(volume, "m6")
-    write_run(volume / "outputs", "m6", archived=[], last_step=100, status="failed", updated_ago=600, error="x")
+    write_run(
+        volume / "outputs", "m6", archived=[], last_step=100, status="failed", updated_ago=600, error="x"
+    )
     first = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m6"])
     assert first.exit_code == 0, first.output
     assert len(spawned) == 2
@@ -250,12 +274,16 @@ def test_a_heartbeat_stamped_by_the_previous_submission_is_its_own_whatever_the_
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m8"]).exit_code == 0
     old_id = submission(volume, "m8")["submission_id"]
     backdate_submission(volume, "m8")
-    write_run(volume / "outputs", "m8", archived=[], last_step=100, status="failed", updated_ago=600, error="x")
+    write_run(
+        volume / "outputs", "m8", archived=[], last_step=100, status="failed", updated_ago=600, error="x"
+    )
     stamp_heartbeat(volume, "m8", old_id)
     assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m8"]).exit_code == 0
     # Written 40 s *after* the resume was submitted (past any clock-skew allowance), but stamped
     # with the old submission: the cancelled container's last words.
-    write_run(volume / "outputs", "m8", archived=[], last_step=100, status="failed", updated_ago=-40, error="late")
+    write_run(
+        volume / "outputs", "m8", archived=[], last_step=100, status="failed", updated_ago=-40, error="late"
+    )
     stamp_heartbeat(volume, "m8", old_id)
     assert remote_states(volume) == {"m8": "pending"}
     second = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m8"])
@@ -272,7 +300,9 @@ def test_a_resume_whose_container_died_before_reporting_can_be_resumed(fake_moda
     volume, spawned = fake_modal
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m9"]).exit_code == 0
     backdate_submission(volume, "m9")
-    write_run(volume / "outputs", "m9", archived=[], last_step=100, status="failed", updated_ago=600, error="x")
+    write_run(
+        volume / "outputs", "m9", archived=[], last_step=100, status="failed", updated_ago=600, error="x"
+    )
     assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"]).exit_code == 0
     verdicts = {"fc-2": CallState("running")}
     monkeypatch.setattr(modal_app, "call_state", lambda call_id: verdicts[call_id])

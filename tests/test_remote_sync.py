@@ -44,7 +44,9 @@ def sync_once(volume: Path, outputs: Path, trackio: Path, patterns=None):
 
 def metric_rows(db: Path) -> list[tuple]:
     with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT run_name, step, log_id FROM metrics ORDER BY run_name, step, log_id").fetchall()
+        return conn.execute(
+            "SELECT run_name, step, log_id FROM metrics ORDER BY run_name, step, log_id"
+        ).fetchall()
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -69,7 +71,13 @@ def test_sync_three_times_adds_nothing_after_the_first(stores):
     assert first.merges[0].metrics_added == 4 and first.media_copied == 1  # 3 steps + the image row
     mirror = outputs / "moons-a@remote"
     synced = sorted(p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file())
-    assert synced == [".zoo-remote.json", "config.toml", "heartbeat.json", "metrics.jsonl", "samples/final.png"]
+    assert synced == [
+        ".zoo-remote.json",
+        "config.toml",
+        "heartbeat.json",
+        "metrics.jsonl",
+        "samples/final.png",
+    ]
     manifest = json.loads((mirror / ".zoo-remote.json").read_text())
     assert [c["name"] for c in manifest["checkpoints"]] == ["last.pt", "step_0000010.pt", "step_0000020.pt"]
     rows_after_first = metric_rows(local_trackio / "zoo.db")
@@ -95,7 +103,9 @@ def test_sync_three_times_adds_nothing_after_the_first(stores):
     with sqlite3.connect(local_trackio / "zoo.db") as conn:
         stored = [
             json.loads(m)
-            for (m,) in conn.execute("SELECT metrics FROM metrics WHERE CAST(metrics AS TEXT) LIKE '%file_path%'")
+            for (m,) in conn.execute(
+                "SELECT metrics FROM metrics WHERE CAST(metrics AS TEXT) LIKE '%file_path%'"
+            )
         ]
     assert stored[0]["samples"]["file_path"] == media[0].relative_to(local_trackio / "media").as_posix()
     assert sorted(r[1] for r in metric_rows(local_trackio / "zoo.db") if r[0] == "local-run") == [0, 5]
@@ -104,7 +114,9 @@ def test_sync_three_times_adds_nothing_after_the_first(stores):
 def test_a_run_still_logging_remotely_brings_only_its_new_records(stores):
     volume, outputs, local_trackio = stores
     remote_trackio = volume / "trackio" / "live"
-    run = write_run(volume / "outputs", "live", archived=[], last_step=40, status="running", updated_ago=5, age=5)
+    run = write_run(
+        volume / "outputs", "live", archived=[], last_step=40, status="running", updated_ago=5, age=5
+    )
     log_trackio(remote_trackio, "zoo", "live", steps=[0, 10, 20, 30, 40])
     first = sync_once(volume, outputs, local_trackio)
     assert first.merges[0].metrics_added == 5
@@ -128,18 +140,28 @@ def test_steps_logged_again_after_a_retry_arrive_once(stores, synced_before_the_
     """A retry resumes from the checkpoint at step 20 and logs steps 30 and 40 a second time."""
     volume, outputs, local_trackio = stores
     remote_trackio = volume / "trackio" / "retried"
-    write_run(volume / "outputs", "retried", archived=[], last_step=60, status="running", updated_ago=5, age=5)
+    write_run(
+        volume / "outputs", "retried", archived=[], last_step=60, status="running", updated_ago=5, age=5
+    )
     log_trackio(remote_trackio, "zoo", "retried", steps=[0, 10, 20, 30, 40], image=True)
     if synced_before_the_retry:
         assert sync_once(volume, outputs, local_trackio).merges[0].metrics_added == 6  # 5 steps + the image
-    log_trackio(remote_trackio, "zoo", "retried", steps=[30, 40], resume=True, image=True)  # the step-40 grid again
+    log_trackio(
+        remote_trackio, "zoo", "retried", steps=[30, 40], resume=True, image=True
+    )  # the step-40 grid again
     log_trackio(remote_trackio, "zoo", "retried", steps=[50, 60], resume=True)
 
     merged = sync_once(volume, outputs, local_trackio).merges[0]
     values = trackio_metric(local_trackio, "zoo", "retried@remote")
     assert [step for step, _ in values] == [0, 10, 20, 30, 40, 50, 60]
-    images = [r for r in metric_rows(local_trackio / "zoo.db") if r[0] == "retried@remote" and r[1] in (40, 60)]
-    assert [step for _, step, _ in images] == [40, 40, 60]  # step 40: its train record and its grid, once each
+    images = [
+        r for r in metric_rows(local_trackio / "zoo.db") if r[0] == "retried@remote" and r[1] in (40, 60)
+    ]
+    assert [step for _, step, _ in images] == [
+        40,
+        40,
+        60,
+    ]  # step 40: its train record and its grid, once each
     with sqlite3.connect(remote_trackio / "zoo.db") as conn:
         newest = conn.execute("SELECT log_id FROM metrics WHERE step = 30").fetchall()[-1][0]
     assert newest in {log_id for _, step, log_id in metric_rows(local_trackio / "zoo.db") if step == 30}
@@ -166,7 +188,9 @@ def test_a_remote_run_never_clobbers_a_local_run_of_the_same_name(stores, tmp_pa
 
 def test_a_run_interrupted_mid_write_syncs_what_is_whole(stores):
     volume, outputs, local_trackio = stores
-    run = write_run(volume / "outputs", "cut", archived=[10], last_step=10, status="running", updated_ago=3600)
+    run = write_run(
+        volume / "outputs", "cut", archived=[10], last_step=10, status="running", updated_ago=3600
+    )
     (run.root / ".last.pt.tmp-4242").write_bytes(run.last.read_bytes()[:1000])  # a checkpoint write cut short
     with open(run.metrics, "a") as handle:
         handle.write('{"step": 20, "train/lo')  # a metrics line cut short
@@ -237,7 +261,8 @@ def test_sync_only_the_runs_asked_for(stores):
 def test_sync_of_an_empty_volume_says_so(stores):
     volume, outputs, local_trackio = stores
     result = runner.invoke(
-        cli(), ["sync", "--volume-dir", str(volume), "--outputs", str(outputs), "--trackio-dir", str(local_trackio)]
+        cli(),
+        ["sync", "--volume-dir", str(volume), "--outputs", str(outputs), "--trackio-dir", str(local_trackio)],
     )
     assert result.exit_code == 0 and "no remote runs" in result.output
     assert not outputs.exists() or not any(outputs.iterdir())

@@ -61,14 +61,23 @@ def setup_run(volume: Path, run: str = "r1", submission_id: str = "sub-1", retri
     cfg = load_config("moons", [f"run_name={run}", f"output_dir={volume / 'outputs'}", "device=cpu"])
     registry = volume / "remote" / run
     registry.mkdir(parents=True)
-    (registry / "submission.json").write_text(json.dumps({"submission_id": submission_id, "retries": retries}))
+    (registry / "submission.json").write_text(
+        json.dumps({"submission_id": submission_id, "retries": retries})
+    )
     return config_to_dict(cfg)
 
 
 def run_fake(volume: Path, tmp_path: Path, mode: str, config: dict, submission_id: str = "sub-1"):
     work = tmp_path / f"work-{mode}"
     work.mkdir()
-    child = [sys.executable, "-c", CHILD, str(work / "config.json"), str(volume / "remote" / config["run_name"]), mode]
+    child = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(work / "config.json"),
+        str(volume / "remote" / config["run_name"]),
+        mode,
+    ]
     commits = []
     outcome = supervise(
         volume,
@@ -143,7 +152,9 @@ def test_a_rank_killed_under_torchrun_is_reported_as_out_of_host_memory(tmp_path
     work.mkdir()
     args = ["--config", str(work / "config.json"), "--failure-dir", str(paths.registry)]
     child = distributed.torchrun_command(2, "fake_ranks", args, failures_file=paths.launch_failures)
-    outcome = supervise(volume, config, "sub-1", False, 2, commit=lambda: None, work_dir=work, child_command=child)
+    outcome = supervise(
+        volume, config, "sub-1", False, 2, commit=lambda: None, work_dir=work, child_command=child
+    )
 
     assert outcome["status"] == "failed", "no retry: the next attempt would run out of memory again"
     assert outcome["error"] == f"rank 1 {SIGKILL_HINT}"
@@ -153,7 +164,11 @@ def test_a_rank_killed_under_torchrun_is_reported_as_out_of_host_memory(tmp_path
     beat = heartbeat(volume)
     assert beat["status"] == "failed" and beat["retrying"] is False
     status = run_status(beat, beat["updated"] + 10 * 3600)  # hours later: failed with the cause, not stalled
-    assert status.state == "failed" and "rank 1 killed by SIGKILL" in status.detail and "host memory" in status.detail
+    assert (
+        status.state == "failed"
+        and "rank 1 killed by SIGKILL" in status.detail
+        and "host memory" in status.detail
+    )
     assert "ChildFailedError" in (volume / "remote" / "r1" / "train.log").read_text()  # torchrun's summary
 
 
@@ -169,7 +184,9 @@ def test_failure_causes(tmp_path, launched, returncode, error, retryable):
     paths = RunPaths(tmp_path, "r1")
     paths.registry.mkdir(parents=True)
     if launched is not None:
-        paths.launch_failures.write_text(json.dumps({"failures": launched, "first_rank": launched[0]["rank"]}))
+        paths.launch_failures.write_text(
+            json.dumps({"failures": launched, "first_rank": launched[0]["rank"]})
+        )
     report = {"rank": 0, "error": "RuntimeError: gloo lost its peer", "retryable": True}
     (paths.registry / "failure-rank0.json").write_text(json.dumps(report))
     failure = collect_failure(paths, returncode)
@@ -254,7 +271,9 @@ def test_a_killed_dataloader_worker_is_host_memory_and_not_retried():
     ):
         exc = RuntimeError(text)
         assert not is_retryable(exc)
-        assert describe_exception(exc).endswith(LOADER_KILLED_HINT) and "data.num_workers" in LOADER_KILLED_HINT
+        assert (
+            describe_exception(exc).endswith(LOADER_KILLED_HINT) and "data.num_workers" in LOADER_KILLED_HINT
+        )
     assert is_retryable(RuntimeError("NCCL watchdog timeout"))
 
 
@@ -276,6 +295,8 @@ def test_host_memory_is_judged_from_the_first_rank_to_fail(tmp_path):
 
 def test_heartbeats_written_under_a_remote_attempt_carry_its_submission(tmp_path, monkeypatch):
     monkeypatch.setenv(SUBMISSION_ENV, "sub-9")  # what the supervisor sets for its training process
-    assert RunDir(tmp_path / "remote-run").write_heartbeat(status="running", step=1)["submission_id"] == "sub-9"
+    assert (
+        RunDir(tmp_path / "remote-run").write_heartbeat(status="running", step=1)["submission_id"] == "sub-9"
+    )
     monkeypatch.delenv(SUBMISSION_ENV)
     assert "submission_id" not in RunDir(tmp_path / "local-run").write_heartbeat(status="running", step=1)

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import typer
 from test_remote_fixtures import REPO, trackio_metric
-from typer.testing import CliRunner
-
 from tiny_runs import TINY_RUN
+from typer.testing import CliRunner
 
 from zoo.checkpoints import load_checkpoint
 from zoo.config.loading import config_to_dict, load_config
@@ -47,7 +46,18 @@ def trained(tmp_path_factory) -> Path:
     """`zoo train moons ...` for 20 steps: outputs/moons-real and its trackio store."""
     base = tmp_path_factory.mktemp("zoo-train")
     result = subprocess.run(
-        [sys.executable, "-m", "zoo_cli.main", "train", "moons", *TINY, "--steps", "20", "--run-name", "moons-real"],
+        [
+            sys.executable,
+            "-m",
+            "zoo_cli.main",
+            "train",
+            "moons",
+            *TINY,
+            "--steps",
+            "20",
+            "--run-name",
+            "moons-real",
+        ],
         cwd=base,
         env=env_with(base / "trackio"),
         capture_output=True,
@@ -68,7 +78,8 @@ def test_sync_list_download_clean_a_run_written_by_zoo_train(trained, tmp_path):
     synced = runner.invoke(cli(), ["sync", *args, "--trackio-dir", str(local_trackio)])
     assert synced.exit_code == 0, synced.output
     logged = [
-        json.loads(line) for line in (trained / "outputs" / "moons-real" / "metrics.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (trained / "outputs" / "moons-real" / "metrics.jsonl").read_text().splitlines()
     ]
     expected = [(r["step"], r["train/loss"]) for r in logged if "train/loss" in r]
     assert trackio_metric(local_trackio, "zoo", "moons-real@remote") == expected
@@ -87,7 +98,10 @@ def test_sync_list_download_clean_a_run_written_by_zoo_train(trained, tmp_path):
     local = json.loads(
         runner.invoke(cli(), ["ckpts", "--local", "--outputs", str(trained / "outputs"), "--json"]).output
     )
-    assert [(c["name"], c["step"]) for c in local[0]["checkpoints"]] == [("last.pt", 20), ("step_0000020.pt", 20)]
+    assert [(c["name"], c["step"]) for c in local[0]["checkpoints"]] == [
+        ("last.pt", 20),
+        ("step_0000020.pt", 20),
+    ]
 
     fetched = runner.invoke(cli(), ["ckpts", "download", "moons-real", *args])
     assert fetched.exit_code == 0, fetched.output
@@ -97,7 +111,10 @@ def test_sync_list_download_clean_a_run_written_by_zoo_train(trained, tmp_path):
     cleaned = runner.invoke(cli(), ["clean", "moons-real", "--remote", "--volume-dir", str(volume), "--yes"])
     assert cleaned.exit_code == 0, cleaned.output
     # Its only archive is the one eval.json names: kept, with last.pt.
-    assert sorted(p.name for p in (volume / "outputs" / "moons-real").glob("*.pt")) == ["last.pt", "step_0000020.pt"]
+    assert sorted(p.name for p in (volume / "outputs" / "moons-real").glob("*.pt")) == [
+        "last.pt",
+        "step_0000020.pt",
+    ]
 
 
 SUPERVISE = """
@@ -135,9 +152,13 @@ def test_a_preempted_remote_run_resumes_itself_and_its_step_counter(tmp_path):
     STEPS = 400
     volume = tmp_path / "volume"
     run = "moons-preempted"
-    cfg = load_config("moons", [*TINY, f"run_name={run}", f"output_dir={volume / 'outputs'}", f"train.steps={STEPS}"])
+    cfg = load_config(
+        "moons", [*TINY, f"run_name={run}", f"output_dir={volume / 'outputs'}", f"train.steps={STEPS}"]
+    )
     (volume / "remote" / run).mkdir(parents=True)
-    (volume / "remote" / run / "submission.json").write_text(json.dumps({"submission_id": "sub-1", "retries": 3}))
+    (volume / "remote" / run / "submission.json").write_text(
+        json.dumps({"submission_id": "sub-1", "retries": 3})
+    )
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config_to_dict(cfg)))
     paths = RunPaths(volume, run)
@@ -152,7 +173,11 @@ def test_a_preempted_remote_run_resumes_itself_and_its_step_counter(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: paths.run_dir.last.exists() and trackio_run_ids(paths.trackio / "zoo.db"), 120, "a checkpoint")
+        wait_for(
+            lambda: paths.run_dir.last.exists() and trackio_run_ids(paths.trackio / "zoo.db"),
+            120,
+            "a checkpoint",
+        )
         (first_run_id,) = trackio_run_ids(paths.trackio / "zoo.db")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # preemption: no code of the container runs after this
@@ -166,7 +191,10 @@ def test_a_preempted_remote_run_resumes_itself_and_its_step_counter(tmp_path):
     outcome = supervise(volume, config_to_dict(cfg), "sub-1", False, 1, lambda: None, tmp_path / "work2")
     assert outcome == {"run_name": run, "status": "finished", "attempt": 2}
     starts = [a for a in read_attempts(paths) if a["event"] == "start"]
-    assert [(a["attempt"], a["resume"], a["from_step"]) for a in starts] == [(1, False, None), (2, True, killed_at)]
+    assert [(a["attempt"], a["resume"], a["from_step"]) for a in starts] == [
+        (1, False, None),
+        (2, True, killed_at),
+    ]
     beat = json.loads(paths.run_dir.heartbeat.read_text())
     assert beat["status"] == "finished" and beat["step"] == STEPS
 

@@ -40,7 +40,10 @@ def test_ode_sampler_on_instantaneous_velocity_converges_to_the_flow_map() -> No
     model = GaussianMeanFlow(MEAN, STD)
     noise = torch.randn(256, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
     exact = MEAN + STD * noise
-    errors = {name: (sample_ode(model, noise, name, 20) - exact).abs().max().item() for name in ("euler", "heun", "rk4")}
+    errors = {
+        name: (sample_ode(model, noise, name, 20) - exact).abs().max().item()
+        for name in ("euler", "heun", "rk4")
+    }
     assert errors["rk4"] < 1e-6 and errors["heun"] < 1e-2 and errors["euler"] < 0.3
     assert errors["rk4"] < errors["heun"] < errors["euler"]
 
@@ -117,7 +120,9 @@ def test_guidance_scale_one_is_conditional_and_scale_w_matches_formula() -> None
     assert model.batch_sizes == [10]
     model.batch_sizes.clear()
     w = 2.5
-    torch.testing.assert_close(sample_meanflow(model, noise, 1, y=y, guidance=w), noise - (uncond + w * (cond - uncond)))
+    torch.testing.assert_close(
+        sample_meanflow(model, noise, 1, y=y, guidance=w), noise - (uncond + w * (cond - uncond))
+    )
     assert model.batch_sizes == [20]  # one batched call: conditional and null halves together
     # ODE sampling uses u(z, t, t): one Euler step from 1 to 0 is z - u(z, 1, 1) with guidance.
     model.batch_sizes.clear()
@@ -150,9 +155,14 @@ class SmallMLP(FlowModel):
     def __init__(self, hidden: int = 128) -> None:
         super().__init__((2,))
         self.net = nn.Sequential(
-            nn.Linear(4, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(4, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
             nn.Linear(hidden, 2),
-        )  # fmt: skip
+        )
 
     def forward(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None = None) -> Tensor:
         return self.net(torch.cat([z, t[:, None], (t - r)[:, None]], dim=1))

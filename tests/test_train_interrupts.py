@@ -30,10 +30,23 @@ ZOO = str(Path(sys.executable).parent / "zoo")
 # Far more steps than it will run; checkpoints only at the end (so the one found after the
 # signal was written by the stop); a heartbeat at every step (to know when it is training).
 LONG_RUN = [
-    "model.hidden=32", "model.depth=2", "train.batch_size=32", "train.log_every=1", "train.save_every=100000",
-    "eval.n_samples=200", "eval.batch_size=200", "eval.meanflow_steps=[1]", 'eval.solvers=["euler"]',
-    "eval.solver_nfe=[2]", "loss.jvp=nograd", "tracking.enabled=false", "experiment_log=",
-    "--device", "cpu", "--threads", "1",
+    "model.hidden=32",
+    "model.depth=2",
+    "train.batch_size=32",
+    "train.log_every=1",
+    "train.save_every=100000",
+    "eval.n_samples=200",
+    "eval.batch_size=200",
+    "eval.meanflow_steps=[1]",
+    'eval.solvers=["euler"]',
+    "eval.solver_nfe=[2]",
+    "loss.jvp=nograd",
+    "tracking.enabled=false",
+    "experiment_log=",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
 ]
 
 
@@ -41,7 +54,11 @@ def start(workdir: Path, name: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "80"}
     return subprocess.Popen(
         [ZOO, "train", "moons", *LONG_RUN, "--run-name", name, *args],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -76,7 +93,9 @@ def test_a_signal_mid_run_saves_the_step_reached_and_says_how_to_resume(tmp_path
     assert load_checkpoint(run_dir / "last.pt")["step"] == step == heartbeat["checkpoint_step"]
     assert not list(run_dir.glob(".*tmp*"))
     # ... and its logged records stop at that step.
-    assert max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()) == step
+    assert (
+        max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()) == step
+    )
     line = (
         f"interrupted by {sig.name} at step {step}, last checkpoint at step {step}; "
         "resume with `zoo train moons --run-name sig --resume`"
@@ -88,7 +107,10 @@ def test_a_signal_mid_run_saves_the_step_reached_and_says_how_to_resume(tmp_path
     # The command it printed continues the run (to a few steps more), with the time curve going on.
     resumed = subprocess.run(
         [ZOO, "train", "moons", "--run-name", "sig", "--resume", "--steps", str(step + 3), "--threads", "1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -98,7 +120,6 @@ def test_a_signal_mid_run_saves_the_step_reached_and_says_how_to_resume(tmp_path
     assert all(b > a for a, b in zip(elapsed, elapsed[1:], strict=False)), elapsed
     final = json.loads((run_dir / "heartbeat.json").read_text())
     assert final["status"] == "finished" and final["step"] == step + 3
-
 
 
 def test_sigterm_to_the_nproc_launcher_stops_every_rank_after_the_same_step(tmp_path):
@@ -156,7 +177,14 @@ def test_under_torchrun_a_rank_stops_only_at_the_collective_check(monkeypatch):
 
 def tiny_config(tmp_path: Path, name: str, *extra: str):
     return load_config(
-        "moons", [*TINY_RUN, "tracking.enabled=false", f"run_name={name}", f"output_dir={tmp_path / 'outputs'}", *extra]
+        "moons",
+        [
+            *TINY_RUN,
+            "tracking.enabled=false",
+            f"run_name={name}",
+            f"output_dir={tmp_path / 'outputs'}",
+            *extra,
+        ],
     )
 
 
@@ -178,7 +206,9 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_bar_says_at_once_that_the_run_stops_after_the_step_and_acknowledges_a_second_ctrl_c(tmp_path, monkeypatch, capfd):
+def test_the_bar_says_at_once_that_the_run_stops_after_the_step_and_acknowledges_a_second_ctrl_c(
+    tmp_path, monkeypatch, capfd
+):
     """The notice is drawn by the bar's own thread while the (here: slow) step is still running."""
     screen = io.StringIO()
     seen = []
@@ -195,7 +225,10 @@ def test_the_bar_says_at_once_that_the_run_stops_after_the_step_and_acknowledges
     with pytest.raises(RunInterrupted, match="interrupted by SIGINT at step 3, last checkpoint at step 3"):
         trainer.train_run(tiny_config(tmp_path, "bar", "train.steps=50"), console=terminal)
     assert "stopping after this step — saving a checkpoint" in seen[0] and "ignored" not in seen[0]
-    assert f"Ctrl-C again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once" in seen[1]
+    assert (
+        f"Ctrl-C again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once"
+        in seen[1]
+    )
     assert capfd.readouterr().err == ""  # the handler wrote nothing through the live bar
     assert load_checkpoint(tmp_path / "outputs" / "bar" / "last.pt")["step"] == 3
 
@@ -241,7 +274,9 @@ def test_output_nobody_can_read_does_not_cost_the_checkpoint(tmp_path, monkeypat
         with pytest.raises(RunInterrupted, match="at step 3, last checkpoint at step 3"):
             trainer.train_run(tiny_config(tmp_path, "pipe", "train.steps=50"), console=console)
     assert load_checkpoint(tmp_path / "outputs" / "pipe" / "last.pt")["step"] == 3
-    assert json.loads((tmp_path / "outputs" / "pipe" / "heartbeat.json").read_text())["status"] == "interrupted"
+    assert (
+        json.loads((tmp_path / "outputs" / "pipe" / "heartbeat.json").read_text())["status"] == "interrupted"
+    )
 
 
 def test_output_nobody_can_read_does_not_fail_a_run_that_finishes(tmp_path, monkeypatch):
@@ -268,7 +303,9 @@ def test_the_resume_line_nobody_can_read_keeps_the_exit_code(monkeypatch):
             stream.close()
 
 
-def test_a_run_resumed_between_two_log_steps_logs_the_loss_average_of_one_that_never_stopped(tmp_path, monkeypatch):
+def test_a_run_resumed_between_two_log_steps_logs_the_loss_average_of_one_that_never_stopped(
+    tmp_path, monkeypatch
+):
     """train/loss_avg averages the losses since the last record: those before the stop count too."""
     trainer.train_run(tiny_config(tmp_path, "straight", "train.steps=15"))
     signal_during_step(monkeypatch, 7)  # records every 5 steps (TINY_RUN): two losses pending
@@ -278,7 +315,11 @@ def test_a_run_resumed_between_two_log_steps_logs_the_loss_average_of_one_that_n
     trainer.train_run(tiny_config(tmp_path, "split", "train.steps=15"), resume=True)
 
     def averages(name):
-        return {r["step"]: r["train/loss_avg"] for r in records(tmp_path / "outputs" / name) if "train/loss_avg" in r}
+        return {
+            r["step"]: r["train/loss_avg"]
+            for r in records(tmp_path / "outputs" / name)
+            if "train/loss_avg" in r
+        }
 
     straight, split = averages("straight"), averages("split")
     assert sorted(straight) == sorted(split) == [5, 10, 15]
@@ -301,7 +342,9 @@ def test_a_checkpoint_without_a_loss_window_still_resumes(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("during", ["the step", "its evaluation"])
-def test_an_evaluation_step_stopped_before_its_evaluation_completed_is_evaluated_on_resume(tmp_path, monkeypatch, during):
+def test_an_evaluation_step_stopped_before_its_evaluation_completed_is_evaluated_on_resume(
+    tmp_path, monkeypatch, during
+):
     """Stopped in step 5 (held: it stops after the step, before its evaluation) or in the middle of
     step 5's evaluation: the resumed run evaluates step 5 as the uninterrupted run did."""
     steps = ["train.steps=10", "train.eval_every=5"]

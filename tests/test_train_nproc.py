@@ -23,10 +23,14 @@ def fake_torchrun(monkeypatch, returncode: int) -> list[dict]:
     class Torchrun:
         def __init__(self, command, env, start_new_session=False):
             config_path = Path(command[command.index("zoo_cli.distributed_entry") + 1])
-            launched.append({
-                "command": command, "config_path": config_path, "config": json.loads(config_path.read_text()),
-                "own_session": start_new_session,
-            })  # fmt: skip
+            launched.append(
+                {
+                    "command": command,
+                    "config_path": config_path,
+                    "config": json.loads(config_path.read_text()),
+                    "own_session": start_new_session,
+                }
+            )
 
         def wait(self) -> int:
             return returncode
@@ -49,7 +53,9 @@ def test_a_batch_that_does_not_split_is_refused_before_torchrun(tmp_path, monkey
 def test_the_config_file_for_torchrun_is_removed_after_it_returns(tmp_path, monkeypatch):
     launched = fake_torchrun(monkeypatch, 1)
     monkeypatch.setattr(distributed, "torchrun_has_shutdown_timeout", lambda: True)
-    result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r2", "--nproc", "2"])
+    result = runner.invoke(
+        zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r2", "--nproc", "2"]
+    )
     assert result.exit_code == 1
     (launch,) = launched
     assert launch["config"]["run_name"] == "r2" and not launch["config_path"].exists()
@@ -64,7 +70,9 @@ def test_a_torchrun_without_the_stop_grace_is_said_at_launch(tmp_path, monkeypat
     launched = fake_torchrun(monkeypatch, 0)
     monkeypatch.setattr(distributed, "torchrun_has_shutdown_timeout", lambda: False)
     monkeypatch.setattr(train_cli, "report_run", lambda run: None)
-    result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r4", "--nproc", "2"])
+    result = runner.invoke(
+        zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r4", "--nproc", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert not any(part.startswith("--shutdown_timeout") for part in launched[0]["command"])
     text = " ".join(result.output.split())
@@ -89,7 +97,9 @@ def test_the_launcher_passes_a_signal_on_once_and_says_why_it_ignores_the_next(t
 
     monkeypatch.setattr(train_cli.subprocess, "Popen", Torchrun)
     monkeypatch.setattr(distributed, "torchrun_has_shutdown_timeout", lambda: True)
-    result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r5", "--nproc", "2"])
+    result = runner.invoke(
+        zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r5", "--nproc", "2"]
+    )
     assert result.exit_code == 128 + signal.SIGINT and sent == [signal.SIGINT]
     err = " ".join(capfd.readouterr().err.split())
     assert err.count("Ctrl-C again: ignored, so the ranks' checkpoint is written whole") == 1
@@ -100,7 +110,9 @@ def test_a_successful_launch_prints_the_runs_evaluation(tmp_path, monkeypatch):
     fake_torchrun(monkeypatch, 0)
     reported: list[Path] = []
     monkeypatch.setattr(train_cli, "report_run", lambda run: reported.append(run.root))
-    result = runner.invoke(zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r3", "--nproc", "2"])
+    result = runner.invoke(
+        zoo_app, ["train", "moons", f"output_dir={tmp_path}", "--run-name", "r3", "--nproc", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert reported == [tmp_path / "r3"]
 

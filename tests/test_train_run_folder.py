@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_runs import TINY_RUN
 from typer.testing import CliRunner
 
-from tiny_runs import TINY_RUN
 from zoo_cli.main import app
 
 runner = CliRunner()
@@ -21,22 +21,34 @@ def workdir(tmp_path, monkeypatch):
 
 
 def train(name: str, steps: int, *extra: str):
-    return runner.invoke(app, ["train", "moons", *TINY_RUN, "--steps", str(steps), "--run-name", name, *extra])
+    return runner.invoke(
+        app, ["train", "moons", *TINY_RUN, "--steps", str(steps), "--run-name", name, *extra]
+    )
 
 
 def one_line(output: str) -> str:
     return " ".join(output.split())
 
 
-@pytest.mark.parametrize("output_dir, reason", [("/proc/zoo-runs", "/proc"), ("a-file", "is a file, not a folder")])
-def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(workdir, isolated_trackio, output_dir, reason):
+@pytest.mark.parametrize(
+    "output_dir, reason", [("/proc/zoo-runs", "/proc"), ("a-file", "is a file, not a folder")]
+)
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(
+    workdir, isolated_trackio, output_dir, reason
+):
     (workdir / "a-file").write_text("not a folder\n")
     trackio_before = sorted(p.name for p in isolated_trackio.rglob("*"))
     result = train("x", 5, f"output_dir={output_dir}")
     text = one_line(result.output)
     assert result.exit_code == 2, result.output
-    assert "error: cannot write into output_dir" in text and reason in text and "choose another output_dir" in text
-    assert "Traceback" not in result.output and "run_name" not in result.output  # before the config is printed
+    assert (
+        "error: cannot write into output_dir" in text
+        and reason in text
+        and "choose another output_dir" in text
+    )
+    assert (
+        "Traceback" not in result.output and "run_name" not in result.output
+    )  # before the config is printed
     assert "JVP" not in result.output  # no calibration, no training
     assert sorted(p.name for p in isolated_trackio.rglob("*")) == trackio_before  # no trackio run either
     assert (workdir / "a-file").read_text() == "not a folder\n"
@@ -51,7 +63,9 @@ def test_a_finished_run_folder_and_what_it_says(workdir):
     assert heartbeat["status"] == "finished" and heartbeat["phase"] == "done"
     # Where the run was logged, and how not to.
     assert "run `done`" in log.read_text()
-    assert f"logged to {log}" in one_line(result.output) and "`experiment_log=` turns this off" in one_line(result.output)
+    assert f"logged to {log}" in one_line(result.output) and "`experiment_log=` turns this off" in one_line(
+        result.output
+    )
     # The loss curve, with every logged step.
     with Image.open(run / "loss.png") as image:
         assert image.format == "PNG" and image.size[0] >= 400
@@ -63,12 +77,32 @@ def test_a_finished_run_folder_and_what_it_says(workdir):
 
 
 def test_digit_samples_are_saved_large_enough_to_see(workdir):
-    result = runner.invoke(app, [
-        "train", "digits", "--steps", "1", "--run-name", "dg", "train.batch_size=8", "model.channels=8",
-        "model.channel_mults=[1]", "model.attention_res=[]", "tracking.enabled=false", "eval.n_samples=16",
-        "eval.batch_size=16", "eval.grid_size=16", "eval.meanflow_steps=[1]", 'eval.solvers=["euler"]',
-        "eval.solver_nfe=[1]", "loss.jvp=nograd", "experiment_log=", "--device", "cpu",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "digits",
+            "--steps",
+            "1",
+            "--run-name",
+            "dg",
+            "train.batch_size=8",
+            "model.channels=8",
+            "model.channel_mults=[1]",
+            "model.attention_res=[]",
+            "tracking.enabled=false",
+            "eval.n_samples=16",
+            "eval.batch_size=16",
+            "eval.grid_size=16",
+            "eval.meanflow_steps=[1]",
+            'eval.solvers=["euler"]',
+            "eval.solver_nfe=[1]",
+            "loss.jvp=nograd",
+            "experiment_log=",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with Image.open(workdir / "outputs" / "dg" / "samples" / "final.png") as image:
         pixels = np.asarray(image.convert("RGB"))

@@ -15,15 +15,17 @@ import json
 import pytest
 import torch
 import typer
+from model_helpers import labelled_cuda_batch, perturb
+from tiny_runs import TINY_RUN, train_moons_variants
 from typer.testing import CliRunner
 
 from zoo.bench.calibration import resolve_for_training
 from zoo.config.loading import ConfigError, load_config
 from zoo.config.schema import DiTConfig, LossConfig, MLPConfig, UNetConfig
+from zoo.errors import CompileError
 from zoo.losses import build_loss
 from zoo.losses.jvp import cuda_fp32_precision
 from zoo.models import build_model
-from zoo.errors import CompileError
 from zoo.models.layers import Attention, Conv2d, GroupNorm, LayerNorm
 from zoo.training.compiled_step import (
     RECOMPILE_LIMIT,
@@ -35,10 +37,10 @@ from zoo.training.compiled_step import (
 from zoo.training.trainer import compilable
 from zoo_cli.bench import bench_jvp
 from zoo_cli.main import app
-from model_helpers import labelled_cuda_batch, perturb
-from tiny_runs import TINY_RUN, train_moons_variants
 
-UNET = UNetConfig(channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8)
+UNET = UNetConfig(
+    channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8
+)
 DIT = DiTConfig(patch_size=2, hidden=32, depth=2, heads=2)
 MLP = MLPConfig(hidden=32, depth=2, time_embed_dim=16)
 NETWORKS = {"unet": (UNET, (3, 8, 8)), "dit": (DIT, (1, 8, 8)), "mlp": (MLP, (2,))}
@@ -57,11 +59,15 @@ def losses():
     # weight_p = 0: the loss is the plain squared error, not ~1 whatever the prediction.
     return {
         "flow_matching": build_loss(LossConfig(kind="flow_matching", class_dropout=0.2)),
-        "meanflow": build_loss(LossConfig(kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, weight_p=0.0)),
+        "meanflow": build_loss(
+            LossConfig(kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, weight_p=0.0)
+        ),
         # The Triton kernels' option: a compiled step uses the PyTorch operations, with no check or branch
         # left in the graph (torch 2.11's dynamo broke it on the kernels' availability check).
         "meanflow-triton-kernels": build_loss(
-            LossConfig(kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, weight_p=0.0, jvp_kernels="triton")
+            LossConfig(
+                kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, weight_p=0.0, jvp_kernels="triton"
+            )
         ),
     }
 
@@ -173,9 +179,9 @@ def test_zoo_train_with_train_compile_follows_the_eager_run(tmp_path, monkeypatc
     # Inductor's kernels, through the trainer: same draws, same losses up to float reassociation.
     monkeypatch.chdir(tmp_path)
     common = [*TINY_RUN, "loss.kind=meanflow", "loss.jvp=fused", "tracking.enabled=false", "--steps", "15"]
-    (eager, _), = train_moons_variants(app, common, {"eager": []}).values()
+    ((eager, _),) = train_moons_variants(app, common, {"eager": []}).values()
     before = graphs_compiled()
-    (compiled, output), = train_moons_variants(app, common, {"compiled": ["train.compile=true"]}).values()
+    ((compiled, output),) = train_moons_variants(app, common, {"compiled": ["train.compile=true"]}).values()
     # Something was compiled (an eager fall-back would also match the eager losses).
     assert graphs_compiled() > before
     assert "torch.compile" in output
@@ -212,10 +218,14 @@ def test_compile_with_cuda_graph_is_refused_at_load_with_the_mode_that_does_both
         ("cuda", "fused", "fp32", False, r"loss\.jvp_precision=tf32"),
     ],
 )
-def test_settings_a_compiled_step_cannot_run_are_refused_with_the_fix(device, mode, jvp_precision, resumed, fix) -> None:
+def test_settings_a_compiled_step_cannot_run_are_refused_with_the_fix(
+    device, mode, jvp_precision, resumed, fix
+) -> None:
     with pytest.raises(CompileSettingsError, match=fix):
         check_compilable(torch.device(device), "meanflow", mode, jvp_precision, resumed)
-    cfg = load_config("moons", ["loss.kind=meanflow", f"loss.jvp_precision={jvp_precision}", "train.compile=true"])
+    cfg = load_config(
+        "moons", ["loss.kind=meanflow", f"loss.jvp_precision={jvp_precision}", "train.compile=true"]
+    )
     with pytest.raises(ConfigError, match=fix):
         compilable(torch.device(device), cfg, mode, resumed=resumed)
 
@@ -250,10 +260,31 @@ def test_bench_jvp_compile_times_compiled_steps_against_the_compiled_fm_step(tmp
     try:
         result = CliRunner().invoke(
             bench_app,
-            ["bench-jvp", "model.hidden=32", "model.depth=2", "--device", "cpu", "--model", "moons", "--batch-size", "16",
-             "--ratios", "0.5", "--modes", "fused,primal", "--compile", "--repeats", "3", "--warmup", "0",
-             "--threads", "1", "--json", str(path)],
-        )  # fmt: skip
+            [
+                "bench-jvp",
+                "model.hidden=32",
+                "model.depth=2",
+                "--device",
+                "cpu",
+                "--model",
+                "moons",
+                "--batch-size",
+                "16",
+                "--ratios",
+                "0.5",
+                "--modes",
+                "fused,primal",
+                "--compile",
+                "--repeats",
+                "3",
+                "--warmup",
+                "0",
+                "--threads",
+                "1",
+                "--json",
+                str(path),
+            ],
+        )
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
@@ -264,8 +295,12 @@ def test_bench_jvp_compile_times_compiled_steps_against_the_compiled_fm_step(tmp
     compiled = cases["meanflow/fused/0.5+compile"]
     assert compiled["variant"] == "compile" and compiled["reference"] == "fm_step+compile"
     assert len(compiled["samples_s"]) == 3 and compiled["median_s"] > 0
-    assert compiled["versus"]["of_medians"] == pytest.approx(compiled["median_s"] / cases["fm_step+compile"]["median_s"])
-    assert compiled["versus_eager"]["of_medians"] == pytest.approx(compiled["median_s"] / cases["fm_step"]["median_s"])
+    assert compiled["versus"]["of_medians"] == pytest.approx(
+        compiled["median_s"] / cases["fm_step+compile"]["median_s"]
+    )
+    assert compiled["versus_eager"]["of_medians"] == pytest.approx(
+        compiled["median_s"] / cases["fm_step"]["median_s"]
+    )
     # The memory meter stops torch.compile on a CPU: the peak is reported as not measured, not
     # guessed, whether it fits is unknown, and it is never named the fastest mode that fits.
     assert not compiled["peak_measured"] and compiled["peak_bytes"] is None and compiled["fits"] is None
@@ -275,7 +310,9 @@ def test_bench_jvp_compile_times_compiled_steps_against_the_compiled_fm_step(tmp
 
 
 def test_bench_jvp_compile_without_a_compilable_mode_names_the_fix() -> None:
-    result = CliRunner().invoke(bench_app, ["bench-jvp", "--device", "cpu", "--model", "moons", "--modes", "primal", "--compile"])
+    result = CliRunner().invoke(
+        bench_app, ["bench-jvp", "--device", "cpu", "--model", "moons", "--modes", "primal", "--compile"]
+    )
     assert result.exit_code != 0
     assert "add one to --modes" in result.output
 
@@ -293,11 +330,17 @@ def eager_and_compiled_cuda_unets(compile_mode: str):
     """
     torch.manual_seed(0)
     eager_model = perturb(build_model(UNET, (3, 8, 8), 3)).cuda().train()
-    loss_fn = build_loss(LossConfig(kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, jvp_precision="fp32", weight_p=0.0))
+    loss_fn = build_loss(
+        LossConfig(
+            kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, jvp_precision="fp32", weight_p=0.0
+        )
+    )
     return eager_model, copy.deepcopy(eager_model), loss_fn, compile_evaluate(loss_fn, compile_mode)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (inductor's GPU kernels, CUDA graphs); none on this machine")
+@pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA device (inductor's GPU kernels, CUDA graphs); none on this machine"
+)
 @pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
 def test_compiled_cuda_steps_follow_eager_steps_as_the_weights_change(compile_mode) -> None:
     eager_model, compiled_model, loss_fn, compiled = eager_and_compiled_cuda_unets(compile_mode)
@@ -313,7 +356,9 @@ def test_compiled_cuda_steps_follow_eager_steps_as_the_weights_change(compile_mo
             torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(metrics["mse"], eager_metrics["mse"], rtol=1e-4, atol=1e-6)
             for got, want in zip(grads_of(compiled_model), grads_of(eager_model), strict=True):
-                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * want.abs().max().item())  # as on the CPU
+                torch.testing.assert_close(
+                    got, want, rtol=1e-3, atol=1e-5 * want.abs().max().item()
+                )  # as on the CPU
             optimizers[0].step()
             optimizers[0].zero_grad(set_to_none=True)
             optimizers[1].step()
@@ -321,7 +366,9 @@ def test_compiled_cuda_steps_follow_eager_steps_as_the_weights_change(compile_mo
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CUDA graphs); none on this machine")
-@pytest.mark.parametrize("compile_mode", ["reduce-overhead"])  # max-autotune: same graph path, minutes of autotuning
+@pytest.mark.parametrize(
+    "compile_mode", ["reduce-overhead"]
+)  # max-autotune: same graph path, minutes of autotuning
 def test_micro_batches_accumulate_under_compile_modes_with_cuda_graphs(compile_mode) -> None:
     # Under CUDA graphs the backward's outputs live in the graphs' pool: the second micro-batch's
     # replay must not overwrite the first one's gradient (compiled_step keeps .grad buffers of its
@@ -335,16 +382,28 @@ def test_micro_batches_accumulate_under_compile_modes_with_cuda_graphs(compile_m
                 (loss_fn.evaluate(eager_model, x, draws)[0] / 2).backward()
                 (compiled(compiled_model, x, draws)[0] / 2).backward()
             for got, want in zip(grads_of(compiled_model), grads_of(eager_model), strict=True):
-                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * want.abs().max().item())  # as on the CPU
+                torch.testing.assert_close(
+                    got, want, rtol=1e-3, atol=1e-5 * want.abs().max().item()
+                )  # as on the CPU
             eager_model.zero_grad(set_to_none=True)
             compiled_model.zero_grad(set_to_none=not keeps_grads(compile_mode))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device; none on this machine")
-def test_zoo_train_on_cuda_with_reduce_overhead_and_grad_accum_follows_the_eager_run(tmp_path, monkeypatch) -> None:
+def test_zoo_train_on_cuda_with_reduce_overhead_and_grad_accum_follows_the_eager_run(
+    tmp_path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    common = [*TINY_RUN, "device=cuda", "loss.kind=meanflow", "loss.jvp=fused", "tracking.enabled=false",
-              "train.grad_accum=2", "--steps", "15"]  # fmt: skip
+    common = [
+        *TINY_RUN,
+        "device=cuda",
+        "loss.kind=meanflow",
+        "loss.jvp=fused",
+        "tracking.enabled=false",
+        "train.grad_accum=2",
+        "--steps",
+        "15",
+    ]
     compiled = ["train.compile=true", "train.compile_mode=reduce-overhead"]
     runs = train_moons_variants(app, common, {"eager": [], "compiled": compiled})
     (eager, _), (compiled, _) = runs["eager"], runs["compiled"]

@@ -95,5 +95,9 @@ def test_other_ranks_wait_for_rank_0s_evaluation_at_a_barrier(tmp_path):
     run_ranks(rank_main, 2, tmp_path)
     run = tmp_path / "outputs" / "hb"
     assert json.loads((run / "heartbeat.json").read_text())["status"] == "finished"
-    evals = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
+    evals = [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "eval/" in line
+    ]
     assert evals == [2, 4]  # the periodic evaluation at step 2, then the final one

@@ -54,7 +54,10 @@ def test_a_held_signal_shows_under_a_live_bar_and_a_second_one_is_acknowledged(c
             signal_self(signal.SIGINT)  # still held: a second Ctrl-C must not cut the step short
             shown = " ".join(rendered(progress).split())
             assert HELD in shown
-            assert f"Ctrl-C again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once" in shown
+            assert (
+                f"Ctrl-C again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once"
+                in shown
+            )
         with pytest.raises(StopRequested):
             stops.check("cpu")
     assert capfd.readouterr().err == ""
@@ -69,7 +72,9 @@ def test_without_a_live_bar_rank_0_writes_a_plain_line_per_signal(capfd):
             assert capfd.readouterr().err == HELD + "\n"
             signal_self(signal.SIGTERM)
             line = capfd.readouterr().err
-            assert line.startswith(f"SIGTERM again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}`")
+            assert line.startswith(
+                f"SIGTERM again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}`"
+            )
             assert line.count("\n") == 1
     assert stops.signum == signal.SIGTERM
 

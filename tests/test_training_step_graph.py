@@ -10,6 +10,8 @@ import re
 
 import pytest
 import torch
+from model_helpers import labelled_cuda_batch, perturb
+from tiny_runs import TINY_RUN, train_moons_variants
 
 from zoo.bench.calibration import candidate_modes
 from zoo.config.loading import ConfigError, load_config
@@ -22,8 +24,6 @@ from zoo.models import build_model
 from zoo.training.step_graph import GraphedLossBackward, StepGraphError, check_capturable
 from zoo.training.trainer import capturable, compilable, faster_step_tip
 from zoo_cli.main import app
-from model_helpers import labelled_cuda_batch, perturb
-from tiny_runs import TINY_RUN, train_moons_variants
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device (CUDA graphs); none on this machine"
@@ -72,7 +72,9 @@ def test_map_tensors_reaches_every_tensor_of_the_draws_and_keeps_the_structure()
 
 def tiny_unet(num_classes: int = 0) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = UNetConfig(channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8)
+    cfg = UNetConfig(
+        channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8
+    )
     return build_model(cfg, (3, 8, 8), num_classes).cuda().train()
 
 
@@ -88,7 +90,9 @@ def assert_same_grads(a, b, **tol) -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
-@pytest.mark.parametrize("kind, mode", [("flow_matching", "nograd"), ("meanflow", "fused"), ("meanflow", "primal")])
+@pytest.mark.parametrize(
+    "kind, mode", [("flow_matching", "nograd"), ("meanflow", "fused"), ("meanflow", "primal")]
+)
 def test_replayed_steps_give_eager_gradients_as_the_weights_change(kind, mode) -> None:
     eager_model = perturb(tiny_unet(num_classes=3))  # off the zero init: every parameter gets a gradient
     graph_model = copy.deepcopy(eager_model)
@@ -221,7 +225,9 @@ def test_zoo_train_with_a_captured_step_follows_the_eager_run(tmp_path, monkeypa
     losses = {name: logged for name, (logged, _) in runs.items()}
     assert len(losses["graph"]) == len(losses["eager"]) == 4
     # Same draws from the same generator: the runs agree up to TF32 rounding.
-    torch.testing.assert_close(torch.tensor(losses["graph"]), torch.tensor(losses["eager"]), rtol=5e-3, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(losses["graph"]), torch.tensor(losses["eager"]), rtol=5e-3, atol=1e-4
+    )
 
 
 def test_a_resumed_run_whose_mode_cannot_be_captured_is_told_to_resume_without_the_captured_step() -> None:
@@ -241,7 +247,13 @@ def test_a_resumed_run_whose_mode_cannot_be_captured_is_told_to_resume_without_t
         ("cuda", ["precision=fp16"], "auto", False, {"train.compile=true"}),  # fp16 cannot be captured
         ("cuda", ["loss.jvp_precision=fp32"], "auto", False, {"train.cuda_graph=true"}),  # compile: TF32 only
         ("cuda", ["precision=fp16", "loss.jvp_precision=fp32"], "auto", False, set()),
-        ("cuda", ["loss.jvp=selective"], "selective", False, {"train.cuda_graph=true"}),  # compile: fused only
+        (
+            "cuda",
+            ["loss.jvp=selective"],
+            "selective",
+            False,
+            {"train.cuda_graph=true"},
+        ),  # compile: fused only
         ("cuda", ["loss.jvp=cuda_graph"], "cuda_graph", False, set()),
         ("cuda", [], "selective", True, {"train.cuda_graph=true"}),  # a resumed run keeps its mode
         ("cuda", [], "cuda_graph", True, set()),
@@ -250,7 +262,9 @@ def test_a_resumed_run_whose_mode_cannot_be_captured_is_told_to_resume_without_t
         ("cpu", [], "auto", False, set()),
     ],
 )
-def test_a_cuda_run_with_eager_steps_is_pointed_at_the_faster_steps_it_accepts(device, overrides, mode, resumed, named) -> None:
+def test_a_cuda_run_with_eager_steps_is_pointed_at_the_faster_steps_it_accepts(
+    device, overrides, mode, resumed, named
+) -> None:
     cfg = load_config("moons", overrides)
     tip = faster_step_tip(torch.device(device), cfg, mode, resumed)
     offered = set() if tip is None else set(re.findall(r"train\.\w+=true", tip))

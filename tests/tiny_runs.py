@@ -29,7 +29,9 @@ def logged_losses(run_dir: Path) -> list[float]:
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
-def train_moons_variants(app: typer.Typer, common: list[str], variants: dict[str, list[str]]) -> dict[str, tuple[list[float], str]]:
+def train_moons_variants(
+    app: typer.Typer, common: list[str], variants: dict[str, list[str]]
+) -> dict[str, tuple[list[float], str]]:
     """`zoo train moons COMMON EXTRA --run-name NAME` for each NAME: EXTRA, in the current folder:
     each run's logged losses and its output (a run that fails fails the test)."""
     runs = {}

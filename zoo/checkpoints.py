@@ -85,14 +85,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """A checkpoint's payload, verified against its `.sha256` sidecar when it has one."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; `zoo ckpts` lists the runs and checkpoints there are")
+        raise CheckpointError(
+            f"no checkpoint at {path}; `zoo ckpts` lists the runs and checkpoints there are"
+        )
     # One open file: hashed in chunks, then loaded from the same handle.  A save replaces the file
     # by renaming a new one into place, which never changes an open file's bytes: what torch
     # loads is exactly what was checked, in constant extra memory.
     with verified_open(path) as source:
         try:
             payload = torch.load(source, map_location=map_location, weights_only=True)
-        except Exception as exc:  # torch raises many types (RuntimeError, OSError, KeyError, ...) for bad files
+        except (
+            Exception
+        ) as exc:  # torch raises many types (RuntimeError, OSError, KeyError, ...) for bad files
             raise CheckpointError(f"{path} {unreadable_reason(source)}; {DAMAGED_FIX}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a zoo checkpoint (expected format {CHECKPOINT_FORMAT!r})")
@@ -111,7 +115,9 @@ def unreadable_reason(stream: BinaryIO) -> str:
     head = stream.read(4)
     stream.seek(0)
     if head != b"PK\x03\x04":
-        return f"is not a checkpoint (a torch.save zip archive starts with PK, this file does not; {size} bytes)"
+        return (
+            f"is not a checkpoint (a torch.save zip archive starts with PK, this file does not; {size} bytes)"
+        )
     if not zipfile.is_zipfile(stream):
         return f"is truncated or damaged (its zip archive has no central directory; {size} bytes)"
     return f"is damaged (a zip archive whose contents torch cannot unpickle; {size} bytes)"
@@ -194,7 +200,9 @@ def save_in_progress(path: Path) -> bool:
 def recorded_digest(sidecar: Path) -> str:
     fields = sidecar.read_text().split()
     if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
-        raise CheckpointError(f"{sidecar} is not a sha256 checksum file; delete it to load the checkpoint unchecked")
+        raise CheckpointError(
+            f"{sidecar} is not a sha256 checksum file; delete it to load the checkpoint unchecked"
+        )
     return fields[0]
 
 

@@ -14,11 +14,17 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu or auto")
+        raise DeviceError(
+            f"device {name!r} was asked for but CUDA is not available here; use --device cpu or auto"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"device {name!r} was asked for but MPS is not available here; use --device cpu or auto")
+        raise DeviceError(
+            f"device {name!r} was asked for but MPS is not available here; use --device cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+        raise DeviceError(
+            f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
+        )
     if device.type == "cuda" and device.index is None:
         # Indexed, so that generators, tensors and comparisons all say "cuda:N": a generator
         # made on a bare "cuda" device reports "cuda" and then compares unequal to "cuda:0".

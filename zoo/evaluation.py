@@ -120,7 +120,9 @@ def default_methods(cfg: EvalConfig, meanflow: bool) -> list[Method]:
     return methods
 
 
-def pick_method(meanflow: bool, solver: str | None, nfe: int | None, default_solver: str, default_nfe: int) -> Method:
+def pick_method(
+    meanflow: bool, solver: str | None, nfe: int | None, default_solver: str, default_nfe: int
+) -> Method:
     """One sampler from what the user asked for: MeanFlow jumps (default 1 NFE) for a MeanFlow
     model unless an ODE `solver` is given; otherwise `solver` (default `default_solver`) at `nfe`
     evaluations (default `default_nfe`, rounded up to a multiple of the solver's calls per step,
@@ -129,7 +131,9 @@ def pick_method(meanflow: bool, solver: str | None, nfe: int | None, default_sol
         steps = nfe or 1
         return Method("meanflow", steps, steps)
     if solver == "meanflow":
-        raise ValueError("MeanFlow jumps need a MeanFlow model; this one was trained by flow matching: pick an ODE solver")
+        raise ValueError(
+            "MeanFlow jumps need a MeanFlow model; this one was trained by flow matching: pick an ODE solver"
+        )
     ode = get_solver(solver or default_solver)
     if nfe is None:
         nfe = -(-default_nfe // ode.calls_per_step) * ode.calls_per_step
@@ -141,7 +145,9 @@ def headline_solver(cfg: EvalConfig) -> str:
     return cfg.solvers[0] if cfg.solvers else "euler"
 
 
-def headline_method(cfg: EvalConfig, meanflow: bool, solver: str | None = None, nfe: int | None = None) -> Method:
+def headline_method(
+    cfg: EvalConfig, meanflow: bool, solver: str | None = None, nfe: int | None = None
+) -> Method:
     """The one sampler a single number (FID) or a picture is reported for, in `zoo eval` and in
     training's sample grids: the run's first eval solver (else euler) at its largest
     eval.solver_nfe, unless the model is a MeanFlow model or `solver`/`nfe` say otherwise."""
@@ -216,7 +222,9 @@ def evaluate(
     task = progress.add_task("evaluating", total=len(methods)) if progress is not None else None
     with eval_mode(model):
         for method in methods:
-            samples = generate(model, method, noise, labels, cfg.guidance, cfg.batch_size, on_batch=on_progress)
+            samples = generate(
+                model, method, noise, labels, cfg.guidance, cfg.batch_size, on_batch=on_progress
+            )
             result = energy_distance(samples, held_out)
             on_progress()
             report.rows.append(

@@ -21,7 +21,9 @@ def config_summary(cfg: ZooConfigBody) -> str:
     if loss.kind == "meanflow":
         parts += [f"ratio={loss.ratio}", f"p={loss.weight_p}", f"c={loss.weight_c}", f"jvp={loss.jvp}"]
     parts += [
-        f"time={loss.time_sampler}({loss.time_mu},{loss.time_sigma})" if loss.time_sampler == "logit_normal" else "time=uniform",
+        f"time={loss.time_sampler}({loss.time_mu},{loss.time_sigma})"
+        if loss.time_sampler == "logit_normal"
+        else "time=uniform",
         f"steps={cfg.train.steps}",
         f"batch={cfg.train.batch_size}",
         f"lr={cfg.optim.lr}",
@@ -61,7 +63,8 @@ def append_run_entry(
             f"- command: `{command}`",
             f"- config: {config_summary(cfg)}",
             f"- run folder: `{run.root}`",
-            "- final train metrics: " + (", ".join(f"{k} {v:.5g}" for k, v in sorted(final_metrics.items())) or "n/a"),
+            "- final train metrics: "
+            + (", ".join(f"{k} {v:.5g}" for k, v in sorted(final_metrics.items())) or "n/a"),
             "",
             report_table(report),
             "",

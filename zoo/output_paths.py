@@ -37,7 +37,9 @@ def check_writable_dir(path: Path | str, option: str) -> Path:
     """A folder zoo will create (if missing) and write into; raises OutputPathError naming `option`."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputPathError(f"cannot write into {option} {path}: it is a file, not a folder; choose another {option}")
+        raise OutputPathError(
+            f"cannot write into {option} {path}: it is a file, not a folder; choose another {option}"
+        )
     reason = _probe(_nearest_existing(path))
     if reason is not None:
         raise OutputPathError(f"cannot write into {option} {path} ({reason}); choose another {option}")

@@ -52,7 +52,9 @@ def image_grid(x: Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarr
     rows = math.ceil(n / columns)
     pixels = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     pixels = pixels.expand(-1, 3, -1, -1) if channels == 1 else pixels
-    grid = torch.zeros(3, rows * (height + padding) + padding, columns * (width + padding) + padding, dtype=torch.uint8)
+    grid = torch.zeros(
+        3, rows * (height + padding) + padding, columns * (width + padding) + padding, dtype=torch.uint8
+    )
     for k in range(n):
         top = padding + (k // columns) * (height + padding)
         left = padding + (k % columns) * (width + padding)
@@ -71,7 +73,9 @@ def upscale(grid: np.ndarray, min_width: int) -> np.ndarray:
     return grid.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
-def save_image_grid(x: Tensor, path: Path, nrow: int | None = None, min_width: int = MIN_GRID_WIDTH) -> np.ndarray:
+def save_image_grid(
+    x: Tensor, path: Path, nrow: int | None = None, min_width: int = MIN_GRID_WIDTH
+) -> np.ndarray:
     """Write images (N, C, H, W) in [-1, 1] as one PNG grid, enlarged to at least `min_width`
     pixels wide (see MIN_GRID_WIDTH); return the grid as written, (H', W', 3) uint8."""
     grid = upscale(image_grid(x, nrow), min_width)
@@ -119,7 +123,9 @@ def save_loss_curve(
 ) -> np.ndarray:
     """Loss against step, raw and smoothed (exponential moving average); log scale when all > 0."""
     if len(steps) != len(losses) or len(steps) == 0:
-        raise ValueError(f"need equally many steps and losses (at least one), got {len(steps)} and {len(losses)}")
+        raise ValueError(
+            f"need equally many steps and losses (at least one), got {len(steps)} and {len(losses)}"
+        )
     values = np.asarray(losses, dtype=np.float64)
     smoothed = np.empty_like(values)
     average = values[0]

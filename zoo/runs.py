@@ -143,7 +143,9 @@ class RunDir:
             current["submission_id"] = submission
         current["updated"] = time.time()
         if current.get("status") not in HEARTBEAT_STATUSES:
-            raise ValueError(f"heartbeat status must be one of {HEARTBEAT_STATUSES}, got {current.get('status')!r}")
+            raise ValueError(
+                f"heartbeat status must be one of {HEARTBEAT_STATUSES}, got {current.get('status')!r}"
+            )
         atomic_write_json(self.heartbeat, current)
         return current
 

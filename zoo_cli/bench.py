@@ -13,23 +13,59 @@ console = make_console()
 
 
 def bench_jvp(
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted config overrides, e.g. model.channels=32")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted config overrides, e.g. model.channels=32")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
-    model: Annotated[str, typer.Option("--model", help="preset whose model, loss and optimiser are timed")] = "cifar10",
+    model: Annotated[
+        str, typer.Option("--model", help="preset whose model, loss and optimiser are timed")
+    ] = "cifar10",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="samples per step")] = 8,
-    ratios: Annotated[str, typer.Option(help="MeanFlow ratios (fraction of r != t), comma-separated")] = "0.25,0.5,0.75,1.0",
-    modes: Annotated[str | None, typer.Option(help="JVP modes, comma-separated (default: all that run on the device)")] = None,
+    ratios: Annotated[
+        str, typer.Option(help="MeanFlow ratios (fraction of r != t), comma-separated")
+    ] = "0.25,0.5,0.75,1.0",
+    modes: Annotated[
+        str | None, typer.Option(help="JVP modes, comma-separated (default: all that run on the device)")
+    ] = None,
     precision: Annotated[str, typer.Option(help="fp32 | bf16 (autocast around every case)")] = "fp32",
     repeats: Annotated[int, typer.Option(min=1, help="timed interleaved rounds (medians over these)")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="untimed rounds after the memory pass")] = 1,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
-    memory_limit_gb: Annotated[float | None, typer.Option("--memory-limit-gb", help="memory a case may use (default: the device's)")] = None,
+    memory_limit_gb: Annotated[
+        float | None, typer.Option("--memory-limit-gb", help="memory a case may use (default: the device's)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the model and the synthetic batch")] = 0,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write every sample and ratio to this JSON file")] = None,
-    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="also time each step with loss + backward replayed from a CUDA graph (train.cuda_graph)")] = False,
-    compile_steps: Annotated[bool, typer.Option("--compile", help="also time FM and fused MeanFlow steps with loss + backward compiled (train.compile)")] = False,
-    compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode for --compile: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs")] = "default",
-    loss_variants: Annotated[list[str] | None, typer.Option("--loss-variant", help="also time every MeanFlow step with these space-separated loss.KEY=VALUE overrides, in the same run (repeatable), e.g. 'loss.jvp_kernels=torch'")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="write every sample and ratio to this JSON file")
+    ] = None,
+    cuda_graph: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graph",
+            help="also time each step with loss + backward replayed from a CUDA graph (train.cuda_graph)",
+        ),
+    ] = False,
+    compile_steps: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="also time FM and fused MeanFlow steps with loss + backward compiled (train.compile)",
+        ),
+    ] = False,
+    compile_mode: Annotated[
+        str,
+        typer.Option(
+            "--compile-mode",
+            help="torch.compile mode for --compile: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs",
+        ),
+    ] = "default",
+    loss_variants: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--loss-variant",
+            help="also time every MeanFlow step with these space-separated loss.KEY=VALUE overrides, in the same run (repeatable), e.g. 'loss.jvp_kernels=torch'",
+        ),
+    ] = None,
 ) -> None:
     """Forward, JVP alone, flow-matching step and MeanFlow step per JVP mode and ratio: interleaved medians."""
     if json_path is not None:
@@ -41,13 +77,26 @@ def bench_jvp(
     with user_errors():
         try:
             settings = BenchSettings(
-                preset=model, overrides=tuple(overrides or ()), device=device, batch_size=batch_size,
-                ratios=parse_ratios(ratios), modes=parse_modes(modes), precision=precision, repeats=repeats,
-                warmup=warmup, seed=seed, threads=threads, memory_limit_gb=memory_limit_gb, cuda_graph=cuda_graph,
-                compile=compile_steps, compile_mode=compile_mode,
+                preset=model,
+                overrides=tuple(overrides or ()),
+                device=device,
+                batch_size=batch_size,
+                ratios=parse_ratios(ratios),
+                modes=parse_modes(modes),
+                precision=precision,
+                repeats=repeats,
+                warmup=warmup,
+                seed=seed,
+                threads=threads,
+                memory_limit_gb=memory_limit_gb,
+                cuda_graph=cuda_graph,
+                compile=compile_steps,
+                compile_mode=compile_mode,
                 loss_variants=tuple(" ".join(v.split()) for v in loss_variants or ()),
-            )  # fmt: skip
-            result = run_bench(settings, log=lambda line: console.print(line, style="dim", highlight=False, markup=False))
+            )
+            result = run_bench(
+                settings, log=lambda line: console.print(line, style="dim", highlight=False, markup=False)
+            )
         except BenchError as exc:
             raise fail(str(exc)) from None
     console.print(result_table(result))
@@ -56,4 +105,3 @@ def bench_jvp(
     if json_path is not None:
         result.write_json(json_path)
         console.print(f"results: [bold]{json_path}[/]")
-

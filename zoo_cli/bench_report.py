@@ -3,12 +3,23 @@
 from rich.markup import escape
 from rich.table import Table
 
-from zoo.bench.jvp_bench import COMPILE, EAGER, GRAPH, MEANFLOW_STEP, BenchResult, CaseResult, loss_variant_suffix
+from zoo.bench.jvp_bench import (
+    COMPILE,
+    EAGER,
+    GRAPH,
+    MEANFLOW_STEP,
+    BenchResult,
+    CaseResult,
+    loss_variant_suffix,
+)
 from zoo.training.memory import format_bytes
 
 REFERENCE_LABELS = {
-    "forward": "forward", "fm_step": "FM step", "fm_step+graph": "FM step (graph)", "fm_step+compile": "FM step (compiled)",
-}  # fmt: skip
+    "forward": "forward",
+    "fm_step": "FM step",
+    "fm_step+graph": "FM step (graph)",
+    "fm_step+compile": "FM step (compiled)",
+}
 VARIANT_LABELS = {EAGER: "", GRAPH: " (graph)", COMPILE: " (compiled)"}
 
 
@@ -28,7 +39,11 @@ def result_table(result: BenchResult) -> Table:
         ),
         caption="no-grad forward and JVP; steps = loss + backward + Adam; MeanFlow MODE @RATIO [--loss-variant]; "
         "(graph): loss + backward replayed from a CUDA graph; (compiled): loss + backward by torch.compile"
-        + ("; a compiled step's peak memory is measured on CUDA only" if any(not c.peak_measured for c in result.cases) else ""),
+        + (
+            "; a compiled step's peak memory is measured on CUDA only"
+            if any(not c.peak_measured for c in result.cases)
+            else ""
+        ),
     )
     table.add_column("case", no_wrap=True)
     table.add_column("median", justify="right", no_wrap=True)
@@ -83,7 +98,9 @@ def summary_lines(result: BenchResult) -> list[str]:
     for ratio in result.settings.ratios:
         best = result.fastest(ratio)
         if best is None:
-            lines.append(f"ratio {ratio:g}: no measured MeanFlow mode fits in {format_bytes(result.memory_limit_bytes)}")
+            lines.append(
+                f"ratio {ratio:g}: no measured MeanFlow mode fits in {format_bytes(result.memory_limit_bytes)}"
+            )
         elif best.versus is not None:
             lines.append(
                 f"ratio {ratio:g}: fastest mode that fits is [bold]{escape(best.label)}[/] — {step_ratios(best)} "

@@ -24,7 +24,12 @@ err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in
 # Exit 2 for input the user must change (config, arguments), 1 for things that failed.
 USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, OutputPathError, FidUnsupportedError)
 RUNTIME_ERRORS: tuple[type[Exception], ...] = (
-    RunError, CheckpointError, DeviceError, DataNotFoundError, CompileError, FidUnavailableError,
+    RunError,
+    CheckpointError,
+    DeviceError,
+    DataNotFoundError,
+    CompileError,
+    FidUnavailableError,
 )
 
 

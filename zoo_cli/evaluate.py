@@ -20,17 +20,59 @@ FID_STANDARD_N = 50_000  # --fid-n's default: the number of images FID is usuall
 
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt)")],
-    n: Annotated[int | None, typer.Option("--n", min=16, help="samples per metric (default: the run's eval.n_samples)")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="where to write the results (default: beside the checkpoint); a PNG of samples goes beside it")] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", min=16, help="samples per metric (default: the run's eval.n_samples)")
+    ] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            help="where to write the results (default: beside the checkpoint); a PNG of samples goes beside it",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="noise seed: two seeds give two independent evaluations")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
-    data_root: Annotated[str | None, typer.Option("--data-dir", help="dataset folder, if not the run's data.root")] = None,
-    threads: Annotated[int | None, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")] = None,
-    fid: Annotated[bool, typer.Option("--fid", help="also FID against clean-fid's reference statistics (CIFAR-10 only; needs clean-fid)")] = False,
-    fid_n: Annotated[int | None, typer.Option("--fid-n", min=2, help=f"generated images for FID (default: {FID_STANDARD_N}, the standard)")] = None,
-    fid_solver: Annotated[str | None, typer.Option("--fid-solver", help="sampler for FID: meanflow | euler | midpoint | heun | rk4 (default: MeanFlow jumps for a MeanFlow model, else the run's first eval solver)")] = None,
-    fid_nfe: Annotated[int | None, typer.Option("--fid-nfe", min=1, help="network evaluations per FID image (default: 1 for MeanFlow, else the run's largest eval.solver_nfe)")] = None,
-    fid_batch_size: Annotated[int | None, typer.Option("--fid-batch-size", min=1, help="images generated and scored at once for FID (default: eval.batch_size)")] = None,
+    data_root: Annotated[
+        str | None, typer.Option("--data-dir", help="dataset folder, if not the run's data.root")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")
+    ] = None,
+    fid: Annotated[
+        bool,
+        typer.Option(
+            "--fid", help="also FID against clean-fid's reference statistics (CIFAR-10 only; needs clean-fid)"
+        ),
+    ] = False,
+    fid_n: Annotated[
+        int | None,
+        typer.Option(
+            "--fid-n", min=2, help=f"generated images for FID (default: {FID_STANDARD_N}, the standard)"
+        ),
+    ] = None,
+    fid_solver: Annotated[
+        str | None,
+        typer.Option(
+            "--fid-solver",
+            help="sampler for FID: meanflow | euler | midpoint | heun | rk4 (default: MeanFlow jumps for a MeanFlow model, else the run's first eval solver)",
+        ),
+    ] = None,
+    fid_nfe: Annotated[
+        int | None,
+        typer.Option(
+            "--fid-nfe",
+            min=1,
+            help="network evaluations per FID image (default: 1 for MeanFlow, else the run's largest eval.solver_nfe)",
+        ),
+    ] = None,
+    fid_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--fid-batch-size",
+            min=1,
+            help="images generated and scored at once for FID (default: eval.batch_size)",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a checkpoint: MeanFlow 1/2/4 steps and ODE solvers at several NFE (+ FID with --fid)."""
     import torch
@@ -42,7 +84,12 @@ def eval_command(
     from zoo.metrics.fid import fid_reference, load_fid_backend
 
     # None defaults tell an option given from one left out, even when given its default value.
-    fid_options = {"--fid-n": fid_n, "--fid-solver": fid_solver, "--fid-nfe": fid_nfe, "--fid-batch-size": fid_batch_size}
+    fid_options = {
+        "--fid-n": fid_n,
+        "--fid-solver": fid_solver,
+        "--fid-nfe": fid_nfe,
+        "--fid-batch-size": fid_batch_size,
+    }
     given = [flag for flag, value in fid_options.items() if value is not None]
     if given and not fid:
         raise fail(f"{', '.join(given)} given without --fid (the FID options only apply with it); add --fid")
@@ -70,18 +117,34 @@ def eval_command(
         if shown not in methods:
             methods.append(shown)  # the FID / picture sampler also gets its energy-distance row
         with Progress(console=Console(stderr=True), transient=True) as progress:
-            report = evaluate(loaded.model, source, eval_cfg, meanflow=loaded.is_meanflow, seed=seed, methods=methods, progress=progress)
+            report = evaluate(
+                loaded.model,
+                source,
+                eval_cfg,
+                meanflow=loaded.is_meanflow,
+                seed=seed,
+                methods=methods,
+                progress=progress,
+            )
             if backend is not None:
                 batches = -(-fid_n // (fid_batch_size or eval_cfg.batch_size))
                 task = progress.add_task(f"FID: {fid_n} images, {shown.label}", total=batches)
                 info = evaluate_fid(
-                    loaded.model, shown, backend, fid_n, fid_batch_size or eval_cfg.batch_size, eval_cfg.guidance,
-                    seed=seed, on_batch=lambda: progress.advance(task),
-                )  # fmt: skip
+                    loaded.model,
+                    shown,
+                    backend,
+                    fid_n,
+                    fid_batch_size or eval_cfg.batch_size,
+                    eval_cfg.guidance,
+                    seed=seed,
+                    on_batch=lambda: progress.advance(task),
+                )
                 report.record_fid(shown, info)
         title = f"{shown.label}, step {loaded.step}"
         save_samples_picture(loaded.model, shown, eval_cfg, source, picture, seed, title)
-        atomic_write_json(json_out, {"checkpoint": str(checkpoint), "step": loaded.step, "seed": seed, **report.to_dict()})
+        atomic_write_json(
+            json_out, {"checkpoint": str(checkpoint), "step": loaded.step, "seed": seed, **report.to_dict()}
+        )
     console.print(eval_table(report, title=f"{checkpoint} (step {loaded.step}, EMA weights)"))
     if report.fid is not None:
         console.print(

@@ -22,8 +22,12 @@ app = typer.Typer(
 )
 app.command(help="Train a model from a preset or TOML file, with key=value overrides.")(train)
 app.command(help="Generate samples from a checkpoint (PNG + .npz).")(sample)
-app.command("eval", help="Energy distance of every sampler against held-out data; FID with --fid (CIFAR-10).")(eval_command)
-app.command("bench-jvp", help="Time forward, JVP, flow-matching and MeanFlow steps per JVP mode; name the fastest.")(bench_jvp)
+app.command(
+    "eval", help="Energy distance of every sampler against held-out data; FID with --fid (CIFAR-10)."
+)(eval_command)
+app.command(
+    "bench-jvp", help="Time forward, JVP, flow-matching and MeanFlow steps per JVP mode; name the fastest."
+)(bench_jvp)
 app.add_typer(modal_app, name="modal")
 runs_cmds.register(app)
 

@@ -90,20 +90,28 @@ def app_name_for(run: str) -> str:
 
 @app.command()
 def submit(
-    preset: Annotated[str | None, typer.Argument(help="preset name or .toml file (not needed with --resume)")] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75")] = None,
+    preset: Annotated[
+        str | None, typer.Argument(help="preset name or .toml file (not needed with --resume)")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75")
+    ] = None,
     gpu: Annotated[
         str, typer.Option(help="A100-40GB, A100-80GB, H100, H100:8 (several GPUs: data-parallel), ...")
     ] = "A100-40GB",
     timeout: Annotated[str, typer.Option(help="per attempt, at most 24h (e.g. 12h, 90m)")] = "12h",
-    retries: Annotated[int, typer.Option(help="attempts after a failure or preemption; each resumes from last.pt")] = 5,
+    retries: Annotated[
+        int, typer.Option(help="attempts after a failure or preemption; each resumes from last.pt")
+    ] = 5,
     run_name: Annotated[
         str | None, typer.Option("--run-name", help="name of the remote run (default: PRESET-DATE-TIME)")
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the remote run --run-name from its last.pt")
     ] = False,
-    ratio: Annotated[float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")] = None,
+    ratio: Annotated[
+        float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")
@@ -125,11 +133,15 @@ def submit(
         )
         if resume:
             if run_name is None:
-                raise fail("--resume needs --run-name: the remote run to continue (zoo ckpts --remote lists them)", 2)
+                raise fail(
+                    "--resume needs --run-name: the remote run to continue (zoo ckpts --remote lists them)", 2
+                )
             validate_run_name(run_name)  # its stored config, extended by `given`, is checked once read
         else:
             if preset is None:
-                raise fail("give a preset or a .toml file, e.g. `zoo modal submit cifar10 --gpu A100-80GB`", 2)
+                raise fail(
+                    "give a preset or a .toml file, e.g. `zoo modal submit cifar10 --gpu A100-80GB`", 2
+                )
             cfg = load_config(preset, given)
             run_name = run_name or cfg.run_name or default_run_name(cfg.preset)
             cfg = remote_config(cfg, run_name)
@@ -180,7 +192,9 @@ def submit(
     console.print(
         f"gpu      {gpu_request.modal_spec}, timeout {format_duration(timeout_s)} per attempt, {retries} retries"
     )
-    console.print(f"next     zoo modal status {run_name}  |  zoo modal logs {run_name}  |  zoo sync && zoo ckpts")
+    console.print(
+        f"next     zoo modal status {run_name}  |  zoo modal logs {run_name}  |  zoo sync && zoo ckpts"
+    )
 
 
 def status_table(infos: list[RunInfo], now: float) -> Table:
@@ -260,9 +274,12 @@ def status(
     if run is not None and infos[0].submission:
         submission = infos[0].submission
         console.print(
-            f"submitted {format_duration(now - submission['submitted'])} ago: {submission['command']}", highlight=False
+            f"submitted {format_duration(now - submission['submitted'])} ago: {submission['command']}",
+            highlight=False,
         )
-        console.print(f"call id {submission.get('call_id')}; app {submission.get('app_name')}", highlight=False)
+        console.print(
+            f"call id {submission.get('call_id')}; app {submission.get('app_name')}", highlight=False
+        )
 
 
 @app.command()
@@ -272,7 +289,9 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
     from_file: Annotated[
         bool,
-        typer.Option("--file", help="print train.log from the Volume (all attempts; kept after Modal's log retention)"),
+        typer.Option(
+            "--file", help="print train.log from the Volume (all attempts; kept after Modal's log retention)"
+        ),
     ] = False,
     volume: VolumeOption = DEFAULT_VOLUME,
     volume_dir: VolumeDirOption = None,
@@ -290,7 +309,9 @@ def logs(
         sys.stdout.write("\n".join(lines[-tail:]) + "\n")
         return
     if not submission.get("call_id"):
-        raise fail(f"{run} has no Modal call id (its submission did not complete); see `zoo modal status {run}`", 1)
+        raise fail(
+            f"{run} has no Modal call id (its submission did not complete); see `zoo modal status {run}`", 1
+        )
     from zoo.remote.modal_app import log_lines
 
     for line in log_lines(submission["call_id"], tail, follow):

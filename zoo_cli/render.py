@@ -41,8 +41,12 @@ def eval_table(report: "EvalReport", title: str) -> Table:
     best = min((r.energy_distance for r in report.rows), default=None)
     for row in report.rows:
         style = "bold green" if row.energy_distance == best else ""
-        table.add_row(row.method, str(row.nfe), f"{row.energy_distance:.5f}", f"{row.stderr:.5f}", style=style)
+        table.add_row(
+            row.method, str(row.nfe), f"{row.energy_distance:.5f}", f"{row.stderr:.5f}", style=style
+        )
     if report.noise_floor:
         floor = report.noise_floor
-        table.add_row("data vs data (floor)", "–", f"{floor.energy_distance:.5f}", f"{floor.stderr:.5f}", style="dim")
+        table.add_row(
+            "data vs data (floor)", "–", f"{floor.energy_distance:.5f}", f"{floor.stderr:.5f}", style="dim"
+        )
     return table

@@ -14,7 +14,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.measure import Measurement
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from zoo.output_paths import check_writable_file
@@ -48,7 +55,9 @@ VolumeDirOption = Annotated[
     Path | None,
     typer.Option("--volume-dir", help="a local directory with the Volume's layout to use instead of Modal"),
 ]
-StallOption = Annotated[str, typer.Option("--stall-after", help="a running run without heartbeat this long is stalled")]
+StallOption = Annotated[
+    str, typer.Option("--stall-after", help="a running run without heartbeat this long is stalled")
+]
 
 
 def remote_store_or_exit(volume: str, volume_dir: Path | None) -> RunStore:
@@ -175,7 +184,9 @@ def checkpoints_table(infos: list[RunInfo], now: float) -> Table:
 
 
 def sync(
-    runs: Annotated[list[str] | None, typer.Argument(help="run names or patterns (default: every remote run)")] = None,
+    runs: Annotated[
+        list[str] | None, typer.Argument(help="run names or patterns (default: every remote run)")
+    ] = None,
     outputs: OutputsOption = Path("outputs"),
     trackio_dir: Annotated[
         Path | None, typer.Option("--trackio-dir", help="local trackio store (default: $TRACKIO_DIR)")
@@ -189,11 +200,15 @@ def sync(
     plan = plan_sync(store, outputs, runs)
     with byte_progress() as progress:
         task = progress.add_task("sync", total=plan.transfer_bytes)
-        report = execute_sync(store, plan, outputs, trackio_dir, runs, on_bytes=lambda n: progress.advance(task, n))
+        report = execute_sync(
+            store, plan, outputs, trackio_dir, runs, on_bytes=lambda n: progress.advance(task, n)
+        )
     for warning in report.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if not report.runs:
-        console.print(f"no remote runs on {store.describe()}" + (f" matching {' '.join(runs)}" if runs else ""))
+        console.print(
+            f"no remote runs on {store.describe()}" + (f" matching {' '.join(runs)}" if runs else "")
+        )
         return
     added = [(m.database, m.metrics_added + m.system_metrics_added) for m in report.merges]
     rows = ", ".join(f"{name} +{count}" for name, count in added if count) or "none new"
@@ -206,7 +221,9 @@ def sync(
     replaced = sum(m.metrics_replaced for m in report.merges)
     again = f" ({replaced} replaced by the same steps logged again after a retry)" if replaced else ""
     console.print(f"  trackio rows: {rows}{again}; media files: {report.media_copied}", highlight=False)
-    console.print(f"trackio: [bold]trackio show[/] (TRACKIO_DIR={trackio_dir}); checkpoints: [bold]zoo ckpts[/]")
+    console.print(
+        f"trackio: [bold]trackio show[/] (TRACKIO_DIR={trackio_dir}); checkpoints: [bold]zoo ckpts[/]"
+    )
 
 
 ckpts_app = typer.Typer(
@@ -219,9 +236,13 @@ ckpts_app = typer.Typer(
 @ckpts_app.callback()
 def ckpts(
     ctx: typer.Context,
-    match: Annotated[str | None, typer.Option("--match", "-m", help="only runs whose name matches this glob")] = None,
+    match: Annotated[
+        str | None, typer.Option("--match", "-m", help="only runs whose name matches this glob")
+    ] = None,
     remote: Annotated[bool, typer.Option("--remote", help="only remote runs, live from the Volume")] = False,
-    local: Annotated[bool, typer.Option("--local", help="only local runs (and synced copies of remote ones)")] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="only local runs (and synced copies of remote ones)")
+    ] = False,
     outputs: OutputsOption = Path("outputs"),
     volume: VolumeOption = DEFAULT_VOLUME,
     volume_dir: VolumeDirOption = None,
@@ -242,7 +263,9 @@ def ckpts(
     live_remote = asked or (not local and no_token is None)
     if no_token is not None:  # say what the listing leaves out, as when Modal does not answer
         err_console.print(
-            f"[yellow]remote runs not listed:[/] {no_token}; showing synced copies", highlight=False, soft_wrap=True
+            f"[yellow]remote runs not listed:[/] {no_token}; showing synced copies",
+            highlight=False,
+            soft_wrap=True,
         )
     infos: list[RunInfo] = []
     if not remote:
@@ -254,7 +277,9 @@ def ckpts(
             if remote or volume_dir is not None:
                 raise fail(str(exc), 1) from None
             err_console.print(
-                f"[yellow]remote runs not listed:[/] {exc}; showing synced copies", highlight=False, soft_wrap=True
+                f"[yellow]remote runs not listed:[/] {exc}; showing synced copies",
+                highlight=False,
+                soft_wrap=True,
             )
             infos += [i for i in list_local_runs(outputs, now, stall) if i.where != "local"]
         else:
@@ -322,7 +347,9 @@ def print_clean_plan(plan: CleanPlan, where: str, deleting: bool) -> None:
         table.add_column("size", justify="right")
         table.add_column("why")
         for deletion in plan.deletions:
-            table.add_row(deletion.run, Path(deletion.path).name, format_bytes(deletion.size), deletion.reason)
+            table.add_row(
+                deletion.run, Path(deletion.path).name, format_bytes(deletion.size), deletion.reason
+            )
         print_table(table)
     for run, reason in plan.skipped:
         console.print(f"[yellow]skipping {run}:[/] {reason}", highlight=False)
@@ -360,7 +387,10 @@ def clean(
         store, prefix = remote_store_or_exit(volume, volume_dir), OUTPUTS
     else:
         if not outputs.is_dir():  # otherwise "0 run(s) matched" hides a mistyped folder
-            raise fail(f"--outputs {outputs} is not a folder: give the folder holding the run folders (default outputs)", 2)
+            raise fail(
+                f"--outputs {outputs} is not a folder: give the folder holding the run folders (default outputs)",
+                2,
+            )
         store, prefix = LocalDirStore(outputs), ""
     try:
         plan = plan_clean(store, prefix, pattern, keep_last, live_window=window, allow_all=all_runs)
@@ -375,7 +405,9 @@ def clean(
     result = execute_clean(store, plan, prefix, live_window=window)
     for run, reason in result.skipped:
         console.print(f"[yellow]kept {run}:[/] {reason}", highlight=False)
-    console.print(f"deleted {len(result.deleted)} file(s), freed {format_bytes(result.freed_bytes)}", highlight=False)
+    console.print(
+        f"deleted {len(result.deleted)} file(s), freed {format_bytes(result.freed_bytes)}", highlight=False
+    )
 
 
 def register(app: typer.Typer) -> None:

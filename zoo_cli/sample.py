@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 console = make_console()
 
+
 def check_method_args(nfe: int | None, solver: str | None) -> None:
     """A bad --solver or --nfe, refused before the checkpoint is read (its run's defaults come later)."""
     from zoo.evaluation import pick_method
@@ -38,7 +39,9 @@ def choose_method(eval_cfg: "EvalConfig", meanflow: bool, nfe: int | None, solve
         return headline_method(eval_cfg, meanflow, solver, nfe)
     except ValueError as exc:
         if solver is None and not meanflow:  # the solver came from the run, not from the command line
-            raise fail(f"{exc} (the run's eval.solvers[0] is {headline_solver(eval_cfg)}; pass --solver euler for any NFE)") from None
+            raise fail(
+                f"{exc} (the run's eval.solvers[0] is {headline_solver(eval_cfg)}; pass --solver euler for any NFE)"
+            ) from None
         raise fail(str(exc)) from None
 
 
@@ -48,17 +51,44 @@ def resolve_checkpoint_path(checkpoint: Path) -> Path:
 
 
 def sample(
-    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt) or a run folder (its last.pt)")],
-    nfe: Annotated[int | None, typer.Option(min=1, help="network evaluations (default: 1 = one-step MeanFlow; when integrating the ODE, the run's largest eval.solver_nfe, rounded up to the solver's calls per step)")] = None,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt) or a run folder (its last.pt)"
+        ),
+    ],
+    nfe: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="network evaluations (default: 1 = one-step MeanFlow; when integrating the ODE, the run's largest eval.solver_nfe, rounded up to the solver's calls per step)",
+        ),
+    ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="number of samples")] = 64,
-    out: Annotated[Path | None, typer.Option(help="PNG to write (an .npz of the samples goes beside it)")] = None,
-    solver: Annotated[str | None, typer.Option(help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps (meanflow: the jumps; default for a flow-matching model: the run's first eval solver)")] = None,
-    label: Annotated[int | None, typer.Option("--class", help="class label for class-conditional models")] = None,
-    guidance: Annotated[float | None, typer.Option(min=0.0, help="classifier-free guidance scale (1 = none; default: the run's eval.guidance)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG to write (an .npz of the samples goes beside it)")
+    ] = None,
+    solver: Annotated[
+        str | None,
+        typer.Option(
+            help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps (meanflow: the jumps; default for a flow-matching model: the run's first eval solver)"
+        ),
+    ] = None,
+    label: Annotated[
+        int | None, typer.Option("--class", help="class label for class-conditional models")
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="classifier-free guidance scale (1 = none; default: the run's eval.guidance)"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="use the raw weights instead of the EMA")] = False,
-    threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")] = 0,
+    threads: Annotated[
+        int, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")
+    ] = 0,
 ) -> None:
     """Generate samples from a checkpoint."""
     checkpoint = resolve_checkpoint_path(checkpoint)
@@ -119,13 +149,17 @@ def sample(
         else:
             save_image_grid(samples, out)
         arrays = {
-            "samples": samples.numpy(), "nfe": np.array(method.nfe), "step": np.array(loaded.step),
+            "samples": samples.numpy(),
+            "nfe": np.array(method.nfe),
+            "step": np.array(loaded.step),
             "guidance": np.array(guidance),
-        }  # fmt: skip
+        }
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()
         npz = io.BytesIO()
         np.savez(npz, **arrays)
         atomic_write_bytes(out.with_suffix(".npz"), npz.getvalue())
     guided = f", guidance {guidance:g}" if guidance != 1.0 else ""
-    console.print(f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE{guided})")
+    console.print(
+        f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE{guided})"
+    )

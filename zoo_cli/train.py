@@ -62,7 +62,9 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def resume_config(run_name: str, output_dir: str, preset: str | None, overrides: dict[str, Any]) -> ZooConfigBody:
+def resume_config(
+    run_name: str, output_dir: str, preset: str | None, overrides: dict[str, Any]
+) -> ZooConfigBody:
     """A resumed run starts from its own stored config; the command line may only extend it."""
     from zoo.checkpoints import load_checkpoint
 
@@ -79,27 +81,50 @@ def resume_config(run_name: str, output_dir: str, preset: str | None, overrides:
 
 
 def train(
-    preset: Annotated[str | None, typer.Argument(help="preset name (see configs/) or a path to a .toml file")] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75 optim.lr=1e-4")] = None,
-    ratio: Annotated[float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")] = None,
+    preset: Annotated[
+        str | None, typer.Argument(help="preset name (see configs/) or a path to a .toml file")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75 optim.lr=1e-4")
+    ] = None,
+    ratio: Annotated[
+        float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = None,
-    run_name: Annotated[str | None, typer.Option("--run-name", help="name of the run folder (default: PRESET-DATE-TIME)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run named by --run-name from its last.pt")] = False,
+    run_name: Annotated[
+        str | None, typer.Option("--run-name", help="name of the run folder (default: PRESET-DATE-TIME)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the run named by --run-name from its last.pt")
+    ] = False,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast)")] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="dataset folder (data.root)")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (0 = torch default; 1 on a shared machine)")] = None,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (torchrun)")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (0 = torch default; 1 on a shared machine)")
+    ] = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (torchrun)")
+    ] = 1,
 ) -> None:
     """Train a flow-matching or MeanFlow model; writes outputs/<run_name>/."""
     with user_errors():
         given = deep_merge(
             parse_overrides(overrides or []),
             flag_overrides(
-                ratio=ratio, steps=steps, batch_size=batch_size, device=device, run_name=run_name,
-                seed=seed, precision=precision, data_dir=data_dir, threads=threads,
+                ratio=ratio,
+                steps=steps,
+                batch_size=batch_size,
+                device=device,
+                run_name=run_name,
+                seed=seed,
+                precision=precision,
+                data_dir=data_dir,
+                threads=threads,
             ),
         )
         if resume:
@@ -137,10 +162,19 @@ def train(
         from zoo.training.trainer import train_run
 
         command = command_line(
-            preset, overrides or [],
-            {"--ratio": ratio, "--steps": steps, "--batch-size": batch_size, "--device": device,
-             "--run-name": cfg.run_name, "--seed": seed, "--precision": precision, "--data-dir": data_dir,
-             "--threads": threads},
+            preset,
+            overrides or [],
+            {
+                "--ratio": ratio,
+                "--steps": steps,
+                "--batch-size": batch_size,
+                "--device": device,
+                "--run-name": cfg.run_name,
+                "--seed": seed,
+                "--precision": precision,
+                "--data-dir": data_dir,
+                "--threads": threads,
+            },
             resume,
         )
         main = distributed.is_main()
@@ -161,7 +195,10 @@ def report_interrupted(exc: RunInterrupted) -> None:
     """One line: where training stopped, its last checkpoint, and the command that resumes it."""
     try:
         err_console.print(f"[bold yellow]{escape(str(exc))}[/]", highlight=False, markup=True)
-    except (OSError, SystemExit):  # nobody reading (rich: EPIPE as SystemExit(1)); the run still exits 128 + signal
+    except (
+        OSError,
+        SystemExit,
+    ):  # nobody reading (rich: EPIPE as SystemExit(1)); the run still exits 128 + signal
         pass
 
 
@@ -235,7 +272,11 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
             received.append(signum)
 
         # An ignored signal stays ignored (`zoo train --nproc 2 &` in a script survives its Ctrl-C).
-        caught = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+        caught = [
+            s
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(s) is not signal.SIG_IGN
+        ]
         previous = {s: signal.signal(s, forward) for s in caught}
         try:
             processes.append(subprocess.Popen(command, env=os.environ.copy(), start_new_session=True))

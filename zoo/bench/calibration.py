@@ -106,7 +106,12 @@ def model_fingerprint(model: FlowModel, loss_cfg: LossConfig) -> str:
 
 
 def calibration_key(
-    model: FlowModel, loss_cfg: LossConfig, batch_size: int, device: torch.device, precision: str, candidates: list[str]
+    model: FlowModel,
+    loss_cfg: LossConfig,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    candidates: list[str],
 ) -> str:
     # The group-norm tangents as resolved here (loss.jvp_kernels=auto: Triton or, where the kernels
     # fail or cannot run, the PyTorch operations): timings taken with one do not stand for the other.
@@ -159,9 +164,16 @@ def calibrate(
             # No square brackets: the trainer prints the reason as rich markup, which would eat them.
             return Calibration(**{**entry, "reason": f"{cached.reason}; cached {when} in {path}"})
     calibration = time_candidates(
-        model, loss_cfg, batch_size, device, precision, optim_cfg or OptimConfig(), candidates, memory_limit_gb,
+        model,
+        loss_cfg,
+        batch_size,
+        device,
+        precision,
+        optim_cfg or OptimConfig(),
+        candidates,
+        memory_limit_gb,
         captured_step,
-    )  # fmt: skip
+    )
     if use_cache:
         write_cache_entry(path, key, calibration)
     return calibration
@@ -192,28 +204,41 @@ def time_candidates(
             pool = torch.cuda.graph_pool_handle()  # the candidates' graphs never replay at once
             steps = {
                 mode: graphed_training_step_fn(
-                    scratch, optimizer, meanflow_loss(loss_cfg, mode, loss_cfg.ratio), batch, precision, pool=pool
+                    scratch,
+                    optimizer,
+                    meanflow_loss(loss_cfg, mode, loss_cfg.ratio),
+                    batch,
+                    precision,
+                    pool=pool,
                 )
                 for mode in candidates
             }
         else:
             steps = {
-                mode: training_step_fn(scratch, optimizer, meanflow_loss(loss_cfg, mode, loss_cfg.ratio), batch, precision)
+                mode: training_step_fn(
+                    scratch, optimizer, meanflow_loss(loss_cfg, mode, loss_cfg.ratio), batch, precision
+                )
                 for mode in candidates
             }
         # One untimed step first: every candidate's peak then includes Adam's moments.
         measure_peak(next(iter(steps.values())), device, scratch, optimizer)
         peaks = {mode: measure_peak(step, device, scratch, optimizer) for mode, step in steps.items()}
-        fitting = {mode: step for mode, step in steps.items() if peaks[mode] is not None and peaks[mode] <= limit}
+        fitting = {
+            mode: step for mode, step in steps.items() if peaks[mode] is not None and peaks[mode] <= limit
+        }
         timings = {}
         if fitting:
-            timings = interleaved_timings(fitting, CALIBRATION_REPEATS, warmup=1, sync=lambda: synchronize(device))
+            timings = interleaved_timings(
+                fitting, CALIBRATION_REPEATS, warmup=1, sync=lambda: synchronize(device)
+            )
         del scratch, optimizer, batch, steps  # free the copy (GPU memory) before training starts
     medians = {mode: timing.median for mode, timing in timings.items()}
     where = f"{device_name(device)}, batch {batch_size}, {precision}, ratio {loss_cfg.ratio:g}"
     if medians:
         mode = min(medians, key=medians.get)
-        measured = ", ".join(f"{m} {s * 1e3:.1f} ms" for m, s in sorted(medians.items(), key=lambda kv: kv[1]))
+        measured = ", ".join(
+            f"{m} {s * 1e3:.1f} ms" for m, s in sorted(medians.items(), key=lambda kv: kv[1])
+        )
         left_out = [m for m in candidates if m not in medians]
         reason = f"fastest step of {measured} ({where})"
         if left_out:
@@ -227,7 +252,12 @@ def time_candidates(
             "least memory, and the memory probe will split the batch"
         )
     return Calibration(
-        mode=mode, reason=reason, medians_s=medians, peak_bytes=peaks, created=time.time(), torch_version=torch.__version__
+        mode=mode,
+        reason=reason,
+        medians_s=medians,
+        peak_bytes=peaks,
+        created=time.time(),
+        torch_version=torch.__version__,
     )
 
 
@@ -236,12 +266,18 @@ def choose_jvp_mode(
 ) -> str:
     """The calibrated (or cached) fastest JVP mode for batches of `batch_shape` = (B, *data_shape)."""
     if tuple(batch_shape[1:]) != tuple(model.data_shape):
-        raise ValueError(f"batch shape {tuple(batch_shape)} does not match the model's data shape {model.data_shape}")
+        raise ValueError(
+            f"batch shape {tuple(batch_shape)} does not match the model's data shape {model.data_shape}"
+        )
     return calibrate(model, loss_cfg, batch_shape[0], torch.device(device), precision).mode
 
 
 def resolve_for_training(
-    cfg: ZooConfigBody, model: FlowModel, device: torch.device, batch_size: int, stored_mode: str | None = None
+    cfg: ZooConfigBody,
+    model: FlowModel,
+    device: torch.device,
+    batch_size: int,
+    stored_mode: str | None = None,
 ) -> tuple[str, str]:
     """(concrete JVP mode, why) for a run; `batch_size` is the micro-batch one forward sees.
 
@@ -276,11 +312,19 @@ def decide_mode(
             reason += f"; under {cfg.precision} its tangent is taken at {cfg.precision} activations"
         return "fused", reason
     calibration = calibrate(
-        model, cfg.loss, batch_size, torch.device(device), cfg.precision, optim_cfg=cfg.optim,
-        memory_limit_gb=cfg.train.memory_limit_gb, captured_step=cfg.train.cuda_graph,
-    )  # fmt: skip
+        model,
+        cfg.loss,
+        batch_size,
+        torch.device(device),
+        cfg.precision,
+        optim_cfg=cfg.optim,
+        memory_limit_gb=cfg.train.memory_limit_gb,
+        captured_step=cfg.train.cuda_graph,
+    )
     reason = f"auto: {calibration.reason}"
-    left_out = [m for m in PREDICTION_IN_ISLAND if prediction_precision_note(m, cfg.precision, cfg.loss.jvp_precision)]
+    left_out = [
+        m for m in PREDICTION_IN_ISLAND if prediction_precision_note(m, cfg.precision, cfg.loss.jvp_precision)
+    ]
     if left_out:
         island = "bf16" if cfg.loss.jvp_precision == "bf16" else "fp32/TF32"
         reason += (

@@ -109,9 +109,13 @@ def loss_variant_overrides(loss_variant: str) -> list[str]:
     return overrides
 
 
-def tangent_kernels_note(settings: "BenchSettings", model: FlowModel, device: torch.device, loss_cfg: LossConfig) -> str:
+def tangent_kernels_note(
+    settings: "BenchSettings", model: FlowModel, device: torch.device, loss_cfg: LossConfig
+) -> str:
     """Which group-norm tangents the fused cases run (loss.jvp_kernels; compiled cases: inductor's)."""
-    if "fused" not in (settings.modes or default_modes(device)) or not group_norm_tangent_kernel.has_group_norms(model):
+    if "fused" not in (
+        settings.modes or default_modes(device)
+    ) or not group_norm_tangent_kernel.has_group_norms(model):
         return ""
     note = f", fused group-norm tangents: {group_norm_tangent_kernel.resolve(loss_cfg.jvp_kernels, device)}"
     return note + (" (compiled cases: torch, fused by inductor)" if settings.compile else "")
@@ -177,11 +181,15 @@ class BenchSettings:
         if self.repeats < 1 or self.warmup < 0:
             raise BenchError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
         if self.compile_mode not in COMPILE_MODES:
-            raise BenchError(f"unknown --compile-mode {self.compile_mode!r}; choose from {list(COMPILE_MODES)}")
+            raise BenchError(
+                f"unknown --compile-mode {self.compile_mode!r}; choose from {list(COMPILE_MODES)}"
+            )
         for loss_variant in self.loss_variants:
             loss_variant_overrides(loss_variant)
         if len(set(self.loss_variants)) < len(self.loss_variants):
-            raise BenchError(f"--loss-variant given twice with the same overrides: {list(self.loss_variants)}")
+            raise BenchError(
+                f"--loss-variant given twice with the same overrides: {list(self.loss_variants)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -216,14 +224,22 @@ class CaseResult:
     reference: str | None = None  # the case `versus` compares with
     versus: RatioStats | None = None  # wall-clock ratio to the reference
     versus_cpu: RatioStats | None = None  # CPU-time ratio to the reference
-    versus_eager: RatioStats | None = None  # a graphed or compiled step's wall-clock ratio to the eager FM step
-    versus_own_loss: RatioStats | None = None  # a --loss-variant step's wall-clock ratio to the same step with the run's loss
+    versus_eager: RatioStats | None = (
+        None  # a graphed or compiled step's wall-clock ratio to the eager FM step
+    )
+    versus_own_loss: RatioStats | None = (
+        None  # a --loss-variant step's wall-clock ratio to the same step with the run's loss
+    )
 
     @property
     def label(self) -> str | None:
         """The JVP mode, with +graph / +compile for a step replayed from a CUDA graph / compiled, and
         the loss overrides of a --loss-variant in brackets."""
-        return None if self.mode is None else self.mode + variant_suffix(self.variant) + loss_variant_suffix(self.loss_variant)
+        return (
+            None
+            if self.mode is None
+            else self.mode + variant_suffix(self.variant) + loss_variant_suffix(self.loss_variant)
+        )
 
 
 @dataclass
@@ -253,7 +269,9 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["fastest"] = {f"{r:g}": (c.label if (c := self.fastest(r)) else None) for r in self.settings.ratios}
+        data["fastest"] = {
+            f"{r:g}": (c.label if (c := self.fastest(r)) else None) for r in self.settings.ratios
+        }
         return data
 
     def write_json(self, path: Path) -> None:
@@ -285,11 +303,15 @@ def build_cases(
         graphed = graphed_training_step_fn(model, optimizer, fm_loss, batch, precision, seed, pool)
         cases.append(BenchCase(FM_GRAPH_STEP, FM_STEP, graphed, variant=GRAPH))
     if settings.compile:
-        compiled = compiled_training_step_fn(model, optimizer, fm_loss, batch, precision, settings.compile_mode, seed)
+        compiled = compiled_training_step_fn(
+            model, optimizer, fm_loss, batch, precision, settings.compile_mode, seed
+        )
         cases.append(BenchCase(FM_COMPILED_STEP, FM_STEP, compiled, variant=COMPILE))
     for loss_variant, loss_cfg in {"": loss_base, **(loss_variants or {})}.items():
         for ratio in settings.ratios:
-            cases += meanflow_cases(settings, model, optimizer, batch, modes, loss_cfg, ratio, loss_variant, pool)
+            cases += meanflow_cases(
+                settings, model, optimizer, batch, modes, loss_cfg, ratio, loss_variant, pool
+            )
     return cases
 
 
@@ -308,22 +330,52 @@ def meanflow_cases(
     precision, seed = settings.precision, settings.seed
     cases = []
     for mode in modes:
-        step = training_step_fn(model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed)
+        step = training_step_fn(
+            model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed
+        )
         name = meanflow_case(mode, ratio, EAGER, loss_variant)
-        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, reference=FM_STEP, loss_variant=loss_variant))
+        cases.append(
+            BenchCase(name, MEANFLOW_STEP, step, mode, ratio, reference=FM_STEP, loss_variant=loss_variant)
+        )
     for mode in modes if settings.cuda_graph else ():
         if mode in MODES_NOT_CAPTURABLE:
             continue
-        step = graphed_training_step_fn(model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed, pool)
+        step = graphed_training_step_fn(
+            model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed, pool
+        )
         name = meanflow_case(mode, ratio, GRAPH, loss_variant)
-        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, GRAPH, reference=FM_GRAPH_STEP, loss_variant=loss_variant))
+        cases.append(
+            BenchCase(
+                name,
+                MEANFLOW_STEP,
+                step,
+                mode,
+                ratio,
+                GRAPH,
+                reference=FM_GRAPH_STEP,
+                loss_variant=loss_variant,
+            )
+        )
     for mode in modes if settings.compile else ():
         if mode not in COMPILABLE_JVP_MODES:
             continue
         loss_fn = meanflow_loss(loss_cfg, mode, ratio)
-        step = compiled_training_step_fn(model, optimizer, loss_fn, batch, precision, settings.compile_mode, seed)
+        step = compiled_training_step_fn(
+            model, optimizer, loss_fn, batch, precision, settings.compile_mode, seed
+        )
         name = meanflow_case(mode, ratio, COMPILE, loss_variant)
-        cases.append(BenchCase(name, MEANFLOW_STEP, step, mode, ratio, COMPILE, reference=FM_COMPILED_STEP, loss_variant=loss_variant))
+        cases.append(
+            BenchCase(
+                name,
+                MEANFLOW_STEP,
+                step,
+                mode,
+                ratio,
+                COMPILE,
+                reference=FM_COMPILED_STEP,
+                loss_variant=loss_variant,
+            )
+        )
     return cases
 
 
@@ -346,7 +398,9 @@ def cudagraph_skips_note(device: torch.device, compile_mode: str) -> str:
     if device.type != "cuda" or compile_mode not in USES_CUDA_GRAPHS:
         return ""
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-    return f", CUDA graphs skipped so far: {skips}" + (" — rerun with TORCH_LOGS=cudagraphs for why" if skips else "")
+    return f", CUDA graphs skipped so far: {skips}" + (
+        " — rerun with TORCH_LOGS=cudagraphs for why" if skips else ""
+    )
 
 
 def compile_case(run: Callable[[], None], device: torch.device, optimizer: torch.optim.Optimizer) -> bool:
@@ -392,7 +446,9 @@ def check_compile_settings(settings: BenchSettings, device: torch.device, jvp_pr
     """--compile's requirements (those of train.compile), as a BenchError naming the fix."""
     modes = settings.modes or default_modes(device)
     if not set(modes) & set(COMPILABLE_JVP_MODES):
-        raise BenchError(f"--compile times the JVP modes {list(COMPILABLE_JVP_MODES)} only; add one to --modes")
+        raise BenchError(
+            f"--compile times the JVP modes {list(COMPILABLE_JVP_MODES)} only; add one to --modes"
+        )
     try:
         check_compilable(device, "meanflow", COMPILABLE_JVP_MODES[0], jvp_precision)
     except CompileSettingsError as exc:
@@ -422,7 +478,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
         enable_cuda_tf32()  # what the trainer sets on CUDA: time what training runs
     cfg = load_config(settings.preset, list(settings.overrides))
     loss_variants = {
-        v: load_config(settings.preset, [*settings.overrides, *loss_variant_overrides(v)]).loss for v in settings.loss_variants
+        v: load_config(settings.preset, [*settings.overrides, *loss_variant_overrides(v)]).loss
+        for v in settings.loss_variants
     }
     for loss_cfg in (cfg.loss, *loss_variants.values()) if settings.compile else ():
         check_compile_settings(settings, device, loss_cfg.jvp_precision)
@@ -448,7 +505,9 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
             if not compile_case(case.run, device, optimizer):
                 peaks[case.name] = None
             shown = "out of memory" if case.name in peaks else f"{time.perf_counter() - tick:.1f} s"
-            log(f"compiled     {case.name:24s} ({shown}{cudagraph_skips_note(device, settings.compile_mode)})")
+            log(
+                f"compiled     {case.name:24s} ({shown}{cudagraph_skips_note(device, settings.compile_mode)})"
+            )
     unmeasured = {c.name for c in cases if c.variant == COMPILE and device.type != "cuda"}
     # One untimed training step first, so that every case's peak includes Adam's moments (a
     # training step's resident state) — without it the first step measured would lack them.
@@ -461,7 +520,9 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
         shown = "out of memory" if peaks[case.name] is None else format_bytes(peaks[case.name])
         log(f"memory pass  {case.name:24s} peak {shown:>12s}  ({time.perf_counter() - tick:.1f} s)")
     fitting = {
-        c.name: c.run for c in cases if c.name in unmeasured or (peaks[c.name] is not None and peaks[c.name] <= limit)
+        c.name: c.run
+        for c in cases
+        if c.name in unmeasured or (peaks[c.name] is not None and peaks[c.name] <= limit)
     }
 
     def progress(name: str, round_index: int, seconds: float) -> None:
@@ -472,7 +533,9 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
         timings = interleaved_timings(
             fitting, settings.repeats, settings.warmup, sync=lambda: synchronize(device), on_sample=progress
         )
-    results = [case_result(case, peaks.get(case.name), limit, timings, case.name not in unmeasured) for case in cases]
+    results = [
+        case_result(case, peaks.get(case.name), limit, timings, case.name not in unmeasured) for case in cases
+    ]
     return BenchResult(
         settings=settings,
         device=str(device),
@@ -491,10 +554,16 @@ def case_result(
     case: BenchCase, peak: int | None, limit: int, timings: dict[str, Timing], peak_measured: bool = True
 ) -> CaseResult:
     result = CaseResult(
-        name=case.name, kind=case.kind, mode=case.mode, ratio=case.ratio, variant=case.variant, peak_bytes=peak,
+        name=case.name,
+        kind=case.kind,
+        mode=case.mode,
+        ratio=case.ratio,
+        variant=case.variant,
+        peak_bytes=peak,
         loss_variant=case.loss_variant,
-        fits=(peak is not None and peak <= limit) if peak_measured else None, peak_measured=peak_measured,
-    )  # fmt: skip
+        fits=(peak is not None and peak <= limit) if peak_measured else None,
+        peak_measured=peak_measured,
+    )
     if case.name not in timings:
         return result
     timing = timings[case.name]
@@ -519,7 +588,9 @@ def parse_ratios(text: str) -> tuple[float, ...]:
     try:
         ratios = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise BenchError(f"--ratios must be comma-separated numbers such as 0.25,0.75, got {text!r}") from None
+        raise BenchError(
+            f"--ratios must be comma-separated numbers such as 0.25,0.75, got {text!r}"
+        ) from None
     return ratios
 
 

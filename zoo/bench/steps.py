@@ -107,7 +107,12 @@ def jvp_fn(model: FlowModel, batch: Batch, precision: str, jvp_precision: str) -
 
 
 def training_step_fn(
-    model: FlowModel, optimizer: torch.optim.Optimizer, loss_fn: Loss, batch: Batch, precision: str, seed: int = 0
+    model: FlowModel,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Loss,
+    batch: Batch,
+    precision: str,
+    seed: int = 0,
 ) -> Callable[[], None]:
     """Loss + backward + Adam step on the fixed batch; its own generator, so interleaving with
     other cases does not change what it draws."""

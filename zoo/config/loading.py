@@ -137,7 +137,11 @@ def format_validation_error(err: ValidationError, given: dict[str, Any]) -> str:
     for problem in err.errors():
         raw_loc = tuple(problem["loc"])
         # Discriminated unions put the tag ("unet") in the path; users never typed it.
-        loc = tuple(p for i, p in enumerate(raw_loc) if not (i > 0 and raw_loc[i - 1] == "model" and p in MODEL_CLASSES))
+        loc = tuple(
+            p
+            for i, p in enumerate(raw_loc)
+            if not (i > 0 and raw_loc[i - 1] == "model" and p in MODEL_CLASSES)
+        )
         key = ".".join(str(p) for p in loc) or "(top level)"
         value = problem.get("input", _lookup(given, loc))
         if problem["type"] == "extra_forbidden":

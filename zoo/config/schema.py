@@ -48,7 +48,9 @@ class MLPConfig(Section):
 class UNetConfig(Section):
     arch: Literal["unet"] = "unet"
     channels: int = Field(128, ge=8, le=1024)
-    channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(default_factory=lambda: [2, 2, 2], min_length=1, max_length=6)
+    channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        default_factory=lambda: [2, 2, 2], min_length=1, max_length=6
+    )
     blocks_per_res: int = Field(4, ge=1, le=8)
     attention_res: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [16])
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
@@ -166,7 +168,8 @@ class TrainConfig(Section):
         "loss.jvp=fused): fuses the step's small kernels; the first step of each shape compiles",
     )
     compile_mode: CompileMode = Field(
-        "default", description="torch.compile's mode; reduce-overhead and max-autotune also replay CUDA graphs"
+        "default",
+        description="torch.compile's mode; reduce-overhead and max-autotune also replay CUDA graphs",
     )
     cuda_graph: bool = Field(
         False,
@@ -196,11 +199,15 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     n_samples: int = Field(2000, ge=16, description="generated and held-out samples per metric")
-    meanflow_steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    meanflow_steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field(
+        default_factory=lambda: [1, 2, 4], min_length=1
+    )
     solvers: list[Literal["euler", "midpoint", "heun", "rk4"]] = Field(
         default_factory=lambda: ["euler", "heun"]
     )
-    solver_nfe: list[Annotated[int, Field(ge=1, le=10000)]] = Field(default_factory=lambda: [2, 8, 50], min_length=1)
+    solver_nfe: list[Annotated[int, Field(ge=1, le=10000)]] = Field(
+        default_factory=lambda: [2, 8, 50], min_length=1
+    )
     batch_size: int = Field(500, ge=1)
     grid_size: int = Field(64, ge=1, le=1024, description="images in a sample grid")
     guidance: float = Field(1.0, ge=0.0, le=20.0)
@@ -220,7 +227,9 @@ class ZooConfigBody(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(
-        0, ge=0, le=1024,
+        0,
+        ge=0,
+        le=1024,
         description="CPU threads for torch (0 = torch's default). On a shared machine use 1: OpenMP threads "
         "spin-waiting for a busy core can slow a step down many times",
     )

@@ -6,10 +6,10 @@ import torch
 
 from zoo.config.schema import DataConfig
 from zoo.data.base import BatchSource
-from zoo.errors import DataNotFoundError
 from zoo.data.images import build_celeba, build_cifar10, build_digits, build_fashion_mnist, build_imagenet
 from zoo.data.latents import build_imagenet_latents
 from zoo.data.toy2d import TOY_DISTRIBUTIONS, Toy2DSource
+from zoo.errors import DataNotFoundError
 from zoo.training import distributed
 
 __all__ = ["BatchSource", "DataNotFoundError", "build_data"]
@@ -45,7 +45,9 @@ def build_data(cfg: DataConfig, device: torch.device | str, seed: int, batch_siz
 def _build(cfg: DataConfig, device: torch.device, seed: int, batch_size: int) -> BatchSource:
     if cfg.name in TOY_DISTRIBUTIONS:
         if cfg.image_size is not None:
-            raise ValueError(f"data.image_size does not apply to the 2-D dataset {cfg.name!r}: leave it unset")
+            raise ValueError(
+                f"data.image_size does not apply to the 2-D dataset {cfg.name!r}: leave it unset"
+            )
         dist = TOY_DISTRIBUTIONS[cfg.name]()
         return Toy2DSource(dist, batch_size, device, cfg.class_conditional, cfg.train_size, seed)
     return _IMAGE_BUILDERS[cfg.name](cfg, device, seed, batch_size)

@@ -85,7 +85,9 @@ class BatchSource(ABC):
         """One line for logs."""
         size = "fresh draws" if self.num_train is None else f"{self.num_train} training samples"
         classes = f", {self.num_classes} classes" if self.num_classes else ""
-        return f"{self.name}: shape {self.data_shape}, {size}{classes}, batch {self.batch_size} on {self.device}"
+        return (
+            f"{self.name}: shape {self.data_shape}, {size}{classes}, batch {self.batch_size} on {self.device}"
+        )
 
     def _check_state(self, state: dict[str, Any]) -> None:
         if state["name"] != self.name or state["num_train"] != self.num_train:

@@ -27,10 +27,10 @@ from typing import BinaryIO
 import torch
 
 from zoo.config.schema import DataConfig
+from zoo.data.sources import CenterCropResize, ImageFiles, LoaderSource, Split, TensorSource, limit_train
 from zoo.errors import DataNotFoundError, OutputPathError
 from zoo.network import socket_timeout
 from zoo.output_paths import check_writable_dir
-from zoo.data.sources import CenterCropResize, ImageFiles, LoaderSource, Split, TensorSource, limit_train
 
 # Where `apt-get install dataset-fashion-mnist` puts the real Fashion-MNIST IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -41,9 +41,19 @@ FASHION_MNIST_FILES = [
     "t10k-labels-idx1-ubyte",
 ]
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
 def tv_datasets():
     """torchvision.datasets, imported on first use: importing torchvision costs ~2 s (it pulls in
     torch._dynamo), which every `zoo` command, even `--help`, would otherwise pay."""
@@ -69,9 +79,16 @@ def _classes(cfg: DataConfig, names: list[str]) -> tuple[int, list[str]]:
 
 
 def _tensor_source(
-    cfg: DataConfig, name: str, train: Split, test: Split, max_value: float, hflip: bool,
-    class_names: list[str], device: torch.device, batch_size: int,
-) -> TensorSource:  # fmt: skip
+    cfg: DataConfig,
+    name: str,
+    train: Split,
+    test: Split,
+    max_value: float,
+    hflip: bool,
+    class_names: list[str],
+    device: torch.device,
+    batch_size: int,
+) -> TensorSource:
     native = train.data.shape[-1]
     if cfg.image_size not in (None, native):
         raise ValueError(
@@ -109,10 +126,16 @@ def build_digits(cfg: DataConfig, device: torch.device, seed: int, batch_size: i
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     test, train = order[:DIGITS_HELD_OUT], order[DIGITS_HELD_OUT:]
     return _tensor_source(
-        cfg, "digits", Split(images[train], labels[train]), Split(images[test], labels[test]),
-        max_value=16.0, hflip=False, class_names=[str(d) for d in range(10)], device=device,
+        cfg,
+        "digits",
+        Split(images[train], labels[train]),
+        Split(images[test], labels[test]),
+        max_value=16.0,
+        hflip=False,
+        class_names=[str(d) for d in range(10)],
+        device=device,
         batch_size=batch_size,
-    )  # fmt: skip
+    )
 
 
 # --- Writing into data.root -----------------------------------------------------------------------
@@ -223,9 +246,16 @@ def build_fashion_mnist(cfg: DataConfig, device: torch.device, seed: int, batch_
         data = tv_datasets().FashionMNIST(str(root), train=train, download=False)
         splits[train] = Split(data.data.unsqueeze(1), data.targets.long())
     return _tensor_source(
-        cfg, "fashion-mnist", splits[True], splits[False], max_value=255.0, hflip=cfg.hflip,
-        class_names=FASHION_MNIST_CLASSES, device=device, batch_size=batch_size,
-    )  # fmt: skip
+        cfg,
+        "fashion-mnist",
+        splits[True],
+        splits[False],
+        max_value=255.0,
+        hflip=cfg.hflip,
+        class_names=FASHION_MNIST_CLASSES,
+        device=device,
+        batch_size=batch_size,
+    )
 
 
 # --- CIFAR-10 --------------------------------------------------------------------------------------
@@ -253,9 +283,16 @@ def build_cifar10(cfg: DataConfig, device: torch.device, seed: int, batch_size: 
         splits[train] = Split(images, torch.tensor(data.targets, dtype=torch.long))
         classes = list(data.classes)
     return _tensor_source(
-        cfg, "cifar10", splits[True], splits[False], max_value=255.0, hflip=cfg.hflip,
-        class_names=classes, device=device, batch_size=batch_size,
-    )  # fmt: skip
+        cfg,
+        "cifar10",
+        splits[True],
+        splits[False],
+        max_value=255.0,
+        hflip=cfg.hflip,
+        class_names=classes,
+        device=device,
+        batch_size=batch_size,
+    )
 
 
 def download_cifar10(root: Path) -> None:
@@ -300,7 +337,9 @@ def build_celeba(cfg: DataConfig, device: torch.device, seed: int, batch_size: i
     if cfg.class_conditional:
         raise ValueError("CelebA has no class labels: set data.class_conditional=false")
     folder = Path(cfg.root) / "celeba" / "img_align_celeba"
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    )
     if not files:
         raise DataNotFoundError(
             f"CelebA not found: no .jpg/.png images in {folder}. Download img_align_celeba.zip "
@@ -316,9 +355,15 @@ def build_celeba(cfg: DataConfig, device: torch.device, seed: int, batch_size: i
         "celeba",
         ImageFiles(train, [0] * len(train), transform),
         ImageFiles(test, [0] * len(test), transform),
-        batch_size=batch_size, device=device, seed=seed, num_workers=cfg.num_workers,
-        hflip=cfg.hflip, num_classes=0, class_names=[], image_size=size,
-    )  # fmt: skip
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        num_workers=cfg.num_workers,
+        hflip=cfg.hflip,
+        num_classes=0,
+        class_names=[],
+        image_size=size,
+    )
 
 
 def image_folder_files(folder: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -357,6 +402,12 @@ def build_imagenet(cfg: DataConfig, device: torch.device, seed: int, batch_size:
         "imagenet",
         ImageFiles(train_files, train_labels, transform),
         ImageFiles(val_files, val_labels, transform),
-        batch_size=batch_size, device=device, seed=seed, num_workers=cfg.num_workers,
-        hflip=cfg.hflip, num_classes=num_classes, class_names=names, image_size=size,
-    )  # fmt: skip
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        num_workers=cfg.num_workers,
+        hflip=cfg.hflip,
+        num_classes=num_classes,
+        class_names=names,
+        image_size=size,
+    )

@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from zoo.config.schema import DataConfig
-from zoo.errors import DataNotFoundError
 from zoo.data.sources import ImageFiles, Split, TensorSource, limit_train
+from zoo.errors import DataNotFoundError
 
 LATENT_FOLDER = "imagenet-latents"
 SD_VAE_SCALE = 0.18215
@@ -47,7 +47,9 @@ def _load_split(folder: Path, split: str, limit: int | None) -> Split:
     latents = np.load(latents_path, mmap_mode="r")
     labels = np.load(labels_path)
     if len(latents) != len(labels):
-        raise ValueError(f"{latents_path} has {len(latents)} latents but {labels_path} has {len(labels)} labels")
+        raise ValueError(
+            f"{latents_path} has {len(latents)} latents but {labels_path} has {len(labels)} labels"
+        )
     count = len(latents) if limit is None else min(limit, len(latents))
     # np.array copies (the memory map is read-only) and reads only the rows kept.
     return Split(torch.from_numpy(np.array(latents[:count])), torch.from_numpy(labels[:count]).long())
@@ -58,9 +60,11 @@ def build_imagenet_latents(cfg: DataConfig, device: torch.device, seed: int, bat
     train = _load_split(folder, "train", cfg.train_size)
     test = _load_split(folder, "val", None)
     meta_path = folder / "meta.json"
-    classes = json.loads(meta_path.read_text())["classes"] if meta_path.is_file() else [
-        str(k) for k in range(int(train.labels.max()) + 1)
-    ]
+    classes = (
+        json.loads(meta_path.read_text())["classes"]
+        if meta_path.is_file()
+        else [str(k) for k in range(int(train.labels.max()) + 1)]
+    )
     return TensorSource(
         "imagenet-latents",
         limit_train(train, cfg.train_size, "imagenet-latents"),

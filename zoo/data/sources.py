@@ -53,7 +53,9 @@ def limit_train(split: Split, train_size: int | None, name: str) -> Split:
     if train_size is None:
         return split
     if train_size > len(split.data):
-        raise ValueError(f"data.train_size={train_size} but {name} has only {len(split.data)} training samples")
+        raise ValueError(
+            f"data.train_size={train_size} but {name} has only {len(split.data)} training samples"
+        )
     return Split(split.data[:train_size], split.labels[:train_size])
 
 
@@ -115,7 +117,9 @@ class TensorSource(BatchSource):
         needed = self.batch_size
         while needed:
             if self.position == self.num_train:
-                self.permutation = torch.randperm(self.num_train, generator=generator, device=generator.device)
+                self.permutation = torch.randperm(
+                    self.num_train, generator=generator, device=generator.device
+                )
                 self.permutation = self.permutation.to(self.storage_device)
                 self.epoch += 1
                 self.position = 0
@@ -220,7 +224,9 @@ class StreamBatchSampler:
     process with the global batch would read.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, size: int, batch_size: int, seed: int, start: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
@@ -282,7 +288,7 @@ atexit.register(end_live_workers)
 
 
 def worker_start_method(num_workers: int) -> str | None:
-    """"fork" for DataLoader workers on Linux (None: DataLoader's default elsewhere, or no workers).
+    """ "fork" for DataLoader workers on Linux (None: DataLoader's default elsewhere, or no workers).
 
     Fork was Linux's default up to Python 3.13; 3.14 makes it forkserver, whose workers are
     children of the fork server and take its signal mask, not the one iter_with_workers sets, so
@@ -374,7 +380,9 @@ class LoaderSource(BatchSource):
 
     def _stream(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The training batches from the current stream position on (starts the workers)."""
-        sampler = StreamBatchSampler(self.num_train, self.batch_size, self.seed, self.consumed, self.rank, self.world)
+        sampler = StreamBatchSampler(
+            self.num_train, self.batch_size, self.seed, self.consumed, self.rank, self.world
+        )
         return iter_with_workers(self._loader(self.train, batch_sampler=sampler))
 
     def next_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:

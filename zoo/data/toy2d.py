@@ -162,7 +162,9 @@ class Toy2DSource(BatchSource):
             x, labels = self.dist.sample(self.batch_size, generator)
             return x.to(self.device), self._labels(labels)
         # A finite training set: uniform draws with replacement (no epoch state to save).
-        index = torch.randint(self.num_train, (self.batch_size,), generator=generator, device=generator.device)
+        index = torch.randint(
+            self.num_train, (self.batch_size,), generator=generator, device=generator.device
+        )
         index = index.to(self.device)
         return self.train_points[index], self._labels(self.train_labels[index])
 

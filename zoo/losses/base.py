@@ -46,7 +46,9 @@ def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(value, Tensor):
         return fn(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value)})
+        return dataclasses.replace(
+            value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value)}
+        )
     if isinstance(value, (tuple, list)):
         return type(value)(map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
@@ -122,6 +124,8 @@ class Loss(ABC):
     def evaluate(self, model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
         """(scalar loss with grad, detached scalar metrics as Tensors); capturable in a CUDA graph."""
 
-    def __call__(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> LossOutput:
+    def __call__(
+        self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator
+    ) -> LossOutput:
         loss, metrics = self.evaluate(model, x, self.draw(model, x, y, generator))
         return LossOutput(loss=loss, metrics=metrics_to_floats(metrics))

@@ -78,7 +78,9 @@ def load_forward_ad_decompositions() -> None:
     internals.  Loading them here (0.1–0.3 s) with that one warning ignored keeps runs' output clean.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
         import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
@@ -132,7 +134,9 @@ def select(y: Tensor | None, index: Tensor) -> Tensor | None:
     return None if y is None else y[index]
 
 
-def model_jvp(model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> tuple[Tensor, Tensor]:
+def model_jvp(
+    model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor
+) -> tuple[Tensor, Tensor]:
     """(u, du/dt) of u(z, t, r, y) along tangents (v, 1, 0); no precision handling."""
 
     def u_of(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
@@ -253,7 +257,9 @@ class FusedJvp(JvpStrategy):
         super().__init__(precision)
         if kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown jvp_kernels {kernels!r}; use 'auto', 'torch' or 'triton'")
-        self.kernels = kernels  # the group-norm tangents' implementation (zoo.models.group_norm_tangent_kernel)
+        self.kernels = (
+            kernels  # the group-norm tangents' implementation (zoo.models.group_norm_tangent_kernel)
+        )
 
     def kernels_on(self, device: torch.device) -> str:
         """The group-norm tangents' implementation on `device`: "auto" resolved, "triton" checked."""
@@ -303,7 +309,9 @@ class SelectiveJvp(JvpStrategy):
         ji = times.jvp_index
         with torch.no_grad():
             _, dudt_jvp = jvp_with_primal(model, z[ji], t[ji], r[ji], select(y, ji), v[ji], self.precision)
-        rest = torch.zeros((times.flow_index.shape[0], *dudt_jvp.shape[1:]), dtype=dudt_jvp.dtype, device=z.device)
+        rest = torch.zeros(
+            (times.flow_index.shape[0], *dudt_jvp.shape[1:]), dtype=dudt_jvp.dtype, device=z.device
+        )
         return u, merge(dudt_jvp, rest, times)
 
 
@@ -352,9 +360,21 @@ class CudaGraphJvp(JvpStrategy):
 
     @staticmethod
     def graph_key(model: FlowModel, z: Tensor, t: Tensor, v: Tensor, y: Tensor | None) -> tuple:
-        storage = tuple(p.data_ptr() for p in model.parameters()) + tuple(b.data_ptr() for b in model.buffers())
+        storage = tuple(p.data_ptr() for p in model.parameters()) + tuple(
+            b.data_ptr() for b in model.buffers()
+        )
         labels = None if y is None else (tuple(y.shape), y.dtype)
-        return (id(model), model.training, tuple(z.shape), z.dtype, t.dtype, v.dtype, labels, z.device, storage)
+        return (
+            id(model),
+            model.training,
+            tuple(z.shape),
+            z.dtype,
+            t.dtype,
+            v.dtype,
+            labels,
+            z.device,
+            storage,
+        )
 
     def capture(self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> None:
         self.graph, self.key = None, None  # release the old graph's pool; no stale key if this fails
@@ -366,8 +386,15 @@ class CudaGraphJvp(JvpStrategy):
         finally:
             torch.cuda.set_rng_state(rng, z.device)
 
-    def _warm_up_and_capture(self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> None:
-        self.inputs = {"z": upcast(z).clone(), "t": upcast(t).clone(), "r": upcast(r).clone(), "v": upcast(v).clone()}
+    def _warm_up_and_capture(
+        self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor
+    ) -> None:
+        self.inputs = {
+            "z": upcast(z).clone(),
+            "t": upcast(t).clone(),
+            "r": upcast(r).clone(),
+            "v": upcast(v).clone(),
+        }
         if y is not None:
             self.inputs["y"] = y.clone()
         s = self.inputs
@@ -413,7 +440,8 @@ class CudaGraphJvp(JvpStrategy):
 
 
 STRATEGIES: dict[str, type[JvpStrategy]] = {
-    cls.name: cls for cls in (NogradJvp, FullBatchJvp, PrimalJvp, FusedJvp, SelectiveJvp, CompileJvp, CudaGraphJvp)
+    cls.name: cls
+    for cls in (NogradJvp, FullBatchJvp, PrimalJvp, FusedJvp, SelectiveJvp, CompileJvp, CudaGraphJvp)
 }
 
 
@@ -470,7 +498,11 @@ def prediction_precision_note(mode: str, precision: str, jvp_precision: str) -> 
             f"{head} it is in {island}, not fp32; set loss.jvp=selective to compute the prediction in fp32, "
             "or loss.jvp_precision=tf32"
         )
-    effect = "changes almost nothing (the loss is fp32's)" if mode == "full_batch" else "applies to the other rows only"
+    effect = (
+        "changes almost nothing (the loss is fp32's)"
+        if mode == "full_batch"
+        else "applies to the other rows only"
+    )
     fix = f"set loss.jvp=selective to compute the prediction in {precision} (only the JVP stays in {where})"
     if precision == "bf16":
         fix += ", or loss.jvp_precision=bf16 to run the JVP in bf16 too (which also allows fused)"

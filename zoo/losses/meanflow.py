@@ -92,7 +92,9 @@ class MeanFlowLoss(Loss):
             )
         return Draws(noise=noise, times=times, y=y, dropped=dropped)
 
-    def terms(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> MeanFlowTerms:
+    def terms(
+        self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator
+    ) -> MeanFlowTerms:
         return self.terms_of(model, x, self.draw(model, x, y, generator))
 
     def terms_of(self, model: FlowModel, x: Tensor, draws: Draws) -> MeanFlowTerms:
@@ -112,12 +114,26 @@ class MeanFlowLoss(Loss):
         weight = (delta.detach() + cfg.weight_c).pow(-cfg.weight_p)
         loss = (weight * delta).mean()
         return MeanFlowTerms(
-            noise=noise, times=times, y=y, dropped=dropped, z=z, v=v, u=u, dudt=dudt.detach(),
-            target=target, delta=delta, weight=weight, loss=loss,
-        )  # fmt: skip
+            noise=noise,
+            times=times,
+            y=y,
+            dropped=dropped,
+            z=z,
+            v=v,
+            u=u,
+            dudt=dudt.detach(),
+            target=target,
+            delta=delta,
+            weight=weight,
+            loss=loss,
+        )
 
     def evaluate(self, model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
         terms = self.terms_of(model, x, draws)
         dim = math.prod(x.shape[1:])
-        metrics = {"loss": terms.loss.detach(), "mse": terms.delta.detach().mean() / dim, "weight": terms.weight.mean()}
+        metrics = {
+            "loss": terms.loss.detach(),
+            "mse": terms.delta.detach().mean() / dim,
+            "weight": terms.weight.mean(),
+        }
         return terms.loss, metrics

@@ -80,7 +80,9 @@ def jvp_count(batch: int, ratio: float) -> int:
     return round(ratio * batch)
 
 
-def sample_t_r(batch: int, cfg: LossConfig, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> TimePair:
+def sample_t_r(
+    batch: int, cfg: LossConfig, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> TimePair:
     """Two independent draws; t = max, r = min; then r = t for exactly B - round(ratio*B) samples."""
     sampler = build_time_sampler(cfg)
     a = sampler.sample(batch, generator, dtype)
@@ -96,7 +98,8 @@ def sample_t_r(batch: int, cfg: LossConfig, generator: torch.Generator, dtype: t
     return TimePair(t=t, r=r, mask=mask, jvp_index=jvp_index, flow_index=flow_index)
 
 
-def sample_t(batch: int, cfg: LossConfig, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+def sample_t(
+    batch: int, cfg: LossConfig, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """One time per sample, for flow matching."""
     return build_time_sampler(cfg).sample(batch, generator, dtype)
-

@@ -23,7 +23,9 @@ from torch import Tensor
 from zoo.errors import FidUnavailableError, FidUnsupportedError
 from zoo.network import socket_timeout
 
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
 # clean-fid loads the Inception weights from this folder (its fixed choice on Linux and macOS).
 INCEPTION_DIR = Path("/tmp")
 STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
@@ -140,17 +142,27 @@ def load_fid_backend(reference: FidReference, device: torch.device | str) -> Fid
     absent = [path for path in downloads if not path.exists()]
     try:
         with socket_timeout(DOWNLOAD_TIMEOUT_S):
-            features = cleanfid_fid.build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
+            features = cleanfid_fid.build_feature_extractor(
+                "clean", torch.device(device), use_dataparallel=False
+            )
             mu, sigma = cleanfid_fid.get_reference_statistics(
-                reference.name, reference.resolution, mode="clean", model_name="inception_v3", seed=0,
+                reference.name,
+                reference.resolution,
+                mode="clean",
+                model_name="inception_v3",
+                seed=0,
                 split=reference.split,
-            )  # fmt: skip
+            )
     except BaseException as error:  # Ctrl-C cuts a download off as surely as the network does
         for path in absent:
             path.unlink(missing_ok=True)
-        if not isinstance(error, (OSError, http.client.HTTPException)):  # URLError, timeouts, resets, cut-off bodies
+        if not isinstance(
+            error, (OSError, http.client.HTTPException)
+        ):  # URLError, timeouts, resets, cut-off bodies
             raise
-        reason = error.reason if isinstance(error, urllib.error.URLError) else f"{type(error).__name__}: {error}"
+        reason = (
+            error.reason if isinstance(error, urllib.error.URLError) else f"{type(error).__name__}: {error}"
+        )
         raise FidUnavailableError(missing_files_message(reference, reason)) from error
     return FidBackend(features, np.asarray(mu), np.asarray(sigma), reference)
 
@@ -183,9 +195,15 @@ def fid_of_generator(
     # z_dim=1: clean-fid's noise is unused, so keep it tiny.  It rounds n up to whole batches and
     # keeps the first n feature rows.
     features = cleanfid_fid.get_model_features(
-        generator, backend.features, mode="clean", z_dim=1, num_gen=n, batch_size=min(batch_size, n),
-        device=torch.device(device), verbose=False,
-    )  # fmt: skip
+        generator,
+        backend.features,
+        mode="clean",
+        z_dim=1,
+        num_gen=n,
+        batch_size=min(batch_size, n),
+        device=torch.device(device),
+        verbose=False,
+    )
     mu, cov = feature_statistics(torch.as_tensor(features))
     return frechet_distance(mu, cov, torch.as_tensor(backend.mu), torch.as_tensor(backend.sigma))
 

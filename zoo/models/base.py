@@ -87,11 +87,11 @@ class RowTangentModel(FlowModel):
             y_rows = None if y is None else y[rows]
             # The conditioning network is tiny: torch.func.jvp on the rows is simplest.
             _, emb_tangent = torch.func.jvp(
-                lambda t_, r_: self.condition(t_, r_, y_rows), (t_rows, r_rows),
+                lambda t_, r_: self.condition(t_, r_, y_rows),
+                (t_rows, r_rows),
                 (torch.ones_like(t_rows), torch.zeros_like(r_rows)),
-            )  # fmt: skip
+            )
         out = self.body(D.Dual(z, dz, meta), D.Dual(emb, emb_tangent, meta))
         if out.tangent is None:  # the output does not depend on (z, t) at all
             return out.primal, D.upcast(out.primal.detach().new_zeros((count, *out.primal.shape[1:])))
         return out.primal, out.tangent
-

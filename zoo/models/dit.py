@@ -131,9 +131,7 @@ class DiT(RowTangentModel):
         )
         self.time_embed = TimeIntervalEmbedding(cfg.hidden, freq_dim=TIME_FREQ_DIM)
         self.label_embed = LabelEmbedding(num_classes, cfg.hidden) if num_classes else None
-        self.blocks = nn.ModuleList(
-            DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)
-        )
+        self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.hidden, p * p * channels)
         self._init_weights()
 

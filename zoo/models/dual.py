@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from zoo.models import group_norm_tangent_kernel, layers
 
-
 Rows = Tensor | slice
 
 
@@ -75,7 +74,9 @@ class RowTangents:
         """The rows of a per-sample (B, ...) tensor, detached, upcast from fp16/bf16 (tangent
         arithmetic is wider)."""
         if x.ndim == 0 or x.shape[0] != self.batch:
-            raise ValueError(f"expected a per-sample tensor with {self.batch} rows, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a per-sample tensor with {self.batch} rows, got shape {tuple(x.shape)}"
+            )
         return upcast(x.detach()[self.rows])
 
     def operand(self, x: Tensor, ndim: int) -> Tensor:
@@ -117,7 +118,9 @@ def tangent(x: Value) -> Tensor | None:
     return x.tangent if isinstance(x, Dual) else None
 
 
-def lift(fn: Callable[[Tensor], Tensor], x: Value, tangent_fn: Callable[[Tensor], Tensor] | None = None) -> Value:
+def lift(
+    fn: Callable[[Tensor], Tensor], x: Value, tangent_fn: Callable[[Tensor], Tensor] | None = None
+) -> Value:
     """A row-wise affine map: the primal goes through `fn`, the tangent through its linear part
     `tangent_fn` (default `fn` itself: reshape, transpose, pooling, nearest upsampling, scaling
     by a constant).  Neither may assume the batch size."""
@@ -126,7 +129,9 @@ def lift(fn: Callable[[Tensor], Tensor], x: Value, tangent_fn: Callable[[Tensor]
     out = fn(x.primal)
     if x.tangent is None:
         return Dual(out, None, x.meta)
-    linear_part = fn if tangent_fn is None else tangent_fn  # not `or`: torch 2.11's dynamo cannot branch on a function
+    linear_part = (
+        fn if tangent_fn is None else tangent_fn
+    )  # not `or`: torch 2.11's dynamo cannot branch on a function
     with x.meta.island():
         return Dual(out, linear_part(x.tangent), x.meta)
 
@@ -238,11 +243,15 @@ def linear(module: nn.Linear, x: Value) -> Value:
 
 def conv2d(module: layers.Conv2d, x: Value) -> Value:
     m = module
-    return lift(m, x, lambda dx: F.conv2d(dx, m.weight.to(dx.dtype), None, m.stride, m.padding, m.dilation, m.groups))
+    return lift(
+        m, x, lambda dx: F.conv2d(dx, m.weight.to(dx.dtype), None, m.stride, m.padding, m.dilation, m.groups)
+    )
 
 
 def _normalization(
-    module: layers.GroupNorm | layers.LayerNorm, x: Value, tangent_of: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+    module: layers.GroupNorm | layers.LayerNorm,
+    x: Value,
+    tangent_of: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
 ) -> Value:
     """A norm layer with its saved statistics; tangent_of(x_rows, dx, mean_rows, rstd_rows)."""
     if not isinstance(x, Dual):
@@ -267,7 +276,9 @@ def group_norm(module: layers.GroupNorm, x: Value) -> Value:
             return group_norm_tangent_kernel.group_norm_tangent(rows, dx, module.weight, mean, rstd, groups)
         n = rows.shape[0]
         weight = module.weight.to(rows.dtype)
-        return layers.group_norm_tangent(rows, dx, weight, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), groups)
+        return layers.group_norm_tangent(
+            rows, dx, weight, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), groups
+        )
 
     return _normalization(module, x, tangent_of)
 
@@ -306,7 +317,10 @@ def attention(q: Value, k: Value, v: Value) -> Value:
         return Dual(out, None, meta)
     with meta.island():
         qr, kr, vr, outr = (meta.at(primal(a)) for a in (q, k, v, out))
-        dq, dk, dv = (torch.zeros_like(r) if tangent(a) is None else tangent(a).to(r.dtype) for a, r in ((q, qr), (k, kr), (v, vr)))
+        dq, dk, dv = (
+            torch.zeros_like(r) if tangent(a) is None else tangent(a).to(r.dtype)
+            for a, r in ((q, qr), (k, kr), (v, vr))
+        )
         return Dual(out, layers.attention_tangent(qr, kr, vr, outr, dq, dk, dv), meta)
 
 
@@ -314,7 +328,10 @@ def multi_head_attention(module: layers.Attention, x: Value) -> Value:
     """layers.Attention's forward, (B, N, dim) -> (B, N, dim), on Tensors or Duals."""
     n, dim = primal(x).shape[1:]
     heads = module.heads
-    qkv = lift(lambda a: a.reshape(a.shape[0], n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4), linear(module.qkv, x))
+    qkv = lift(
+        lambda a: a.reshape(a.shape[0], n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4),
+        linear(module.qkv, x),
+    )
     out = attention(*unbind(qkv, 0))
     return linear(module.proj, lift(lambda a: a.transpose(1, 2).reshape(a.shape[0], n, dim), out))
 
@@ -324,7 +341,25 @@ def scale(x: Value, factor: float) -> Value:
 
 
 __all__ = [
-    "Dual", "RowTangents", "add", "attention", "cat", "chunk", "conv2d", "dropout", "gelu_tanh",
-    "group_norm", "layer_norm", "lift", "linear", "mul", "multi_head_attention", "primal", "scale", "silu",
-    "tangent", "unbind", "upcast",
-]  # fmt: skip
+    "Dual",
+    "RowTangents",
+    "add",
+    "attention",
+    "cat",
+    "chunk",
+    "conv2d",
+    "dropout",
+    "gelu_tanh",
+    "group_norm",
+    "layer_norm",
+    "lift",
+    "linear",
+    "mul",
+    "multi_head_attention",
+    "primal",
+    "scale",
+    "silu",
+    "tangent",
+    "unbind",
+    "upcast",
+]

@@ -76,9 +76,7 @@ class LabelEmbedding(nn.Module):
     def forward(self, y: Tensor | None, batch: int) -> Tensor:
         """y=None means "no class" for every sample."""
         if y is None:
-            y = torch.full(
-                (batch,), self.num_classes, dtype=torch.long, device=self.table.weight.device
-            )
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=self.table.weight.device)
         return self.table(y)
 
 

@@ -48,7 +48,9 @@ def unusable_reason(device: torch.device) -> str | None:
     if not installed():
         return "Triton is not installed"
     if device.type == "cuda" and interpreted():
-        return "TRITON_INTERPRET=1 runs Triton kernels on the CPU (slowly, and not inside CUDA graphs): unset it"
+        return (
+            "TRITON_INTERPRET=1 runs Triton kernels on the CPU (slowly, and not inside CUDA graphs): unset it"
+        )
     if device.type != "cuda" and not interpreted():
         return f"the Triton kernels run on CUDA, and this run uses {device}"
     return None
@@ -110,17 +112,24 @@ def first_launch_failure(device: torch.device) -> str | None:
     from zoo.models import layers  # here, not at the top: zoo.models.layers need not import Triton's side
 
     generator = torch.Generator().manual_seed(0)
-    x, dx, weight = (torch.randn(shape, generator=generator).to(device) for shape in ((2, 4, 3, 5), (2, 4, 3, 5), (4,)))
+    x, dx, weight = (
+        torch.randn(shape, generator=generator).to(device) for shape in ((2, 4, 3, 5), (2, 4, 3, 5), (4,))
+    )
     if device.type == "cuda":
         # Outside the try: an error pending from earlier GPU work is not the kernels' and must not
         # be taken for theirs (a broken CUDA context would fail the run anyway, fallback or not).
         torch.cuda.synchronize(device)
     try:
         grouped = x.reshape(2, 2, -1)
-        mean, rstd = grouped.mean(-1, keepdim=True), (grouped.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+        mean, rstd = (
+            grouped.mean(-1, keepdim=True),
+            (grouped.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt(),
+        )
         got = group_norm_tangent(x, dx, weight, mean, rstd, 2)
         error = ((got - layers.group_norm_tangent(x, dx, weight, mean, rstd, 2)).norm() / got.norm()).item()
-    except Exception as failure:  # Triton's toolchain: no C compiler, an unsupported GPU, an unwritable cache...
+    except (
+        Exception
+    ) as failure:  # Triton's toolchain: no C compiler, an unsupported GPU, an unwritable cache...
         lines = str(failure).strip().splitlines()
         return f"{type(failure).__name__}: {lines[0][:200]}" if lines else type(failure).__name__
     if not error < 1e-4:  # also catches NaN
@@ -166,7 +175,9 @@ def kernels() -> SimpleNamespace:
         tl.store(s2_ptr + group, tl.sum(sum_xc_dx, axis=0))
 
     @triton.jit
-    def tangent(x_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, s1_ptr, s2_ptr, out_ptr, M, L, CPG, G, BLOCK: tl.constexpr):
+    def tangent(
+        x_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, s1_ptr, s2_ptr, out_ptr, M, L, CPG, G, BLOCK: tl.constexpr
+    ):
         group = tl.program_id(0)
         offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < M
@@ -185,7 +196,9 @@ def kernels() -> SimpleNamespace:
     return SimpleNamespace(group_sums=group_sums, tangent=tangent, cdiv=triton.cdiv)
 
 
-def group_norm_tangent(x: Tensor, dx: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, groups: int) -> Tensor:
+def group_norm_tangent(
+    x: Tensor, dx: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, groups: int
+) -> Tensor:
     """The tangent of group norm at x along dx, in x's dtype (as zoo.models.layers.group_norm_tangent
     without weight tangents).  x, dx: (N, C, ...); weight: (C,); mean, rstd: N * groups values."""
     n, c = x.shape[:2]
@@ -204,6 +217,18 @@ def group_norm_tangent(x: Tensor, dx: Tensor, weight: Tensor, mean: Tensor, rstd
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         k.group_sums[(n * groups,)](x, dx, mean, s1, s2, per_group, BLOCK=BLOCK)
         k.tangent[(n * groups, k.cdiv(per_group, BLOCK))](
-            x, dx, weight.contiguous(), mean, rstd, s1, s2, out, per_group, spatial, c // groups, groups, BLOCK=BLOCK
+            x,
+            dx,
+            weight.contiguous(),
+            mean,
+            rstd,
+            s1,
+            s2,
+            out,
+            per_group,
+            spatial,
+            c // groups,
+            groups,
+            BLOCK=BLOCK,
         )
     return out

@@ -35,9 +35,17 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    "Attention", "Conv2d", "GroupNorm", "LayerNorm", "attention", "attention_tangent", "detached_tangents",
-    "group_norm_tangent", "layer_norm_tangent", "norm_input",
-]  # fmt: skip
+    "Attention",
+    "Conv2d",
+    "GroupNorm",
+    "LayerNorm",
+    "attention",
+    "attention_tangent",
+    "detached_tangents",
+    "group_norm_tangent",
+    "layer_norm_tangent",
+    "norm_input",
+]
 
 # A context variable, not a module global: per thread (and task), so a JVP in one thread does not
 # change how another thread's layers record their tangents.
@@ -150,9 +158,15 @@ class _GroupNormFunction(torch.autograd.Function):
 
 
 def group_norm_tangent(
-    x: Tensor, dx: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, groups: int,
-    dw: Tensor | None = None, db: Tensor | None = None,
-) -> Tensor:  # fmt: skip
+    x: Tensor,
+    dx: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    groups: int,
+    dw: Tensor | None = None,
+    db: Tensor | None = None,
+) -> Tensor:
     """The tangent of group norm (see _GroupNormFunction) at x along dx (and dw, db).
 
     x, dx: (N, C, ...); weight: (C,); mean, rstd: (N, G, 1) — all in the working dtype.
@@ -170,7 +184,9 @@ def group_norm_tangent(
     mean, rstd = mean.reshape(n, groups, 1, 1), rstd.reshape(n, groups, 1, 1)
     mean_dx = dx4.mean((2, 3), keepdim=True)
     # mean((x - mean) * dx), without materialising x - mean
-    xdx = torch.linalg.vecdot(x4.flatten(2), dx4.flatten(2)).reshape(n, groups, 1, 1) / (x4.shape[2] * x4.shape[3])
+    xdx = torch.linalg.vecdot(x4.flatten(2), dx4.flatten(2)).reshape(n, groups, 1, 1) / (
+        x4.shape[2] * x4.shape[3]
+    )
     m = torch.addcmul(xdx, mean, mean_dx, value=-1)
     cubed_m = rstd**3 * m
     a = w * rstd
@@ -213,7 +229,9 @@ class GroupNorm(nn.GroupNorm):
             # Traced by torch.compile, which cannot trace a Function with a custom jvp: the native
             # op, whose backward autograd knows (a compiled step takes no torch.func.jvp).
             n, c = x.shape[:2]
-            return torch.native_group_norm(x, self.weight, self.bias, n, c, math.prod(x.shape[2:]), self.num_groups, self.eps)
+            return torch.native_group_norm(
+                x, self.weight, self.bias, n, c, math.prod(x.shape[2:]), self.num_groups, self.eps
+            )
         return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
 
 
@@ -262,9 +280,14 @@ class _LayerNormFunction(torch.autograd.Function):
 
 
 def layer_norm_tangent(
-    x: Tensor, dx: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-    dw: Tensor | None = None, db: Tensor | None = None,
-) -> Tensor:  # fmt: skip
+    x: Tensor,
+    dx: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dw: Tensor | None = None,
+    db: Tensor | None = None,
+) -> Tensor:
     """The tangent of layer norm over the last dim (see _LayerNormFunction); mean, rstd: (..., 1)."""
     mean_dx = dx.mean(-1, keepdim=True)
     mean_xc_dx = torch.linalg.vecdot(x, dx).unsqueeze(-1) / x.shape[-1] - mean * mean_dx
@@ -328,10 +351,18 @@ class _Conv2dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None,
-            stride, padding, dilation, False, [0, 0], groups,
+            grad,
+            x,
+            weight,
+            [weight.shape[0]] if ctx.has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
-        )  # fmt: skip
+        )
         return gx, gw, gb, None, None, None, None
 
     @staticmethod
@@ -350,7 +381,9 @@ class Conv2d(nn.Conv2d):
             raise ValueError("zoo.models.layers.Conv2d supports numeric zero padding only")
         weight, bias = self.weight, self.bias
         if torch.compiler.is_compiling():
-            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)  # see GroupNorm
+            return F.conv2d(
+                x, weight, bias, self.stride, self.padding, self.dilation, self.groups
+            )  # see GroupNorm
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
             # Autocast's cast (which leaves fp64 alone), done before the Function rather than inside it: the Function then
@@ -361,7 +394,9 @@ class Conv2d(nn.Conv2d):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             with torch.autocast(device, enabled=False):
-                return _Conv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+                return _Conv2dFunction.apply(
+                    x, weight, bias, self.stride, self.padding, self.dilation, self.groups
+                )
         return _Conv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -407,14 +442,14 @@ class _AttentionFunction(torch.autograd.Function):
     def jvp(ctx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None) -> Tensor:
         q, k, v, out = ctx.saved_tensors
         # torch.func passes zeros for inputs without a tangent; forward_ad passes None.
-        dq, dk, dv = (
-            torch.zeros_like(p) if t is None else t for p, t in ((q, dq), (k, dk), (v, dv))
-        )
+        dq, dk, dv = (torch.zeros_like(p) if t is None else t for p, t in ((q, dq), (k, dk), (v, dv)))
         with _tangent_grad_mode():
             return attention_tangent(q, k, v, out, dq, dk, dv)
 
 
-def attention_tangent(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+def attention_tangent(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
+) -> Tensor:
     """dO of O = attention(q, k, v) (= out) along (dq, dk, dv); see _AttentionFunction."""
     scale = q.shape[-1] ** -0.5
     # Fold the scale into the (small) query side rather than into the N x N scores.

@@ -27,9 +27,7 @@ class ResidualBlock(nn.Module):
 class MLP(RowTangentModel):
     """u(z, t, r, y) for data of shape (dim,): input projection, `depth` residual blocks, output."""
 
-    def __init__(
-        self, cfg: MLPConfig, data_shape: tuple[int, ...] = (2,), num_classes: int = 0
-    ) -> None:
+    def __init__(self, cfg: MLPConfig, data_shape: tuple[int, ...] = (2,), num_classes: int = 0) -> None:
         super().__init__(data_shape, num_classes)
         if len(self.data_shape) != 1:
             raise ValueError(

@@ -113,9 +113,7 @@ class UNet(RowTangentModel):
             )
         in_channels, height, _ = self.data_shape
         emb_dim = EMB_MULT * cfg.channels
-        block = dict(
-            emb_dim=emb_dim, dropout=cfg.dropout, num_groups=cfg.num_groups, heads=cfg.heads
-        )
+        block = dict(emb_dim=emb_dim, dropout=cfg.dropout, num_groups=cfg.num_groups, heads=cfg.heads)
         self.time_embed = TimeIntervalEmbedding(emb_dim, freq_dim=cfg.channels)
         self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes else None
 
@@ -141,9 +139,7 @@ class UNet(RowTangentModel):
                 self.encoder.append(ResBlock(width, width, resample="down", **block))
                 skip_widths.append(width)
             for _ in range(cfg.blocks_per_res):
-                self.encoder.append(
-                    ResBlock(width, cfg.channels * mult, attention=attend[level], **block)
-                )
+                self.encoder.append(ResBlock(width, cfg.channels * mult, attention=attend[level], **block))
                 width = cfg.channels * mult
                 skip_widths.append(width)
 

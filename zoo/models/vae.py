@@ -53,9 +53,7 @@ class SDVAE(nn.Module):
         """Load weights from a local folder or the Hugging Face cache / hub."""
         autoencoder_class = _autoencoder_class()
         try:
-            autoencoder = autoencoder_class.from_pretrained(
-                str(name_or_path), low_cpu_mem_usage=False
-            )
+            autoencoder = autoencoder_class.from_pretrained(str(name_or_path), low_cpu_mem_usage=False)
         except OSError as err:  # diffusers' error for a missing folder, file or unreachable hub
             raise FileNotFoundError(
                 f"SD-VAE weights not found at {str(name_or_path)!r}; download them on a machine "
@@ -86,9 +84,7 @@ class SDVAE(nn.Module):
         return (self.latent_channels, height // f, width // f)
 
     @torch.no_grad()
-    def encode(
-        self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def encode(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> latents * scale; `sample=False` takes the mean."""
         posterior = self.autoencoder.encode(x).latent_dist
         latents = posterior.sample(generator=generator) if sample else posterior.mean

@@ -113,7 +113,9 @@ def _evaluated_checkpoint(store: RunStore, folder: str, top_level: list[StoreEnt
     return json.loads(store.read_bytes(f"{folder}/eval.json"))["checkpoint"]
 
 
-def _busy_reason(store: RunStore, folder: str, files: list[StoreEntry], now: float, live_window: float) -> str | None:
+def _busy_reason(
+    store: RunStore, folder: str, files: list[StoreEntry], now: float, live_window: float
+) -> str | None:
     heartbeat = _heartbeat(store, folder)
     if heartbeat is not None and heartbeat.get("status") in ("finished", "failed", "interrupted"):
         return None  # its writer is done (a retry starting later says "running" again, and is re-checked)
@@ -174,19 +176,29 @@ def plan_clean(
         for entry in doomed:
             plan.deletions.append(
                 Deletion(
-                    run, entry.path, entry.size, entry.mtime, f"archived checkpoint beyond --keep-last {keep_last}"
+                    run,
+                    entry.path,
+                    entry.size,
+                    entry.mtime,
+                    f"archived checkpoint beyond --keep-last {keep_last}",
                 )
             )
             checksum = by_name.get(f"{entry.name}.sha256")  # goes with its checkpoint
             if checksum is not None:
                 plan.deletions.append(
-                    Deletion(run, checksum.path, checksum.size, checksum.mtime, "checksum of a deleted checkpoint")
+                    Deletion(
+                        run, checksum.path, checksum.size, checksum.mtime, "checksum of a deleted checkpoint"
+                    )
                 )
         for entry in top_level:
             if is_transient_file(entry.name) and CHECKPOINT_SUFFIX in entry.name:
                 plan.deletions.append(
                     Deletion(
-                        run, entry.path, entry.size, entry.mtime, "temporary file of an interrupted checkpoint write"
+                        run,
+                        entry.path,
+                        entry.size,
+                        entry.mtime,
+                        "temporary file of an interrupted checkpoint write",
                     )
                 )
     return plan

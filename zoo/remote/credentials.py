@@ -18,9 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_SERVER_URL = "https://api.modal.com"
-SETUP_HINT = (
-    "run `modal setup` once (it opens a browser to create a token), or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
-)
+SETUP_HINT = "run `modal setup` once (it opens a browser to create a token), or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
 
 
 class ModalUnavailable(RuntimeError):
@@ -38,7 +36,9 @@ def _profiles() -> dict[str, dict]:
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ModalUnavailable(f"{path} is not valid TOML ({exc}); fix or delete it, then {SETUP_HINT}") from exc
+        raise ModalUnavailable(
+            f"{path} is not valid TOML ({exc}); fix or delete it, then {SETUP_HINT}"
+        ) from exc
 
 
 def _active_profile(profiles: dict[str, dict]) -> str:
@@ -101,14 +101,20 @@ def check_reachable(timeout_s: float = 4.0) -> None:
     thread.start()
     thread.join(timeout_s)
     if not outcome:
-        raise ModalUnavailable(f"cannot reach Modal at {url}: no answer within {timeout_s:.0f}s; check the network")
+        raise ModalUnavailable(
+            f"cannot reach Modal at {url}: no answer within {timeout_s:.0f}s; check the network"
+        )
     if outcome[0] is not None:
-        raise ModalUnavailable(f"cannot reach Modal at {url} ({outcome[0]}); check the network or proxy settings")
+        raise ModalUnavailable(
+            f"cannot reach Modal at {url} ({outcome[0]}); check the network or proxy settings"
+        )
 
 
 def require_modal_package() -> None:
     if importlib.util.find_spec("modal") is None:
-        raise ModalUnavailable("the modal package is not installed: pip install 'zoo[remote]', then run `modal setup`")
+        raise ModalUnavailable(
+            "the modal package is not installed: pip install 'zoo[remote]', then run `modal setup`"
+        )
 
 
 def ensure_modal_ready(timeout_s: float = 4.0) -> str:

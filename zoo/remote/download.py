@@ -58,9 +58,13 @@ def sha256_of(path: Path) -> str:
 def resolve_checkpoint(store: RunStore, folder: str, name: str) -> StoreEntry:
     entry = store.stat(f"{folder}/{name}")
     if entry is None or entry.is_dir:
-        available = sorted(e.name for e in store.list(folder) if e.name.endswith(".pt") and not e.name.startswith("."))
+        available = sorted(
+            e.name for e in store.list(folder) if e.name.endswith(".pt") and not e.name.startswith(".")
+        )
         listed = ", ".join(available) if available else "none"
-        raise DownloadError(f"no checkpoint {name} in {store.describe()}:{folder} (there: {listed}); see `zoo ckpts`")
+        raise DownloadError(
+            f"no checkpoint {name} in {store.describe()}:{folder} (there: {listed}); see `zoo ckpts`"
+        )
     return entry
 
 
@@ -97,7 +101,9 @@ def download_checkpoint(
             expected = store.read_text(sidecar).split()[0]
             if expected != digest:
                 raise DownloadError(f"{folder}/{name}: sha256 {digest} differs from the recorded {expected}")
-        from zoo.checkpoints import load_checkpoint  # torch: only once a file has arrived (`zoo sync` lists without it)
+        from zoo.checkpoints import (
+            load_checkpoint,  # torch: only once a file has arrived (`zoo sync` lists without it)
+        )
 
         try:
             payload = load_checkpoint(partial)

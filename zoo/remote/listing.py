@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-
 from zoo.remote.layout import (
     CHECKPOINT_SUFFIX,
     OUTPUTS,
@@ -133,7 +132,9 @@ def _read_json(store: RunStore, path: str) -> dict[str, Any] | None:
         return None
 
 
-def _key_metric_of(store: RunStore, folder: str, files: dict[str, StoreEntry], heartbeat: dict | None, local: bool):
+def _key_metric_of(
+    store: RunStore, folder: str, files: dict[str, StoreEntry], heartbeat: dict | None, local: bool
+):
     if "eval.json" in files:
         evaluation = _read_json(store, f"{folder}/eval.json")
         found = key_metric(eval_json_metrics(evaluation)) if evaluation else None
@@ -230,7 +231,12 @@ def _mirror_info(
     )
     remote_checkpoints = [
         CheckpointInfo(
-            c["name"], f"{name}/{c['name']}", checkpoint_step_from_name(c["name"]), c["size"], c["mtime"], "remote"
+            c["name"],
+            f"{name}/{c['name']}",
+            checkpoint_step_from_name(c["name"]),
+            c["size"],
+            c["mtime"],
+            "remote",
         )
         for c in manifest["checkpoints"]
     ]
@@ -246,7 +252,9 @@ def _mirror_info(
         name=remote_run_of(name),
         where=f"remote (synced {format_duration(now - synced_at)} ago)",
         status=status,
-        checkpoints=sorted(downloaded + remote_checkpoints, key=lambda c: (c.name != "last.pt", -(c.step or 0))),
+        checkpoints=sorted(
+            downloaded + remote_checkpoints, key=lambda c: (c.name != "last.pt", -(c.step or 0))
+        ),
         key_metric=_key_metric_of(store, name, files, heartbeat, local=True),
         heartbeat=heartbeat,
         submission=submission,

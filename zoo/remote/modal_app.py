@@ -121,7 +121,9 @@ def function_options(spec: ModalSpec, image: modal.Image) -> dict[str, Any]:
     }
 
 
-def remote_train(config: dict[str, Any], submission_id: str, resume: bool, nproc: int, volume_name: str) -> dict:
+def remote_train(
+    config: dict[str, Any], submission_id: str, resume: bool, nproc: int, volume_name: str
+) -> dict:
     """One attempt of a remote run, inside the container (Modal retries call it again).
 
     The only exception it lets out is RemoteTrainingError (Modal retries after any exception,
@@ -147,7 +149,9 @@ def remote_train(config: dict[str, Any], submission_id: str, resume: bool, nproc
     except RemoteTrainingError:
         raise
     except Exception as exc:  # noqa: BLE001 - the attempt's own machinery failed (import, Volume, disk): one type out
-        raise RemoteTrainingError(f"the attempt failed outside training: {type(exc).__name__}: {exc}") from exc
+        raise RemoteTrainingError(
+            f"the attempt failed outside training: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 @dataclass
@@ -256,7 +260,9 @@ class ModalVolumeStore(RunStore):
             entries = self._volume.listdir(path)
         except modal.exception.NotFoundError:
             return None
-        matching = [self._entry(e) for e in entries if e.path.lstrip("/") == path and e.type == FileEntryType.FILE]
+        matching = [
+            self._entry(e) for e in entries if e.path.lstrip("/") == path and e.type == FileEntryType.FILE
+        ]
         return matching[0] if matching else None
 
     def read_bytes(self, path: str) -> bytes:

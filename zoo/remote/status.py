@@ -170,7 +170,11 @@ def stop_in_effect(stopped_at: float | None, submitted_at: float | None) -> floa
 
 
 def _status_without_heartbeat(
-    now: float, stall_after: float, submitted_at: float | None, stopped_at: float | None, call: CallState | None
+    now: float,
+    stall_after: float,
+    submitted_at: float | None,
+    stopped_at: float | None,
+    call: CallState | None,
 ) -> RunStatus:
     """`stopped_at`: a stop in effect (see stop_in_effect)."""
 
@@ -203,7 +207,9 @@ def is_live_writer(heartbeat: dict[str, Any] | None, now: float, live_window: fl
     return heartbeat.get("status") == "running" and now - float(heartbeat["updated"]) < live_window
 
 
-def heartbeat_predates(heartbeat: dict[str, Any] | None, submitted_at: float, submission_id: str | None = None) -> bool:
+def heartbeat_predates(
+    heartbeat: dict[str, Any] | None, submitted_at: float, submission_id: str | None = None
+) -> bool:
     """Whether `heartbeat` is an earlier attempt's, not that of the submission made at `submitted_at`.
 
     Remote attempts stamp their heartbeats with their submission id, which decides without any

@@ -18,7 +18,9 @@ from zoo.runs import atomic_write_bytes
 CHUNK = 1 << 20
 
 
-def write_chunks_atomically(chunks: Iterable[bytes], dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
+def write_chunks_atomically(
+    chunks: Iterable[bytes], dest: Path, on_bytes: Callable[[int], None] | None = None
+) -> int:
     """Stream `chunks` into `dest` through a synced temporary file, so `dest` is whole or absent
     (a crash or an error mid-stream leaves no partial file).  Returns the bytes written."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,10 @@ class LocalDirStore(RunStore):
     def _entry(self, path: Path) -> StoreEntry:
         info = path.stat()
         return StoreEntry(
-            path=path.relative_to(self.root).as_posix(), size=info.st_size, mtime=info.st_mtime, is_dir=path.is_dir()
+            path=path.relative_to(self.root).as_posix(),
+            size=info.st_size,
+            mtime=info.st_mtime,
+            is_dir=path.is_dir(),
         )
 
     def list(self, prefix: str, recursive: bool = False) -> list[StoreEntry]:

@@ -55,7 +55,9 @@ def parse_gpu(text: str) -> GpuRequest:
     kind = match.group(1).upper() if match else ""
     canonical = {g.upper(): g for g in GPU_TYPES}
     if not match or kind not in canonical:
-        raise ValueError(f"unknown GPU {text!r}; use one of {', '.join(GPU_TYPES)}, optionally with a count (H100:8)")
+        raise ValueError(
+            f"unknown GPU {text!r}; use one of {', '.join(GPU_TYPES)}, optionally with a count (H100:8)"
+        )
     count = int(match.group(2) or 1)
     if not 1 <= count <= MAX_GPUS_PER_CONTAINER:
         raise ValueError(f"GPU count in {text!r} must be 1..{MAX_GPUS_PER_CONTAINER}")
@@ -64,7 +66,9 @@ def parse_gpu(text: str) -> GpuRequest:
 
 def check_timeout(seconds: float) -> int:
     if not 60 <= seconds <= MAX_TIMEOUT_S:
-        raise ValueError(f"--timeout must lie between 1m and 24h (Modal's limit per attempt), got {seconds:.0f}s")
+        raise ValueError(
+            f"--timeout must lie between 1m and 24h (Modal's limit per attempt), got {seconds:.0f}s"
+        )
     return int(seconds)
 
 
@@ -88,7 +92,13 @@ def remote_config(cfg: ZooConfigBody, run_name: str) -> ZooConfigBody:
 
 
 def submission_record(
-    cfg: ZooConfigBody, gpu: GpuRequest, timeout_s: int, retries: int, resume: bool, app_name: str, command: str
+    cfg: ZooConfigBody,
+    gpu: GpuRequest,
+    timeout_s: int,
+    retries: int,
+    resume: bool,
+    app_name: str,
+    command: str,
 ) -> dict[str, Any]:
     return {
         "submission_id": uuid.uuid4().hex,
@@ -188,7 +198,9 @@ def check_resumable(
     return ResumeTarget(previous, None if ended else previous.get("call_id"))
 
 
-def awaits_container(store: RunStore, run: str, submission: dict[str, Any], heartbeat: dict[str, Any] | None) -> bool:
+def awaits_container(
+    store: RunStore, run: str, submission: dict[str, Any], heartbeat: dict[str, Any] | None
+) -> bool:
     """Whether the container of `submission` has yet to write the heartbeat (it is an earlier attempt's).
 
     A heartbeat stamped with a submission id answers directly.  Unstamped (older runs): clearly
@@ -202,4 +214,6 @@ def awaits_container(store: RunStore, run: str, submission: dict[str, Any], hear
     attempts = f"{REGISTRY}/{run}/attempts.jsonl"
     lines = store.read_text(attempts).splitlines() if store.stat(attempts) is not None else []
     records = [json.loads(line) for line in lines if line.strip()]
-    return not any(r["event"] == "start" and r["submission_id"] == submission["submission_id"] for r in records)
+    return not any(
+        r["event"] == "start" and r["submission_id"] == submission["submission_id"] for r in records
+    )

@@ -63,7 +63,12 @@ class TrackioSource:
     @property
     def fingerprint(self) -> list[float]:
         wal = self.wal
-        return [self.database.size, int(self.database.mtime), wal.size if wal else -1, int(wal.mtime) if wal else -1]
+        return [
+            self.database.size,
+            int(self.database.mtime),
+            wal.size if wal else -1,
+            int(wal.mtime) if wal else -1,
+        ]
 
 
 @dataclass
@@ -134,7 +139,9 @@ def plan_sync(remote: RunStore, outputs_dir: Path, patterns: list[str] | None = 
             if len(relative) == 1 and relative[0].endswith(CHECKPOINT_SUFFIX + ".sha256"):
                 continue  # a checkpoint's hash stays with the checkpoint (read by zoo ckpts download)
             if local_subdir is None and len(relative) == 1 and relative[0].endswith(CHECKPOINT_SUFFIX):
-                manifests.setdefault(run, []).append({"name": relative[0], "size": entry.size, "mtime": entry.mtime})
+                manifests.setdefault(run, []).append(
+                    {"name": relative[0], "size": entry.size, "mtime": entry.mtime}
+                )
                 continue
             local = outputs_dir / mirror_name(run)
             if local_subdir is not None:
@@ -216,7 +223,11 @@ def _unchanged_since_merge(previous: dict | None, source: TrackioSource) -> bool
 
 
 def _sync_database(
-    remote: RunStore, source: TrackioSource, local_db: Path, selected: Callable[[str], bool], report: SyncReport
+    remote: RunStore,
+    source: TrackioSource,
+    local_db: Path,
+    selected: Callable[[str], bool],
+    report: SyncReport,
 ) -> bool:
     """Merge one remote database and its media; False when it had to be skipped."""
     with tempfile.TemporaryDirectory(prefix="zoo-sync-") as tmp:
@@ -227,7 +238,9 @@ def _sync_database(
         try:
             result = merge_database(copy, local_db, rename=mirror_name, include=selected)
         except TrackioMergeError as exc:
-            report.warnings.append(f"skipped trackio database {source.database.path}: {exc}; sync again later")
+            report.warnings.append(
+                f"skipped trackio database {source.database.path}: {exc}; sync again later"
+            )
             return False
     report.merges.append(result)
     media_root = PurePosixPath(source.database.path).parent / "media"

@@ -108,7 +108,9 @@ def check_database(path: Path) -> None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        raise TrackioMergeError(f"{path.name} is not a readable SQLite database ({exc}); copied mid-write?") from exc
+        raise TrackioMergeError(
+            f"{path.name} is not a readable SQLite database ({exc}); copied mid-write?"
+        ) from exc
     if verdict != "ok":
         raise TrackioMergeError(f"{path.name} failed SQLite's integrity check ({verdict}); copied mid-write?")
     for table, needed in REQUIRED_COLUMNS.items():
@@ -212,7 +214,8 @@ def _merge_metrics(
         same_record = [
             (row_id, logged)
             for row_id, logged, stored in dst.execute(
-                "SELECT id, timestamp, metrics FROM metrics WHERE run_name = ? AND step = ?", (local_name, step)
+                "SELECT id, timestamp, metrics FROM metrics WHERE run_name = ? AND step = ?",
+                (local_name, step),
             )
             if _metric_names(stored) == names
         ]
@@ -256,7 +259,9 @@ def _merge_configs(
     result: MergeResult,
 ) -> None:
     # One config per run_id; a resumed remote run rewrites its config, so a changed one replaces ours.
-    for run_id, run_name, config, created_at in src.execute("SELECT run_id, run_name, config, created_at FROM configs"):
+    for run_id, run_name, config, created_at in src.execute(
+        "SELECT run_id, run_name, config, created_at FROM configs"
+    ):
         if not include(run_name):
             continue
         existing = dst.execute("SELECT config FROM configs WHERE run_id = ?", (run_id,)).fetchone()

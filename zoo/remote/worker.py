@@ -182,13 +182,18 @@ def plan_attempt(paths: RunPaths, submission_id: str, resume_requested: bool) ->
             f"run {paths.run!r} belongs to another submission ({owner}); this one ({submission_id}) "
             "will not touch it. Submit under another --run-name"
         )
-    attempt = sum(1 for a in read_attempts(paths) if a["event"] == "start" and a["submission_id"] == submission_id) + 1
+    attempt = (
+        sum(1 for a in read_attempts(paths) if a["event"] == "start" and a["submission_id"] == submission_id)
+        + 1
+    )
     retries_left = int(submission["retries"]) - (attempt - 1)
     last = paths.run_dir.last
     if last.exists():
         stored_run, step = checkpoint_owner(last)
         if stored_run != paths.run:
-            raise RunError(f"{last} belongs to run {stored_run!r}, not {paths.run!r}; refusing to resume from it")
+            raise RunError(
+                f"{last} belongs to run {stored_run!r}, not {paths.run!r}; refusing to resume from it"
+            )
         first = resume_requested and attempt == 1
         reason = "resuming the run (--resume)" if first else "retry: resuming from the last checkpoint"
         return AttemptPlan(attempt, True, step, f"{reason} at step {step}", retries_left)
@@ -284,7 +289,11 @@ def mark_failed(paths: RunPaths, failure: Failure, plan: AttemptPlan, submission
     """The heartbeat says failed, with the cause, whether Modal will try again, and whose attempt it was."""
     retrying = failure.retryable and plan.retries_left > 0
     paths.run_dir.write_heartbeat(
-        status="failed", error=failure.error, attempt=plan.attempt, retrying=retrying, submission_id=submission_id
+        status="failed",
+        error=failure.error,
+        attempt=plan.attempt,
+        retrying=retrying,
+        submission_id=submission_id,
     )
 
 
@@ -309,7 +318,10 @@ def _publish_progress(local_trackio: Path, volume_trackio: Path, commit: Callabl
         snapshot_trackio(local_trackio, volume_trackio)
         commit()
     except Exception as exc:  # noqa: BLE001 - any error: report, keep training
-        print(f"[zoo] warning: publishing progress failed ({type(exc).__name__}: {exc}); retrying later", flush=True)
+        print(
+            f"[zoo] warning: publishing progress failed ({type(exc).__name__}: {exc}); retrying later",
+            flush=True,
+        )
 
 
 # Below Modal's own grace after it signals the container (about 30 s), so that the supervisor
@@ -374,7 +386,12 @@ def supervise(
     commit()
 
     argv = child_command or worker_command(paths, config_path, plan.resume, nproc, command)
-    env = {**os.environ, "TRACKIO_DIR": str(local_trackio), "PYTHONUNBUFFERED": "1", SUBMISSION_ENV: submission_id}
+    env = {
+        **os.environ,
+        "TRACKIO_DIR": str(local_trackio),
+        "PYTHONUNBUFFERED": "1",
+        SUBMISSION_ENV: submission_id,
+    }
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tee = threading.Thread(target=_tee, args=(process, paths.train_log, plan.attempt), daemon=True)
     tee.start()
@@ -389,7 +406,9 @@ def supervise(
         _stop_child(process)
         if not isinstance(exc, KeyboardInterrupt):
             mark_failed(paths, Failure(describe_exception(exc), retryable=True), plan, submission_id)
-        append_attempt(paths, {"event": "end", "attempt": plan.attempt, "time": time.time(), "outcome": "interrupted"})
+        append_attempt(
+            paths, {"event": "end", "attempt": plan.attempt, "time": time.time(), "outcome": "interrupted"}
+        )
         snapshot_trackio(local_trackio, paths.trackio)
         commit()
         raise
@@ -397,7 +416,9 @@ def supervise(
     tee.join(timeout=30)
     snapshot_trackio(local_trackio, paths.trackio)
     if returncode == 0:
-        append_attempt(paths, {"event": "end", "attempt": plan.attempt, "time": time.time(), "outcome": "finished"})
+        append_attempt(
+            paths, {"event": "end", "attempt": plan.attempt, "time": time.time(), "outcome": "finished"}
+        )
         commit()
         return {"run_name": paths.run, "status": "finished", "attempt": plan.attempt}
     failure = collect_failure(paths, returncode)

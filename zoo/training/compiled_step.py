@@ -56,7 +56,9 @@ class CompileSettingsError(ValueError):
     """Settings a compiled step cannot run with; the message says what to change."""
 
 
-def check_compilable(device: torch.device, loss_kind: str, jvp_mode: str, jvp_precision: str, resumed: bool = False) -> None:
+def check_compilable(
+    device: torch.device, loss_kind: str, jvp_mode: str, jvp_precision: str, resumed: bool = False
+) -> None:
     """Refuse, with the fix, settings under which train.compile cannot run."""
     if loss_kind != "meanflow":
         return

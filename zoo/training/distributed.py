@@ -95,7 +95,9 @@ def init(
                 "lower --nproc to the number of GPUs"
             )
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend_for("cuda" if use_cuda else "cpu"), timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend=backend_for("cuda" if use_cuda else "cpu"), timeout=timedelta(seconds=timeout_s)
+    )
     # gloo on any device: a barrier needs no GPU memory, and gloo's honours this group's timeout.
     _wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_timeout_s))
 
@@ -237,7 +239,9 @@ def shutdown_grace_s() -> int:
     return STOP_GRACE_S if torchrun_has_shutdown_timeout() else TORCHRUN_DEFAULT_GRACE_S
 
 
-def torchrun_command(nproc: int, module: str, args: list[str], failures_file: Path | None = None) -> list[str]:
+def torchrun_command(
+    nproc: int, module: str, args: list[str], failures_file: Path | None = None
+) -> list[str]:
     """`python -m torch.distributed.run` with `nproc` processes on this machine running `-m module args`.
 
     With `failures_file`, through zoo.training.launch, which writes there how each failed rank

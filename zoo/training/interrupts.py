@@ -32,7 +32,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # What a signal outside held() means under torchrun, where a rank stops only at the ranks' next
 # check together (after the step in progress, or before the run folder is written).
-UNHELD_RANK_NOTICE = "stopping once every rank reaches the next check (after a step: saving a checkpoint of it)"
+UNHELD_RANK_NOTICE = (
+    "stopping once every rank reaches the next check (after a step: saving a checkpoint of it)"
+)
 
 
 def signal_display_name(signum: int) -> str:

@@ -63,7 +63,9 @@ class NoticeProgress(Progress):
 
 
 class TrainProgress:
-    def __init__(self, console: Console, total: int, start: int, stops: StopSignals, enabled: bool = True) -> None:
+    def __init__(
+        self, console: Console, total: int, start: int, stops: StopSignals, enabled: bool = True
+    ) -> None:
         self.enabled = enabled
         self.stops = stops
         # Live only on a terminal (as rich's Live decides): in a log file or a pipe the bar is drawn
@@ -105,7 +107,10 @@ class TrainProgress:
     def update(self, step: int, metrics: dict[str, float]) -> None:
         # With the adaptive weight (p = 1) the loss sits near 1 by construction; the raw mse moves.
         self.rich.update(
-            self.task, completed=step, loss=f"{metrics['loss']:.4f}", mse=f"{metrics.get('mse', float('nan')):.4f}"
+            self.task,
+            completed=step,
+            loss=f"{metrics['loss']:.4f}",
+            mse=f"{metrics.get('mse', float('nan')):.4f}",
         )
         speed = self.rich.tasks[self.task].speed
         if speed:

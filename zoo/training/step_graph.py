@@ -43,7 +43,9 @@ class StepGraphError(ValueError):
 def check_capturable(device: torch.device, precision: str, jvp_mode: str) -> None:
     """Refuse, with the fix, settings under which train.cuda_graph cannot run."""
     if device.type != "cuda":
-        raise StepGraphError(f"train.cuda_graph needs a CUDA device, but this run uses {device}; set train.cuda_graph=false")
+        raise StepGraphError(
+            f"train.cuda_graph needs a CUDA device, but this run uses {device}; set train.cuda_graph=false"
+        )
     if precision == "fp16":
         raise StepGraphError(
             "train.cuda_graph does not run with precision=fp16 (its loss scaler changes the scale on the host "
@@ -60,7 +62,9 @@ def check_capturable(device: torch.device, precision: str, jvp_mode: str) -> Non
 def run_autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     # cache_enabled=False: autocast's cache of bf16 weight copies must not outlive one capture,
     # or replays would read copies of the weights from before the optimiser's update.
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+    with torch.autocast(
+        device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
+    ):
         yield
 
 
@@ -86,7 +90,9 @@ class GraphedLossBackward:
     def graph_key(self, model: FlowModel, x: Tensor, draws: Draws, divisor: int) -> tuple:
         inputs = tuple((tuple(t.shape), t.dtype) for t in flat_tensors((x, draws)))
         structure = map_tensors(draws, lambda t: None)  # which fields are None (e.g. labels)
-        storage = tuple(p.data_ptr() for p in model.parameters()) + tuple(b.data_ptr() for b in model.buffers())
+        storage = tuple(p.data_ptr() for p in model.parameters()) + tuple(
+            b.data_ptr() for b in model.buffers()
+        )
         return (id(model), model.training, x.device, inputs, repr(structure), divisor, storage)
 
     def attach_gradients(self, model: FlowModel) -> None:
@@ -114,7 +120,9 @@ class GraphedLossBackward:
             self.key = key  # only once the capture succeeded
         self.attach_gradients(model)
         static_x, static_draws = self.inputs
-        for static, fresh in zip(flat_tensors((static_x, static_draws)), flat_tensors((x, draws)), strict=True):
+        for static, fresh in zip(
+            flat_tensors((static_x, static_draws)), flat_tensors((x, draws)), strict=True
+        ):
             static.copy_(fresh)
         self.graph.replay()
         return {name: value.clone() for name, value in self.outputs.items()}
@@ -144,7 +152,9 @@ class GraphedLossBackward:
             for p, grad in zip(params, pending, strict=True):
                 p.grad = grad
 
-    def _warm_up_and_capture(self, model: FlowModel, params: list[Tensor], x: Tensor, draws: Draws, divisor: int) -> None:
+    def _warm_up_and_capture(
+        self, model: FlowModel, params: list[Tensor], x: Tensor, draws: Draws, divisor: int
+    ) -> None:
         self.inputs = map_tensors((x, draws), lambda t: t.clone())
         static_x, static_draws = self.inputs
         device = x.device

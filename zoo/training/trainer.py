@@ -9,8 +9,8 @@ import copy
 import json
 import math
 import shlex
-import sys
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from zoo.bench.calibration import resolve_for_training
 from zoo.checkpoints import clean_state_dict, load_checkpoint, save_checkpoint
 from zoo.config.loading import ConfigError, check_batch_split, config_to_dict, config_to_toml
 from zoo.config.schema import LossConfig, ZooConfigBody
@@ -31,25 +32,55 @@ from zoo.losses import Loss, build_loss, resolve_jvp_mode
 from zoo.losses.base import metrics_to_floats
 from zoo.models import build_model, group_norm_tangent_kernel
 from zoo.models.base import FlowModel
-from zoo.runs import RunDir, RunError, RunInterrupted, atomic_write_json, atomic_write_text, check_checkpoint_owner, check_run
+from zoo.runs import (
+    RunDir,
+    RunError,
+    RunInterrupted,
+    atomic_write_json,
+    atomic_write_text,
+    check_checkpoint_owner,
+    check_run,
+)
 from zoo.tracking import Tracker, make_tracker
 from zoo.training import distributed
+from zoo.training.compiled_step import (
+    CompileSettingsError,
+    Evaluate,
+    check_compilable,
+    compile_evaluate,
+    keeps_grads,
+)
 from zoo.training.ema import EMA
-from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
-from zoo.bench.calibration import resolve_for_training
-from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.interrupts import StopRequested, StopSignals
+from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
+from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
 from zoo.training.progress import PhaseHeartbeat, TrainProgress
-from zoo.training.compiled_step import CompileSettingsError, Evaluate, check_compilable, compile_evaluate, keeps_grads
-from zoo.training.step_graph import MODES_NOT_CAPTURABLE, GraphedLossBackward, StepGraphError, check_capturable
+from zoo.training.step_graph import (
+    MODES_NOT_CAPTURABLE,
+    GraphedLossBackward,
+    StepGraphError,
+    check_capturable,
+)
 from zoo.training.visuals import save_loss_plot, save_samples
 
 # Keys a resumed run may change: how long it runs, how often it reports, where and how it
 # evaluates. Anything else (model, loss, data, optimiser, seed) must match the checkpoint.
 RESUMABLE_CHANGES = {
-    "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.archive_every",
-    "device", "output_dir", "tracking", "eval", "experiment_log", "threads", "train.cuda_graph", "train.compile",
-    "train.compile_mode", "loss.jvp_kernels",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.archive_every",
+    "device",
+    "output_dir",
+    "tracking",
+    "eval",
+    "experiment_log",
+    "threads",
+    "train.cuda_graph",
+    "train.compile",
+    "train.compile_mode",
+    "loss.jvp_kernels",
 }
 # The device may change only within a type: RNG states of CPU, CUDA and MPS generators differ.
 
@@ -89,7 +120,9 @@ class TrainState:
 def resolved_loss_config(cfg: ZooConfigBody, device: torch.device) -> LossConfig:
     """`loss.jvp = auto` becomes a concrete JVP strategy for this device."""
     if cfg.loss.jvp == "cuda_graph" and device.type != "cuda":
-        raise ConfigError(f"loss.jvp = 'cuda_graph' needs a CUDA device, but this run uses {device}; pick another loss.jvp")
+        raise ConfigError(
+            f"loss.jvp = 'cuda_graph' needs a CUDA device, but this run uses {device}; pick another loss.jvp"
+        )
     if cfg.loss.jvp != "auto":
         return cfg.loss
     return cfg.loss.model_copy(update={"jvp": resolve_jvp_mode(cfg.loss, device)})
@@ -288,7 +321,9 @@ def choose_jvp_mode(state: TrainState, stored_mode: str | None, console: Console
         state.loss_fn = build_loss(state.cfg.loss.model_copy(update={"jvp": mode}))
         state.jvp_mode = mode
     if state.cfg.loss.kind == "meanflow" and distributed.is_main():
-        console.print(f"JVP mode: [bold]{mode}[/] ({escape(reason)}){tangent_kernels_note(state.cfg, mode, state.model, state.device)}")
+        console.print(
+            f"JVP mode: [bold]{mode}[/] ({escape(reason)}){tangent_kernels_note(state.cfg, mode, state.model, state.device)}"
+        )
 
 
 def tangent_kernels_note(cfg: ZooConfigBody, mode: str, model: torch.nn.Module, device: torch.device) -> str:
@@ -411,7 +446,9 @@ def train_run(
             # Before the first step: nothing of this session was written.
             name = signal.Signals(stop.signum).name
             what = f"resume with `{resume_command(cfg)}`" if resume else "nothing was written"
-            raise RunInterrupted(f"interrupted by {name} before training started; {what}", stop.signum) from None
+            raise RunInterrupted(
+                f"interrupted by {name} before training started; {what}", stop.signum
+            ) from None
 
 
 def start_and_train(
@@ -471,8 +508,15 @@ def start_and_train(
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(config_to_toml(cfg))
         run.write_heartbeat(
-            status="running", phase="train", step=state.step, loss=None, error=None, device=str(device),
-            jvp_mode=state.jvp_mode, micro_batches=plan.micro_batches, peak_memory_bytes=plan.peak_bytes,
+            status="running",
+            phase="train",
+            step=state.step,
+            loss=None,
+            error=None,
+            device=str(device),
+            jvp_mode=state.jvp_mode,
+            micro_batches=plan.micro_batches,
+            peak_memory_bytes=plan.peak_bytes,
         )
     try:
         with TrainProgress(console, cfg.train.steps, state.step, stops, enabled=main) as progress:
@@ -480,7 +524,9 @@ def start_and_train(
             stops.act_alone()
             final_report = run_evaluation(state, run, final=True, progress=progress) if main else None
         if main:
-            with stops.held(FINISH_NOTICE):  # finished is finished: a late signal must not turn it into "interrupted"
+            with stops.held(
+                FINISH_NOTICE
+            ):  # finished is finished: a late signal must not turn it into "interrupted"
                 finish_run(state, run, tracker, final_report, command, console)
     except StopRequested as stop:
         message = stop_run(state, run, stop.signum) if main else "interrupted"
@@ -508,7 +554,14 @@ def check_steps_left(state: TrainState, run: RunDir) -> None:
 
 def resume_command(cfg: ZooConfigBody) -> str:
     """How to continue this run: `zoo train PRESET --run-name NAME --resume` (and its output_dir)."""
-    parts = ["zoo", "train", *([cfg.preset] if cfg.preset else []), "--run-name", str(cfg.run_name), "--resume"]
+    parts = [
+        "zoo",
+        "train",
+        *([cfg.preset] if cfg.preset else []),
+        "--run-name",
+        str(cfg.run_name),
+        "--resume",
+    ]
     if cfg.output_dir != ZooConfigBody.model_fields["output_dir"].default:
         parts.insert(2 + bool(cfg.preset), f"output_dir={cfg.output_dir}")
     return " ".join(shlex.quote(p) for p in parts)
@@ -528,8 +581,12 @@ def stop_run(state: TrainState, run: RunDir, signum: int) -> str:
         f"resume with `{resume_command(state.cfg)}`"
     )
     run.write_heartbeat(
-        status="interrupted", signal=name, message=message, step=state.step,
-        last_checkpoint=run.last.name, checkpoint_step=state.checkpoint_step,
+        status="interrupted",
+        signal=name,
+        message=message,
+        step=state.step,
+        last_checkpoint=run.last.name,
+        checkpoint_step=state.checkpoint_step,
     )
     return message
 
@@ -629,10 +686,14 @@ def train_loop(
             metrics = state.metrics = train_step(state)
             state.elapsed_s = time.time() - run_start
             if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data")
+                raise FloatingPointError(
+                    f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data"
+                )
             progress.update(state.step, metrics)
             if main:
-                log_and_save(state, run, tracker, metrics, session_start, session_step, state.step == cfg.steps)
+                log_and_save(
+                    state, run, tracker, metrics, session_start, session_step, state.step == cfg.steps
+                )
         stops.check(state.device)  # under torchrun, every rank stops after the same step
         if periodic_evaluation_due(state):
             periodic_evaluation(state, run, tracker, progress, here=main)
@@ -655,7 +716,9 @@ def evaluated_at(run: RunDir, step: int) -> bool:
     return any(r["step"] == step and any(key.startswith("eval/") for key in r) for r in run.read_metrics())
 
 
-def periodic_evaluation(state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, here: bool) -> None:
+def periodic_evaluation(
+    state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, here: bool
+) -> None:
     """The step reached is evaluated by the process told `here` (rank 0 at most); every rank meets it after."""
     if here:
         report = run_evaluation(state, run, final=False, progress=progress)
@@ -696,7 +759,11 @@ def log_and_save(
 
 def log_evaluation(state: TrainState, run: RunDir, tracker: Tracker, report: EvalReport, tag: str) -> None:
     image, caption = save_samples(
-        state.ema.model, state.source, state.is_meanflow, run.samples / f"{tag}.png", state.cfg,
+        state.ema.model,
+        state.source,
+        state.is_meanflow,
+        run.samples / f"{tag}.png",
+        state.cfg,
         on_batch=PhaseHeartbeat(run, "eval"),
     )
     # The record last: it marks the evaluation complete (evaluated_at).
@@ -715,13 +782,17 @@ def finish_run(
     console: Console,
 ) -> None:
     log_evaluation(state, run, tracker, report, tag="final")
-    atomic_write_json(run.eval_json, {"step": state.step, "checkpoint": run.archive(state.step).name, **report.to_dict()})
+    atomic_write_json(
+        run.eval_json, {"step": state.step, "checkpoint": run.archive(state.step).name, **report.to_dict()}
+    )
     save_loss_plot(run)
     last_metrics = state.metrics
     run.write_heartbeat(status="finished", phase="done", step=state.step, loss=last_metrics.get("loss"))
     if state.cfg.experiment_log:
         # Log the JVP strategy actually used, not "auto".
-        logged_cfg = state.cfg.model_copy(update={"loss": state.cfg.loss.model_copy(update={"jvp": state.jvp_mode})})
+        logged_cfg = state.cfg.model_copy(
+            update={"loss": state.cfg.loss.model_copy(update={"jvp": state.jvp_mode})}
+        )
         append_run_entry(
             Path(state.cfg.experiment_log),
             command=command or " ".join(sys.argv),

@@ -31,7 +31,9 @@ def save_samples(
     n = cfg.eval.grid_size if source.is_image or source.is_latent else min(cfg.eval.n_samples, 2000)
     noise, labels = draw_noise_and_labels(model, n, device, seed=cfg.seed + 1)
     with eval_mode(model):
-        samples = generate(model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size, on_batch=on_batch)
+        samples = generate(
+            model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size, on_batch=on_batch
+        )
     if source.is_image:
         image = save_image_grid(samples, path)
     elif source.is_latent:
@@ -49,5 +51,9 @@ def save_loss_plot(run: RunDir) -> None:
     """The training loss so far (all sessions of the run, from metrics.jsonl) as `loss.png`."""
     records = [r for r in run.read_metrics() if "train/loss" in r]
     if records:
-        save_loss_curve([r["step"] for r in records], [r["train/loss"] for r in records], run.loss_curve,
-                        title=f"{run.name}: training loss")
+        save_loss_curve(
+            [r["step"] for r in records],
+            [r["train/loss"] for r in records],
+            run.loss_curve,
+            title=f"{run.name}: training loss",
+        )
