@@ -121,7 +121,8 @@ def profile_forward_and_jvp(settings: BenchSettings, log: Tee, rows: int = 25) -
         per_op[name] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
         total = sum(ms for ms, _ in per_op[name].values())
         log(
-            f"--- {name}: self CPU time {total:.0f} ms over {sum(c for _, c in per_op[name].values())} operator calls"
+            f"--- {name}: self CPU time {total:.0f} ms over "
+            f"{sum(c for _, c in per_op[name].values())} operator calls"
         )
         for key, (ms, count) in sorted(per_op[name].items(), key=lambda kv: -kv[1][0])[:rows]:
             log(f"{key:55s} {ms:9.1f} ms {100 * ms / total:5.1f}%  x{count}")

@@ -53,7 +53,8 @@ def main() -> None:
     log = Tee(out / "compare.log")
     log("command:", " ".join([sys.executable, *sys.argv]))
     log(
-        f"config: preset={args.preset} steps={args.steps} n={args.n} seed={args.seed} overrides={args.overrides}"
+        f"config: preset={args.preset} steps={args.steps} n={args.n} seed={args.seed} "
+        f"overrides={args.overrides}"
     )
 
     common = [
@@ -93,10 +94,12 @@ def main() -> None:
         for row in report.rows:
             rows.append({"training": kind, **row.__dict__})
             log(
-                f"{kind:14s} {row.method:18s} NFE {row.nfe:3d}  energy distance {row.energy_distance:.5f} ± {row.stderr:.5f}"
+                f"{kind:14s} {row.method:18s} NFE {row.nfe:3d}  "
+                f"energy distance {row.energy_distance:.5f} ± {row.stderr:.5f}"
             )
     log(
-        f"{'data vs data':14s} {'floor':18s}          energy distance {floor.energy_distance:.5f} ± {floor.stderr:.5f}"
+        f"{'data vs data':14s} {'floor':18s}          "
+        f"energy distance {floor.energy_distance:.5f} ± {floor.stderr:.5f}"
     )
 
     result = {

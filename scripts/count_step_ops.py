@@ -1,4 +1,4 @@
-"""Count the ATen operations one training step (loss + backward) dispatches, and the bytes they
+r"""Count the ATen operations one training step (loss + backward) dispatches, and the bytes they
 move, per case.
 
 On a GPU most operations are kernel launches: an eager step of the paper's U-Net is bound by how
@@ -14,7 +14,8 @@ apart: they are bound by arithmetic.  Runs on CPU, under --precision bf16 with C
 (the same bf16 policy for convolutions and matrix products as CUDA's), and with nn.Dropout as
 the one native_dropout it is on CUDA (on a CPU F.dropout is four operations).
 
-    PYTHONPATH=. .venv/bin/python scripts/count_step_ops.py --precision bf16 --ratios 0.25,1.0 model.channels=32
+    PYTHONPATH=. .venv/bin/python scripts/count_step_ops.py --precision bf16 --ratios 0.25,1.0 \
+        model.channels=32
 """
 
 import argparse
@@ -149,7 +150,8 @@ def main() -> None:
 
     def row(case: str, step: StepCount) -> None:
         print(
-            f"{case:16s} {sum(step.counts.values()):6d} {step.kernels:9d} {step.traffic(False):9.1f} {step.traffic(True):10.1f}"
+            f"{case:16s} {sum(step.counts.values()):6d} {step.kernels:9d} "
+            f"{step.traffic(False):9.1f} {step.traffic(True):10.1f}"
         )
 
     row("FM step", fm)

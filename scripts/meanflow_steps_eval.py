@@ -65,11 +65,13 @@ def main() -> None:
         for name, vals in scores.items():
             sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
             print(
-                f"  {name:11s} ED {statistics.mean(vals):.5f} (sd over seeds {sd:.5f})   RMS to ODE (--quick: to 4-step) {statistics.mean(rms[name]):.4f}"
+                f"  {name:11s} ED {statistics.mean(vals):.5f} (sd over seeds {sd:.5f})   "
+                f"RMS to ODE (--quick: to 4-step) {statistics.mean(rms[name]):.4f}"
             )
         spread = statistics.stdev(diff) if len(diff) > 1 else float("nan")
         print(
-            f"  2-step minus 1-step: {statistics.mean(diff):+.5f} sd {spread:.5f} (per seed: {', '.join(f'{d:+.5f}' for d in diff)})"
+            f"  2-step minus 1-step: {statistics.mean(diff):+.5f} sd {spread:.5f} "
+            f"(per seed: {', '.join(f'{d:+.5f}' for d in diff)})"
         )
 
 

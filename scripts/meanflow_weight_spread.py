@@ -51,7 +51,8 @@ def main() -> None:
             delta, w = terms.delta.detach(), terms.weight
             cv = lambda a: (a.std() / a.mean()).item()  # noqa: E731
             print(
-                f"  (t, r) = ({t0}, {r0}):  mean Delta {delta.mean().item():9.3f}   CV(Delta) {cv(delta):.2f}   CV(w) {cv(w):.2f}"
+                f"  (t, r) = ({t0}, {r0}):  mean Delta {delta.mean().item():9.3f}   "
+                f"CV(Delta) {cv(delta):.2f}   CV(w) {cv(w):.2f}"
             )
 
 

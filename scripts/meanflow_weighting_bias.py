@@ -66,7 +66,7 @@ def main() -> None:
     zs = torch.linspace(-3.5, 3.5, 71, dtype=F64)
     for p in (0.0, 0.75, 1.0):
         z = noise.clone()
-        for a, b in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        for a, b in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
             table = field_1d(zs, a, p, g)
             z = z + (b - a) * torch.from_numpy(np.interp(z.numpy(), zs.numpy(), table.numpy()))
         print(

@@ -7,9 +7,9 @@ norms; other) with what each MeanFlow step adds to the FM step's.  GPU busy time
 time means the step is launch/dispatch-bound (EXPERIMENT_LOG, first GPU measurements); a step
 replayed from a CUDA graph (train.cuda_graph) runs the same kernels without the host's gaps, so
 the categories of these eager steps approximate where a captured MeanFlow step's extra time goes
-(an approximation: a replay's kernels can run faster back to back, on clocks that never idle).  The fused steps run with the tangent in
-TF32 (the default) and in bf16 (loss.jvp_precision=bf16).  Also times the FM step with
-channels-last activations, to see what the memory format is worth.
+(an approximation: a replay's kernels can run faster back to back, on clocks that never idle).
+The fused steps run with the tangent in TF32 (the default) and in bf16 (loss.jvp_precision=bf16).
+Also times the FM step with channels-last activations, to see what the memory format is worth.
 
     python3 scripts/profile_step_cuda.py --batch-size 128 --out outputs/profile-cuda
 """
@@ -154,7 +154,8 @@ def main() -> None:
             "copies_and_other": listed,
         }
         print(
-            f"{name:20s} wall {ms:7.1f} ms   GPU busy {busy:7.1f} ms ({100 * busy / ms:4.1f}%)   launches {launches}"
+            f"{name:20s} wall {ms:7.1f} ms   GPU busy {busy:7.1f} ms ({100 * busy / ms:4.1f}%)   "
+            f"launches {launches}"
         )
         for key, kernel_ms, count in top[:5] + listed:
             print(f"    {kernel_ms:7.2f} ms  x{count:<5d} {key[:90]}")

@@ -95,7 +95,7 @@ def fused_step_errors(device: str = "cpu") -> dict[str, float]:
                 )
             )
             draws = loss_fn.draw(model, x, y, torch.Generator(device=device).manual_seed(1))
-            draws = map_tensors(draws, lambda t: t.to(dtype) if t.is_floating_point() else t)
+            draws = map_tensors(draws, lambda t, dtype=dtype: t.to(dtype) if t.is_floating_point() else t)
             model.to(dtype).zero_grad(set_to_none=True)
             # IEEE fp32 on CUDA outside the tangent island too.
             with cuda_fp32_precision("ieee"):

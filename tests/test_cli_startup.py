@@ -33,7 +33,8 @@ def test_listing_local_runs_without_checkpoints_needs_no_torch(tmp_path) -> None
     code = (
         "from typer.testing import CliRunner\n"
         "from zoo_cli.main import app\n"
-        f"result = CliRunner().invoke(app, ['ckpts', '--local', '--outputs', {str(tmp_path / 'outputs')!r}])\n"
+        "result = CliRunner().invoke(app, "
+        f"['ckpts', '--local', '--outputs', {str(tmp_path / 'outputs')!r}])\n"
         "assert result.exit_code == 0, result.output\n"
     )
     assert modules_loaded_by(code) == []

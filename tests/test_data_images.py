@@ -69,7 +69,8 @@ def test_image_size_only_where_images_are_resized():
 
 needs_debian_fashion = pytest.mark.skipif(
     not image_data.DEBIAN_FASHION_MNIST.is_dir(),
-    reason=f"{image_data.DEBIAN_FASHION_MNIST} missing: `apt-get install dataset-fashion-mnist` for the real-data test",
+    reason=f"{image_data.DEBIAN_FASHION_MNIST} missing: "
+    "`apt-get install dataset-fashion-mnist` for the real-data test",
 )
 
 

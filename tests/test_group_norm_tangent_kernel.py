@@ -90,7 +90,8 @@ def test_compiled_cuda_kernels_equal_forward_mode_ad_and_the_torch_operations() 
     ],
 )
 def test_the_kernels_are_refused_where_they_cannot_run_with_the_fix(tmp_path, monkeypatch, jvp, fix) -> None:
-    # On this CPU (or without Triton installed) for the fused mode; for another mode anywhere: it has no fused tangents.
+    # On this CPU (or without Triton installed) for the fused mode; for another mode anywhere: it
+    # has no fused tangents.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.chdir(tmp_path)
     args = [

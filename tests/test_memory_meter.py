@@ -133,7 +133,7 @@ def test_meter_works_inside_grad_recording_jvps_and_sees_their_tangent_activatio
         loss_fn = build_loss(LossConfig(jvp=mode, ratio=0.75))
         meter = LiveTensorMeter(model, None)
         peaks[mode] = meter.measure(
-            lambda: loss_fn(model, x, None, torch.Generator().manual_seed(0)).loss.backward()
+            lambda loss_fn=loss_fn: loss_fn(model, x, None, torch.Generator().manual_seed(0)).loss.backward()
         )
         model.zero_grad(set_to_none=True)
         assert peaks[mode].fits

@@ -27,7 +27,8 @@ import numpy as np
 import trackio
 spec = json.loads(sys.argv[1])
 trackio.init(project=spec["project"], name=spec["run"], config=spec["config"],
-             resume="allow" if spec["resume"] else "never", embed=False, auto_log_cpu=False, auto_log_gpu=False)
+             resume="allow" if spec["resume"] else "never", embed=False,
+             auto_log_cpu=False, auto_log_gpu=False)
 for step in spec["steps"]:
     trackio.log({"train/loss": 1.0 / (step + 1), "eval/energy_meanflow_1": 0.5 / (step + 1)}, step=step)
 if spec["image"]:

@@ -216,7 +216,10 @@ def test_a_retrying_failure_then_stopped_is_stopped_with_its_last_error():
 
 
 def test_an_interrupted_run_is_stopped_with_its_message_and_never_goes_stale():
-    message = "interrupted by SIGTERM at step 700, last checkpoint at step 700; resume with zoo train moons --run-name m --resume"
+    message = (
+        "interrupted by SIGTERM at step 700, last checkpoint at step 700; "
+        "resume with zoo train moons --run-name m --resume"
+    )
     stopped = run_status(beat("interrupted", 1000, message=message), NOW, stall_after=900)
     assert stopped.state == "stopped" and stopped.detail == message
     assert stopped.elapsed == pytest.approx(4000)  # ended: elapsed up to its last heartbeat

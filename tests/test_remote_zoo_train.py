@@ -122,7 +122,8 @@ import json, sys
 from pathlib import Path
 from zoo.remote.worker import supervise
 volume, work, config = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
-supervise(volume, config, "sub-1", resume=False, nproc=1, commit=lambda: None, work_dir=work, commit_every=0.2)
+supervise(volume, config, "sub-1", resume=False, nproc=1, commit=lambda: None, work_dir=work,
+          commit_every=0.2)
 """
 
 

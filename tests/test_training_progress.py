@@ -55,8 +55,8 @@ def test_a_held_signal_shows_under_a_live_bar_and_a_second_one_is_acknowledged(c
             shown = " ".join(rendered(progress).split())
             assert HELD in shown
             assert (
-                f"Ctrl-C again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once"
-                in shown
+                "Ctrl-C again: ignored, so the checkpoint is written whole; "
+                f"`kill -9 {os.getpid()}` stops at once" in shown
             )
         with pytest.raises(StopRequested):
             stops.check("cpu")

@@ -103,7 +103,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-DAMAGED_FIX = "download it again if it came from a remote run (`zoo ckpts download RUN/STEP`), or use one of the run's archived step_*.pt"
+DAMAGED_FIX = (
+    "download it again if it came from a remote run (`zoo ckpts download RUN/STEP`), "
+    "or use one of the run's archived step_*.pt"
+)
 # How long a load waits for a save in progress (see verified_open) to finish.
 SAVE_WAIT_S = 120.0
 

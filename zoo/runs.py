@@ -189,6 +189,6 @@ def check_checkpoint_owner(run: RunDir, owner: str) -> None:
     if owner != run.name:
         raise RunError(
             f"{run.last} belongs to run {owner!r}, not {run.name!r} (was the folder copied or renamed?); "
-            f"a run resumes only from its own checkpoints: continue {owner!r} with --run-name {owner} in its own "
-            f"folder, or start a new run under another --run-name"
+            f"a run resumes only from its own checkpoints: continue {owner!r} with --run-name {owner} "
+            f"in its own folder, or start a new run under another --run-name"
         )

@@ -56,18 +56,21 @@ def bench_jvp(
         str,
         typer.Option(
             "--compile-mode",
-            help="torch.compile mode for --compile: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs",
+            help="torch.compile mode for --compile: default | reduce-overhead | max-autotune | "
+            "max-autotune-no-cudagraphs",
         ),
     ] = "default",
     loss_variants: Annotated[
         list[str] | None,
         typer.Option(
             "--loss-variant",
-            help="also time every MeanFlow step with these space-separated loss.KEY=VALUE overrides, in the same run (repeatable), e.g. 'loss.jvp_kernels=torch'",
+            help="also time every MeanFlow step with these space-separated loss.KEY=VALUE overrides, "
+            "in the same run (repeatable), e.g. 'loss.jvp_kernels=torch'",
         ),
     ] = None,
 ) -> None:
-    """Forward, JVP alone, flow-matching step and MeanFlow step per JVP mode and ratio: interleaved medians."""
+    """Forward, JVP alone, flow-matching step and MeanFlow step per JVP mode and ratio:
+    interleaved medians."""
     if json_path is not None:
         with user_errors():  # before the benchmark (and torch's import), not after minutes of it
             check_writable_file(json_path, "--json")

@@ -37,8 +37,9 @@ def result_table(result: BenchResult) -> Table:
             f"{settings.preset} ({result.parameters / 1e6:.1f}M parameters), batch {settings.batch_size}, "
             f"{settings.precision}, {result.device_name}: medians of {settings.repeats} interleaved rounds"
         ),
-        caption="no-grad forward and JVP; steps = loss + backward + Adam; MeanFlow MODE @RATIO [--loss-variant]; "
-        "(graph): loss + backward replayed from a CUDA graph; (compiled): loss + backward by torch.compile"
+        caption="no-grad forward and JVP; steps = loss + backward + Adam; "
+        "MeanFlow MODE @RATIO [--loss-variant]; (graph): loss + backward replayed from a CUDA graph; "
+        "(compiled): loss + backward by torch.compile"
         + (
             "; a compiled step's peak memory is measured on CUDA only"
             if any(not c.peak_measured for c in result.cases)
@@ -99,24 +100,26 @@ def summary_lines(result: BenchResult) -> list[str]:
         best = result.fastest(ratio)
         if best is None:
             lines.append(
-                f"ratio {ratio:g}: no measured MeanFlow mode fits in {format_bytes(result.memory_limit_bytes)}"
+                f"ratio {ratio:g}: no measured MeanFlow mode fits in "
+                f"{format_bytes(result.memory_limit_bytes)}"
             )
         elif best.versus is not None:
             lines.append(
-                f"ratio {ratio:g}: fastest mode that fits is [bold]{escape(best.label)}[/] — {step_ratios(best)} "
-                f"(CPU time {best.versus_cpu.of_medians:.3f})" + eager_ratio(best)
+                f"ratio {ratio:g}: fastest mode that fits is [bold]{escape(best.label)}[/] — "
+                f"{step_ratios(best)} (CPU time {best.versus_cpu.of_medians:.3f})" + eager_ratio(best)
             )
     for case in result.cases:
         if case.kind == MEANFLOW_STEP and not case.peak_measured and case.versus is not None:
             lines.append(
-                f"ratio {case.ratio:g}: {escape(case.label)} (peak memory measured on CUDA only) — {step_ratios(case)}"
-                + eager_ratio(case)
+                f"ratio {case.ratio:g}: {escape(case.label)} (peak memory measured on CUDA only) — "
+                f"{step_ratios(case)}" + eager_ratio(case)
             )
     for case in result.cases:
         if (ab := case.versus_own_loss) is not None:
             lines.append(
-                f"{escape(case.label)} @{case.ratio:g} / the same step without the variant: {ab.of_medians:.3f} "
-                f"(paired {ab.paired_median:.3f}, per round {ab.paired_min:.2f}–{ab.paired_max:.2f})"
+                f"{escape(case.label)} @{case.ratio:g} / the same step without the variant: "
+                f"{ab.of_medians:.3f} (paired {ab.paired_median:.3f}, "
+                f"per round {ab.paired_min:.2f}–{ab.paired_max:.2f})"
             )
     meanflow = [c for c in result.cases if c.kind == MEANFLOW_STEP]
     if meanflow and all(c.fits is False for c in meanflow):

@@ -27,7 +27,8 @@ def eval_command(
         Path | None,
         typer.Option(
             "--json",
-            help="where to write the results (default: beside the checkpoint); a PNG of samples goes beside it",
+            help="where to write the results (default: beside the checkpoint); "
+            "a PNG of samples goes beside it",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="noise seed: two seeds give two independent evaluations")] = 0,
@@ -54,7 +55,8 @@ def eval_command(
         str | None,
         typer.Option(
             "--fid-solver",
-            help="sampler for FID: meanflow | euler | midpoint | heun | rk4 (default: MeanFlow jumps for a MeanFlow model, else the run's first eval solver)",
+            help="sampler for FID: meanflow | euler | midpoint | heun | rk4 (default: MeanFlow jumps "
+            "for a MeanFlow model, else the run's first eval solver)",
         ),
     ] = None,
     fid_nfe: Annotated[
@@ -62,7 +64,8 @@ def eval_command(
         typer.Option(
             "--fid-nfe",
             min=1,
-            help="network evaluations per FID image (default: 1 for MeanFlow, else the run's largest eval.solver_nfe)",
+            help="network evaluations per FID image (default: 1 for MeanFlow, "
+            "else the run's largest eval.solver_nfe)",
         ),
     ] = None,
     fid_batch_size: Annotated[

@@ -190,7 +190,8 @@ def submit(
     console.print(f"run      [bold]{run_name}[/]")
     console.print(f"call id  {call_id}")
     console.print(
-        f"gpu      {gpu_request.modal_spec}, timeout {format_duration(timeout_s)} per attempt, {retries} retries"
+        f"gpu      {gpu_request.modal_spec}, timeout {format_duration(timeout_s)} per attempt, "
+        f"{retries} retries"
     )
     console.print(
         f"next     zoo modal status {run_name}  |  zoo modal logs {run_name}  |  zoo sync && zoo ckpts"
@@ -243,7 +244,10 @@ def call_state_or_warn(call_id: str) -> CallState | None:
         return None
 
 
-@app.command()
+@app.command(
+    help="Each remote run: running, finished, failed (with the error), stalled or stopped; "
+    "step, loss, checkpoint."
+)
 def status(
     run: Annotated[str | None, typer.Argument(help="one run (default: every remote run)")] = None,
     stall_after: StallOption = "15m",
@@ -251,7 +255,6 @@ def status(
     volume_dir: VolumeDirOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
-    """Each remote run: running, finished, failed (with the error), stalled or stopped; step, loss, checkpoint."""
     stall = duration_or_exit(stall_after, "--stall-after")
     store = remote_store_or_exit(volume, volume_dir)
     lookup = call_state_or_warn if volume_dir is None else None
@@ -334,5 +337,6 @@ def stop(
     cancel(submission["call_id"])
     store.write_bytes(stopped_path(run), json.dumps({"stopped": time.time()}).encode())
     console.print(
-        f"stopped {run} (call {submission['call_id']}); resume it with `zoo modal submit --resume --run-name {run}`"
+        f"stopped {run} (call {submission['call_id']}); "
+        f"resume it with `zoo modal submit --resume --run-name {run}`"
     )

@@ -334,7 +334,8 @@ def download(
     except DownloadError as exc:
         raise fail(str(exc), 1) from None
     console.print(
-        f"{result.path}  step {result.step}, {format_bytes(result.size)}, sha256 {result.sha256[:16]}… (verified)",
+        f"{result.path}  step {result.step}, {format_bytes(result.size)}, "
+        f"sha256 {result.sha256[:16]}… (verified)",
         highlight=False,
     )
 
@@ -388,7 +389,8 @@ def clean(
     else:
         if not outputs.is_dir():  # otherwise "0 run(s) matched" hides a mistyped folder
             raise fail(
-                f"--outputs {outputs} is not a folder: give the folder holding the run folders (default outputs)",
+                f"--outputs {outputs} is not a folder: "
+                "give the folder holding the run folders (default outputs)",
                 2,
             )
         store, prefix = LocalDirStore(outputs), ""

@@ -40,7 +40,8 @@ def choose_method(eval_cfg: "EvalConfig", meanflow: bool, nfe: int | None, solve
     except ValueError as exc:
         if solver is None and not meanflow:  # the solver came from the run, not from the command line
             raise fail(
-                f"{exc} (the run's eval.solvers[0] is {headline_solver(eval_cfg)}; pass --solver euler for any NFE)"
+                f"{exc} (the run's eval.solvers[0] is {headline_solver(eval_cfg)}; "
+                "pass --solver euler for any NFE)"
             ) from None
         raise fail(str(exc)) from None
 
@@ -61,7 +62,8 @@ def sample(
         int | None,
         typer.Option(
             min=1,
-            help="network evaluations (default: 1 = one-step MeanFlow; when integrating the ODE, the run's largest eval.solver_nfe, rounded up to the solver's calls per step)",
+            help="network evaluations (default: 1 = one-step MeanFlow; when integrating the ODE, "
+            "the run's largest eval.solver_nfe, rounded up to the solver's calls per step)",
         ),
     ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="number of samples")] = 64,
@@ -71,7 +73,8 @@ def sample(
     solver: Annotated[
         str | None,
         typer.Option(
-            help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps (meanflow: the jumps; default for a flow-matching model: the run's first eval solver)"
+            help="integrate the ODE with euler|midpoint|heun|rk4 instead of MeanFlow jumps "
+            "(meanflow: the jumps; default for a flow-matching model: the run's first eval solver)"
         ),
     ] = None,
     label: Annotated[

@@ -232,7 +232,8 @@ def launcher_ignored_notice(signum: int, grace_s: int) -> str:
     from zoo.training.interrupts import signal_display_name
 
     return (
-        f"{signal_display_name(signum)} again: ignored, so the ranks' checkpoint is written whole; they stop after their step "
+        f"{signal_display_name(signum)} again: ignored, so the ranks' checkpoint is written whole; "
+        "they stop after their step "
         f"(torchrun kills them {grace_s} s after the first signal at the latest)"
     )
 
@@ -254,8 +255,9 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
         grace_s = distributed.shutdown_grace_s()
         if grace_s != distributed.STOP_GRACE_S:
             console.print(
-                f"[yellow]this torch's torchrun has no --shutdown_timeout: a stopped run gets its fixed "
-                f"{grace_s} s (not {distributed.STOP_GRACE_S} s) to finish its step and save the checkpoint[/]"
+                "[yellow]this torch's torchrun has no --shutdown_timeout: a stopped run gets its "
+                f"fixed {grace_s} s (not {distributed.STOP_GRACE_S} s) to finish its step and save "
+                "the checkpoint[/]"
             )
         # Its own session: a Ctrl-C in the terminal reaches only this process, which passes it on
         # once, like a SIGTERM (timeout, a scheduler) or a kill aimed at this process alone, and a

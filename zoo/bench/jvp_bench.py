@@ -97,10 +97,12 @@ def loss_variant_overrides(loss_variant: str) -> list[str]:
     bad = [o for o in overrides if not (o.startswith("loss.") and "=" in o)]
     if not overrides or bad:
         raise BenchError(
-            f"--loss-variant {loss_variant!r}: give space-separated loss.KEY=VALUE overrides, e.g. "
-            f"--loss-variant 'loss.jvp_kernels=torch' (the model, data and optimiser are shared by every case)"
+            f"--loss-variant {loss_variant!r}: give space-separated loss.KEY=VALUE overrides, "
+            "e.g. --loss-variant 'loss.jvp_kernels=torch' (the model, data and optimiser are shared "
+            "by every case)"
         )
-    # Every case sets these itself (a MeanFlow step per --modes and --ratios), so a variant's would be ignored.
+    # Every case sets these itself (a MeanFlow step per --modes and --ratios), so a variant's would
+    # be ignored.
     if fixed := [o for o in overrides if o.split("=", 1)[0] in ("loss.kind", "loss.jvp", "loss.ratio")]:
         raise BenchError(
             f"--loss-variant {loss_variant!r}: {', '.join(fixed)} is set by each case; choose JVP modes with "

@@ -181,9 +181,9 @@ class TrainConfig(Section):
     def _one_way_to_capture(self) -> "TrainConfig":
         if self.compile and self.cuda_graph:
             raise ValueError(
-                "train.compile and train.cuda_graph cannot be combined (a compiled step inside a hand-made capture); "
-                "for compiled kernels replayed from CUDA graphs set train.compile_mode=reduce-overhead and "
-                "train.cuda_graph=false"
+                "train.compile and train.cuda_graph cannot be combined (a compiled step inside a "
+                "hand-made capture); for compiled kernels replayed from CUDA graphs set "
+                "train.compile_mode=reduce-overhead and train.cuda_graph=false"
             )
         return self
 

@@ -77,7 +77,7 @@ class BatchSource(ABC):
     # own generator (rank 0's state must then not be replayed by the others).
     order_shared_across_ranks: bool = False
 
-    def shard(self, rank: int, world: int) -> None:
+    def shard(self, rank: int, world: int) -> None:  # noqa: B027 (an intended no-op default)
         """Become data-parallel rank `rank` of `world`.  Sources drawing from the trainer's
         per-rank generator need nothing; a shared order is cut into disjoint shares here."""
 

@@ -92,8 +92,9 @@ def _tensor_source(
     native = train.data.shape[-1]
     if cfg.image_size not in (None, native):
         raise ValueError(
-            f"data.image_size={cfg.image_size} cannot be used with {name} (its images are {native}x{native}); "
-            "resizing applies to celeba and imagenet only: leave data.image_size unset"
+            f"data.image_size={cfg.image_size} cannot be used with {name} "
+            f"(its images are {native}x{native}); resizing applies to celeba and imagenet only: "
+            "leave data.image_size unset"
         )
     num_classes, names = _classes(cfg, class_names)
     return TensorSource(

@@ -202,7 +202,8 @@ class JvpStrategy(ABC):
 
 
 class NogradJvp(JvpStrategy):
-    """Reference: a no-grad JVP over the whole batch, then a separate grad forward. Simplest, obviously right."""
+    """Reference: a no-grad JVP over the whole batch, then a separate grad forward. Simplest,
+    obviously right."""
 
     name = "nograd"
 

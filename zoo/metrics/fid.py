@@ -59,8 +59,9 @@ FID_REFERENCES = {"cifar10": FidReference("cifar10", 32, "train")}
 def fid_reference(dataset: str) -> FidReference:
     if dataset not in FID_REFERENCES:
         raise FidUnsupportedError(
-            f"--fid needs clean-fid reference statistics, which exist for {', '.join(sorted(FID_REFERENCES))} "
-            f"only, not for {dataset}; compare {dataset} models by the energy distance (zoo eval without --fid)"
+            "--fid needs clean-fid reference statistics, which exist for "
+            f"{', '.join(sorted(FID_REFERENCES))} only, not for {dataset}; compare {dataset} models "
+            "by the energy distance (zoo eval without --fid)"
         )
     return FID_REFERENCES[dataset]
 

@@ -85,7 +85,8 @@ def resolve(kernels: str, device: torch.device) -> str:
         if failure:
             warnings.warn(
                 f"loss.jvp_kernels=auto: the Triton group-norm tangent kernels failed on {key} ({failure}); "
-                f"the fused JVP uses the PyTorch operations instead (set loss.jvp_kernels=torch to skip the attempt)",
+                "the fused JVP uses the PyTorch operations instead "
+                "(set loss.jvp_kernels=torch to skip the attempt)",
                 stacklevel=2,
             )
     return "torch" if first_launches[key] else "triton"

@@ -386,8 +386,9 @@ class Conv2d(nn.Conv2d):
             )  # see GroupNorm
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
-            # Autocast's cast (which leaves fp64 alone), done before the Function rather than inside it: the Function then
-            # saves the low-precision input and weight its convolution used (half the memory of
+            # Autocast's cast (which leaves fp64 alone), done before the Function rather than
+            # inside it: the Function then saves the low-precision input and weight its
+            # convolution used (half the memory of
             # fp32 copies, and no second cast in backward), and the casts' own backward hands
             # fp32 gradients to fp32 tensors, as autocast does for nn.Conv2d.
             dtype = torch.get_autocast_dtype(device)

@@ -3,11 +3,12 @@
 What may go:  archived checkpoints (`step_XXXXXXX.pt`) beyond the newest `keep_last` of a run,
 and temporaries left by interrupted atomic writes (`.last.pt.tmp-123`).
 What never goes: any run's `last.pt`; the archived checkpoint its eval.json was computed from
-(the final evaluation names it: the model behind a reported number stays reproducible); anything of a run that may be being written — its
-heartbeat says running and is recent, or (unless its heartbeat says finished or failed) any
-of its files changed recently, which catches a run that has not written its first heartbeat
-yet; anything that changed between the listing and the deletion (the plan records size and
-mtime, and each run and file is checked again just before deleting).
+(the final evaluation names it: the model behind a reported number stays reproducible);
+anything of a run that may be being written — its heartbeat says running and is recent, or
+(unless its heartbeat says finished or failed) any of its files changed recently, which catches
+a run that has not written its first heartbeat yet; anything that changed between the listing
+and the deletion (the plan records size and mtime, and each run and file is checked again just
+before deleting).
 Patterns that select every run are refused unless `--all`: those with no literal character
 (`*`, `**`, `?*`) at once, and any other glob (`c*` where every run starts with c) once the runs
 are listed.
@@ -153,7 +154,8 @@ def plan_clean(
     live_window: float = DEFAULT_STALL_AFTER,
     allow_all: bool = False,
 ) -> CleanPlan:
-    """What `zoo clean` would delete under `runs_prefix` ('' for a local outputs folder, 'outputs' on the Volume)."""
+    """What `zoo clean` would delete under `runs_prefix` ('' for a local outputs folder,
+    'outputs' on the Volume)."""
     if keep_last < 0:
         raise CleanError(f"--keep-last must be 0 or more, got {keep_last}")
     now = time.time() if now is None else now

@@ -18,7 +18,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_SERVER_URL = "https://api.modal.com"
-SETUP_HINT = "run `modal setup` once (it opens a browser to create a token), or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
+SETUP_HINT = (
+    "run `modal setup` once (it opens a browser to create a token), "
+    "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
+)
 
 
 class ModalUnavailable(RuntimeError):

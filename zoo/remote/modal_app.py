@@ -55,7 +55,8 @@ class ModalSpec:
 
 
 def declared_requirements() -> list[str]:
-    """The project's runtime dependencies plus REMOTE_EXTRAS, from pyproject.toml or the installed metadata."""
+    """The project's runtime dependencies plus REMOTE_EXTRAS, from pyproject.toml or the
+    installed metadata."""
     pyproject = REPO_ROOT / "pyproject.toml"
     if pyproject.is_file():
         project = tomllib.loads(pyproject.read_text())["project"]

@@ -140,7 +140,10 @@ def run_status(
             ago = format_duration(now - stop)
             return status("stopped", f"stopped with `zoo modal stop` {ago} ago (last error: {error})")
         if heartbeat.get("retrying"):
-            error += f" (attempt {heartbeat.get('attempt', '?')}; Modal retries it, resuming from the last checkpoint)"
+            error += (
+                f" (attempt {heartbeat.get('attempt', '?')}; "
+                "Modal retries it, resuming from the last checkpoint)"
+            )
         return status("failed", error)
     if age > stall_after:
         if call is not None and call.state == "failed":
@@ -148,8 +151,9 @@ def run_status(
         during = f" in phase {phase!r}" if phase else ""
         return status(
             "stalled",
-            f"no heartbeat for {format_duration(age)} (limit {format_duration(stall_after)}){during}; the process "
-            "was probably killed without a chance to report (e.g. host out of memory: SIGKILL) or hangs",
+            f"no heartbeat for {format_duration(age)} (limit {format_duration(stall_after)}){during}; "
+            "the process was probably killed without a chance to report "
+            "(e.g. host out of memory: SIGKILL) or hangs",
         )
     return status("running", "")
 

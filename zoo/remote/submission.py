@@ -161,8 +161,8 @@ def check_resumable(
     """Refuse to resume a run without a checkpoint or one that is still running."""
     if store.stat(f"{OUTPUTS}/{run}/last.pt") is None:
         raise SubmitError(
-            f"cannot resume remote run {run!r}: no checkpoint at {OUTPUTS}/{run}/last.pt on {store.describe()}; "
-            "`zoo ckpts --remote` lists remote runs"
+            f"cannot resume remote run {run!r}: no checkpoint at {OUTPUTS}/{run}/last.pt "
+            f"on {store.describe()}; `zoo ckpts --remote` lists remote runs"
         )
     previous = read_submission(store, run)
     if previous is None:

@@ -223,7 +223,8 @@ def _merge_metrics(
             continue  # this database already has the record as logged later (ISO timestamps sort as text)
         dst.executemany("DELETE FROM metrics WHERE id = ?", [(row_id,) for row_id, _ in same_record])
         dst.execute(
-            "INSERT INTO metrics (run_id, timestamp, run_name, step, metrics, log_id) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO metrics (run_id, timestamp, run_name, step, metrics, log_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
             (run_id, timestamp, local_name, step, _renamed_metrics_text(metrics, rename), log_id),
         )
         result.metrics_added += 1

@@ -254,8 +254,8 @@ def collect_failure(paths: RunPaths, returncode: int) -> Failure:
 
     Under torchrun a rank the OOM killer took leaves no report, and torchrun exits with 1 like
     any crash: its launcher's record (torchrun-failures.json) says which rank died of SIGKILL.
-    When that rank failed first, its death is the cause; the other ranks' errors (a collective that lost its peer) are
-    consequences, and a retry would run out of memory again.
+    When that rank failed first, its death is the cause; the other ranks' errors (a collective
+    that lost its peer) are consequences, and a retry would run out of memory again.
     """
     record = json.loads(paths.launch_failures.read_text()) if paths.launch_failures.exists() else None
     launched = [] if record is None else record["failures"]
@@ -280,7 +280,8 @@ def collect_failure(paths: RunPaths, returncode: int) -> Failure:
     if returncode < 0:
         return Failure(f"training process killed by {signal.Signals(-returncode).name}", retryable=True)
     return Failure(
-        f"training exited with code {returncode} without reporting an error (a killed rank?); see `zoo modal logs`",
+        f"training exited with code {returncode} without reporting an error (a killed rank?); "
+        "see `zoo modal logs`",
         retryable=True,
     )
 

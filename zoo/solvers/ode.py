@@ -109,7 +109,7 @@ def steps_for_nfe(solver: Solver, nfe: int) -> int:
     """Steps that spend exactly `nfe` function evaluations."""
     if nfe < solver.calls_per_step or nfe % solver.calls_per_step:
         raise ValueError(
-            f"{solver.name} makes {solver.calls_per_step} model calls per step, so its NFE must be a positive "
-            f"multiple of {solver.calls_per_step}; got {nfe}"
+            f"{solver.name} makes {solver.calls_per_step} model calls per step, so its NFE must be "
+            f"a positive multiple of {solver.calls_per_step}; got {nfe}"
         )
     return nfe // solver.calls_per_step

@@ -66,18 +66,19 @@ def check_compilable(
         if resumed:
             # A resumed run keeps its JVP mode (the checkpoint's): changing loss.jvp is no fix.
             raise CompileSettingsError(
-                f"this run trains with loss.jvp={jvp_mode!r} (chosen when it started), which torch.compile cannot "
-                "trace (it runs torch.func.jvp); resume it without train.compile"
+                f"this run trains with loss.jvp={jvp_mode!r} (chosen when it started), which "
+                "torch.compile cannot trace (it runs torch.func.jvp); resume it without train.compile"
             )
         raise CompileSettingsError(
-            f"train.compile compiles MeanFlow with loss.jvp=fused only; loss.jvp={jvp_mode!r} runs torch.func.jvp, "
-            "which torch.compile cannot trace in a training step. Use loss.jvp=fused (or auto), or train.compile=false"
+            f"train.compile compiles MeanFlow with loss.jvp=fused only; loss.jvp={jvp_mode!r} runs "
+            "torch.func.jvp, which torch.compile cannot trace in a training step. Use loss.jvp=fused "
+            "(or auto), or train.compile=false"
         )
     if device.type == "cuda" and jvp_precision == "fp32":
         raise CompileSettingsError(
-            "under train.compile the JVP cannot switch matmul precision inside the compiled step and follows the "
-            "run's (TF32 on CUDA), so loss.jvp_precision=fp32 (IEEE) cannot hold; use loss.jvp_precision=tf32 or "
-            "bf16, or train.compile=false"
+            "under train.compile the JVP cannot switch matmul precision inside the compiled step and "
+            "follows the run's (TF32 on CUDA), so loss.jvp_precision=fp32 (IEEE) cannot hold; use "
+            "loss.jvp_precision=tf32 or bf16, or train.compile=false"
         )
 
 
@@ -120,10 +121,10 @@ def compile_evaluate(loss_fn: Loss, mode: str) -> Evaluate:
                 return compiled(model, x, draws)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             raise CompileError(
-                f"train.compile: {RECOMPILE_LIMIT} micro-batch shapes or loss settings have already compiled this "
-                f"loss (now batch {tuple(x.shape)}), and torch.compile would run the next one eagerly; keep the "
-                "micro-batch size fixed (train.batch_size, train.grad_accum, train.auto_microbatch), or set "
-                "train.compile=false"
+                f"train.compile: {RECOMPILE_LIMIT} micro-batch shapes or loss settings have already "
+                f"compiled this loss (now batch {tuple(x.shape)}), and torch.compile would run the next "
+                "one eagerly; keep the micro-batch size fixed (train.batch_size, train.grad_accum, "
+                "train.auto_microbatch), or set train.compile=false"
             ) from None
 
     if not keeps_grads(mode):

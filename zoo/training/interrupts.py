@@ -48,7 +48,8 @@ def ignored_notice(signum: int) -> str:
     Not "losing only the step in progress": the checkpoint being written is this step's, and the
     one on disk may be save_every steps older."""
     return (
-        f"{signal_display_name(signum)} again: ignored, so the checkpoint is written whole; `kill -9 {os.getpid()}` stops at once, "
+        f"{signal_display_name(signum)} again: ignored, so the checkpoint is written whole; "
+        f"`kill -9 {os.getpid()}` stops at once, "
         "losing the steps since the last checkpoint on disk (written atomically, it stays intact)"
     )
 

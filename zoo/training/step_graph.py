@@ -48,13 +48,13 @@ def check_capturable(device: torch.device, precision: str, jvp_mode: str) -> Non
         )
     if precision == "fp16":
         raise StepGraphError(
-            "train.cuda_graph does not run with precision=fp16 (its loss scaler changes the scale on the host "
-            "between steps); use precision=bf16, which needs no scaling"
+            "train.cuda_graph does not run with precision=fp16 (its loss scaler changes the scale on "
+            "the host between steps); use precision=bf16, which needs no scaling"
         )
     if jvp_mode in MODES_NOT_CAPTURABLE:
         raise StepGraphError(
-            f"loss.jvp={jvp_mode!r} cannot run inside train.cuda_graph's captured step (a graph cannot contain "
-            "another capture or a compiled region); use loss.jvp=fused (or primal) with it"
+            f"loss.jvp={jvp_mode!r} cannot run inside train.cuda_graph's captured step (a graph cannot "
+            "contain another capture or a compiled region); use loss.jvp=fused (or primal) with it"
         )
 
 

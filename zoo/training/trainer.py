@@ -198,8 +198,9 @@ def checkpoint_payload(state: TrainState, metrics: dict[str, float]) -> dict[str
 def restore(state: TrainState, payload: dict[str, Any]) -> None:
     if payload["device_type"] != state.device.type:
         raise RunError(
-            f"run {state.cfg.run_name!r} was trained on {payload['device_type']} and cannot resume exactly on "
-            f"{state.device.type} (their random-number states differ); resume with --device {payload['device_type']}"
+            f"run {state.cfg.run_name!r} was trained on {payload['device_type']} and cannot resume "
+            f"exactly on {state.device.type} (their random-number states differ); "
+            f"resume with --device {payload['device_type']}"
         )
     state.model.load_state_dict(payload["model"])
     state.ema.model.load_state_dict(payload["ema"])
@@ -322,7 +323,8 @@ def choose_jvp_mode(state: TrainState, stored_mode: str | None, console: Console
         state.jvp_mode = mode
     if state.cfg.loss.kind == "meanflow" and distributed.is_main():
         console.print(
-            f"JVP mode: [bold]{mode}[/] ({escape(reason)}){tangent_kernels_note(state.cfg, mode, state.model, state.device)}"
+            f"JVP mode: [bold]{mode}[/] ({escape(reason)})"
+            f"{tangent_kernels_note(state.cfg, mode, state.model, state.device)}"
         )
 
 
@@ -335,7 +337,10 @@ def tangent_kernels_note(cfg: ZooConfigBody, mode: str, model: torch.nn.Module, 
     if group_norm_tangent_kernel.resolve(cfg.loss.jvp_kernels, device) == "triton":
         return "; group-norm tangents: Triton kernels (loss.jvp_kernels)"
     failed = group_norm_tangent_kernel.failed_first_launch(device)
-    return f"; group-norm tangents: PyTorch operations (loss.jvp_kernels{'; the Triton kernels failed: ' + failed if failed else ''})"
+    return (
+        "; group-norm tangents: PyTorch operations "
+        f"(loss.jvp_kernels{'; the Triton kernels failed: ' + failed if failed else ''})"
+    )
 
 
 def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
@@ -490,8 +495,8 @@ def start_and_train(
         state.compiled_evaluate = compile_evaluate(state.loss_fn, cfg.train.compile_mode)
         if main:
             console.print(
-                f"torch.compile ({cfg.train.compile_mode}): the first step compiles the loss and its backward "
-                "(seconds for small models, minutes for large ones)"
+                f"torch.compile ({cfg.train.compile_mode}): the first step compiles the loss and its "
+                "backward (seconds for small models, minutes for large ones)"
             )
     if main and (tip := faster_step_tip(device, cfg, state.jvp_mode if resume else cfg.loss.jvp, resume)):
         console.print(tip)
@@ -719,7 +724,8 @@ def evaluated_at(run: RunDir, step: int) -> bool:
 def periodic_evaluation(
     state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, here: bool
 ) -> None:
-    """The step reached is evaluated by the process told `here` (rank 0 at most); every rank meets it after."""
+    """The step reached is evaluated by the process told `here` (rank 0 at most); every rank
+    meets it after."""
     if here:
         report = run_evaluation(state, run, final=False, progress=progress)
         log_evaluation(state, run, tracker, report, tag=f"step_{state.step:07d}")
