@@ -36,6 +36,22 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0, le=64)
     on_device: bool = Field(True, description="keep datasets that fit as one tensor on the device")
     train_size: int | None = Field(None, ge=1, description="use only the first N training examples")
+    latent_folder: str = Field(
+        "imagenet-latents",
+        min_length=1,
+        description="folder under data.root with the latents of data.name=imagenet-latents "
+        "(written by `zoo data encode-latents`)",
+    )
+    vae: str | None = Field(
+        None,
+        description="where to load the latents' VAE from to decode pictures (a local folder or a hub id); "
+        "default: the VAE recorded in the latents' meta.json",
+    )
+    decode_latents: bool = Field(
+        True,
+        description="decode latent samples with the VAE for pictures (needs its weights; false shows latent "
+        "channels 0-2)",
+    )
 
 
 class MLPConfig(Section):
