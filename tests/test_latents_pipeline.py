@@ -19,6 +19,7 @@ from zoo.metrics.inception import folder_reference
 from zoo.models.vae import SDVAE, decode_latents
 from zoo.scoring import score_model
 from zoo_cli.main import app
+from zoo_cli.sample import parse_classes
 
 runner = CliRunner()
 TINY_DIT = ["model.size=none", "model.hidden=32", "model.depth=1", "model.heads=2", "model.patch_size=2"]
@@ -80,6 +81,22 @@ def test_sample_decodes_and_lays_classes_out_in_rows(trained, tmp_path):
     assert np.abs(saved["samples"]).max() <= 1
     grid = np.asarray(Image.open(out))
     assert grid.shape[:2] == (2 * (3 * 18 + 2), 2 * (8 * 18 + 2))  # 3 rows of 8, enlarged 2x
+
+
+def test_class_options_are_checked_before_sampling(trained, tmp_path):
+    assert parse_classes("0-3,10, 7") == [0, 1, 2, 3, 10, 7]
+    out = ["--out", tmp_path / "x.png", "--device", "cpu"]
+    for args, message in (
+        (["--classes", "0-9"], "--classes must be in 0..2, got 3"),
+        (["--classes", "0-2", "--n", "10"], "--n 10 does not split evenly over the 3 classes"),
+        (["--classes", "2-0"], "runs backwards"),
+        (["--classes", "a-b"], "class numbers and ranges"),
+        (["--class", "1", "--classes", "0-2"], "not both"),
+        (["--vae", tmp_path / "none"], "there is no folder"),
+    ):
+        result = zoo("sample", trained["run"], *args, *out)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_fid_of_decoded_samples_with_a_stand_in_feature_network(trained, tmp_path):
