@@ -13,8 +13,9 @@ preempted container) leaves its finished shards behind; the same command encodes
 missing ones.  The posterior noise of a shard comes from a generator seeded by (seed, shard):
 the assembled file does not depend on where a run was interrupted: on one machine and with the
 same batch size it is byte for byte the file an uninterrupted run writes (another batch size or
-device can change the rounding of the convolutions, so the last bits of some float16 values).  The settings that define the result are
-kept with the shards (plan.json); resuming with others is refused.
+device can change the rounding of the convolutions, so the last bits of some float16 values).
+The settings that define the result are kept with the shards (plan.json); resuming with others
+is refused.
 
 The output folder (see zoo.data.latents) gets {split}_latents.npy (float16), {split}_labels.npy,
 {split}_encode.json (what was encoded, how, how long) and meta.json (classes, image size, the
