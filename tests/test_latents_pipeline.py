@@ -3,6 +3,7 @@ random AutoencoderKL loaded from a local folder by the real from_pretrained path
 a tiny class-conditional DiT on the latents -> decoded training grid -> `zoo sample --classes`
 decoded, one row per class -> FID and IS with a small random CNN in Inception's place."""
 
+import json
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from zoo.evaluation import Method
 from zoo.inference import load_model
+from zoo.metrics import inception
 from zoo.metrics.inception import folder_reference
 from zoo.models.vae import SDVAE, decode_latents
 from zoo.scoring import score_model
@@ -128,3 +130,18 @@ def test_fid_of_decoded_samples_with_a_stand_in_feature_network(trained, tmp_pat
     assert 1.0 <= scores.inception_score <= 10.0
     assert (scores.sampler, scores.nfe, scores.guidance) == ("MeanFlow 1-step", 1, 1.0)
     assert "decoded by" in scores.summary() and str(val) in scores.reference
+
+
+def test_zoo_fid_scores_a_latent_run_against_a_folder(trained, tmp_path, monkeypatch):
+    """The command's whole path (folder statistics, decoding, JSON), Inception replaced by the CNN."""
+    monkeypatch.setattr(inception, "InceptionV3", lambda device, resize: TinyFeatures())
+    val = trained["root"] / "data" / "imagenet" / "val"
+    out = tmp_path / "fid.json"
+    args = ["--ref", val, "--n", 12, "--batch-size", 5, "--stats-cache", tmp_path, "--out", out]
+    result = zoo("fid", trained["run"], *args, "--device", "cpu", "--num-workers", 0)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["n_samples"] == 12 and saved["class_balanced"] and saved["decoded_by"] == str(trained["vae"])
+    assert (saved["sampler"], saved["nfe"], saved["guidance"]) == ("MeanFlow 1-step", 1, 1.0)
+    assert math.isfinite(saved["fid"]) and f"FID {saved['fid']:.3f}" in result.output
+    assert len(list(tmp_path.glob("16px-none-*.npz"))) == 1  # the folder's statistics, cached
