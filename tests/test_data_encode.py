@@ -147,18 +147,23 @@ def test_a_flat_folder_has_no_classes(tmp_path):
         list_images(tmp_path)
 
 
-def test_a_missing_vae_is_reported_at_once(tmp_path, monkeypatch):
+@pytest.fixture
+def empty_offline_hub(tmp_path, monkeypatch):
+    """No network to the hub, and a Hugging Face cache without the VAE (whatever this machine has)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+
+
+def test_a_missing_vae_is_reported_at_once(tmp_path, empty_offline_hub):
     with pytest.raises(MissingAssetError, match="huggingface-cli download stabilityai/sd-vae-ft-ema"):
         SDVAE.from_pretrained("stabilityai/sd-vae-ft-ema")
     with pytest.raises(MissingAssetError, match="there is no folder"):
         SDVAE.from_pretrained(tmp_path / "no-such-vae")
 
 
-def test_the_command_refuses_before_any_work(folders, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+def test_the_command_refuses_before_any_work(folders, tmp_path, empty_offline_hub):
     runner = CliRunner()
     out = tmp_path / "out"
 
@@ -175,3 +180,25 @@ def test_the_command_refuses_before_any_work(folders, tmp_path, monkeypatch):
     result = run("--split", "val", "--vae", folders["vae"], "--posterior", "mode")
     assert result.exit_code == 2 and "--posterior must be sample or mean" in result.output
     assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated:UserWarning")
+def test_a_hub_id_in_the_local_cache_loads_without_the_network(folders, tmp_path, monkeypatch):
+    """The hub-id path of from_pretrained, offline: a Hugging Face cache laid out as a download
+    leaves it (refs/main -> snapshots/<revision>/), holding the tiny VAE's files."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--stabilityai--sd-vae-ft-ema"
+    shutil.copytree(folders["vae"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vae = SDVAE.from_pretrained("stabilityai/sd-vae-ft-ema")
+    reference = SDVAE.from_pretrained(folders["vae"])
+    assert vae.name == "stabilityai/sd-vae-ft-ema"
+    for (name, a), (_, b) in zip(vae.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
