@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 from zoo.config.loading import ConfigError
 from zoo.config.schema import DataConfig
 from zoo.data import DataNotFoundError, build_data
+from zoo.data import encode as encoding
 from zoo.data.encode import EncodeSettings, encode_folder, list_images
 from zoo.errors import MissingAssetError, OutputPathError
 from zoo.models.vae import SDVAE, TINY_VAE_CONFIG, load_vae
+from zoo.runs import atomic_write_bytes
 from zoo_cli.main import app
 
 
@@ -73,7 +75,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_encoding_resumes_to_the_same_file(folders, tmp_path):
+def test_an_interrupted_encoding_resumes_to_the_same_file(folders, tmp_path, monkeypatch):
     settings = {"flip_copies": True, "shard_size": 4, "posterior": "sample", "seed": 3}
     encode(folders, tmp_path / "whole", **settings)
 
@@ -95,6 +97,23 @@ def test_an_interrupted_encoding_resumes_to_the_same_file(folders, tmp_path):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     with pytest.raises(OutputPathError, match="encoded already"):
         encode(folders, out, **settings)
+
+    # Cut off while assembling, after the labels file and before the latents file: the same
+    # command assembles again.
+    def labels_then_stop(path: Path, data: bytes) -> None:
+        atomic_write_bytes(path, data)
+        if path.name == "train_labels.npy":
+            raise Interrupted
+
+    monkeypatch.setattr(encoding, "atomic_write_bytes", labels_then_stop)
+    with pytest.raises(Interrupted):
+        encode(folders, tmp_path / "assembling", **settings)
+    assert (tmp_path / "assembling" / "train_labels.npy").exists()
+    assert not (tmp_path / "assembling" / "train_latents.npy").exists()
+    monkeypatch.undo()
+    assert encode(folders, tmp_path / "assembling", **settings)["shards_encoded"] == 0
+    for name in ("train_latents.npy", "train_labels.npy"):
+        assert (tmp_path / "assembling" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     # Another batch size draws the same noise; only the convolutions' rounding may differ.
     encode(folders, tmp_path / "batched", batch_size=5, **settings)
     other, whole = (
@@ -179,6 +198,10 @@ def test_the_command_refuses_before_any_work(folders, tmp_path, empty_offline_hu
     assert result.exit_code == 2 and "--split must be train or val" in result.output
     result = run("--split", "val", "--vae", folders["vae"], "--posterior", "mode")
     assert result.exit_code == 2 and "--posterior must be sample or mean" in result.output
+    result = run("--split", "val", "--vae", folders["vae"], "--image-size", "15", "--device", "cpu")
+    assert result.exit_code == 2 and "--image-size 15 is not a multiple of 2" in " ".join(
+        result.output.split()
+    )
     assert not out.exists()
 
 

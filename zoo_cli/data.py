@@ -118,15 +118,13 @@ def encode_here(
     device: str,
     threads: int,
 ) -> None:
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from zoo.data.encode import default_out, encode_folder
-
-    out = out or default_out(dataset)
-    import torch
-
     from zoo.devices import resolve_device
 
+    out = out or default_out(dataset)
     with user_errors():
         if threads:
             torch.set_num_threads(threads)
@@ -162,7 +160,8 @@ def encode_here(
                 on_items=lambda k: progress.advance(task, k),
             )
         finally:
-            progress.stop()
+            if task is not None:  # a progress display never started would still print a blank line
+                progress.stop()
     console.print(
         f"wrote {out}/{split}_latents.npy: {summary['items']} latents {tuple(summary['latent_shape'])} of "
         f"{summary['images']} images{' and their mirror images' if settings.flip_copies else ''}, "

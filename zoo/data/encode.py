@@ -23,6 +23,7 @@ VAE's name and scale: what decoding and the loader check).
 """
 
 import hashlib
+import io
 import json
 import shutil
 import time
@@ -43,7 +44,7 @@ from zoo.data.sources import CenterCropResize, ImageFiles
 from zoo.errors import DataNotFoundError, OutputPathError
 from zoo.models.vae import DEFAULT_SD_VAE, SDVAE, load_vae
 from zoo.output_paths import check_writable_dir
-from zoo.runs import atomic_write_json
+from zoo.runs import atomic_write_bytes, atomic_write_json
 
 PLAN_FILE = "plan.json"
 Posterior = Literal["sample", "mean"]
@@ -174,12 +175,11 @@ class LatentEncoding:
         """Refuse, before any work, what would overwrite or mix up latents: an encoded split,
         shards of an encoding with other settings, a meta.json of another VAE or image size."""
         check_writable_dir(self.out, "--out")
-        for path in (self.latents_path, self.labels_path):
-            if path.exists():
-                raise OutputPathError(
-                    f"{path} exists: {self.split} is encoded already; delete {self.latents_path.name} and "
-                    f"{self.labels_path.name} in {self.out} to encode it again"
-                )
+        if self.latents_path.exists():  # written last: the split is complete
+            raise OutputPathError(
+                f"{self.latents_path} exists: {self.split} is encoded already; delete "
+                f"{self.latents_path.name} and {self.labels_path.name} in {self.out} to encode it again"
+            )
         plan_path = self.shard_dir / PLAN_FILE
         if plan_path.is_file():
             previous = json.loads(plan_path.read_text())
@@ -241,11 +241,10 @@ class LatentEncoding:
         )
         shards = self._encode_shards(vae, items, todo, latent_shape, batch_size, num_workers, on_items)
         for shard, latents, labels in shards:
-            temporary = self.shard_dir / f".{shard:06d}.tmp.npz"
-            np.savez(temporary, latents=latents, labels=labels)
-            temporary.replace(self.shard_path(shard))  # a shard file exists only when complete
+            buffer = io.BytesIO()
+            np.savez(buffer, latents=latents, labels=labels)
+            atomic_write_bytes(self.shard_path(shard), buffer.getvalue())  # exists only when complete
             on_shard(shard)
-        self._assemble(latent_shape)
         summary = {
             **self.plan(),
             "vae": vae.name,
@@ -265,6 +264,7 @@ class LatentEncoding:
                 "latent_shape": list(latent_shape),
             },
         )
+        self._assemble(latent_shape)
         shutil.rmtree(self.shard_dir)
         return summary
 
@@ -304,7 +304,8 @@ class LatentEncoding:
                 shard, parts, filled = None, [], 0
 
     def _assemble(self, latent_shape: tuple[int, int, int]) -> None:
-        """The shards, in order, into {split}_latents.npy / _labels.npy (the latents file last)."""
+        """The shards, in order, into {split}_latents.npy / _labels.npy.  The latents file comes
+        last, after meta.json: until it exists, the same command assembles again."""
         temporary = self.latents_path.with_name(f".{self.latents_path.name}.tmp")
         out = np.lib.format.open_memmap(
             temporary, mode="w+", dtype=np.float16, shape=(self.num_items, *latent_shape)
@@ -317,10 +318,9 @@ class LatentEncoding:
                 labels[rows.start : rows.stop] = part["labels"]
         out.flush()
         del out
-        labels_temporary = self.labels_path.with_name(f".{self.labels_path.name}.tmp")
-        with labels_temporary.open("wb") as f:
-            np.save(f, labels)
-        labels_temporary.replace(self.labels_path)
+        buffer = io.BytesIO()
+        np.save(buffer, labels)
+        atomic_write_bytes(self.labels_path, buffer.getvalue())
         temporary.replace(self.latents_path)  # last: the latents file appears only when all is there
 
 
@@ -351,6 +351,11 @@ def encode_folder(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     vae = load_vae(settings.vae, device)
+    if settings.image_size % vae.downsample_factor:
+        raise ConfigError(
+            f"--image-size {settings.image_size} is not a multiple of {vae.downsample_factor}, the VAE's "
+            "downsampling factor: pick one that is (256 for ImageNet-256)"
+        )
     encoding = LatentEncoding(list_images(split_folder(dataset, split), limit), out, split, settings)
     encoding.check()
     done = sum(len(encoding.shard_range(k)) for k in encoding.done_shards())
