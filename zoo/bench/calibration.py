@@ -20,7 +20,6 @@ run must keep its mode: pass the mode stored in the checkpoint as `stored_mode`.
 import copy
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from zoo.losses import resolve_jvp_mode
 from zoo.losses.jvp import PREDICTION_IN_ISLAND, prediction_precision_note
 from zoo.models import group_norm_tangent_kernel
 from zoo.models.base import FlowModel, RowTangentModel
+from zoo.output_paths import zoo_cache_dir
 from zoo.runs import atomic_write_json
 from zoo.training.memory import format_bytes
 from zoo.training.optim import build_optimizer
@@ -46,8 +46,7 @@ CALIBRATION_REPEATS = 3  # timed interleaved rounds per candidate, after the mem
 
 
 def cache_path() -> Path:
-    root = os.environ.get("ZOO_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "zoo") / CACHE_FILE
+    return zoo_cache_dir() / CACHE_FILE
 
 
 def offers_fused(model: FlowModel, loss_cfg: LossConfig, precision: str) -> bool:

@@ -19,13 +19,10 @@ features (float64) and one IS split of probabilities at a time, never 50 000 ima
 """
 
 import hashlib
-import http.client
 import importlib.util
 import io
 import json
 import math
-import os
-import urllib.error
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,7 +43,8 @@ from zoo.metrics.fid import (
     frechet_distance,
     to_pixels,
 )
-from zoo.network import socket_timeout
+from zoo.network import guarded_download
+from zoo.output_paths import zoo_cache_dir
 
 Resize = Literal["clean", "tf"]
 RESIZES: tuple[str, ...] = ("clean", "tf")
@@ -123,17 +121,8 @@ def fetch_inception() -> None:
         return
     from cleanfid.downloads_helper import check_download_inception
 
-    try:
-        with socket_timeout(DOWNLOAD_TIMEOUT_S):
-            check_download_inception(str(INCEPTION_DIR))
-    except BaseException as error:  # Ctrl-C cuts a download off as surely as the network does
-        INCEPTION_FILE.unlink(missing_ok=True)
-        if not isinstance(error, (OSError, http.client.HTTPException)):
-            raise
-        reason = (
-            error.reason if isinstance(error, urllib.error.URLError) else f"{type(error).__name__}: {error}"
-        )
-        raise MissingAssetError(inception_missing_message(reason)) from error
+    with guarded_download([INCEPTION_FILE], DOWNLOAD_TIMEOUT_S, MissingAssetError, inception_missing_message):
+        check_download_inception(str(INCEPTION_DIR))
 
 
 class RunningStatistics:
@@ -222,8 +211,7 @@ def check_compatible(reference: ReferenceStats, extractor: FeatureExtractor) -> 
 
 def default_stats_cache() -> Path:
     """$ZOO_CACHE_DIR/fid-stats (default ~/.cache/zoo/fid-stats): folder statistics, computed once."""
-    root = os.environ.get("ZOO_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "zoo") / "fid-stats"
+    return zoo_cache_dir() / "fid-stats"
 
 
 def reference_cache_path(
