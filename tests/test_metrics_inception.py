@@ -2,8 +2,8 @@
 against closed forms, FID of streamed batches against the direct formula, reference files (ADM's
 layout, zoo's cache), and `zoo fid`'s refusals before any work."""
 
+import io
 import math
-import urllib.error
 
 import numpy as np
 import pytest
@@ -103,24 +103,32 @@ def test_reference_files(tmp_path):
         load_reference(tmp_path / "other.npz")
 
 
+class CutOff(io.BytesIO):
+    """A response whose connection is reset after its first bytes."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell():
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(4)
+
+
 @pytest.fixture
 def offline_inception(tmp_path, monkeypatch):
-    """Inception's weights not on this machine, and a download that fails half-way."""
-    import cleanfid.downloads_helper
+    """Inception's weights not on this machine, and a download cut off half-way.  urlopen is
+    patched, not clean-fid's functions: clean-fid star-imports those into its other modules, where
+    a patch would outlive the test."""
+    import cleanfid.downloads_helper as helper
 
     monkeypatch.setattr(inception, "INCEPTION_DIR", tmp_path)
     monkeypatch.setattr(inception, "INCEPTION_FILE", tmp_path / "inception-2015-12-05.pt")
-
-    def cut_off(fpath):
-        (tmp_path / "inception-2015-12-05.pt").write_bytes(b"half a file")
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_inception", cut_off)
+    monkeypatch.setattr(
+        helper.urllib.request, "urlopen", lambda url, *args, **kwargs: CutOff(b"PK\x03\x04...")
+    )
     return tmp_path / "inception-2015-12-05.pt"
 
 
 def test_missing_inception_weights_are_explained_and_no_partial_file_stays(offline_inception):
-    with pytest.raises(MissingAssetError, match=f"inception-2015-12-05.pt.*put it at {offline_inception}"):
+    with pytest.raises(MissingAssetError, match=f"connection reset.*put it at {offline_inception}"):
         fetch_inception()
     assert not offline_inception.exists()
 
