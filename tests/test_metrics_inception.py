@@ -101,6 +101,11 @@ def test_reference_files(tmp_path):
     np.savez(tmp_path / "other.npz", arr_0=np.zeros(3))
     with pytest.raises(MissingAssetError, match="not the arrays mu and sigma"):
         load_reference(tmp_path / "other.npz")
+    np.save(tmp_path / "mu.npy", np.zeros(3))
+    (tmp_path / "cut.npz").write_bytes(adm.read_bytes()[:100])
+    for path in (tmp_path / "mu.npy", tmp_path / "cut.npz"):
+        with pytest.raises(MissingAssetError, match="is not an .npz file"):
+            load_reference(path)
 
 
 class CutOff(io.BytesIO):

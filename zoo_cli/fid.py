@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from zoo.output_paths import check_writable_file
+from zoo.output_paths import check_writable_dir, check_writable_file
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import make_console
 from zoo_cli.sample import check_method_args, choose_method, resolve_checkpoint_path
@@ -88,7 +88,9 @@ def fid_command(
 
     with user_errors():
         reference = None
-        if not ref.is_dir():
+        if ref.is_dir():  # its statistics, an hour's work for ImageNet, must be cacheable
+            check_writable_dir(stats_cache or default_stats_cache(), "--stats-cache")
+        else:
             reference = load_reference(ref)  # a missing or wrong file: exit 2 naming what to fetch
             if resize not in (None, reference.resize):
                 raise fail(f"--resize {resize}: {ref} was computed with resize={reference.resize}")

@@ -23,6 +23,7 @@ import importlib.util
 import io
 import json
 import math
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -186,6 +187,11 @@ def load_reference(path: Path) -> ReferenceStats:
             f"no reference statistics at {path}. For ImageNet 256 fetch ADM's reference batch "
             f"{ADM_REFERENCE_URL} and pass its path (--ref), or pass your ImageNet train folder (its "
             "statistics are computed once and cached)"
+        )
+    if not zipfile.is_zipfile(path):
+        raise MissingAssetError(
+            f"{path} is not an .npz file (or is cut off); pass ADM's {ADM_REFERENCE}, an .npz of statistics "
+            "zoo wrote, or an image folder"
         )
     with np.load(path) as data:
         if "mu" not in data.files or "sigma" not in data.files:
