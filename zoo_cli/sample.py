@@ -208,8 +208,9 @@ def sample(
         decoder = None
         if is_latent_data(loaded.cfg.data):  # the VAE is loaded (or its absence reported) before sampling
             decoder = load_decoder(*latent_vae_name(loaded.cfg.data, vae), dev)
-        elif vae is not None:
-            raise fail("--vae given, but this model generates pixels, not latents")
+        elif vae is not None or keep_latents:
+            option = "--vae" if vae is not None else "--latents"
+            raise fail(f"{option} given, but this model generates pixels, not latents")
         method = choose_method(loaded.cfg.eval, loaded.is_meanflow, nfe, solver)
         out = out or checkpoint.parent / "samples" / f"{checkpoint.stem}_{method.kind}_{method.nfe}nfe.png"
         generator = torch.Generator().manual_seed(seed)
