@@ -129,7 +129,8 @@ class DiTConfig(Section):
             if key in data and str(data[key]) != str(value):
                 raise ValueError(
                     f"model.size={data['size']} means {key}={value}, but {key}={data[key]} was also "
-                    f"given: drop model.{key}, or pick another size"
+                    f"given: drop model.{key}, pick another size, or set model.size=none to choose hidden, "
+                    "depth, heads and patch_size yourself"
                 )
         return {**data, **implied}
 
