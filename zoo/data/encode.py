@@ -185,10 +185,11 @@ class LatentEncoding:
             previous = json.loads(plan_path.read_text())
             differing = sorted(k for k, v in self.plan().items() if previous.get(k) != v)
             if differing:
+                named = ("the file list" if k == "fingerprint" else k for k in differing)
                 raise ConfigError(
                     f"{self.shard_dir} holds an interrupted encoding of {self.split} that differs in "
-                    f"{', '.join(differing)}: run the same command again to resume it, or delete that "
-                    "folder to start over"
+                    f"{', '.join(named)}: resume it with the settings and images it began with, or delete "
+                    "that folder to start over"
                 )
         meta = read_meta(self.out) if (self.out / "meta.json").is_file() else None
         if meta is not None:
