@@ -183,18 +183,23 @@ class Dual:
 
     # Tensor methods; the batch dimension stays first.
 
-    def reshape(self, *shape: int) -> "Dual":
-        """shape[0] is the batch (B for the primal; the tangent keeps its own row count)."""
+    def _row_shape(self, shape: tuple) -> tuple:
+        """A new shape's per-row part; its first size must be the batch size B (the tangent keeps
+        its own row count)."""
         shape = _shape_arguments(shape)
         if shape[0] != self.shape[0]:
-            raise ValueError(f"a Dual's reshape must keep the batch size {self.shape[0]} first, got {shape}")
-        return self._restructured(lambda a: a.reshape(a.shape[0], *shape[1:]))
+            raise ValueError(
+                f"a Dual's new shape must keep the batch size {self.shape[0]} first, got {shape}"
+            )
+        return shape[1:]
+
+    def reshape(self, *shape: int) -> "Dual":
+        row_shape = self._row_shape(shape)
+        return self._restructured(lambda a: a.reshape(a.shape[0], *row_shape))
 
     def view(self, *shape: int) -> "Dual":
-        shape = _shape_arguments(shape)
-        if shape[0] != self.shape[0]:
-            raise ValueError(f"a Dual's view must keep the batch size {self.shape[0]} first, got {shape}")
-        return self._restructured(lambda a: a.view(a.shape[0], *shape[1:]))
+        row_shape = self._row_shape(shape)
+        return self._restructured(lambda a: a.view(a.shape[0], *row_shape))
 
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "Dual":
         if _batch_dim(start_dim, self.ndim):
@@ -274,7 +279,7 @@ class Dual:
             if func in (Tensor.div, torch.div):
                 return div(*args)
         raise TypeError(
-            f"{getattr(func, '__name__', func)} does not take zoo.models.dual.Dual: a Dual supports "
+            f"{func.__name__} does not take zoo.models.dual.Dual: a Dual supports "
             "+ - * /, torch.cat, the functions in ROW_LINEAR_FUNCTIONS and zoo.models.layers' modules"
         )
 

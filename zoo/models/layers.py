@@ -290,7 +290,8 @@ class LayerNorm(nn.LayerNorm):
         return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
 
     def row_tangent(self, x: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor, kernels: str) -> Tensor:
-        """The tangent at a Dual's rows x along dx, from their statistics (k, ..., 1)."""
+        """The tangent at a Dual's rows x along dx, from their statistics (k, ..., 1); one
+        implementation whatever `kernels` says (a choice for group norm)."""
         weight = None if self.weight is None else self.weight.to(x.dtype)
         return tangents.layer_norm_tangent(x, dx, weight, mean, rstd)
 
@@ -371,9 +372,9 @@ class Conv2d(nn.Conv2d):
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
             # Autocast's cast (which leaves fp64 alone), done before the Function rather than
             # inside it: the Function then saves the low-precision input and weight its
-            # convolution used (half the memory of
-            # fp32 copies, and no second cast in backward), and the casts' own backward hands
-            # fp32 gradients to fp32 tensors, as autocast does for nn.Conv2d.
+            # convolution used (half the memory of fp32 copies, and no second cast in backward),
+            # and the casts' own backward hands fp32 gradients to fp32 tensors, as autocast does
+            # for nn.Conv2d.
             dtype = torch.get_autocast_dtype(device)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
