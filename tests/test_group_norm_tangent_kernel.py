@@ -19,7 +19,7 @@ from tiny_runs import TINY_RUN
 from typer.testing import CliRunner
 
 from zoo.config.loading import load_config
-from zoo.models import build_model, group_norm_tangent_kernel
+from zoo.models import build_model, group_norm_tangent_kernel, tangents
 from zoo.training.trainer import tangent_kernels_note
 from zoo_cli.main import app
 
@@ -196,11 +196,9 @@ def test_auto_falls_back_to_the_torch_operations_when_the_kernels_fail_their_fir
 
 def test_the_first_launch_check_catches_kernels_that_raise_or_compute_wrongly(monkeypatch) -> None:
     # On the CPU, with the kernel replaced: what the check makes of each outcome.
-    from zoo.models import layers
-
     def torch_tangent(x, dx, weight, mean, rstd, groups):
         n = x.shape[0]
-        return layers.group_norm_tangent(
+        return tangents.group_norm_tangent(
             x, dx, weight, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), groups
         )
 

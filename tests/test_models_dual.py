@@ -7,8 +7,8 @@ memory of a flow-matching step.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from model_helpers import perturb
-from torch import nn
 
 from zoo.config.schema import DiTConfig, LossConfig, MLPConfig, UNetConfig
 from zoo.losses import MeanFlowLoss, build_jvp, build_loss
@@ -17,6 +17,7 @@ from zoo.losses.time_sampling import sample_t_r
 from zoo.models import build_model
 from zoo.models import dual as D
 from zoo.models.base import FlowModel
+from zoo.models.layers import GELU, Attention, Conv2d, Dropout, GroupNorm, LayerNorm, Linear, SiLU
 from zoo.training.memory import LiveTensors
 
 F64 = torch.float64
@@ -179,19 +180,19 @@ def test_a_broadcast_factor_is_not_mistaken_for_per_sample_when_its_size_equals_
     gamma = torch.randn(channels, 1, 1, dtype=F64)
     rows = torch.tensor([2, 0])
     meta = D.RowTangents(rows=rows, batch=batch, island=island)
-    out = D.mul(D.Dual(x, dx[rows], meta), gamma)
+    out = D.Dual(x, dx[rows], meta) * gamma
     _, expected = torch.func.jvp(lambda a: a * gamma, (x,), (dx,))
     torch.testing.assert_close(out.tangent, expected[rows])
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
 def test_dropout_tangent_uses_the_primal_mask(dtype):
-    module = nn.Dropout(0.4).train()
+    module = Dropout(0.4).train()
     x = torch.rand(6, 50, dtype=F64) + 0.5  # nonzero: output / input reveals mask / (1 - p)
     rows = torch.tensor([5, 1])
     dx = torch.randn(2, 50, dtype=F64)
     meta = D.RowTangents(rows=rows, batch=6, island=island)
-    out = D.dropout(module, D.Dual(x, dx.to(dtype), meta))
+    out = module(D.Dual(x, dx.to(dtype), meta))
     factor = out.primal[rows] / x[rows]
     kept = factor != 0
     assert kept.any() and (~kept).any()
@@ -205,7 +206,7 @@ def test_dropout_tangent_uses_the_primal_mask(dtype):
 
 def test_dropout_of_one_drops_the_tangent_too():
     meta = D.RowTangents(rows=torch.tensor([0]), batch=2, island=island)
-    out = D.dropout(nn.Dropout(1.0).train(), D.Dual(torch.ones(2, 5), torch.ones(1, 5), meta))
+    out = Dropout(1.0).train()(D.Dual(torch.ones(2, 5), torch.ones(1, 5), meta))
     assert torch.equal(out.primal, torch.zeros(2, 5)) and torch.equal(out.tangent, torch.zeros(1, 5))
 
 
@@ -218,17 +219,15 @@ def test_product_rule_matches_torch_func_jvp():
     def f(a_, b_):
         return a_ * torch.sigmoid(b_) + 2.0
 
-    out = D.add(D.mul(D.Dual(a, da[rows], meta), _sigmoid(D.Dual(b, db[rows], meta))), 2.0)
+    out = D.Dual(a, da[rows], meta) * _sigmoid(D.Dual(b, db[rows], meta)) + 2.0
     _, expected = torch.func.jvp(f, (a, b), (da, db))
     torch.testing.assert_close(out.primal, f(a, b))
     torch.testing.assert_close(out.tangent, expected[rows])
 
 
 def _sigmoid(x: D.Dual) -> D.Dual:
-    """sigmoid through the pointwise helper: derivative s (1 - s)."""
-    return D._pointwise(
-        x, torch.sigmoid, lambda dx, rows: dx * torch.sigmoid(rows) * (1 - torch.sigmoid(rows))
-    )
+    """sigmoid through Dual.elementwise: derivative s (1 - s)."""
+    return x.elementwise(torch.sigmoid, lambda dx, rows: dx * torch.sigmoid(rows) * (1 - torch.sigmoid(rows)))
 
 
 def test_fused_step_needs_no_more_memory_than_flow_matching():
@@ -294,3 +293,151 @@ def test_row_count_of_a_slice_is_what_indexing_selects(rows):
     assert D.row_count(torch.tensor([4, 1]), 9) == 2
     with pytest.raises(ValueError, match="forward"):
         D.row_count(slice(0, 4, 2), 9)
+
+
+# ----------------------------------------------------------------------------- Dual's Tensor interface
+
+BATCH, ROWS = 4, torch.tensor([3, 0])
+
+
+def duals(*shape_and_tangents):
+    """Inputs, their tangents for every row, and the Duals carrying the tangents of ROWS."""
+    meta = D.RowTangents(rows=ROWS, batch=BATCH, island=island)
+    return [D.Dual(x, dx[ROWS], meta) for x, dx in shape_and_tangents]
+
+
+def check_against_jvp(f, *inputs):
+    """f applied to Duals gives f's value and the rows of torch.func.jvp's tangent."""
+    g = torch.Generator().manual_seed(0)
+    tangents = [torch.randn(x.shape, generator=g, dtype=F64) for x in inputs]
+    out = f(*duals(*zip(inputs, tangents, strict=True)))
+    value, expected = torch.func.jvp(f, tuple(inputs), tuple(tangents))
+    torch.testing.assert_close(out.primal, value, rtol=0, atol=0)
+    assert out.tangent is not None and out.tangent.shape == (len(ROWS), *value.shape[1:])
+    torch.testing.assert_close(out.tangent, expected[ROWS])
+
+
+def _constant():
+    return torch.randn(BATCH, 3, 5, generator=torch.Generator().manual_seed(9), dtype=F64)
+
+
+ARITHMETIC = {
+    "dual + tensor": lambda a, b: a + _constant(),
+    "tensor + dual": lambda a, b: _constant() + a,
+    "number + dual": lambda a, b: 1 + a,
+    "dual - tensor": lambda a, b: a - _constant(),
+    "tensor - dual": lambda a, b: _constant() - a,
+    "number - dual": lambda a, b: 2.0 - a,
+    "dual - dual": lambda a, b: a - b,
+    "-dual": lambda a, b: -a,
+    "tensor * dual": lambda a, b: _constant() * a,
+    "dual * broadcast tensor": lambda a, b: a * torch.linspace(-1, 1, 5, dtype=F64),
+    "number * dual": lambda a, b: 0.5 * a,
+    "dual * dual": lambda a, b: a * b,
+    "dual / tensor": lambda a, b: a / (2 + _constant().abs()),
+    "tensor / dual": lambda a, b: _constant() / b,
+    "number / dual": lambda a, b: 3.0 / b,
+    "dual / dual": lambda a, b: a / b,
+    "torch.mul(tensor, dual)": lambda a, b: torch.mul(_constant(), a),
+    "torch.sub(tensor, dual)": lambda a, b: torch.sub(_constant(), b),
+}
+
+
+@pytest.mark.parametrize("name", list(ARITHMETIC))
+def test_arithmetic_operators_follow_torch_func_jvp(name):
+    a = torch.randn(BATCH, 3, 5, dtype=F64)
+    b = 1.5 + torch.rand(BATCH, 3, 5, dtype=F64)  # away from zero: a divisor
+    check_against_jvp(ARITHMETIC[name], a, b)
+
+
+SHAPES = {
+    "reshape": lambda x: x.reshape(x.shape[0], 2, 3, 4) * x.reshape((x.shape[0], 2, 3, 4)),
+    "view": lambda x: x.view(x.shape[0], -1),
+    "flatten": lambda x: x.flatten(2) * x.flatten(1, 2).reshape(x.shape[0], 2, 12),
+    "transpose": lambda x: x.transpose(1, -1),
+    "permute": lambda x: x.permute(0, 3, 1, 2) * x.permute((0, 3, 1, 2)),
+    "unsqueeze": lambda x: x.unsqueeze(1) * x.unsqueeze(-4),
+    "chunk": lambda x: x.chunk(2, dim=1)[1] * x.chunk(2, dim=1)[0],
+    "unbind": lambda x: x.unbind(dim=3)[0] * x.unbind(3)[3],
+    "torch.cat with a tensor": lambda x: torch.cat([torch.ones(BATCH, 1, 3, 4, dtype=F64), x, 2 * x], dim=1),
+    "avg_pool2d": lambda x: F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True),
+    "interpolate": lambda x: F.interpolate(x, size=(7, 5), mode="nearest"),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_shape_methods_cat_and_resampling_follow_torch_func_jvp(name):
+    check_against_jvp(SHAPES[name], torch.randn(BATCH, 2, 3, 4, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: x.reshape(-1),
+        lambda x: x.view(2, 2, 6),
+        lambda x: x.flatten(),
+        lambda x: x.transpose(0, 1),
+        lambda x: x.permute(1, 0, 2),
+        lambda x: x.unsqueeze(0),
+        lambda x: x.chunk(2, dim=0),
+        lambda x: x.unbind(-3),
+        lambda x: torch.cat([x, x]),
+    ],
+)
+def test_operations_that_would_move_the_batch_dimension_are_refused(f):
+    (x,) = duals((torch.randn(BATCH, 3, 4), torch.randn(BATCH, 3, 4)))
+    with pytest.raises(ValueError, match="batch"):
+        f(x)
+
+
+def test_a_torch_function_without_a_tangent_rule_is_an_error_naming_it():
+    (x,) = duals((torch.randn(BATCH, 3), torch.randn(BATCH, 3)))
+    with pytest.raises(TypeError, match="exp does not take zoo.models.dual.Dual"):
+        torch.exp(x)
+
+
+def test_a_tensor_on_the_left_traces_into_one_graph():
+    """tensor * dual reaches the Dual through __torch_function__, which torch.compile follows
+    (Python's reflected operators would put a non-Tensor into the graph: a graph break)."""
+    torch._dynamo.reset()
+    c = torch.rand(BATCH, 3, dtype=F64) + 1
+
+    def f(a, da):
+        x = D.Dual(a, da, D.RowTangents(rows=slice(0, 2), batch=BATCH, island=island))
+        y = c * x + c - c / (x * x + 1.0)
+        y = torch.cat([y, c], dim=1)
+        return y.primal, y.tangent
+
+    a, da = torch.randn(BATCH, 3, dtype=F64), torch.randn(2, 3, dtype=F64)
+    compiled = torch.compile(f, backend="eager", fullgraph=True)  # a graph break raises
+    for got, want in zip(compiled(a, da), f(a, da), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+LAYERS = {
+    "linear": (lambda: Linear(6, 5), (6,)),
+    "conv": (lambda: Conv2d(4, 6, 3, stride=2, padding=1), (4, 7, 7)),
+    "group_norm": (lambda: GroupNorm(2, 4), (4, 5, 5)),
+    "layer_norm": (lambda: LayerNorm(6), (3, 6)),
+    "attention": (lambda: Attention(8, heads=2), (5, 8)),
+    "silu": (SiLU, (3, 6)),
+    "gelu": (GELU, (3, 6)),
+    "gelu_tanh": (lambda: GELU(approximate="tanh"), (3, 6)),
+    "dropout_eval": (lambda: Dropout(0.5).eval(), (3, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_each_layer_given_a_dual_is_the_plain_layer_with_the_rows_central_difference(name):
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = perturb(make().to(F64))
+    x, dx = torch.randn(BATCH, *shape, dtype=F64), torch.randn(BATCH, *shape, dtype=F64)
+    (dual,) = duals((x, dx))
+    out = layer(dual)
+    torch.testing.assert_close(out.primal, layer(x), rtol=0, atol=0)
+    eps = 1e-6
+    fd = (layer(x + eps * dx) - layer(x - eps * dx)) / (2 * eps)
+    assert fd[ROWS].abs().max() > 1e-2
+    torch.testing.assert_close(out.tangent, fd[ROWS], rtol=1e-6, atol=1e-8)

@@ -36,8 +36,9 @@ class FlowModel(nn.Module, ABC):
 
 
 class RowTangentModel(FlowModel):
-    """A FlowModel written as body(z, condition(t, r, y)) with the body in zoo.models.dual ops,
-    so one forward can also carry the JVP of a few rows (MeanFlow's jvp="fused").
+    """A FlowModel written as body(z, condition(t, r, y)) whose body also runs on Duals (zoo's
+    layers, and the Tensor operations zoo.models.dual.Dual has), so one forward can also carry
+    the JVP of a few rows (MeanFlow's jvp="fused").
 
     zoo's networks (MLP, U-Net, DiT) are all of this kind.
     """

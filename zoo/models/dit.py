@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from zoo.config.schema import DiTConfig
-from zoo.models import dual as D
 from zoo.models.base import RowTangentModel
+from zoo.models.dual import Value
 from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
-from zoo.models.layers import Attention, Conv2d, LayerNorm
+from zoo.models.layers import GELU, Attention, Conv2d, LayerNorm, Linear, SiLU
 
 TIME_FREQ_DIM = 256  # sinusoid width of DiT's timestep embedder
 
@@ -34,14 +34,9 @@ def sincos_position_embedding(dim: int, grid_h: int, grid_w: int) -> Tensor:
     return torch.cat([axis(rows.flatten()), axis(cols.flatten())], dim=1).float()
 
 
-def modulate(x: D.Value, shift: D.Value, scale: D.Value) -> D.Value:
+def modulate(x: Value, shift: Value, scale: Value) -> Value:
     """x * (1 + scale) + shift, with per-sample (B, hidden) shift and scale broadcast over tokens."""
-    return D.add(D.mul(x, per_token(D.add(scale, 1.0))), per_token(shift))
-
-
-def per_token(x: D.Value) -> D.Value:
-    """(B, hidden) -> (B, 1, hidden), to broadcast over the tokens."""
-    return D.lift(lambda a: a[:, None], x)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 class DiTBlock(nn.Module):
@@ -52,34 +47,29 @@ class DiTBlock(nn.Module):
         self.norm2 = LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
         mlp_hidden = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden, mlp_hidden),
-            nn.GELU(approximate="tanh"),
-            nn.Linear(mlp_hidden, hidden),
+            Linear(hidden, mlp_hidden),
+            GELU(approximate="tanh"),
+            Linear(mlp_hidden, hidden),
         )
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
-        # forward() applies the Linears of `mlp` and `modulation` itself, through zoo.models.dual
-        # ops (SiLU, tanh-GELU); the containers keep DiT's parameter names.
+        self.modulation = nn.Sequential(SiLU(), Linear(hidden, 6 * hidden))
 
-    def forward(self, x: D.Value, c: D.Value) -> D.Value:
-        modulation = D.linear(self.modulation[1], D.silu(c))
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = D.chunk(modulation, 6, dim=1)
-        h = D.multi_head_attention(self.attn, modulate(D.layer_norm(self.norm1, x), shift_a, scale_a))
-        x = D.add(x, D.mul(per_token(gate_a), h))
-        h = modulate(D.layer_norm(self.norm2, x), shift_m, scale_m)
-        h = D.linear(self.mlp[2], D.gelu_tanh(D.linear(self.mlp[0], h)))
-        return D.add(x, D.mul(per_token(gate_m), h))
+    def forward(self, x: Value, c: Value) -> Value:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
 
 
 class FinalLayer(nn.Module):
     def __init__(self, hidden: int, out_features: int) -> None:
         super().__init__()
         self.norm = LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-        self.linear = nn.Linear(hidden, out_features)
+        self.modulation = nn.Sequential(SiLU(), Linear(hidden, 2 * hidden))
+        self.linear = Linear(hidden, out_features)
 
-    def forward(self, x: D.Value, c: D.Value) -> D.Value:
-        shift, scale = D.chunk(D.linear(self.modulation[1], D.silu(c)), 2, dim=1)
-        return D.linear(self.linear, modulate(D.layer_norm(self.norm, x), shift, scale))
+    def forward(self, x: Value, c: Value) -> Value:
+        shift, scale = self.modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class DiT(RowTangentModel):
@@ -129,7 +119,7 @@ class DiT(RowTangentModel):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def unpatchify(self, x: Tensor) -> Tensor:
+    def unpatchify(self, x: Value) -> Value:
         """(B, N, p*p*C) -> (B, C, H, W)."""
         b = x.shape[0]
         p, (gh, gw), c = self.patch_size, self.grid, self.data_shape[0]
@@ -139,9 +129,8 @@ class DiT(RowTangentModel):
     def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
         return embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes)
 
-    def body(self, z: D.Value, c: D.Value) -> D.Value:
-        x = D.lift(lambda a: a.flatten(2).transpose(1, 2), D.conv2d(self.patch_embed, z))
-        x = D.add(x, self.pos_embed.to(D.primal(z).dtype))
+    def body(self, z: Value, c: Value) -> Value:
+        x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)  # (B, N, hidden)
         for block in self.blocks:
             x = block(x, c)
-        return D.lift(self.unpatchify, self.final(x, c))
+        return self.unpatchify(self.final(x, c))

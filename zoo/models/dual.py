@@ -12,17 +12,27 @@ computes the tangent of just the k rows, without autograd:
                                         (a layer's, plus a U-Net's skip connections')
 
 A `Dual` is (primal: the (B, ...) activation with its autograd graph, tangent: (k, ...) or
-None for zero, rows: which batch rows the tangent belongs to).  The functions here accept a
-Tensor or a Dual: given Tensors they are the plain layer (so a model's single forward serves
-the ordinary call, torch.func.jvp and the fused pass); given Duals they also propagate the
-tangent: linear maps apply to it, nonlinearities multiply it by their derivative at the rows'
-primal values, and products follow the product rule.  Every op must act on each batch row
-independently (no batch statistics): true of convolutions, linears, group and layer norm,
-attention over tokens, dropout.
+None for zero, meta: which batch rows the tangent belongs to and how to compute it).  A model's
+forward is written once, for Tensors and Duals alike:
 
-Tangents are computed inside `RowTangents.island` (no grad, and the caller's precision for the
-JVP: fp32 by default, with the primal rows it reads upcast), while the primal follows the
-caller's autocast.  They are exact: tests compare them with torch.func.jvp on every model.
+* zoo's layers (zoo.models.layers) take either in `forward`; given a Dual they also propagate
+  the tangent: linear maps apply to it, nonlinearities multiply it by their derivative at the
+  rows' primal values, norms and attention use their closed forms (zoo.models.tangents);
+* a Dual has the arithmetic operators (+, -, *, / with Tensors, numbers or Duals on either
+  side; products follow the product rule) and the shape methods the models use (reshape,
+  view, flatten, transpose, permute, unsqueeze, chunk, unbind), which keep the batch first;
+* torch.cat and the row-wise linear functions in ROW_LINEAR_FUNCTIONS accept Duals.
+
+A Tensor on the left of an operator (`tensor * dual`) reaches the Dual through PyTorch's
+`__torch_function__` protocol rather than Python's reflected operators: Tensor.__mul__ would
+return NotImplemented to Python, but torch.compile traces `tensor * dual` as a graph op on a
+non-Tensor and breaks the graph, whereas it follows `__torch_function__`.
+
+Every op must act on each batch row independently (no batch statistics): true of
+convolutions, linears, group and layer norm, attention over tokens, dropout.  Tangents are
+computed inside `RowTangents.island` (no grad, and the caller's precision for the JVP: fp32 by
+default, with the primal rows it reads upcast), while the primal follows the caller's
+autocast.  They are exact: tests compare them with torch.func.jvp on every model.
 """
 
 from collections.abc import Callable, Sequence
@@ -31,9 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from zoo.models import group_norm_tangent_kernel, layers
+from torch import Tensor
 
 Rows = Tensor | slice
 
@@ -42,8 +50,8 @@ def row_count(rows: Rows, batch: int) -> int:
     """How many rows `rows` selects from a batch of `batch`.
 
     Arithmetic rather than `slice.indices`, which torch.compile cannot trace in every torch
-    (dynamo of torch 2.11 refuses it: a graph break in every layer).  Only forward slices with
-    non-negative bounds occur here (FusedJvp's `slice(0, k)`)."""
+    version (a graph break in every layer).  Only forward slices with non-negative bounds occur
+    here (FusedJvp's `slice(0, k)`)."""
     if not isinstance(rows, slice):
         return rows.shape[0]
     start, stop = rows.start or 0, batch if rows.stop is None else min(rows.stop, batch)
@@ -79,10 +87,13 @@ class RowTangents:
             )
         return upcast(x.detach()[self.rows])
 
-    def operand(self, x: Tensor, ndim: int) -> Tensor:
-        """A plain Tensor factor of a result with `ndim` dims: per-sample (its rows taken) when it
-        has all `ndim` dims and B rows, else a broadcast constant used as it is.  (Deciding by
-        the first size alone would misread a (C, 1, 1) scale as per-sample whenever C == B.)"""
+    def operand(self, x: Tensor | float, ndim: int) -> Tensor | float:
+        """A constant factor of a result with `ndim` dims at the rows: a per-sample Tensor (all
+        `ndim` dims and B rows) has its rows taken, a broadcast Tensor or a number is used as it
+        is.  (Deciding by the first size alone would misread a (C, 1, 1) scale as per-sample
+        whenever C == B.)"""
+        if not isinstance(x, Tensor):
+            return x
         if x.ndim == ndim and x.shape[0] == self.batch:
             return self.at(x)
         return upcast(x.detach())
@@ -93,47 +104,199 @@ def upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-@dataclass(frozen=True)
+# Functions that map each batch row linearly (resampling): a Dual's tangent goes through the
+# same call as its primal.
+ROW_LINEAR_FUNCTIONS = (F.avg_pool2d, F.interpolate)
+
+
+def _batch_dim(dim: int, ndim: int) -> bool:
+    return dim % ndim == 0
+
+
+def _shape_arguments(shape: tuple) -> tuple:
+    """reshape(2, 3) and reshape((2, 3)) alike, as Tensor.reshape takes them."""
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+
+
+@dataclass(frozen=True, eq=False)
 class Dual:
+    """A (B, ...) activation with the tangent of some of its rows; see the module docstring."""
+
     primal: Tensor
     tangent: Tensor | None  # None: zero
     meta: RowTangents
+
+    # What a Tensor tells about itself: the primal's.
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.primal.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.primal.ndim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.primal.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.primal.device
+
+    # Maps of each row.
+
+    def affine(
+        self, fn: Callable[[Tensor], Tensor], linear_part: Callable[[Tensor], Tensor] | None = None
+    ) -> "Dual":
+        """A row-wise affine map: the primal goes through `fn`, the tangent through its linear
+        part `linear_part` (default `fn` itself: a linear map).  Neither may assume the batch
+        size."""
+        out = fn(self.primal)
+        if self.tangent is None:
+            return Dual(out, None, self.meta)
+        # not `linear_part or fn`: torch.compile cannot branch on a function's truth value
+        linear = fn if linear_part is None else linear_part
+        with self.meta.island():
+            return Dual(out, linear(self.tangent), self.meta)
+
+    def elementwise(
+        self, fn: Callable[[Tensor], Tensor], tangent_of: Callable[[Tensor, Tensor], Tensor]
+    ) -> "Dual":
+        """f applied element-wise; the tangent is tangent_of(dx, x_rows) = f'(x_rows) dx."""
+        out = fn(self.primal)
+        if self.tangent is None:
+            return Dual(out, None, self.meta)
+        with self.meta.island():
+            rows = self.meta.at(self.primal)
+            return Dual(out, tangent_of(self.tangent.to(rows.dtype), rows), self.meta)
+
+    def _restructured(self, fn: Callable[[Tensor], Tensor]) -> "Dual":
+        """A map that moves or negates values within each row (a reshape, a transpose, -x):
+        applied to the primal and the tangent alike, outside the island (exact in any dtype)."""
+        return Dual(fn(self.primal), None if self.tangent is None else fn(self.tangent), self.meta)
+
+    def _split(self, split: Callable[[Tensor], Sequence[Tensor]]) -> list["Dual"]:
+        outs = split(self.primal)
+        tangents = [None] * len(outs) if self.tangent is None else split(self.tangent)
+        return [Dual(p, t, self.meta) for p, t in zip(outs, tangents, strict=True)]
+
+    # Tensor methods; the batch dimension stays first.
+
+    def _row_shape(self, shape: tuple) -> tuple:
+        """A new shape's per-row part; its first size must be the batch size B (the tangent keeps
+        its own row count)."""
+        shape = _shape_arguments(shape)
+        if shape[0] != self.shape[0]:
+            raise ValueError(
+                f"a Dual's new shape must keep the batch size {self.shape[0]} first, got {shape}"
+            )
+        return shape[1:]
+
+    def reshape(self, *shape: int) -> "Dual":
+        row_shape = self._row_shape(shape)
+        return self._restructured(lambda a: a.reshape(a.shape[0], *row_shape))
+
+    def view(self, *shape: int) -> "Dual":
+        row_shape = self._row_shape(shape)
+        return self._restructured(lambda a: a.view(a.shape[0], *row_shape))
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "Dual":
+        if _batch_dim(start_dim, self.ndim):
+            raise ValueError("a Dual cannot flatten its batch dimension: use start_dim >= 1")
+        return self._restructured(lambda a: a.flatten(start_dim, end_dim))
+
+    def transpose(self, dim0: int, dim1: int) -> "Dual":
+        if _batch_dim(dim0, self.ndim) or _batch_dim(dim1, self.ndim):
+            raise ValueError(f"a Dual's batch dimension stays first: cannot transpose({dim0}, {dim1})")
+        return self._restructured(lambda a: a.transpose(dim0, dim1))
+
+    def permute(self, *dims: int) -> "Dual":
+        dims = _shape_arguments(dims)
+        if not _batch_dim(dims[0], self.ndim):
+            raise ValueError(f"a Dual's batch dimension stays first: cannot permute{dims}")
+        return self._restructured(lambda a: a.permute(*dims))
+
+    def unsqueeze(self, dim: int) -> "Dual":
+        if _batch_dim(dim, self.ndim + 1):
+            raise ValueError("a Dual's batch dimension stays first: cannot unsqueeze(0)")
+        return self._restructured(lambda a: a.unsqueeze(dim))
+
+    def chunk(self, chunks: int, dim: int) -> list["Dual"]:
+        if _batch_dim(dim, self.ndim):
+            raise ValueError("a Dual is not split along its batch dimension: chunk along dim >= 1")
+        return self._split(lambda a: a.chunk(chunks, dim=dim))
+
+    def unbind(self, dim: int) -> list["Dual"]:
+        if _batch_dim(dim, self.ndim):
+            raise ValueError("a Dual is not split along its batch dimension: unbind along dim >= 1")
+        return self._split(lambda a: a.unbind(dim))
+
+    # Arithmetic.  A Tensor on the left arrives through __torch_function__.
+
+    def __add__(self, other: "Value | float") -> "Dual":
+        return add(self, other)
+
+    def __radd__(self, other: Tensor | float) -> "Dual":
+        return add(other, self)
+
+    def __sub__(self, other: "Value | float") -> "Dual":
+        return sub(self, other)
+
+    def __rsub__(self, other: Tensor | float) -> "Dual":
+        return sub(other, self)
+
+    def __mul__(self, other: "Value | float") -> "Dual":
+        return mul(self, other)
+
+    def __rmul__(self, other: Tensor | float) -> "Dual":
+        return mul(other, self)
+
+    def __truediv__(self, other: "Value | float") -> "Dual":
+        return div(self, other)
+
+    def __rtruediv__(self, other: Tensor | float) -> "Dual":
+        return div(other, self)
+
+    def __neg__(self) -> "Dual":
+        return self._restructured(torch.neg)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in ROW_LINEAR_FUNCTIONS:
+            x, *rest = args
+            return x.affine(lambda a: func(a, *rest, **kwargs))
+        if func is torch.cat:
+            return cat(*args, **kwargs)
+        if not kwargs and len(args) == 2:
+            if func in (Tensor.add, torch.add):
+                return add(*args)
+            if func in (Tensor.sub, torch.sub):
+                return sub(*args)
+            if func in (Tensor.mul, torch.mul):
+                return mul(*args)
+            if func in (Tensor.div, torch.div):
+                return div(*args)
+        raise TypeError(
+            f"{func.__name__} does not take zoo.models.dual.Dual: a Dual supports "
+            "+ - * /, torch.cat, the functions in ROW_LINEAR_FUNCTIONS and zoo.models.layers' modules"
+        )
 
 
 Value = Tensor | Dual
 
 
-def _meta(*values: object) -> RowTangents | None:
-    for value in values:
-        if isinstance(value, Dual):
-            return value.meta
-    return None
-
-
-def primal(x: Value) -> Tensor:
+def primal(x: Value | float) -> Tensor | float:
     return x.primal if isinstance(x, Dual) else x
 
 
-def tangent(x: Value) -> Tensor | None:
+def tangent(x: Value | float) -> Tensor | None:
     return x.tangent if isinstance(x, Dual) else None
 
 
-def lift(
-    fn: Callable[[Tensor], Tensor], x: Value, tangent_fn: Callable[[Tensor], Tensor] | None = None
-) -> Value:
-    """A row-wise affine map: the primal goes through `fn`, the tangent through its linear part
-    `tangent_fn` (default `fn` itself: reshape, transpose, pooling, nearest upsampling, scaling
-    by a constant).  Neither may assume the batch size."""
-    if not isinstance(x, Dual):
-        return fn(x)
-    out = fn(x.primal)
-    if x.tangent is None:
-        return Dual(out, None, x.meta)
-    linear_part = (
-        fn if tangent_fn is None else tangent_fn
-    )  # not `or`: torch 2.11's dynamo cannot branch on a function
-    with x.meta.island():
-        return Dual(out, linear_part(x.tangent), x.meta)
+def _meta(*values: object) -> RowTangents:
+    return next(value.meta for value in values if isinstance(value, Dual))
 
 
 def _sum_tangents(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -142,37 +305,62 @@ def _sum_tangents(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a if b is None else a + b
 
 
-def add(a: Value | float, b: Value | float) -> Value:
+def _rows(x: Value | float, meta: RowTangents, ndim: int) -> Tensor | float:
+    """x at the tangent's rows, as a factor of a result with `ndim` dims."""
+    return meta.at(x.primal) if isinstance(x, Dual) else meta.operand(x, ndim)
+
+
+def add(a: Value | float, b: Value | float) -> Dual:
     meta = _meta(a, b)
     out = primal(a) + primal(b)
-    if meta is None:
-        return out
     with meta.island():
         return Dual(out, _sum_tangents(tangent(a), tangent(b)), meta)
 
 
-def mul(a: Value, b: Value) -> Value:
+def sub(a: Value | float, b: Value | float) -> Dual:
+    meta = _meta(a, b)
+    out = primal(a) - primal(b)
+    da, db = tangent(a), tangent(b)
+    with meta.island():
+        if db is None:
+            return Dual(out, da, meta)
+        return Dual(out, -db if da is None else da - db, meta)
+
+
+def mul(a: Value | float, b: Value | float) -> Dual:
     """a * b with the product rule: d(ab) = da b + a db, evaluated at the rows."""
     meta = _meta(a, b)
     out = primal(a) * primal(b)
-    if meta is None:
-        return out
     da, db = tangent(a), tangent(b)
-
-    def rows(x: Value) -> Tensor:
-        return meta.at(x.primal) if isinstance(x, Dual) else meta.operand(x, out.ndim)
-
     with meta.island():
-        terms = [None if da is None else da * rows(b), None if db is None else rows(a) * db]
+        terms = (
+            None if da is None else da * _rows(b, meta, out.ndim),
+            None if db is None else _rows(a, meta, out.ndim) * db,
+        )
         return Dual(out, _sum_tangents(*terms), meta)
 
 
-def cat(values: Sequence[Value], dim: int) -> Value:
+def div(a: Value | float, b: Value | float) -> Dual:
+    """a / b with the quotient rule: d(a/b) = (da - (a/b) db) / b, evaluated at the rows."""
+    meta = _meta(a, b)
+    out = primal(a) / primal(b)
+    da, db = tangent(a), tangent(b)
+    if da is None and db is None:
+        return Dual(out, None, meta)
+    with meta.island():
+        b_rows = _rows(b, meta, out.ndim)
+        if db is None:
+            return Dual(out, da / b_rows, meta)
+        minus = meta.at(out) * db
+        return Dual(out, (-minus if da is None else da - minus) / b_rows, meta)
+
+
+def cat(values: Sequence[Value], dim: int = 0) -> Dual:
     """torch.cat along a non-batch dimension."""
     meta = _meta(*values)
+    if _batch_dim(dim, primal(values[0]).ndim):
+        raise ValueError("Duals are not concatenated along the batch dimension: use dim >= 1")
     out = torch.cat([primal(v) for v in values], dim=dim)
-    if meta is None:
-        return out
     if all(tangent(v) is None for v in values):
         return Dual(out, None, meta)
     with meta.island():
@@ -184,182 +372,14 @@ def cat(values: Sequence[Value], dim: int) -> Value:
         return Dual(out, torch.cat(parts, dim=dim), meta)
 
 
-def _split(x: Value, split: Callable[[Tensor], Sequence[Tensor]]) -> list[Value]:
-    """A split along a non-batch dimension, applied to the primal and the tangent alike."""
-    if not isinstance(x, Dual):
-        return list(split(x))
-    outs = split(x.primal)
-    tangents = [None] * len(outs) if x.tangent is None else split(x.tangent)
-    return [Dual(p, t, x.meta) for p, t in zip(outs, tangents, strict=True)]
-
-
-def chunk(x: Value, chunks: int, dim: int) -> list[Value]:
-    """torch.chunk along a non-batch dimension."""
-    return _split(x, lambda a: a.chunk(chunks, dim=dim))
-
-
-def unbind(x: Value, dim: int) -> list[Value]:
-    """torch.unbind along a non-batch dimension (here: which of the stacked q, k, v)."""
-    return _split(x, lambda a: a.unbind(dim))
-
-
-# ----------------------------------------------------------------------------- nonlinearities
-
-
-def _pointwise(
-    x: Value, forward: Callable[[Tensor], Tensor], derivative_times: Callable[[Tensor, Tensor], Tensor]
-) -> Value:
-    """f(x) element-wise; the tangent is derivative_times(dx, x_rows) = f'(x_rows) * dx."""
-    if not isinstance(x, Dual):
-        return forward(x)
-    out = forward(x.primal)
-    if x.tangent is None:
-        return Dual(out, None, x.meta)
-    with x.meta.island():
-        rows = x.meta.at(x.primal)
-        return Dual(out, derivative_times(x.tangent.to(rows.dtype), rows), x.meta)
-
-
-def silu(x: Value) -> Value:
-    # silu_backward(g, x) = g * silu'(x), in one kernel.
-    return _pointwise(x, F.silu, torch.ops.aten.silu_backward)
-
-
-def gelu_tanh(x: Value) -> Value:
-    return _pointwise(
-        x,
-        lambda a: F.gelu(a, approximate="tanh"),
-        lambda dx, rows: torch.ops.aten.gelu_backward(dx, rows, approximate="tanh"),
-    )
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-def linear(module: nn.Linear, x: Value) -> Value:
-    """The bias has no tangent: d(Wx + b) = W dx."""
-    return lift(module, x, lambda dx: F.linear(dx, module.weight.to(dx.dtype)))
-
-
-def conv2d(module: layers.Conv2d, x: Value) -> Value:
-    m = module
-    return lift(
-        m, x, lambda dx: F.conv2d(dx, m.weight.to(dx.dtype), None, m.stride, m.padding, m.dilation, m.groups)
-    )
-
-
-def _normalization(
-    module: layers.GroupNorm | layers.LayerNorm,
-    x: Value,
-    tangent_of: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
-) -> Value:
-    """A norm layer with its saved statistics; tangent_of(x_rows, dx, mean_rows, rstd_rows)."""
-    if not isinstance(x, Dual):
-        return module(x)
-    # The fp32 copy the norm computes on under autocast: its rows are views, not casts.
-    x_in = layers.norm_input(x.primal)
-    out, mean, rstd = module.normalize(x_in)
-    if x.tangent is None:
-        return Dual(out, None, x.meta)
-    meta = x.meta
-    with meta.island():
-        rows = meta.at(x_in)
-        return Dual(out, tangent_of(rows, x.tangent.to(rows.dtype), meta.at(mean), meta.at(rstd)), meta)
-
-
-def group_norm(module: layers.GroupNorm, x: Value) -> Value:
-    groups = module.num_groups
-    use_kernel = isinstance(x, Dual) and x.meta.kernels == "triton"
-
-    def tangent_of(rows: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
-        if use_kernel and group_norm_tangent_kernel.applies(rows):
-            return group_norm_tangent_kernel.group_norm_tangent(rows, dx, module.weight, mean, rstd, groups)
-        n = rows.shape[0]
-        weight = module.weight.to(rows.dtype)
-        return layers.group_norm_tangent(
-            rows, dx, weight, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), groups
-        )
-
-    return _normalization(module, x, tangent_of)
-
-
-def layer_norm(module: layers.LayerNorm, x: Value) -> Value:
-    def tangent_of(rows: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
-        weight = None if module.weight is None else module.weight.to(rows.dtype)
-        return layers.layer_norm_tangent(rows, dx, weight, mean, rstd)
-
-    return _normalization(module, x, tangent_of)
-
-
-def dropout(module: nn.Dropout, x: Value) -> Value:
-    """The tangent is masked and scaled like the primal, with the same mask."""
-    if not isinstance(x, Dual):
-        return module(x)
-    if not module.training or module.p == 0.0:
-        return x
-    out, keep = torch.native_dropout(x.primal, module.p, True)
-    if x.tangent is None:
-        return Dual(out, None, x.meta)
-    with x.meta.island():
-        # tangent * mask * scale in one kernel, rounded once: PyTorch's own forward-AD rule for
-        # dropout, bit for bit in every dtype (p = 1 keeps nothing: scale 0, as torch's).
-        scale = 0.0 if module.p == 1.0 else 1.0 / (1.0 - module.p)
-        return Dual(out, torch.ops.aten.native_dropout_backward(x.tangent, keep[x.meta.rows], scale), x.meta)
-
-
-def attention(q: Value, k: Value, v: Value) -> Value:
-    """softmax(q k^T / sqrt(d)) v over (batch, heads, tokens, head_dim): primal through SDPA."""
-    meta = _meta(q, k, v)
-    out = layers.attention(primal(q), primal(k), primal(v))
-    if meta is None:
-        return out
-    if all(tangent(a) is None for a in (q, k, v)):
-        return Dual(out, None, meta)
-    with meta.island():
-        qr, kr, vr, outr = (meta.at(primal(a)) for a in (q, k, v, out))
-        dq, dk, dv = (
-            torch.zeros_like(r) if tangent(a) is None else tangent(a).to(r.dtype)
-            for a, r in ((q, qr), (k, kr), (v, vr))
-        )
-        return Dual(out, layers.attention_tangent(qr, kr, vr, outr, dq, dk, dv), meta)
-
-
-def multi_head_attention(module: layers.Attention, x: Value) -> Value:
-    """layers.Attention's forward, (B, N, dim) -> (B, N, dim), on Tensors or Duals."""
-    n, dim = primal(x).shape[1:]
-    heads = module.heads
-    qkv = lift(
-        lambda a: a.reshape(a.shape[0], n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4),
-        linear(module.qkv, x),
-    )
-    out = attention(*unbind(qkv, 0))
-    return linear(module.proj, lift(lambda a: a.transpose(1, 2).reshape(a.shape[0], n, dim), out))
-
-
-def scale(x: Value, factor: float) -> Value:
-    return lift(lambda a: a * factor, x)
-
-
 __all__ = [
+    "ROW_LINEAR_FUNCTIONS",
     "Dual",
     "RowTangents",
-    "add",
-    "attention",
-    "cat",
-    "chunk",
-    "conv2d",
-    "dropout",
-    "gelu_tanh",
-    "group_norm",
-    "layer_norm",
-    "lift",
-    "linear",
-    "mul",
-    "multi_head_attention",
+    "Rows",
+    "Value",
     "primal",
-    "scale",
-    "silu",
+    "row_count",
     "tangent",
-    "unbind",
     "upcast",
 ]

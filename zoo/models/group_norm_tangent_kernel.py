@@ -5,14 +5,13 @@ With xhat = (x - mu) rstd per (sample, group) of M elements, the tangent along d
     dy = w_c rstd (dx - S1/M - (x - mu) rstd^2 S2/M),   S1 = sum(dx),  S2 = sum((x - mu) dx).
 Kernel 1 reduces S1 and S2 per (sample, group), reading x and dx once; kernel 2 writes dy,
 reading them once more: 2 launches and 5 passes over the activation, against ~13 launches (most
-of them tiny per-group ones) and ~10 passes of zoo.models.layers.group_norm_tangent.  On a GPU
-the fused step's extra time is kernels and memory traffic rather than arithmetic (EXPERIMENT_LOG,
-session 9), and this tangent is the largest share of that traffic.  S2 is summed about the
-primal's mean mu, known beforehand, so it has none of E[x dx] - mu E[dx]'s cancellation.
+of them tiny per-group ones) and ~10 passes of zoo.models.tangents.group_norm_tangent.  On a GPU
+the fused step's extra time is kernels and memory traffic rather than arithmetic
+(EXPERIMENT_LOG.md), and this tangent is the largest share of that traffic.  S2 is summed about
+the primal's mean mu, known beforehand, so it has none of E[x dx] - mu E[dx]'s cancellation.
 
 Tested on a CPU through Triton's interpreter (TRITON_INTERPRET=1, tests/test_group_norm_tangent_kernel.py)
-and compiled on an H200, where they made the captured MeanFlow step meet issue 3's targets
-(EXPERIMENT_LOG.md, session 10).
+and compiled on CUDA (EXPERIMENT_LOG.md).
 """
 
 import contextlib
@@ -24,6 +23,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor
+
+from zoo.models import tangents
 
 # Bound by kernels() on first use.  Module globals, not locals of kernels(): Triton's compiler and
 # its interpreter both resolve a kernel's names through the function's globals.
@@ -64,9 +65,9 @@ def resolve(kernels: str, device: torch.device) -> str:
     """loss.jvp_kernels as a run on `device` uses it: "auto" is "triton" on a CUDA device where the
     kernels can run, "torch" anywhere else (never the interpreter: it is for tests, and slow).
 
-    Why "auto" prefers the kernels on CUDA: on an H200 (bf16, batch 128, paper U-Net, captured
+    Why "auto" prefers the kernels on CUDA: on a GPU (bf16, batch 128, paper U-Net, captured
     steps) they took the MeanFlow/FM step ratio from 1.159 to 1.113 at ratio 0.25 and from 1.452
-    to 1.372 at ratio 1.0 (EXPERIMENT_LOG.md, session 10).  Because "auto" is the default, it
+    to 1.372 at ratio 1.0 (EXPERIMENT_LOG.md).  Because "auto" is the default, it
     must not turn a machine where Triton is installed but cannot build or launch kernels into a
     failed run: the first use on each device launches them once on a tiny tensor and falls back
     to the PyTorch operations, with a warning, if that fails (first_launch_failure).
@@ -110,8 +111,6 @@ def failed_first_launch(device: torch.device) -> str | None:
 def first_launch_failure(device: torch.device) -> str | None:
     """Why the kernels cannot serve on `device` (building or launching them raised, or their result
     is off the PyTorch operations'), or None.  One tiny launch: a few ms once the kernels are built."""
-    from zoo.models import layers  # here, not at the top: zoo.models.layers need not import Triton's side
-
     generator = torch.Generator().manual_seed(0)
     x, dx, weight = (
         torch.randn(shape, generator=generator).to(device) for shape in ((2, 4, 3, 5), (2, 4, 3, 5), (4,))
@@ -127,7 +126,7 @@ def first_launch_failure(device: torch.device) -> str | None:
             (grouped.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt(),
         )
         got = group_norm_tangent(x, dx, weight, mean, rstd, 2)
-        error = ((got - layers.group_norm_tangent(x, dx, weight, mean, rstd, 2)).norm() / got.norm()).item()
+        error = ((got - tangents.group_norm_tangent(x, dx, weight, mean, rstd, 2)).norm() / got.norm()).item()
     except (
         Exception
     ) as failure:  # Triton's toolchain: no C compiler, an unsupported GPU, an unwritable cache...
@@ -200,7 +199,7 @@ def kernels() -> SimpleNamespace:
 def group_norm_tangent(
     x: Tensor, dx: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, groups: int
 ) -> Tensor:
-    """The tangent of group norm at x along dx, in x's dtype (as zoo.models.layers.group_norm_tangent
+    """The tangent of group norm at x along dx, in x's dtype (as zoo.models.tangents.group_norm_tangent
     without weight tangents).  x, dx: (N, C, ...); weight: (C,); mean, rstd: N * groups values."""
     n, c = x.shape[:2]
     if c % groups:

@@ -1,29 +1,36 @@
-"""Layers whose forward-mode derivative is exact and cheap, for MeanFlow's `torch.func.jvp`.
+"""zoo's layers: the PyTorch modules with exact, cheap forward-mode derivatives.
 
 MeanFlow differentiates the whole network along a direction (v, 1, 0) for (z, t, r) once per
-training step.  Three layer types are the problem there:
+training step, with torch.func.jvp or with the fused pass of zoo.models.dual.  Every module here
+is its torch.nn namesake (same arguments, same state_dict) whose `forward` takes a Tensor or a
+`Dual`: given a Tensor it is the plain layer, given a Dual it also carries the tangent of the
+Dual's rows (zoo.models.dual), so a model's forward is written once for both.
 
-* Group norm.  PyTorch's forward-AD rule for `native_group_norm` is a chain of ~40 small
-  kernels per call (the predecessor measured ~40% of its U-Net's JVP time in it).  `GroupNorm`
-  keeps the native kernels for the primal and the backward pass and computes the tangent in
-  closed form: two per-group reductions and two fused multiply-adds.
+Three layer types need more than PyTorch's own forward-AD rules:
+
+* Group norm.  PyTorch's rule for `native_group_norm` is a chain of ~40 small kernels per call
+  (~40% of a U-Net's JVP time).  `GroupNorm` keeps the native kernels for the primal and the
+  backward pass and computes the tangent in closed form: two per-group reductions and two fused
+  multiply-adds.
 * Layer norm (DiT) has the same problem and the same cure: `LayerNorm`.
 * Attention.  The fused SDPA kernels (flash, memory-efficient, CPU flash) have no forward-AD
   rule at all, so plain models must fall back to math attention.  `attention` runs the primal
   through `F.scaled_dot_product_attention` and computes the tangent from an explicit formula.
 
-All are `torch.autograd.Function`s with `forward`/`setup_context` (required by torch.func),
-`backward` and `jvp`.  Their tangents are themselves differentiable (the JVP's ops are recorded
-by autograd when grad mode is on), so a loss may use the primal output of a JVP ("primal reuse")
-and even back-propagate through the tangent and get exact gradients.  A caller that detaches the
-tangent anyway (every MeanFlow JVP mode) wraps the JVP in `detached_tangents()`: the tangents
-are then computed without recording, which halves a grad-recording JVP's activation memory
-(paper U-Net, batch 8, ratio 0.75: 2.46 -> 1.00 GiB, EXPERIMENT_LOG.md).
+These are `torch.autograd.Function`s with `forward`/`setup_context` (required by torch.func),
+`backward` and `jvp`; their tangent formulas live in zoo.models.tangents.  The tangents are
+themselves differentiable (the JVP's ops are recorded by autograd when grad mode is on), so a
+loss may use the primal output of a JVP ("primal reuse") and even back-propagate through the
+tangent and get exact gradients.  A caller that detaches the tangent anyway (every MeanFlow JVP
+mode) wraps the JVP in `detached_tangents()`: the tangents are then computed without recording,
+which halves a grad-recording JVP's activation memory (paper U-Net, batch 8, ratio 0.75:
+2.46 -> 1.00 GiB, EXPERIMENT_LOG.md).
 
-The tangent formulas are also plain functions (`group_norm_tangent`, `layer_norm_tangent`,
-`attention_tangent`) for zoo.models.dual, which propagates tangents of a few rows by hand.
+While torch.compile traces them, the layers run the native operations instead (it cannot trace
+a Function with a custom jvp; a compiled step takes no torch.func.jvp).
 """
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -34,16 +41,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from zoo.models import group_norm_tangent_kernel, tangents
+from zoo.models.dual import Dual, Value, primal, tangent
+
 __all__ = [
+    "GELU",
     "Attention",
     "Conv2d",
+    "Dropout",
     "GroupNorm",
     "LayerNorm",
+    "Linear",
+    "SiLU",
     "attention",
-    "attention_tangent",
     "detached_tangents",
-    "group_norm_tangent",
-    "layer_norm_tangent",
     "norm_input",
 ]
 
@@ -93,12 +104,7 @@ def _differentiable_statistics(x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[T
 class _GroupNormFunction(torch.autograd.Function):
     """y = (x - mean_g) * rstd_g * weight_c + bias_c, statistics per (sample, group).
 
-    The tangent along (dx, dw, db), with xhat = (x - mean) * rstd and means over a group, is
-        dy = weight * rstd * (dx - mean(dx) - xhat * mean(xhat * dx)) + dw * xhat + db.
-    It is affine in (dx, x) with per-(sample, channel) coefficients, so it is evaluated as
-        dy = a * dx + b * x + c
-    after two reductions (sum dx, sum x * dx): two reductions and two fused multiply-adds over
-    the activation instead of the generic rule's chain of element-wise kernels.
+    Tangent: zoo.models.tangents.group_norm_tangent, from the saved statistics.
     """
 
     @staticmethod
@@ -153,52 +159,10 @@ class _GroupNormFunction(torch.autograd.Function):
                 # Inside torch.func.jvp `x.requires_grad` reads False even when an outer autograd
                 # level tracks x, so grad mode is the only usable signal.
                 mean, rstd = _differentiable_statistics(x.reshape(n, groups, -1).to(work), mean, rstd)
-            dy = group_norm_tangent(x.to(work), dx.to(work), weight.to(work), mean, rstd, groups, dw, db)
+            dy = tangents.group_norm_tangent(
+                x.to(work), dx.to(work), weight.to(work), mean, rstd, groups, dw, db
+            )
         return dy.to(x.dtype), None, None
-
-
-def group_norm_tangent(
-    x: Tensor,
-    dx: Tensor,
-    weight: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    groups: int,
-    dw: Tensor | None = None,
-    db: Tensor | None = None,
-) -> Tensor:
-    """The tangent of group norm (see _GroupNormFunction) at x along dx (and dw, db).
-
-    x, dx: (N, C, ...); weight: (C,); mean, rstd: (N, G, 1) — all in the working dtype.
-    With m = mean((x - mean) dx) per group and xhat = (x - mean) rstd,
-        dy = w (rstd dx - rstd^3 m (x - mean) - rstd mean(dx)) + dw xhat + db
-           = A dx + B x + O,
-    whose factors A, B, O are small (N, G, C/G, 1) tensors formed by broadcasting per-group
-    statistics against per-channel parameters: two fused multiply-adds over the activation.
-    """
-    n, c = x.shape[:2]
-    grouped = (n, groups, c // groups, -1)
-    x4, dx4 = x.reshape(grouped), dx.reshape(grouped)
-    per_channel = (1, groups, c // groups, 1)
-    w = weight.reshape(per_channel)
-    mean, rstd = mean.reshape(n, groups, 1, 1), rstd.reshape(n, groups, 1, 1)
-    mean_dx = dx4.mean((2, 3), keepdim=True)
-    # mean((x - mean) * dx), without materialising x - mean
-    xdx = torch.linalg.vecdot(x4.flatten(2), dx4.flatten(2)).reshape(n, groups, 1, 1) / (
-        x4.shape[2] * x4.shape[3]
-    )
-    m = torch.addcmul(xdx, mean, mean_dx, value=-1)
-    cubed_m = rstd**3 * m
-    a = w * rstd
-    minus_b = w * cubed_m
-    o = w * torch.addcmul(cubed_m * mean, rstd, mean_dx, value=-1)
-    if dw is not None:
-        dw_rstd = dw.to(x.dtype).reshape(per_channel) * rstd
-        minus_b = minus_b - dw_rstd
-        o = o - dw_rstd * mean
-    if db is not None:
-        o = o + db.to(x.dtype).reshape(per_channel)
-    return torch.addcmul(o, a, dx4).addcmul_(minus_b, x4, value=-1).reshape(x.shape)
 
 
 def norm_input(x: Tensor) -> Tensor:
@@ -207,10 +171,25 @@ def norm_input(x: Tensor) -> Tensor:
     CUDA autocast runs F.group_norm and F.layer_norm in fp32 (and leaves fp64 alone); the native
     kernels called here are on no autocast list, so that policy is applied by hand (on every
     device: accurate statistics of low-precision activations, and the closed-form tangents want
-    fp32).  The fused JVP reads its rows from this same copy (zoo.models.dual): no second cast."""
+    fp32).  A Dual's tangent reads its rows from this same copy: no second cast."""
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
         return x.float()
     return x
+
+
+def _normalize_rows(norm: "GroupNorm | LayerNorm", x: Dual) -> Dual:
+    """A norm of a Dual: the primal through the norm's kernels, the rows' tangent in closed form
+    from the statistics that normalisation saved."""
+    # The fp32 copy the norm computes on under autocast: its rows are views, not casts.
+    x_in = norm_input(x.primal)
+    out, mean, rstd = norm.normalize(x_in)
+    if x.tangent is None:
+        return Dual(out, None, x.meta)
+    meta = x.meta
+    with meta.island():
+        rows = meta.at(x_in)
+        dx = x.tangent.to(rows.dtype)
+        return Dual(out, norm.row_tangent(rows, dx, meta.at(mean), meta.at(rstd), meta.kernels), meta)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -219,7 +198,9 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Value) -> Value:
+        if isinstance(x, Dual):
+            return _normalize_rows(self, x)
         return self.normalize(x)[0]
 
     def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,14 +215,25 @@ class GroupNorm(nn.GroupNorm):
             )
         return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
 
+    def row_tangent(self, x: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor, kernels: str) -> Tensor:
+        """The tangent at a Dual's rows x along dx, from their statistics (k, G); kernels="triton":
+        zoo's Triton kernels where they apply."""
+        if kernels == "triton" and group_norm_tangent_kernel.applies(x):
+            return group_norm_tangent_kernel.group_norm_tangent(
+                x, dx, self.weight, mean, rstd, self.num_groups
+            )
+        n, groups = x.shape[0], self.num_groups
+        weight = self.weight.to(x.dtype)
+        return tangents.group_norm_tangent(
+            x, dx, weight, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), groups
+        )
+
 
 # ----------------------------------------------------------------------------- layer norm
 
 
 class _LayerNormFunction(torch.autograd.Function):
-    """Layer norm over the last dimension; the same closed-form tangent as group norm, with the
-    normalised rows as groups:  dy = w * rstd * (dx - mean(dx) - xhat * mean(xhat * dx))
-    + dw * xhat + db, evaluated as w * (a * dx + b * x + c) with per-row a, b, c."""
+    """Layer norm over the last dimension; tangent: zoo.models.tangents.layer_norm_tangent."""
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
@@ -275,32 +267,8 @@ class _LayerNormFunction(torch.autograd.Function):
             if torch.is_grad_enabled():
                 mean, rstd = _differentiable_statistics(xw, mean, rstd)
             weight = None if weight is None else weight.to(work)
-            dy = layer_norm_tangent(xw, dx.to(work), weight, mean, rstd, dw, db)
+            dy = tangents.layer_norm_tangent(xw, dx.to(work), weight, mean, rstd, dw, db)
         return dy.to(x.dtype), None, None
-
-
-def layer_norm_tangent(
-    x: Tensor,
-    dx: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    dw: Tensor | None = None,
-    db: Tensor | None = None,
-) -> Tensor:
-    """The tangent of layer norm over the last dim (see _LayerNormFunction); mean, rstd: (..., 1)."""
-    mean_dx = dx.mean(-1, keepdim=True)
-    mean_xc_dx = torch.linalg.vecdot(x, dx).unsqueeze(-1) / x.shape[-1] - mean * mean_dx
-    b = -(rstd**3) * mean_xc_dx
-    dy = torch.addcmul(-rstd * mean_dx - b * mean, rstd, dx)
-    dy = dy.addcmul_(b, x)
-    if weight is not None:
-        dy = dy * weight
-    if dw is not None:
-        dy = dy + (x - mean) * rstd * dw.to(x.dtype)
-    if db is not None:
-        dy = dy + db.to(x.dtype)
-    return dy
 
 
 class LayerNorm(nn.LayerNorm):
@@ -309,7 +277,9 @@ class LayerNorm(nn.LayerNorm):
     def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True) -> None:
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Value) -> Value:
+        if isinstance(x, Dual):
+            return _normalize_rows(self, x)
         return self.normalize(x)[0]
 
     def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -318,6 +288,12 @@ class LayerNorm(nn.LayerNorm):
         if torch.compiler.is_compiling():
             return torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)  # see GroupNorm
         return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
+
+    def row_tangent(self, x: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor, kernels: str) -> Tensor:
+        """The tangent at a Dual's rows x along dx, from their statistics (k, ..., 1); one
+        implementation whatever `kernels` says (a choice for group norm)."""
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return tangents.layer_norm_tangent(x, dx, weight, mean, rstd)
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -376,9 +352,17 @@ class _Conv2dFunction(torch.autograd.Function):
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict) with a JVP that skips the zero weight tangent."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Value) -> Value:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise ValueError("zoo.models.layers.Conv2d supports numeric zero padding only")
+        if isinstance(x, Dual):
+            # d conv(x) = conv(dx): the bias has no tangent.
+            return x.affine(
+                self.forward,
+                lambda dx: F.conv2d(
+                    dx, self.weight.to(dx.dtype), None, self.stride, self.padding, self.dilation, self.groups
+                ),
+            )
         weight, bias = self.weight, self.bias
         if torch.compiler.is_compiling():
             return F.conv2d(
@@ -388,9 +372,9 @@ class Conv2d(nn.Conv2d):
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
             # Autocast's cast (which leaves fp64 alone), done before the Function rather than
             # inside it: the Function then saves the low-precision input and weight its
-            # convolution used (half the memory of
-            # fp32 copies, and no second cast in backward), and the casts' own backward hands
-            # fp32 gradients to fp32 tensors, as autocast does for nn.Conv2d.
+            # convolution used (half the memory of fp32 copies, and no second cast in backward),
+            # and the casts' own backward hands fp32 gradients to fp32 tensors, as autocast does
+            # for nn.Conv2d.
             dtype = torch.get_autocast_dtype(device)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
@@ -401,21 +385,61 @@ class Conv2d(nn.Conv2d):
         return _Conv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same state_dict) that also takes a Dual: d(W x + b) = W dx."""
+
+    def forward(self, x: Value) -> Value:
+        if isinstance(x, Dual):
+            return x.affine(super().forward, lambda dx: F.linear(dx, self.weight.to(dx.dtype)))
+        return super().forward(x)
+
+
+# ----------------------------------------------------------------------------- element-wise
+
+
+class SiLU(nn.SiLU):
+    """nn.SiLU that also takes a Dual."""
+
+    def forward(self, x: Value) -> Value:
+        if isinstance(x, Dual):
+            return x.elementwise(F.silu, tangents.silu_tangent)
+        return super().forward(x)
+
+
+class GELU(nn.GELU):
+    """nn.GELU (exact or tanh-approximated) that also takes a Dual."""
+
+    def forward(self, x: Value) -> Value:
+        if isinstance(x, Dual):
+            return x.elementwise(
+                super().forward, functools.partial(tangents.gelu_tangent, approximate=self.approximate)
+            )
+        return super().forward(x)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that also takes a Dual: the rows' tangent gets the primal's mask and scale."""
+
+    def forward(self, x: Value) -> Value:
+        if not isinstance(x, Dual):
+            return super().forward(x)
+        if not self.training or self.p == 0.0:
+            return x
+        out, keep = torch.native_dropout(x.primal, self.p, True)
+        if x.tangent is None:
+            return Dual(out, None, x.meta)
+        with x.meta.island():
+            return Dual(out, tangents.dropout_tangent(x.tangent, keep[x.meta.rows], self.p), x.meta)
+
+
 # ----------------------------------------------------------------------------- attention
-
-
-def _as_batched_matrices(x: Tensor) -> Tensor:
-    return x.reshape(-1, *x.shape[-2:])
 
 
 class _AttentionFunction(torch.autograd.Function):
     """O = softmax(Q K^T / sqrt(d)) V over (batch, heads, tokens, head_dim) tensors.
 
     Primal: F.scaled_dot_product_attention (flash / memory-efficient kernels where available).
-    Tangent, with P the attention probabilities and dS = (dQ K^T + Q dK^T) / sqrt(d):
-        dO = P dV + (P * dS) V - rowsum(P * dS) * O
-    (the softmax JVP dP = P * (dS - rowsum(P * dS)) with P V = O substituted).  P is recomputed
-    once; the last term uses the saved output, which saves an N x N pass.
+    Tangent: zoo.models.tangents.attention_tangent, from the saved output.
     Backward: the fused kernel's own backward, on a recomputed primal (keeps the O(N) memory of
     flash attention instead of storing P).
     """
@@ -445,34 +469,35 @@ class _AttentionFunction(torch.autograd.Function):
         # torch.func passes zeros for inputs without a tangent; forward_ad passes None.
         dq, dk, dv = (torch.zeros_like(p) if t is None else t for p, t in ((q, dq), (k, dk), (v, dv)))
         with _tangent_grad_mode():
-            return attention_tangent(q, k, v, out, dq, dk, dv)
+            return tangents.attention_tangent(q, k, v, out, dq, dk, dv)
 
 
-def attention_tangent(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
-) -> Tensor:
-    """dO of O = attention(q, k, v) (= out) along (dq, dk, dv); see _AttentionFunction."""
-    scale = q.shape[-1] ** -0.5
-    # Fold the scale into the (small) query side rather than into the N x N scores.
-    qs, dqs = _as_batched_matrices(q * scale), _as_batched_matrices(dq * scale)
-    k3, dk3 = _as_batched_matrices(k), _as_batched_matrices(dk)
-    v3, dv3 = _as_batched_matrices(v), _as_batched_matrices(dv)
-    probs = torch.softmax(torch.bmm(qs, k3.mT), dim=-1)
-    weighted = probs * torch.baddbmm(torch.bmm(dqs, k3.mT), qs, dk3.mT)  # P * dS
-    tangent = torch.baddbmm(torch.bmm(probs, dv3), weighted, v3).reshape(out.shape)
-    row_sums = weighted.sum(-1).reshape(*out.shape[:-1], 1)
-    return torch.addcmul(tangent, row_sums, out, value=-1)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v for (batch, heads, tokens, head_dim) tensors, JVP-capable.
+def attention(q: Value, k: Value, v: Value) -> Value:
+    """softmax(q k^T / sqrt(d)) v for (batch, heads, tokens, head_dim) tensors or Duals, JVP-capable.
 
     While compiling: the native op.  Its backward follows autocast, where the eager Function's
     recomputes outside it; the two differ only for fp32 q/k/v under autocast, which zoo's models
     never produce (their q/k/v come out of an autocast Linear)."""
+    if isinstance(q, Dual) or isinstance(k, Dual) or isinstance(v, Dual):
+        return _attention_rows(q, k, v)
     if torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v)  # see GroupNorm.normalize
     return _AttentionFunction.apply(q, k, v)
+
+
+def _attention_rows(q: Value, k: Value, v: Value) -> Dual:
+    """attention of Duals: the primal through `attention`, the rows' tangent in closed form."""
+    meta = next(a.meta for a in (q, k, v) if isinstance(a, Dual))
+    out = attention(primal(q), primal(k), primal(v))
+    if all(tangent(a) is None for a in (q, k, v)):
+        return Dual(out, None, meta)
+    with meta.island():
+        qr, kr, vr, outr = (meta.at(primal(a)) for a in (q, k, v, out))
+        dq, dk, dv = (
+            torch.zeros_like(r) if tangent(a) is None else tangent(a).to(r.dtype)
+            for a, r in ((q, qr), (k, kr), (v, vr))
+        )
+        return Dual(out, tangents.attention_tangent(qr, kr, vr, outr, dq, dk, dv), meta)
 
 
 class Attention(nn.Module):
@@ -487,12 +512,13 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # One implementation for Tensors and zoo.models.dual's row-tangent Duals (imported here:
-        # dual builds on this module).
-        from zoo.models.dual import multi_head_attention
-
-        return multi_head_attention(self, x)
+    def forward(self, x: Value) -> Value:
+        b, n, dim = x.shape
+        # (B, N, 3 * dim) -> q, k, v of (B, heads, N, head_dim), split batch-first (as a Dual's
+        # methods require).
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, dim // self.heads).permute(0, 2, 3, 1, 4)
+        q, k, v = qkv.unbind(1)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(b, n, dim))

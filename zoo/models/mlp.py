@@ -4,9 +4,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.config.schema import MLPConfig
-from zoo.models import dual as D
 from zoo.models.base import RowTangentModel
+from zoo.models.dual import Value
 from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
+from zoo.models.layers import Linear, SiLU
 
 
 class ResidualBlock(nn.Module):
@@ -15,13 +16,14 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, hidden: int, emb_dim: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.emb = nn.Linear(emb_dim, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
+        self.act = SiLU()
+        self.fc1 = Linear(hidden, hidden)
+        self.emb = Linear(emb_dim, hidden)
+        self.fc2 = Linear(hidden, hidden)
 
-    def forward(self, x: D.Value, emb: D.Value) -> D.Value:
-        h = D.add(D.linear(self.fc1, D.silu(x)), D.linear(self.emb, emb))
-        return D.add(x, D.linear(self.fc2, D.silu(h)))
+    def forward(self, x: Value, emb: Value) -> Value:
+        h = self.fc1(self.act(x)) + self.emb(emb)
+        return x + self.fc2(self.act(h))
 
 
 class MLP(RowTangentModel):
@@ -37,15 +39,16 @@ class MLP(RowTangentModel):
         dim, emb_dim = self.data_shape[0], cfg.time_embed_dim
         self.time_embed = TimeIntervalEmbedding(emb_dim, freq_dim=emb_dim)
         self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes else None
-        self.input = nn.Linear(dim, cfg.hidden)
+        self.input = Linear(dim, cfg.hidden)
         self.blocks = nn.ModuleList(ResidualBlock(cfg.hidden, emb_dim) for _ in range(cfg.depth))
-        self.output = nn.Linear(cfg.hidden, dim)
+        self.act = SiLU()
+        self.output = Linear(cfg.hidden, dim)
 
     def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
         return F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
 
-    def body(self, z: D.Value, emb: D.Value) -> D.Value:
-        x = D.linear(self.input, z)
+    def body(self, z: Value, emb: Value) -> Value:
+        x = self.input(z)
         for block in self.blocks:
             x = block(x, emb)
-        return D.linear(self.output, D.silu(x))
+        return self.output(self.act(x))

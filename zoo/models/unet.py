@@ -15,21 +15,22 @@ Resampling handles any size: 2x2 average pooling with ceil_mode (7 -> 4 keeps th
 pixels) and nearest-neighbour upsampling to the size of the matching skip (4 -> 7), so 28x28
 Fashion-MNIST works with three or four resolutions.
 
-GroupNorm, convolutions and attention come from zoo.models.layers (fast exact JVPs); the
-forward is written in zoo.models.dual ops so that it can also carry row tangents (jvp="fused").
+GroupNorm, convolutions and attention come from zoo.models.layers (fast exact JVPs); with them
+the forward also runs on zoo.models.dual's Duals, carrying row tangents (jvp="fused").
 """
 
 import math
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.config.schema import UNetConfig
-from zoo.models import dual as D
 from zoo.models.base import RowTangentModel
+from zoo.models.dual import Value
 from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
-from zoo.models.layers import Attention, Conv2d, GroupNorm
+from zoo.models.layers import Attention, Conv2d, Dropout, GroupNorm, Linear, SiLU
 
 Resample = Literal["none", "down", "up"]
 
@@ -40,11 +41,11 @@ NORM_EPS = 1e-6
 EMB_MULT = 4  # embedding width = EMB_MULT * channels (EDM's channel_mult_emb)
 
 
-def _resample(x: D.Value, mode: Resample, size: tuple[int, int] | None) -> D.Value:
+def resample(x: Value, mode: Resample, size: tuple[int, int] | None) -> Value:
     if mode == "down":
-        return D.lift(lambda a: F.avg_pool2d(a, kernel_size=2, stride=2, ceil_mode=True), x)
+        return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
     if mode == "up":
-        return D.lift(lambda a: F.interpolate(a, size=size, mode="nearest"), x)
+        return F.interpolate(x, size=size, mode="nearest")
     return x
 
 
@@ -62,11 +63,12 @@ class ResBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.resample = resample
+        self.act = SiLU()
         self.norm0 = GroupNorm(num_groups, in_channels, eps=NORM_EPS)
         self.conv0 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_channels)
+        self.emb = Linear(emb_dim, out_channels)
         self.norm1 = GroupNorm(num_groups, out_channels, eps=NORM_EPS)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv1 = Conv2d(out_channels, out_channels, 3, padding=1)
         # A zero last layer makes every block start as its skip path: the network begins as a
         # well-conditioned near-identity stack whose output is exactly 0 (a sane first
@@ -74,8 +76,8 @@ class ResBlock(nn.Module):
         # activations; the zero weights still receive gradients at once.
         nn.init.zeros_(self.conv1.weight)
         nn.init.zeros_(self.conv1.bias)
-        self.needs_projection = in_channels != out_channels or resample != "none"
-        self.skip = Conv2d(in_channels, out_channels, 1) if self.needs_projection else nn.Identity()
+        needs_projection = in_channels != out_channels or resample != "none"
+        self.skip = Conv2d(in_channels, out_channels, 1) if needs_projection else nn.Identity()
         if attention:
             self.norm2 = GroupNorm(num_groups, out_channels, eps=NORM_EPS)
             self.attn = Attention(out_channels, heads)
@@ -84,20 +86,14 @@ class ResBlock(nn.Module):
         else:
             self.attn = None
 
-    def forward(self, x: D.Value, emb: D.Value, size: tuple[int, int] | None = None) -> D.Value:
-        h = _resample(D.silu(D.group_norm(self.norm0, x)), self.resample, size)
-        h = D.add(D.conv2d(self.conv0, h), D.lift(lambda e: e[:, :, None, None], D.linear(self.emb, emb)))
-        h = D.conv2d(self.conv1, D.dropout(self.dropout, D.silu(D.group_norm(self.norm1, h))))
-        skip = _resample(x, self.resample, size)
-        if self.needs_projection:
-            skip = D.conv2d(self.skip, skip)
-        x = D.scale(D.add(h, skip), SKIP_SCALE)
+    def forward(self, x: Value, emb: Value, size: tuple[int, int] | None = None) -> Value:
+        h = resample(self.act(self.norm0(x)), self.resample, size)
+        h = self.conv0(h) + self.emb(emb).unsqueeze(-1).unsqueeze(-1)
+        h = self.conv1(self.dropout(self.act(self.norm1(h))))
+        x = (h + self.skip(resample(x, self.resample, size))) * SKIP_SCALE
         if self.attn is not None:
-            height, width = D.primal(x).shape[-2:]
-            tokens = D.lift(lambda a: a.flatten(2).transpose(1, 2), D.group_norm(self.norm2, x))
-            a = D.multi_head_attention(self.attn, tokens)
-            a = D.lift(lambda a_: a_.transpose(1, 2).reshape(a_.shape[0], -1, height, width), a)
-            x = D.scale(D.add(x, a), SKIP_SCALE)
+            a = self.attn(self.norm2(x).flatten(2).transpose(1, 2))  # over the (B, H*W, C) pixels
+            x = (x + a.transpose(1, 2).reshape(x.shape)) * SKIP_SCALE
         return x
 
 
@@ -166,6 +162,7 @@ class UNet(RowTangentModel):
                 width = out_width
 
         self.norm_out = GroupNorm(cfg.num_groups, width, eps=NORM_EPS)
+        self.act = SiLU()
         self.conv_out = Conv2d(width, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # output exactly 0 at init (see ResBlock)
         nn.init.zeros_(self.conv_out.bias)
@@ -173,8 +170,8 @@ class UNet(RowTangentModel):
     def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
         return F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
 
-    def body(self, z: D.Value, emb: D.Value) -> D.Value:
-        x = D.conv2d(self.conv_in, z)
+    def body(self, z: Value, emb: Value) -> Value:
+        x = self.conv_in(z)
         skips = [x]
         for block in self.encoder:
             x = block(x, emb)
@@ -183,7 +180,7 @@ class UNet(RowTangentModel):
             x = block(x, emb)
         for block in self.decoder:
             if block.resample == "up":
-                x = block(x, emb, size=D.primal(skips[-1]).shape[-2:])
+                x = block(x, emb, size=skips[-1].shape[-2:])
             else:
-                x = block(D.cat([x, skips.pop()], dim=1), emb)
-        return D.conv2d(self.conv_out, D.silu(D.group_norm(self.norm_out, x)))
+                x = block(torch.cat([x, skips.pop()], dim=1), emb)
+        return self.conv_out(self.act(self.norm_out(x)))
