@@ -147,8 +147,8 @@ def train(
                 raise typer.Exit(returncode)
             report_run(RunDir(Path(cfg.output_dir) / cfg.run_name))
             return
+        from zoo import distributed
         from zoo.devices import resolve_device
-        from zoo.training import distributed
 
         under_torchrun = distributed.env_world_size() > 1
         if under_torchrun:
@@ -229,7 +229,7 @@ def report_run(run: RunDir) -> None:
 def launcher_ignored_notice(signum: int, grace_s: int) -> str:
     """Said for each signal after the first that reached `zoo train --nproc`: passing it on too
     could cut the ranks' checkpoint short."""
-    from zoo.training.interrupts import signal_display_name
+    from zoo.interrupts import signal_display_name
 
     return (
         f"{signal_display_name(signum)} again: ignored, so the ranks' checkpoint is written whole; "
@@ -246,8 +246,8 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="zoo-torchrun-") as folder:
         config_path = Path(folder) / "config.json"
         config_path.write_text(json.dumps(config_to_dict(cfg)))
-        from zoo.training import distributed
-        from zoo.training.interrupts import write_from_handler
+        from zoo import distributed
+        from zoo.interrupts import write_from_handler
 
         args = [str(config_path), "--resume" if resume else "--fresh"]
         command = distributed.torchrun_command(nproc, "zoo_cli.distributed_entry", args)
