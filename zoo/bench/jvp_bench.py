@@ -126,7 +126,7 @@ def tangent_kernels_note(
 
 def default_modes(device: torch.device) -> tuple[str, ...]:
     """Every mode that runs on `device`; `compile` only when asked (it compiles for tens of seconds
-    and has timed no faster than nograd, whose JVP it compiles: EXPERIMENT_LOG.md)."""
+    to minutes before the first round)."""
     order = ("fused", "full_batch", "primal", "selective", "nograd", "cuda_graph")
     return tuple(m for m in order if m in jvp_plan.runnable_modes(device))
 

@@ -323,8 +323,9 @@ class CompileJvp(JvpStrategy):
     """The nograd structure with the JVP under torch.compile (one compile per shape/dtype/model).
 
     The precision island stays outside the compiled region (dynamo guards on the autocast state).
-    Compiling takes tens of seconds, and the step has timed no faster than nograd's
-    (EXPERIMENT_LOG.md): `zoo bench-jvp --modes compile` measures it.
+    Compiling takes tens of seconds.  It pays off where launches bound the step (a small MLP), but
+    compiling the whole fused step (train.compile) gained more there, and on a convolution-bound
+    U-Net it gained nothing (EXPERIMENT_LOG.md): `zoo bench-jvp --modes compile` measures it.
     """
 
     name = "compile"

@@ -9,10 +9,11 @@ function whose refusal says what is wrong and how to fix it; the trainer asks `p
 
 Modes (zoo.losses.jvp has the algorithms and their cost in forward passes):
 - `fused`, the default: one forward over the whole batch, exactly flow matching's, also carries the
-  tangent of the r != t rows.  The fastest step in every `zoo bench-jvp` measurement (CPU and GPU,
-  eager, captured and compiled; EXPERIMENT_LOG.md), no more memory than a flow-matching step, and
-  the one mode torch.compile can trace.  Under bf16/fp16 autocast its tangent is taken at the
-  reduced-precision activations: bf16-size error in du/dt, like the prediction's own.
+  tangent of the r != t rows.  The fastest eager step on a CPU U-Net, and the fastest step measured
+  once steps are captured (train.cuda_graph) or compiled (train.compile), as a GPU should run them
+  (EXPERIMENT_LOG.md); no more memory than a flow-matching step; the one mode torch.compile can
+  trace.  Under bf16/fp16 autocast its tangent is taken at the reduced-precision activations:
+  bf16-size error in du/dt, like the prediction's own.
 - `nograd`, the reference: a no-grad JVP of the whole batch, then a separate forward.  Simplest and
   obviously right, and its JVP runs wholly in the loss.jvp_precision island whatever the autocast.
 - `auto`: fused (every zoo network computes row tangents).
@@ -75,11 +76,10 @@ def decide_mode(cfg: ZooConfigBody, kept_mode: str | None = None) -> tuple[str, 
     if mode in BENCH_MODES:
         raise ConfigError(
             f"loss.jvp={mode!r} is one of the benchmark's modes (`zoo bench-jvp --modes {mode}` times it), "
-            "not a training mode; train with loss.jvp=fused (the default, the fastest step in every "
-            "benchmark) or loss.jvp=nograd (the reference)"
+            "not a training mode; train with loss.jvp=fused (the default) or loss.jvp=nograd (the reference)"
         )
     if mode == "auto":
-        return DEFAULT_MODE, "loss.jvp=auto: fused, the fastest step in every benchmark"
+        return DEFAULT_MODE, "loss.jvp=auto: fused"
     return mode, "set by loss.jvp"
 
 
