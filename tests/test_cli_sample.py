@@ -164,3 +164,12 @@ def test_solver_meanflow_is_the_jump_sampler_and_refused_for_flow_matching(workd
     result = zoo("sample", fm_run, "--solver", "meanflow", "--n", "8", "--out", "f.png", "--device", "cpu")
     assert result.exit_code == 2 and "need a MeanFlow model" in flat(result.output)
     assert not (workdir / "f.png").exists()
+
+
+def test_latent_options_are_refused_for_a_pixel_model(workdir, run):
+    for option in (["--latents"], ["--vae", "vae/sd-vae-ft-ema"]):
+        result = zoo("sample", run, *option, "--out", "p.png", "--device", "cpu")
+        assert result.exit_code == 2 and f"{option[0]} given, but this model generates pixels" in flat(
+            result.output
+        )
+    assert not (workdir / "p.png").exists()

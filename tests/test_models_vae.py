@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from zoo.models.vae import SDVAE, TINY_VAE_CONFIG
+from zoo.errors import MissingAssetError
+from zoo.models.vae import SDVAE, TINY_VAE_CONFIG, decode_latents
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,25 @@ def test_latent_shape_rejects_sizes_the_vae_cannot_downsample(vae):
         vae.latent_shape((3, 31, 31))
 
 
+def test_explicit_noise_is_the_posterior_draw(vae):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    posterior = vae.autoencoder.encode(x).latent_dist
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = (posterior.mean + posterior.std * noise) * vae.scale
+    assert torch.allclose(vae.encode(x, noise=noise), expected)
+    assert torch.allclose(vae.encode(x, noise=torch.zeros_like(noise)), vae.encode(x, sample=False))
+
+
 def test_missing_weights_give_a_clear_error(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match="weights not found at .*download them on a machine with network"
-    ):
+    with pytest.raises(MissingAssetError, match="no folder .*Fetch it on a machine with network"):
         SDVAE.from_pretrained(tmp_path / "sd-vae")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingAssetError, match="holds no config.json"):
+        SDVAE.from_pretrained(tmp_path / "empty")
+
+
+def test_decode_latents_batches_and_clamps(vae):
+    z = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 20
+    images = decode_latents(vae, z, batch_size=2)
+    assert images.shape == (5, 3, 16, 16) and images.abs().max() <= 1
+    assert torch.allclose(images, vae.decode(z).clamp(-1, 1), atol=1e-5)

@@ -31,3 +31,8 @@ class FidUnavailableError(RuntimeError):
 
 class FidUnsupportedError(ValueError):
     """FID was asked of a dataset that has no reference statistics."""
+
+
+class MissingAssetError(FileNotFoundError):
+    """A file zoo cannot make itself is missing (pretrained weights, reference statistics); the
+    message says what to fetch and where to put it.  Raised before any work is done."""

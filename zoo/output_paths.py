@@ -4,6 +4,7 @@ A benchmark, an evaluation or a training run that fails only when it saves its r
 the work away; these checks run first and name the option to change.  Nothing is created: the
 nearest existing ancestor is probed with a temporary file (os.access is not enough: root passes it
 on /proc and on folders of a read-only mount it cannot see through), which is removed at once.
+`zoo_cache_dir` is where zoo keeps what it computes once and reuses.
 """
 
 import errno
@@ -57,3 +58,10 @@ def check_writable_file(path: Path | str, option: str) -> Path:
     if reason is not None:
         raise OutputPathError(f"cannot write {option} {path} ({reason}); choose another {option}")
     return path
+
+
+def zoo_cache_dir() -> Path:
+    """$ZOO_CACHE_DIR, default ~/.cache/zoo: results computed once and reused (JVP mode timings,
+    FID reference statistics)."""
+    root = os.environ.get("ZOO_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "zoo"

@@ -15,6 +15,7 @@ from zoo.errors import (
     DeviceError,
     FidUnavailableError,
     FidUnsupportedError,
+    MissingAssetError,
     OutputPathError,
 )
 from zoo.runs import RunError
@@ -22,7 +23,12 @@ from zoo.runs import RunError
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
 # Exit 2 for input the user must change (config, arguments), 1 for things that failed.
-USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, OutputPathError, FidUnsupportedError)
+USAGE_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    OutputPathError,
+    FidUnsupportedError,
+    MissingAssetError,
+)
 RUNTIME_ERRORS: tuple[type[Exception], ...] = (
     RunError,
     CheckpointError,

@@ -9,7 +9,9 @@ import typer
 
 from zoo_cli import runs_cmds
 from zoo_cli.bench import bench_jvp
+from zoo_cli.data import app as data_app
 from zoo_cli.evaluate import eval_command
+from zoo_cli.fid import fid_command
 from zoo_cli.modal import app as modal_app
 from zoo_cli.sample import sample
 from zoo_cli.train import train
@@ -26,9 +28,15 @@ app.command(
     "eval", help="Energy distance of every sampler against held-out data; FID with --fid (CIFAR-10)."
 )(eval_command)
 app.command(
+    "fid",
+    help="FID and Inception Score of a checkpoint's samples (decoded) against a reference: ADM's "
+    "ImageNet-256 batch or an image folder.",
+)(fid_command)
+app.command(
     "bench-jvp", help="Time forward, JVP, flow-matching and MeanFlow steps per JVP mode; name the fastest."
 )(bench_jvp)
 app.add_typer(modal_app, name="modal")
+app.add_typer(data_app, name="data")
 runs_cmds.register(app)
 
 

@@ -1,4 +1,9 @@
-"""`zoo sample CKPT --nfe K --n 64 --out FILE`: a picture and an .npz of generated samples."""
+"""`zoo sample CKPT --nfe K --n 64 --out FILE`: a picture and an .npz of generated samples.
+
+Latent models' samples are decoded by the VAE that encoded their training data: the picture and
+the .npz show images (`--latents` keeps the raw latents in the .npz too).  `--classes 0-9`
+draws the same number of samples of each class and lays the grid out one row per class.
+"""
 
 import io
 from pathlib import Path
@@ -46,6 +51,37 @@ def choose_method(eval_cfg: "EvalConfig", meanflow: bool, nfe: int | None, solve
         raise fail(str(exc)) from None
 
 
+DEFAULT_N = 64
+PER_CLASS_DEFAULT = 8
+
+
+def parse_classes(text: str) -> list[int]:
+    """'0-9', '1,5,207' or '0-3,10' -> class indices in the order given."""
+    classes: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise fail(f"--classes takes class numbers and ranges like 0-9 or 1,5,207, got {text!r}")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise fail(f"--classes range {part.strip()} runs backwards; write {high}-{low}")
+        classes.extend(range(low, high + 1))
+    return classes
+
+
+def samples_per_class(n: int | None, classes: list[int]) -> int:
+    """With --classes, --n counts all samples and must split evenly (default 8 per class)."""
+    if n is None:
+        return PER_CLASS_DEFAULT
+    if n % len(classes):
+        raise fail(
+            f"--n {n} does not split evenly over the {len(classes)} classes given; pass a multiple of "
+            f"{len(classes)} (e.g. --n {len(classes) * PER_CLASS_DEFAULT}) or leave --n out "
+            f"({PER_CLASS_DEFAULT} per class)"
+        )
+    return n // len(classes)
+
+
 def resolve_checkpoint_path(checkpoint: Path) -> Path:
     """A run folder stands for its last.pt."""
     return checkpoint / "last.pt" if checkpoint.is_dir() else checkpoint
@@ -66,7 +102,14 @@ def sample(
             "the run's largest eval.solver_nfe, rounded up to the solver's calls per step)",
         ),
     ] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="number of samples")] = 64,
+    n: Annotated[
+        int | None,
+        typer.Option(
+            "--n",
+            min=1,
+            help=f"number of samples (default {DEFAULT_N}; {PER_CLASS_DEFAULT} per class with --classes)",
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="PNG to write (an .npz of the samples goes beside it)")
     ] = None,
@@ -79,6 +122,23 @@ def sample(
     ] = None,
     label: Annotated[
         int | None, typer.Option("--class", help="class label for class-conditional models")
+    ] = None,
+    classes_text: Annotated[
+        str | None,
+        typer.Option(
+            "--classes",
+            help="classes to draw, e.g. 0-9 or 1,5,207: as many samples of each, one grid row per class",
+        ),
+    ] = None,
+    keep_latents: Annotated[
+        bool, typer.Option("--latents", help="latent models: keep the raw latents in the .npz too")
+    ] = False,
+    vae: Annotated[
+        str | None,
+        typer.Option(
+            help="latent models: the VAE to decode with, a local folder or hub id (default: the run's "
+            "data.vae, else the one its latents' meta.json records, else stabilityai/sd-vae-ft-ema)"
+        ),
     ] = None,
     guidance: Annotated[
         float | None,
@@ -97,6 +157,18 @@ def sample(
     checkpoint = resolve_checkpoint_path(checkpoint)
     with user_errors():
         # Everything the user typed is checked before the checkpoint is read and the samples drawn.
+        if label is not None and classes_text is not None:
+            raise fail("give --class or --classes, not both")
+        classes: list[int] | None = None  # given: the labels, class-major, per_class of each
+        if classes_text is not None:
+            classes = parse_classes(classes_text)
+            per_class = samples_per_class(n, classes)
+            n = len(classes) * per_class
+        elif label is not None:
+            n = n or DEFAULT_N
+            classes, per_class = [label], n
+        else:
+            n = n or DEFAULT_N
         if solver not in (None, "meanflow"):
             check_method_args(nfe, solver)
         if out is not None:
@@ -110,8 +182,10 @@ def sample(
     import numpy as np
     import torch
 
+    from zoo.data.latents import is_latent_data, latent_vae_name, load_decoder
     from zoo.devices import resolve_device
     from zoo.inference import load_model
+    from zoo.models.vae import decode_latents
     from zoo.plotting import save_image_grid, save_scatter
     from zoo.solvers.samplers import sample_meanflow, sample_ode
 
@@ -125,32 +199,41 @@ def sample(
             raise fail(f"--guidance {guidance} needs a class-conditional model; this one is unconditional")
         if guidance is None:  # as the run's training grids and `zoo eval` sample it
             guidance = loaded.cfg.eval.guidance if model.num_classes else 1.0
-        if label is not None and not model.num_classes:
-            raise fail("--class given, but this model is unconditional")
-        if label is not None and not 0 <= label < model.num_classes:
-            raise fail(f"--class must be in 0..{model.num_classes - 1}, got {label}")
+        option = "--class" if label is not None else "--classes"
+        if classes is not None and not model.num_classes:
+            raise fail(f"{option} given, but this model is unconditional")
+        for k in classes or []:
+            if not 0 <= k < model.num_classes:
+                raise fail(f"{option} must be in 0..{model.num_classes - 1}, got {k}")
+        decoder = None
+        if is_latent_data(loaded.cfg.data):  # the VAE is loaded (or its absence reported) before sampling
+            decoder = load_decoder(*latent_vae_name(loaded.cfg.data, vae), dev)
+        elif vae is not None or keep_latents:
+            option = "--vae" if vae is not None else "--latents"
+            raise fail(f"{option} given, but this model generates pixels, not latents")
         method = choose_method(loaded.cfg.eval, loaded.is_meanflow, nfe, solver)
         out = out or checkpoint.parent / "samples" / f"{checkpoint.stem}_{method.kind}_{method.nfe}nfe.png"
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *model.data_shape), generator=generator).to(dev)
         labels = None
-        if model.num_classes:
-            labels = (
-                torch.full((n,), label, dtype=torch.long)
-                if label is not None
-                else torch.randint(0, model.num_classes, (n,), generator=generator)
-            ).to(dev)
+        if classes is not None:  # class-major: row k of the grid is classes[k]
+            labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class).to(dev)
+        elif model.num_classes:
+            labels = torch.randint(0, model.num_classes, (n,), generator=generator).to(dev)
         with torch.no_grad():
             if method.kind == "meanflow":
                 samples = sample_meanflow(model, noise, method.steps, y=labels, guidance=guidance)
             else:
                 samples = sample_ode(model, noise, method.kind, method.steps, y=labels, guidance=guidance)
-        samples = samples.float().cpu()
+        latents = samples.float().cpu()
+        samples = decode_latents(decoder, latents) if decoder is not None else latents
         out.parent.mkdir(parents=True, exist_ok=True)
         if len(model.data_shape) == 1:
             save_scatter(samples, out, title=f"{method.label} ({method.nfe} NFE), step {loaded.step}")
         else:
-            save_image_grid(samples, out)
+            save_image_grid(
+                samples, out, nrow=per_class if classes is not None and len(classes) > 1 else None
+            )
         arrays = {
             "samples": samples.numpy(),
             "nfe": np.array(method.nfe),
@@ -159,10 +242,16 @@ def sample(
         }
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()
+        if decoder is not None:
+            arrays["vae"] = np.array(decoder.name)
+            if keep_latents:
+                arrays["latents"] = latents.numpy()
         npz = io.BytesIO()
         np.savez(npz, **arrays)
         atomic_write_bytes(out.with_suffix(".npz"), npz.getvalue())
     guided = f", guidance {guidance:g}" if guidance != 1.0 else ""
+    decoded = f", decoded by {decoder.name}" if decoder is not None else ""
     console.print(
-        f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE{guided})"
+        f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE{guided}"
+        f"{decoded})"
     )

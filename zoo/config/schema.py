@@ -4,7 +4,7 @@
 models), so a misspelt key anywhere fails before any work is done.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -36,6 +36,22 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0, le=64)
     on_device: bool = Field(True, description="keep datasets that fit as one tensor on the device")
     train_size: int | None = Field(None, ge=1, description="use only the first N training examples")
+    latent_folder: str = Field(
+        "imagenet-latents",
+        min_length=1,
+        description="folder under data.root with the latents of data.name=imagenet-latents "
+        "(written by `zoo data encode-latents`)",
+    )
+    vae: str | None = Field(
+        None,
+        description="where to load the latents' VAE from to decode pictures (a local folder or a hub id); "
+        "default: the VAE recorded in the latents' meta.json",
+    )
+    decode_latents: bool = Field(
+        True,
+        description="decode latent samples with the VAE for pictures (needs its weights; false shows latent "
+        "channels 0-2)",
+    )
 
 
 class MLPConfig(Section):
@@ -69,13 +85,54 @@ class UNetConfig(Section):
         return self
 
 
+# The DiT paper's model sizes (Peebles & Xie 2023, Table 1): width, depth and attention heads.
+# Each comes with a patch size of 2, 4 or 8, named like the paper's models: "B/2", "XL/8".
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+DIT_PATCH_SIZES = (2, 4, 8)
+DiTSize = Literal["S/2", "S/4", "S/8", "B/2", "B/4", "B/8", "L/2", "L/4", "L/8", "XL/2", "XL/4", "XL/8"]
+DIT_SIZE_NAMES: tuple[str, ...] = get_args(DiTSize)
+
+
+def dit_size_fields(size: str) -> dict[str, int]:
+    """The fields a named size fixes: "B/4" -> hidden 768, depth 12, heads 12, patch_size 4."""
+    name, _, patch = size.partition("/")
+    hidden, depth, heads = DIT_SIZES[name]
+    return {"hidden": hidden, "depth": depth, "heads": heads, "patch_size": int(patch)}
+
+
 class DiTConfig(Section):
     arch: Literal["dit"] = "dit"
+    size: DiTSize | None = Field(
+        None,
+        description="a size of the DiT paper, S|B|L|XL with patch 2|4|8 (e.g. 'B/2'): sets hidden, "
+        "depth, heads and patch_size",
+    )
     patch_size: int = Field(2, ge=1, le=16)
     hidden: int = Field(384, ge=16, le=4096)
     depth: int = Field(12, ge=1, le=64)
     heads: int = Field(6, ge=1, le=64)
     mlp_ratio: float = Field(4.0, gt=0, le=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_size(cls, data: Any) -> Any:
+        """Fill in the fields `size` fixes; a differing explicit value is a contradiction, not an override."""
+        if not isinstance(data, dict) or data.get("size") not in DIT_SIZE_NAMES:
+            return data  # no size, or an unknown one (the field's own check names the choices)
+        implied = dit_size_fields(data["size"])
+        for key, value in implied.items():
+            if key in data and str(data[key]) != str(value):
+                raise ValueError(
+                    f"model.size={data['size']} means {key}={value}, but {key}={data[key]} was also "
+                    f"given: drop model.{key}, pick another size, or set model.size=none to choose hidden, "
+                    "depth, heads and patch_size yourself"
+                )
+        return {**data, **implied}
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "DiTConfig":

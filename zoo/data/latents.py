@@ -1,47 +1,87 @@
-"""ImageNet as Stable-Diffusion VAE latents (4x32x32 for 256 px images), encoded once beforehand.
+"""Images as VAE latents (4x32x32 for 256 px images with the SD-VAE), encoded once beforehand.
 
-Layout under `data.root` (written by `scripts/encode_latents.py`):
+Layout of a latents folder (`data.root/data.latent_folder`, written by `zoo data encode-latents`,
+see zoo.data.encode):
 
-    imagenet-latents/train_latents.npy   (N, 4, 32, 32) float16, already multiplied by 0.18215
-    imagenet-latents/train_labels.npy    (N,) int64 class indices (ImageFolder order)
-    imagenet-latents/val_latents.npy, val_labels.npy   the held-out split
-    imagenet-latents/meta.json           classes, image size, VAE name, scale
+    train_latents.npy   (N, 4, 32, 32) float16, already multiplied by the VAE's scale (0.18215)
+    train_labels.npy    (N,) int64 class indices (sorted class folder names; 0 for a flat folder)
+    val_latents.npy, val_labels.npy   the held-out split
+    meta.json           classes, image size, latent shape, the VAE's name and scale
+    {split}_encode.json how each split was encoded (source, flips, posterior, seed, time)
 
-Latents are not flipped (a flipped image's latent is not the flipped latent); `is_latent` tells
-the evaluator to decode with the VAE before looking at or scoring samples.
+Latents are not flipped during training (a flipped image's latent is not the flipped latent;
+encode flipped copies instead).  The source records which VAE made the latents and, unless
+`data.decode_latents=false`, loads it at once (the same instance for every later picture), so a
+run without the VAE's weights stops before training, not at its first sample grid.
 """
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
+from zoo.config.loading import ConfigError
 from zoo.config.schema import DataConfig
-from zoo.data.sources import ImageFiles, Split, TensorSource, limit_train
+from zoo.data.sources import Split, TensorSource, limit_train
 from zoo.errors import DataNotFoundError
+from zoo.models.vae import DEFAULT_SD_VAE, SDVAE, decode_latents, load_vae
 
-LATENT_FOLDER = "imagenet-latents"
 SD_VAE_SCALE = 0.18215
+META_KEYS = ("classes", "image_size", "vae", "scale")
+
+
+def is_latent_data(cfg: DataConfig) -> bool:
+    """Whether a run with this data config generates latents (to decode before looking at them)."""
+    return cfg.name == "imagenet-latents"
 
 
 def latent_paths(folder: Path, split: str) -> tuple[Path, Path]:
     return folder / f"{split}_latents.npy", folder / f"{split}_labels.npy"
 
 
-def _load_split(folder: Path, split: str, limit: int | None) -> Split:
+def latent_folder(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / cfg.latent_folder
+
+
+def encode_hint(folder: Path) -> str:
+    return (
+        f"encode them once with `zoo data encode-latents {folder.parent}/imagenet --split train --out "
+        f"{folder}` and the same with `--split val` (see docs/latents.md), or copy an encoded folder there"
+    )
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """meta.json of a latents folder, checked for what decoding needs: the VAE's name and scale."""
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"{path} is missing: it records which VAE made the latents; {encode_hint(folder)}"
+        )
+    meta = json.loads(path.read_text())
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise DataNotFoundError(f"{path} lacks {', '.join(missing)}; {encode_hint(folder)}")
+    if not float(meta["scale"]) > 0:
+        raise DataNotFoundError(f"{path} records the VAE scale {meta['scale']}; it must be positive")
+    return meta
+
+
+def _load_split(folder: Path, split: str, limit: int | None, meta: dict[str, Any]) -> Split:
     latents_path, labels_path = latent_paths(folder, split)
     for path in (latents_path, labels_path):
         if not path.is_file():
+            raise DataNotFoundError(f"latents not found: {path} is missing; {encode_hint(folder)}")
+    summary_path = folder / f"{split}_encode.json"
+    if summary_path.is_file():  # written by zoo's encoder: the split must come from meta.json's VAE
+        summary = json.loads(summary_path.read_text())
+        if (summary["vae"], float(summary["scale"])) != (meta["vae"], float(meta["scale"])):
             raise DataNotFoundError(
-                f"ImageNet latents not found: {path} is missing. Encode them once with "
-                f"`python scripts/encode_latents.py --root {folder.parent} --split train` and "
-                f"`... --split val` (needs {folder.parent}/imagenet/{{train,val}}/ and the SD-VAE "
-                "weights), or copy an existing imagenet-latents folder there."
+                f"{summary_path} says {split} was encoded by {summary['vae']!r} (scale {summary['scale']}), "
+                f"but meta.json records {meta['vae']!r} (scale {meta['scale']}): the splits of one folder "
+                "must come from one VAE; encode them again"
             )
     # Memory-mapped so that a small train_size reads only what it uses.
     latents = np.load(latents_path, mmap_mode="r")
@@ -50,24 +90,75 @@ def _load_split(folder: Path, split: str, limit: int | None) -> Split:
         raise ValueError(
             f"{latents_path} has {len(latents)} latents but {labels_path} has {len(labels)} labels"
         )
+    if "latent_shape" in meta and list(latents.shape[1:]) != list(meta["latent_shape"]):
+        raise DataNotFoundError(
+            f"{latents_path} holds latents of shape {list(latents.shape[1:])}, meta.json says "
+            f"{meta['latent_shape']}; encode the folder again"
+        )
     count = len(latents) if limit is None else min(limit, len(latents))
     # np.array copies (the memory map is read-only) and reads only the rows kept.
     return Split(torch.from_numpy(np.array(latents[:count])), torch.from_numpy(labels[:count]).long())
 
 
-def build_imagenet_latents(cfg: DataConfig, device: torch.device, seed: int, batch_size: int) -> TensorSource:
-    folder = Path(cfg.root) / LATENT_FOLDER
-    train = _load_split(folder, "train", cfg.train_size)
-    test = _load_split(folder, "val", None)
-    meta_path = folder / "meta.json"
-    classes = (
-        json.loads(meta_path.read_text())["classes"]
-        if meta_path.is_file()
-        else [str(k) for k in range(int(train.labels.max()) + 1)]
-    )
-    return TensorSource(
-        "imagenet-latents",
-        limit_train(train, cfg.train_size, "imagenet-latents"),
+class LatentSource(TensorSource):
+    """Latents held as one tensor, with the VAE that maps them back to images.
+
+    `vae_name`/`vae_scale` are what meta.json records; `vae` is the loaded decoder (None when
+    data.decode_latents=false: pictures then show latent channels)."""
+
+    def __init__(self, *args, vae_name: str, vae_scale: float, vae: SDVAE | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.vae_name = vae_name
+        self.vae_scale = vae_scale
+        self.vae = vae
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] on the CPU."""
+        if self.vae is None:
+            raise ValueError("this source was built with data.decode_latents=false: it has no VAE to decode")
+        return decode_latents(self.vae, latents)
+
+
+def latent_vae_name(cfg: DataConfig, override: str | None = None) -> tuple[str, float]:
+    """(where to load the VAE from, the scale the latents were multiplied by) for decoding.
+
+    `override` (a command's --vae), else data.vae, else the VAE recorded in the latents folder's
+    meta.json, else the default SD-VAE; the scale is the recorded one (SD's 0.18215 when the
+    folder is not on this machine)."""
+    folder = latent_folder(cfg)
+    meta = read_meta(folder) if (folder / "meta.json").is_file() else None
+    name = override or cfg.vae or (meta["vae"] if meta else DEFAULT_SD_VAE)
+    return name, float(meta["scale"]) if meta else SD_VAE_SCALE
+
+
+def load_decoder(name: str, scale: float, device: torch.device | str) -> SDVAE:
+    """The VAE `name` on `device` (once per process), checked to decode latents of `scale`."""
+    vae = load_vae(name, device)
+    if not np.isclose(vae.scale, scale, rtol=1e-6):
+        raise ConfigError(
+            f"the VAE {name!r} scales latents by {vae.scale}, but these latents were scaled by {scale}: "
+            "decode them with the VAE that encoded them (meta.json's vae; data.vae or --vae to point at it)"
+        )
+    return vae
+
+
+def build_imagenet_latents(cfg: DataConfig, device: torch.device, seed: int, batch_size: int) -> LatentSource:
+    folder = latent_folder(cfg)
+    if not folder.is_dir():
+        raise DataNotFoundError(f"latents not found: {folder} does not exist; {encode_hint(folder)}")
+    meta = read_meta(folder)
+    train = _load_split(folder, "train", cfg.train_size, meta)
+    test = _load_split(folder, "val", None, meta)
+    classes = list(meta["classes"])
+    if cfg.class_conditional and not classes:
+        raise ConfigError(
+            f"{folder} holds latents of a folder without classes: set data.class_conditional=false"
+        )
+    vae_name, scale = latent_vae_name(cfg)
+    vae = load_decoder(vae_name, scale, device) if cfg.decode_latents else None
+    return LatentSource(
+        cfg.name,
+        limit_train(train, cfg.train_size, cfg.latent_folder),
         test,
         max_value=None,
         batch_size=batch_size,
@@ -78,50 +169,7 @@ def build_imagenet_latents(cfg: DataConfig, device: torch.device, seed: int, bat
         class_names=classes if cfg.class_conditional else [],
         is_image=False,
         is_latent=True,
+        vae_name=vae_name,
+        vae_scale=scale,
+        vae=vae,
     )
-
-
-def encode_images(
-    encode: Callable[[Tensor], Tensor],
-    dataset: ImageFiles,
-    folder: Path,
-    split: str,
-    *,
-    device: torch.device,
-    batch_size: int,
-    num_workers: int,
-    log: Callable[[str], None] = print,
-) -> dict[str, float | int | str]:
-    """Encode every image of `dataset` (uint8 files, in order) with `encode` (x in [-1, 1] ->
-    scaled latents) into {split}_latents.npy / {split}_labels.npy under `folder`.
-
-    Written to temporary files first and renamed at the end: an interrupted run leaves no
-    half-written dataset behind.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    latents_path, labels_path = latent_paths(folder, split)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    temporary = latents_path.with_name(f"{latents_path.name}.tmp")
-    out: np.memmap | None = None  # shape known after the first batch
-    labels = np.empty(len(dataset), dtype=np.int64)
-    start, done = time.perf_counter(), 0
-    with torch.no_grad():
-        for images, batch_labels in loader:
-            x = images.to(device).float() / 127.5 - 1.0
-            z = encode(x).to("cpu", torch.float16).numpy()
-            if out is None:
-                shape = (len(dataset), *z.shape[1:])
-                out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16, shape=shape)
-            out[done : done + len(z)] = z
-            labels[done : done + len(z)] = batch_labels.numpy()
-            done += len(z)
-            elapsed = time.perf_counter() - start
-            log(f"{split}: {done}/{len(dataset)} images, {done / elapsed:.1f} images/s")
-    if out is None:
-        raise ValueError(f"no images to encode for split {split!r}")
-    out.flush()
-    del out
-    np.save(labels_path, labels)
-    temporary.replace(latents_path)  # last: the latents file appears only when complete
-    seconds = time.perf_counter() - start
-    return {"split": split, "images": done, "seconds": seconds, "latents": str(latents_path)}

@@ -9,9 +9,8 @@ weights and the reference statistics) before anything is sampled; offline, that 
 as a `FidUnavailableError` saying which files to fetch and where to put them.
 """
 
-import http.client
+import functools
 import importlib.util
-import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from zoo.errors import FidUnavailableError, FidUnsupportedError
-from zoo.network import socket_timeout
+from zoo.network import guarded_download
 
 INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -141,30 +140,17 @@ def load_fid_backend(reference: FidReference, device: torch.device | str) -> Fid
     # run then fails to load: give its sockets a timeout, and remove what a failed download began.
     downloads = [INCEPTION_DIR / "inception-2015-12-05.pt", cleanfid_stats_dir() / reference.stats_file]
     absent = [path for path in downloads if not path.exists()]
-    try:
-        with socket_timeout(DOWNLOAD_TIMEOUT_S):
-            features = cleanfid_fid.build_feature_extractor(
-                "clean", torch.device(device), use_dataparallel=False
-            )
-            mu, sigma = cleanfid_fid.get_reference_statistics(
-                reference.name,
-                reference.resolution,
-                mode="clean",
-                model_name="inception_v3",
-                seed=0,
-                split=reference.split,
-            )
-    except BaseException as error:  # Ctrl-C cuts a download off as surely as the network does
-        for path in absent:
-            path.unlink(missing_ok=True)
-        if not isinstance(
-            error, (OSError, http.client.HTTPException)
-        ):  # URLError, timeouts, resets, cut-off bodies
-            raise
-        reason = (
-            error.reason if isinstance(error, urllib.error.URLError) else f"{type(error).__name__}: {error}"
+    message = functools.partial(missing_files_message, reference)
+    with guarded_download(absent, DOWNLOAD_TIMEOUT_S, FidUnavailableError, message):
+        features = cleanfid_fid.build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
+        mu, sigma = cleanfid_fid.get_reference_statistics(
+            reference.name,
+            reference.resolution,
+            mode="clean",
+            model_name="inception_v3",
+            seed=0,
+            split=reference.split,
         )
-        raise FidUnavailableError(missing_files_message(reference, reason)) from error
     return FidBackend(features, np.asarray(mu), np.asarray(sigma), reference)
 
 

@@ -2,22 +2,19 @@
 
 from zoo.config.schema import DiTConfig, MLPConfig, ModelConfig, UNetConfig
 from zoo.models.base import FlowModel
-from zoo.models.dit import DIT_PRESETS, DiT, DiTPreset, dit_config
+from zoo.models.dit import DiT
 from zoo.models.mlp import MLP
 from zoo.models.unet import UNet
 from zoo.models.vae import SDVAE
 
 __all__ = [
-    "DIT_PRESETS",
     "DiT",
-    "DiTPreset",
     "FlowModel",
     "MLP",
     "SDVAE",
     "UNet",
     "build_model",
     "count_parameters",
-    "dit_config",
 ]
 
 

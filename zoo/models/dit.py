@@ -7,8 +7,6 @@ layer start at zero ("adaLN-Zero"): each block starts as the identity and the mo
 is exactly 0, which DiT found to train best.
 """
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor, nn
 
@@ -19,31 +17,6 @@ from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_c
 from zoo.models.layers import Attention, Conv2d, LayerNorm
 
 TIME_FREQ_DIM = 256  # sinusoid width of DiT's timestep embedder
-
-
-class DiTPreset(NamedTuple):
-    hidden: int
-    depth: int
-    heads: int
-    patch_size: int
-
-
-# The DiT paper's model sizes; `DiTConfig(**DIT_PRESETS["B/2"]._asdict())` builds one.
-DIT_PRESETS: dict[str, DiTPreset] = {
-    "S/2": DiTPreset(384, 12, 6, 2),
-    "S/4": DiTPreset(384, 12, 6, 4),
-    "B/2": DiTPreset(768, 12, 12, 2),
-    "B/4": DiTPreset(768, 12, 12, 4),
-    "L/2": DiTPreset(1024, 24, 16, 2),
-    "XL/2": DiTPreset(1152, 28, 16, 2),
-}
-
-
-def dit_config(preset: str, **overrides) -> DiTConfig:
-    """DiTConfig for a named preset ("B/2", ...), with optional field overrides."""
-    if preset not in DIT_PRESETS:
-        raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(DIT_PRESETS)}")
-    return DiTConfig(**(DIT_PRESETS[preset]._asdict() | overrides))
 
 
 def sincos_position_embedding(dim: int, grid_h: int, grid_w: int) -> Tensor:

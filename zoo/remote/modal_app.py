@@ -157,6 +157,14 @@ def remote_train(
         ) from exc
 
 
+def remote_encode(request: dict, volume_name: str) -> dict:
+    """`zoo data encode-latents --modal` inside the container (zoo.remote.encode_job)."""
+    from zoo.remote.encode_job import run_encode_request
+
+    mounted = modal.Volume.from_name(volume_name)
+    return run_encode_request(request, Path(str(VOLUME_MOUNT)), commit=mounted.commit)
+
+
 @dataclass
 class BuiltApp:
     app: modal.App
@@ -173,6 +181,27 @@ def build_app(spec: ModalSpec) -> BuiltApp:
     app = modal.App(spec.app_name, include_source=False)
     function = app.function(**options)(remote_train)
     return BuiltApp(app, function, image, options)
+
+
+# CPU cores of an encode container: its DataLoader workers decode and resize the JPEGs.
+ENCODE_CPUS = 8.0
+
+
+def build_encode_app(spec: ModalSpec) -> BuiltApp:
+    """The app and function of one encode job; builds Modal objects only, no network."""
+    image = build_image(pinned_packages())
+    options = function_options(spec, image) | {"cpu": ENCODE_CPUS}
+    app = modal.App(spec.app_name, include_source=False)
+    function = app.function(**options)(remote_encode)
+    return BuiltApp(app, function, image, options)
+
+
+def spawn_encode(built: BuiltApp, request: dict, volume_name: str) -> tuple[str, str]:
+    """Start an encode job detached; returns (call id, app id). Needs a token and the network."""
+    with modal.enable_output(), built.app.run(detach=True):
+        call = built.function.spawn(request, volume_name)
+        app_id = built.app.app_id
+    return call.object_id, app_id
 
 
 def spawn(

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource
+from zoo.data.latents import LatentSource
 from zoo.evaluation import draw_noise_and_labels, eval_mode, generate, headline_method, no_progress
 from zoo.models.base import FlowModel
 from zoo.plotting import save_image_grid, save_loss_curve, save_scatter
@@ -37,14 +39,20 @@ def save_samples(
     if source.is_image:
         image = save_image_grid(samples, path)
     elif source.is_latent:
-        # Decoding needs the SD-VAE's weights, which a training run may not have: show the first
-        # three latent channels, scaled to [-1, 1], and say so in the caption.
-        preview = samples[:, :3] / samples[:, :3].abs().amax().clamp_min(1e-6)
-        image = save_image_grid(preview, path)
-        return image, f"{method.label} ({method.nfe} NFE), latent channels 0-2 (not decoded)"
+        image, shown = save_latent_grid(source, samples, path)
+        return image, f"{method.label} ({method.nfe} NFE), {shown}"
     else:
         image = save_scatter(samples, path, reference=source.held_out(n).float().cpu(), title=method.label)
     return image, f"{method.label} ({method.nfe} NFE)"
+
+
+def save_latent_grid(source: LatentSource, latents: Tensor, path: Path) -> tuple[np.ndarray, str]:
+    """A grid of latent samples decoded by the source's VAE; without one (data.decode_latents=false)
+    the first three latent channels scaled to [-1, 1].  Returns the grid and what it shows."""
+    if source.vae is not None:
+        return save_image_grid(source.decode(latents), path), f"decoded by {source.vae_name}"
+    preview = latents[:, :3] / latents[:, :3].abs().amax().clamp_min(1e-6)
+    return save_image_grid(preview, path), "latent channels 0-2 (not decoded: data.decode_latents=false)"
 
 
 def save_loss_plot(run: RunDir) -> None:

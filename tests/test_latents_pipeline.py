@@ -1,0 +1,147 @@
+"""Latent generation end to end, offline: image folders -> `zoo data encode-latents` (a tiny
+random AutoencoderKL loaded from a local folder by the real from_pretrained path) -> `zoo train`
+a tiny class-conditional DiT on the latents -> decoded training grid -> `zoo sample --classes`
+decoded, one row per class -> FID and IS with a small random CNN in Inception's place."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from latent_helpers import TinyFeatures, make_image_folders, save_tiny_vae
+from PIL import Image
+from tiny_runs import TINY_RUN
+from typer.testing import CliRunner
+
+from zoo.evaluation import Method
+from zoo.inference import load_model
+from zoo.metrics import inception
+from zoo.metrics.inception import folder_reference
+from zoo.models.vae import SDVAE, decode_latents
+from zoo.scoring import score_model
+from zoo_cli.main import app
+from zoo_cli.sample import parse_classes
+
+runner = CliRunner()
+TINY_DIT = ["model.size=none", "model.hidden=32", "model.depth=1", "model.heads=2", "model.patch_size=2"]
+
+
+def zoo(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("latents")
+    vae = save_tiny_vae(root / "vae")
+    make_image_folders(root / "data" / "imagenet", {"train": 6, "val": 2})
+    common = ["--image-size", 16, "--vae", vae, "--batch-size", 4, "--num-workers", 0, "--device", "cpu"]
+    for split, extra in (("train", ["--flip", "--shard-size", 8]), ("val", [])):
+        result = zoo("data", "encode-latents", root / "data" / "imagenet", "--split", split, *common, *extra)
+        assert result.exit_code == 0, result.output
+    latents = np.load(root / "data" / "imagenet-latents" / "train_latents.npy")
+    assert latents.shape == (36, 4, 8, 8)  # 18 images and their mirror images, 16 px -> 8x8 latents
+    result = zoo(
+        "train",
+        "imagenet-latents",
+        *TINY_RUN,
+        *TINY_DIT,
+        f"data.root={root / 'data'}",
+        f"output_dir={root / 'outputs'}",
+        "train.batch_size=8",
+        "eval.n_samples=16",
+        "eval.grid_size=6",
+        "tracking.enabled=false",
+        "--steps",
+        4,
+        "--run-name",
+        "lat",
+    )
+    assert result.exit_code == 0, result.output
+    return {"root": root, "vae": vae, "run": root / "outputs" / "lat"}
+
+
+def test_training_grids_show_decoded_images(trained):
+    grid = np.asarray(Image.open(trained["run"] / "samples" / "final.png"))
+    # 6 decoded 16 px images in 3 columns: 3 * (16 + 2) + 2 = 56 px, enlarged 5x to reach 256 px.
+    # (Undecoded 8 px latents would make a 32 px grid, enlarged 8x: 256 px.)
+    assert grid.shape[1] == 5 * 56
+
+
+def test_sample_decodes_and_lays_classes_out_in_rows(trained, tmp_path):
+    out = tmp_path / "s.png"
+    result = zoo("sample", trained["run"], "--classes", "0-2", "--latents", "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "decoded by" in result.output
+    saved = np.load(out.with_suffix(".npz"))
+    assert saved["samples"].shape == (24, 3, 16, 16) and saved["latents"].shape == (24, 4, 8, 8)
+    assert saved["labels"].tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    vae = SDVAE.from_pretrained(trained["vae"])
+    expected = vae.decode(torch.from_numpy(saved["latents"])).clamp(-1, 1)
+    assert torch.allclose(torch.from_numpy(saved["samples"]), expected, atol=1e-5)
+    assert np.abs(saved["samples"]).max() <= 1
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[:2] == (2 * (3 * 18 + 2), 2 * (8 * 18 + 2))  # 3 rows of 8, enlarged 2x
+
+
+def test_class_options_are_checked_before_sampling(trained, tmp_path):
+    assert parse_classes("0-3,10, 7") == [0, 1, 2, 3, 10, 7]
+    out = ["--out", tmp_path / "x.png", "--device", "cpu"]
+    for args, message in (
+        (["--classes", "0-9"], "--classes must be in 0..2, got 3"),
+        (["--classes", "0-2", "--n", "10"], "--n 10 does not split evenly over the 3 classes"),
+        (["--classes", "2-0"], "runs backwards"),
+        (["--classes", "a-b"], "class numbers and ranges"),
+        (["--class", "1", "--classes", "0-2"], "not both"),
+        (["--vae", tmp_path / "none"], "there is no folder"),
+    ):
+        result = zoo("sample", trained["run"], *args, *out)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_fid_of_decoded_samples_with_a_stand_in_feature_network(trained, tmp_path):
+    loaded = load_model(trained["run"] / "last.pt", torch.device("cpu"))
+    features = TinyFeatures()
+    starts = []
+    val = trained["root"] / "data" / "imagenet" / "val"
+    reference = folder_reference(
+        val, features, 16, tmp_path, on_start=lambda n, cached: starts.append(cached)
+    )
+    again = folder_reference(val, features, 16, tmp_path, on_start=lambda n, cached: starts.append(cached))
+    assert starts == [False, True] and np.array_equal(reference.sigma, again.sigma) and reference.count == 6
+    vae = SDVAE.from_pretrained(trained["vae"])
+    batches = []
+    scores = score_model(
+        loaded.model,
+        Method("meanflow", 1, 1),
+        1.0,
+        features,
+        reference,
+        n=30,
+        batch_size=8,
+        decode=lambda z: decode_latents(vae, z),
+        decoded_by=vae.name,
+        on_batch=batches.append,
+    )
+    assert batches == [8, 8, 8, 6] and scores.n_samples == 30 and scores.class_balanced
+    assert math.isfinite(scores.fid) and scores.fid > 0
+    assert 1.0 <= scores.inception_score <= 10.0
+    assert (scores.sampler, scores.nfe, scores.guidance) == ("MeanFlow 1-step", 1, 1.0)
+    assert "decoded by" in scores.summary() and str(val) in scores.reference
+
+
+def test_zoo_fid_scores_a_latent_run_against_a_folder(trained, tmp_path, monkeypatch):
+    """The command's whole path (folder statistics, decoding, JSON), Inception replaced by the CNN."""
+    monkeypatch.setattr(inception, "InceptionV3", lambda device, resize: TinyFeatures())
+    val = trained["root"] / "data" / "imagenet" / "val"
+    out = tmp_path / "fid.json"
+    args = ["--ref", val, "--n", 12, "--batch-size", 5, "--stats-cache", tmp_path, "--out", out]
+    result = zoo("fid", trained["run"], *args, "--device", "cpu", "--num-workers", 0)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["n_samples"] == 12 and saved["class_balanced"] and saved["decoded_by"] == str(trained["vae"])
+    assert (saved["sampler"], saved["nfe"], saved["guidance"]) == ("MeanFlow 1-step", 1, 1.0)
+    assert math.isfinite(saved["fid"]) and f"FID {saved['fid']:.3f}" in result.output
+    assert len(list(tmp_path.glob("16px-none-*.npz"))) == 1  # the folder's statistics, cached

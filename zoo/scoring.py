@@ -1,0 +1,103 @@
+"""FID and Inception Score of a model's samples, as ImageNet-256 papers report them.
+
+50 000 samples by default; a class-conditional model draws the same number of each class
+(ImageNet: 50 per class), in a seeded random order so that every Inception Score split of 5000
+sees all classes as random labels would.  Latent models' samples are decoded by their VAE
+before scoring.  The result names the sampler, its NFE and the guidance scale, the reference
+and the feature network, so that a number is never separated from how it was measured.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from zoo.evaluation import Method, eval_mode, generate, no_progress
+from zoo.metrics.inception import FeatureExtractor, ReferenceStats, check_compatible, score_images
+from zoo.models.base import FlowModel
+
+DEFAULT_N = 50_000
+
+
+@dataclass
+class ImageScores:
+    fid: float
+    inception_score: float
+    inception_score_std: float  # across IS splits of 5000 images
+    n_samples: int
+    class_balanced: bool
+    sampler: str  # e.g. "MeanFlow 1-step"
+    nfe: int
+    guidance: float
+    reference: str
+    features: str  # the network and how images reach it
+    decoded_by: str | None  # the VAE of a latent model
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        decoded = f", decoded by {self.decoded_by}" if self.decoded_by else ""
+        balanced = " class-balanced" if self.class_balanced else ""
+        return (
+            f"FID {self.fid:.3f}, IS {self.inception_score:.2f} ± {self.inception_score_std:.2f} "
+            f"({self.sampler}, {self.nfe} NFE, guidance {self.guidance:g}; {self.n_samples}{balanced} samples"
+            f"{decoded}; vs {self.reference}; {self.features})"
+        )
+
+
+def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> Tensor:
+    """n labels, each class n // num_classes or one more times, in a random order."""
+    labels = torch.arange(n) % num_classes
+    return labels[torch.randperm(n, generator=generator)]
+
+
+def score_model(
+    model: FlowModel,
+    method: Method,
+    guidance: float,
+    extractor: FeatureExtractor,
+    reference: ReferenceStats,
+    *,
+    n: int = DEFAULT_N,
+    batch_size: int,
+    seed: int = 0,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    decoded_by: str | None = None,
+    on_batch: Callable[[int], None] = lambda k: None,
+) -> ImageScores:
+    """FID and IS of `n` samples of `method` against `reference`, generated `batch_size` at a
+    time (`decode` maps a latent model's samples to images in [-1, 1]); `on_batch(k)` after each
+    batch of k images is scored."""
+    check_compatible(reference, extractor)  # before any sample is drawn
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(n, model.num_classes, generator) if model.num_classes else None
+
+    def batches() -> Iterator[Tensor]:
+        for start in range(0, n, batch_size):
+            k = min(batch_size, n - start)
+            noise = torch.randn((k, *model.data_shape), generator=generator).to(device)
+            y = labels[start : start + k].to(device) if labels is not None else None
+            samples = generate(model, method, noise, y, guidance, batch_size, on_batch=no_progress)
+            yield decode(samples) if decode is not None else samples
+            on_batch(k)
+
+    with eval_mode(model):
+        scores = score_images(batches(), extractor, reference)
+    return ImageScores(
+        fid=scores.fid,
+        inception_score=scores.inception_score,
+        inception_score_std=scores.inception_score_std,
+        n_samples=scores.n,
+        class_balanced=labels is not None,
+        sampler=method.label,
+        nfe=method.nfe,
+        guidance=guidance,
+        reference=reference.description,
+        features=f"{extractor.name}, resize {extractor.resize}",
+        decoded_by=decoded_by,
+        seed=seed,
+    )
