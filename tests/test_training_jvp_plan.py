@@ -6,12 +6,15 @@ run trained with a benchmark mode resumes with it.
 """
 
 import re
+import shlex
 
 import pytest
 import torch
 from tiny_runs import TINY_RUN
 from typer.testing import CliRunner
 
+from zoo.bench import jvp_bench
+from zoo.bench.jvp_bench import BenchError, BenchSettings
 from zoo.checkpoints import load_checkpoint, save_checkpoint
 from zoo.config.loading import ConfigError, load_config
 from zoo.training.jvp_plan import (
@@ -19,6 +22,7 @@ from zoo.training.jvp_plan import (
     TRAINING_MODES,
     check_capture,
     check_compile,
+    check_mode_device,
     faster_step_tip,
     plan_run,
 )
@@ -36,7 +40,8 @@ def test_a_new_run_trains_fused_or_nograd_and_auto_is_fused() -> None:
     assert plan_run(load_config("moons", ["loss.jvp=auto"]), CPU).mode == "fused"
     explicit = plan_run(load_config("moons", ["loss.jvp=nograd"]), CPU)
     assert (explicit.mode, explicit.reason) == ("nograd", "set by loss.jvp")
-    assert plan_run(load_config("moons", []), CPU).mode == "fused"  # the default
+    default = plan_run(load_config("moons", []), CPU)
+    assert (default.mode, default.reason) == ("fused", "loss.jvp's default")
 
 
 @pytest.mark.parametrize("mode", ["primal", "full_batch", "selective", "compile", "cuda_graph"])
@@ -52,6 +57,15 @@ def test_a_resumed_run_keeps_the_mode_its_checkpoint_records() -> None:
     plan = plan_run(cfg, CPU, kept_mode="selective")
     assert plan.mode == "selective" and "kept from the checkpoint" in plan.reason
     assert plan_run(load_config("moons", []), CPU, kept_mode="auto").mode == "fused"
+
+
+def test_a_resumed_run_whose_mode_needs_cuda_is_told_to_resume_on_cuda() -> None:
+    # Its JVP mode is fixed by the checkpoint, so "use loss.jvp=fused" would be no fix.
+    with pytest.raises(ConfigError, match=r"loss\.jvp='cuda_graph'.*resume it on a CUDA device"):
+        plan_run(load_config("moons", []), CPU, kept_mode="cuda_graph")
+    with pytest.raises(ConfigError, match=r"use loss\.jvp=fused"):
+        check_mode_device("cuda_graph", CPU)
+    check_mode_device("cuda_graph", CUDA)
 
 
 def test_flow_matching_ignores_the_jvp_setting() -> None:
@@ -129,6 +143,23 @@ def test_settings_a_compiled_step_runs_pass() -> None:
     assert plan_run(load_config("moons", ["loss.jvp=auto", "train.compile=true"]), CPU).mode == "fused"
 
 
+def bench_settings_of(tip: str, monkeypatch) -> BenchSettings:
+    """The settings `zoo bench-jvp` takes from the command a tip names (checked as the CLI checks them),
+    caught before anything is timed."""
+    (command,) = re.findall(r"`zoo (bench-jvp [^`]*)`", tip)
+    taken = []
+
+    def catch(settings: BenchSettings, log) -> None:
+        settings.check()
+        taken.append(settings)
+        raise BenchError("caught before timing")
+
+    monkeypatch.setattr(jvp_bench, "run_bench", catch)
+    result = CliRunner().invoke(app, shlex.split(command))
+    assert "caught before timing" in result.output, result.output
+    return taken[0]
+
+
 @pytest.mark.parametrize(
     "device, overrides, mode, resumed, named",
     [
@@ -146,14 +177,19 @@ def test_settings_a_compiled_step_runs_pass() -> None:
     ],
 )
 def test_a_cuda_run_with_eager_steps_is_pointed_at_the_faster_steps_it_accepts(
-    device, overrides, mode, resumed, named
+    device, overrides, mode, resumed, named, monkeypatch
 ) -> None:
     cfg = load_config("moons", overrides)
     tip = faster_step_tip(cfg, device, mode, resumed)
     offered = set() if tip is None else set(re.findall(r"train\.\w+=true", tip))
     assert offered == named
     if tip is not None:  # with the benchmark that times them, not figures from another machine
-        assert f"zoo bench-jvp moons --device cuda --precision {cfg.precision} --modes {mode}" in tip
+        settings = bench_settings_of(tip, monkeypatch)
+        assert (settings.preset, settings.device, settings.modes) == ("moons", "cuda", (mode,))
+        assert settings.batch_size == cfg.train.batch_size and settings.ratios == (cfg.loss.ratio,)
+        assert settings.precision == ("bf16" if cfg.precision == "fp16" else cfg.precision)
+        assert settings.cuda_graph == ("train.cuda_graph=true" in named)
+        assert settings.compile == ("train.compile=true" in named)
     # Independently of the expectations above: every option named is accepted by the run's checks.
     for option in offered:
         with_option = load_config("moons", [*overrides, option])

@@ -80,15 +80,24 @@ def decide_mode(cfg: ZooConfigBody, kept_mode: str | None = None) -> tuple[str, 
         )
     if mode == "auto":
         return DEFAULT_MODE, "loss.jvp=auto: fused"
+    if mode == DEFAULT_MODE:
+        return mode, "loss.jvp's default"
     return mode, "set by loss.jvp"
 
 
-def check_mode_device(mode: str, device: torch.device) -> None:
-    if mode in CUDA_ONLY and device.type != "cuda":
+def check_mode_device(mode: str, device: torch.device, resumed: bool = False) -> None:
+    if mode not in CUDA_ONLY or device.type == "cuda":
+        return
+    if resumed:
+        # A resumed run keeps its JVP mode (check_resume_config): changing loss.jvp is no fix.
         raise ConfigError(
-            f"loss.jvp={mode!r} needs a CUDA device, but this run uses {device}; "
-            "use loss.jvp=fused, or a CUDA device"
+            f"this run trains with loss.jvp={mode!r} (chosen when it started), which needs a CUDA device, "
+            f"but it would resume on {device}; resume it on a CUDA device"
         )
+    raise ConfigError(
+        f"loss.jvp={mode!r} needs a CUDA device, but this run uses {device}; "
+        "use loss.jvp=fused, or a CUDA device"
+    )
 
 
 def check_tangent_kernels(cfg: ZooConfigBody, device: torch.device, mode: str) -> None:
@@ -194,10 +203,13 @@ def faster_step_tip(cfg: ZooConfigBody, device: torch.device, mode: str, resumed
     if not offers:
         return None
     flags = " ".join(("--cuda-graph" if "cuda_graph" in o else "--compile") for o in offers)
+    # The benchmark times fp32 and bf16 autocast; bf16 runs at fp16's tensor-core rate without the
+    # loss scaler, the nearest it can time to an fp16 step.
+    precision = "bf16" if cfg.precision == "fp16" else cfg.precision
     return (
         f"tip: this CUDA run takes eager steps; {' or '.join(offers)} may be faster: time them on this GPU "
-        f"with `zoo bench-jvp {cfg.preset or 'PRESET'} --device cuda --precision {cfg.precision} "
-        f"--modes {mode} {flags}`"
+        f"with `zoo bench-jvp --model {cfg.preset or 'PRESET'} --device cuda --precision {precision} "
+        f"--batch-size {cfg.train.batch_size} --ratios {cfg.loss.ratio:g} --modes {mode} {flags}`"
     )
 
 
@@ -256,7 +268,7 @@ def plan_run(cfg: ZooConfigBody, device: torch.device, kept_mode: str | None = N
     """
     mode, reason = decide_mode(cfg, kept_mode)
     resumed = kept_mode is not None
-    check_mode_device(mode, device)
+    check_mode_device(mode, device, resumed)
     check_tangent_kernels(cfg, device, mode)
     if cfg.train.cuda_graph:
         check_capture(device, cfg.precision, meanflow_mode(cfg, mode), resumed)
