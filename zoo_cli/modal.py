@@ -132,11 +132,12 @@ def submit(
         raise fail(str(exc), 1) from None
     from zoo.remote.modal_app import ModalLauncher
 
-    record = launch_submission(store, submission, ModalLauncher(volume))
     if submission.cancel_call is not None:
+        # Said before the launch: a start that then fails must not hide that the call was cancelled.
         console.print(
-            f"cancelled the previous call {submission.cancel_call} of {run_name} (it had not ended)"
+            f"cancelling the previous call {submission.cancel_call} of {run_name} (it had not ended)"
         )
+    record = launch_submission(store, submission, ModalLauncher(volume))
     console.print(f"run      [bold]{run_name}[/]")
     console.print(f"call id  {record['call_id']}")
     console.print(
