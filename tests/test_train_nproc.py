@@ -134,7 +134,7 @@ def test_the_stop_grace_is_passed_only_to_a_torchrun_that_takes_it():
     from zoo.distributed import STOP_GRACE_S, torchrun_command
 
     takes_it = "shutdown_timeout" in vars(get_args_parser().parse_args(["script.py"]))
-    # Known releases: the pinned torch's torchrun takes it, the GPU machine's 2.11 does not.
+    # Known releases: the pinned torch's (2.14) torchrun takes it, 2.11's does not.
     known = {"2.14": True, "2.11": False}.get(".".join(torch.__version__.split(".")[:2]))
     if known is not None:
         assert takes_it is known, torch.__version__

@@ -266,8 +266,8 @@ class FusedJvp(JvpStrategy):
 
     def kernels_on(self, device: torch.device) -> str:
         """The group-norm tangents' implementation on `device`: "auto" resolved, "triton" checked."""
-        # Not while compiling: the checks are host work dynamo would break the graph on (torch
-        # 2.11), and a compiled step computes the tangents with PyTorch operations anyway.
+        # Not while compiling: the checks are host work dynamo would break the graph on, and a
+        # compiled step computes the tangents with PyTorch operations anyway.
         if torch.compiler.is_compiling():
             return "torch" if self.kernels == "auto" else self.kernels
         if self.kernels == "triton" and (reason := group_norm_tangent_kernel.unusable_reason(device)):
