@@ -33,7 +33,7 @@ def main() -> None:
     results = []
     for scale in args.scales:
         embeddings.TIME_SCALE = scale  # read at call time by sinusoidal_embedding
-        cfg = load_config("moons", ["run_name=ablate", f"train.steps={args.steps}", "loss.jvp=primal"])
+        cfg = load_config("moons", ["run_name=ablate", f"train.steps={args.steps}", "loss.jvp=fused"])
         state = build_state(cfg, torch.device("cpu"))
         started = time.time()
         mse = []

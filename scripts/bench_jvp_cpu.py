@@ -1,9 +1,9 @@
-"""The issue's CPU table for zoo: the paper's CIFAR-10 U-Net, fp32, batch 8, on this CPU.
+"""zoo's CPU benchmark table: the paper's CIFAR-10 U-Net, fp32, batch 8, on this CPU.
 
 Times, interleaved in one process after warm-up (zoo.bench): a no-grad forward, the no-grad JVP
 alone, a flow-matching training step and a MeanFlow training step (loss + backward + Adam) per
 JVP mode at ratios 0.25 and 0.75; prints medians, the ratios to the FM step with their per-round
-range, the targets, and the other implementations' numbers from the issue.  Writes
+range, the targets, and another implementation's numbers (EXPERIMENT_LOG.md).  Writes
 `<out>/bench.json` and `<out>/bench.log` (its whole output).
 
     .venv/bin/python scripts/bench_jvp_cpu.py                 # ~1 h on 2 cores
@@ -11,7 +11,7 @@ range, the targets, and the other implementations' numbers from the issue.  Writ
     .venv/bin/python scripts/bench_jvp_cpu.py --profile       # where the JVP's time goes, instead
 
 The same measurement as `zoo bench-jvp --device cpu --model cifar10 --batch-size 8
---ratios 0.25,0.75 --threads 2`; this script adds the comparison with the issue's table.
+--ratios 0.25,0.75 --threads 2`; this script adds the comparison with the targets.
 """
 
 import argparse
@@ -35,10 +35,9 @@ from zoo.bench.jvp_bench import (
 )
 from zoo_cli.bench_report import result_table, summary_lines
 
-# The issue's measurements of the other implementations (same kind of machine, fp32, batch 8).
+# Another implementation measured on the same kind of machine (fp32, batch 8; EXPERIMENT_LOG.md).
 OTHERS = {
     "official PyTorch port (55.9M U-Net)": {"0.25": None, "0.75": 1.65, "jvp/forward": 2.73},
-    "predecessor (51.6M U-Net, selective JVP)": {"0.25": 1.32, "0.75": 1.65, "jvp/forward": 3.04},
 }
 TARGETS = {"0.25": 1.15, "0.75": 1.40, "jvp/forward": 2.2}
 
@@ -62,7 +61,7 @@ def render(renderable: object) -> str:
 
 
 def comparison_lines(result: BenchResult) -> list[str]:
-    """zoo's best mode per ratio against the targets and the issue's other implementations."""
+    """zoo's best mode per ratio against the targets and another implementation."""
     zoo = {"jvp/forward": result.case("jvp").versus.of_medians}
     ranges = {"jvp/forward": result.case("jvp").versus}
     for ratio in result.settings.ratios:

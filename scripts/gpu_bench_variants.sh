@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Follow-up GPU measurements for issue 3 (what bounds the MeanFlow/FM ratio on an H100):
+# GPU measurements of what bounds the MeanFlow/FM step ratio:
 # the CUDA tests again, then bench-jvp for fused / cuda_graph / primal at batch 128 with the
 # JVP in tf32 (default) and in bf16, and at batch 256.  Logs under ${OUT:-outputs/gpu}.
 set -uo pipefail

@@ -1,44 +1,36 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 3 on a GPU machine, in stages sized for a short device lease.
+# zoo's CUDA checks on a GPU machine, in stages sized for a short device lease.
 #
 #   bash scripts/gpu_checks.sh [STAGE ...]        # default: targets bf16jvp tests
 #
-# Stages, most important first (rough minutes on an H100/H200 with 16 CPU cores; compiling the
-# paper U-Net dominates the compile stages):
+# Stages, most important first (rough minutes on a recent data-centre GPU with 16 CPU cores;
+# compiling the paper U-Net dominates the compile stages):
 #   targets     ~2  zoo bench-jvp, bf16, batch 128, ratios 0.25/0.75/1.0: eager fused and primal
-#                   steps and the same replayed from a CUDA graph (--cuda-graph) — the issue's
-#                   targets (<= 1.15 at 0.25, <= 1.40 at 1.0; 0.75 runs without OOM); met on an H200
-#                   by the captured fused step with the Triton group-norm tangents (session 10)
+#                   steps and the same replayed from a CUDA graph (--cuda-graph), against the GPU
+#                   targets (<= 1.15 at 0.25, <= 1.40 at 1.0; 0.75 runs without OOM)
 #   bf16jvp     ~1  the same with loss.jvp_precision=bf16, 0.25/1.0: the tangent's convolutions at
-#                   bf16 rate (on the H200 this did not speed the captured step: 1.504 vs 1.505 at 1.0)
+#                   bf16 rate
 #   tests       ~2  the CUDA-only tests (JVP modes, captured steps, compiled CUDA steps); a skipped
 #                   one is reported: all skipped means CUDA was not usable, not a pass
 #   compile     ~5  fused with loss + backward compiled (--compile, mode default), 0.25/1.0
 #   compile-ro  ~5  --compile --compile-mode reduce-overhead (inductor + CUDA graphs), 0.25/1.0
 #   compile-bf16    ~5  compile with loss.jvp_precision=bf16: inductor fuses the casts, so the
-#                   tangent's convolutions should run at bf16 rate (inferred, not yet measured: the
-#                   part of compile's extra time that grows with the ratio, ~13 ms at 1.0 on the
-#                   H200, is about the TF32 tangent convolutions' arithmetic)
-#   compile-ro-bf16 ~3  the same with reduce-overhead (expected, not measured: inductor's on-disk
-#                   cache, warm from compile-bf16 in the same call, spares part of the compiling)
+#                   tangent's convolutions should run at bf16 rate
+#   compile-ro-bf16 ~3  the same with reduce-overhead (inductor's on-disk cache, warm from
+#                   compile-bf16 in the same call, spares part of the compiling)
 #   torch-kernels  ~2  fused eager and captured steps, 0.25/1.0, with the default group-norm
-#                   tangents (Triton kernels on CUDA since session 10) and, in the same process,
-#                   with loss.jvp_kernels=torch (--loss-variant): the kernels' A/B in one run
+#                   tangents (Triton kernels on CUDA) and, in the same process, with
+#                   loss.jvp_kernels=torch (--loss-variant): the kernels' A/B in one run
 #   profile     ~2  scripts/profile_step_cuda.py: kernel time by category of the FM and fused
 #                   steps (tangent in TF32 and bf16): where a captured step's extra time goes
 #   train       ~3  zoo train moons on CUDA: eager, cuda_graph, compile, compile reduce-overhead
 #                   with grad_accum=2
+# What each stage measured so far, and the calls that ran them: EXPERIMENT_LOG.md.
 #
 # The device tool allows 600 s a call and about 15 min a session, a machine start included; a
-# call made within 30 s of the last one finds the machine warm.  Session 9 (H200) ran
-#   OUT=$OUT bash scripts/gpu_checks.sh targets bf16jvp tests                    (305 s)
-#   DEADLINE=400 STAGE_TIMEOUT=380 OUT=$OUT bash scripts/gpu_checks.sh compile    (335 s)
-# (EXPERIMENT_LOG, session 9); session 10 (EXPERIMENT_LOG) ran stages tests and triton (the stage
-# torch-kernels replaced) and met the targets with captured steps.  Next, about the compiled steps
-# (1.28 / 1.42 in session 9), ~900 s in all with a start:
+# call made within 30 s of the last one finds the machine warm.  For example, ~900 s in all:
 #   call 1:  DEADLINE=560 OUT=$OUT bash scripts/gpu_checks.sh tests compile-bf16     (timeout_s 580)
 #   call 2, within 30 s:  DEADLINE=<left - 40> OUT=$OUT bash scripts/gpu_checks.sh torch-kernels profile
-#            (torch-kernels: session 10's Triton-vs-PyTorch comparison was across processes; this is one run)
 # DEADLINE (seconds, default 560) bounds the whole call: each stage runs under
 # min(STAGE_TIMEOUT (default 420), time left - 20 s) and is skipped with under 60 s left, so the
 # logs of the stages that ran always come back.  `timeout -k 20` also kills a process that holds
@@ -48,8 +40,8 @@
 # every timed round.
 # zoo's dependencies must be importable: `bash scripts/device_wheels.sh` here puts them in .whl/ and
 # prints the line that installs them there (carry [".whl"]);
-# trackio is not needed, tracking is off.  The device's own torch is older than zoo's pin (2.11.0 on
-# the H200s): run `bash scripts/test_with_torch.sh 2.11.0 0.26.0` on a CPU first (device time is short).
+# trackio is not needed, tracking is off.  A device's own torch may be older than zoo's pin: run
+# `bash scripts/test_with_torch.sh VERSION TORCHVISION_VERSION` on a CPU first (device time is short).
 set -uo pipefail
 out="${OUT:-outputs/gpu}"
 mkdir -p "$out"
@@ -93,7 +85,7 @@ for stage in "${stages[@]}"; do
         tests)
             # -rs names every skip: a CUDA test skipped on the GPU machine means CUDA was unusable.
             # -rfEs: failures, errors and skips listed.  No -q: pyproject's addopts has one, and
-            # -qq drops pytest's summary line (session 9's log lacked it for that reason alone).
+            # -qq would drop pytest's summary line.
             # The exit status printed is timeout's: pytest's own, or 124 / 137 when the stage limit stopped it.
             timeout -k 20 "$limit" python3 -m pytest -rfEs -p no:cacheprovider tests/test_losses_jvp.py \
                 tests/test_models_dual.py tests/test_models_layers.py tests/test_training_step_graph.py \

@@ -58,8 +58,8 @@ KERNEL_CATEGORIES = [
         "matrix",
         re.compile(r"conv|cudnn|gemm|nvjet|xmma|cutlass|wgrad|dgrad|fprop|sm90|flash|fmha|attention", re.I),
     ),
-    # group_sums and tangent: zoo's Triton group-norm tangent kernels (loss.jvp_kernels, Triton on CUDA
-    # by default since session 10; earlier profiles had the PyTorch operations, under element-wise/reduction).
+    # group_sums and tangent: zoo's Triton group-norm tangent kernels (loss.jvp_kernels=auto uses them on
+    # CUDA; with loss.jvp_kernels=torch the PyTorch operations show under element-wise/reduction).
     (
         "norm",
         re.compile(

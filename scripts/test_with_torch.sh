@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run zoo's test suite on this CPU under another torch than the pinned one — the GPU machine's
-# (torch 2.11.0 + torchvision 0.26.0 on the lent H200s, 2026-11/12) — before spending device
-# time there: torch.compile tracing, torchrun flags and private APIs differ between releases.
+# Run zoo's test suite on this CPU under another torch than the pinned one — a GPU machine's own —
+# before spending device time there: torch.compile tracing, torchrun flags and private APIs
+# differ between releases.
 #
 #   bash scripts/test_with_torch.sh 2.11.0 0.26.0 [pytest args...]     # default: the whole suite
 #

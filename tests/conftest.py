@@ -21,6 +21,4 @@ def isolated_trackio(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TRACKIO_DIR", str(SESSION_TRACKIO_DIR))
     for key in [k for k in os.environ if k.startswith("ZOO_")]:
         monkeypatch.delenv(key)
-    # The JVP-mode calibration cache of the session, never the user's.
-    monkeypatch.setenv("ZOO_CACHE_DIR", str(SESSION_TRACKIO_DIR.parent / "zoo-tests-cache"))
     return SESSION_TRACKIO_DIR

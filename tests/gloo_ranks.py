@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.multiprocessing as mp
 
-from zoo.training import distributed
+from zoo import distributed
 
 
 def free_port() -> int:

@@ -66,7 +66,7 @@ def fused_step_errors(device: str = "cpu") -> dict[str, float]:
     their difference measures rounding, amplified by whatever runs after the tangents; each path's
     distance from float64 is its accuracy.  jvp_precision="fp32": under the default "tf32" the
     tangent island's convolutions round their inputs to TF32, which turned the paths' ~1e-7
-    differences into gradients 1.8e-4 apart on an H200 (session 10), whatever precision the caller set.
+    differences into gradients 1.8e-4 apart on a GPU, whatever precision the caller set.
     """
     cfg = UNetConfig(
         channels=16, channel_mults=[1, 2], blocks_per_res=1, attention_res=[4], dropout=0.0, num_groups=8

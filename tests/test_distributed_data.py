@@ -11,9 +11,9 @@ from pathlib import Path
 from gloo_ranks import join, run_ranks
 
 import zoo.data
+from zoo import distributed
 from zoo.config.schema import DataConfig
 from zoo.data import build_data
-from zoo.training import distributed
 
 
 def rank_main(rank: int, world: int, port: int, root: Path) -> None:

@@ -18,8 +18,9 @@ import torch
 from gloo_ranks import join, run_ranks
 from torch import nn
 
+from zoo import distributed
 from zoo.config.loading import load_config
-from zoo.training import distributed, trainer
+from zoo.training import trainer
 
 BATCH = 16
 MICRO = 4

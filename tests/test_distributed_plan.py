@@ -8,9 +8,10 @@ import torch
 from gloo_ranks import join, run_ranks
 from rich.console import Console
 
+from zoo import distributed
 from zoo.config.loading import load_config
 from zoo.models import build_model
-from zoo.training import distributed, trainer
+from zoo.training import trainer
 from zoo.training.memory import MicroBatchPlan
 
 OWN_PLAN = {0: MicroBatchPlan(1, 8, 100), 1: MicroBatchPlan(4, 2, 50)}  # rank 1 is short of memory

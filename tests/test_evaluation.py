@@ -23,7 +23,7 @@ def trained_moons(steps: int):
             "model.hidden=64",
             "model.depth=2",
             "train.batch_size=128",
-            "loss.jvp=primal",
+            "loss.jvp=fused",
             "loss.weight_p=1.0",
         ],
     )

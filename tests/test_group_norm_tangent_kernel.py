@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from zoo.config.loading import load_config
 from zoo.models import build_model, group_norm_tangent_kernel, tangents
-from zoo.training.trainer import tangent_kernels_note
+from zoo.training.jvp_plan import group_norm_tangents, plan_run
 from zoo_cli.main import app
 
 TESTS = Path(__file__).parent
@@ -154,17 +154,16 @@ def test_a_run_says_how_its_group_norm_tangents_run(monkeypatch) -> None:
     )
     unet = build_model(cfg.model, (1, 8, 8), 10)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert "Triton kernels" in tangent_kernels_note(cfg, "fused", unet, cuda)
-    assert "PyTorch operations" in tangent_kernels_note(cfg, "fused", unet, cpu)
-    torch_cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"jvp_kernels": "torch"})})
-    assert "PyTorch operations" in tangent_kernels_note(torch_cfg, "fused", unet, cuda)
-    compiled = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
-    assert "inductor" in tangent_kernels_note(compiled, "fused", unet, cuda)
-    assert tangent_kernels_note(cfg, "nograd", unet, cuda) == ""  # no fused tangents
+    assert "Triton kernels" in group_norm_tangents(unet, cuda, "auto", compiled=False)
+    assert "PyTorch operations" in group_norm_tangents(unet, cpu, "auto", compiled=False)
+    assert "PyTorch operations" in group_norm_tangents(unet, cuda, "torch", compiled=False)
+    assert "inductor" in group_norm_tangents(unet, cuda, "auto", compiled=True)
+    fused = plan_run(cfg, cuda)
+    assert "group-norm tangents: Triton kernels" in fused.describe(unet, cuda)
+    nograd = plan_run(cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"jvp": "nograd"})}), cuda)
+    assert "group-norm tangents" not in nograd.describe(unet, cuda)  # no fused tangents
     moons = load_config("moons", [])
-    assert (
-        tangent_kernels_note(moons, "fused", build_model(moons.model, (2,), 0), cuda) == ""
-    )  # no group norms
+    assert group_norm_tangents(build_model(moons.model, (2,), 0), cuda, "auto", compiled=False) is None
 
 
 def test_auto_falls_back_to_the_torch_operations_when_the_kernels_fail_their_first_launch(
@@ -190,7 +189,7 @@ def test_auto_falls_back_to_the_torch_operations_when_the_kernels_fail_their_fir
         "digits",
         ["model.channels=8", "model.channel_mults=[1]", "model.attention_res=[]", "model.num_groups=4"],
     )
-    note = tangent_kernels_note(cfg, "fused", build_model(cfg.model, (1, 8, 8), 10), cuda)
+    note = group_norm_tangents(build_model(cfg.model, (1, 8, 8), 10), cuda, "auto", compiled=False)
     assert "PyTorch operations" in note and "Failed to find C compiler" in note
 
 

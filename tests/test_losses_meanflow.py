@@ -221,7 +221,7 @@ def test_guidance_with_unconditional_model_raises() -> None:
 
 
 def test_build_loss_needs_a_resolved_jvp_mode() -> None:
-    with pytest.raises(ValueError, match="resolve_jvp_mode"):
+    with pytest.raises(ValueError, match="plan_run"):
         build_loss(LossConfig(jvp="auto"))
     assert isinstance(build_loss(LossConfig(jvp="primal")), MeanFlowLoss)
 

@@ -1,4 +1,4 @@
-"""No silent out-of-memory (predecessor defect 12), on a CPU with an artificial memory cap:
+"""No silent out-of-memory, on a CPU with an artificial memory cap:
 the probe splits a batch that does not fit into micro-batches that do, or fails at once naming
 the largest batch that fits; accumulated micro-batch gradients equal the whole batch's."""
 

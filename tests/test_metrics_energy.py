@@ -92,8 +92,8 @@ def test_jackknife_error_matches_the_spread_over_repeated_draws():
 
 
 def test_two_evaluations_in_image_dimensions_agree_within_error_bars():
-    """The predecessor's defect 13: in 3072-D two evaluations of the same pair of distributions
-    swung 10x.  With the unbiased estimator they agree within their standard errors."""
+    """In 3072-D the biased estimator lets two evaluations of the same pair of distributions differ
+    tenfold.  With the unbiased estimator they agree within their standard errors."""
     g = torch.Generator().manual_seed(5)
     results = []
     for _ in range(2):

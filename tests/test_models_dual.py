@@ -143,7 +143,7 @@ def test_fused_under_bf16_autocast_has_a_bf16_size_tangent_error_in_fp32():
     m = terms.times.mask
     assert terms.dudt.dtype == torch.float32
     # The tangent is computed in fp32 but at the bf16 forward's activations: bf16-size error
-    # (why `auto` offers fused under autocast only with jvp_precision="bf16").
+    # (the run's "JVP mode:" line says so, zoo.training.jvp_plan.fused_precision_note).
     error = (terms.dudt[m] - ref.dudt[m]).norm() / ref.dudt[m].norm()
     assert 1e-4 < error < 0.05
 
@@ -288,7 +288,7 @@ def test_fused_matches_nograd_on_cuda():
     "rows", [slice(0, 3), slice(0, 0), slice(2, None), slice(None, 9), slice(0, 20), slice(5, 2)]
 )
 def test_row_count_of_a_slice_is_what_indexing_selects(rows):
-    # Arithmetic, not slice.indices (opaque to torch.compile in torch 2.11): checked against indexing.
+    # Arithmetic, not slice.indices (which torch.compile may not trace): checked against indexing.
     assert D.row_count(rows, 9) == torch.arange(9)[rows].shape[0]
     assert D.row_count(torch.tensor([4, 1]), 9) == 2
     with pytest.raises(ValueError, match="forward"):

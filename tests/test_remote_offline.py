@@ -10,7 +10,7 @@ import typer
 from test_remote_fixtures import offline_modal, write_run
 from typer.testing import CliRunner
 
-from zoo.remote.credentials import ModalUnavailable, check_reachable, ensure_modal_ready, token_source
+from zoo.remote.credentials import ModalUnavailable, check_modal_ready, check_reachable, token_source
 from zoo_cli.main import app as zoo_app
 
 runner = CliRunner()
@@ -79,7 +79,7 @@ def test_tokens_are_found_where_the_modal_client_looks(tmp_path, monkeypatch):
 def test_a_broken_modal_config_is_reported(tmp_path):
     (tmp_path / ".modal.toml").write_text("this is [not toml")
     with pytest.raises(ModalUnavailable, match="not valid TOML"):
-        ensure_modal_ready()
+        check_modal_ready()
 
 
 def test_a_server_that_answers_passes_the_check(monkeypatch):

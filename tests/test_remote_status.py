@@ -1,7 +1,7 @@
 """Run states from heartbeats: running, finished, failed (with the cause), stalled, stopped, pending.
 
-The predecessor's out-of-memory runs "appeared running" for hours (defect 12): here a run whose
-heartbeat stops is stalled after --stall-after, and a recorded failure is shown with its cause.
+A run killed without a word must not appear to run for hours: a run whose heartbeat stops is
+stalled after --stall-after, and a recorded failure is shown with its cause.
 """
 
 import json

@@ -14,10 +14,9 @@ pytest.importorskip("modal", reason="submitting needs the 'remote' extra (pip in
 
 from test_remote_fixtures import write_run  # noqa: E402
 
-from zoo.remote import modal_app  # noqa: E402
+from zoo.remote import credentials, modal_app  # noqa: E402
 from zoo.remote.status import CallState  # noqa: E402
 from zoo.remote.store import LocalDirStore  # noqa: E402
-from zoo_cli import modal as modal_cli  # noqa: E402
 from zoo_cli.main import app as zoo_app  # noqa: E402
 
 runner = CliRunner()
@@ -46,7 +45,7 @@ def fake_modal(tmp_path, monkeypatch):
             raise ConnectionError("modal went away")
         return f"fc-{len(spawned)}", "ap-1"
 
-    monkeypatch.setattr(modal_cli, "modal_ready_or_exit", lambda: None)
+    monkeypatch.setattr(credentials, "check_modal_ready", lambda: None)
     monkeypatch.setattr(modal_app, "ModalVolumeStore", lambda name: LocalDirStore(volume, label="remote"))
     monkeypatch.setattr(modal_app, "spawn", spawn)
     monkeypatch.setattr(modal_app, "cancel", cancelled.append)
@@ -200,9 +199,6 @@ def test_resuming_a_run_whose_call_may_still_run_cancels_that_call_first(fake_mo
 
 def test_status_when_modal_cannot_be_asked_about_a_call(fake_modal, monkeypatch):
     volume, _ = fake_modal
-    from zoo.remote import credentials
-
-    monkeypatch.setattr(credentials, "ensure_modal_ready", lambda: None)
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m5"]).exit_code == 0
     backdate_submission(volume, "m5")
     write_run(volume / "outputs", "m5", archived=[], last_step=100, status="running", updated_ago=3600)

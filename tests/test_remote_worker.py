@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from zoo import distributed
 from zoo.checkpoints import save_checkpoint
 from zoo.config.loading import config_to_dict, load_config
 from zoo.remote.status import run_status
@@ -30,7 +31,6 @@ from zoo.remote.worker import (
     supervise,
 )
 from zoo.runs import SUBMISSION_ENV, RunDir, RunError
-from zoo.training import distributed
 
 CHILD = """
 import os, signal, sys

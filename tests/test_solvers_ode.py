@@ -44,7 +44,7 @@ def test_exact_steps_calls_and_constant_field(solver: Solver, n_steps: int) -> N
     f = Counted(lambda z, t: c.expand_as(z))
     z1 = torch.randn(5, 2, dtype=F64)
     z0 = integrate(solver, f, z1, time_grid(n_steps))
-    # dz/dt = c from t=1 to t=0: z(0) = z(1) - c, for any number of steps (defect 2: 1 + 1/N).
+    # dz/dt = c from t=1 to t=0: z(0) = z(1) - c, for any number of steps (one step too many: 1 + 1/N).
     torch.testing.assert_close(z0, z1 - c, rtol=0, atol=1e-14)
     assert f.calls == n_steps * solver.calls_per_step
     assert max(f.times) == 1.0

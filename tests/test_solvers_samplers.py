@@ -27,7 +27,7 @@ def test_one_nfe_meanflow_sample_of_exact_field_reproduces_the_gaussian() -> Non
     n = 20_000
     noise = torch.randn(n, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     x = sample_meanflow(model, noise, 1)
-    # The flow map sends eps to m + s eps exactly (defect 1: samples collapsed to 2 x mean).
+    # The flow map sends eps to m + s eps exactly (a sign error collapses samples to 2 x mean).
     torch.testing.assert_close(x, MEAN + STD * noise)
     assert (x.mean(0) - MEAN).abs().max().item() < 4 * STD / math.sqrt(n)
     assert (x.std(0) - STD).abs().max().item() < 4 * STD / math.sqrt(2 * n)

@@ -140,7 +140,7 @@ def test_sigterm_to_the_nproc_launcher_stops_every_rank_after_the_same_step(tmp_
 
 def test_an_ignored_signal_stays_ignored_and_handlers_are_restored():
     """A shell starts background jobs with SIGINT ignored; training must not take it back."""
-    from zoo.training.interrupts import StopSignals
+    from zoo.interrupts import StopSignals
 
     before_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     before_term = signal.getsignal(signal.SIGTERM)
@@ -157,8 +157,8 @@ def test_an_ignored_signal_stays_ignored_and_handlers_are_restored():
 def test_under_torchrun_a_rank_stops_only_at_the_collective_check(monkeypatch):
     """Between steps a rank must not raise on its own: another rank holding the same signal inside
     its step would then wait for it in the next all-reduce."""
-    from zoo.training import distributed
-    from zoo.training.interrupts import StopRequested, StopSignals
+    from zoo import distributed
+    from zoo.interrupts import StopRequested, StopSignals
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     asked = []

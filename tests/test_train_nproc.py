@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
+from zoo import distributed
 from zoo.config.loading import config_to_dict, load_config
-from zoo.training import distributed
 from zoo_cli import distributed_entry
 from zoo_cli import train as train_cli
 from zoo_cli.main import app as zoo_app
@@ -65,7 +65,7 @@ def test_the_config_file_for_torchrun_is_removed_after_it_returns(tmp_path, monk
 
 
 def test_a_torchrun_without_the_stop_grace_is_said_at_launch(tmp_path, monkeypatch):
-    """torch 2.11's torchrun has no --shutdown_timeout: a stop then gets its fixed 30 s, which a
+    """An older torchrun has no --shutdown_timeout: a stop then gets its fixed 30 s, which a
     slow step plus a large checkpoint can exceed, so the user is told before the run starts."""
     launched = fake_torchrun(monkeypatch, 0)
     monkeypatch.setattr(distributed, "torchrun_has_shutdown_timeout", lambda: False)
@@ -131,10 +131,10 @@ def test_torchrun_processes_report_a_user_error_in_one_line_from_rank_0(tmp_path
 def test_the_stop_grace_is_passed_only_to_a_torchrun_that_takes_it():
     from torch.distributed.run import get_args_parser
 
-    from zoo.training.distributed import STOP_GRACE_S, torchrun_command
+    from zoo.distributed import STOP_GRACE_S, torchrun_command
 
     takes_it = "shutdown_timeout" in vars(get_args_parser().parse_args(["script.py"]))
-    # Known releases: the pinned torch's torchrun takes it, the GPU machine's 2.11 does not.
+    # Known releases: the pinned torch's (2.14) torchrun takes it, 2.11's does not.
     known = {"2.14": True, "2.11": False}.get(".".join(torch.__version__.split(".")[:2]))
     if known is not None:
         assert takes_it is known, torch.__version__

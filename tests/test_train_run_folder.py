@@ -49,7 +49,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(
     assert (
         "Traceback" not in result.output and "run_name" not in result.output
     )  # before the config is printed
-    assert "JVP" not in result.output  # no calibration, no training
+    assert "JVP" not in result.output  # nothing built, no training
     assert sorted(p.name for p in isolated_trackio.rglob("*")) == trackio_before  # no trackio run either
     assert (workdir / "a-file").read_text() == "not a folder\n"
 

@@ -19,7 +19,6 @@ from model_helpers import labelled_cuda_batch, perturb
 from tiny_runs import TINY_RUN, train_moons_variants
 from typer.testing import CliRunner
 
-from zoo.bench.calibration import resolve_for_training
 from zoo.config.loading import ConfigError, load_config
 from zoo.config.schema import DiTConfig, LossConfig, MLPConfig, UNetConfig
 from zoo.errors import CompileError
@@ -27,14 +26,7 @@ from zoo.losses import build_loss
 from zoo.losses.jvp import cuda_fp32_precision
 from zoo.models import build_model
 from zoo.models.layers import Attention, Conv2d, GroupNorm, LayerNorm
-from zoo.training.compiled_step import (
-    RECOMPILE_LIMIT,
-    CompileSettingsError,
-    check_compilable,
-    compile_evaluate,
-    keeps_grads,
-)
-from zoo.training.trainer import compilable
+from zoo.training.compiled_step import RECOMPILE_LIMIT, compile_evaluate, keeps_grads
 from zoo_cli.bench import bench_jvp
 from zoo_cli.main import app
 
@@ -63,7 +55,7 @@ def losses():
             LossConfig(kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, weight_p=0.0)
         ),
         # The Triton kernels' option: a compiled step uses the PyTorch operations, with no check or branch
-        # left in the graph (torch 2.11's dynamo broke it on the kernels' availability check).
+        # left in the graph (dynamo would break it on the kernels' availability check).
         "meanflow-triton-kernels": build_loss(
             LossConfig(
                 kind="meanflow", jvp="fused", ratio=0.5, class_dropout=0.2, weight_p=0.0, jvp_kernels="triton"
@@ -208,40 +200,6 @@ def test_a_shape_beyond_the_recompile_limit_is_an_error_not_a_silent_eager_step(
 def test_compile_with_cuda_graph_is_refused_at_load_with_the_mode_that_does_both() -> None:
     with pytest.raises(ConfigError, match=r"train\.compile_mode=reduce-overhead"):
         load_config("moons", ["train.compile=true", "train.cuda_graph=true"])
-
-
-@pytest.mark.parametrize(
-    "device, mode, jvp_precision, resumed, fix",
-    [
-        ("cpu", "primal", "tf32", False, r"Use loss\.jvp=fused"),
-        ("cpu", "selective", "tf32", True, r"resume it without train\.compile"),
-        ("cuda", "fused", "fp32", False, r"loss\.jvp_precision=tf32"),
-    ],
-)
-def test_settings_a_compiled_step_cannot_run_are_refused_with_the_fix(
-    device, mode, jvp_precision, resumed, fix
-) -> None:
-    with pytest.raises(CompileSettingsError, match=fix):
-        check_compilable(torch.device(device), "meanflow", mode, jvp_precision, resumed)
-    cfg = load_config(
-        "moons", ["loss.kind=meanflow", f"loss.jvp_precision={jvp_precision}", "train.compile=true"]
-    )
-    with pytest.raises(ConfigError, match=fix):
-        compilable(torch.device(device), cfg, mode, resumed=resumed)
-
-
-def test_settings_a_compiled_step_runs_pass() -> None:
-    check_compilable(torch.device("cuda"), "meanflow", "fused", "tf32")
-    check_compilable(torch.device("cuda"), "meanflow", "auto", "bf16")
-    # Flow matching takes no JVP: its (unused) JVP settings do not matter.
-    check_compilable(torch.device("cuda"), "flow_matching", "primal", "fp32")
-
-
-def test_auto_under_train_compile_is_fused_without_calibrating() -> None:
-    cfg = load_config("moons", ["loss.kind=meanflow", "loss.jvp=auto", "train.compile=true", "device=cpu"])
-    model, _, _ = network_and_batch("mlp", classes=0)
-    mode, reason = resolve_for_training(cfg, model, torch.device("cpu"), batch_size=8)
-    assert mode == "fused" and "train.compile" in reason
 
 
 bench_app = typer.Typer()

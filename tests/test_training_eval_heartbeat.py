@@ -14,9 +14,9 @@ import pytest
 from gloo_ranks import join, run_ranks
 from tiny_runs import TINY_RUN
 
-from zoo import evaluation
+from zoo import distributed, evaluation
 from zoo.config.loading import load_config
-from zoo.training import distributed, progress, trainer
+from zoo.training import progress, trainer
 
 
 def tiny_config(tmp_path: Path, *extra: str):

@@ -9,8 +9,8 @@ import time
 import pytest
 from rich.console import Console
 
-from zoo.training import distributed
-from zoo.training.interrupts import StopRequested, StopSignals
+from zoo import distributed
+from zoo.interrupts import StopRequested, StopSignals
 from zoo.training.progress import TrainProgress
 
 HELD = "stopping after this step — saving a checkpoint"

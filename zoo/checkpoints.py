@@ -3,7 +3,7 @@
     format, run_name, step, model, ema, optimizer, rng, data_state, config, versions, metrics
 
 State dicts are stored without the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes,
-so a checkpoint loads into a plain model anywhere (predecessor defect 7).  Writes go to a
+so a checkpoint loads into a plain model anywhere.  Writes go to a
 temporary file in the same folder and are renamed into place: a crash never leaves a half
 checkpoint under the real name.
 """

@@ -58,7 +58,7 @@ def enable_cuda_tf32() -> None:
     Matmuls through set_float32_matmul_precision("high"), which also sets the per-backend flag
     the JVP's fp32 island switches (cuda.matmul.fp32_precision = "tf32", zoo.losses.jvp): setting
     that flag alone leaves torch.get_float32_matmul_precision() raising ("mix of the legacy and
-    new APIs"), and inductor's kernel tuning (train.compile_mode=max-autotune, torch 2.11) calls it.
+    new APIs"), and inductor's kernel tuning (train.compile_mode=max-autotune) calls it.
     That call also switches the CPU's oneDNN matmuls to TF32 (where the CPU has it): set back, as
     CPU work (evaluation of a copy on the CPU, the tests) keeps IEEE fp32.
     """

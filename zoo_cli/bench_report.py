@@ -12,7 +12,7 @@ from zoo.bench.jvp_bench import (
     CaseResult,
     loss_variant_suffix,
 )
-from zoo.training.memory import format_bytes
+from zoo.units import format_bytes
 
 REFERENCE_LABELS = {
     "forward": "forward",

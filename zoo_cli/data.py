@@ -183,10 +183,10 @@ def submit_remote(
     volume: str,
 ) -> None:
     """Check everything typed, then start the encode job detached on Modal."""
+    from zoo.remote.credentials import ModalUnavailable, check_modal_ready
     from zoo.remote.encode_job import encode_request
     from zoo.remote.status import parse_duration
     from zoo.remote.submission import check_timeout, parse_gpu
-    from zoo_cli.modal import modal_ready_or_exit
 
     try:
         gpu_request = parse_gpu(gpu)
@@ -196,7 +196,10 @@ def submit_remote(
         )
     except ValueError as exc:
         raise fail(str(exc)) from None
-    modal_ready_or_exit()
+    try:
+        check_modal_ready()
+    except ModalUnavailable as exc:
+        raise fail(str(exc), 1) from None
     from zoo.remote.modal_app import ModalSpec, build_encode_app, spawn_encode
 
     spec = ModalSpec(request["app_name"], gpu_request, timeout_s, retries=3, volume_name=volume)

@@ -12,10 +12,10 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from zoo import distributed
 from zoo.config.loading import config_from_dict
 from zoo.devices import resolve_device
 from zoo.runs import RunInterrupted
-from zoo.training import distributed
 from zoo.training.trainer import train_run
 from zoo_cli import errors
 from zoo_cli.errors import user_errors

@@ -6,7 +6,6 @@ at `modal setup`, instead of hanging for a minute inside the Modal client.
 """
 
 import json
-import re
 import shlex
 import sys
 import time
@@ -16,31 +15,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from zoo.config.loading import (
-    ConfigError,
-    check_batch_split,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    parse_overrides,
-)
-from zoo.remote.credentials import ModalUnavailable, ensure_modal_ready
-from zoo.remote.layout import REGISTRY, validate_run_name
+from zoo.config.loading import ConfigError, deep_merge, load_config, parse_overrides
+from zoo.remote.layout import REGISTRY, check_run_name
 from zoo.remote.listing import RunInfo, list_store_runs
 from zoo.remote.status import CallState, format_duration, parse_duration
-from zoo.remote.store import RunStore
 from zoo.remote.submission import (
     SubmitError,
-    check_name_free,
-    check_resumable,
+    check_gpu_split,
     check_retries,
     check_timeout,
+    launch_submission,
     parse_gpu,
+    prepare_submission,
     read_submission,
     remote_config,
     stopped_path,
-    submission_path,
-    submission_record,
 )
 from zoo.runs import default_run_name
 from zoo_cli.errors import fail
@@ -56,7 +45,15 @@ from zoo_cli.runs_cmds import (
     run_record,
     styled_state,
 )
-from zoo_cli.train import deep_merge, flag_overrides
+from zoo_cli.train import (
+    BatchSizeOption,
+    OverridesArgument,
+    PrecisionOption,
+    RatioOption,
+    SeedOption,
+    StepsOption,
+    flag_overrides,
+)
 
 console = Console(soft_wrap=True)  # long paths stay on one line (copyable, greppable)
 err_console = Console(stderr=True)
@@ -68,34 +65,12 @@ app = typer.Typer(
 )
 
 
-def modal_ready_or_exit() -> None:
-    try:
-        ensure_modal_ready()
-    except ModalUnavailable as exc:
-        raise fail(str(exc), 1) from None
-
-
-def volume_store(volume: str) -> RunStore:
-    """The Volume, after the token/network check (so nothing below can hang)."""
-    modal_ready_or_exit()
-    from zoo.remote.modal_app import ModalVolumeStore
-
-    return ModalVolumeStore(volume)
-
-
-def app_name_for(run: str) -> str:
-    # Modal app names: letters, digits, '-', '_', '.'; at most 64 characters.
-    return "zoo-" + re.sub(r"[^A-Za-z0-9._-]", "-", run)[:60]
-
-
 @app.command()
 def submit(
     preset: Annotated[
         str | None, typer.Argument(help="preset name or .toml file (not needed with --resume)")
     ] = None,
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75")
-    ] = None,
+    overrides: OverridesArgument = None,
     gpu: Annotated[
         str, typer.Option(help="A100-40GB, A100-80GB, H100, H100:8 (several GPUs: data-parallel), ...")
     ] = "A100-40GB",
@@ -109,20 +84,17 @@ def submit(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the remote run --run-name from its last.pt")
     ] = False,
-    ratio: Annotated[
-        float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16")] = None,
+    ratio: RatioOption = None,
+    steps: StepsOption = None,
+    batch_size: BatchSizeOption = None,
+    seed: SeedOption = None,
+    precision: PrecisionOption = None,
     volume: VolumeOption = DEFAULT_VOLUME,
 ) -> None:
     """Start a training run on Modal and return at once; it survives this terminal closing."""
     # Everything typed here is checked (the same errors as `zoo train`, exit 2) before Modal is
     # asked anything: a typo should not be answered with "no Modal token".
+    cfg = None
     try:
         gpu_request = parse_gpu(gpu)
         timeout_s = check_timeout(parse_duration(timeout))
@@ -136,7 +108,7 @@ def submit(
                 raise fail(
                     "--resume needs --run-name: the remote run to continue (zoo ckpts --remote lists them)", 2
                 )
-            validate_run_name(run_name)  # its stored config, extended by `given`, is checked once read
+            check_run_name(run_name)  # its stored config, extended by `given`, is checked once read
         else:
             if preset is None:
                 raise fail(
@@ -145,50 +117,29 @@ def submit(
             cfg = load_config(preset, given)
             run_name = run_name or cfg.run_name or default_run_name(cfg.preset)
             cfg = remote_config(cfg, run_name)
-            check_batch_split(cfg, gpu_request.count, how=f"the GPU count (--gpu {gpu_request.modal_spec})")
+            check_gpu_split(cfg, gpu_request)
     except (ValueError, ConfigError) as exc:
         raise fail(str(exc), 2) from None
-    modal_ready_or_exit()
-    from zoo.remote.modal_app import ModalSpec, ModalVolumeStore, build_app, spawn
-
-    store = ModalVolumeStore(volume)
-    target = None
+    store = remote_store_or_exit(volume, None)
+    command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        if resume:
-            target = check_resumable(store, run_name, call_lookup=call_state_or_warn)
-            cfg = config_from_dict(deep_merge(target.previous["config"], given))
-            check_batch_split(cfg, gpu_request.count, how=f"the GPU count (--gpu {gpu_request.modal_spec})")
-        else:
-            check_name_free(store, run_name)
+        submission = prepare_submission(
+            store, run_name, cfg, given, gpu_request, timeout_s, retries, command, call_state_or_warn
+        )
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     except (SubmitError, ValueError) as exc:
         raise fail(str(exc), 1) from None
-    if target is not None and target.cancel_call is not None:
-        from zoo.remote.modal_app import cancel
+    from zoo.remote.modal_app import ModalLauncher
 
-        cancel(target.cancel_call)
-        console.print(f"cancelled the previous call {target.cancel_call} of {run_name} (it had not ended)")
-    previous = None if target is None else target.previous
-
-    command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    record = submission_record(cfg, gpu_request, timeout_s, retries, resume, app_name_for(run_name), command)
-    spec = ModalSpec(record["app_name"], gpu_request, timeout_s, retries, volume)
-    # The record is on the Volume before the container can start: the container checks that
-    # this submission owns the run name.  If the spawn fails, the Volume goes back to how it was.
-    store.write_bytes(submission_path(run_name), json.dumps(record, indent=2).encode())
-    try:
-        call_id, app_id = spawn(build_app(spec), config_to_dict(cfg), record["submission_id"], resume, volume)
-    except BaseException:
-        if previous is None:
-            store.remove(submission_path(run_name))
-        else:
-            store.write_bytes(submission_path(run_name), json.dumps(previous, indent=2).encode())
-        raise
-    record.update(call_id=call_id, app_id=app_id)
-    store.write_bytes(submission_path(run_name), json.dumps(record, indent=2).encode())
+    if submission.cancel_call is not None:
+        # Said before the launch: a start that then fails must not hide that the call was cancelled.
+        console.print(
+            f"cancelling the previous call {submission.cancel_call} of {run_name} (it had not ended)"
+        )
+    record = launch_submission(store, submission, ModalLauncher(volume))
     console.print(f"run      [bold]{run_name}[/]")
-    console.print(f"call id  {call_id}")
+    console.print(f"call id  {record['call_id']}")
     console.print(
         f"gpu      {gpu_request.modal_spec}, timeout {format_duration(timeout_s)} per attempt, "
         f"{retries} retries"
@@ -300,7 +251,7 @@ def logs(
     volume_dir: VolumeDirOption = None,
 ) -> None:
     """The training output of a remote run."""
-    store = remote_store_or_exit(volume, volume_dir) if from_file or volume_dir else volume_store(volume)
+    store = remote_store_or_exit(volume, volume_dir)
     submission = read_submission(store, run)
     if submission is None:
         raise fail(f"no remote run {run!r} on {store.describe()}; `zoo modal status` lists them", 1)
@@ -328,7 +279,7 @@ def stop(
     volume: VolumeOption = DEFAULT_VOLUME,
 ) -> None:
     """Cancel a remote run's function call and stop its container; its checkpoints stay on the Volume."""
-    store = volume_store(volume)
+    store = remote_store_or_exit(volume, None)
     submission = read_submission(store, run)
     if submission is None or not submission.get("call_id"):
         raise fail(f"no submitted remote run {run!r} on {store.describe()}; `zoo modal status` lists them", 1)

@@ -30,9 +30,11 @@ from zoo.remote.credentials import ModalUnavailable, require_token
 from zoo.remote.download import DownloadError, download_checkpoint, parse_checkpoint_spec, resolve_checkpoint
 from zoo.remote.layout import DEFAULT_VOLUME, OUTPUTS, mirror_name
 from zoo.remote.listing import CheckpointInfo, RunInfo, list_local_runs, list_store_runs
+from zoo.remote.remote_store import open_remote_store
 from zoo.remote.status import format_duration, parse_duration
-from zoo.remote.store import LocalDirStore, RunStore, StoreError, open_remote_store
+from zoo.remote.store import LocalDirStore, RunStore, StoreError
 from zoo.remote.sync import execute_sync, local_trackio_dir, plan_sync
+from zoo.units import format_bytes
 from zoo_cli.errors import fail, user_errors
 
 console = Console(soft_wrap=True)  # long paths stay on one line (copyable, greppable)
@@ -83,14 +85,6 @@ def duration_or_exit(text: str, option: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise fail(f"{option}: {exc}", 2) from None
-
-
-def format_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
 
 
 def print_table(table: Table) -> None:

@@ -16,6 +16,7 @@ from zoo.config.loading import (
     check_batch_split,
     config_from_dict,
     config_to_dict,
+    deep_merge,
     load_config,
     parse_overrides,
 )
@@ -25,6 +26,18 @@ from zoo_cli.errors import err_console, fail, user_errors
 from zoo_cli.render import eval_table, make_console, print_config
 
 console = make_console()
+
+# The options `zoo train` shares with `zoo modal submit`.
+OverridesArgument = Annotated[
+    list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75 optim.lr=1e-4")
+]
+RatioOption = Annotated[float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")]
+StepsOption = Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")]
+BatchSizeOption = Annotated[
+    int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")
+]
+SeedOption = Annotated[int | None, typer.Option(help="random seed")]
+PrecisionOption = Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast)")]
 
 
 def flag_overrides(**flags: Any) -> dict[str, Any]:
@@ -52,16 +65,6 @@ def flag_overrides(**flags: Any) -> dict[str, Any]:
     return nested
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def resume_config(
     run_name: str, output_dir: str, preset: str | None, overrides: dict[str, Any]
 ) -> ZooConfigBody:
@@ -84,16 +87,10 @@ def train(
     preset: Annotated[
         str | None, typer.Argument(help="preset name (see configs/) or a path to a .toml file")
     ] = None,
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75 optim.lr=1e-4")
-    ] = None,
-    ratio: Annotated[
-        float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")
-    ] = None,
+    overrides: OverridesArgument = None,
+    ratio: RatioOption = None,
+    steps: StepsOption = None,
+    batch_size: BatchSizeOption = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = None,
     run_name: Annotated[
         str | None, typer.Option("--run-name", help="name of the run folder (default: PRESET-DATE-TIME)")
@@ -101,8 +98,8 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the run named by --run-name from its last.pt")
     ] = False,
-    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast)")] = None,
+    seed: SeedOption = None,
+    precision: PrecisionOption = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="dataset folder (data.root)")] = None,
     threads: Annotated[
         int | None, typer.Option(help="CPU threads (0 = torch default; 1 on a shared machine)")
@@ -147,8 +144,8 @@ def train(
                 raise typer.Exit(returncode)
             report_run(RunDir(Path(cfg.output_dir) / cfg.run_name))
             return
+        from zoo import distributed
         from zoo.devices import resolve_device
-        from zoo.training import distributed
 
         under_torchrun = distributed.env_world_size() > 1
         if under_torchrun:
@@ -229,7 +226,7 @@ def report_run(run: RunDir) -> None:
 def launcher_ignored_notice(signum: int, grace_s: int) -> str:
     """Said for each signal after the first that reached `zoo train --nproc`: passing it on too
     could cut the ranks' checkpoint short."""
-    from zoo.training.interrupts import signal_display_name
+    from zoo.interrupts import signal_display_name
 
     return (
         f"{signal_display_name(signum)} again: ignored, so the ranks' checkpoint is written whole; "
@@ -246,8 +243,8 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="zoo-torchrun-") as folder:
         config_path = Path(folder) / "config.json"
         config_path.write_text(json.dumps(config_to_dict(cfg)))
-        from zoo.training import distributed
-        from zoo.training.interrupts import write_from_handler
+        from zoo import distributed
+        from zoo.interrupts import write_from_handler
 
         args = [str(config_path), "--resume" if resume else "--fresh"]
         command = distributed.torchrun_command(nproc, "zoo_cli.distributed_entry", args)

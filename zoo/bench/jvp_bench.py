@@ -51,19 +51,14 @@ from zoo.config.loading import load_config
 from zoo.config.schema import LossConfig
 from zoo.devices import enable_cuda_tf32, resolve_device, synchronize
 from zoo.losses.jvp import JVP_MODES
-from zoo.models import build_model, count_parameters, group_norm_tangent_kernel
+from zoo.models import build_model, count_parameters
 from zoo.models.base import FlowModel
 from zoo.runs import atomic_write_json
-from zoo.training.compiled_step import (
-    COMPILABLE_JVP_MODES,
-    COMPILE_MODES,
-    USES_CUDA_GRAPHS,
-    CompileSettingsError,
-    check_compilable,
-)
-from zoo.training.memory import LiveTensors, format_bytes, parameter_bytes, physical_memory_bytes
+from zoo.training import jvp_plan
+from zoo.training.compiled_step import COMPILE_MODES, USES_CUDA_GRAPHS
+from zoo.training.memory import LiveTensors, parameter_bytes, physical_memory_bytes
 from zoo.training.optim import build_optimizer
-from zoo.training.step_graph import MODES_NOT_CAPTURABLE
+from zoo.units import format_bytes
 
 FORWARD, JVP, FM_STEP, MEANFLOW_STEP = "forward", "jvp", "fm_step", "meanflow_step"
 # How a step's loss + backward run: eagerly, replayed from a CUDA graph (train.cuda_graph), or
@@ -71,6 +66,9 @@ FORWARD, JVP, FM_STEP, MEANFLOW_STEP = "forward", "jvp", "fm_step", "meanflow_st
 EAGER, GRAPH, COMPILE = "eager", "graph", "compile"
 FM_GRAPH_STEP, FM_COMPILED_STEP = f"{FM_STEP}+{GRAPH}", f"{FM_STEP}+{COMPILE}"  # variant_suffix's names
 DEFAULT_RATIOS = (0.25, 0.5, 0.75, 1.0)
+# The bench's switches for the captured and compiled cases, as jvp_plan's refusals name them.
+CUDA_GRAPH_FLAG = jvp_plan.Switch("--cuda-graph", "leave out --cuda-graph")
+COMPILE_FLAG = jvp_plan.Switch("--compile", "leave out --compile")
 
 
 class BenchError(ValueError):
@@ -115,19 +113,22 @@ def tangent_kernels_note(
     settings: "BenchSettings", model: FlowModel, device: torch.device, loss_cfg: LossConfig
 ) -> str:
     """Which group-norm tangents the fused cases run (loss.jvp_kernels; compiled cases: inductor's)."""
-    if "fused" not in (
-        settings.modes or default_modes(device)
-    ) or not group_norm_tangent_kernel.has_group_norms(model):
+    if "fused" not in (settings.modes or default_modes(device)):
         return ""
-    note = f", fused group-norm tangents: {group_norm_tangent_kernel.resolve(loss_cfg.jvp_kernels, device)}"
-    return note + (" (compiled cases: torch, fused by inductor)" if settings.compile else "")
+    tangents = jvp_plan.group_norm_tangents(model, device, loss_cfg.jvp_kernels, compiled=False)
+    if tangents is None:
+        return ""
+    compiled = jvp_plan.group_norm_tangents(model, device, loss_cfg.jvp_kernels, compiled=True)
+    return f", fused group-norm tangents: {tangents}" + (
+        f" (compiled cases: {compiled})" if settings.compile else ""
+    )
 
 
 def default_modes(device: torch.device) -> tuple[str, ...]:
-    """Every strategy that runs without extra set-up here; `compile` only when asked for
-    (it compiles for tens of seconds and the predecessor measured no gain)."""
-    modes = ("fused", "full_batch", "primal", "selective", "nograd")
-    return (*modes, "cuda_graph") if device.type == "cuda" else modes
+    """Every mode that runs on `device`; `compile` only when asked (it compiles for tens of seconds
+    to minutes before the first round)."""
+    order = ("fused", "full_batch", "primal", "selective", "nograd", "cuda_graph")
+    return tuple(m for m in order if m in jvp_plan.runnable_modes(device))
 
 
 def device_name(device: torch.device) -> str:
@@ -169,7 +170,7 @@ class BenchSettings:
     # this process: an A/B of two loss settings on the same model, batch and FM step.
     loss_variants: tuple[str, ...] = ()
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.batch_size < 1:
             raise BenchError(f"batch size must be >= 1, got {self.batch_size}")
         if self.precision not in ("fp32", "bf16"):
@@ -340,7 +341,7 @@ def meanflow_cases(
             BenchCase(name, MEANFLOW_STEP, step, mode, ratio, reference=FM_STEP, loss_variant=loss_variant)
         )
     for mode in modes if settings.cuda_graph else ():
-        if mode in MODES_NOT_CAPTURABLE:
+        if mode in jvp_plan.NOT_CAPTURABLE:
             continue
         step = graphed_training_step_fn(
             model, optimizer, meanflow_loss(loss_cfg, mode, ratio), batch, precision, seed, pool
@@ -359,7 +360,7 @@ def meanflow_cases(
             )
         )
     for mode in modes if settings.compile else ():
-        if mode not in COMPILABLE_JVP_MODES:
+        if mode not in jvp_plan.COMPILABLE:
             continue
         loss_fn = meanflow_loss(loss_cfg, mode, ratio)
         step = compiled_training_step_fn(
@@ -445,16 +446,13 @@ def measure_peak(
 
 
 def check_compile_settings(settings: BenchSettings, device: torch.device, jvp_precision: str) -> None:
-    """--compile's requirements (those of train.compile), as a BenchError naming the fix."""
+    """--compile's requirements: a mode it can compile among --modes, and train.compile's own."""
     modes = settings.modes or default_modes(device)
-    if not set(modes) & set(COMPILABLE_JVP_MODES):
+    if not set(modes) & set(jvp_plan.COMPILABLE):
         raise BenchError(
-            f"--compile times the JVP modes {list(COMPILABLE_JVP_MODES)} only; add one to --modes"
+            f"--compile times the JVP modes {list(jvp_plan.COMPILABLE)} only; add one to --modes"
         )
-    try:
-        check_compilable(device, "meanflow", COMPILABLE_JVP_MODES[0], jvp_precision)
-    except CompileSettingsError as exc:
-        raise BenchError(str(exc).replace("loss.jvp_precision", "the override loss.jvp_precision")) from None
+    jvp_plan.check_compile(device, "meanflow", jvp_plan.COMPILABLE[0], jvp_precision, switch=COMPILE_FLAG)
 
 
 def memory_limit_bytes(device: torch.device, limit_gb: float | None) -> int:
@@ -467,15 +465,16 @@ def memory_limit_bytes(device: torch.device, limit_gb: float | None) -> int:
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line: None) -> BenchResult:
     """Build the model from the preset, run every case, and collect medians, ratios and peaks."""
-    settings.validate()
+    settings.check()
     started = time.perf_counter()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
-    if "cuda_graph" in (settings.modes or ()) and device.type != "cuda":
-        raise BenchError(f"JVP mode cuda_graph needs a CUDA device, not {device}; leave it out of --modes")
-    if settings.cuda_graph and device.type != "cuda":
-        raise BenchError(f"--cuda-graph captures steps in CUDA graphs and needs a CUDA device, not {device}")
+    for mode in settings.modes or ():
+        if mode not in jvp_plan.runnable_modes(device):
+            raise BenchError(f"JVP mode {mode} needs a CUDA device, not {device}; leave it out of --modes")
+    if settings.cuda_graph:
+        jvp_plan.check_capture(device, settings.precision, None, switch=CUDA_GRAPH_FLAG)
     if device.type == "cuda":
         enable_cuda_tf32()  # what the trainer sets on CUDA: time what training runs
     cfg = load_config(settings.preset, list(settings.overrides))

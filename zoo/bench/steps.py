@@ -1,4 +1,4 @@
-"""The workloads the JVP benchmark and the `auto` calibration time, on synthetic data.
+"""The workloads `zoo bench-jvp` times, on synthetic data.
 
 A training step here is what the trainer's step costs without data loading: the loss on a fixed
 batch, backward, one Adam step, gradients set to None (or, with the step captured in a CUDA

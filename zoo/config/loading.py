@@ -186,6 +186,18 @@ def check_batch_split(cfg: ZooConfigBody, processes: int, how: str = "the number
         )
 
 
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra`'s values, nested sections merged key by key (a resumed run's stored config
+    extended by the command line's overrides)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def config_from_dict(data: dict[str, Any]) -> ZooConfigBody:
     """A stored (resolved) config, validated without environment or preset influence."""
     try:

@@ -154,7 +154,13 @@ class LossConfig(Section):
     time_sigma: float = Field(1.0, gt=0, le=10, description="logit-normal std")
     weight_p: float = Field(1.0, ge=0.0, le=2.0, description="adaptive weight power p")
     weight_c: float = Field(1e-3, gt=0.0, description="adaptive weight constant c")
-    jvp: JvpMode = "auto"
+    jvp: JvpMode = Field(
+        "fused",
+        description=(
+            "how MeanFlow computes its JVP: fused (the fastest) or nograd (the reference); auto = fused; "
+            "the other modes are zoo bench-jvp's (zoo.training.jvp_plan)"
+        ),
+    )
     jvp_precision: Literal["fp32", "tf32", "bf16"] = Field(
         "tf32",
         description=(

@@ -4,13 +4,13 @@ from collections.abc import Callable
 
 import torch
 
+from zoo import distributed
 from zoo.config.schema import DataConfig
 from zoo.data.base import BatchSource
 from zoo.data.images import build_celeba, build_cifar10, build_digits, build_fashion_mnist, build_imagenet
 from zoo.data.latents import build_imagenet_latents
 from zoo.data.toy2d import TOY_DISTRIBUTIONS, Toy2DSource
 from zoo.errors import DataNotFoundError
-from zoo.training import distributed
 
 __all__ = ["BatchSource", "DataNotFoundError", "build_data"]
 

@@ -1,7 +1,7 @@
 """The interface every zoo dataset implements: an endless, resumable stream of batches.
 
-Randomness rule (the predecessor's defect 4: seeded generators inside DataLoader workers drew the
-same noise in every worker, identically every epoch): a source draws every random number
+Randomness rule (seeded generators inside DataLoader workers would draw the same noise in every
+worker, identically every epoch): a source draws every random number
 (shuffling permutations, flips, synthetic samples) from the `torch.Generator` the trainer passes
 to `next_batch`, or from state it returns in `state_dict()`.  DataLoader workers, where used, only
 decode and resize.  Saving the trainer's generator state together with `state_dict()` therefore

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from zoo.data.base import HELD_OUT_SEED, REFERENCE_SEED, BatchSource, check_batch_size, random_flip
-from zoo.training.interrupts import SIGNALS  # the signals that ask training to stop
+from zoo.interrupts import SIGNALS  # the signals that ask training to stop
 
 
 @dataclass
@@ -256,7 +256,7 @@ def leave_stop_signals_to_parent(worker_id: int) -> None:
 
     A terminal's Ctrl-C reaches the whole foreground process group, workers included (and
     torchrun's SIGTERM its ranks' groups); a worker dead of it would fail the batch a held step is
-    waiting for, a failed run instead of a clean stop (zoo.training.interrupts).  Workers still end
+    waiting for, a failed run instead of a clean stop (zoo.interrupts).  Workers still end
     with their parent (DataLoader's watchdog) and with SIGKILL.  They start with the signals
     blocked (iter_with_workers), so one sent before this runs waits, and is then dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,14 +1,14 @@
 """Training losses: flow matching and MeanFlow, built from a LossConfig.
 
-`cfg.jvp == "auto"` must be resolved first (the trainer knows the device):
-    cfg = cfg.model_copy(update={"jvp": resolve_jvp_mode(cfg, device)})
+`cfg.jvp == "auto"` must be resolved first, as the trainer does:
+    cfg = cfg.model_copy(update={"jvp": zoo.training.jvp_plan.plan_run(run_cfg, device).mode})
     loss_fn = build_loss(cfg)
 """
 
 from zoo.config.schema import LossConfig
 from zoo.losses.base import Draws, Loss, LossOutput
 from zoo.losses.flow_matching import FlowMatchingLoss
-from zoo.losses.jvp import JVP_MODES, JvpStrategy, build_jvp, resolve_jvp_mode
+from zoo.losses.jvp import JVP_MODES, JvpStrategy, build_jvp
 from zoo.losses.meanflow import MeanFlowLoss, MeanFlowTerms
 from zoo.losses.time_sampling import TimePair, sample_t, sample_t_r
 
@@ -33,7 +33,6 @@ __all__ = [
     "TimePair",
     "build_jvp",
     "build_loss",
-    "resolve_jvp_mode",
     "sample_t",
     "sample_t_r",
 ]

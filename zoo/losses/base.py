@@ -1,9 +1,10 @@
 """The Loss interface, and the randomness every loss shares: noise and label dropout.
 
 Noise, times and dropped labels are drawn by the loss from the generator handed in (a
-torch.Generator on x.device), never in dataset workers (predecessor defect 4).  `model` is the
-plain module, never a DDP wrapper: torch.func.jvp cannot pass through DDP (defect 6), so the
-trainer synchronises gradients itself.
+torch.Generator on x.device), never in dataset workers, whose seeded generators would repeat
+the same draws in every worker.  `model` is the plain module, never a DDP wrapper:
+torch.func.jvp cannot pass through DDP (zoo.distributed), so the trainer synchronises gradients
+itself.
 
 A loss is two phases: `draw` takes the step's randomness from the generator, `evaluate`
 computes the loss from the batch and those draws with no host synchronisation and no

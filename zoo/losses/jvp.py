@@ -45,9 +45,12 @@ multiple of IEEE fp32's rate for ~1e-3 relative error) allows TF32 matmuls/convo
 "fp32" forces IEEE fp32 on CUDA too; on CPU both are plain fp32.  "bf16" runs the JVP under bf16
 autocast.  Forwards outside the JVP follow the caller's autocast.  Note that modes reusing the
 primal compute the prediction u itself inside this island (full_batch: every row; primal: the
-r != t rows; fused: only the tangent), where the run's --precision does not reach it:
-prediction_precision_note says so, and `auto` leaves those modes out when the island's precision
-is not the run's (zoo.bench.calibration.candidate_modes).
+r != t rows), where the run's --precision does not reach it: under bf16 autocast full_batch
+trains exactly as fp32 does.  fused computes only the tangent there, at the activations of the
+caller's autocast.
+
+Which modes a run may use, and with which other settings, is zoo.training.jvp_plan's to say:
+`zoo train` runs fused (the default) and nograd (the reference); the others are the benchmark's.
 """
 
 import functools
@@ -59,7 +62,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from zoo.config.schema import LossConfig
+from zoo import cuda_graphs
 from zoo.losses.time_sampling import TimePair
 from zoo.models import group_norm_tangent_kernel
 from zoo.models.base import FlowModel, RowTangentModel
@@ -248,8 +251,7 @@ class FusedJvp(JvpStrategy):
     The prediction is that forward's output (as flow matching's); du/dt is computed layer by
     layer next to it for the k rows only, without autograd (zoo.models.dual).  Under bf16/fp16
     autocast the tangent is taken at the reduced-precision activations (bf16-size error in du/dt,
-    unlike the other modes' fp32 island), so `auto` offers fused there only when
-    jvp_precision="bf16" says that error is accepted.
+    like the prediction's, where the other modes take the whole JVP in the fp32 island).
     """
 
     name = "fused"
@@ -264,8 +266,8 @@ class FusedJvp(JvpStrategy):
 
     def kernels_on(self, device: torch.device) -> str:
         """The group-norm tangents' implementation on `device`: "auto" resolved, "triton" checked."""
-        # Not while compiling: the checks are host work dynamo would break the graph on (torch
-        # 2.11), and a compiled step computes the tangents with PyTorch operations anyway.
+        # Not while compiling: the checks are host work dynamo would break the graph on, and a
+        # compiled step computes the tangents with PyTorch operations anyway.
         if torch.compiler.is_compiling():
             return "torch" if self.kernels == "auto" else self.kernels
         if self.kernels == "triton" and (reason := group_norm_tangent_kernel.unusable_reason(device)):
@@ -299,7 +301,8 @@ class FusedJvp(JvpStrategy):
 
 
 class SelectiveJvp(JvpStrategy):
-    """The predecessor's selective mode: no-grad JVP on the r != t samples + a grad forward on all."""
+    """A no-grad JVP on the r != t samples + a grad forward on all: the prediction at the caller's
+    precision, the JVP only where the target needs it."""
 
     name = "selective"
 
@@ -320,8 +323,9 @@ class CompileJvp(JvpStrategy):
     """The nograd structure with the JVP under torch.compile (one compile per shape/dtype/model).
 
     The precision island stays outside the compiled region (dynamo guards on the autocast state).
-    CPU inductor works but compiling takes tens of seconds; the predecessor measured no gain on
-    CUDA (0.95-0.98x, ~82 s compile): measure before choosing it.
+    Compiling takes tens of seconds.  It pays off where launches bound the step (a small MLP), but
+    compiling the whole fused step (train.compile) gained more there, and on a convolution-bound
+    U-Net it gained nothing (EXPERIMENT_LOG.md): `zoo bench-jvp --modes compile` measures it.
     """
 
     name = "compile"
@@ -379,17 +383,6 @@ class CudaGraphJvp(JvpStrategy):
 
     def capture(self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor) -> None:
         self.graph, self.key = None, None  # release the old graph's pool; no stale key if this fails
-        # Warm-up and capture draw dropout masks from the device's generator: restore it, so a
-        # resumed run (which captures again) stays on the uninterrupted run's random stream.
-        rng = torch.cuda.get_rng_state(z.device)
-        try:
-            self._warm_up_and_capture(model, z, t, r, y, v)
-        finally:
-            torch.cuda.set_rng_state(rng, z.device)
-
-    def _warm_up_and_capture(
-        self, model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor
-    ) -> None:
         self.inputs = {
             "z": upcast(z).clone(),
             "t": upcast(t).clone(),
@@ -401,21 +394,12 @@ class CudaGraphJvp(JvpStrategy):
         s = self.inputs
 
         def run() -> Tensor:
-            return jvp_tangent(model, s["z"], s["t"], s["r"], s.get("y"), s["v"])
+            with torch.no_grad(), jvp_precision(self.precision, z.device):
+                return jvp_tangent(model, s["z"], s["t"], s["r"], s.get("y"), s["v"])
 
-        # Warm-up on a side stream (lazy initialisation, cuBLAS workspaces) before capturing.
-        side = torch.cuda.Stream(device=z.device)
-        side.wait_stream(torch.cuda.current_stream(z.device))
-        with torch.cuda.stream(side), torch.no_grad(), jvp_precision(self.precision, z.device):
-            for _ in range(self.warmup):
-                run()
-        torch.cuda.current_stream(z.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the data loader's pin-memory thread may call CUDA during the capture.
-        capturing = torch.cuda.graph(graph, capture_error_mode="thread_local")
-        with torch.no_grad(), jvp_precision(self.precision, z.device), capturing:
-            self.output = run()
-        self.graph = graph
+        with cuda_graphs.device_rng_kept(z.device):
+            cuda_graphs.warm_up(run, z.device, self.warmup)
+            self.graph, self.output = cuda_graphs.capture(run)
         self.captures += 1
 
     def __call__(self, model, z, t, r, y, v, times):
@@ -450,61 +434,10 @@ def build_jvp(mode: str, precision: str = "fp32", kernels: str = "auto") -> JvpS
     if mode == "auto":
         raise ValueError(
             "jvp='auto' must be resolved to a concrete mode before building the loss: "
-            "use zoo.losses.resolve_jvp_mode(cfg, device)"
+            "zoo.training.jvp_plan.plan_run(cfg, device).mode"
         )
     if mode not in STRATEGIES:
         raise ValueError(f"unknown jvp mode {mode!r}; use one of {sorted(STRATEGIES)} or 'auto'")
     if mode == "fused":
         return FusedJvp(precision, kernels)  # the other modes have no kernels of their own to choose
     return STRATEGIES[mode](precision)
-
-
-def resolve_jvp_mode(cfg: LossConfig, device: torch.device | str) -> str:
-    """The concrete JVP mode for `cfg.jvp` on `device`, without timing anything.
-
-    A concrete setting is returned unchanged.  For "auto" the answer is only a stand-in: the
-    trainer builds its first loss with it, then settles "auto" before the first step with
-    zoo.bench.calibration.resolve_for_training (the candidate modes timed on the run's own model,
-    batch and precision, cached per device).  Flow matching computes no JVP and keeps the stand-in.
-    The stand-in is "full_batch" on CUDA and "primal" elsewhere.
-    """
-    if cfg.jvp != "auto":
-        return cfg.jvp
-    return "full_batch" if torch.device(device).type == "cuda" else "primal"
-
-
-# Modes whose prediction u is the JVP's primal output, computed inside the JVP's precision island
-# instead of under the run's autocast: for which rows.
-PREDICTION_IN_ISLAND = {"full_batch": "every row", "primal": "the r != t rows"}
-
-
-def island_precision(jvp_precision: str) -> str:
-    """The run precision the JVP island computes in: fp32 (TF32 matmuls on CUDA) or bf16."""
-    return "bf16" if jvp_precision == "bf16" else "fp32"
-
-
-def prediction_precision_note(mode: str, precision: str, jvp_precision: str) -> str | None:
-    """Why the run's `precision` does not (fully) reach `mode`'s prediction, and what to set
-    instead; None when the prediction is computed at the run's precision."""
-    island = island_precision(jvp_precision)
-    if mode not in PREDICTION_IN_ISLAND or island == precision:
-        return None
-    where = "fp32/TF32" if island == "fp32" else island
-    if mode == "full_batch":
-        head = f"note: full_batch computes the prediction inside the JVP's {where} island, so"
-    else:
-        head = f"note: primal computes the prediction of the r != t rows inside the JVP's {where} island, so"
-    if precision == "fp32":
-        return (
-            f"{head} it is in {island}, not fp32; set loss.jvp=selective to compute the prediction in fp32, "
-            "or loss.jvp_precision=tf32"
-        )
-    effect = (
-        "changes almost nothing (the loss is fp32's)"
-        if mode == "full_batch"
-        else "applies to the other rows only"
-    )
-    fix = f"set loss.jvp=selective to compute the prediction in {precision} (only the JVP stays in {where})"
-    if precision == "bf16":
-        fix += ", or loss.jvp_precision=bf16 to run the JVP in bf16 too (which also allows fused)"
-    return f"{head} precision {precision} {effect}; {fix}"

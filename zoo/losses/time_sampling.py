@@ -72,8 +72,8 @@ def jvp_count(batch: int, ratio: float) -> int:
     """Samples with r != t in a batch: round(ratio * B), Python's round (half to even).
 
     An exact count rather than a per-sample coin flip keeps every tensor shape static from one
-    step to the next, which CUDA graphs and torch.compile need and which keeps memory use
-    (defect 12: silent OOM at ratio 0.75) the same at every step.
+    step to the next, which CUDA graphs and torch.compile need and which keeps memory use the
+    same at every step (the memory probe's measurement then holds for the whole run).
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must lie in [0, 1], got {ratio}")

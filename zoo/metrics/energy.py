@@ -5,9 +5,9 @@
 is zero exactly when the two distributions are equal.  The estimator here is the U-statistic:
 the within-sample means run over pairs i != j.  The plug-in (V-statistic) version also counts the
 zero diagonal, which biases D^2 upwards by about E|X - X'| / n: in 3072-D with n = 128 that bias
-and the noise dwarf the distance itself (the predecessor's energy distance swung 10x between
-evaluations).  With the unbiased estimator and n in the thousands, two evaluations of the same
-model agree within the reported standard errors.
+and the noise dwarf the distance itself (evaluations of one model can differ tenfold).  With the
+unbiased estimator and n in the thousands, two evaluations of the same model agree within the
+reported standard errors.
 
 Cost: all n*m + n(n-1)/2 + m(m-1)/2 distances, computed block by block (never a full n x n matrix
 in memory), in float64.  The standard error is the two-sample jackknife; the leave-one-out values

@@ -50,7 +50,7 @@ class FidReference:
 
 
 # zoo's datasets that clean-fid has reference statistics for: only CIFAR-10 (32 px; train, as the
-# predecessor and the MeanFlow paper report).  Clean-fid publishes none for Fashion-MNIST, the
+# MeanFlow paper reports).  Clean-fid publishes none for Fashion-MNIST, the
 # digits, zoo's CelebA crops or ImageNet; the 2-D sets are no images.
 FID_REFERENCES = {"cifar10": FidReference("cifar10", 32, "train")}
 

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from zoo.data.encode import list_images
+from zoo.data.sources import CenterCropResize, ImageFiles
 from zoo.errors import FidUnavailableError, MissingAssetError
 from zoo.metrics.fid import (
     DOWNLOAD_TIMEOUT_S,
@@ -46,6 +48,7 @@ from zoo.metrics.fid import (
 )
 from zoo.network import guarded_download
 from zoo.output_paths import zoo_cache_dir
+from zoo.runs import atomic_write_bytes
 
 Resize = Literal["clean", "tf"]
 RESIZES: tuple[str, ...] = ("clean", "tf")
@@ -244,10 +247,6 @@ def folder_reference(
     """Statistics of `folder`'s images (centre crop, resized to `image_size`), computed once and
     cached under `cache_dir` (keyed by the file list, size and extractor).  `on_start(images,
     cached)` says whether they come from the cache; `on_items(k)` after each batch."""
-    from zoo.data.encode import list_images
-    from zoo.data.sources import CenterCropResize, ImageFiles
-    from zoo.runs import atomic_write_bytes
-
     images = list_images(folder, limit)
     path = reference_cache_path(
         cache_dir, f"{folder.resolve()}|{images.fingerprint()}", image_size, extractor

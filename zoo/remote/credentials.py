@@ -2,7 +2,7 @@
 
 Without a token the Modal client fails with an AuthError; with a token but no network it
 retries for about a minute before a ConnectionError.  `zoo modal ...`, `zoo sync` and the
-remote side of `zoo ckpts`/`zoo clean` call `ensure_modal_ready` first, which reads the token
+remote side of `zoo ckpts`/`zoo clean` call `check_modal_ready` first, which reads the token
 the way the Modal client does (MODAL_TOKEN_ID/MODAL_TOKEN_SECRET, else the active profile of
 ~/.modal.toml or $MODAL_CONFIG_PATH) and opens one TCP connection to the Modal server with a
 short timeout, and otherwise says what is wrong and what to run.
@@ -113,19 +113,19 @@ def check_reachable(timeout_s: float = 4.0) -> None:
         )
 
 
-def require_modal_package() -> None:
+def check_modal_package() -> None:
     if importlib.util.find_spec("modal") is None:
         raise ModalUnavailable(
             "the modal package is not installed: pip install 'zoo[remote]', then run `modal setup`"
         )
 
 
-def ensure_modal_ready(timeout_s: float = 4.0) -> str:
+def check_modal_ready(timeout_s: float = 4.0) -> str:
     """Raise ModalUnavailable unless modal is installed, a token configured and the server answers.
 
     Returns where the token came from.
     """
-    require_modal_package()
+    check_modal_package()
     source = require_token()
     check_reachable(timeout_s)
     return source

@@ -75,7 +75,7 @@ def is_transient_file(name: str) -> bool:
     return name.startswith(".") or ".tmp" in name
 
 
-def validate_run_name(name: str) -> str:
+def check_run_name(name: str) -> str:
     if not RUN_NAME_PATTERN.match(name):
         raise ValueError(
             f"run name {name!r} is not valid: use letters, digits, '.', '_' and '-' "

@@ -27,10 +27,12 @@ import modal
 import modal.exception
 from modal.volume import FileEntryType
 
+from zoo.config.loading import config_to_dict
+from zoo.config.schema import ZooConfigBody
 from zoo.remote.layout import DEFAULT_VOLUME, VOLUME_MOUNT
 from zoo.remote.status import CallState, RemoteTrainingError
 from zoo.remote.store import RunStore, StoreEntry, StoreError, write_chunks_atomically
-from zoo.remote.submission import GpuRequest
+from zoo.remote.submission import GpuRequest, Launcher, parse_gpu
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Remote runs may evaluate FID and encode latents: the optional extras that need no local GPU.
@@ -256,6 +258,28 @@ def log_lines(call_id: str, tail: int, follow: bool) -> Iterator[str]:
 
 def cancel(call_id: str) -> None:
     modal.FunctionCall.from_id(call_id).cancel(terminate_containers=True)
+
+
+class ModalLauncher(Launcher):
+    """Submissions' containers as Modal function calls, one ephemeral app per run."""
+
+    def __init__(self, volume_name: str) -> None:
+        self.volume_name = volume_name
+
+    def spawn(self, cfg: ZooConfigBody, record: dict[str, Any]) -> tuple[str, str]:
+        spec = ModalSpec(
+            record["app_name"],
+            parse_gpu(record["gpu"]),
+            record["timeout_s"],
+            record["retries"],
+            self.volume_name,
+        )
+        return spawn(
+            build_app(spec), config_to_dict(cfg), record["submission_id"], record["resume"], self.volume_name
+        )
+
+    def cancel(self, call_id: str) -> None:
+        cancel(call_id)
 
 
 class ModalVolumeStore(RunStore):

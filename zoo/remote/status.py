@@ -2,8 +2,8 @@
 
 The trainer rewrites heartbeat.json at every log step.  A run whose heartbeat says "running"
 but has not been updated for `stall_after` seconds is *stalled*: its process was killed
-without a chance to report (the OOM killer sends SIGKILL, so no `finally` runs) or it hangs.
-This is what the predecessor lacked: its out-of-memory runs "appeared running" for hours.
+without a chance to report (the OOM killer sends SIGKILL, so no `finally` runs) or it hangs:
+such a run must not appear to be running for hours.
 """
 
 import re
@@ -132,7 +132,7 @@ def run_status(
         # A failure written after the stop is its consequence (the cancelled container's
         # supervisor records the interruption), not a cause to report.
         return status("stopped", f"stopped with `zoo modal stop` {format_duration(now - stop)} ago")
-    if reported == "interrupted":  # SIGINT/SIGTERM: saved its step and stopped (zoo.training.interrupts)
+    if reported == "interrupted":  # SIGINT/SIGTERM: saved its step and stopped (zoo.interrupts)
         return status("stopped", heartbeat.get("message") or "interrupted")
     if reported == "failed":
         error = heartbeat.get("error") or "failed without an error message"

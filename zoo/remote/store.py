@@ -2,8 +2,8 @@
 
 Sync, listing, cleaning and downloads are written once against `RunStore`.  `LocalDirStore`
 is a plain directory (tests use one to play the Volume; `--volume-dir` uses one for a copy of
-the volume); `zoo.remote.modal_app.ModalVolumeStore` is the real Volume.  Paths are POSIX
-strings relative to the store root ("outputs/run/last.pt").
+the volume); `zoo.remote.modal_app.ModalVolumeStore` is the real Volume (zoo.remote.remote_store
+opens either).  Paths are POSIX strings relative to the store root ("outputs/run/last.pt").
 """
 
 import os
@@ -158,21 +158,3 @@ class LocalDirStore(RunStore):
             shutil.rmtree(target)
         else:
             target.unlink()
-
-
-def open_remote_store(volume: str, volume_dir: Path | None) -> RunStore:
-    """The remote store: a directory with the Volume's layout if given, else the Modal Volume.
-
-    The Modal path checks the token and the network first (ModalUnavailable, at once) and only
-    then imports modal: local commands never need it.
-    """
-    if volume_dir is not None:
-        if not volume_dir.is_dir():
-            raise StoreError(f"--volume-dir {volume_dir} is not a directory")
-        return LocalDirStore(volume_dir, label="remote")
-    from zoo.remote.credentials import ensure_modal_ready
-
-    ensure_modal_ready()
-    from zoo.remote.modal_app import ModalVolumeStore
-
-    return ModalVolumeStore(volume)

@@ -1,23 +1,28 @@
-"""The client side of `zoo modal submit`, without Modal: GPU strings, the remote config, the record.
+"""The client side of `zoo modal submit`, without Modal: GPU strings, the remote config, the
+record, and the submission itself against a `Launcher` (Modal's is zoo.remote.modal_app's).
 
 The config is resolved on the laptop (preset + ZOO_ environment + overrides) and sent whole,
 so the remote run trains exactly what `zoo train` would train here, with three changes that
 make it a remote run: its folder is on the Volume, its datasets are read from the Volume
-(for every dataset: predecessor defect 8 hard-coded one data root), and it insists on CUDA
-(`auto` would quietly train on the CPU of a container whose GPU is missing).
+(every dataset's root, not the first one's alone), and it insists on CUDA (`auto` would
+quietly train on the CPU of a container whose GPU is missing).
+
+A submission writes its record to the Volume before the container starts (the container checks
+that this submission owns the run name); if starting it fails, the Volume goes back to how it was.
 """
 
 import json
 import re
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from zoo.config.loading import config_from_dict, config_to_dict
+from zoo.config.loading import check_batch_split, config_from_dict, config_to_dict, deep_merge
 from zoo.config.schema import ZooConfigBody
-from zoo.remote.layout import OUTPUTS, REGISTRY, mounted_path, validate_run_name
+from zoo.remote.layout import OUTPUTS, REGISTRY, check_run_name, mounted_path
 from zoo.remote.status import (
     CLOCK_SKEW_S,
     DEFAULT_STALL_AFTER,
@@ -80,7 +85,7 @@ def check_retries(retries: int) -> int:
 
 def remote_config(cfg: ZooConfigBody, run_name: str) -> ZooConfigBody:
     """`cfg` as the container runs it (see the module doc)."""
-    validate_run_name(run_name)
+    check_run_name(run_name)
     data = config_to_dict(cfg)
     data["run_name"] = run_name
     data["output_dir"] = str(mounted_path(OUTPUTS))
@@ -89,6 +94,16 @@ def remote_config(cfg: ZooConfigBody, run_name: str) -> ZooConfigBody:
     if not str(data["data"]["root"]).startswith(str(mounted_path())):
         data["data"]["root"] = str(mounted_path("data"))
     return config_from_dict(data)
+
+
+def app_name_for(run: str) -> str:
+    """The Modal app of a run: letters, digits, '-', '_', '.'; at most 64 characters."""
+    return "zoo-" + re.sub(r"[^A-Za-z0-9._-]", "-", run)[:60]
+
+
+def check_gpu_split(cfg: ZooConfigBody, gpu: GpuRequest) -> None:
+    """Several GPUs share the batch: it must split evenly over them."""
+    check_batch_split(cfg, gpu.count, how=f"the GPU count (--gpu {gpu.modal_spec})")
 
 
 def submission_record(
@@ -217,3 +232,71 @@ def awaits_container(
     return not any(
         r["event"] == "start" and r["submission_id"] == submission["submission_id"] for r in records
     )
+
+
+class Launcher(ABC):
+    """Starts and cancels the containers of remote runs."""
+
+    @abstractmethod
+    def spawn(self, cfg: ZooConfigBody, record: dict[str, Any]) -> tuple[str, str]:
+        """Start the run of `record` detached; (call id, app id)."""
+
+    @abstractmethod
+    def cancel(self, call_id: str) -> None:
+        """Cancel a call and stop its container."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submission checked against the store, ready to launch."""
+
+    cfg: ZooConfigBody  # what the container trains
+    record: dict[str, Any]  # what the store will hold (submission_path)
+    previous: dict[str, Any] | None  # the record a resume replaces
+    cancel_call: str | None  # the previous call, cancelled before the new one starts (ResumeTarget)
+
+
+def prepare_submission(
+    store: RunStore,
+    run: str,
+    cfg: ZooConfigBody | None,
+    given: dict[str, Any],
+    gpu: GpuRequest,
+    timeout_s: int,
+    retries: int,
+    command: str,
+    call_lookup: Callable[[str], CallState | None] | None = None,
+) -> Submission:
+    """A new run `cfg` (its name must be free), or with cfg None the resume of `run` (it must be
+    resumable), its stored config extended by the overrides `given`."""
+    previous, cancel_call = None, None
+    if cfg is None:
+        target = check_resumable(store, run, call_lookup=call_lookup)
+        previous, cancel_call = target.previous, target.cancel_call
+        cfg = config_from_dict(deep_merge(previous["config"], given))
+        check_gpu_split(cfg, gpu)
+    else:
+        check_name_free(store, run)
+    record = submission_record(cfg, gpu, timeout_s, retries, previous is not None, app_name_for(run), command)
+    return Submission(cfg, record, previous, cancel_call)
+
+
+def launch_submission(store: RunStore, submission: Submission, launcher: Launcher) -> dict[str, Any]:
+    """Cancel the call a resume replaces, put the record on the store, start the container, and
+    record its call; the record as stored.  If the start fails, the store's record goes back to
+    what it was (none for a new run) and the error propagates."""
+    run = submission.record["run_name"]
+    if submission.cancel_call is not None:
+        launcher.cancel(submission.cancel_call)
+    store.write_bytes(submission_path(run), json.dumps(submission.record, indent=2).encode())
+    try:
+        call_id, app_id = launcher.spawn(submission.cfg, submission.record)
+    except BaseException:
+        if submission.previous is None:
+            store.remove(submission_path(run))
+        else:
+            store.write_bytes(submission_path(run), json.dumps(submission.previous, indent=2).encode())
+        raise
+    record = {**submission.record, "call_id": call_id, "app_id": app_id}
+    store.write_bytes(submission_path(run), json.dumps(record, indent=2).encode())
+    return record

@@ -10,7 +10,7 @@ The Modal function (zoo.remote.modal_app) calls `supervise`, which
      returns (a retry cannot help: out of memory, bad config, NaN loss...) or raises so
      Modal retries (anything else: lost GPU, network, NCCL...).
 Training runs in a child process so that even a SIGKILL from the host's OOM killer, after
-which no Python code of the victim runs, is seen and reported by the parent (defect 12).
+which no Python code of the victim runs, is seen and reported by the parent.
 
 trackio writes to a container-local directory (SQLite on a network volume is unsafe, and two
 runs writing one database file on a Volume would overwrite each other: last write wins).  The
@@ -38,12 +38,13 @@ from typing import Any
 
 import torch
 
+from zoo import distributed
 from zoo.config.loading import config_from_dict
+from zoo.devices import resolve_device
 from zoo.errors import CheckpointError, DataNotFoundError
 from zoo.remote.layout import ATTEMPTS, OUTPUTS, REGISTRY, TRACKIO
 from zoo.remote.status import RemoteTrainingError
 from zoo.runs import SUBMISSION_ENV, RunDir, RunError, atomic_write_json
-from zoo.training import distributed
 
 # Errors a retry would meet again: the same config, data and checkpoint give the same result.
 NON_RETRYABLE: tuple[type[BaseException], ...] = (
@@ -472,8 +473,6 @@ def main(argv: list[str] | None = None, train: Callable[..., Any] | None = None)
         from zoo.training.trainer import train_run  # late: the supervisor never needs the training stack
 
         train = train_run
-    from zoo.devices import resolve_device
-
     try:
         distributed.init(device_type=resolve_device(cfg.device).type)
         train(cfg, resume=args.resume, command=args.command)

@@ -2,7 +2,7 @@
 
 The step h = t_next - t is negative along zoo's direction; the formulas are the textbook ones in
 h, so a constant field c gives z(0) = z(1) - c exactly.  `integrate` takes exactly len(grid) - 1
-steps (the predecessor took N + 1 steps for "N steps", defect 2), and every step of a solver
+steps (not N + 1 for "N steps"), and every step of a solver
 makes exactly `calls_per_step` calls of f, the last one included, so NFE = steps * calls_per_step.
 """
 

@@ -5,7 +5,7 @@
     sample_ode:      an ODE solver on dz/dt = u(z, t, t), the instantaneous velocity (what a
                      flow-matching model learns; a MeanFlow model gives it at r = t).
 
-Both use exactly the model inputs that training used (defect 3).  Classifier-free guidance with
+Both use exactly the model inputs that training used.  Classifier-free guidance with
 scale w: u = u_null + w (u_cond - u_null), from one batched model call of size 2B; w = 1 is the
 plain conditional prediction (one call of size B).
 

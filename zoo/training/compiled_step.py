@@ -11,8 +11,8 @@ comes from inductor's own generator, not the eager one: a run with dropout > 0 i
 compiled, but draws other masks than the same run eager (and than before a resume that toggles
 train.compile).
 
-MeanFlow compiles with the fused JVP only.  The other modes call torch.func.jvp, which
-torch.compile (2.14) cannot trace inside a training step: it refuses zoo's custom-jvp layers
+MeanFlow compiles with the fused JVP only (zoo.training.jvp_plan.COMPILABLE).  The other modes call
+torch.func.jvp, which torch.compile cannot trace inside a training step: it refuses zoo's custom-jvp layers
 and `detached_tangents`' context variable, and its fallback hits an internal assert
 (`_make_dual`).  The fused mode's tangent is ordinary tensor code and compiles into the same
 graph as the forward; while compiling, zoo's layers run their native operations
@@ -36,6 +36,7 @@ from typing import get_args
 import torch
 from torch import Tensor
 
+from zoo.config.loading import ConfigError
 from zoo.config.schema import CompileMode
 from zoo.errors import CompileError
 from zoo.losses.base import Draws, Loss
@@ -43,43 +44,12 @@ from zoo.models.base import FlowModel
 
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 USES_CUDA_GRAPHS = ("reduce-overhead", "max-autotune")
-COMPILABLE_JVP_MODES = ("fused",)  # MeanFlow's JVP modes a compiled step can trace (see above)
 # Graphs kept per compiled function (one per micro-batch shape and loss settings; a benchmark
 # sweeping ratios compiles one per ratio).  torch's default (8) would make the ninth shape run
 # eagerly without a word, so a step, or a benchmark case labelled compiled, would not be.
 RECOMPILE_LIMIT = 64
 
 Evaluate = Callable[[FlowModel, Tensor, Draws], tuple[Tensor, dict[str, Tensor]]]
-
-
-class CompileSettingsError(ValueError):
-    """Settings a compiled step cannot run with; the message says what to change."""
-
-
-def check_compilable(
-    device: torch.device, loss_kind: str, jvp_mode: str, jvp_precision: str, resumed: bool = False
-) -> None:
-    """Refuse, with the fix, settings under which train.compile cannot run."""
-    if loss_kind != "meanflow":
-        return
-    if jvp_mode not in (*COMPILABLE_JVP_MODES, "auto"):
-        if resumed:
-            # A resumed run keeps its JVP mode (the checkpoint's): changing loss.jvp is no fix.
-            raise CompileSettingsError(
-                f"this run trains with loss.jvp={jvp_mode!r} (chosen when it started), which "
-                "torch.compile cannot trace (it runs torch.func.jvp); resume it without train.compile"
-            )
-        raise CompileSettingsError(
-            f"train.compile compiles MeanFlow with loss.jvp=fused only; loss.jvp={jvp_mode!r} runs "
-            "torch.func.jvp, which torch.compile cannot trace in a training step. Use loss.jvp=fused "
-            "(or auto), or train.compile=false"
-        )
-    if device.type == "cuda" and jvp_precision == "fp32":
-        raise CompileSettingsError(
-            "under train.compile the JVP cannot switch matmul precision inside the compiled step and "
-            "follows the run's (TF32 on CUDA), so loss.jvp_precision=fp32 (IEEE) cannot hold; use "
-            "loss.jvp_precision=tf32 or bf16, or train.compile=false"
-        )
 
 
 def keeps_grads(mode: str) -> bool:
@@ -108,7 +78,7 @@ def compile_evaluate(loss_fn: Loss, mode: str) -> Evaluate:
     overwrite (the trainer keeps them across micro-batches).
     """
     if mode not in COMPILE_MODES:
-        raise CompileSettingsError(f"unknown train.compile_mode {mode!r}; use one of {COMPILE_MODES}")
+        raise ConfigError(f"unknown train.compile_mode {mode!r}; use one of {COMPILE_MODES}")
     # fullgraph=False: a graph break (a model zoo's layers do not cover) costs speed, not the run;
     # zoo's own networks trace without one (tests/test_training_compiled_step.py explains them).
     compiled = torch.compile(loss_fn.evaluate, mode=mode, dynamic=False)

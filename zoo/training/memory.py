@@ -2,8 +2,8 @@
 
 If it does not, the batch is split into micro-batches with gradient accumulation (same
 effective batch, so the same optimisation), or — with `train.auto_microbatch = false` — the run
-fails at once naming the largest batch that fits.  The predecessor's MeanFlow runs at ratio 0.75
-ran out of memory silently and "appeared running" for an hour (defect 12).
+fails at once naming the largest batch that fits.  Either way a batch that cannot fit is found
+before the first step, not hours later by a process that dies without a word.
 
 Measuring peak memory:
 - CUDA: the allocator's real peak (`max_memory_allocated`), and a real OOM counts as "does not fit".
@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from zoo.runs import RunError
+from zoo.units import format_bytes
 
 
 class MemoryLimitError(RunError):
@@ -166,14 +167,6 @@ def make_meter(model: nn.Module, device: torch.device, limit_gb: float | None) -
     if device.type == "cuda":
         return CudaMeter(device, limit)
     return LiveTensorMeter(model, limit)
-
-
-def format_bytes(nbytes: float) -> str:
-    """1.50 GiB, 12.3 MiB, 640 KiB: readable at the tiny caps tests use as well as on a GPU."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes / 2**10:.0f} KiB"
 
 
 @dataclass(frozen=True)

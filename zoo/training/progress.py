@@ -19,8 +19,8 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
+from zoo.interrupts import StopSignals
 from zoo.runs import RunDir
-from zoo.training.interrupts import StopSignals
 
 # How often, at most, a long phase rewrites heartbeat.json (one small fsynced file; on Modal, on
 # the Volume): far below any sensible --stall-after, far above the time of one write.

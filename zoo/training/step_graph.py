@@ -21,7 +21,8 @@ Rules that keep replays right (checked, not assumed: a change triggers a new cap
   Parameters the loss never reaches keep `.grad = None`, as in eager training.
 - Dropout draws from the device's default generator, whose graph-safe offsets advance per replay.
 - Not inside: fp16 loss scaling (GradScaler changes its scale on the host), a JVP mode that
-  itself captures a graph (`cuda_graph`, graphs do not nest) or compiles (`compile`).
+  itself captures a graph (`cuda_graph`, graphs do not nest) or compiles (`compile`): the rules
+  are zoo.training.jvp_plan.check_capture's.
 """
 
 from collections.abc import Iterator
@@ -30,32 +31,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from zoo import cuda_graphs
 from zoo.losses.base import Draws, Loss, flat_tensors, map_tensors
 from zoo.models.base import FlowModel
-
-MODES_NOT_CAPTURABLE = ("cuda_graph", "compile")
-
-
-class StepGraphError(ValueError):
-    """Settings a captured step cannot run with; the message says what to change."""
-
-
-def check_capturable(device: torch.device, precision: str, jvp_mode: str) -> None:
-    """Refuse, with the fix, settings under which train.cuda_graph cannot run."""
-    if device.type != "cuda":
-        raise StepGraphError(
-            f"train.cuda_graph needs a CUDA device, but this run uses {device}; set train.cuda_graph=false"
-        )
-    if precision == "fp16":
-        raise StepGraphError(
-            "train.cuda_graph does not run with precision=fp16 (its loss scaler changes the scale on "
-            "the host between steps); use precision=bf16, which needs no scaling"
-        )
-    if jvp_mode in MODES_NOT_CAPTURABLE:
-        raise StepGraphError(
-            f"loss.jvp={jvp_mode!r} cannot run inside train.cuda_graph's captured step (a graph cannot "
-            "contain another capture or a compiled region); use loss.jvp=fused (or primal) with it"
-        )
 
 
 @contextmanager
@@ -140,15 +118,12 @@ class GraphedLossBackward:
         # (attach_gradients copies them into the static tensors): warm-up and capture must not
         # change what the step's gradients will be, even when they fail.
         pending = [p.grad for p in params]
-        # Warm-up and capture draw dropout masks from the device's generator; restoring it keeps a
-        # resumed run (which captures again) on the uninterrupted run's random stream.
-        rng = torch.cuda.get_rng_state(x.device)
         try:
             for p in params:
                 p.grad = None
-            self._warm_up_and_capture(model, params, x, draws, divisor)
+            with cuda_graphs.device_rng_kept(x.device):
+                self._warm_up_and_capture(model, params, x, draws, divisor)
         finally:
-            torch.cuda.set_rng_state(rng, x.device)
             for p, grad in zip(params, pending, strict=True):
                 p.grad = grad
 
@@ -157,16 +132,12 @@ class GraphedLossBackward:
     ) -> None:
         self.inputs = map_tensors((x, draws), lambda t: t.clone())
         static_x, static_draws = self.inputs
-        device = x.device
 
-        # Warm-up on a side stream (lazy initialisation, cuDNN autotuning, cuBLAS workspaces),
-        # which also tells which parameters the loss reaches.
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.run(model, static_x, static_draws, divisor)
-        torch.cuda.current_stream(device).wait_stream(side)
+        def run() -> dict[str, Tensor]:
+            return self.run(model, static_x, static_draws, divisor)
+
+        # The warm-up also tells which parameters the loss reaches.
+        cuda_graphs.warm_up(run, x.device, self.warmup)
         reached = [p for p in params if p.grad is not None]
         for p in params:
             p.grad = None
@@ -176,12 +147,5 @@ class GraphedLossBackward:
         # The graph allocates from its own pool: hand the blocks the warm-up (and the memory
         # probe before it) left cached back to the device, or the step's memory is held twice.
         torch.cuda.empty_cache()
-
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: only this thread's CUDA calls are checked during the capture.  The data
-        # loader's pin-memory thread keeps allocating pinned memory and querying events while
-        # the step is captured, which the default ("global") mode would count as an error.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.outputs = self.run(model, static_x, static_draws, divisor)
-        self.graph = graph
+        self.graph, self.outputs = cuda_graphs.capture(run, self.pool)
         self.captures += 1

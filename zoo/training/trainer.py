@@ -20,17 +20,18 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from zoo.bench.calibration import resolve_for_training
+from zoo import distributed
 from zoo.checkpoints import clean_state_dict, load_checkpoint, save_checkpoint
 from zoo.config.loading import ConfigError, check_batch_split, config_to_dict, config_to_toml
-from zoo.config.schema import LossConfig, ZooConfigBody
+from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource, build_data
 from zoo.devices import autocast_dtype, enable_cuda_tf32, resolve_device
 from zoo.evaluation import EvalReport, Method, evaluate
 from zoo.experiment_log import append_run_entry
-from zoo.losses import Loss, build_loss, resolve_jvp_mode
+from zoo.interrupts import StopRequested, StopSignals
+from zoo.losses import Loss, build_loss
 from zoo.losses.base import metrics_to_floats
-from zoo.models import build_model, group_norm_tangent_kernel
+from zoo.models import build_model
 from zoo.models.base import FlowModel
 from zoo.runs import (
     RunDir,
@@ -42,25 +43,13 @@ from zoo.runs import (
     check_run,
 )
 from zoo.tracking import Tracker, make_tracker
-from zoo.training import distributed
-from zoo.training.compiled_step import (
-    CompileSettingsError,
-    Evaluate,
-    check_compilable,
-    compile_evaluate,
-    keeps_grads,
-)
+from zoo.training.compiled_step import Evaluate, compile_evaluate, keeps_grads
 from zoo.training.ema import EMA
-from zoo.training.interrupts import StopRequested, StopSignals
+from zoo.training.jvp_plan import JvpPlan, plan_run
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
 from zoo.training.progress import PhaseHeartbeat, TrainProgress
-from zoo.training.step_graph import (
-    MODES_NOT_CAPTURABLE,
-    GraphedLossBackward,
-    StepGraphError,
-    check_capturable,
-)
+from zoo.training.step_graph import GraphedLossBackward
 from zoo.training.visuals import save_loss_plot, save_samples
 
 # Keys a resumed run may change: how long it runs, how often it reports, where and how it
@@ -117,17 +106,6 @@ class TrainState:
         return self.cfg.loss.kind == "meanflow"
 
 
-def resolved_loss_config(cfg: ZooConfigBody, device: torch.device) -> LossConfig:
-    """`loss.jvp = auto` becomes a concrete JVP strategy for this device."""
-    if cfg.loss.jvp == "cuda_graph" and device.type != "cuda":
-        raise ConfigError(
-            f"loss.jvp = 'cuda_graph' needs a CUDA device, but this run uses {device}; pick another loss.jvp"
-        )
-    if cfg.loss.jvp != "auto":
-        return cfg.loss
-    return cfg.loss.model_copy(update={"jvp": resolve_jvp_mode(cfg.loss, device)})
-
-
 def rank_batch_size(cfg: ZooConfigBody) -> int:
     """This process's share of `train.batch_size`, which is the effective batch of one optimiser
     step across all data-parallel processes (so `--gpu H100:8` trains the preset's batch)."""
@@ -136,7 +114,9 @@ def rank_batch_size(cfg: ZooConfigBody) -> int:
     return cfg.train.batch_size // world
 
 
-def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
+def build_state(cfg: ZooConfigBody, device: torch.device, jvp: JvpPlan | None = None) -> TrainState:
+    """A run's state at step 0; jvp: its JVP plan (default: that of a new run)."""
+    jvp = jvp or plan_run(cfg, device)
     torch.manual_seed(cfg.seed)
     # One data seed for every rank: the same fixed training set (data.train_size) and, for the
     # file-backed sources, one shared order of which each rank reads a disjoint share.  Sources
@@ -153,8 +133,8 @@ def build_state(cfg: ZooConfigBody, device: torch.device) -> TrainState:
         source=source,
         model=model,
         ema=EMA(model, cfg.train.ema_decay),
-        loss_fn=build_loss(resolved_loss_config(cfg, device)),
-        jvp_mode=resolved_loss_config(cfg, device).jvp,
+        loss_fn=build_loss(cfg.loss.model_copy(update={"jvp": jvp.mode})),
+        jvp_mode=jvp.mode,
         optimizer=build_optimizer(model, cfg.optim),
         generator=generator,
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -293,8 +273,8 @@ def probe_step(state: TrainState, micro_size: int) -> None:
         compiled = state.compiled_evaluate
         if state.device.type != "cuda":
             # Off CUDA the meter is a TorchDispatchMode, under which torch.compile runs the step
-            # eagerly anyway, and torch 2.11's dynamo then never compiles that code again (the
-            # whole run silently eager): probe the eager step, the one the meter would see.
+            # eagerly anyway, and dynamo may then never compile that code again (the whole run
+            # silently eager): probe the eager step, the one the meter would see.
             state.compiled_evaluate = None
         try:
             micro_batch_backward(state)
@@ -310,37 +290,27 @@ def probe_step(state: TrainState, micro_size: int) -> None:
         state.source.batch_size = saved[4]
 
 
-def choose_jvp_mode(state: TrainState, stored_mode: str | None, console: Console) -> None:
-    """Settle `loss.jvp = auto` by a short calibration (cached), or keep a resumed run's mode."""
-    micro_size = rank_batch_size(state.cfg) // state.micro_batches
-    # Rank 0 decides (a calibration times the modes) and every rank runs its choice.
-    decision = None
-    if distributed.is_main():
-        decision = resolve_for_training(state.cfg, state.model, state.device, micro_size, stored_mode)
-    mode, reason = distributed.broadcast_from_main(decision)
-    if mode != state.jvp_mode:
-        state.loss_fn = build_loss(state.cfg.loss.model_copy(update={"jvp": mode}))
-        state.jvp_mode = mode
-    if state.cfg.loss.kind == "meanflow" and distributed.is_main():
+def use_jvp_plan(state: TrainState, jvp: JvpPlan, console: Console | None) -> None:
+    """Take the steps as `jvp` plans them: its JVP mode, eager, captured or compiled.  The console,
+    on rank 0 only, says how."""
+    if jvp.mode != state.jvp_mode:  # a resumed run's mode, from its checkpoint
+        state.loss_fn = build_loss(state.cfg.loss.model_copy(update={"jvp": jvp.mode}))
+        state.jvp_mode = jvp.mode
+    if jvp.cuda_graph:
+        state.step_graph = GraphedLossBackward(state.loss_fn, autocast_dtype(state.cfg.precision))
+    if jvp.compile:
+        state.compiled_evaluate = compile_evaluate(state.loss_fn, jvp.compile_mode)
+    if console is None:
+        return
+    if jvp.meanflow:
+        console.print(f"JVP mode: [bold]{jvp.mode}[/] ({escape(jvp.describe(state.model, state.device))})")
+    if jvp.compile:
         console.print(
-            f"JVP mode: [bold]{mode}[/] ({escape(reason)})"
-            f"{tangent_kernels_note(state.cfg, mode, state.model, state.device)}"
+            f"torch.compile ({jvp.compile_mode}): the first step compiles the loss and its "
+            "backward (seconds for small models, minutes for large ones)"
         )
-
-
-def tangent_kernels_note(cfg: ZooConfigBody, mode: str, model: torch.nn.Module, device: torch.device) -> str:
-    """How the fused mode's group-norm tangents run, for the JVP mode's line (loss.jvp_kernels)."""
-    if mode != "fused" or not group_norm_tangent_kernel.has_group_norms(model):
-        return ""
-    if cfg.train.compile:
-        return "; group-norm tangents: PyTorch operations, fused by inductor"
-    if group_norm_tangent_kernel.resolve(cfg.loss.jvp_kernels, device) == "triton":
-        return "; group-norm tangents: Triton kernels (loss.jvp_kernels)"
-    failed = group_norm_tangent_kernel.failed_first_launch(device)
-    return (
-        "; group-norm tangents: PyTorch operations "
-        f"(loss.jvp_kernels{'; the Triton kernels failed: ' + failed if failed else ''})"
-    )
+    if jvp.tip:
+        console.print(escape(jvp.tip))
 
 
 def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
@@ -460,11 +430,8 @@ def start_and_train(
     cfg: ZooConfigBody, resume: bool, console: Console, command: str | None, stops: StopSignals
 ) -> RunDir:
     device = resolve_device(cfg.device)
-    tangent_kernels_usable(device, cfg)
-    if cfg.train.cuda_graph:
-        capturable(device, cfg, cfg.loss.jvp)
-    if cfg.train.compile:
-        compilable(device, cfg, cfg.loss.jvp)
+    # JVP settings that cannot run together are refused before anything is built.
+    jvp = plan_run(cfg, device, kept_mode=cfg.loss.jvp if resume else None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
@@ -474,7 +441,7 @@ def start_and_train(
     # Build everything that can fail on bad input (data, model) before the run folder exists,
     # so a failed start leaves nothing behind.
     try:
-        state = build_state(cfg, device)
+        state = build_state(cfg, device, jvp)
     except ValueError as exc:
         # What the schema cannot see (e.g. a resolution the network does not have, a train_size
         # larger than the dataset) surfaces while building; it is still the config's fault.
@@ -486,22 +453,10 @@ def start_and_train(
         check_resume_config(payload["config"], cfg)
         restore(state, payload)
         check_steps_left(state, run)
-    choose_jvp_mode(state, payload["jvp_mode"] if resume else None, console)
-    if cfg.train.cuda_graph:
-        capturable(device, cfg, state.jvp_mode, resumed=resume)
-        state.step_graph = GraphedLossBackward(state.loss_fn, autocast_dtype(cfg.precision))
-    if cfg.train.compile:
-        compilable(device, cfg, state.jvp_mode, resumed=resume)
-        state.compiled_evaluate = compile_evaluate(state.loss_fn, cfg.train.compile_mode)
-        if main:
-            console.print(
-                f"torch.compile ({cfg.train.compile_mode}): the first step compiles the loss and its "
-                "backward (seconds for small models, minutes for large ones)"
-            )
-    if main and (tip := faster_step_tip(device, cfg, state.jvp_mode if resume else cfg.loss.jvp, resume)):
-        console.print(tip)
+        jvp = plan_run(cfg, device, kept_mode=payload["jvp_mode"])
+    use_jvp_plan(state, jvp, console if main else None)
     plan = fit_batch_in_memory(state, console)
-    stops.check(device)  # a signal during calibration or the probe: stop now, before the folder is written
+    stops.check(device)  # a signal during the memory probe: stop now, before the folder is written
     config_dict = config_to_dict(cfg)
     tracker: Tracker = make_tracker(
         cfg.tracking.enabled and main, cfg.tracking.project, cfg.run_name, config_dict, resume
@@ -596,75 +551,9 @@ def stop_run(state: TrainState, run: RunDir, signum: int) -> str:
     return message
 
 
-def faster_step_tip(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, resumed: bool) -> str | None:
-    """For a CUDA run with an eager step, the faster steps it would accept.
-
-    jvp_mode: what the run's JVP mode would be checked as with either option on, i.e.
-    cfg.loss.jvp for a new run, the mode the run keeps when resumed.  Only options the run's own
-    checks accept are named.  Figures: EXPERIMENT_LOG.md, sessions 9 and 10 (H200, paper U-Net, bf16,
-    batch 128, FM and fused MeanFlow steps; eager over faster step, each pair timed in one run)."""
-    if device.type != "cuda" or cfg.train.cuda_graph or cfg.train.compile:
-        return None
-    offers = []
-    for option, check, gain in (
-        ("train.cuda_graph=true", capturable, "1.06-2.1x faster captured"),
-        ("train.compile=true", compilable, "1.8-2.15x faster compiled, after 1.5-2 min of compiling"),
-    ):
-        try:
-            check(device, cfg, jvp_mode, resumed)
-        except ConfigError:
-            continue
-        offers.append((option, gain))
-    if not offers:
-        return None
-    options = " or ".join(option for option, _ in offers)
-    gains = "; ".join(gain for _, gain in offers)
-    return (
-        f"tip: this CUDA run takes eager steps; {options} may be faster (on an H200 the paper U-Net's "
-        f"bf16 steps ran {gains}: EXPERIMENT_LOG.md, sessions 9-10)"
-    )
-
-
-def tangent_kernels_usable(device: torch.device, cfg: ZooConfigBody) -> None:
-    """loss.jvp_kernels=triton's requirements, as a configuration error naming the fix."""
-    if cfg.loss.kind != "meanflow" or cfg.loss.jvp_kernels != "triton":
-        return
-    if cfg.loss.jvp not in ("fused", "auto"):
-        raise ConfigError(
-            f"loss.jvp_kernels=triton changes how loss.jvp=fused computes tangents, and this run uses "
-            f"loss.jvp={cfg.loss.jvp}: drop loss.jvp_kernels=triton or use loss.jvp=fused"
-        )
-    if reason := group_norm_tangent_kernel.unusable_reason(device):
-        raise ConfigError(f"loss.jvp_kernels=triton cannot run: {reason}; use loss.jvp_kernels=torch")
-
-
-def capturable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, resumed: bool = False) -> None:
-    """train.cuda_graph's requirements, as a configuration error naming the fix."""
-    mode = jvp_mode if cfg.loss.kind == "meanflow" else "none"
-    if resumed and mode in MODES_NOT_CAPTURABLE:
-        # A resumed run keeps the JVP mode it started with (check_resume_config): changing
-        # loss.jvp is not a fix open to it.
-        raise ConfigError(
-            f"this run trains with loss.jvp={mode!r} (chosen when it started), which cannot run inside "
-            "train.cuda_graph's captured step; resume it without train.cuda_graph"
-        )
-    try:
-        check_capturable(device, cfg.precision, mode)
-    except StepGraphError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def keeps_grads_allocated(state: TrainState) -> bool:
     compiled = state.compiled_evaluate is not None and keeps_grads(state.cfg.train.compile_mode)
     return state.step_graph is not None or compiled
-
-
-def compilable(device: torch.device, cfg: ZooConfigBody, jvp_mode: str, resumed: bool = False) -> None:
-    """train.compile's requirements, as a configuration error naming the fix."""
-    try:
-        check_compilable(device, cfg.loss.kind, jvp_mode, cfg.loss.jvp_precision, resumed)
-    except CompileSettingsError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def drop_metrics_after(run: RunDir, step: int) -> None:

@@ -2,7 +2,7 @@
 
 MeanFlow's loss takes a forward-mode JVP of the model (torch.func.jvp).  That cannot go through
 DistributedDataParallel: DDP's hooks serve reverse mode only, and a JVP through the wrapper
-either fails or silently skips gradient synchronisation (predecessor defect 6).  So every
+either fails or silently skips gradient synchronisation.  So every
 process runs the loss on the plain module, and the trainer synchronises explicitly:
 
     init()                          once per process, from torchrun's environment
@@ -20,7 +20,6 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -125,19 +124,6 @@ def wait_for_main() -> None:
         dist.barrier(group=_wait_group)
 
 
-def broadcast_from_main(value: Any) -> Any:
-    """Rank 0's `value` (any picklable object) on every rank; `value` itself for one process.
-
-    For decisions only rank 0 should take, e.g. timing the JVP modes: ranks timing on their own
-    could pick different modes and run different dropout-mask behaviour in one model.
-    """
-    if not is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
     """Consecutive tensors of one dtype and device, each group at most ~bucket_bytes."""
     buckets: list[list[torch.Tensor]] = []
@@ -223,7 +209,7 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
 # The price: when one rank crashes, torchrun gives the survivors the same time, and under NCCL they
 # wait for the dead peer in their next all-reduce until it runs out (gloo notices at once).
 STOP_GRACE_S = 300
-TORCHRUN_DEFAULT_GRACE_S = 30  # what a torchrun without --shutdown_timeout gives (torch 2.11)
+TORCHRUN_DEFAULT_GRACE_S = 30  # what a torchrun without --shutdown_timeout gives
 
 
 def torchrun_has_shutdown_timeout() -> bool:
@@ -254,8 +240,8 @@ def torchrun_command(
     launcher = ["torch.distributed.run"]
     if failures_file is not None:
         launcher = ["zoo.training.launch", "--failures-file", str(failures_file)]
-    # An older torchrun (torch 2.11, e.g. on a GPU machine with its own torch) has no
-    # --shutdown_timeout: its fixed 30 s then apply.
+    # An older torchrun (a GPU machine's own torch may be one) has no --shutdown_timeout: its
+    # fixed 30 s then apply.
     grace = [f"--shutdown_timeout={STOP_GRACE_S}"] if torchrun_has_shutdown_timeout() else []
     return [
         sys.executable,

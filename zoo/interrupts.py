@@ -2,7 +2,7 @@
 
 A signal that arrives during a training step (or while a checkpoint is being written) is held
 until the step is complete, so the run can stop on a checkpoint of a whole step; at any other
-time (calibration, evaluation) a single process stops at once: those never change the training
+time (the memory probe, evaluation) a single process stops at once: those never change the training
 state.  Under torchrun a rank never stops on its own while the ranks work together: they ask each
 other once before the run folder is written and after each step, so all of them stop at the same
 point (a rank that stopped alone would leave the others waiting in the next all-reduce); after the
@@ -26,7 +26,7 @@ from types import FrameType
 
 import torch
 
-from zoo.training import distributed
+from zoo import distributed
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
