@@ -34,6 +34,7 @@ def no_modal(tmp_path, monkeypatch):
         (["mooons"], "unknown preset 'mooons'", True),
         (["moons", "loss.raito=1"], "loss.raito: unknown key", True),
         (["moons", "loss.ratio=7"], "loss.ratio", True),
+        (["moons", "loss.jvp=selective"], "one of the benchmark's modes", True),
         (["moons", "--gpu", "B300:99"], "unknown GPU 'B300:99'", False),
         (["moons", "--gpu", "H100:99"], "GPU count", False),
         (["moons", "--timeout", "48h"], "--timeout must lie between 1m and 24h", False),

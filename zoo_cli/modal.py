@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from zoo.config.loading import ConfigError, deep_merge, load_config, parse_overrides
+from zoo.config.loading import ConfigError, check_new_run_jvp, deep_merge, load_config, parse_overrides
 from zoo.remote.layout import REGISTRY, check_run_name
 from zoo.remote.listing import RunInfo, list_store_runs
 from zoo.remote.status import CallState, format_duration, parse_duration
@@ -115,6 +115,7 @@ def submit(
                     "give a preset or a .toml file, e.g. `zoo modal submit cifar10 --gpu A100-80GB`", 2
                 )
             cfg = load_config(preset, given)
+            check_new_run_jvp(cfg)
             run_name = run_name or cfg.run_name or default_run_name(cfg.preset)
             cfg = remote_config(cfg, run_name)
             check_gpu_split(cfg, gpu_request)

@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from zoo.config.schema import DiTConfig, MLPConfig, UNetConfig, ZooConfigBody
+from zoo.config.schema import TRAINING_JVP_MODES, DiTConfig, MLPConfig, UNetConfig, ZooConfigBody
 
 MODEL_CLASSES: dict[str, type[BaseModel]] = {"mlp": MLPConfig, "unet": UNetConfig, "dit": DiTConfig}
 
@@ -184,6 +184,19 @@ def check_batch_split(cfg: ZooConfigBody, processes: int, how: str = "the number
             f"train.batch_size={batch} must be divisible by processes x grad_accum = {processes} x "
             f"{cfg.train.grad_accum} = {parts}; use {near}, or change {how} or train.grad_accum"
         )
+
+
+def check_new_run_jvp(cfg: ZooConfigBody) -> None:
+    """A new MeanFlow run trains with a training JVP mode; the benchmark's modes are refused here,
+    where no torch is loaded, so `zoo modal submit` says so before anything starts remotely.  A
+    resumed run keeps the mode it started with and is not checked."""
+    mode = cfg.loss.jvp
+    if cfg.loss.kind != "meanflow" or mode == "auto" or mode in TRAINING_JVP_MODES:
+        return
+    raise ConfigError(
+        f"loss.jvp={mode!r} is one of the benchmark's modes (`zoo bench-jvp --modes {mode}` times it), "
+        "not a training mode; train with loss.jvp=fused (the default) or loss.jvp=nograd (the reference)"
+    )
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

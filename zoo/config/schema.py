@@ -144,6 +144,8 @@ class DiTConfig(Section):
 ModelConfig = Annotated[MLPConfig | UNetConfig | DiTConfig, Field(discriminator="arch")]
 
 JvpMode = Literal["auto", "primal", "fused", "selective", "nograd", "full_batch", "cuda_graph", "compile"]
+# The modes a new run trains with; the others are zoo bench-jvp's alternatives (zoo.training.jvp_plan).
+TRAINING_JVP_MODES = ("fused", "nograd")
 
 
 class LossConfig(Section):

@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from zoo.config.loading import ConfigError
-from zoo.config.schema import ZooConfigBody
+from zoo.config.loading import ConfigError, check_new_run_jvp
+from zoo.config.schema import TRAINING_JVP_MODES, ZooConfigBody
 from zoo.losses.jvp import JVP_MODES
 from zoo.models import group_norm_tangent_kernel
 
-TRAINING_MODES = ("fused", "nograd")
+TRAINING_MODES = TRAINING_JVP_MODES
 BENCH_MODES = tuple(m for m in JVP_MODES if m not in TRAINING_MODES)
 DEFAULT_MODE = "fused"  # what loss.jvp=auto runs
 # Modes that capture or compile the JVP themselves: a captured step cannot contain them (graphs do not
@@ -73,11 +73,7 @@ def decide_mode(cfg: ZooConfigBody, kept_mode: str | None = None) -> tuple[str, 
     mode = cfg.loss.jvp
     if cfg.loss.kind != "meanflow":
         return concrete(mode), "flow matching computes no JVP; the setting is unused"
-    if mode in BENCH_MODES:
-        raise ConfigError(
-            f"loss.jvp={mode!r} is one of the benchmark's modes (`zoo bench-jvp --modes {mode}` times it), "
-            "not a training mode; train with loss.jvp=fused (the default) or loss.jvp=nograd (the reference)"
-        )
+    check_new_run_jvp(cfg)
     if mode == "auto":
         return DEFAULT_MODE, "loss.jvp=auto: fused"
     if mode == DEFAULT_MODE:
