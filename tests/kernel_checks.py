@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from model_helpers import perturb
 
 from zoo.config.schema import LossConfig, UNetConfig
+from zoo.devices import cuda_fp32_precision
 from zoo.losses import build_loss
 from zoo.losses.base import map_tensors
-from zoo.losses.jvp import cuda_fp32_precision
 from zoo.models import build_model, group_norm_tangent_kernel
 
 CASES = [

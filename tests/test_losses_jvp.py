@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from zoo.config.schema import DiTConfig, LossConfig
+from zoo.devices import cuda_fp32_precision
 from zoo.losses import MeanFlowLoss, build_jvp
-from zoo.losses.jvp import CompileJvp, CudaGraphJvp, cuda_fp32_precision, jvp_with_primal
+from zoo.losses.jvp import CompileJvp, CudaGraphJvp, jvp_with_primal
 from zoo.losses.time_sampling import sample_t_r
 from zoo.models import build_model
 from zoo.models.base import FlowModel

@@ -160,3 +160,28 @@ def test_zoo_fid_refuses_before_reading_the_checkpoint(tmp_path, offline_incepti
         app, ["fid", str(checkpoint), "--ref", str(tmp_path / "adm.npz"), "--resize", "clean"]
     )
     assert result.exit_code == 2 and "computed with resize=tf" in result.output
+
+
+def test_inception_runs_in_full_fp32_whatever_the_training_precision():
+    """The reference statistics were computed with IEEE fp32 convolutions; zoo trains with TF32 on
+    CUDA, so scoring switches TF32 off for the network and restores the caller's setting."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, no_output_bias=False):
+            seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+            return torch.zeros(len(x), 4)
+
+    extractor = object.__new__(inception.InceptionV3)
+    extractor.device, extractor.resize = torch.device("cpu"), "tf"
+    extractor.network = Recorder()
+    extractor.network.base = extractor.network
+    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        extractor(torch.zeros(2, 3, 8, 8))
+        after = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+    assert seen == [("ieee", "ieee"), ("ieee", "ieee")]
+    assert after == ("tf32", "tf32")

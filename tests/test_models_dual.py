@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from model_helpers import perturb
 
 from zoo.config.schema import DiTConfig, LossConfig, MLPConfig, UNetConfig
+from zoo.devices import cuda_fp32_precision
 from zoo.losses import MeanFlowLoss, build_jvp, build_loss
-from zoo.losses.jvp import cuda_fp32_precision, tangent_island
+from zoo.losses.jvp import tangent_island
 from zoo.losses.time_sampling import sample_t_r
 from zoo.models import build_model
 from zoo.models import dual as D

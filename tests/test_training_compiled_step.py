@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from zoo.config.loading import ConfigError, load_config
 from zoo.config.schema import DiTConfig, LossConfig, MLPConfig, UNetConfig
+from zoo.devices import cuda_fp32_precision
 from zoo.errors import CompileError
 from zoo.losses import build_loss
-from zoo.losses.jvp import cuda_fp32_precision
 from zoo.models import build_model
 from zoo.models.layers import Attention, Conv2d, GroupNorm, LayerNorm
 from zoo.training.compiled_step import RECOMPILE_LIMIT, compile_evaluate, keeps_grads

@@ -13,9 +13,9 @@ from model_helpers import labelled_cuda_batch, perturb
 from tiny_runs import TINY_RUN, train_moons_variants
 
 from zoo.config.schema import LossConfig, UNetConfig
+from zoo.devices import cuda_fp32_precision
 from zoo.losses import build_loss
 from zoo.losses.base import Draws, flat_tensors, map_tensors
-from zoo.losses.jvp import cuda_fp32_precision
 from zoo.losses.time_sampling import sample_t_r
 from zoo.models import build_model
 from zoo.training.step_graph import GraphedLossBackward

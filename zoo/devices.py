@@ -1,5 +1,8 @@
 """Choosing the device: `auto` prefers CUDA, then Apple MPS, then the CPU; nothing else assumes one."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from zoo.errors import DeviceError
@@ -66,3 +69,25 @@ def enable_cuda_tf32() -> None:
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     torch.backends.cudnn.benchmark = True
+
+
+@contextmanager
+def cuda_fp32_precision(mode: str) -> Iterator[None]:
+    """Set cuBLAS / cuDNN fp32 precision ("ieee" or "tf32") and restore the caller's values.
+
+    Uses the new fp32_precision API and restores the exact previous value: mixing it with the
+    legacy allow_tf32 flags otherwise makes later legacy reads raise.
+    """
+    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    if matmul == mode and conv == mode:
+        # Nothing to change (the usual case inside training, which sets TF32 globally): the fused
+        # mode enters this once per layer, so skip the four setter calls.
+        yield
+        return
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv

@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from zoo import cuda_graphs
+from zoo.devices import cuda_fp32_precision
 from zoo.losses.time_sampling import TimePair
 from zoo.models import group_norm_tangent_kernel
 from zoo.models.base import FlowModel, RowTangentModel
@@ -88,28 +89,6 @@ def load_forward_ad_decompositions() -> None:
 
 
 load_forward_ad_decompositions()
-
-
-@contextmanager
-def cuda_fp32_precision(mode: str) -> Iterator[None]:
-    """Set cuBLAS / cuDNN fp32 precision ("ieee" or "tf32") and restore the caller's values.
-
-    Uses the new fp32_precision API and restores the exact previous value: mixing it with the
-    legacy allow_tf32 flags otherwise makes later legacy reads raise.
-    """
-    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    if matmul == mode and conv == mode:
-        # Nothing to change (the usual case inside training, which sets TF32 globally): the fused
-        # mode enters this once per layer, so skip the four setter calls.
-        yield
-        return
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = matmul
-        torch.backends.cudnn.conv.fp32_precision = conv
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from zoo.data.encode import list_images
 from zoo.data.sources import CenterCropResize, ImageFiles
+from zoo.devices import cuda_fp32_precision
 from zoo.errors import FidUnavailableError, MissingAssetError
 from zoo.metrics.fid import (
     DOWNLOAD_TIMEOUT_S,
@@ -113,8 +114,11 @@ class InceptionV3(FeatureExtractor):
             images = pixels.permute(0, 2, 3, 1).cpu().numpy()
             pixels = torch.from_numpy(np.stack([self._resize_one(x) for x in images]).transpose(0, 3, 1, 2))
         pixels = pixels.to(self.device, torch.float32)
-        features = self.network(pixels)
-        probabilities = self.network.base(pixels, no_output_bias=True)
+        # Full fp32 convolutions, as the reference statistics were computed: TF32 (zoo's training
+        # default on CUDA) would shift the features.
+        with cuda_fp32_precision("ieee"):
+            features = self.network(pixels)
+            probabilities = self.network.base(pixels, no_output_bias=True)
         return features.float().cpu(), probabilities.float().cpu()
 
 
