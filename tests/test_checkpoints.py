@@ -70,10 +70,17 @@ def test_run_folder_rules(tmp_path):
     assert not run.root.exists(), "checking a run writes nothing"
     run.root.mkdir()
     (run.root / "config.toml").write_text("x")
+    # Stopped before its first checkpoint: restartable with one flag, not by hand.
+    with pytest.raises(RunError, match="holds no checkpoint.*pass --restart"):
+        check_run(tmp_path, "r1", resume=False)
+    with pytest.raises(RunError, match="cannot resume run 'r1'.*afresh with --restart"):
+        check_run(tmp_path, "r1", resume=True)
+    assert check_run(tmp_path, "r1", resume=False, restart=True) == run
+    save_checkpoint(run.last, {"step": 1})
     with pytest.raises(RunError, match="already exists.*--resume"):
         check_run(tmp_path, "r1", resume=False)
-    with pytest.raises(RunError, match="cannot resume run 'r1'"):
-        check_run(tmp_path, "r1", resume=True)
+    with pytest.raises(RunError, match="--restart starts afresh only a run without checkpoints.*last.pt"):
+        check_run(tmp_path, "r1", resume=False, restart=True)
     with pytest.raises(RunError, match="cannot resume run 'other'"):
         check_run(tmp_path, "other", resume=True)
 
