@@ -9,6 +9,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or from an incompatible run."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint whose weights hold NaN or inf (saved by a diverged run): nothing to sample."""
+
+
 class DataNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message names the paths searched and how to get them."""
 

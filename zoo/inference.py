@@ -9,6 +9,7 @@ import torch
 from zoo.checkpoints import load_checkpoint
 from zoo.config.loading import config_from_dict
 from zoo.config.schema import ZooConfigBody
+from zoo.errors import NonFiniteCheckpointError
 from zoo.models import build_model
 from zoo.models.base import FlowModel
 
@@ -29,8 +30,21 @@ class LoadedModel:
 def load_model(path: str | Path, device: torch.device, use_ema: bool = True) -> LoadedModel:
     """The EMA weights by default: they are what training evaluates and what users sample."""
     payload = load_checkpoint(path, map_location="cpu")
+    check_finite_weights(path, payload)
     cfg = config_from_dict(payload["config"])
     model = build_model(cfg.model, tuple(payload["data_shape"]), int(payload["num_classes"]))
     model.load_state_dict(payload["ema"] if use_ema else payload["model"])
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model=model, cfg=cfg, step=int(payload["step"]), path=Path(path), payload=payload)
+
+
+def check_finite_weights(path: str | Path, payload: dict[str, Any]) -> None:
+    """Refuse weights (model or EMA) holding NaN or inf: their samples and scores mean nothing."""
+    for which in ("model", "ema"):
+        bad = [name for name, t in payload[which].items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"{path} holds non-finite {which} weights ({bad[0]} and {len(bad) - 1} more tensors): "
+                f"the run diverged before step {payload['step']}; "
+                "use an earlier checkpoint (zoo ckpts lists them)"
+            )

@@ -17,6 +17,7 @@ from zoo.errors import (
     FidUnsupportedError,
     MetricInputError,
     MissingAssetError,
+    NonFiniteCheckpointError,
     OutputPathError,
 )
 from zoo.runs import RunError
@@ -26,6 +27,7 @@ err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in
 # Exit 2 for input the user must change (config, arguments), 1 for things that failed.
 USAGE_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
+    NonFiniteCheckpointError,  # before RUNTIME_ERRORS' CheckpointError: pick another checkpoint
     OutputPathError,
     FidUnsupportedError,
     MetricInputError,

@@ -134,16 +134,26 @@ def run_record(info: RunInfo, now: float) -> dict:
         "loss": info.status.loss,
         "key_metric": list(info.key_metric) if info.key_metric else None,
         "checkpoints": [
-            {"name": c.name, "step": c.step, "size": c.size, "age_s": now - c.mtime, "where": c.where}
+            {
+                "name": c.name,
+                "step": c.step,
+                "size": c.size,
+                "age_s": now - c.mtime,
+                "where": c.where,
+                "damaged": c.damaged,
+            }
             for c in info.checkpoints
         ],
     }
 
 
 def checkpoint_label(info: RunInfo, checkpoint: CheckpointInfo) -> str:
+    label = checkpoint.name
     if checkpoint.where == "local" and info.where != "local":
-        return f"{checkpoint.name} (downloaded)"
-    return checkpoint.name
+        label += " (downloaded)"
+    if checkpoint.damaged is not None:
+        label += " [bold red](damaged: refused by --resume, sample, eval)[/]"
+    return label
 
 
 def checkpoints_table(infos: list[RunInfo], now: float) -> Table:

@@ -98,6 +98,14 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the run named by --run-name from its last.pt")
     ] = False,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="start afresh a run folder that holds no checkpoint and no live writer "
+            "(a run stopped before its first save); its files are deleted",
+        ),
+    ] = False,
     seed: SeedOption = None,
     precision: PrecisionOption = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="dataset folder (data.root)")] = None,
@@ -124,6 +132,8 @@ def train(
                 threads=threads,
             ),
         )
+        if resume and restart:
+            raise fail("--resume continues a run from its checkpoint, --restart starts one afresh: give one")
         if resume:
             if run_name is None:
                 raise fail("--resume needs --run-name: the run to continue (zoo ckpts lists them)")
@@ -136,10 +146,12 @@ def train(
             if cfg.run_name is None:
                 cfg = cfg.model_copy(update={"run_name": default_run_name(cfg.preset)})
             # A name collision or an output_dir that cannot be written: said before anything else.
-            check_run(cfg.output_dir, cfg.run_name, resume=False)
+            check_run(cfg.output_dir, cfg.run_name, resume=False, restart=restart)
         if nproc > 1:
             check_batch_split(cfg, nproc, how="--nproc")
-            returncode = launch_torchrun(nproc, cfg, resume)
+            returncode = launch_torchrun(
+                nproc, cfg, "--resume" if resume else "--restart" if restart else "--fresh"
+            )
             if returncode != 0:
                 raise typer.Exit(returncode)
             report_run(RunDir(Path(cfg.output_dir) / cfg.run_name))
@@ -176,7 +188,7 @@ def train(
         )
         main = distributed.is_main()
         try:
-            run = train_run(cfg, resume=resume, command=command)
+            run = train_run(cfg, resume=resume, command=command, restart=restart)
         except RunInterrupted as exc:
             if main:
                 report_interrupted(exc)
@@ -235,7 +247,7 @@ def launcher_ignored_notice(signum: int, grace_s: int) -> str:
     )
 
 
-def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
+def launch_torchrun(nproc: int, cfg: ZooConfigBody, mode: str) -> int:
     """Re-run this command under torchrun with the resolved config, one process per device."""
     import json
     import tempfile
@@ -246,7 +258,7 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
         from zoo import distributed
         from zoo.interrupts import write_from_handler
 
-        args = [str(config_path), "--resume" if resume else "--fresh"]
+        args = [str(config_path), mode]
         command = distributed.torchrun_command(nproc, "zoo_cli.distributed_entry", args)
         console.print(f"launching {nproc} processes: {' '.join(command)}")
         grace_s = distributed.shutdown_grace_s()

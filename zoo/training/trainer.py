@@ -5,6 +5,7 @@ run's generator or torch's global RNG, both stored in every checkpoint, so a res
 draws exactly what the uninterrupted run would have drawn.
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -34,6 +35,7 @@ from zoo.losses.base import metrics_to_floats
 from zoo.models import build_model
 from zoo.models.base import FlowModel
 from zoo.runs import (
+    DivergedError,
     RunDir,
     RunError,
     RunInterrupted,
@@ -41,6 +43,7 @@ from zoo.runs import (
     atomic_write_text,
     check_checkpoint_owner,
     check_run,
+    writing_run,
 )
 from zoo.tracking import Tracker, make_tracker
 from zoo.training.compiled_step import Evaluate, compile_evaluate, keeps_grads
@@ -349,7 +352,14 @@ def train_step(state: TrainState) -> dict[str, float]:
     if state.scaler is not None:
         state.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if cfg.optim.grad_clip > 0:
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        grad_norm = totals["grad_norm"] = float(
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        )
+    else:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    # fp16's loss scaling makes inf gradients routine (the scaler skips those steps).
+    check_finite_step(state, totals["loss"], grad_norm if state.scaler is None else 0.0)
     lr = learning_rate(cfg.optim, state.step)
     set_learning_rate(optimizer, lr)
     if state.scaler is not None:
@@ -364,6 +374,38 @@ def train_step(state: TrainState) -> dict[str, float]:
     state.step += 1
     totals["lr"] = lr
     return totals
+
+
+# A resumed run would replay the same steps into the same divergence: the fix is a new run.
+DIVERGED_FIX = "Start a new run with a lower optim.lr or a gradient clip (optim.grad_clip), or check the data"
+
+
+def check_finite_step(state: TrainState, loss: float, grad_norm: float) -> None:
+    """Stop a diverging run before its optimiser step: no non-finite value reaches the weights,
+    and no checkpoint of them is written."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise DivergedError(
+        f"training diverged at step {state.step + 1} (loss {loss:.4g}, gradient norm {grad_norm:.4g}); "
+        f"stopped before updating the weights, {last_checkpoint_text(state)}. {DIVERGED_FIX}"
+    )
+
+
+def last_checkpoint_text(state: TrainState) -> str:
+    if state.checkpoint_step is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint (step {state.checkpoint_step}) is intact"
+
+
+def check_finite_weights(state: TrainState) -> None:
+    """A checkpoint never stores non-finite weights (model or EMA): one host sync per save."""
+    tensors = [*state.model.parameters(), *state.ema.model.parameters()]
+    if bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all()):
+        return
+    raise DivergedError(
+        f"the weights became non-finite by step {state.step}; not saving them, "
+        f"{last_checkpoint_text(state)}. {DIVERGED_FIX}"
+    )
 
 
 def quick_methods(state: TrainState) -> list[Method]:
@@ -391,6 +433,7 @@ def run_evaluation(state: TrainState, run: RunDir, final: bool, progress: TrainP
 
 
 def save(run: RunDir, state: TrainState, metrics: dict[str, float], archive: bool) -> Path:
+    check_finite_weights(state)
     payload = checkpoint_payload(state, metrics)
     save_checkpoint(run.last, payload)
     if archive:
@@ -405,18 +448,21 @@ def train_run(
     resume: bool = False,
     console: Console | None = None,
     command: str | None = None,
+    restart: bool = False,
 ) -> RunDir:
     """Train `cfg` into `<output_dir>/<run_name>/`, or continue that run with `resume`.
 
-    SIGINT and SIGTERM stop it after the step in progress with a checkpoint of that step and
+    SIGINT, SIGTERM and SIGHUP stop it after the step in progress with a checkpoint of that step and
     the heartbeat "interrupted"; it then raises RunInterrupted, whose message says how to resume.
+    `restart`: start afresh a run folder that holds no checkpoint (check_run).
     """
     console = console or Console(stderr=True)
     if cfg.run_name is None:
         raise RunError("a run needs a name: set run_name (zoo train picks one when --run-name is not given)")
     with StopSignals() as stops:
         try:
-            return start_and_train(cfg, resume, console, command, stops)
+            with contextlib.ExitStack() as held:
+                return start_and_train(cfg, resume, restart, console, command, stops, held)
         except StopRequested as stop:
             # Before the first step: nothing of this session was written.
             name = signal.Signals(stop.signum).name
@@ -427,8 +473,15 @@ def train_run(
 
 
 def start_and_train(
-    cfg: ZooConfigBody, resume: bool, console: Console, command: str | None, stops: StopSignals
+    cfg: ZooConfigBody,
+    resume: bool,
+    restart: bool,
+    console: Console,
+    command: str | None,
+    stops: StopSignals,
+    held: contextlib.ExitStack,
 ) -> RunDir:
+    """train_run's work; `held` keeps the run's lock (RunLock) until train_run returns."""
     device = resolve_device(cfg.device)
     # JVP settings that cannot run together are refused before anything is built.
     jvp = plan_run(cfg, device, kept_mode=cfg.loss.jvp if resume else None)
@@ -437,7 +490,7 @@ def start_and_train(
     if device.type == "cuda":
         enable_cuda_tf32()
     main = distributed.is_main()
-    run = check_run(cfg.output_dir, cfg.run_name, resume)
+    run = check_run(cfg.output_dir, cfg.run_name, resume, restart)
     # Build everything that can fail on bad input (data, model) before the run folder exists,
     # so a failed start leaves nothing behind.
     try:
@@ -447,6 +500,7 @@ def start_and_train(
         # larger than the dataset) surfaces while building; it is still the config's fault.
         raise ConfigError(f"the configuration cannot be built: {exc}") from None
     if resume:
+        loaded = file_stamp(run.last)
         # RNG states must stay CPU byte tensors; load_state_dict moves weights to the device.
         payload = load_checkpoint(run.last, map_location="cpu")
         check_checkpoint_owner(run, payload["run_name"])
@@ -463,9 +517,15 @@ def start_and_train(
     )
     # From here on the run folder is written: every refusal above has left it untouched.
     if main:
+        # Locked before the first write: from here on this process alone writes the run.
+        held.enter_context(writing_run(run, resume, restart))
         if resume:
+            if file_stamp(run.last) != loaded:
+                raise RunError(
+                    f"{run.last} was replaced while this resume started (another process trained "
+                    f"run {cfg.run_name!r} meanwhile); resume again"
+                )
             drop_metrics_after(run, state.step)
-        run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(config_to_toml(cfg))
         run.write_heartbeat(
             status="running",
@@ -493,12 +553,26 @@ def start_and_train(
         raise RunInterrupted(message, stop.signum) from None
     except BaseException as exc:
         if main:
-            run.write_heartbeat(status="failed", error=f"{type(exc).__name__}: {exc}", step=state.step)
+            mark_failed(run, exc, state.step)
         raise
     finally:
         with stops.held("closing the experiment tracker first"):
             tracker.finish()
     return run
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_ino, info.st_mtime_ns
+
+
+def mark_failed(run: RunDir, exc: BaseException, step: int) -> None:
+    """The heartbeat says "failed" and why; if even that cannot be written (the disk that failed the
+    run), the error in flight is what matters."""
+    try:
+        run.write_heartbeat(status="failed", error=f"{type(exc).__name__}: {exc}", step=step)
+    except OSError:
+        pass
 
 
 def check_steps_left(state: TrainState, run: RunDir) -> None:
@@ -579,10 +653,6 @@ def train_loop(
         with stops.held(STEP_NOTICE):
             metrics = state.metrics = train_step(state)
             state.elapsed_s = time.time() - run_start
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(
-                    f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data"
-                )
             progress.update(state.step, metrics)
             if main:
                 log_and_save(
