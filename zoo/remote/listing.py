@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from zoo.checkpoint_files import checkpoint_problem
+from zoo.errors import CheckpointError
 from zoo.remote.layout import (
     CHECKPOINT_SUFFIX,
     OUTPUTS,
@@ -189,9 +191,6 @@ def _checkpoints(
 
 def local_checkpoint_problem(path: Path) -> str | None:
     """Why load_checkpoint would refuse a local checkpoint (zoo.checkpoint_files), or None."""
-    from zoo.checkpoint_files import checkpoint_problem
-    from zoo.errors import CheckpointError
-
     try:
         with path.open("rb") as handle:
             return checkpoint_problem(path, handle)
