@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from zoo.environment import CACHE_DIR_ENV
 from zoo.errors import OutputPathError
 
 
@@ -63,5 +64,5 @@ def check_writable_file(path: Path | str, option: str) -> Path:
 def zoo_cache_dir() -> Path:
     """$ZOO_CACHE_DIR, default ~/.cache/zoo: results computed once and reused (JVP mode timings,
     FID reference statistics)."""
-    root = os.environ.get("ZOO_CACHE_DIR")
+    root = os.environ.get(CACHE_DIR_ENV)
     return Path(root) if root else Path.home() / ".cache" / "zoo"

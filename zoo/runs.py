@@ -22,18 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zoo.environment import SUBMISSION_ENV
 from zoo.output_paths import check_writable_dir
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
 # "interrupted": stopped by SIGINT/SIGTERM, after saving what it could; `--resume` continues it.
 HEARTBEAT_STATUSES = ("running", "finished", "failed", "interrupted")
-# Set by the remote supervisor (zoo.remote.worker) for its training process: the submission
-# whose attempt writes this run's heartbeats.
-SUBMISSION_ENV = "ZOO_SUBMISSION_ID"
 
 
 class RunError(RuntimeError):
     """A run folder that cannot be used as asked (collision, missing run to resume, ...)."""
+
+
+class RunNotFoundError(RunError):
+    """`--resume` names a run with no checkpoint: the command, not the run, must change."""
 
 
 class RunInterrupted(BaseException):
@@ -171,7 +173,7 @@ def check_run(output_dir: str | Path, run_name: str, resume: bool) -> RunDir:
     exists = run.root.exists() and any(run.root.iterdir())
     if resume:
         if not run.last.exists():
-            raise RunError(
+            raise RunNotFoundError(
                 f"cannot resume run {run_name!r}: no checkpoint at {run.last}. "
                 "Check --run-name (zoo ckpts lists runs) or start it without --resume"
             )

@@ -18,7 +18,7 @@ from zoo.errors import (
     MissingAssetError,
     OutputPathError,
 )
-from zoo.runs import RunError
+from zoo.runs import RunError, RunNotFoundError
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
@@ -26,6 +26,7 @@ err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in
 USAGE_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     OutputPathError,
+    RunNotFoundError,
     FidUnsupportedError,
     MissingAssetError,
 )

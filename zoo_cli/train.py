@@ -12,7 +12,6 @@ from rich.markup import escape
 
 from zoo.config.loading import (
     ConfigError,
-    ZooConfig,
     check_batch_split,
     config_from_dict,
     config_to_dict,
@@ -127,7 +126,7 @@ def train(
         if resume:
             if run_name is None:
                 raise fail("--resume needs --run-name: the run to continue (zoo ckpts lists them)")
-            output_dir = given.get("output_dir") or ZooConfig.model_fields["output_dir"].default
+            output_dir = given.get("output_dir") or ZooConfigBody.model_fields["output_dir"].default
             cfg = resume_config(run_name, output_dir, preset, given)
         else:
             if preset is None:
