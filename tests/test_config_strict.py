@@ -150,3 +150,13 @@ def test_cli_names_a_folder_given_as_a_preset(workdir, tiny_preset):
     assert (
         result.exit_code == 2 and result.output == "error: config file x.toml is a folder, not a TOML file\n"
     )
+
+
+def test_resume_finds_a_run_under_the_environments_output_dir(workdir, monkeypatch):
+    """A run started with ZOO_OUTPUT_DIR set is resumed from there, with the variable set again."""
+    monkeypatch.setenv("ZOO_OUTPUT_DIR", str(workdir / "alt"))
+    args = ["train", "moons", *TINY_RUN, "train.save_every=5", "--run-name", "m6"]
+    assert runner.invoke(app, [*args, "--steps", "5"]).exit_code == 0
+    result = runner.invoke(app, [*args, "--steps", "10", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (workdir / "alt" / "m6" / "step_0000010.pt").exists() and not (workdir / "outputs").exists()

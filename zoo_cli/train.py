@@ -18,6 +18,7 @@ from zoo.config.loading import (
     deep_merge,
     load_config,
     parse_overrides,
+    resolve_output_dir,
 )
 from zoo.config.schema import ZooConfigBody
 from zoo.runs import RunDir, RunInterrupted, check_checkpoint_owner, check_run, default_run_name
@@ -126,7 +127,7 @@ def train(
         if resume:
             if run_name is None:
                 raise fail("--resume needs --run-name: the run to continue (zoo ckpts lists them)")
-            output_dir = given.get("output_dir") or ZooConfigBody.model_fields["output_dir"].default
+            output_dir = resolve_output_dir(preset, given)
             cfg = resume_config(run_name, output_dir, preset, given)
         else:
             if preset is None:

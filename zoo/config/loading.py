@@ -254,6 +254,16 @@ def resolve_sources(preset: str | None, given: dict[str, Any]) -> tuple[dict[str
     return data, origins
 
 
+def resolve_output_dir(preset: str | None, given: dict[str, Any]) -> str:
+    """The output_dir the sources name (a resumed run is looked for where it was started)."""
+    data, origins = resolve_sources(preset, given)
+    value = data.get("output_dir", ZooConfigBody.model_fields["output_dir"].default)
+    if not isinstance(value, str) or not value:
+        where = f" (from ${origins['output_dir']})" if "output_dir" in origins else ""
+        raise ConfigError(f"output_dir{where} = {value!r}: give the folder that holds the run folders")
+    return value
+
+
 def load_config(preset: str | None, overrides: list[str] | dict[str, Any] | None = None) -> ZooConfigBody:
     """Resolve preset + environment + overrides into a validated config, or raise ConfigError."""
     given = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
