@@ -31,12 +31,13 @@ console = make_console()
 OverridesArgument = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75 optim.lr=1e-4")
 ]
+# Their bounds are the config's, which checks them (and says so in one line).
 RatioOption = Annotated[float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")]
 StepsOption = Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")]
 BatchSizeOption = Annotated[
     int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")
 ]
-SeedOption = Annotated[int | None, typer.Option(help="random seed")]
+SeedOption = Annotated[int | None, typer.Option(help="random seed (0 to 2**32 - 1)")]
 PrecisionOption = Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast)")]
 
 
@@ -70,9 +71,11 @@ def resume_config(
 ) -> ZooConfigBody:
     """A resumed run starts from its own stored config; the command line may only extend it."""
     from zoo.checkpoints import load_checkpoint
+    from zoo.inference import RESUME_KEYS, check_payload
 
     run = check_run(output_dir, run_name, resume=True)
     payload = load_checkpoint(run.last)
+    check_payload(payload, run.last, RESUME_KEYS)
     check_checkpoint_owner(run, payload["run_name"])
     stored = payload["config"]
     if preset is not None and stored.get("preset") not in (preset, None) and not preset.endswith(".toml"):

@@ -29,6 +29,17 @@ DatasetName = Literal[
 MAX_STEPS = 100_000_000
 MAX_BATCH = 1 << 20
 MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+# Network evaluations of one sample: a thousand-step ODE solve is already far past convergence.
+MAX_NFE = 1000
+# Samples an energy distance compares: its cost grows with the square of the number.
+MAX_EVAL_SAMPLES = 100_000
+MAX_GUIDANCE = 20.0
+# `zoo sample` keeps its samples in memory and writes them to one .npz: a count and a size bound it.
+MAX_SAMPLES = 1_000_000
+MAX_SAMPLE_BYTES = 4 << 30
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 class Section(BaseModel):
@@ -281,20 +292,20 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     n_samples: int = Field(
-        2000, ge=16, le=10_000_000, description="generated and held-out samples per metric"
+        2000, ge=16, le=MAX_EVAL_SAMPLES, description="generated and held-out samples per metric"
     )
-    meanflow_steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field(
+    meanflow_steps: list[Annotated[int, Field(ge=1, le=MAX_NFE)]] = Field(
         default_factory=lambda: [1, 2, 4], min_length=1
     )
     solvers: list[Literal["euler", "midpoint", "heun", "rk4"]] = Field(
         default_factory=lambda: ["euler", "heun"]
     )
-    solver_nfe: list[Annotated[int, Field(ge=1, le=10000)]] = Field(
+    solver_nfe: list[Annotated[int, Field(ge=1, le=MAX_NFE)]] = Field(
         default_factory=lambda: [2, 8, 50], min_length=1
     )
     batch_size: int = Field(500, ge=1, le=MAX_BATCH)
     grid_size: int = Field(64, ge=1, le=1024, description="images in a sample grid")
-    guidance: float = Field(1.0, ge=0.0, le=20.0)
+    guidance: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE)
 
 
 class TrackingConfig(Section):
@@ -308,12 +319,12 @@ class ZooConfigBody(Section):
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     preset: str | None = None
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+    device: str = Field("auto", pattern=f"^({DEVICE_PATTERN})$", description=DEVICE_CHOICES)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(
         0,
         ge=0,
-        le=1024,
+        le=MAX_THREADS,
         description="CPU threads for torch (0 = torch's default). On a shared machine use 1: OpenMP threads "
         "spin-waiting for a busy core can slow a step down many times",
     )
