@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from zoo.config.schema import MAX_BATCH, MAX_GUIDANCE, MAX_NFE, MAX_SEED
-from zoo.output_paths import check_writable_dir, check_writable_file
-from zoo_cli.errors import fail, user_errors
+from zoo.output_paths import check_writable_dir, check_writable_file, no_cache_notice
+from zoo_cli.errors import err_console, fail, user_errors
 from zoo_cli.evaluate import MAX_FID_SAMPLES
 from zoo_cli.options import DeviceOption, ThreadsOption
 from zoo_cli.render import make_console
@@ -103,8 +104,11 @@ def fid_command(
 
     with user_errors():
         reference = None
-        if ref.is_dir():  # its statistics, an hour's work for ImageNet, must be cacheable
-            check_writable_dir(stats_cache or default_stats_cache(), "--stats-cache")
+        cache = None
+        if ref.is_dir():  # its statistics, an hour's work for ImageNet, are cached where they can be
+            cache = check_writable_dir(stats_cache, "--stats-cache") if stats_cache else default_stats_cache()
+            if cache is None:
+                err_console.print(f"[yellow]{escape(no_cache_notice())}[/]", highlight=False)
         else:
             reference = load_reference(ref)  # a missing or wrong file: exit 2 naming what to fetch
             if resize not in (None, reference.resize):
@@ -153,7 +157,7 @@ def fid_command(
                     ref,
                     extractor,
                     side,
-                    stats_cache or default_stats_cache(),
+                    cache,
                     batch_size=batch_size,
                     num_workers=num_workers,
                     limit=ref_limit,

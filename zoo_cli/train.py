@@ -21,6 +21,7 @@ from zoo.config.loading import (
     resolve_output_dir,
 )
 from zoo.config.schema import ZooConfigBody
+from zoo.output_paths import check_writable_file
 from zoo.runs import RunDir, RunInterrupted, check_checkpoint_owner, check_run, default_run_name
 from zoo_cli.errors import err_console, fail, user_errors
 from zoo_cli.render import eval_table, make_console, print_config
@@ -140,6 +141,8 @@ def train(
                 cfg = cfg.model_copy(update={"run_name": default_run_name(cfg.preset)})
             # A name collision or an output_dir that cannot be written: said before anything else.
             check_run(cfg.output_dir, cfg.run_name, resume=False)
+        if cfg.experiment_log:  # appended to when the run ends: a run must not fail at its last step
+            check_writable_file(cfg.experiment_log, "experiment_log")
         if nproc > 1:
             check_batch_split(cfg, nproc, how="--nproc")
             returncode = launch_torchrun(nproc, cfg, resume)

@@ -33,6 +33,7 @@ from zoo.losses import Loss, build_loss
 from zoo.losses.base import metrics_to_floats
 from zoo.models import build_model
 from zoo.models.base import FlowModel
+from zoo.output_paths import check_writable_file
 from zoo.runs import (
     RunDir,
     RunError,
@@ -438,6 +439,8 @@ def start_and_train(
         enable_cuda_tf32()
     main = distributed.is_main()
     run = check_run(cfg.output_dir, cfg.run_name, resume)
+    if cfg.experiment_log:  # appended to when the run ends: checked before the run begins
+        check_writable_file(cfg.experiment_log, "experiment_log")
     # Build everything that can fail on bad input (data, model) before the run folder exists,
     # so a failed start leaves nothing behind.
     try:
