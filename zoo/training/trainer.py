@@ -320,7 +320,12 @@ def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
     meter = make_meter(state.model, state.device, cfg.memory_limit_gb)
     batch = rank_batch_size(state.cfg)
     plan = plan_micro_batches(
-        lambda size: probe_step(state, size), meter, batch, state.micro_batches, cfg.auto_microbatch
+        lambda size: probe_step(state, size),
+        meter,
+        batch,
+        state.micro_batches,
+        cfg.auto_microbatch,
+        processes=distributed.world_size(),
     )
     # Every rank splits as finely as the rank that needed most: the same micro-batch size keeps
     # the ranks' shares of a shared data order aligned (LoaderSource) and their steps in lockstep.
