@@ -109,7 +109,8 @@ def train(
         int | None, typer.Option(help="CPU threads (0 = torch default; 1 on a shared machine)")
     ] = None,
     nproc: Annotated[
-        int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (torchrun)")
+        int,
+        typer.Option("--nproc", min=1, max=256, help="data-parallel processes on this machine (torchrun)"),
     ] = 1,
 ) -> None:
     """Train a flow-matching or MeanFlow model; writes outputs/<run_name>/."""
