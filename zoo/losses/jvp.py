@@ -257,8 +257,8 @@ class FusedJvp(JvpStrategy):
         kernels = self.kernels_on(z.device)
         if not isinstance(model, RowTangentModel):
             raise ValueError(
-                f"jvp='fused' needs a network written in zoo.models.dual ops (a RowTangentModel, as "
-                f"zoo's MLP, U-Net and DiT are); {type(model).__name__} is not one: use jvp='primal'"
+                f"jvp='fused' needs a network whose forward also runs on Duals (a RowTangentModel, as "
+                f"zoo's MLP, U-Net and DiT are); {type(model).__name__} is not one: use jvp='nograd'"
             )
         if times.n_jvp == 0:
             u = model(z, t, r, y)
