@@ -77,9 +77,7 @@ def submit(
     timeout: Annotated[str, typer.Option(help="per attempt, at most 24h (e.g. 12h, 90m)")] = "12h",
     retries: Annotated[
         int,
-        typer.Option(
-            min=0, max=100, help="attempts after a failure or preemption; each resumes from last.pt"
-        ),
+        typer.Option(help="attempts after a failure or preemption, 0 to 10; each resumes from last.pt"),
     ] = 5,
     run_name: Annotated[
         str | None, typer.Option("--run-name", help="name of the remote run (default: PRESET-DATE-TIME)")
