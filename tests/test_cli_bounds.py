@@ -112,6 +112,7 @@ def test_sample_count_is_bounded_by_the_bytes_it_holds():
         check_sample_count(MAX_SAMPLE_BYTES // per_image + 1, (3, 256, 256))
 
 
+@pytest.mark.slow  # trains its 5-step checkpoint first: ~5 s of CPU
 def test_sample_generates_in_batches_the_same_samples(run, tmp_path):
     """More samples than eval.batch_size (200): drawn batch by batch, equal to one full-batch draw."""
     from zoo.inference import load_model

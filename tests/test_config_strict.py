@@ -152,6 +152,7 @@ def test_cli_names_a_folder_given_as_a_preset(workdir, tiny_preset):
     )
 
 
+@pytest.mark.slow  # two tiny runs (5 + 5 steps and their evaluations): ~5 s of CPU
 def test_resume_finds_a_run_under_the_environments_output_dir(workdir, monkeypatch):
     """A run started with ZOO_OUTPUT_DIR set is resumed from there, with the variable set again."""
     monkeypatch.setenv("ZOO_OUTPUT_DIR", str(workdir / "alt"))
