@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zoo.environment import SUBMISSION_ENV
 from zoo.output_paths import check_writable_dir
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
 # "interrupted": stopped by SIGINT/SIGTERM/SIGHUP, after saving what it could; `--resume` continues it.
 HEARTBEAT_STATUSES = ("running", "finished", "failed", "interrupted")
-# Set by the remote supervisor (zoo.remote.worker) for its training process: the submission
-# whose attempt writes this run's heartbeats.
-SUBMISSION_ENV = "ZOO_SUBMISSION_ID"
 
 
 class RunError(RuntimeError):
@@ -44,6 +42,10 @@ class RunError(RuntimeError):
 
 class DivergedError(RunError):
     """Training produced a non-finite loss, gradient or weight; stopped before saving it."""
+
+
+class RunNotFoundError(RunError):
+    """`--resume` names a run with no checkpoint: the command, not the run, must change."""
 
 
 class RunInterrupted(BaseException):
@@ -355,7 +357,7 @@ def check_run(output_dir: str | Path, run_name: str, resume: bool, restart: bool
                 if empty_run
                 else ""
             )
-            raise RunError(
+            raise RunNotFoundError(
                 f"cannot resume run {run_name!r}: no checkpoint at {run.last}. "
                 f"Check --run-name (zoo ckpts lists runs) or start it without --resume.{afresh}"
             )

@@ -20,7 +20,7 @@ from zoo.errors import (
     NonFiniteCheckpointError,
     OutputPathError,
 )
-from zoo.runs import RunError
+from zoo.runs import RunError, RunNotFoundError
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
@@ -29,6 +29,7 @@ USAGE_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     NonFiniteCheckpointError,  # before RUNTIME_ERRORS' CheckpointError: pick another checkpoint
     OutputPathError,
+    RunNotFoundError,
     FidUnsupportedError,
     MetricInputError,
     MissingAssetError,

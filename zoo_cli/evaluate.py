@@ -8,20 +8,30 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
+from zoo.config.schema import MAX_BATCH, MAX_EVAL_SAMPLES, MAX_NFE, MAX_SEED, MAX_THREADS
 from zoo.output_paths import check_writable_file
 from zoo.runs import atomic_write_json
 from zoo_cli.errors import fail, user_errors
+from zoo_cli.options import DeviceOption
 from zoo_cli.render import eval_table, make_console
 
 console = make_console()
 
 FID_STANDARD_N = 50_000  # --fid-n's default: the number of images FID is usually reported over
+# FID streams its samples, so only time bounds it: twenty times the standard number.
+MAX_FID_SAMPLES = 1_000_000
 
 
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt)")],
     n: Annotated[
-        int | None, typer.Option("--n", min=16, help="samples per metric (default: the run's eval.n_samples)")
+        int | None,
+        typer.Option(
+            "--n",
+            min=16,
+            max=MAX_EVAL_SAMPLES,
+            help="samples per metric (default: the run's eval.n_samples; the metric's cost grows with n²)",
+        ),
     ] = None,
     json_out: Annotated[
         Path | None,
@@ -31,13 +41,16 @@ def eval_command(
             "a PNG of samples goes beside it",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="noise seed: two seeds give two independent evaluations")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="noise seed: two seeds give two independent evaluations")
+    ] = 0,
+    device: DeviceOption = "auto",
     data_root: Annotated[
         str | None, typer.Option("--data-dir", help="dataset folder, if not the run's data.root")
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")
+        int | None,
+        typer.Option(min=0, max=MAX_THREADS, help="CPU threads (0 = torch default; 1 on a shared machine)"),
     ] = None,
     fid: Annotated[
         bool,
@@ -48,7 +61,10 @@ def eval_command(
     fid_n: Annotated[
         int | None,
         typer.Option(
-            "--fid-n", min=2, help=f"generated images for FID (default: {FID_STANDARD_N}, the standard)"
+            "--fid-n",
+            min=2,
+            max=MAX_FID_SAMPLES,
+            help=f"generated images for FID (default: {FID_STANDARD_N}, the standard)",
         ),
     ] = None,
     fid_solver: Annotated[
@@ -64,6 +80,7 @@ def eval_command(
         typer.Option(
             "--fid-nfe",
             min=1,
+            max=MAX_NFE,
             help="network evaluations per FID image (default: 1 for MeanFlow, "
             "else the run's largest eval.solver_nfe)",
         ),
@@ -73,6 +90,7 @@ def eval_command(
         typer.Option(
             "--fid-batch-size",
             min=1,
+            max=MAX_BATCH,
             help="images generated and scored at once for FID (default: eval.batch_size)",
         ),
     ] = None,

@@ -1,6 +1,7 @@
 """Rich renderings shared by commands: the resolved config and the evaluation table."""
 
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -15,16 +16,34 @@ if TYPE_CHECKING:  # zoo.evaluation imports torch; the CLI imports it only in th
 
 
 PIPED_WIDTH = 160
+CLOSED_OUTPUT_NOTICE = (
+    "note: standard output was closed by its reader (e.g. `| head`); carrying on without it "
+    "(a run still trains, saves and writes its run folder)"
+)
+
+
+class OutputMayCloseConsole(Console):
+    """A console on standard output that outlives its reader.  `zoo train ... | head -1` closes
+    the pipe after one line: rich's default then exits 1 at the next write, silently, which
+    would throw a run away for the sake of a log line.  Instead, say so once on stderr and send
+    the rest of standard output nowhere."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        Console(stderr=True, soft_wrap=True).print(CLOSED_OUTPUT_NOTICE, markup=False, highlight=False)
 
 
 def make_console(**kwargs) -> Console:
     """A command's rich console.  Piped into a file or a CI log there is no terminal to measure
     and rich would use 80 columns, cutting wide tables into "…"; use PIPED_WIDTH there instead
     (an explicit COLUMNS still wins)."""
-    console = Console(**kwargs)
+    console = OutputMayCloseConsole(**kwargs)
     if console.is_terminal or "COLUMNS" in os.environ:
         return console
-    return Console(width=PIPED_WIDTH, **kwargs)
+    return OutputMayCloseConsole(width=PIPED_WIDTH, **kwargs)
 
 
 def print_config(console: Console, cfg: ZooConfigBody, title: str = "resolved config") -> None:

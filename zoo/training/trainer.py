@@ -34,6 +34,7 @@ from zoo.losses import Loss, build_loss
 from zoo.losses.base import metrics_to_floats
 from zoo.models import build_model
 from zoo.models.base import FlowModel
+from zoo.output_paths import check_writable_file
 from zoo.runs import (
     DivergedError,
     RunDir,
@@ -322,7 +323,12 @@ def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
     meter = make_meter(state.model, state.device, cfg.memory_limit_gb)
     batch = rank_batch_size(state.cfg)
     plan = plan_micro_batches(
-        lambda size: probe_step(state, size), meter, batch, state.micro_batches, cfg.auto_microbatch
+        lambda size: probe_step(state, size),
+        meter,
+        batch,
+        state.micro_batches,
+        cfg.auto_microbatch,
+        processes=distributed.world_size(),
     )
     # Every rank splits as finely as the rank that needed most: the same micro-batch size keeps
     # the ranks' shares of a shared data order aligned (LoaderSource) and their steps in lockstep.
@@ -491,6 +497,8 @@ def start_and_train(
         enable_cuda_tf32()
     main = distributed.is_main()
     run = check_run(cfg.output_dir, cfg.run_name, resume, restart)
+    if cfg.experiment_log:  # appended to when the run ends: checked before the run begins
+        check_writable_file(cfg.experiment_log, "experiment_log")
     # Build everything that can fail on bad input (data, model) before the run folder exists,
     # so a failed start leaves nothing behind.
     try:
