@@ -1,5 +1,10 @@
-"""`zoo eval CKPT`: energy distance to held-out data for every sampler (and, with --fid, FID for
-one), as a table, a JSON file and a picture of samples."""
+"""`zoo eval CKPT [CKPT ...]`: every sampler's quality (feature-space FD, KID, precision and recall
+for images, energy distance for all data; with --fid, FID for one sampler) beside the
+data-vs-data floor, as a table, a JSON file, a picture of samples and a quality-vs-NFE plot.
+
+Several checkpoints go into one command rather than a separate `zoo compare`: they are evaluated
+exactly as one is (same options, same seed, so the same noise), and comparing objectives is then
+the one command a user already knows, with one joint table and plot on top."""
 
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +17,7 @@ from zoo.output_paths import check_writable_file
 from zoo.runs import atomic_write_json
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import eval_table, make_console
+from zoo_cli.sample import resolve_checkpoint_path
 
 console = make_console()
 
@@ -19,7 +25,14 @@ FID_STANDARD_N = 50_000  # --fid-n's default: the number of images FID is usuall
 
 
 def eval_command(
-    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt)")],
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="checkpoints (outputs/RUN/last.pt, step_XXXXXXX.pt) or run folders; several are "
+            "evaluated alike (same seed, same n) and compared in one table and one plot",
+            show_default=False,
+        ),
+    ],
     n: Annotated[
         int | None, typer.Option("--n", min=16, help="samples per metric (default: the run's eval.n_samples)")
     ] = None,
@@ -27,11 +40,20 @@ def eval_command(
         Path | None,
         typer.Option(
             "--json",
-            help="where to write the results (default: beside the checkpoint); "
-            "a PNG of samples goes beside it",
+            help="where to write the results (default: beside the checkpoint; with several checkpoints, "
+            "the joint table, default beside their run folders); PNGs of samples and of quality vs "
+            "NFE go beside it",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="noise seed: two seeds give two independent evaluations")] = 0,
+    guidance: Annotated[
+        list[float] | None,
+        typer.Option(
+            min=0.0,
+            help="classifier-free guidance scale of class-conditional models; repeat for one row per "
+            "scale (default: the run's eval.guidance)",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     data_root: Annotated[
         str | None, typer.Option("--data-dir", help="dataset folder, if not the run's data.root")
@@ -77,13 +99,12 @@ def eval_command(
         ),
     ] = None,
 ) -> None:
-    """Evaluate a checkpoint: MeanFlow 1/2/4 steps and ODE solvers at several NFE (+ FID with --fid)."""
+    """Evaluate checkpoints: MeanFlow 1/2/4 steps and ODE solvers at several NFE (+ FID with --fid)."""
     import torch
 
-    from zoo.data import build_data
+    from zoo.checkpoint_eval import EvalOutputs, check_comparable, comparison_json, prepare
     from zoo.devices import resolve_device
-    from zoo.evaluation import default_methods, evaluate, evaluate_fid, headline_method
-    from zoo.inference import load_model
+    from zoo.evaluation import save_quality_plot
     from zoo.metrics.fid import fid_reference, load_fid_backend
 
     # None defaults tell an option given from one left out, even when given its default value.
@@ -97,77 +118,103 @@ def eval_command(
     if given and not fid:
         raise fail(f"{', '.join(given)} given without --fid (the FID options only apply with it); add --fid")
     fid_n = fid_n if fid_n is not None else FID_STANDARD_N
-    json_out = json_out or checkpoint.with_name(f"eval_{checkpoint.stem}_seed{seed}.json")
-    picture = json_out.with_suffix(".png")
+    checkpoints = [resolve_checkpoint_path(c) for c in checkpoints]
+    several = len(checkpoints) > 1
+    outputs = [
+        EvalOutputs(json_out) if json_out and not several else EvalOutputs.beside(c, seed)
+        for c in checkpoints
+    ]
     with user_errors():
-        # Every output and every FID prerequisite is checked before any sampling.
-        check_writable_file(json_out, "--json")
-        check_writable_file(picture, "--json (its .png)")
+        # Every output and every prerequisite (data, feature network, FID statistics) is checked
+        # before any sampling.
+        for out in outputs:
+            check_outputs(out)
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
-        loaded = load_model(checkpoint, dev)
-        cfg = loaded.cfg
-        eval_cfg = cfg.eval.model_copy(update={"n_samples": n}) if n else cfg.eval
-        try:
-            shown = headline_method(eval_cfg, loaded.is_meanflow, fid_solver, fid_nfe)
-        except ValueError as exc:
-            raise fail(f"--fid-solver/--fid-nfe: {exc}") from None
-        backend = load_fid_backend(fid_reference(cfg.data.name), dev) if fid else None
-        data_cfg = cfg.data.model_copy(update={"root": data_root}) if data_root else cfg.data
-        source = build_data(data_cfg, dev, cfg.seed, batch_size=eval_cfg.batch_size)
-        methods = default_methods(eval_cfg, loaded.is_meanflow)
-        if shown not in methods:
-            methods.append(shown)  # the FID / picture sampler also gets its energy-distance row
+        evals = [prepare(c, dev, n, data_root, guidance, fid_solver, fid_nfe) for c in checkpoints]
+        joint = None
+        if several:
+            check_comparable(evals)
+            joint = EvalOutputs(comparison_json(evals, seed, json_out))
+            check_outputs(joint, samples=False)
+        backends = [
+            load_fid_backend(fid_reference(e.loaded.cfg.data.name), dev) if fid else None for e in evals
+        ]
+        for e in evals:
+            e.load_features()
+        reports = []
         with Progress(console=Console(stderr=True), transient=True) as progress:
-            report = evaluate(
-                loaded.model,
-                source,
-                eval_cfg,
-                meanflow=loaded.is_meanflow,
-                seed=seed,
-                methods=methods,
-                progress=progress,
+            for e, backend in zip(evals, backends, strict=True):
+                report = e.run(seed, progress)
+                if backend is not None:
+                    record_fid(e, report, backend, fid_n, fid_batch_size, seed, progress)
+                reports.append(report)
+        for e, report, out in zip(evals, reports, outputs, strict=True):
+            write_evaluation(e, report, out, seed)
+        if joint is not None:
+            named = [(e.name, r) for e, r in zip(evals, reports, strict=True)]
+            save_quality_plot(named, joint.quality, title=f"{evals[0].source.name}, seed {seed}")
+            runs = [
+                {"name": e.name, "checkpoint": str(e.checkpoint), "step": e.loaded.step, **r.to_dict()}
+                for e, r in zip(evals, reports, strict=True)
+            ]
+            atomic_write_json(joint.json, {"seed": seed, "runs": runs})
+    named = [(e.name, r) for e, r in zip(evals, reports, strict=True)]
+    title = (
+        f"{evals[0].checkpoint} (step {evals[0].loaded.step}, EMA weights, seed {seed})"
+        if not several
+        else f"{len(evals)} checkpoints, EMA weights, seed {seed}"
+    )
+    console.print(eval_table(named, title=title))
+    for e, report in zip(evals, reports, strict=True):
+        info = report.fid
+        if info is not None:
+            console.print(
+                f"{e.name}: FID {info.value:.3f} ({info.method}, {info.n_samples} images vs "
+                f"{info.reference}, clean-fid)"
             )
-            if backend is not None:
-                batches = -(-fid_n // (fid_batch_size or eval_cfg.batch_size))
-                task = progress.add_task(f"FID: {fid_n} images, {shown.label}", total=batches)
-                info = evaluate_fid(
-                    loaded.model,
-                    shown,
-                    backend,
-                    fid_n,
-                    fid_batch_size or eval_cfg.batch_size,
-                    eval_cfg.guidance,
-                    seed=seed,
-                    on_batch=lambda: progress.advance(task),
-                )
-                report.record_fid(shown, info)
-        title = f"{shown.label}, step {loaded.step}"
-        save_samples_picture(loaded.model, shown, eval_cfg, source, picture, seed, title)
-        atomic_write_json(
-            json_out, {"checkpoint": str(checkpoint), "step": loaded.step, "seed": seed, **report.to_dict()}
-        )
-    console.print(eval_table(report, title=f"{checkpoint} (step {loaded.step}, EMA weights)"))
-    if report.fid is not None:
-        console.print(
-            f"FID {report.fid.value:.3f} ({report.fid.method}, {report.fid.n_samples} images vs "
-            f"{report.fid.reference}, clean-fid)"
-        )
-    console.print(f"wrote {json_out} and {picture}")
+        if report.features is not None:
+            console.print(f"features: {report.features}")
+    for out in outputs:
+        console.print(f"wrote {out.json}, {out.samples} and {out.quality}")
+    if joint is not None:
+        console.print(f"wrote {joint.json} and {joint.quality}")
 
 
-def save_samples_picture(model, method, eval_cfg, source, path: Path, seed: int, title: str) -> None:
-    """Samples of `method` from the evaluation's noise, a look next to the numbers: a grid of
-    eval.grid_size images, or for 2-D data eval.n_samples points over held-out points."""
-    from zoo.evaluation import draw_noise_and_labels, generate
-    from zoo.plotting import save_image_grid, save_scatter
+def check_outputs(out, samples: bool = True) -> None:
+    check_writable_file(out.json, "--json")
+    if samples:
+        check_writable_file(out.samples, "--json (its .png)")
+    check_writable_file(out.quality, "--json (its _quality.png)")
 
-    device = next(model.parameters()).device
-    count = eval_cfg.n_samples if len(model.data_shape) == 1 else eval_cfg.grid_size
-    noise, labels = draw_noise_and_labels(model, count, device, seed)
-    samples = generate(model, method, noise, labels, eval_cfg.guidance, eval_cfg.batch_size)
-    if len(model.data_shape) == 1:
-        save_scatter(samples, path, reference=source.held_out(eval_cfg.n_samples).float().cpu(), title=title)
-    else:
-        save_image_grid(samples, path)
+
+def record_fid(e, report, backend, fid_n: int, batch_size: int | None, seed: int, progress) -> None:
+    """FID of the evaluation's picture sampler, recorded on its row."""
+    from zoo.evaluation import evaluate_fid
+
+    batch_size = batch_size or e.eval_cfg.batch_size
+    task = progress.add_task(f"FID: {fid_n} images, {e.shown.label}", total=-(-fid_n // batch_size))
+    info = evaluate_fid(
+        e.loaded.model,
+        e.shown,
+        backend,
+        fid_n,
+        batch_size,
+        e.eval_cfg.guidance,
+        seed=seed,
+        on_batch=lambda: progress.advance(task),
+    )
+    report.record_fid(e.shown, info)
+
+
+def write_evaluation(e, report, out, seed: int) -> None:
+    """One checkpoint's JSON, picture of samples and quality-vs-NFE plot."""
+    from zoo.evaluation import save_quality_plot
+    from zoo.training.visuals import save_samples
+
+    title = f"{e.shown.label}, step {e.loaded.step}"
+    save_samples(e.loaded.model, e.source, e.shown, out.samples, e.eval_cfg, seed, title=title)
+    save_quality_plot([(e.name, report)], out.quality, title=f"{e.name}, step {e.loaded.step}, seed {seed}")
+    payload = {"checkpoint": str(e.checkpoint), "step": e.loaded.step, "seed": seed, **report.to_dict()}
+    atomic_write_json(out.json, payload)

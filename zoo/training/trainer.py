@@ -26,7 +26,7 @@ from zoo.config.loading import ConfigError, check_batch_split, config_to_dict, c
 from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource, build_data
 from zoo.devices import autocast_dtype, enable_cuda_tf32, resolve_device
-from zoo.evaluation import EvalReport, Method, evaluate
+from zoo.evaluation import EvalReport, Method, evaluate, headline_method
 from zoo.experiment_log import append_run_entry
 from zoo.interrupts import StopRequested, StopSignals
 from zoo.losses import Loss, build_loss
@@ -653,12 +653,14 @@ def log_and_save(
 
 
 def log_evaluation(state: TrainState, run: RunDir, tracker: Tracker, report: EvalReport, tag: str) -> None:
+    cfg = state.cfg
     image, caption = save_samples(
         state.ema.model,
         state.source,
-        state.is_meanflow,
+        headline_method(cfg.eval, state.is_meanflow),  # the sampler `zoo eval` pictures
         run.samples / f"{tag}.png",
-        state.cfg,
+        cfg.eval,
+        seed=cfg.seed + 1,
         on_batch=PhaseHeartbeat(run, "eval"),
     )
     # The record last: it marks the evaluation complete (evaluated_at).
