@@ -15,6 +15,7 @@ from zoo.errors import (
     DeviceError,
     FidUnavailableError,
     FidUnsupportedError,
+    MetricInputError,
     MissingAssetError,
     OutputPathError,
 )
@@ -27,6 +28,7 @@ USAGE_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     OutputPathError,
     FidUnsupportedError,
+    MetricInputError,
     MissingAssetError,
 )
 RUNTIME_ERRORS: tuple[type[Exception], ...] = (
