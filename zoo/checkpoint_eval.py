@@ -3,13 +3,14 @@ checkpoint's evaluation is prepared (before any sampling), then each is run and 
 a picture of samples and a quality-vs-NFE plot beside it; several are put side by side.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from zoo.config.loading import ConfigError
-from zoo.config.schema import EvalConfig
+from zoo.config.schema import DataConfig, EvalConfig
 from zoo.data import BatchSource, build_data
 from zoo.evaluation import EvalReport, Method, default_methods, evaluate, feature_net_for, headline_method
 from zoo.inference import LoadedModel, load_model
@@ -42,16 +43,21 @@ class CheckpointEval:
     checkpoint: Path
     loaded: LoadedModel
     source: BatchSource
+    data: DataConfig  # the run's, with --data-dir applied
     eval_cfg: EvalConfig
     methods: list[Method]
     guidances: list[float]
     shown: Method  # the sampler of the picture (and of FID)
     feature_net: FeatureNet | None  # set by load_features
 
-    def load_features(self) -> None:
-        """The feature network of image data (trained on first use: the slow part of preparing,
-        so it comes after every quicker check)."""
-        self.feature_net = feature_net_for(self.source, self.eval_cfg.n_samples)
+    def load_features(self, on_step: Callable[[int, int, float], None]) -> None:
+        """The feature network of image data (trained on first use, reporting to `on_step`: the
+        slow part of preparing, so it comes after every quicker check)."""
+        self.feature_net = feature_net_for(self.eval_cfg, self.source, self.data, self.device, on_step)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.loaded.model.parameters()).device
 
     @property
     def name(self) -> str:
@@ -104,7 +110,7 @@ def prepare(
     methods = default_methods(eval_cfg, loaded.is_meanflow)
     if shown not in methods:
         methods.append(shown)  # the picture's (and FID's) sampler also gets its row
-    return CheckpointEval(checkpoint, loaded, source, eval_cfg, methods, guidances, shown, None)
+    return CheckpointEval(checkpoint, loaded, source, data_cfg, eval_cfg, methods, guidances, shown, None)
 
 
 def check_comparable(evals: list[CheckpointEval]) -> None:

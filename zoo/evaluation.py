@@ -19,22 +19,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zoo.config.schema import EvalConfig
+from zoo.config.schema import DataConfig, EvalConfig
 from zoo.data import BatchSource
 from zoo.metrics.energy import energy_distance
 from zoo.metrics.feature_metrics import (
-    FD_JACKKNIFE_GROUPS,
     Estimate,
     check_sample_count,
     frechet_distance,
     score_features,
 )
-from zoo.metrics.features import FeatureNet, load_feature_net
+from zoo.metrics.features import NO_LABELS, FeatureNet, load_feature_net
 from zoo.metrics.fid import FidBackend, fid_of_generator
 from zoo.models.base import FlowModel
 from zoo.plotting import save_quality_vs_nfe
 from zoo.solvers.ode import get_solver, steps_for_nfe
 from zoo.solvers.samplers import sample_meanflow, sample_ode
+from zoo.units import format_estimate
 
 
 @contextlib.contextmanager
@@ -211,6 +211,48 @@ def quality_curves(
     return [(label, *curve) for label, curve in curves.items()]
 
 
+FEATURE_COLUMNS = {"fd": "FD", "kid": "KID", "precision": "precision", "recall": "recall"}
+
+
+def table_columns(reports: list[EvalReport]) -> list[str]:
+    """Column titles of a table of these reports' rows (one dataset, one n): the sampler, its NFE,
+    the feature scores, class fidelity (class-conditional models), energy distance and FID
+    wherever some row has them."""
+    rows = [row for report in reports for row in report.rows]
+    columns = ["sampler", "NFE"]
+    columns += [
+        f"{title} ± s.e." for key, title in FEATURE_COLUMNS.items() if any(key in r.scores for r in rows)
+    ]
+    if any(r.class_fidelity is not None for r in rows):
+        columns.append("class fidelity ± s.e.")
+    columns.append("energy distance ± s.e.")
+    if any(r.fid is not None for r in rows):
+        columns.append("FID")
+    return columns
+
+
+def row_cells(row: EvalRow, columns: list[str]) -> list[str]:
+    """`row` under `columns` (see table_columns); "–" where it has no value."""
+    by_title = {f"{title} ± s.e.": row.scores.get(key) for key, title in FEATURE_COLUMNS.items()}
+    by_title["class fidelity ± s.e."] = row.class_fidelity
+    cells = []
+    for column in columns:
+        if column == "sampler":
+            floor = row.kind == "data"
+            guided = f", guidance {row.guidance:g}" if row.guidance != 1.0 else ""
+            cells.append("data vs data (floor)" if floor else row.method + guided)
+        elif column == "NFE":
+            cells.append("–" if row.kind == "data" else str(row.nfe))
+        elif column == "energy distance ± s.e.":
+            cells.append(format_estimate(row.energy_distance, row.stderr))
+        elif column == "FID":
+            cells.append(f"{row.fid:.3f}" if row.fid is not None else "–")
+        else:
+            estimate = by_title[column]
+            cells.append(format_estimate(estimate.value, estimate.stderr) if estimate is not None else "–")
+    return cells
+
+
 METRIC_LABELS = {
     "energy_distance": "energy distance",
     "fd": "Fréchet distance (classifier features)",
@@ -235,15 +277,37 @@ def save_quality_plot(runs: list[tuple[str, EvalReport]], path: Path, title: str
     )
 
 
-def feature_net_for(source: BatchSource, n: int) -> FeatureNet | None:
-    """The feature network image data are scored with (trained and cached on first use), None
-    for other data; too few held-out samples for the feature metrics is a MetricInputError,
-    raised before the network is trained."""
-    if not source.is_image:
+def describe_feature_net(net: FeatureNet) -> str:
+    """What a report's feature scores were measured with, in one line."""
+    return (
+        f"{net.dataset} classifier, {net.dim}-D penultimate features, test accuracy "
+        f"{net.test_accuracy:.2%}, weights sha256 {net.sha256[:12]}"
+    )
+
+
+def wants_features(cfg: EvalConfig, source: BatchSource) -> bool:
+    """Whether samples are scored in a classifier's feature space: eval.features "on", or "auto"
+    and labelled image data (a classifier can be trained on it)."""
+    if cfg.features == "off":
+        return False
+    return cfg.features == "on" or (source.is_image and source.name not in NO_LABELS)
+
+
+def feature_net_for(
+    cfg: EvalConfig,
+    source: BatchSource,
+    data: DataConfig,
+    device: torch.device,
+    on_step: Callable[[int, int, float], None] = lambda step, steps, loss: None,
+) -> FeatureNet | None:
+    """The feature network `source` is scored with (trained and cached on first use, reporting
+    `on_step(step, steps, loss)`), None when not wanted (wants_features).  A dataset without one,
+    or too few held-out samples for the metrics, is a MetricInputError, raised before training."""
+    if not wants_features(cfg, source):
         return None
-    available = len(source.held_out(n))
+    available = len(source.held_out(cfg.n_samples))
     check_sample_count(available, available, dim=1)  # the dimension-free minimum, first
-    net = load_feature_net(source.name)
+    net = load_feature_net(data, device=device, on_step=on_step)
     check_sample_count(available, available, net.dim)
     return net
 
@@ -341,6 +405,11 @@ def in_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Te
     return torch.cat([fn(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
 
 
+# Per-class FD rests on n / classes samples a side: fewer jackknife groups than FD's default, so
+# that classes of 20 samples or more get a value with a standard error.
+PER_CLASS_FD_GROUPS = 10
+
+
 @dataclass
 class FeatureReference:
     """Held-out images in a feature network's space: what samples and the floor are scored against."""
@@ -369,8 +438,8 @@ class FeatureReference:
         row.class_fidelity = proportion((predicted == labels).double().mean().item(), len(labels))
         for k, name in enumerate(self.class_names):
             real, fake = self.features[self.labels == k], features[labels == k]
-            if min(len(real), len(fake)) >= 2 * FD_JACKKNIFE_GROUPS:  # FD's jackknife needs them
-                row.per_class_fd[name] = frechet_distance(real, fake)
+            if min(len(real), len(fake)) >= 2 * PER_CLASS_FD_GROUPS:  # what FD's jackknife needs
+                row.per_class_fd[name] = frechet_distance(real, fake, groups=PER_CLASS_FD_GROUPS)
 
 
 def proportion(p: float, n: int) -> Estimate:
@@ -407,7 +476,9 @@ def evaluate(
         reference = FeatureReference.of(feature_net, source, held_out, held_labels, cfg.batch_size)
     on_progress()
     noise, labels = draw_noise_and_labels(model, n, device, seed)
-    report = EvalReport(n_samples=n, features=feature_net.description if feature_net is not None else None)
+    report = EvalReport(
+        n_samples=n, features=describe_feature_net(feature_net) if feature_net is not None else None
+    )
     task = (
         progress.add_task("evaluating", total=len(methods) * len(guidances)) if progress is not None else None
     )

@@ -104,8 +104,9 @@ def eval_command(
 
     from zoo.checkpoint_eval import EvalOutputs, check_comparable, comparison_json, prepare
     from zoo.devices import resolve_device
-    from zoo.evaluation import save_quality_plot
+    from zoo.evaluation import save_quality_plot, wants_features
     from zoo.metrics.fid import fid_reference, load_fid_backend
+    from zoo.training.progress import step_bar
 
     # None defaults tell an option given from one left out, even when given its default value.
     fid_options = {
@@ -142,7 +143,9 @@ def eval_command(
             load_fid_backend(fid_reference(e.loaded.cfg.data.name), dev) if fid else None for e in evals
         ]
         for e in evals:
-            e.load_features()
+            if wants_features(e.eval_cfg, e.source):
+                with step_bar(make_console(stderr=True), f"feature network for {e.source.name}") as on_step:
+                    e.load_features(on_step)
         reports = []
         with Progress(console=Console(stderr=True), transient=True) as progress:
             for e, backend in zip(evals, backends, strict=True):

@@ -1,0 +1,151 @@
+"""`zoo eval` and training on images score samples in the feature network's space: the floor row
+is the real-vs-real score at the same n, two seeds agree within their standard errors, class
+fidelity and per-class FD are what the classifier says of the samples, too few samples is refused
+before any sampling, and periodic evaluations reach trackio."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_remote_fixtures import trackio_metric
+from typer.testing import CliRunner
+
+from zoo import evaluation
+from zoo.data import build_data
+from zoo.inference import load_model
+from zoo.metrics.feature_metrics import frechet_distance, score_features
+from zoo.metrics.features import load_feature_net
+from zoo.solvers.samplers import sample_meanflow
+from zoo_cli.main import app
+
+runner = CliRunner()
+HELD_OUT = 297  # scikit-learn digits' held-out split: every evaluation below uses all of it
+PROJECT = "zoo-eval-features"
+CLASS_DIGITS = [
+    "model.channels=8",
+    "model.channel_mults=[1]",
+    "model.attention_res=[]",
+    "model.num_groups=4",
+    "data.class_conditional=true",
+    "train.batch_size=32",
+    "train.log_every=5",
+    "train.eval_every=10",
+    "loss.jvp=nograd",
+    f"eval.n_samples={HELD_OUT}",
+    f"eval.batch_size={HELD_OUT}",
+    "eval.meanflow_steps=[1, 2]",
+    'eval.solvers=["euler"]',
+    "eval.solver_nfe=[2]",
+    "eval.grid_size=16",
+    "experiment_log=",
+    f"tracking.project={PROJECT}",
+    "--steps",
+    "20",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
+
+
+def zoo(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """A class-conditional MeanFlow U-Net trained 20 steps on digits, evaluated at step 10."""
+    root = tmp_path_factory.mktemp("digits-features")
+    result = zoo("train", "digits", *CLASS_DIGITS, "--run-name", "cd", f"output_dir={root}")
+    assert result.exit_code == 0, result.output
+    return root / "cd"
+
+
+@pytest.fixture(scope="module")
+def evaluated(digits_run, tmp_path_factory) -> dict[int, dict]:
+    """`zoo eval` of the run with seeds 0 and 1: seed -> its JSON."""
+    out = {}
+    for seed in (0, 1):
+        path = tmp_path_factory.mktemp("eval") / f"e{seed}.json"
+        result = zoo("eval", digits_run, "--seed", seed, "--json", path, "--device", "cpu", "--threads", 1)
+        assert result.exit_code == 0, result.output
+        out[seed] = json.loads(path.read_text())
+    return out
+
+
+def test_floor_row_is_the_score_of_the_training_split_against_the_held_out_split(digits_run, evaluated):
+    cfg = load_model(digits_run / "last.pt", torch.device("cpu")).cfg
+    source = build_data(cfg.data, "cpu", cfg.seed, batch_size=HELD_OUT)
+    net = load_feature_net("digits")
+    held_out, training = source.held_out(HELD_OUT), source.reference(HELD_OUT)
+    truth = score_features(net.features(held_out), net.features(training))
+    floor = evaluated[0]["noise_floor"]
+    assert evaluated[0]["n_samples"] == HELD_OUT
+    for name, estimate in truth.items():
+        assert floor["scores"][name]["value"] == pytest.approx(estimate.value, rel=1e-6, abs=1e-9), name
+        assert floor["scores"][name]["stderr"] == pytest.approx(estimate.stderr, rel=1e-6, abs=1e-9), name
+        assert floor["scores"][name]["n"] == estimate.n
+    # the floor is the same for every seed: it does not depend on the model's noise
+    assert evaluated[1]["noise_floor"] == floor
+
+
+def test_two_seeds_agree_within_their_standard_errors(evaluated):
+    first, second = ({(r["kind"], r["steps"]): r for r in evaluated[s]["rows"]} for s in (0, 1))
+    assert first.keys() == second.keys() == {("meanflow", 1), ("meanflow", 2), ("euler", 2)}
+    for key, row in first.items():
+        for name in ("fd", "kid", "precision", "recall"):
+            a, b = row["scores"][name], second[key]["scores"][name]
+            assert a["n"] == b["n"], (key, name)
+            # (<=: a 20-step model's precision may be exactly 0 with a binomial s.e. of 0 twice)
+            assert abs(a["value"] - b["value"]) <= 3 * math.hypot(a["stderr"], b["stderr"]), (key, name, a, b)
+        assert row["scores"]["fd"]["stderr"] > 0 and row["scores"]["kid"]["stderr"] > 0
+        assert row["scores"] != second[key]["scores"]  # two independent evaluations, not one twice
+
+
+def test_class_fidelity_and_per_class_fd_are_the_classifiers_view_of_the_samples(digits_run, evaluated):
+    """The one-step samples regenerated here from seed 0's noise and labels, and judged directly."""
+    model = load_model(digits_run / "last.pt", torch.device("cpu")).model
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn((HELD_OUT, 1, 8, 8), generator=generator)
+    labels = torch.randint(0, 10, (HELD_OUT,), generator=generator)
+    with torch.no_grad():
+        samples = sample_meanflow(model, noise, 1, y=labels)
+    net = load_feature_net("digits")
+    row = next(r for r in evaluated[0]["rows"] if (r["kind"], r["steps"]) == ("meanflow", 1))
+    accuracy = (net.logits(samples).argmax(1) == labels).double().mean().item()
+    assert row["class_fidelity"]["value"] == pytest.approx(accuracy, abs=1e-9)
+    assert row["class_fidelity"]["n"] == HELD_OUT
+
+    cfg = load_model(digits_run / "last.pt", torch.device("cpu")).cfg
+    source = build_data(cfg.data, "cpu", cfg.seed, batch_size=HELD_OUT)
+    held_out, held_labels = source.held_out_labeled(HELD_OUT)
+    real, fake = net.features(held_out), net.features(samples)
+    assert set(row["per_class_fd"]) <= set(source.class_names) and row["per_class_fd"]
+    for k, name in enumerate(source.class_names):
+        if name in row["per_class_fd"]:
+            truth = frechet_distance(real[held_labels == k], fake[labels == k], groups=10)
+            assert row["per_class_fd"][name]["value"] == pytest.approx(truth.value, rel=1e-6)
+
+
+def test_too_few_samples_is_one_line_before_any_sampling(digits_run, tmp_path, monkeypatch):
+    sampled = []
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: sampled.append(1))
+    result = zoo("eval", digits_run, "--n", 100, "--json", tmp_path / "e.json", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    line = " ".join(result.output.split())
+    assert "feature metrics need at least 200 samples on each side" in line and "(--n)" in line
+    assert "Traceback" not in result.output and sampled == [] and not list(tmp_path.iterdir())
+
+
+def test_periodic_and_final_evaluations_log_feature_metrics_to_trackio(digits_run, isolated_trackio):
+    records = [json.loads(line) for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
+    evaluations = {r["step"]: r for r in records if "eval/fd_meanflow_1" in r}
+    assert sorted(evaluations) == [10, 20]
+    assert {"eval/kid_meanflow_1_se", "eval/precision_meanflow_1", "eval/class_fidelity_meanflow_1"} <= set(
+        evaluations[10]
+    )
+    assert "eval/fd_data_floor" in evaluations[20] and "eval/fd_data_floor" not in evaluations[10]
+    logged = trackio_metric(isolated_trackio, PROJECT, "cd", "eval/fd_meanflow_1")
+    assert logged == [(step, pytest.approx(evaluations[step]["eval/fd_meanflow_1"])) for step in (10, 20)]
