@@ -135,7 +135,7 @@ def test_too_few_samples_is_one_line_before_any_sampling(digits_run, tmp_path, m
     result = zoo("eval", digits_run, "--n", 100, "--json", tmp_path / "e.json", "--device", "cpu")
     assert result.exit_code == 2, result.output
     line = " ".join(result.output.split())
-    assert "feature metrics need at least 200 samples on each side" in line and "(--n)" in line
+    assert "feature metrics need at least 200 samples on each side, got 100: raise --n" in line
     assert "Traceback" not in result.output and sampled == [] and not list(tmp_path.iterdir())
 
 

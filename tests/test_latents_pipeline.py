@@ -145,3 +145,14 @@ def test_zoo_fid_scores_a_latent_run_against_a_folder(trained, tmp_path, monkeyp
     assert (saved["sampler"], saved["nfe"], saved["guidance"]) == ("MeanFlow 1-step", 1, 1.0)
     assert math.isfinite(saved["fid"]) and f"FID {saved['fid']:.3f}" in result.output
     assert len(list(tmp_path.glob("16px-none-*.npz"))) == 1  # the folder's statistics, cached
+
+
+def test_eval_pictures_decoded_images_and_plots_quality_vs_nfe(trained, tmp_path):
+    out = tmp_path / "e.json"
+    result = zoo("eval", trained["run"], "--n", 16, "--json", out, "--device", "cpu", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    # the same decoded 16 px grid as training's (undecoded 8 px latents would give 256 px, 8x)
+    assert np.asarray(Image.open(out.with_suffix(".png"))).shape[1] == 5 * 56
+    data = json.loads(out.read_text())
+    assert "features" not in data and data["rows"]  # latents: energy distance, no feature network
+    assert Image.open(tmp_path / "e_quality.png").size[0] > 300

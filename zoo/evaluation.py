@@ -21,11 +21,13 @@ from torch import Tensor
 
 from zoo.config.schema import DataConfig, EvalConfig
 from zoo.data import BatchSource
+from zoo.errors import MetricInputError
 from zoo.metrics.energy import energy_distance
 from zoo.metrics.feature_metrics import (
+    MIN_SAMPLES,
     Estimate,
-    check_sample_count,
     frechet_distance,
+    required_samples,
     score_features,
 )
 from zoo.metrics.features import NO_LABELS, FeatureNet, load_feature_net
@@ -306,10 +308,20 @@ def feature_net_for(
     if not wants_features(cfg, source):
         return None
     available = len(source.held_out(cfg.n_samples))
-    check_sample_count(available, available, dim=1)  # the dimension-free minimum, first
+    check_enough_samples(available, MIN_SAMPLES, cfg, source)  # the dimension-free minimum, first
     net = load_feature_net(data, device=device, on_step=on_step)
-    check_sample_count(available, available, net.dim)
+    check_enough_samples(available, required_samples(net.dim), cfg, source)
     return net
+
+
+def check_enough_samples(available: int, needed: int, cfg: EvalConfig, source: BatchSource) -> None:
+    if available >= needed:
+        return
+    split = f" (all of {source.name}'s held-out split)" if available < cfg.n_samples else ""
+    raise MetricInputError(
+        f"feature metrics need at least {needed} samples on each side, got {available}{split}: raise --n "
+        "(eval.n_samples), or set eval.features=off to score by energy distance only"
+    )
 
 
 def default_methods(cfg: EvalConfig, meanflow: bool) -> list[Method]:
