@@ -3,6 +3,7 @@ checkpoint's evaluation is prepared (before any sampling), then each is run and 
 a picture of samples and a quality-vs-NFE plot beside it; several are put side by side.
 """
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,22 @@ import torch
 from zoo.config.loading import ConfigError
 from zoo.config.schema import DataConfig, EvalConfig
 from zoo.data import BatchSource, build_data
-from zoo.evaluation import EvalReport, Method, default_methods, evaluate, feature_net_for, headline_method
+from zoo.evaluation import (
+    EvalReport,
+    FidInfo,
+    Method,
+    default_methods,
+    evaluate,
+    evaluate_fid,
+    feature_net_for,
+    headline_method,
+)
 from zoo.inference import LoadedModel, load_model
+from zoo.metrics import fid as clean_fid
+from zoo.metrics import inception
 from zoo.metrics.features import FeatureNet
+from zoo.metrics.inception import default_stats_cache
+from zoo.scoring import open_reference, reference_statistics, score_model
 
 
 @dataclass
@@ -131,3 +145,83 @@ def comparison_json(evals: list[CheckpointEval], seed: int, out: Path | None) ->
         return out
     names = "_vs_".join(e.name.replace("/", "-") for e in evals)
     return evals[0].checkpoint.parent.parent / f"compare_{names}_seed{seed}.json"
+
+
+class FidScorer(ABC):
+    """FID of a checkpoint's picture sampler, set up (and checked) before any sampling."""
+
+    @abstractmethod
+    def score(self, e: CheckpointEval, n: int, batch_size: int, seed: int, progress) -> FidInfo: ...
+
+
+class CleanFid(FidScorer):
+    """clean-fid's Inception and its reference statistics (CIFAR-10)."""
+
+    def __init__(self, e: CheckpointEval) -> None:
+        self.backend = clean_fid.load_fid_backend(clean_fid.fid_reference(e.loaded.cfg.data.name), e.device)
+
+    def score(self, e: CheckpointEval, n: int, batch_size: int, seed: int, progress) -> FidInfo:
+        task = progress.add_task(f"FID: {n} images, {e.shown.label}", total=-(-n // batch_size))
+        return evaluate_fid(
+            e.loaded.model,
+            e.shown,
+            self.backend,
+            n,
+            batch_size,
+            e.eval_cfg.guidance,
+            seed=seed,
+            on_batch=lambda: progress.advance(task),
+        )
+
+
+class ReferenceFid(FidScorer):
+    """Inception features of (decoded) samples against reference statistics the user supplies:
+    ADM's ImageNet batch, an .npz zoo wrote, or an image folder (statistics computed once)."""
+
+    def __init__(self, e: CheckpointEval, ref: Path | None) -> None:
+        if ref is None:
+            raise ConfigError(
+                "--fid on a latent model scores decoded images against statistics you supply: add --fid-ref "
+                "VIRTUAL_imagenet256_labeled.npz (ADM's reference batch) or --fid-ref an image folder"
+            )
+        if e.source.is_latent and e.source.vae is None:
+            raise ConfigError("FID needs decoded images, and this run sets data.decode_latents=false")
+        if not (e.source.is_image or e.source.is_latent):
+            raise ConfigError(
+                "FID scores images; this model generates 2-D points (energy distance is its metric)"
+            )
+        self.ref = ref
+        self.stats_cache = default_stats_cache()
+        self.reference = open_reference(ref, None, self.stats_cache)
+        self.extractor = inception.InceptionV3(e.device, self.reference.resize if self.reference else "clean")
+
+    def score(self, e: CheckpointEval, n: int, batch_size: int, seed: int, progress) -> FidInfo:
+        model = e.loaded.model
+        latent = e.source.is_latent
+        side = model.data_shape[-1] * (e.source.vae.downsample_factor if latent else 1)
+        reference = reference_statistics(
+            self.ref, self.reference, self.extractor, side, self.stats_cache, progress, batch_size=batch_size
+        )
+        task = progress.add_task(f"FID: {n} images, {e.shown.label}", total=n)
+        scores = score_model(
+            model,
+            e.shown,
+            e.eval_cfg.guidance,
+            self.extractor,
+            reference,
+            n=n,
+            batch_size=batch_size,
+            seed=seed,
+            decode=e.source.decode if latent else None,
+            decoded_by=e.source.vae_name if latent else None,
+            on_batch=lambda k: progress.advance(task, k),
+        )
+        return FidInfo(scores.sampler, scores.n_samples, scores.reference, scores.fid)
+
+
+def fid_scorer(e: CheckpointEval, ref: Path | None) -> FidScorer:
+    """Against `ref` when given (any image or latent model), else clean-fid's statistics; latent
+    models need a `ref`."""
+    if ref is not None or e.source.is_latent:
+        return ReferenceFid(e, ref)
+    return CleanFid(e)

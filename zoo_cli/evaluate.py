@@ -64,7 +64,8 @@ def eval_command(
     fid: Annotated[
         bool,
         typer.Option(
-            "--fid", help="also FID against clean-fid's reference statistics (CIFAR-10 only; needs clean-fid)"
+            "--fid",
+            help="also FID of the picture's sampler: against clean-fid's statistics (CIFAR-10), or --fid-ref",
         ),
     ] = False,
     fid_n: Annotated[
@@ -98,14 +99,22 @@ def eval_command(
             help="images generated and scored at once for FID (default: eval.batch_size)",
         ),
     ] = None,
+    fid_ref: Annotated[
+        Path | None,
+        typer.Option(
+            "--fid-ref",
+            help="FID against these Inception statistics instead of clean-fid's (needed for latent models, "
+            "whose samples are decoded): ADM's VIRTUAL_imagenet256_labeled.npz, an .npz zoo wrote, or an "
+            "image folder (statistics computed once and cached)",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate checkpoints: MeanFlow 1/2/4 steps and ODE solvers at several NFE (+ FID with --fid)."""
     import torch
 
-    from zoo.checkpoint_eval import EvalOutputs, check_comparable, comparison_json, prepare
+    from zoo.checkpoint_eval import EvalOutputs, check_comparable, comparison_json, fid_scorer, prepare
     from zoo.devices import resolve_device
     from zoo.evaluation import save_quality_plot, wants_features
-    from zoo.metrics.fid import fid_reference, load_fid_backend
     from zoo.training.progress import step_bar
 
     # None defaults tell an option given from one left out, even when given its default value.
@@ -114,6 +123,7 @@ def eval_command(
         "--fid-solver": fid_solver,
         "--fid-nfe": fid_nfe,
         "--fid-batch-size": fid_batch_size,
+        "--fid-ref": fid_ref,
     }
     given = [flag for flag, value in fid_options.items() if value is not None]
     if given and not fid:
@@ -139,19 +149,18 @@ def eval_command(
             check_comparable(evals)
             joint = EvalOutputs(comparison_json(evals, seed, json_out))
             check_outputs(joint, samples=False)
-        backends = [
-            load_fid_backend(fid_reference(e.loaded.cfg.data.name), dev) if fid else None for e in evals
-        ]
+        scorers = [fid_scorer(e, fid_ref) if fid else None for e in evals]
         for e in evals:
             if wants_features(e.eval_cfg, e.source):
                 with step_bar(make_console(stderr=True), f"feature network for {e.source.name}") as on_step:
                     e.load_features(on_step)
         reports = []
         with Progress(console=Console(stderr=True), transient=True) as progress:
-            for e, backend in zip(evals, backends, strict=True):
+            for e, scorer in zip(evals, scorers, strict=True):
                 report = e.run(seed, progress)
-                if backend is not None:
-                    record_fid(e, report, backend, fid_n, fid_batch_size, seed, progress)
+                if scorer is not None:
+                    info = scorer.score(e, fid_n, fid_batch_size or e.eval_cfg.batch_size, seed, progress)
+                    report.record_fid(e.shown, info)
                 reports.append(report)
         for e, report, out in zip(evals, reports, outputs, strict=True):
             write_evaluation(e, report, out, seed)
@@ -174,8 +183,7 @@ def eval_command(
         info = report.fid
         if info is not None:
             console.print(
-                f"{e.name}: FID {info.value:.3f} ({info.method}, {info.n_samples} images vs "
-                f"{info.reference}, clean-fid)"
+                f"{e.name}: FID {info.value:.3f} ({info.method}, {info.n_samples} images vs {info.reference})"
             )
         if report.features is not None:
             console.print(f"features: {report.features}")
@@ -190,25 +198,6 @@ def check_outputs(out, samples: bool = True) -> None:
     if samples:
         check_writable_file(out.samples, "--json (its .png)")
     check_writable_file(out.quality, "--json (its _quality.png)")
-
-
-def record_fid(e, report, backend, fid_n: int, batch_size: int | None, seed: int, progress) -> None:
-    """FID of the evaluation's picture sampler, recorded on its row."""
-    from zoo.evaluation import evaluate_fid
-
-    batch_size = batch_size or e.eval_cfg.batch_size
-    task = progress.add_task(f"FID: {fid_n} images, {e.shown.label}", total=-(-fid_n // batch_size))
-    info = evaluate_fid(
-        e.loaded.model,
-        e.shown,
-        backend,
-        fid_n,
-        batch_size,
-        e.eval_cfg.guidance,
-        seed=seed,
-        on_batch=lambda: progress.advance(task),
-    )
-    report.record_fid(e.shown, info)
 
 
 def write_evaluation(e, report, out, seed: int) -> None:

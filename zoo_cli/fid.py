@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from zoo.output_paths import check_writable_dir, check_writable_file
+from zoo.output_paths import check_writable_file
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import make_console
 from zoo_cli.sample import check_method_args, choose_method, resolve_checkpoint_path
@@ -81,19 +81,13 @@ def fid_command(
     from zoo.data.latents import is_latent_data, latent_vae_name, load_decoder
     from zoo.devices import resolve_device
     from zoo.inference import load_model
-    from zoo.metrics.inception import InceptionV3, default_stats_cache, folder_reference, load_reference
+    from zoo.metrics.inception import InceptionV3, default_stats_cache
     from zoo.models.vae import decode_latents
     from zoo.runs import atomic_write_json
-    from zoo.scoring import score_model
+    from zoo.scoring import open_reference, reference_statistics, score_model
 
     with user_errors():
-        reference = None
-        if ref.is_dir():  # its statistics, an hour's work for ImageNet, must be cacheable
-            check_writable_dir(stats_cache or default_stats_cache(), "--stats-cache")
-        else:
-            reference = load_reference(ref)  # a missing or wrong file: exit 2 naming what to fetch
-            if resize not in (None, reference.resize):
-                raise fail(f"--resize {resize}: {ref} was computed with resize={reference.resize}")
+        reference = open_reference(ref, resize, stats_cache or default_stats_cache())
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
@@ -127,24 +121,18 @@ def fid_command(
             TimeRemainingColumn(),
             console=make_console(stderr=True),
         ) as progress:
-            if reference is None:
-                side = model.data_shape[-1] * (decoder.downsample_factor if decoder is not None else 1)
-                task = progress.add_task("reference statistics", total=None)
-
-                def started(total: int, cached: bool) -> None:
-                    progress.update(task, total=total, completed=total if cached else 0)
-
-                reference = folder_reference(
-                    ref,
-                    extractor,
-                    side,
-                    stats_cache or default_stats_cache(),
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    limit=ref_limit,
-                    on_start=started,
-                    on_items=lambda k: progress.advance(task, k),
-                )
+            side = model.data_shape[-1] * (decoder.downsample_factor if decoder is not None else 1)
+            reference = reference_statistics(
+                ref,
+                reference,
+                extractor,
+                side,
+                stats_cache or default_stats_cache(),
+                progress,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                limit=ref_limit,
+            )
             task = progress.add_task(f"{method.label}, {n} samples", total=n)
             scores = score_model(
                 model,
