@@ -11,6 +11,7 @@ from zoo_cli import runs_cmds
 from zoo_cli.bench import bench_jvp
 from zoo_cli.data import app as data_app
 from zoo_cli.evaluate import eval_command
+from zoo_cli.features import app as features_app
 from zoo_cli.fid import fid_command
 from zoo_cli.modal import app as modal_app
 from zoo_cli.sample import sample
@@ -39,6 +40,7 @@ app.command(
 )(bench_jvp)
 app.add_typer(modal_app, name="modal")
 app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
 runs_cmds.register(app)
 
 
