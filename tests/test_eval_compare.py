@@ -104,3 +104,19 @@ def test_runs_of_different_data_are_refused_before_anything_is_written(moons_run
     line = " ".join(result.output.split())
     assert "evaluates checkerboard at n=200" in line and "compare runs of one dataset" in line
     assert not list(tmp_path.iterdir()) and not list((moons_runs / "ck").glob("eval_*"))
+
+
+def test_run_listings_headline_fd_for_images_and_energy_otherwise():
+    """`zoo ckpts`/`zoo status` show one number per run: FD of the one-step sampler when the
+    evaluation has feature scores, energy distance when it has not."""
+    from zoo.remote.listing import eval_json_metrics, key_metric
+
+    fd = {"value": 12.5, "stderr": 0.4, "n": 1000}
+    rows = [
+        {"kind": "euler", "steps": 8, "energy_distance": 0.2, "scores": {"fd": {**fd, "value": 3.0}}},
+        {"kind": "meanflow", "steps": 1, "energy_distance": 0.3, "scores": {"fd": fd}},
+    ]
+    assert key_metric(eval_json_metrics({"rows": rows})) == ("eval/fd_meanflow_1", 12.5)
+    for row in rows:
+        del row["scores"]
+    assert key_metric(eval_json_metrics({"rows": rows})) == ("eval/energy_meanflow_1", 0.3)

@@ -30,9 +30,10 @@ from zoo.remote.submission import stopped_path
 from zoo.remote.sync import REGISTRY_MIRROR, read_manifest
 from zoo.runs import CHECKPOINT_PATTERN
 
-# Which metric a table shows, in order of preference: the headline numbers of zoo's evaluations,
-# and among them the 1-step MeanFlow sampler (the point of the method).
-KEY_METRIC_PREFERENCE = ("fid", "energy", "loss")
+# Which metric a table shows, in order of preference: the headline numbers of zoo's evaluations
+# (FID, then the feature-space FD of images, then energy distance), and among them the 1-step
+# MeanFlow sampler (the point of the method).
+KEY_METRIC_PREFERENCE = ("fid", "eval/fd_", "energy", "loss")
 HEADLINE_SAMPLER = "meanflow_1"
 
 
@@ -108,6 +109,9 @@ def eval_json_metrics(data: dict[str, Any]) -> dict[str, float]:
             if isinstance(row.get(key), (int, float)):
                 name = "fid" if key == "fid" else "energy"
                 flat[f"eval/{name}_{row['kind']}_{row['steps']}"] = float(row[key])
+        fd = row.get("scores", {}).get("fd", {}).get("value")
+        if isinstance(fd, (int, float)):
+            flat[f"eval/fd_{row['kind']}_{row['steps']}"] = float(fd)
     return flat
 
 
