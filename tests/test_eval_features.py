@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_eval_compare import LINE_COLOURS, coloured_pixels
 from test_remote_fixtures import trackio_metric
 from typer.testing import CliRunner
 
@@ -99,6 +100,7 @@ def evaluated(feature_cache, digits_run, tmp_path_factory) -> dict[int, dict]:
         result = zoo("eval", digits_run, "--seed", seed, "--json", path, "--device", "cpu", "--threads", 1)
         assert result.exit_code == 0, result.output
         out[seed] = json.loads(path.read_text())
+        out[seed]["quality_png"] = path.with_name(f"e{seed}_quality.png")
     return out
 
 
@@ -118,6 +120,12 @@ def test_floor_row_is_the_score_of_the_training_split_against_the_held_out_split
         assert floor["scores"][name]["n"] == estimate.n
     # the floor is the same for every seed: it does not depend on the model's noise
     assert evaluated[1]["noise_floor"] == floor
+
+
+def test_quality_vs_nfe_plots_fd_with_one_line_per_sampler_family(evaluated):
+    """MeanFlow (1, 2 steps) and Euler (2 NFE): two lines, in matplotlib's first two colours."""
+    drawn = [coloured_pixels(evaluated[0]["quality_png"], colour) for colour in LINE_COLOURS[:3]]
+    assert drawn[0] > 50 and drawn[1] > 0 and drawn[2] == 0, drawn
 
 
 def test_two_seeds_agree_within_their_standard_errors(evaluated):
