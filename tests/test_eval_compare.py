@@ -70,6 +70,7 @@ def moons_runs(tmp_path_factory) -> Path:
     return root / "outputs"
 
 
+@pytest.mark.slow  # with its fixture: three 10-step moons runs and three evaluations, about 10 s
 def test_two_runs_in_one_table_json_and_plot(moons_runs, tmp_path):
     joint = tmp_path / "both.json"
     both = runner.invoke(app, ["eval", str(moons_runs / "mf"), str(moons_runs / "fm"), "--json", str(joint)])

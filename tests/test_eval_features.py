@@ -23,6 +23,10 @@ from zoo.metrics.features import FeatureNetConfig, load_feature_net
 from zoo.solvers.samplers import sample_meanflow
 from zoo_cli.main import app
 
+# One module-wide setup trains a small digits feature network, a 20-step class-conditional run
+# (evaluated at steps 10 and 20) and evaluates it twice: about 30 s on two idle cores.
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 HELD_OUT = 297  # scikit-learn digits' held-out split: every evaluation below uses all of it
 PROJECT = "zoo-eval-features"
