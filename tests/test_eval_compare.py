@@ -121,3 +121,24 @@ def test_run_listings_headline_fd_for_images_and_energy_otherwise():
     for row in rows:
         del row["scores"]
     assert key_metric(eval_json_metrics({"rows": rows})) == ("eval/energy_meanflow_1", 0.3)
+
+
+def test_reports_read_back_as_written_and_from_before_feature_scores():
+    from zoo.metrics.feature_metrics import Estimate
+
+    fd = Estimate(12.5, 0.4, 1000)
+    report = EvalReport(n_samples=1000, rows=[row("meanflow", 1, 1, 0.3)], features="net")
+    report.rows[0].scores = {"fd": fd}
+    report.rows[0].class_fidelity = Estimate(0.8, 0.01, 1000)
+    report.rows[0].per_class_fd = {"shirt": fd}
+    data = json.loads(json.dumps(report.to_dict()))
+    assert EvalReport.from_dict(data) == report
+    assert report.metrics()["eval/fd_meanflow_1"] == 12.5 and report.metrics()["eval/fd_meanflow_1_se"] == 0.4
+    old = {
+        "n_samples": 50,
+        "rows": [
+            {"method": "m", "kind": "euler", "steps": 2, "nfe": 2, "energy_distance": 0.1, "stderr": 0.01}
+        ],
+        "noise_floor": None,
+    }
+    assert EvalReport.from_dict(old).rows[0] == EvalRow("m", "euler", 2, 2, 0.1, 0.01)
