@@ -12,9 +12,11 @@ from zoo.errors import MetricInputError
 from zoo.metrics.feature_metrics import (
     MIN_SAMPLES,
     Estimate,
+    class_fidelity,
     frechet_distance,
     kernel_distance,
     knn_radii,
+    per_class_fd,
     precision_recall,
     score_features,
     unbiased_mmd2,
@@ -160,3 +162,27 @@ def test_estimate_renders_value_and_stderr():
     e = Estimate(12.3456, 0.4321, 1000)
     assert str(e) == "12.35 ± 0.43"
     assert e.to_dict() == {"value": 12.3456, "stderr": 0.4321, "n": 1000}
+
+
+def test_class_fidelity_is_the_accuracy_on_the_requested_classes():
+    labels = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 0]), 3).float()
+    fidelity = class_fidelity(logits, labels)
+    assert (fidelity.value, fidelity.n) == (5 / 8, 8)
+    assert fidelity.stderr == pytest.approx(np.sqrt(5 / 8 * 3 / 8 / 8))
+
+
+def test_per_class_fd_scores_each_class_against_its_own_real_samples():
+    """Class 1's generated samples are shifted by 2 along one axis: FD about 4 there, about 0
+    for class 0 (the real classes sit far apart, so pooling them would hide this)."""
+    g = torch.Generator().manual_seed(9)
+    labels = torch.arange(4000) % 2
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
+    real = centres[labels] + torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    fake = centres[labels] + torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    fake[labels == 1, 1] += 2.0
+    scores = per_class_fd(real, labels, fake, labels)
+    assert abs(scores[0].value) < 4 * scores[0].stderr + 0.01
+    assert abs(scores[1].value - 4.0) < 4 * scores[1].stderr
+    with pytest.raises(MetricInputError, match="at least 40 samples of each class .* class 0 has 35 real"):
+        per_class_fd(real[:70], labels[:70], fake, labels)

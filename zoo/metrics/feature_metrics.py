@@ -232,3 +232,32 @@ def score_features(real: Tensor, fake: Tensor, seed: int = 0) -> dict[str, Estim
         "precision": precision,
         "recall": recall,
     }
+
+
+def class_fidelity(logits: Tensor, labels: Tensor) -> Estimate:
+    """The feature net's accuracy on samples generated for classes `labels` (n,), from its
+    logits (n, classes): how often a sample looks like the class it was asked for; binomial s.e."""
+    if len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need one label per sample, got {len(logits)} samples and {len(labels)} labels")
+    return _binomial(logits.argmax(1).cpu() == labels.cpu())
+
+
+def per_class_fd(
+    real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor, seed: int = 0
+) -> dict[int, Estimate]:
+    """FD between real and generated features of each class present on both sides; a
+    MetricInputError naming the minimum when a class has too few samples for a covariance."""
+    real, fake = _check_pair(real, fake)
+    real_labels, fake_labels = real_labels.cpu(), fake_labels.cpu()
+    classes = sorted(set(real_labels.tolist()) & set(fake_labels.tolist()))
+    needed = max(2 * FD_JACKKNIFE_GROUPS, real.shape[1] + 1)
+    scores = {}
+    for c in classes:
+        real_c, fake_c = real[real_labels == c], fake[fake_labels == c]
+        if min(len(real_c), len(fake_c)) < needed:
+            raise MetricInputError(
+                f"per-class FD needs at least {needed} samples of each class on each side, class {c} has "
+                f"{len(real_c)} real and {len(fake_c)} generated: raise the number of samples (--n)"
+            )
+        scores[c] = frechet_distance(real_c, fake_c, seed=seed)
+    return scores
