@@ -24,9 +24,11 @@ from zoo.data import BatchSource
 from zoo.errors import MetricInputError
 from zoo.metrics.energy import energy_distance
 from zoo.metrics.feature_metrics import (
+    FD_JACKKNIFE_GROUPS,
     MIN_SAMPLES,
     Estimate,
-    frechet_distance,
+    class_fidelity,
+    per_class_fd,
     required_samples,
     score_features,
 )
@@ -126,6 +128,7 @@ class EvalReport:
     noise_floor: EvalRow | None = None
     fid: FidInfo | None = None
     features: str | None = None  # the feature network of `scores`, when the data are images
+    notes: list[str] = field(default_factory=list)  # what was left out, and why
 
     def to_dict(self) -> dict:
         out = {
@@ -135,6 +138,8 @@ class EvalReport:
         }
         if self.features is not None:
             out["features"] = self.features
+        if self.notes:
+            out["notes"] = self.notes
         if self.fid is not None:
             out["fid"] = asdict(self.fid)
         return out
@@ -148,6 +153,7 @@ class EvalReport:
             noise_floor=EvalRow.from_dict(floor) if floor else None,
             fid=FidInfo(**data["fid"]) if data.get("fid") else None,
             features=data.get("features"),
+            notes=data.get("notes", []),
         )
 
     def record_fid(self, method: "Method", info: FidInfo) -> None:
@@ -417,11 +423,6 @@ def in_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Te
     return torch.cat([fn(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
 
 
-# Per-class FD rests on n / classes samples a side: fewer jackknife groups than FD's default, so
-# that classes of 20 samples or more get a value with a standard error.
-PER_CLASS_FD_GROUPS = 10
-
-
 @dataclass
 class FeatureReference:
     """Held-out images in a feature network's space: what samples and the floor are scored against."""
@@ -438,25 +439,27 @@ class FeatureReference:
         held_labels = labels.cpu() if labels is not None else None
         return cls(net, features, held_labels, list(source.class_names), batch_size)
 
-    def score(self, row: EvalRow, images: Tensor, labels: Tensor | None) -> None:
+    def score(self, row: EvalRow, images: Tensor, labels: Tensor | None) -> str | None:
         """Fill `row`'s feature scores (and, given the labels they were generated for, class
-        fidelity and per-class FD) for `images`."""
+        fidelity and per-class FD) for `images`; returns why per-class FD was left out, if it was."""
         features = in_batches(self.net.features, images, self.batch_size)
         row.scores = score_features(self.features, features)
         if labels is None or self.labels is None:
-            return
+            return None
         labels = labels.cpu()
-        predicted = in_batches(self.net.logits, images, self.batch_size).argmax(1)
-        row.class_fidelity = proportion((predicted == labels).double().mean().item(), len(labels))
-        for k, name in enumerate(self.class_names):
-            real, fake = self.features[self.labels == k], features[labels == k]
-            if min(len(real), len(fake)) >= 2 * PER_CLASS_FD_GROUPS:  # what FD's jackknife needs
-                row.per_class_fd[name] = frechet_distance(real, fake, groups=PER_CLASS_FD_GROUPS)
-
-
-def proportion(p: float, n: int) -> Estimate:
-    """A proportion of n independent trials with its binomial standard error."""
-    return Estimate(p, (p * (1 - p) / n) ** 0.5, n)
+        row.class_fidelity = class_fidelity(in_batches(self.net.logits, images, self.batch_size), labels)
+        needed = max(2 * FD_JACKKNIFE_GROUPS, self.net.dim + 1)  # a jackknife and a full-rank covariance
+        fewest = min(
+            int(min((self.labels == k).sum(), (labels == k).sum())) for k in range(len(self.class_names))
+        )
+        if fewest < needed:
+            return (
+                f"per-class FD left out: it needs {needed} samples of each class on each side, the rarest "
+                f"class has {fewest} (n = {len(labels)} over {len(self.class_names)} classes; raise --n)"
+            )
+        by_index = per_class_fd(self.features, self.labels, features, labels)
+        row.per_class_fd = {self.class_names[k]: estimate for k, estimate in by_index.items()}
+        return None
 
 
 def evaluate(
@@ -505,7 +508,9 @@ def evaluate(
                     method.label, method.kind, method.steps, method.nfe, result.value, result.stderr, guidance
                 )
                 if reference is not None:
-                    reference.score(row, samples, labels)
+                    note = reference.score(row, samples, labels)
+                    if note and note not in report.notes:
+                        report.notes.append(note)
                 on_progress()
                 report.rows.append(row)
                 if progress is not None:

@@ -187,6 +187,8 @@ def eval_command(
             )
         if report.features is not None:
             console.print(f"features: {report.features}")
+        for note in report.notes:
+            console.print(f"{e.name}: {note}")
     for out in outputs:
         console.print(f"wrote {out.json}, {out.samples} and {out.quality}")
     if joint is not None:
