@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter
 from PIL import Image
 from torch import Tensor
 
@@ -207,7 +207,7 @@ def save_quality_vs_nfe(
         axes.axhline(value, color="black", linestyle="--", linewidth=1, label="data vs data")
         axes.axhspan(value - stderr, value + stderr, color="black", alpha=0.08)
     axes.set_xscale("log", base=2)
-    axes.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4, ... rather than 2^0, 2^1, ...
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 1, 2, 4, not 2^0
     axes.set_xlabel("network evaluations per sample (NFE)")
     axes.set_ylabel(ylabel)
     axes.legend(fontsize="small")
