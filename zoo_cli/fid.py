@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from zoo.config.schema import MAX_BATCH, MAX_GUIDANCE, MAX_NFE, MAX_SEED
-from zoo.output_paths import check_writable_dir, check_writable_file, no_cache_notice
+from zoo.output_paths import check_writable_file, no_cache_notice
 from zoo_cli.errors import err_console, fail, user_errors
 from zoo_cli.evaluate import MAX_FID_SAMPLES
 from zoo_cli.options import DeviceOption, ThreadsOption
@@ -97,22 +97,16 @@ def fid_command(
     from zoo.data.latents import is_latent_data, latent_vae_name, load_decoder
     from zoo.devices import resolve_device
     from zoo.inference import load_model
-    from zoo.metrics.inception import InceptionV3, default_stats_cache, folder_reference, load_reference
+    from zoo.metrics.inception import InceptionV3, default_stats_cache
     from zoo.models.vae import decode_latents
     from zoo.runs import atomic_write_json
-    from zoo.scoring import score_model
+    from zoo.scoring import open_reference, reference_statistics, score_model
 
     with user_errors():
-        reference = None
-        cache = None
-        if ref.is_dir():  # its statistics, an hour's work for ImageNet, are cached where they can be
-            cache = check_writable_dir(stats_cache, "--stats-cache") if stats_cache else default_stats_cache()
-            if cache is None:
-                err_console.print(f"[yellow]{escape(no_cache_notice())}[/]", highlight=False)
-        else:
-            reference = load_reference(ref)  # a missing or wrong file: exit 2 naming what to fetch
-            if resize not in (None, reference.resize):
-                raise fail(f"--resize {resize}: {ref} was computed with resize={reference.resize}")
+        cache = stats_cache or default_stats_cache()
+        reference = open_reference(ref, resize, cache)
+        if reference is None and cache is None:
+            err_console.print(f"[yellow]{escape(no_cache_notice())}[/]", highlight=False)
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
@@ -146,24 +140,18 @@ def fid_command(
             TimeRemainingColumn(),
             console=make_console(stderr=True),
         ) as progress:
-            if reference is None:
-                side = model.data_shape[-1] * (decoder.downsample_factor if decoder is not None else 1)
-                task = progress.add_task("reference statistics", total=None)
-
-                def started(total: int, cached: bool) -> None:
-                    progress.update(task, total=total, completed=total if cached else 0)
-
-                reference = folder_reference(
-                    ref,
-                    extractor,
-                    side,
-                    cache,
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    limit=ref_limit,
-                    on_start=started,
-                    on_items=lambda k: progress.advance(task, k),
-                )
+            side = model.data_shape[-1] * (decoder.downsample_factor if decoder is not None else 1)
+            reference = reference_statistics(
+                ref,
+                reference,
+                extractor,
+                side,
+                cache,
+                progress,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                limit=ref_limit,
+            )
             task = progress.add_task(f"{method.label}, {n} samples", total=n)
             scores = score_model(
                 model,

@@ -26,7 +26,9 @@ app = typer.Typer(
 app.command(help="Train a model from a preset or TOML file, with key=value overrides.")(train)
 app.command(help="Generate samples from a checkpoint (PNG + .npz).")(sample)
 app.command(
-    "eval", help="Energy distance of every sampler against held-out data; FID with --fid (CIFAR-10)."
+    "eval",
+    help="Every sampler's quality vs NFE (images: FD, KID, precision, recall in a classifier's features; "
+    "energy distance) beside the data floor; several runs compared in one table; FID with --fid.",
 )(eval_command)
 app.command(
     "fid",

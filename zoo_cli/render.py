@@ -51,21 +51,25 @@ def print_config(console: Console, cfg: ZooConfigBody, title: str = "resolved co
     console.print(Syntax(config_to_toml(cfg), "toml", theme="ansi_dark", background_color="default"))
 
 
-def eval_table(report: "EvalReport", title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("sampler")
-    table.add_column("NFE", justify="right")
-    table.add_column(f"energy distance (n={report.n_samples})", justify="right")
-    table.add_column("± s.e.", justify="right")
-    best = min((r.energy_distance for r in report.rows), default=None)
-    for row in report.rows:
-        style = "bold green" if row.energy_distance == best else ""
-        table.add_row(
-            row.method, str(row.nfe), f"{row.energy_distance:.5f}", f"{row.stderr:.5f}", style=style
-        )
-    if report.noise_floor:
-        floor = report.noise_floor
-        table.add_row(
-            "data vs data (floor)", "–", f"{floor.energy_distance:.5f}", f"{floor.stderr:.5f}", style="dim"
-        )
+def eval_table(runs: "list[tuple[str, EvalReport]]", title: str) -> Table:
+    """Every row of one or several named evaluations (of one dataset, at one n), the first's
+    data-vs-data floor last; the best row of each run by its headline metric (FD for images,
+    else energy distance) in bold."""
+    from zoo.evaluation import row_cells, table_columns, value_of
+
+    reports = [report for _, report in runs]
+    columns = table_columns(reports)
+    several = len(runs) > 1
+    table = Table(title=title, caption=f"n = {reports[0].n_samples} samples per row")
+    for column in ["run"] * several + columns:
+        table.add_column(column, justify="left" if column in ("run", "sampler") else "right")
+    for name, report in runs:
+        metric = report.headline_metric
+        best = min((value_of(r, metric)[0] for r in report.rows), default=None)
+        for row in report.rows:
+            style = "bold green" if value_of(row, metric)[0] == best else ""
+            table.add_row(*[name] * several, *row_cells(row, columns), style=style)
+    floor = reports[0].noise_floor
+    if floor:
+        table.add_row(*["–"] * several, *row_cells(floor, columns), style="dim")
     return table

@@ -232,13 +232,12 @@ def command_line(preset: str | None, overrides: list[str], flags: dict[str, Any]
 def report_run(run: RunDir) -> None:
     import json
 
-    from zoo.evaluation import EvalReport, EvalRow
+    from zoo.evaluation import EvalReport
 
     data = json.loads(run.eval_json.read_text())
-    report = EvalReport(n_samples=data["n_samples"], rows=[EvalRow(**r) for r in data["rows"]])
-    if data["noise_floor"]:
-        report.noise_floor = EvalRow(**data["noise_floor"])
-    console.print(eval_table(report, title=f"{run.name} at step {data['step']}"))
+    console.print(
+        eval_table([(run.name, EvalReport.from_dict(data))], title=f"{run.name} at step {data['step']}")
+    )
     console.print(f"run folder: [bold]{run.root}[/]  (samples: {run.samples / 'final.png'})")
 
 

@@ -306,6 +306,12 @@ class EvalConfig(Section):
     batch_size: int = Field(500, ge=1, le=MAX_BATCH)
     grid_size: int = Field(64, ge=1, le=1024, description="images in a sample grid")
     guidance: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE)
+    features: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="score samples by FD, KID, precision and recall in the feature space of zoo's classifier "
+        "for the dataset (trained and cached on first use): auto = for labelled image data; off = energy "
+        "distance only",
+    )
 
 
 class TrackingConfig(Section):

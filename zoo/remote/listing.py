@@ -31,9 +31,10 @@ from zoo.remote.submission import stopped_path
 from zoo.remote.sync import REGISTRY_MIRROR, read_manifest
 from zoo.runs import CHECKPOINT_PATTERN, HEARTBEAT_STATUSES, json_object
 
-# Which metric a table shows, in order of preference: the headline numbers of zoo's evaluations,
-# and among them the 1-step MeanFlow sampler (the point of the method).
-KEY_METRIC_PREFERENCE = ("fid", "energy", "loss")
+# Which metric a table shows, in order of preference: the headline numbers of zoo's evaluations
+# (FID, then the feature-space FD of images, then energy distance), and among them the 1-step
+# MeanFlow sampler (the point of the method).
+KEY_METRIC_PREFERENCE = ("fid", "eval/fd_", "energy", "loss")
 HEADLINE_SAMPLER = "meanflow_1"
 
 
@@ -112,6 +113,9 @@ def eval_json_metrics(data: dict[str, Any]) -> dict[str, float]:
             if isinstance(row.get(key), (int, float)):
                 name = "fid" if key == "fid" else "energy"
                 flat[f"eval/{name}_{row.get('kind')}_{row.get('steps')}"] = float(row[key])
+        fd = row.get("scores", {}).get("fd", {}).get("value")
+        if isinstance(fd, (int, float)):
+            flat[f"eval/fd_{row.get('kind')}_{row.get('steps')}"] = float(fd)
     return flat
 
 

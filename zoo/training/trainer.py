@@ -27,11 +27,12 @@ from zoo.config.loading import ConfigError, check_batch_split, config_to_dict, c
 from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource, build_data
 from zoo.devices import autocast_dtype, enable_cuda_tf32, resolve_device
-from zoo.evaluation import EvalReport, Method, evaluate
+from zoo.evaluation import EvalReport, Method, evaluate, feature_net_for, headline_method, wants_features
 from zoo.experiment_log import append_run_entry
 from zoo.interrupts import StopRequested, StopSignals
 from zoo.losses import Loss, build_loss
 from zoo.losses.base import metrics_to_floats
+from zoo.metrics.features import FeatureNet
 from zoo.models import build_model
 from zoo.models.base import FlowModel
 from zoo.output_paths import check_writable_file
@@ -52,7 +53,7 @@ from zoo.training.ema import EMA
 from zoo.training.jvp_plan import JvpPlan, plan_run
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
-from zoo.training.progress import PhaseHeartbeat, TrainProgress
+from zoo.training.progress import PhaseHeartbeat, TrainProgress, step_bar
 from zoo.training.step_graph import GraphedLossBackward
 from zoo.training.visuals import save_loss_plot, save_samples
 
@@ -104,6 +105,8 @@ class TrainState:
     # Rank 0's losses since its last logged record (train/loss_avg): in the checkpoint, so that a run
     # resumed between two log steps logs the same average as one that never stopped.
     loss_window: list[float] = field(default_factory=list)
+    # Rank 0, image data: the classifier whose feature space evaluations score samples in.
+    feature_net: FeatureNet | None = None
 
     @property
     def is_meanflow(self) -> bool:
@@ -435,6 +438,7 @@ def run_evaluation(state: TrainState, run: RunDir, final: bool, progress: TrainP
         with_floor=final,
         progress=progress.rich,
         on_progress=PhaseHeartbeat(run, "eval"),
+        feature_net=state.feature_net,
     )
 
 
@@ -516,6 +520,11 @@ def start_and_train(
         restore(state, payload)
         check_steps_left(state, run)
         jvp = plan_run(cfg, device, kept_mode=payload["jvp_mode"])
+    if main and wants_features(cfg.eval, state.source):
+        # Trained on first use (minutes): before the run folder exists, so a dataset without one,
+        # or too small an eval.n_samples, stops the run before it starts.
+        with step_bar(console, f"feature network for {cfg.data.name}") as on_step:
+            state.feature_net = feature_net_for(cfg.eval, state.source, cfg.data, device, on_step)
     use_jvp_plan(state, jvp, console if main else None)
     plan = fit_batch_in_memory(state, console)
     stops.check(device)  # a signal during the memory probe: stop now, before the folder is written
@@ -731,12 +740,14 @@ def log_and_save(
 
 
 def log_evaluation(state: TrainState, run: RunDir, tracker: Tracker, report: EvalReport, tag: str) -> None:
+    cfg = state.cfg
     image, caption = save_samples(
         state.ema.model,
         state.source,
-        state.is_meanflow,
+        headline_method(cfg.eval, state.is_meanflow),  # the sampler `zoo eval` pictures
         run.samples / f"{tag}.png",
-        state.cfg,
+        cfg.eval,
+        seed=cfg.seed + 1,
         on_batch=PhaseHeartbeat(run, "eval"),
     )
     # The record last: it marks the evaluation complete (evaluated_at).
