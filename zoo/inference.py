@@ -23,7 +23,7 @@ class LoadedModel:
 
     @property
     def is_meanflow(self) -> bool:
-        return self.cfg.loss.kind == "meanflow"
+        return self.cfg.loss.average_velocity
 
 
 def load_model(path: str | Path, device: torch.device, use_ema: bool = True) -> LoadedModel:

@@ -54,14 +54,46 @@ class DataConfig(Section):
     )
 
 
-class MLPConfig(Section):
+TimeInputs = Literal["t_h", "t_r", "h"]
+
+
+class NetworkConditioning(Section):
+    """What every zoo network can be conditioned on, and its optional auxiliary velocity head."""
+
+    time_inputs: TimeInputs = Field(
+        "t_h",
+        description="the times the network embeds: t_h = t and t - r (MeanFlow's), t_r = t and r, "
+        "h = t - r alone (iMF's; the noise level is then read from z)",
+    )
+    guidance_inputs: bool = Field(
+        False,
+        description="also condition on the guidance scale omega and its interval [t_min, t_max] "
+        "(iMF; class-conditional models): guidance is then chosen at sampling time",
+    )
+    v_head: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="blocks duplicated into an auxiliary instantaneous-velocity head (loss.kind=imf): "
+        "DiT's last k blocks, the U-Net's last k decoder blocks, the MLP's last k residual blocks, "
+        "each copy with its own output layer; 0 = none. Sampling never runs it",
+    )
+
+
+class MLPConfig(NetworkConditioning):
     arch: Literal["mlp"] = "mlp"
     hidden: int = Field(256, ge=8, le=8192)
     depth: int = Field(4, ge=1, le=32)
     time_embed_dim: int = Field(64, ge=8, le=4096)
 
+    @model_validator(mode="after")
+    def _v_head_fits(self) -> "MLPConfig":
+        if self.v_head > self.depth:
+            raise ValueError(f"v_head={self.v_head} duplicates more blocks than depth={self.depth} has")
+        return self
 
-class UNetConfig(Section):
+
+class UNetConfig(NetworkConditioning):
     arch: Literal["unet"] = "unet"
     channels: int = Field(128, ge=8, le=1024)
     channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(
@@ -81,6 +113,16 @@ class UNetConfig(Section):
             raise ValueError(
                 f"num_groups={self.num_groups} must divide every channel width {sorted(widths)}; "
                 f"it does not divide {bad}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _v_head_fits(self) -> "UNetConfig":
+        top = self.blocks_per_res + 1  # decoder blocks at the input resolution, after the last up-block
+        if self.v_head > top:
+            raise ValueError(
+                f"v_head={self.v_head} must not exceed the {top} decoder blocks at full resolution "
+                f"(blocks_per_res + 1)"
             )
         return self
 
@@ -105,7 +147,7 @@ def dit_size_fields(size: str) -> dict[str, int]:
     return {"hidden": hidden, "depth": depth, "heads": heads, "patch_size": int(patch)}
 
 
-class DiTConfig(Section):
+class DiTConfig(NetworkConditioning):
     arch: Literal["dit"] = "dit"
     size: DiTSize | None = Field(
         None,
@@ -140,6 +182,12 @@ class DiTConfig(Section):
             raise ValueError(f"heads={self.heads} must divide hidden={self.hidden}")
         return self
 
+    @model_validator(mode="after")
+    def _v_head_fits(self) -> "DiTConfig":
+        if self.v_head > self.depth:
+            raise ValueError(f"v_head={self.v_head} duplicates more blocks than depth={self.depth} has")
+        return self
+
 
 ModelConfig = Annotated[MLPConfig | UNetConfig | DiTConfig, Field(discriminator="arch")]
 
@@ -148,8 +196,13 @@ JvpMode = Literal["auto", "primal", "fused", "selective", "nograd", "full_batch"
 TRAINING_JVP_MODES = ("fused", "nograd")
 
 
+# Objectives whose network learns the average velocity u(z, t, r) (sampled in 1 or a few jumps);
+# every one of them computes a JVP for at least part of training.
+AVERAGE_VELOCITY_LOSSES = ("meanflow", "imf", "alphaflow")
+
+
 class LossConfig(Section):
-    kind: Literal["meanflow", "flow_matching"] = "meanflow"
+    kind: Literal["meanflow", "flow_matching", "imf", "alphaflow"] = "meanflow"
     ratio: float = Field(0.75, ge=0.0, le=1.0, description="fraction of samples with r != t")
     time_sampler: Literal["logit_normal", "uniform"] = "logit_normal"
     time_mu: float = Field(-0.4, ge=-10, le=10, description="logit-normal mean")
@@ -186,6 +239,43 @@ class LossConfig(Section):
     guidance_kappa: float = Field(0.0, ge=0.0, lt=1.0)
     guidance_t_min: float = Field(0.0, ge=0.0, le=1.0)
     guidance_t_max: float = Field(1.0, ge=0.0, le=1.0)
+    # iMF: guidance as a condition (model.guidance_inputs), drawn per sample in training.
+    omega_max: float = Field(8.0, ge=1.0, le=100.0, description="iMF: omega is drawn on [1, omega_max]")
+    omega_power: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        description="iMF: omega = omega_max ** (U ** omega_power), U ~ U(0, 1); 1 = log-uniform, "
+        "> 1 puts more mass near omega = 1",
+    )
+    # alpha-Flow: alpha falls from 1 to 0 along a sigmoid over the fraction of training done.
+    alpha_start: float = Field(
+        0.1, ge=0.0, le=1.0, description="alphaflow: fraction of training where alpha leaves 1"
+    )
+    alpha_end: float = Field(
+        0.7, ge=0.0, le=1.0, description="alphaflow: fraction of training where alpha reaches 0"
+    )
+    alpha_steepness: float = Field(10.0, gt=0.0, le=100.0, description="alphaflow: the sigmoid's steepness")
+    alpha_threshold: float = Field(
+        0.005,
+        ge=0.0,
+        lt=1.0,
+        description="alphaflow: below this alpha the step uses MeanFlow's JVP target instead",
+    )
+
+    @property
+    def average_velocity(self) -> bool:
+        """Whether this objective trains u(z, t, r) for one-step jumps (not flow matching)."""
+        return self.kind in AVERAGE_VELOCITY_LOSSES
+
+    @model_validator(mode="after")
+    def _alpha_schedule_ordered(self) -> "LossConfig":
+        if self.alpha_start >= self.alpha_end:
+            raise ValueError(
+                f"alpha_start={self.alpha_start} must be below alpha_end={self.alpha_end} "
+                "(the fractions of training where alpha leaves 1 and reaches 0)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _guidance_interval_ordered(self) -> "LossConfig":

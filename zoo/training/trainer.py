@@ -103,7 +103,7 @@ class TrainState:
 
     @property
     def is_meanflow(self) -> bool:
-        return self.cfg.loss.kind == "meanflow"
+        return self.cfg.loss.average_velocity
 
 
 def rank_batch_size(cfg: ZooConfigBody) -> int:
