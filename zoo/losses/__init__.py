@@ -6,6 +6,7 @@
 """
 
 from zoo.config.schema import LossConfig
+from zoo.losses.alphaflow import AlphaFlowLoss
 from zoo.losses.base import Draws, Loss, LossOutput
 from zoo.losses.flow_matching import FlowMatchingLoss
 from zoo.losses.imf import ImprovedMeanFlowLoss
@@ -21,10 +22,13 @@ def build_loss(cfg: LossConfig) -> Loss:
         return FlowMatchingLoss(cfg)
     if cfg.kind == "imf":
         return ImprovedMeanFlowLoss(cfg)
-    raise ValueError(f"unknown loss kind {cfg.kind!r}; use 'meanflow', 'imf' or 'flow_matching'")
+    if cfg.kind == "alphaflow":
+        return AlphaFlowLoss(cfg)
+    raise ValueError(f"unknown loss kind {cfg.kind!r}; use 'meanflow', 'imf', 'alphaflow' or 'flow_matching'")
 
 
 __all__ = [
+    "AlphaFlowLoss",
     "JVP_MODES",
     "Draws",
     "FlowMatchingLoss",

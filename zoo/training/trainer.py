@@ -339,6 +339,7 @@ def train_step(state: TrainState) -> dict[str, float]:
     cfg = state.cfg
     model, optimizer = state.model, state.optimizer
     state.source.batch_size = rank_batch_size(cfg) // state.micro_batches
+    state.loss_fn.set_progress(state.step, cfg.train.steps)
     sums: dict[str, torch.Tensor] = {}
     for _ in range(state.micro_batches):
         for key, value in micro_batch_backward(state).items():
