@@ -19,7 +19,7 @@ from zoo.metrics.energy import energy_distance
 from zoo.metrics.fid import FidBackend, fid_of_generator
 from zoo.models.base import FlowModel
 from zoo.solvers.ode import get_solver, steps_for_nfe
-from zoo.solvers.samplers import sample_meanflow, sample_ode
+from zoo.solvers.samplers import Guidance, sample_meanflow, sample_ode, sampler_guidance
 
 
 @contextlib.contextmanager
@@ -164,7 +164,7 @@ def generate(
     method: Method,
     noise: Tensor,
     labels: Tensor | None,
-    guidance: float,
+    guidance: "float | Guidance",
     batch_size: int,
     on_batch: Callable[[], None] = no_progress,
 ) -> Tensor:
@@ -223,7 +223,7 @@ def evaluate(
     with eval_mode(model):
         for method in methods:
             samples = generate(
-                model, method, noise, labels, cfg.guidance, cfg.batch_size, on_batch=on_progress
+                model, method, noise, labels, sampler_guidance(cfg), cfg.batch_size, on_batch=on_progress
             )
             result = energy_distance(samples, held_out)
             on_progress()
@@ -262,7 +262,7 @@ def evaluate_fid(
     backend: FidBackend,
     n: int,
     batch_size: int,
-    guidance: float,
+    guidance: "float | Guidance",
     seed: int = 0,
     on_batch: Callable[[], None] = no_progress,
 ) -> FidInfo:

@@ -12,6 +12,7 @@ from zoo.output_paths import check_writable_file
 from zoo.runs import atomic_write_json
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.render import eval_table, make_console
+from zoo_cli.sample import parse_interval, sampling_guidance
 
 console = make_console()
 
@@ -38,6 +39,21 @@ def eval_command(
     ] = None,
     threads: Annotated[
         int | None, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="guidance scale (default: the run's eval.guidance): classifier-free, or the model's input "
+            "for models trained with guidance as a condition (iMF)",
+        ),
+    ] = None,
+    guidance_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--guidance-interval",
+            help="times a,b guidance acts on, for models trained with guidance as a condition (iMF)",
+        ),
     ] = None,
     fid: Annotated[
         bool,
@@ -85,6 +101,7 @@ def eval_command(
     from zoo.evaluation import default_methods, evaluate, evaluate_fid, headline_method
     from zoo.inference import load_model
     from zoo.metrics.fid import fid_reference, load_fid_backend
+    from zoo.solvers.samplers import sampler_guidance
 
     # None defaults tell an option given from one left out, even when given its default value.
     fid_options = {
@@ -99,6 +116,7 @@ def eval_command(
     fid_n = fid_n if fid_n is not None else FID_STANDARD_N
     json_out = json_out or checkpoint.with_name(f"eval_{checkpoint.stem}_seed{seed}.json")
     picture = json_out.with_suffix(".png")
+    interval = parse_interval(guidance_interval)
     with user_errors():
         # Every output and every FID prerequisite is checked before any sampling.
         check_writable_file(json_out, "--json")
@@ -109,6 +127,10 @@ def eval_command(
         loaded = load_model(checkpoint, dev)
         cfg = loaded.cfg
         eval_cfg = cfg.eval.model_copy(update={"n_samples": n}) if n else cfg.eval
+        chosen = sampling_guidance(loaded, guidance, interval)
+        eval_cfg = eval_cfg.model_copy(
+            update={"guidance": chosen.scale, "guidance_interval": chosen.interval}
+        )
         try:
             shown = headline_method(eval_cfg, loaded.is_meanflow, fid_solver, fid_nfe)
         except ValueError as exc:
@@ -138,7 +160,7 @@ def eval_command(
                     backend,
                     fid_n,
                     fid_batch_size or eval_cfg.batch_size,
-                    eval_cfg.guidance,
+                    sampler_guidance(eval_cfg),
                     seed=seed,
                     on_batch=lambda: progress.advance(task),
                 )
@@ -162,11 +184,12 @@ def save_samples_picture(model, method, eval_cfg, source, path: Path, seed: int,
     eval.grid_size images, or for 2-D data eval.n_samples points over held-out points."""
     from zoo.evaluation import draw_noise_and_labels, generate
     from zoo.plotting import save_image_grid, save_scatter
+    from zoo.solvers.samplers import sampler_guidance
 
     device = next(model.parameters()).device
     count = eval_cfg.n_samples if len(model.data_shape) == 1 else eval_cfg.grid_size
     noise, labels = draw_noise_and_labels(model, count, device, seed)
-    samples = generate(model, method, noise, labels, eval_cfg.guidance, eval_cfg.batch_size)
+    samples = generate(model, method, noise, labels, sampler_guidance(eval_cfg), eval_cfg.batch_size)
     if len(model.data_shape) == 1:
         save_scatter(samples, path, reference=source.held_out(eval_cfg.n_samples).float().cpu(), title=title)
     else:

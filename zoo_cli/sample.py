@@ -19,6 +19,7 @@ from zoo_cli.render import make_console
 if TYPE_CHECKING:
     from zoo.config.schema import EvalConfig
     from zoo.evaluation import Method
+    from zoo.inference import LoadedModel
 
 console = make_console()
 
@@ -82,6 +83,32 @@ def samples_per_class(n: int | None, classes: list[int]) -> int:
     return n // len(classes)
 
 
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """'0.4,0.6' -> (0.4, 0.6): --guidance-interval's times, 0 <= a <= b <= 1."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise fail(f"--guidance-interval takes two times a,b such as 0.4,0.6, got {text!r}") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise fail(f"--guidance-interval {text}: the times must satisfy 0 <= a <= b <= 1")
+    return low, high
+
+
+def sampling_guidance(loaded: "LoadedModel", scale: float | None, interval: tuple[float, float] | None):
+    """zoo.solvers.samplers.resolve_guidance for a loaded run, its refusal as one line (exit 2)."""
+    from zoo.solvers.samplers import resolve_guidance
+
+    omega_max = loaded.cfg.loss.omega_max if loaded.cfg.loss.kind == "imf" else None
+    try:
+        return resolve_guidance(loaded.model, loaded.cfg.eval, scale, interval, omega_max)
+    except ValueError as exc:
+        option = "--guidance-interval" if "interval" in str(exc) else "--guidance"
+        raise fail(f"{option}: {exc}") from None
+
+
 def resolve_checkpoint_path(checkpoint: Path) -> Path:
     """A run folder stands for its last.pt."""
     return checkpoint / "last.pt" if checkpoint.is_dir() else checkpoint
@@ -143,7 +170,17 @@ def sample(
     guidance: Annotated[
         float | None,
         typer.Option(
-            min=0.0, help="classifier-free guidance scale (1 = none; default: the run's eval.guidance)"
+            min=0.0,
+            help="guidance scale (1 = none; default: the run's eval.guidance): classifier-free, or the "
+            "model's input for models trained with guidance as a condition (iMF)",
+        ),
+    ] = None,
+    guidance_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--guidance-interval",
+            help="times a,b (0 <= a <= b <= 1) guidance acts on, for models trained with guidance as a "
+            "condition (iMF); default: the run's eval.guidance_interval, else 0,1",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
@@ -171,6 +208,7 @@ def sample(
             n = n or DEFAULT_N
         if solver not in (None, "meanflow"):
             check_method_args(nfe, solver)
+        interval = parse_interval(guidance_interval)
         if out is not None:
             if out.suffix.lower() != ".png":
                 raise fail(f"--out must end in .png, got {out}")
@@ -195,10 +233,7 @@ def sample(
         dev = resolve_device(device)
         loaded = load_model(checkpoint, dev, use_ema=not raw)
         model = loaded.model
-        if guidance not in (None, 1.0) and not model.num_classes:
-            raise fail(f"--guidance {guidance} needs a class-conditional model; this one is unconditional")
-        if guidance is None:  # as the run's training grids and `zoo eval` sample it
-            guidance = loaded.cfg.eval.guidance if model.num_classes else 1.0
+        guidance = sampling_guidance(loaded, guidance, interval)
         option = "--class" if label is not None else "--classes"
         if classes is not None and not model.num_classes:
             raise fail(f"{option} given, but this model is unconditional")
@@ -238,7 +273,7 @@ def sample(
             "samples": samples.numpy(),
             "nfe": np.array(method.nfe),
             "step": np.array(loaded.step),
-            "guidance": np.array(guidance),
+            "guidance": np.array(guidance.scale),
         }
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()
@@ -249,7 +284,9 @@ def sample(
         npz = io.BytesIO()
         np.savez(npz, **arrays)
         atomic_write_bytes(out.with_suffix(".npz"), npz.getvalue())
-    guided = f", guidance {guidance:g}" if guidance != 1.0 else ""
+    guided = f", guidance {guidance.scale:g}" if guidance.scale != 1.0 else ""
+    if guidance.interval is not None:
+        guided += f" on [{guidance.interval[0]:g}, {guidance.interval[1]:g}]"
     decoded = f", decoded by {decoder.name}" if decoder is not None else ""
     console.print(
         f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE{guided}"

@@ -366,6 +366,11 @@ class EvalConfig(Section):
     batch_size: int = Field(500, ge=1)
     grid_size: int = Field(64, ge=1, le=1024, description="images in a sample grid")
     guidance: float = Field(1.0, ge=0.0, le=20.0)
+    guidance_interval: tuple[float, float] | None = Field(
+        None,
+        description="models conditioned on guidance (model.guidance_inputs): the times [a, b] guidance acts "
+        "on; none = [0, 1]",
+    )
 
 
 class TrackingConfig(Section):

@@ -12,13 +12,11 @@ applies, each embedded like a time (`GuidanceEmbedding`).
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from zoo.config.schema import NetworkConditioning
+from zoo.config.schema import NetworkConditioning
 
 # Times live in [0, 1] and are fed to the sinusoids unscaled.  The DDPM habit of scaling t by
 # 1000 (frequencies up to 1000 rad per unit time) makes u very rough in t, and MeanFlow's target
@@ -184,7 +182,7 @@ def embed_conditions(
 
 
 def time_and_guidance_embeddings(
-    cfg: "NetworkConditioning", dim: int, freq_dim: int, num_classes: int
+    cfg: NetworkConditioning, dim: int, freq_dim: int, num_classes: int
 ) -> tuple[TimeIntervalEmbedding, GuidanceEmbedding | None]:
     """A network's time embedding (cfg.time_inputs) and, with cfg.guidance_inputs, its guidance
     embedding, which only a class-conditional model can use (guidance contrasts a class with none)."""

@@ -14,6 +14,7 @@ from zoo.evaluation import draw_noise_and_labels, eval_mode, generate, headline_
 from zoo.models.base import FlowModel
 from zoo.plotting import save_image_grid, save_loss_curve, save_scatter
 from zoo.runs import RunDir
+from zoo.solvers.samplers import sampler_guidance
 
 
 @torch.no_grad()
@@ -34,7 +35,7 @@ def save_samples(
     noise, labels = draw_noise_and_labels(model, n, device, seed=cfg.seed + 1)
     with eval_mode(model):
         samples = generate(
-            model, method, noise, labels, cfg.eval.guidance, cfg.eval.batch_size, on_batch=on_batch
+            model, method, noise, labels, sampler_guidance(cfg.eval), cfg.eval.batch_size, on_batch=on_batch
         )
     if source.is_image:
         image = save_image_grid(samples, path)
