@@ -27,7 +27,7 @@
 #                   with grad_accum=2
 # What each stage measured so far, and the calls that ran them: EXPERIMENT_LOG.md.
 #
-# The device tool allows 600 s a call and about 15 min a session, a machine start included; a
+# The device tool allows 600 s a call and about 15 min a lease, a machine start included; a
 # call made within 30 s of the last one finds the machine warm.  For example, ~900 s in all:
 #   call 1:  DEADLINE=560 OUT=$OUT bash scripts/gpu_checks.sh tests compile-bf16     (timeout_s 580)
 #   call 2, within 30 s:  DEADLINE=<left - 40> OUT=$OUT bash scripts/gpu_checks.sh torch-kernels profile

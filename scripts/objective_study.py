@@ -13,8 +13,10 @@ the mean and standard error over seeds.  The decision the study serves: is the o
 an objective at or below flow matching's best multi-step sample at equal training time?
 
 The networks are the fashion-mnist preset's U-Net (iMF adds its one-block v-head, as
-fashion-mnist-imf does).  Each run's score is `score_run`'s: today the energy distance to held-out
-images (zoo.evaluation); the image metrics (FD, KID, precision, recall) plug in there.
+fashion-mnist-imf does).  Each run is scored as `zoo eval` scores it (zoo.checkpoint_eval): FD,
+KID, precision and recall in the feature space of zoo's Fashion-MNIST classifier (trained and
+cached on first use, minutes on a CPU), energy distance too; the best guidance scale is the one
+of lowest mean FD.
 
     .venv/bin/python scripts/objective_study.py --budget-min 15 --seeds 0,1,2   # ~4 h on 2 cores
     .venv/bin/python scripts/objective_study.py --budget-s 20 --seeds 0 --n 64 --guidances 1,2 \\
@@ -32,11 +34,9 @@ from pathlib import Path
 
 import torch
 
+from zoo.checkpoint_eval import prepare
 from zoo.config import load_config
 from zoo.config.schema import ZooConfigBody
-from zoo.data import build_data
-from zoo.evaluation import default_methods, evaluate
-from zoo.inference import load_model
 from zoo.losses.alphaflow import alpha_at
 from zoo.training.trainer import build_state, train_run, train_step
 
@@ -101,60 +101,69 @@ def calibrate(objective: str, common: list[str], probe_steps: int) -> dict:
     return {"s_per_step": (1 - jvp_share) * blend + jvp_share * jvp, "jvp_share": jvp_share}
 
 
-def score_run(run_dir: Path, guidance: float, n: int, seed: int) -> list[dict]:
-    """Every sampler of one run at one guidance scale: energy distance to held-out images."""
-    loaded = load_model(run_dir / "last.pt", torch.device("cpu"))
-    eval_cfg = loaded.cfg.eval.model_copy(update={"n_samples": n, "guidance": guidance})
-    source = build_data(loaded.cfg.data, "cpu", loaded.cfg.seed, batch_size=eval_cfg.batch_size)
-    methods = default_methods(eval_cfg, loaded.is_meanflow)
-    report = evaluate(loaded.model, source, eval_cfg, meanflow=loaded.is_meanflow, seed=seed, methods=methods)
+METRICS = ("fd", "kid", "precision", "recall")  # FD decides; lower is better for FD and KID
+
+
+def score_run(run_dir: Path, guidances: list[float], n: int, seed: int) -> list[dict]:
+    """Every sampler of one run at every guidance scale, as `zoo eval` scores it: FD, KID,
+    precision and recall in the feature space of zoo's Fashion-MNIST classifier (trained and
+    cached on first use), and energy distance."""
+    e = prepare(run_dir / "last.pt", torch.device("cpu"), n, guidances=guidances)
+    e.load_features(lambda step, steps, loss: None)
+    report = e.run(seed)
+    if report.features is None:
+        raise SystemExit(f"{run_dir}: no feature scores ({report.notes}); the study needs image data")
     return [
-        {"method": r.method, "nfe": r.nfe, "score": r.energy_distance, "stderr": r.stderr}
+        {
+            "method": r.method,
+            "nfe": r.nfe,
+            "guidance": r.guidance,
+            **{m: r.scores[m].value for m in METRICS},
+            **{f"{m}_se": r.scores[m].stderr for m in METRICS},
+            "energy_distance": r.energy_distance,
+        }
         for r in report.rows
     ]
 
 
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and its standard error (nan with one seed)."""
+    stderr = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return statistics.mean(values), stderr
+
+
 def summarise(scores: list[dict]) -> list[dict]:
-    """Per objective and sampler: the guidance scale with the best mean over seeds, mean and s.e."""
-    groups: dict[tuple, dict[float, list[float]]] = {}
+    """Per objective and sampler: the guidance scale with the lowest mean FD over seeds, and at
+    that scale every metric's mean and standard error over seeds."""
+    groups: dict[tuple, dict[float, list[dict]]] = {}
     for s in scores:
-        groups.setdefault((s["objective"], s["method"], s["nfe"]), {}).setdefault(s["guidance"], []).append(
-            s["score"]
-        )
+        groups.setdefault((s["objective"], s["method"], s["nfe"]), {}).setdefault(s["guidance"], []).append(s)
     rows = []
     for (objective, method, nfe), by_guidance in groups.items():
-        best = min(by_guidance, key=lambda g: statistics.mean(by_guidance[g]))
-        values = by_guidance[best]
-        stderr = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-        rows.append(
-            {
-                "objective": objective,
-                "method": method,
-                "nfe": nfe,
-                "guidance": best,
-                "mean": statistics.mean(values),
-                "stderr": stderr,
-                "seeds": len(values),
-            }
-        )
+        best = min(by_guidance, key=lambda g: statistics.mean(s["fd"] for s in by_guidance[g]))
+        runs = by_guidance[best]
+        row = {"objective": objective, "method": method, "nfe": nfe, "guidance": best, "seeds": len(runs)}
+        for metric in (*METRICS, "energy_distance"):
+            row[metric], row[f"{metric}_se"] = mean_and_stderr([s[metric] for s in runs])
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["objective"], r["nfe"], r["method"]))
 
 
 def verdict(rows: list[dict]) -> list[str]:
-    """Each one-step objective's 1-NFE score against flow matching's best multi-step score: the gap
-    with its standard error over seeds (nan with one seed), so a difference within noise reads so."""
+    """Each one-step objective's 1-NFE FD against flow matching's best multi-step FD: the gap with
+    its standard error over seeds (nan with one seed), so a difference within noise reads so."""
     fm = [r for r in rows if r["objective"] == "flow_matching"]
     if not fm:
         return []
-    best = min(fm, key=lambda r: r["mean"])
-    score = f"{best['mean']:.5f} ± {best['stderr']:.5f}"
-    lines = [f"flow matching's best: {best['method']} ({best['nfe']} NFE) {score}"]
+    best = min(fm, key=lambda r: r["fd"])
+    fd = f"{best['fd']:.3f} ± {best['fd_se']:.3f}"
+    lines = [f"flow matching's best FD: {best['method']} ({best['nfe']} NFE) {fd}"]
     for r in rows:
         if r["nfe"] == 1 and r["objective"] != "flow_matching":
-            gap, stderr = r["mean"] - best["mean"], (r["stderr"] ** 2 + best["stderr"] ** 2) ** 0.5
+            gap, stderr = r["fd"] - best["fd"], (r["fd_se"] ** 2 + best["fd_se"] ** 2) ** 0.5
             lines.append(
-                f"{r['objective']} 1-NFE {r['mean']:.5f} ± {r['stderr']:.5f} (guidance {r['guidance']:g}): "
-                f"minus flow matching's best = {gap:+.5f} ± {stderr:.5f}"
+                f"{r['objective']} 1-NFE FD {r['fd']:.3f} ± {r['fd_se']:.3f} (guidance {r['guidance']:g}): "
+                f"minus flow matching's best = {gap:+.3f} ± {stderr:.3f}"
             )
     return lines
 
@@ -213,19 +222,21 @@ def main() -> None:
             name = f"{objective}-s{seed}"
             trained[name] = time.time() - tick
             log(f"trained {name}: {cfg.train.steps} steps in {trained[name]:.0f} s")
-            for guidance in guidances:
-                for row in score_run(run.root, guidance, args.n, seed):
-                    scores.append({"objective": objective, "seed": seed, "guidance": guidance, **row})
-                    log(
-                        f"  {name} guidance {guidance:g} {row['method']:18s} NFE {row['nfe']:3d} score "
-                        f"{row['score']:.5f} ± {row['stderr']:.5f}"
-                    )
+            for row in score_run(run.root, guidances, args.n, seed):
+                scores.append({"objective": objective, "seed": seed, **row})
+                log(
+                    f"  {name} guidance {row['guidance']:g} {row['method']:18s} NFE {row['nfe']:3d} "
+                    f"FD {row['fd']:.3f} ± {row['fd_se']:.3f}  KID {row['kid']:.4f}  "
+                    f"precision {row['precision']:.3f}  recall {row['recall']:.3f}"
+                )
     summary = summarise(scores)
-    log("summary (best guidance per sampler, mean ± s.e. over seeds):")
+    log("summary (the guidance of lowest mean FD per sampler; mean ± s.e. over seeds):")
     for r in summary:
         log(
             f"  {r['objective']:14s} {r['method']:18s} NFE {r['nfe']:3d} guidance {r['guidance']:<4g} "
-            f"{r['mean']:.5f} ± {r['stderr']:.5f} (n={r['seeds']})"
+            f"FD {r['fd']:.3f} ± {r['fd_se']:.3f}  KID {r['kid']:.4f} ± {r['kid_se']:.4f}  "
+            f"precision {r['precision']:.3f} ± {r['precision_se']:.3f}  "
+            f"recall {r['recall']:.3f} ± {r['recall_se']:.3f} (n={r['seeds']})"
         )
     for line in verdict(summary):
         log(line)
@@ -234,7 +245,7 @@ def main() -> None:
         "seeds": seeds,
         "guidances": guidances,
         "n": args.n,
-        "metric": "energy distance to held-out images",
+        "metric": "FD in the feature space of zoo's Fashion-MNIST classifier (also KID, precision, recall)",
         "calibration": calibration,
         "train_seconds": trained,
         "scores": scores,

@@ -1,14 +1,12 @@
 """Checkpoint files: atomic, weights_only-loadable, prefix-free, and clear errors when broken."""
 
 import os
-import threading
 import time
 
 import pytest
 import torch
 from torch import nn
 
-from zoo import checkpoints
 from zoo.checkpoints import (
     CheckpointError,
     checksum_path,
@@ -72,10 +70,17 @@ def test_run_folder_rules(tmp_path):
     assert not run.root.exists(), "checking a run writes nothing"
     run.root.mkdir()
     (run.root / "config.toml").write_text("x")
+    # Stopped before its first checkpoint: restartable with one flag, not by hand.
+    with pytest.raises(RunError, match="holds no checkpoint.*pass --restart"):
+        check_run(tmp_path, "r1", resume=False)
+    with pytest.raises(RunError, match="cannot resume run 'r1'.*afresh with --restart"):
+        check_run(tmp_path, "r1", resume=True)
+    assert check_run(tmp_path, "r1", resume=False, restart=True) == run
+    save_checkpoint(run.last, {"step": 1})
     with pytest.raises(RunError, match="already exists.*--resume"):
         check_run(tmp_path, "r1", resume=False)
-    with pytest.raises(RunError, match="cannot resume run 'r1'"):
-        check_run(tmp_path, "r1", resume=True)
+    with pytest.raises(RunError, match="--restart starts afresh only a run without checkpoints.*last.pt"):
+        check_run(tmp_path, "r1", resume=False, restart=True)
     with pytest.raises(RunError, match="cannot resume run 'other'"):
         check_run(tmp_path, "other", resume=True)
 
@@ -120,9 +125,13 @@ def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
     message = str(error.value)
     assert message.startswith(f"{path} does not match its checksum") and "last.pt.sha256" in message
     assert "damaged" in message and "step_*.pt" in message and "\n" not in message
-    # Without its sidecar the same file loads as before (nothing to check against).
+    # Without its sidecar the zip archive's own CRC-32 of the record catches it.
     checksum_path(path).unlink()
-    assert not torch.equal(load_checkpoint(path)["model"]["w"], weights)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path} is damaged (its record") and "fails its CRC check" in message
+    assert "step_*.pt" in message and "\n" not in message
 
 
 def test_intact_file_with_sidecar_loads_and_a_bad_sidecar_is_named(tmp_path):
@@ -159,47 +168,24 @@ def test_a_file_that_is_no_archive_is_named(tmp_path):
         load_checkpoint(path)
 
 
-def stop_between_writes(path, payload) -> bytes:
-    """What save_checkpoint does for a new checkpoint, stopped between its two writes: the new
-    sidecar in place and the new checkpoint's temporary file being written, not yet renamed."""
-    staged = path.with_name("staged.pt")
-    save_checkpoint(staged, payload)
-    checksum_path(path).write_text(checksum_path(staged).read_text().replace(staged.name, path.name))
-    path.with_name(f".{path.name}.tmp-4242").write_bytes(b"partly written")
-    return staged.read_bytes()
-
-
-def test_load_during_a_save_waits_for_the_new_checkpoint(tmp_path):
+def test_a_sidecar_older_than_its_file_is_the_previous_files(tmp_path):
+    """A save stopped between renaming the new file into place and writing its sidecar leaves the
+    previous sidecar beside the new file: the file loads at once, judged by its zip CRCs."""
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"step": 10, "model": {"w": torch.ones(10)}})
-    new_bytes = stop_between_writes(path, {"step": 20, "model": {"w": torch.zeros(10)}})
-
-    def finish_save():
-        time.sleep(0.5)
-        temporary = path.with_name(".last.pt.tmp-4242")
-        temporary.write_bytes(new_bytes)
-        temporary.replace(path)
-
-    saver = threading.Thread(target=finish_save)
-    saver.start()
-    try:
-        assert load_checkpoint(path)["step"] == 20
-    finally:
-        saver.join()
-
-
-def test_a_save_that_never_finishes_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoints, "SAVE_WAIT_S", 0.5)
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"step": 10, "model": {"w": torch.ones(10)}})
-    stop_between_writes(path, {"step": 20, "model": {"w": torch.zeros(10)}})
-    with pytest.raises(CheckpointError, match=r"a save is still writing it after 0.5 s"):
-        load_checkpoint(path)
-    # A temporary file left by a save killed long ago is no save in progress: damaged at once.
-    monkeypatch.setattr(checkpoints, "SAVE_WAIT_S", 600)
-    stale = time.time() - 3600
-    os.utime(path.with_name(".last.pt.tmp-4242"), (stale, stale))
+    previous_sidecar = checksum_path(path).read_text()
+    save_checkpoint(path, {"step": 20, "model": {"w": torch.zeros(10)}})
+    checksum_path(path).write_text(previous_sidecar)
+    later = path.stat().st_mtime_ns + 1_000_000_000
+    os.utime(path, ns=(later, later))
     started = time.monotonic()
-    with pytest.raises(CheckpointError, match="the file is damaged"):
-        load_checkpoint(path)
+    assert load_checkpoint(path)["step"] == 20
     assert time.monotonic() - started < 5
+    # The same stale sidecar beside a damaged file: refused, by the CRC.
+    weights = torch.arange(1000, dtype=torch.float32)
+    save_checkpoint(path, {"step": 30, "model": {"w": weights}})
+    checksum_path(path).write_text(previous_sidecar)
+    flip_byte(path, tensor_offset(path.read_bytes(), weights))
+    os.utime(path, ns=(later + 1, later + 1))
+    with pytest.raises(CheckpointError, match="does not match its checksum.*damaged"):
+        load_checkpoint(path)

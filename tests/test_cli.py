@@ -130,7 +130,7 @@ def test_run_name_collision_and_resume_rules(workdir):
     result = zoo("train", "moons", "--resume")
     assert result.exit_code == 2 and "--run-name" in result.output
     result = zoo("train", "moons", "--resume", "--run-name", "never-ran")
-    assert result.exit_code == 1 and "cannot resume" in result.output
+    assert result.exit_code == 2 and "cannot resume" in result.output
     result = zoo("train", "moons", "--resume", "--run-name", "dup", "loss.ratio=0.1", "--steps", "20")
     assert result.exit_code == 1 and "loss.ratio" in result.output
 

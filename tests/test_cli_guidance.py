@@ -87,3 +87,40 @@ def test_eval_takes_the_same_options(run, tmp_path):
     assert json_out.exists()
     bad = zoo("eval", run / "last.pt", "--guidance", 0.5, "--json", tmp_path / "f.json")
     assert bad.exit_code == 2 and not (tmp_path / "f.json").exists()
+
+
+def eval_json(run: Path, path: Path, *args: object) -> dict:
+    import json
+
+    result = zoo("eval", run / "last.pt", *args, "--json", path, "--n", 64, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    return json.loads(path.read_text()) | {"output": " ".join(result.output.split())}
+
+
+def test_eval_sweeps_guidance_on_one_interval_and_names_the_best(run, tmp_path):
+    sweep = eval_json(
+        run,
+        tmp_path / "sweep.json",
+        *["--guidance", 1, "--guidance", 2, "--guidance", 4],
+        "--guidance-interval",
+        "0.1,0.9",
+    )
+    rows = sweep["rows"]
+    assert sorted({r["guidance"] for r in rows}) == [1.0, 2.0, 4.0]
+    best = min(rows, key=lambda r: r["energy_distance"])
+    assert sweep["best"]["metric"] == "energy_distance"
+    assert (sweep["best"]["method"], sweep["best"]["guidance"]) == (best["method"], best["guidance"])
+    assert f"best: {best['method']}" in sweep["output"] and "← best" in sweep["output"]
+    for sampler, scale in sweep["best"]["guidance_by_sampler"].items():
+        mine = [r for r in rows if f"{r['kind']}_{r['steps']}" == sampler]
+        assert scale == min(mine, key=lambda r: r["energy_distance"])["guidance"]
+    # Each row is the evaluation of its own scale on the swept interval: the same as asked alone,
+    # and another interval gives other samples.
+    alone = eval_json(run, tmp_path / "alone.json", "--guidance", 2, "--guidance-interval", "0.1,0.9")
+    elsewhere = eval_json(run, tmp_path / "elsewhere.json", "--guidance", 2, "--guidance-interval", "0.5,0.6")
+
+    def at_2(report: dict) -> dict:
+        return {r["method"]: r["energy_distance"] for r in report["rows"] if r["guidance"] == 2.0}
+
+    assert at_2(alone) == at_2(sweep)
+    assert all(at_2(elsewhere)[m] != value for m, value in at_2(sweep).items())

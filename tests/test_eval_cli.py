@@ -42,6 +42,7 @@ TINY_DIGITS = [
     "eval.grid_size=16",
     "experiment_log=",
     "tracking.enabled=false",
+    "eval.features=off",  # 50 samples: energy distance (feature metrics: tests/test_eval_features.py)
     "--steps",
     "3",
     "--device",

@@ -145,3 +145,37 @@ def test_zoo_fid_scores_a_latent_run_against_a_folder(trained, tmp_path, monkeyp
     assert (saved["sampler"], saved["nfe"], saved["guidance"]) == ("MeanFlow 1-step", 1, 1.0)
     assert math.isfinite(saved["fid"]) and f"FID {saved['fid']:.3f}" in result.output
     assert len(list(tmp_path.glob("16px-none-*.npz"))) == 1  # the folder's statistics, cached
+
+
+def test_eval_pictures_decoded_images_and_plots_quality_vs_nfe(trained, tmp_path):
+    out = tmp_path / "e.json"
+    result = zoo("eval", trained["run"], "--n", 16, "--json", out, "--device", "cpu", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    # the same decoded 16 px grid as training's (undecoded 8 px latents would give 256 px, 8x)
+    assert np.asarray(Image.open(out.with_suffix(".png"))).shape[1] == 5 * 56
+    data = json.loads(out.read_text())
+    assert "features" not in data and data["rows"]  # latents: energy distance, no feature network
+    assert Image.open(tmp_path / "e_quality.png").size[0] > 300
+
+
+def test_eval_fid_of_a_latent_run_is_the_number_zoo_fid_gives(trained, tmp_path, monkeypatch):
+    """`zoo eval --fid --fid-ref` decodes and scores as `zoo fid` does (Inception replaced by the CNN)."""
+    monkeypatch.setattr(inception, "InceptionV3", lambda device, resize: TinyFeatures())
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    val = trained["root"] / "data" / "imagenet" / "val"
+    out = tmp_path / "e.json"
+    refused = zoo("eval", trained["run"], "--n", 16, "--fid", "--json", out, "--device", "cpu")
+    assert refused.exit_code == 2 and "add --fid-ref" in " ".join(refused.output.split()) and not out.exists()
+    fid_args = ["--fid", "--fid-ref", val, "--fid-n", 12, "--fid-batch-size", 5]
+    result = zoo("eval", trained["run"], "--n", 16, *fid_args, "--json", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    args = ["--ref", val, "--n", 12, "--batch-size", 5, "--out", tmp_path / "f.json", "--num-workers", 0]
+    alone = zoo(
+        "fid", trained["run"], *args, "--stats-cache", tmp_path / "cache" / "fid-stats", "--device", "cpu"
+    )
+    assert alone.exit_code == 0, alone.output
+    expected = json.loads((tmp_path / "f.json").read_text())
+    data = json.loads(out.read_text())
+    assert data["fid"]["value"] == pytest.approx(expected["fid"], rel=1e-9) and data["fid"]["n_samples"] == 12
+    row = next(r for r in data["rows"] if (r["kind"], r["steps"]) == ("meanflow", 1))
+    assert row["fid"] == data["fid"]["value"] and str(val) in data["fid"]["reference"]

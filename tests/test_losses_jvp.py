@@ -171,6 +171,12 @@ def test_cuda_graph_mode_refuses_cpu_with_a_clear_error() -> None:
         loss_fn(model, torch.randn(4, 2), None, gen())
 
 
+def test_fused_mode_refuses_a_network_that_cannot_run_on_duals() -> None:
+    loss_fn = MeanFlowLoss(LossConfig(jvp="fused", ratio=1.0))
+    with pytest.raises(ValueError, match="DropoutMLP is not one: use jvp='nograd'"):
+        loss_fn(DropoutMLP(), torch.randn(4, 2), None, gen())
+
+
 def test_auto_must_be_resolved_and_bad_modes_are_refused() -> None:
     with pytest.raises(ValueError, match="plan_run"):
         build_jvp("auto")

@@ -22,7 +22,13 @@ from zoo.models import build_model
 from zoo.runs import RunError
 from zoo.training import trainer
 from zoo.training.ema import EMA
-from zoo.training.memory import LiveTensorMeter, MemoryLimitError, plan_micro_batches
+from zoo.training.memory import (
+    LiveTensorMeter,
+    Measurement,
+    MemoryLimitError,
+    MemoryMeter,
+    plan_micro_batches,
+)
 from zoo_cli.main import app
 
 CPU = torch.device("cpu")
@@ -281,3 +287,41 @@ def test_zoo_train_without_auto_microbatch_exits_quickly_naming_the_largest_batc
     assert "largest batch that fits is" in result.output, result.output
     assert time.perf_counter() - started < 30
     assert not (tmp_path / "outputs" / "refused").exists()
+
+
+class SizeMeter(MemoryMeter):
+    """A stand-in for memory: a micro-batch of at most `largest` samples fits, at 1 kB a sample."""
+
+    def __init__(self, largest: int) -> None:
+        super().__init__(limit_bytes=largest * 1000)
+        self.largest = largest
+        self.sizes: list[int] = []  # what the probe was asked to run, in order
+
+    def measure(self, step) -> Measurement:
+        step()
+        return Measurement(self.sizes[-1] <= self.largest, self.sizes[-1] * 1000)
+
+
+def test_a_batch_with_few_divisors_is_refused_naming_the_nearest_that_split_well() -> None:
+    """65537 is prime: split evenly it needs 65537 micro-batches of 1 where 1024 fit."""
+    meter = SizeMeter(largest=1024)
+    with pytest.raises(MemoryLimitError) as caught:
+        plan_micro_batches(meter.sizes.append, meter, 65537, 1, allow_split=True)
+    message = str(caught.value)
+    assert "only into 65537 micro-batches of 1" in message and "micro-batches of 1024 fit" in message
+    assert "use train.batch_size=65520 or train.batch_size=65585 (65 micro-batches each)" in message
+    assert len(meter.sizes) < 40  # a binary search, not a probe per micro-batch count
+    for batch, size in [(65520, 1008), (65585, 1009), (65536, 1024)]:  # the sizes named, and 2**16
+        meter = SizeMeter(largest=1024)
+        plan = plan_micro_batches(meter.sizes.append, meter, batch, 1, allow_split=True)
+        assert (plan.micro_batches, plan.micro_batch_size) == (batch // size, size)
+
+
+def test_the_refusal_names_the_whole_batch_of_all_processes() -> None:
+    meter = SizeMeter(largest=300)
+    with pytest.raises(MemoryLimitError) as caught:  # 1018 = 2 x 509 per process, 2 processes
+        plan_micro_batches(meter.sizes.append, meter, 1018, 1, allow_split=True, processes=2)
+    assert "train.batch_size=2036 splits evenly only into 509 micro-batches of 2 per process" in str(
+        caught.value
+    )
+    assert "use train.batch_size=2032 or train.batch_size=2040 (4 micro-batches each)" in str(caught.value)

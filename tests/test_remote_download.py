@@ -1,6 +1,7 @@
 """`zoo ckpts download RUN[/STEP]`: verified by size, sha256 sidecar and loading; nothing half-written."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,14 @@ def test_a_file_that_is_not_a_checkpoint_of_this_run_is_rejected(volume, tmp_pat
     )
     with pytest.raises(DownloadError, match="belongs to run 'other'"):
         download_checkpoint(LocalDirStore(volume), "outputs/far", "step_0000010.pt", "far", tmp_path / "x.pt")
-    (volume / "outputs" / "far" / "step_0000020.pt").write_bytes(b"not a checkpoint at all")
-    # (the run's own save wrote a sha256 beside the real step 20: the garbage no longer matches it)
+    garbage = volume / "outputs" / "far" / "step_0000020.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    # The run's own save wrote a sha256 beside the real step 20, after it: the garbage no longer
+    # matches it.  Written later than that sidecar, the garbage is judged by loading it.
+    with pytest.raises(DownloadError, match="does not load.*is not a checkpoint"):
+        download_checkpoint(LocalDirStore(volume), "outputs/far", "step_0000020.pt", "far", tmp_path / "y.pt")
+    sidecar = garbage.with_name(f"{garbage.name}.sha256")
+    os.utime(sidecar, (garbage.stat().st_mtime + 10,) * 2)
     with pytest.raises(DownloadError, match="differs from the recorded"):
         download_checkpoint(LocalDirStore(volume), "outputs/far", "step_0000020.pt", "far", tmp_path / "y.pt")
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()

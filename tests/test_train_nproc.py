@@ -123,7 +123,7 @@ def test_torchrun_processes_report_a_user_error_in_one_line_from_rank_0(tmp_path
     config_path.write_text(json.dumps(config_to_dict(cfg)))
     for rank, says in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
-        assert distributed_entry.main([str(config_path), "--resume"]) == 1  # every rank exits with the code
+        assert distributed_entry.main([str(config_path), "--resume"]) == 2  # every rank exits with the code
         err = capsys.readouterr().err
         assert (err.startswith("error:") and "missing" in err) == says and "Traceback" not in err, (rank, err)
 

@@ -1,14 +1,18 @@
 """Choosing the device: `auto` prefers CUDA, then Apple MPS, then the CPU; nothing else assumes one."""
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+from zoo.config.schema import DEVICE_CHOICES, DEVICE_PATTERN
 from zoo.errors import DeviceError
 
 
 def resolve_device(name: str) -> torch.device:
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise DeviceError(f"device {name!r} is not one zoo can use; choose one of {DEVICE_CHOICES}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())

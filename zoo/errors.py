@@ -9,6 +9,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or from an incompatible run."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint whose weights hold NaN or inf (saved by a diverged run): nothing to sample."""
+
+
 class DataNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message names the paths searched and how to get them."""
 
@@ -36,3 +40,9 @@ class FidUnsupportedError(ValueError):
 class MissingAssetError(FileNotFoundError):
     """A file zoo cannot make itself is missing (pretrained weights, reference statistics); the
     message says what to fetch and where to put it.  Raised before any work is done."""
+
+
+class MetricInputError(ValueError):
+    """A feature-space metric cannot be computed as asked: too few samples (the message names the
+    minimum), a dataset without a feature network, or a cached feature network that is damaged,
+    from another config or below its accuracy floor (the message says how to rebuild it)."""

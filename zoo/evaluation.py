@@ -1,25 +1,44 @@
-"""Sample quality by exact energy distance to held-out data, for every sampler a model supports.
+"""Sample quality for every sampler a model supports, beside the data-vs-data floor.
 
-Every method starts from the same noise (common random numbers): differences between rows are
-then differences between samplers, not between noise draws.  The data-vs-data row (training
-samples against held-out samples) is the floor no model can be expected to beat at this n.
-`evaluate_fid` adds FID for one method (image datasets with clean-fid statistics, zoo.metrics.fid).
+2-D data is scored by exact energy distance to held-out data.  Images are scored in the feature
+space of a classifier zoo trains per dataset (zoo.metrics.features): Fréchet distance, KID,
+precision and recall (zoo.metrics.feature_metrics), each with its standard error and n, plus
+class fidelity and per-class FD for class-conditional models; energy distance in pixel space
+stays as a column.  Every method starts from the same noise (common random numbers):
+differences between rows are then differences between samplers, not between noise draws.  The
+data-vs-data row (training samples against held-out samples) is the floor no model can be
+expected to beat at this n.  `evaluate_fid` adds FID for one method (image datasets with
+clean-fid statistics, zoo.metrics.fid).
 """
 
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from zoo.config.schema import EvalConfig
+from zoo.config.schema import DataConfig, EvalConfig
 from zoo.data import BatchSource
+from zoo.errors import MetricInputError
 from zoo.metrics.energy import energy_distance
+from zoo.metrics.feature_metrics import (
+    FD_JACKKNIFE_GROUPS,
+    MIN_SAMPLES,
+    Estimate,
+    class_fidelity,
+    per_class_fd,
+    required_samples,
+    score_features,
+)
+from zoo.metrics.features import NO_LABELS, FeatureNet, load_feature_net
 from zoo.metrics.fid import FidBackend, fid_of_generator
 from zoo.models.base import FlowModel
+from zoo.plotting import save_quality_vs_nfe
 from zoo.solvers.ode import get_solver, steps_for_nfe
 from zoo.solvers.samplers import Guidance, sample_meanflow, sample_ode, sampler_guidance
+from zoo.units import format_estimate
 
 
 @contextlib.contextmanager
@@ -57,10 +76,39 @@ class EvalRow:
     nfe: int
     energy_distance: float
     stderr: float
+    guidance: float = 1.0
+    # Feature-space metrics of image data: "fd", "kid", "precision", "recall".
+    scores: dict[str, Estimate] = field(default_factory=dict)
+    # Class-conditional models: the feature classifier's accuracy on samples generated for class
+    # y, and FD per class (class name -> FD against that class's held-out images).
+    class_fidelity: Estimate | None = None
+    per_class_fd: dict[str, Estimate] = field(default_factory=dict)
     fid: float | None = None  # set on the row of the method FID was computed for
 
+    @property
+    def key(self) -> str:
+        """The row's name in flat metrics: e.g. meanflow_1, heun_4, euler_8_g2."""
+        guided = f"_g{self.guidance:g}" if self.guidance != 1.0 else ""
+        return f"{self.kind}_{self.steps}{guided}"
+
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if not (k == "fid" and v is None)}
+        out = asdict(self)
+        for name in ("fid", "class_fidelity"):
+            if out[name] is None:
+                del out[name]
+        if not out["per_class_fd"]:
+            del out["per_class_fd"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalRow":
+        """A row as `to_dict` wrote it (rows written before feature metrics existed included)."""
+        data = dict(data)
+        data["scores"] = {k: Estimate(**v) for k, v in data.get("scores", {}).items()}
+        data["per_class_fd"] = {k: Estimate(**v) for k, v in data.get("per_class_fd", {}).items()}
+        if data.get("class_fidelity") is not None:
+            data["class_fidelity"] = Estimate(**data["class_fidelity"])
+        return cls(**data)
 
 
 @dataclass
@@ -79,6 +127,8 @@ class EvalReport:
     rows: list[EvalRow] = field(default_factory=list)
     noise_floor: EvalRow | None = None
     fid: FidInfo | None = None
+    features: str | None = None  # the feature network of `scores`, when the data are images
+    notes: list[str] = field(default_factory=list)  # what was left out, and why
 
     def to_dict(self) -> dict:
         out = {
@@ -86,28 +136,230 @@ class EvalReport:
             "rows": [r.to_dict() for r in self.rows],
             "noise_floor": self.noise_floor.to_dict() if self.noise_floor else None,
         }
+        if self.features is not None:
+            out["features"] = self.features
+        if self.notes:
+            out["notes"] = self.notes
         if self.fid is not None:
             out["fid"] = asdict(self.fid)
+        best = self.best_row
+        if best is not None:
+            metric = self.headline_metric
+            out["best"] = {
+                "metric": metric,
+                "row": best.key,
+                "method": best.method,
+                "guidance": best.guidance,
+                "value": value_of(best, metric)[0],
+            }
+            if len({r.guidance for r in self.rows}) > 1:
+                out["best"]["guidance_by_sampler"] = self.best_guidance()
         return out
 
-    def record_fid(self, method: "Method", info: FidInfo) -> None:
-        """Put the FID on `method`'s row (evaluate it with that method among its rows)."""
-        row = next(r for r in self.rows if (r.kind, r.steps) == (method.kind, method.steps))
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalReport":
+        floor = data.get("noise_floor")
+        return cls(
+            n_samples=data["n_samples"],
+            rows=[EvalRow.from_dict(r) for r in data["rows"]],
+            noise_floor=EvalRow.from_dict(floor) if floor else None,
+            fid=FidInfo(**data["fid"]) if data.get("fid") else None,
+            features=data.get("features"),
+            notes=data.get("notes", []),
+        )
+
+    def record_fid(self, method: "Method", info: FidInfo, guidance: float = 1.0) -> None:
+        """Put the FID on `method`'s row at `guidance` (evaluate it with them among its rows)."""
+        row = next(
+            r for r in self.rows if (r.kind, r.steps, r.guidance) == (method.kind, method.steps, guidance)
+        )
         row.fid = info.value
         self.fid = info
+
+    @property
+    def headline_metric(self) -> str:
+        """What quality is judged by: FD for images, energy distance for other data."""
+        return "fd" if self.features is not None else "energy_distance"
+
+    @property
+    def best_row(self) -> EvalRow | None:
+        """The row whose headline metric is lowest: the best sampler and guidance scale."""
+        metric = self.headline_metric
+        return min(self.rows, key=lambda row: value_of(row, metric)[0], default=None)
+
+    def best_guidance(self) -> dict[str, float]:
+        """Each sampler's guidance scale with the lowest headline metric (keys as meanflow_1)."""
+        metric = self.headline_metric
+        best: dict[str, EvalRow] = {}
+        for row in self.rows:
+            key = f"{row.kind}_{row.steps}"
+            if key not in best or value_of(row, metric)[0] < value_of(best[key], metric)[0]:
+                best[key] = row
+        return {key: row.guidance for key, row in best.items()}
 
     def metrics(self) -> dict[str, float]:
         """Flat `eval/...` metrics for trackio and metrics.jsonl."""
         out = {}
         for row in self.rows:
-            key = f"eval/energy_{row.kind}_{row.steps}"
-            out[key] = row.energy_distance
-            out[key + "_se"] = row.stderr
-            if row.fid is not None:
-                out[f"eval/fid_{row.kind}_{row.steps}"] = row.fid
+            out.update(row_metrics(row, row.key))
         if self.noise_floor:
-            out["eval/energy_data_floor"] = self.noise_floor.energy_distance
+            out.update(row_metrics(self.noise_floor, "data_floor"))
         return out
+
+
+def row_metrics(row: EvalRow, key: str) -> dict[str, float]:
+    """One row's values (and standard errors, `_se`) as eval/<metric>_<key>."""
+    out = {f"eval/energy_{key}": row.energy_distance, f"eval/energy_{key}_se": row.stderr}
+    named = dict(row.scores)
+    if row.class_fidelity is not None:
+        named["class_fidelity"] = row.class_fidelity
+    for name, estimate in named.items():
+        out[f"eval/{name}_{key}"] = estimate.value
+        out[f"eval/{name}_{key}_se"] = estimate.stderr
+    if row.fid is not None:
+        out[f"eval/fid_{key}"] = row.fid
+    return out
+
+
+def value_of(row: EvalRow, metric: str) -> tuple[float, float]:
+    """(value, standard error) of `metric` ("energy_distance" or a feature score) on `row`."""
+    if metric == "energy_distance":
+        return row.energy_distance, row.stderr
+    return row.scores[metric].value, row.scores[metric].stderr
+
+
+def family_of(row: EvalRow) -> str:
+    """The sampler family a row belongs to in a quality-vs-NFE plot: MeanFlow or a solver, and the
+    guidance scale when there is one."""
+    name = "MeanFlow" if row.kind == "meanflow" else row.kind.capitalize()
+    return name if row.guidance == 1.0 else f"{name}, guidance {row.guidance:g}"
+
+
+def quality_curves(
+    report: EvalReport, metric: str, prefix: str = ""
+) -> list[tuple[str, list[int], list[float], list[float]]]:
+    """The report's rows as one (label, NFEs, values, standard errors) curve per sampler family."""
+    curves: dict[str, tuple[list[int], list[float], list[float]]] = {}
+    for row in report.rows:
+        nfes, values, errors = curves.setdefault(prefix + family_of(row), ([], [], []))
+        value, stderr = value_of(row, metric)
+        nfes.append(row.nfe)
+        values.append(value)
+        errors.append(stderr)
+    return [(label, *curve) for label, curve in curves.items()]
+
+
+FEATURE_COLUMNS = {"fd": "FD", "kid": "KID", "precision": "precision", "recall": "recall"}
+
+
+def table_columns(reports: list[EvalReport]) -> list[str]:
+    """Column titles of a table of these reports' rows (one dataset, one n): the sampler, its NFE,
+    the feature scores, class fidelity (class-conditional models), energy distance and FID
+    wherever some row has them."""
+    rows = [row for report in reports for row in report.rows]
+    columns = ["sampler", "NFE"]
+    columns += [
+        f"{title} ± s.e." for key, title in FEATURE_COLUMNS.items() if any(key in r.scores for r in rows)
+    ]
+    if any(r.class_fidelity is not None for r in rows):
+        columns.append("class fidelity ± s.e.")
+    columns.append("energy distance ± s.e.")
+    if any(r.fid is not None for r in rows):
+        columns.append("FID")
+    return columns
+
+
+def row_cells(row: EvalRow, columns: list[str]) -> list[str]:
+    """`row` under `columns` (see table_columns); "–" where it has no value."""
+    by_title = {f"{title} ± s.e.": row.scores.get(key) for key, title in FEATURE_COLUMNS.items()}
+    by_title["class fidelity ± s.e."] = row.class_fidelity
+    cells = []
+    for column in columns:
+        if column == "sampler":
+            floor = row.kind == "data"
+            guided = f", guidance {row.guidance:g}" if row.guidance != 1.0 else ""
+            cells.append("data vs data (floor)" if floor else row.method + guided)
+        elif column == "NFE":
+            cells.append("–" if row.kind == "data" else str(row.nfe))
+        elif column == "energy distance ± s.e.":
+            cells.append(format_estimate(row.energy_distance, row.stderr))
+        elif column == "FID":
+            cells.append(f"{row.fid:.3f}" if row.fid is not None else "–")
+        else:
+            estimate = by_title[column]
+            cells.append(format_estimate(estimate.value, estimate.stderr) if estimate is not None else "–")
+    return cells
+
+
+METRIC_NAMES = {"energy_distance": "energy distance", "fd": "FD"}
+
+METRIC_LABELS = {
+    "energy_distance": "energy distance",
+    "fd": "Fréchet distance (classifier features)",
+    "kid": "KID (classifier features)",
+}
+
+
+def save_quality_plot(runs: list[tuple[str, EvalReport]], path: Path, title: str) -> None:
+    """Quality vs NFE of one or several evaluations (named runs) in one PNG: one line per
+    sampler family (per run), the first run's data-vs-data floor as a dashed line."""
+    metric = runs[0][1].headline_metric
+    curves = []
+    for name, report in runs:
+        curves += quality_curves(report, metric, prefix=f"{name}: " if len(runs) > 1 else "")
+    floor = runs[0][1].noise_floor
+    save_quality_vs_nfe(
+        curves,
+        path,
+        ylabel=f"{METRIC_LABELS[metric]}, n={runs[0][1].n_samples}",
+        title=title,
+        floor=value_of(floor, metric) if floor else None,
+    )
+
+
+def describe_feature_net(net: FeatureNet) -> str:
+    """What a report's feature scores were measured with, in one line."""
+    return (
+        f"{net.dataset} classifier, {net.dim}-D penultimate features, test accuracy "
+        f"{net.test_accuracy:.2%}, weights sha256 {net.sha256[:12]}"
+    )
+
+
+def wants_features(cfg: EvalConfig, source: BatchSource) -> bool:
+    """Whether samples are scored in a classifier's feature space: eval.features "on", or "auto"
+    and labelled image data (a classifier can be trained on it)."""
+    if cfg.features == "off":
+        return False
+    return cfg.features == "on" or (source.is_image and source.name not in NO_LABELS)
+
+
+def feature_net_for(
+    cfg: EvalConfig,
+    source: BatchSource,
+    data: DataConfig,
+    device: torch.device,
+    on_step: Callable[[int, int, float], None] = lambda step, steps, loss: None,
+) -> FeatureNet | None:
+    """The feature network `source` is scored with (trained and cached on first use, reporting
+    `on_step(step, steps, loss)`), None when not wanted (wants_features).  A dataset without one,
+    or too few held-out samples for the metrics, is a MetricInputError, raised before training."""
+    if not wants_features(cfg, source):
+        return None
+    available = len(source.held_out(cfg.n_samples))
+    check_enough_samples(available, MIN_SAMPLES, cfg, source)  # the dimension-free minimum, first
+    net = load_feature_net(data, device=device, on_step=on_step)
+    check_enough_samples(available, required_samples(net.dim), cfg, source)
+    return net
+
+
+def check_enough_samples(available: int, needed: int, cfg: EvalConfig, source: BatchSource) -> None:
+    if available >= needed:
+        return
+    split = f" (all of {source.name}'s held-out split)" if available < cfg.n_samples else ""
+    raise MetricInputError(
+        f"feature metrics need at least {needed} samples on each side, got {available}{split}: raise --n "
+        "(eval.n_samples), or set eval.features=off to score by energy distance only"
+    )
 
 
 def default_methods(cfg: EvalConfig, meanflow: bool) -> list[Method]:
@@ -197,6 +449,51 @@ def draw_noise_and_labels(
     return noise, labels
 
 
+@torch.no_grad()
+def in_batches(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
+    """fn over x in batches, concatenated on the CPU."""
+    return torch.cat([fn(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
+
+
+@dataclass
+class FeatureReference:
+    """Held-out images in a feature network's space: what samples and the floor are scored against."""
+
+    net: FeatureNet
+    features: Tensor
+    labels: Tensor | None  # of the held-out images, when class-conditional
+    class_names: list[str]
+    batch_size: int
+
+    @classmethod
+    def of(cls, net: FeatureNet, source: BatchSource, images: Tensor, labels: Tensor | None, batch_size: int):
+        features = in_batches(net.features, images, batch_size)
+        held_labels = labels.cpu() if labels is not None else None
+        return cls(net, features, held_labels, list(source.class_names), batch_size)
+
+    def score(self, row: EvalRow, images: Tensor, labels: Tensor | None) -> str | None:
+        """Fill `row`'s feature scores (and, given the labels they were generated for, class
+        fidelity and per-class FD) for `images`; returns why per-class FD was left out, if it was."""
+        features = in_batches(self.net.features, images, self.batch_size)
+        row.scores = score_features(self.features, features)
+        if labels is None or self.labels is None:
+            return None
+        labels = labels.cpu()
+        row.class_fidelity = class_fidelity(in_batches(self.net.logits, images, self.batch_size), labels)
+        needed = max(2 * FD_JACKKNIFE_GROUPS, self.net.dim + 1)  # a jackknife and a full-rank covariance
+        fewest = min(
+            int(min((self.labels == k).sum(), (labels == k).sum())) for k in range(len(self.class_names))
+        )
+        if fewest < needed:
+            return (
+                f"per-class FD left out: it needs {needed} samples of each class on each side, the rarest "
+                f"class has {fewest} (n = {len(labels)} over {len(self.class_names)} classes; raise --n)"
+            )
+        by_index = per_class_fd(self.features, self.labels, features, labels)
+        row.per_class_fd = {self.class_names[k]: estimate for k, estimate in by_index.items()}
+        return None
+
+
 def evaluate(
     model: FlowModel,
     source: BatchSource,
@@ -207,36 +504,63 @@ def evaluate(
     with_floor: bool = True,
     progress=None,
     on_progress: Callable[[], None] = no_progress,
+    feature_net: FeatureNet | None = None,
+    guidances: list[float] | None = None,
 ) -> EvalReport:
-    """Energy distance of each method's samples to `cfg.n_samples` held-out samples.
+    """Each method's samples (at each guidance scale, default the run's, all on the run's
+    eval.guidance_interval) against `cfg.n_samples` held-out samples: energy distance, and the
+    feature scores when `feature_net` is given.
 
     `on_progress` is called after each piece of work: a sampled batch, a metric.
     """
     device = next(model.parameters()).device
     methods = methods if methods is not None else default_methods(cfg, meanflow)
-    held_out = source.held_out(cfg.n_samples).float().cpu()
+    guidances = guidances or [cfg.guidance]
+    held_out, held_labels = source.held_out_labeled(cfg.n_samples)
+    held_out = held_out.float().cpu()
     n = held_out.shape[0]
+    reference = None
+    if feature_net is not None:
+        reference = FeatureReference.of(feature_net, source, held_out, held_labels, cfg.batch_size)
     on_progress()
     noise, labels = draw_noise_and_labels(model, n, device, seed)
-    report = EvalReport(n_samples=n)
-    task = progress.add_task("evaluating", total=len(methods)) if progress is not None else None
+    report = EvalReport(
+        n_samples=n, features=describe_feature_net(feature_net) if feature_net is not None else None
+    )
+    task = (
+        progress.add_task("evaluating", total=len(methods) * len(guidances)) if progress is not None else None
+    )
     with eval_mode(model):
         for method in methods:
-            samples = generate(
-                model, method, noise, labels, sampler_guidance(cfg), cfg.batch_size, on_batch=on_progress
-            )
-            result = energy_distance(samples, held_out)
-            on_progress()
-            report.rows.append(
-                EvalRow(method.label, method.kind, method.steps, method.nfe, result.value, result.stderr)
-            )
-            if progress is not None:
-                progress.advance(task)
+            for guidance in guidances:
+                samples = generate(
+                    model,
+                    method,
+                    noise,
+                    labels,
+                    sampler_guidance(cfg, guidance),
+                    cfg.batch_size,
+                    on_batch=on_progress,
+                )
+                result = energy_distance(samples, held_out)
+                row = EvalRow(
+                    method.label, method.kind, method.steps, method.nfe, result.value, result.stderr, guidance
+                )
+                if reference is not None:
+                    note = reference.score(row, samples, labels)
+                    if note and note not in report.notes:
+                        report.notes.append(note)
+                on_progress()
+                report.rows.append(row)
+                if progress is not None:
+                    progress.advance(task)
     if with_floor:
-        reference = source.reference(n).float().cpu()
-        floor = energy_distance(reference, held_out)
-        on_progress()
+        real = source.reference(n).float().cpu()
+        floor = energy_distance(real, held_out)
         report.noise_floor = EvalRow("data vs data", "data", 0, 0, floor.value, floor.stderr)
+        if reference is not None:
+            reference.score(report.noise_floor, real, None)
+        on_progress()
     if progress is not None:
         progress.remove_task(task)
     return report

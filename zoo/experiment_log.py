@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from zoo.config.schema import ZooConfigBody
-from zoo.evaluation import EvalReport
+from zoo.evaluation import EvalReport, row_cells, table_columns
 from zoo.runs import RunDir
 
 HEADER = "# Experiment log\n\nThe research record: one entry per experiment, newest last.\n"
@@ -36,15 +36,16 @@ def config_summary(cfg: ZooConfigBody) -> str:
 
 
 def report_table(report: EvalReport) -> str:
-    lines = [
-        f"| sampler | NFE | energy distance (n={report.n_samples}) |",
-        "|---|---|---|",
+    """The evaluation as a markdown table, its n and (for images) the feature network below it."""
+    columns = table_columns([report])
+    rows = report.rows + ([report.noise_floor] if report.noise_floor else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row_cells(row, columns)) + " |" for row in rows]
+    lines += [
+        "",
+        f"n = {report.n_samples} samples per row"
+        + (f"; features: {report.features}" if report.features else ""),
     ]
-    for row in report.rows:
-        lines.append(f"| {row.method} | {row.nfe} | {row.energy_distance:.5f} ± {row.stderr:.5f} |")
-    if report.noise_floor:
-        floor = report.noise_floor
-        lines.append(f"| data vs data (floor) | – | {floor.energy_distance:.5f} ± {floor.stderr:.5f} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""SIGINT (Ctrl-C) and SIGTERM (`timeout`, schedulers, the remote supervisor) as a request to stop.
+"""SIGINT (Ctrl-C), SIGTERM (`timeout`, schedulers, the remote supervisor) and SIGHUP (a closed
+terminal or ssh session) as a request to stop.
 
 A signal that arrives during a training step (or while a checkpoint is being written) is held
 until the step is complete, so the run can stop on a checkpoint of a whole step; at any other
@@ -28,7 +29,7 @@ import torch
 
 from zoo import distributed
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # What a signal outside held() means under torchrun, where a rank stops only at the ranks' next
 # check together (after the step in progress, or before the run folder is written).

@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from zoo.environment import CACHE_DIR_ENV
 from zoo.errors import OutputPathError
 
 
@@ -60,8 +61,28 @@ def check_writable_file(path: Path | str, option: str) -> Path:
     return path
 
 
-def zoo_cache_dir() -> Path:
-    """$ZOO_CACHE_DIR, default ~/.cache/zoo: results computed once and reused (JVP mode timings,
-    FID reference statistics)."""
-    root = os.environ.get("ZOO_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "zoo"
+def zoo_cache_dir() -> Path | None:
+    """$ZOO_CACHE_DIR, default ~/.cache/zoo: results computed once and reused (FID reference
+    statistics of image folders).
+
+    A $ZOO_CACHE_DIR that cannot be written is the user's to fix (OutputPathError).  Without it,
+    a home folder that cannot be written means no cache: None, and the caller computes afresh.
+    """
+    root = os.environ.get(CACHE_DIR_ENV)
+    if root:
+        return check_writable_dir(root, f"${CACHE_DIR_ENV}")
+    try:
+        default = Path.home() / ".cache" / "zoo"
+    except RuntimeError:  # no HOME and no home directory in the password database
+        return None
+    try:
+        return check_writable_dir(default, f"the cache folder (set ${CACHE_DIR_ENV} to choose one)")
+    except OutputPathError:
+        return None
+
+
+def no_cache_notice() -> str:
+    return (
+        f"no writable cache folder (~/.cache/zoo cannot be written and ${CACHE_DIR_ENV} is unset): "
+        f"nothing is cached, so it is computed again next time; set ${CACHE_DIR_ENV} to a writable folder"
+    )

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from PIL import Image
 from torch import Tensor
 
@@ -169,6 +170,47 @@ def save_metric_bars(
     if floor is not None:
         axes.axhline(floor, color="black", linestyle="--", linewidth=1, label="data vs data")
         axes.legend()
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    return _save_figure(figure, Path(path))
+
+
+def save_quality_vs_nfe(
+    curves: Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[float]]],
+    path: Path,
+    ylabel: str,
+    title: str | None = None,
+    floor: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Quality against network evaluations per sample: one line with ±1 s.e. error bars per
+    (label, nfes, values, errors) curve, on a log NFE axis; `floor` (value, s.e.) is the
+    data-vs-data row, drawn as a dashed line inside a band of ±1 s.e."""
+    if not curves:
+        raise ValueError("no curves to plot")
+    figure = Figure(figsize=(6.5, 4.5), dpi=100)
+    axes = figure.add_subplot()
+    for label, nfes, values, errors in curves:
+        if not len(nfes) == len(values) == len(errors):
+            raise ValueError(f"{label}: got {len(nfes)} NFEs, {len(values)} values and {len(errors)} errors")
+        order = np.argsort(nfes)
+        axes.errorbar(
+            np.asarray(nfes)[order],
+            np.asarray(values)[order],
+            yerr=np.asarray(errors)[order],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    if floor is not None:
+        value, stderr = floor
+        axes.axhline(value, color="black", linestyle="--", linewidth=1, label="data vs data")
+        axes.axhspan(value - stderr, value + stderr, color="black", alpha=0.08)
+    axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 1, 2, 4, not 2^0
+    axes.set_xlabel("network evaluations per sample (NFE)")
+    axes.set_ylabel(ylabel)
+    axes.legend(fontsize="small")
     if title:
         axes.set_title(title)
     figure.tight_layout()

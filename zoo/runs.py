@@ -6,6 +6,7 @@
     metrics.jsonl         one JSON object per logged step (train/..., eval/...)
     heartbeat.json        status, step, last loss, last checkpoint, updated time
     eval.json             the last evaluation table
+    .writer.lock          locked by the one process training the run (see RunLock)
     samples/              sample grids / scatter plots
     loss.png              the training loss curve (refreshed at every checkpoint)
 
@@ -13,31 +14,42 @@ Small text files are written atomically (temporary file, then rename) so a reade
 `zoo sync`, a crash — never sees half of one.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shlex
+import shutil
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zoo.environment import SUBMISSION_ENV
 from zoo.output_paths import check_writable_dir
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
-# "interrupted": stopped by SIGINT/SIGTERM, after saving what it could; `--resume` continues it.
+# "interrupted": stopped by SIGINT/SIGTERM/SIGHUP, after saving what it could; `--resume` continues it.
 HEARTBEAT_STATUSES = ("running", "finished", "failed", "interrupted")
-# Set by the remote supervisor (zoo.remote.worker) for its training process: the submission
-# whose attempt writes this run's heartbeats.
-SUBMISSION_ENV = "ZOO_SUBMISSION_ID"
 
 
 class RunError(RuntimeError):
     """A run folder that cannot be used as asked (collision, missing run to resume, ...)."""
 
 
+class DivergedError(RunError):
+    """Training produced a non-finite loss, gradient or weight; stopped before saving it."""
+
+
+class RunNotFoundError(RunError):
+    """`--resume` names a run with no checkpoint: the command, not the run, must change."""
+
+
 class RunInterrupted(BaseException):
-    """Training stopped on SIGINT or SIGTERM; the message says where, and how to resume.
+    """Training stopped on SIGINT, SIGTERM or SIGHUP; the message says where, and how to resume.
 
     A BaseException, like KeyboardInterrupt, so that no `except Exception` takes it for an error.
     """
@@ -48,17 +60,36 @@ class RunInterrupted(BaseException):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`path` holds `data` whole or keeps what it held: a temporary file, synced, renamed into place.
+
+    A failed write (a full disk) removes its temporary file; a killed one leaves it, named after
+    its process (`.NAME.tmp-PID`), for `zoo clean` to remove.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a power cut after it cannot undo it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -123,15 +154,12 @@ class RunDir:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl; a line that is no JSON object (one still being written,
+        or damaged bytes) is skipped."""
         if not self.metrics.exists():
             return []
-        records = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line still being written by a live run
-        return records
+        records = [json_object(line) for line in self.metrics.read_bytes().splitlines()]
+        return [record for record in records if record is not None]
 
     def write_heartbeat(self, **fields: Any) -> dict[str, Any]:
         current = self.read_heartbeat() or {"run_name": self.name, "started": time.time()}
@@ -141,26 +169,176 @@ class RunDir:
             # A remote attempt stamps every heartbeat with its submission, so status can tell an
             # earlier attempt's heartbeat from this one's without comparing two machines' clocks.
             current["submission_id"] = submission
+        # Who writes it: `zoo clean` on this host leaves a run alone while that process lives.
+        current["pid"], current["host"] = os.getpid(), socket.gethostname()
         current["updated"] = time.time()
         if current.get("status") not in HEARTBEAT_STATUSES:
             raise ValueError(
                 f"heartbeat status must be one of {HEARTBEAT_STATUSES}, got {current.get('status')!r}"
             )
-        atomic_write_json(self.heartbeat, current)
+        text = json.dumps(current, indent=2, sort_keys=True) + "\n"
+        try:
+            atomic_write_text(self.heartbeat, text)
+        except OSError:
+            # A full disk has no room for a second copy: overwrite the small file in place, which
+            # frees its blocks first (a reader may catch it half-written and skip it).
+            self.heartbeat.write_text(text)
         return current
 
     def read_heartbeat(self) -> dict[str, Any] | None:
+        """The heartbeat, or None when there is none or it is no JSON object (damaged)."""
         if not self.heartbeat.exists():
             return None
-        return json.loads(self.heartbeat.read_text())
+        return json_object(self.heartbeat.read_bytes())
+
+    def checkpoint_files(self) -> list[Path]:
+        """last.pt and the archived checkpoints that exist."""
+        return [path for path in (self.last,) if path.exists()] + [p for _, p in self.archived_checkpoints()]
+
+    def has_content(self) -> bool:
+        """Whether the folder holds anything but its lock."""
+        return self.root.is_dir() and any(child.name != LOCK_NAME for child in self.root.iterdir())
+
+
+def json_object(data: bytes | str) -> dict[str, Any] | None:
+    """`data` parsed as one JSON object, or None when it is not one (half-written, damaged bytes,
+    not UTF-8, a list)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+LOCK_NAME = ".writer.lock"
+# How long acquiring the lock retries: a reader's probe (writer_of) holds it for microseconds.
+LOCK_RETRY_S = 0.5
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def writer_of(folder: Path) -> dict[str, Any] | None:
+    """The process training the run in `folder`, {"pid", "host", "started"} as it wrote them, when
+    one holds the folder's lock; None when none does (the lock dies with its process)."""
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return json_object(os.read(fd, 4096)) or {}
+        except OSError:  # a filesystem without locks: nothing can be told from it
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def writer_text(holder: dict[str, Any]) -> str:
+    pid = holder.get("pid", "?")
+    return f"process {pid} on {holder.get('host', 'this machine')}"
+
+
+class RunLock:
+    """Held by the one process that trains a run, from before it first writes the run folder until
+    it exits: a second `zoo train` or `--resume` of the run is refused, and `zoo clean` leaves the
+    run alone.  An flock: the kernel releases it when the process ends, however it ends (SIGKILL
+    included), so a lock is never stale.  On a filesystem without locks the run goes unlocked."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + LOCK_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = json_object(os.read(fd, 4096)) or {}
+                os.close(fd)
+                raise RunError(busy_message(self.run, holder)) from None
+            except OSError:
+                break  # no locks on this filesystem
+        os.ftruncate(fd, 0)
+        os.write(
+            fd,
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode(),
+        )
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+
+def busy_message(run: RunDir, holder: dict[str, Any]) -> str:
+    pid = holder.get("pid")
+    stop = f" or stop it (kill {pid})" if pid else ""
+    return (
+        f"run {run.name!r} is being trained by {writer_text(holder)}; one process writes a run: "
+        f"wait for it to end{stop}, then try again"
+    )
+
+
+@contextlib.contextmanager
+def writing_run(run: RunDir, resume: bool, restart: bool = False) -> Iterator[None]:
+    """The run folder, locked for this process; a new run's folder empty (`restart`: emptied)."""
+    with RunLock(run):
+        if not resume and run.has_content():
+            if not restart:
+                # Created by another process since check_run looked.
+                raise RunError(
+                    f"run {run.name!r} was created at {run.root} meanwhile; choose another --run-name"
+                )
+            check_restartable(run)
+            for child in run.root.iterdir():
+                if child.name != LOCK_NAME:
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+        yield
+
+
+def check_restartable(run: RunDir) -> None:
+    found = run.checkpoint_files()
+    if found:
+        names = ", ".join(p.name for p in found[:3])
+        raise RunError(
+            f"--restart starts afresh only a run without checkpoints, and {run.name!r} has {names}: "
+            "continue it with --resume, or choose another --run-name"
+        )
 
 
 def default_run_name(preset: str | None) -> str:
     return f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_run(output_dir: str | Path, run_name: str, resume: bool) -> RunDir:
-    """The folder of a new run, or of the run to resume; never another run's folder.
+def check_run(output_dir: str | Path, run_name: str, resume: bool, restart: bool = False) -> RunDir:
+    """The folder of a new run, or of the run to resume; never another run's folder, nor one that
+    another process is training.  `restart`: a folder without checkpoints (a run stopped before its
+    first save) may be started afresh.
 
     Only checks: the caller creates the folder once everything that can fail on bad input has
     been built, so a refused start writes nothing.
@@ -168,15 +346,31 @@ def check_run(output_dir: str | Path, run_name: str, resume: bool) -> RunDir:
     check_writable_dir(output_dir, "output_dir")
     run = RunDir(Path(output_dir) / run_name)
     check_writable_dir(run.root, "--run-name")
-    exists = run.root.exists() and any(run.root.iterdir())
+    holder = writer_of(run.root)
+    if holder is not None:
+        raise RunError(busy_message(run, holder))
+    empty_run = run.has_content() and not run.checkpoint_files()
     if resume:
         if not run.last.exists():
-            raise RunError(
+            afresh = (
+                " It holds no checkpoint (it stopped before its first save): start it afresh with --restart"
+                if empty_run
+                else ""
+            )
+            raise RunNotFoundError(
                 f"cannot resume run {run_name!r}: no checkpoint at {run.last}. "
-                "Check --run-name (zoo ckpts lists runs) or start it without --resume"
+                f"Check --run-name (zoo ckpts lists runs) or start it without --resume.{afresh}"
             )
         return run
-    if exists:
+    if restart and run.has_content():
+        check_restartable(run)
+        return run
+    if empty_run:
+        raise RunError(
+            f"run {run_name!r} already exists at {run.root} but holds no checkpoint (it stopped before "
+            "its first save); pass --restart to start it afresh, or choose another --run-name"
+        )
+    if run.has_content():
         raise RunError(
             f"run {run_name!r} already exists at {run.root}; pass --resume to continue it, "
             f"choose another --run-name, or delete it first (rm -r {shlex.quote(str(run.root))})"

@@ -9,13 +9,24 @@ and the feature network, so that a number is never separated from how it was mea
 
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from zoo.config.loading import ConfigError
 from zoo.evaluation import Method, eval_mode, generate, no_progress
-from zoo.metrics.inception import FeatureExtractor, ReferenceStats, check_compatible, score_images
+from zoo.metrics.inception import (
+    FeatureExtractor,
+    ReferenceStats,
+    check_compatible,
+    folder_reference,
+    load_reference,
+    score_images,
+)
 from zoo.models.base import FlowModel
+from zoo.output_paths import check_writable_dir
+from zoo.solvers.samplers import Guidance, as_guidance
 
 DEFAULT_N = 50_000
 
@@ -57,7 +68,7 @@ def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> Ten
 def score_model(
     model: FlowModel,
     method: Method,
-    guidance: float,
+    guidance: "float | Guidance",
     extractor: FeatureExtractor,
     reference: ReferenceStats,
     *,
@@ -95,9 +106,57 @@ def score_model(
         class_balanced=labels is not None,
         sampler=method.label,
         nfe=method.nfe,
-        guidance=guidance,
+        guidance=as_guidance(guidance).scale,
         reference=reference.description,
         features=f"{extractor.name}, resize {extractor.resize}",
         decoded_by=decoded_by,
         seed=seed,
+    )
+
+
+def open_reference(ref: Path, resize: str | None, stats_cache: Path | None) -> ReferenceStats | None:
+    """`ref`'s statistics when it is a file (read and checked now), or None for an image folder,
+    whose statistics `reference_statistics` computes later and caches under `stats_cache`
+    (checked writable now: for ImageNet they are an hour's work; None: not cached)."""
+    if ref.is_dir():
+        if stats_cache is not None:
+            check_writable_dir(stats_cache, "--stats-cache")
+        return None
+    reference = load_reference(ref)  # a missing or wrong file: what to fetch and where
+    if resize not in (None, reference.resize):
+        raise ConfigError(f"--resize {resize}: {ref} was computed with resize={reference.resize}")
+    return reference
+
+
+def reference_statistics(
+    ref: Path,
+    reference: ReferenceStats | None,
+    extractor: FeatureExtractor,
+    image_size: int,
+    stats_cache: Path | None,
+    progress,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    limit: int | None = None,
+) -> ReferenceStats:
+    """`reference` (from open_reference), or the statistics of the image folder `ref` at
+    `image_size` px, from the cache or computed now with a bar on the rich `progress`."""
+    if reference is not None:
+        return reference
+    task = progress.add_task("reference statistics", total=None)
+
+    def started(total: int, cached: bool) -> None:
+        progress.update(task, total=total, completed=total if cached else 0)
+
+    return folder_reference(
+        ref,
+        extractor,
+        image_size,
+        stats_cache,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        limit=limit,
+        on_start=started,
+        on_items=lambda k: progress.advance(task, k),
     )

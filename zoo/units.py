@@ -1,4 +1,6 @@
-"""Sizes as people read them; no torch, so the run-management commands can use it."""
+"""Sizes and measurements as people read them; no torch, so the run-management commands can use it."""
+
+import math
 
 
 def format_bytes(nbytes: float) -> str:
@@ -10,3 +12,9 @@ def format_bytes(nbytes: float) -> str:
     if nbytes >= 2**10:
         return f"{nbytes / 2**10:.0f} KiB"
     return f"{nbytes:.0f} B"
+
+
+def format_estimate(value: float, stderr: float) -> str:
+    """value ± s.e., both to the s.e.'s second significant digit: 0.0271 ± 0.0092, 12.3 ± 1.4."""
+    digits = max(0, 1 - math.floor(math.log10(stderr))) if stderr > 0 else 4
+    return f"{value:.{digits}f} ± {stderr:.{digits}f}"

@@ -5,8 +5,10 @@ from typing import Annotated
 
 import typer
 
+from zoo.config.schema import MAX_BATCH, MAX_SEED, MAX_THREADS
 from zoo.output_paths import check_writable_file
 from zoo_cli.errors import fail, user_errors
+from zoo_cli.options import DeviceOption
 from zoo_cli.render import make_console
 
 console = make_console()
@@ -16,11 +18,13 @@ def bench_jvp(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="dotted config overrides, e.g. model.channels=32")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    device: DeviceOption = "auto",
     model: Annotated[
         str, typer.Option("--model", help="preset whose model, loss and optimiser are timed")
     ] = "cifar10",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="samples per step")] = 8,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="samples per step")
+    ] = 8,
     ratios: Annotated[
         str, typer.Option(help="MeanFlow ratios (fraction of r != t), comma-separated")
     ] = "0.25,0.5,0.75,1.0",
@@ -28,13 +32,22 @@ def bench_jvp(
         str | None, typer.Option(help="JVP modes, comma-separated (default: all that run on the device)")
     ] = None,
     precision: Annotated[str, typer.Option(help="fp32 | bf16 (autocast around every case)")] = "fp32",
-    repeats: Annotated[int, typer.Option(min=1, help="timed interleaved rounds (medians over these)")] = 5,
-    warmup: Annotated[int, typer.Option(min=0, help="untimed rounds after the memory pass")] = 1,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
-    memory_limit_gb: Annotated[
-        float | None, typer.Option("--memory-limit-gb", help="memory a case may use (default: the device's)")
+    repeats: Annotated[
+        int, typer.Option(min=1, max=1000, help="timed interleaved rounds (medians over these)")
+    ] = 5,
+    warmup: Annotated[int, typer.Option(min=0, max=1000, help="untimed rounds after the memory pass")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(min=1, max=MAX_THREADS, help="torch CPU threads (default: torch's)")
     ] = None,
-    seed: Annotated[int, typer.Option(help="seed of the model and the synthetic batch")] = 0,
+    memory_limit_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-limit-gb", min=0.001, max=65536, help="memory a case may use (default: the device's)"
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="seed of the model and the synthetic batch")
+    ] = 0,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="write every sample and ratio to this JSON file")
     ] = None,

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from zoo.config.schema import MAX_BATCH, MAX_SEED
 from zoo.remote.layout import DEFAULT_VOLUME
 from zoo_cli.errors import fail, user_errors
+from zoo_cli.options import DeviceOption, ThreadsOption
 from zoo_cli.render import make_console
 
 if TYPE_CHECKING:
@@ -49,10 +51,13 @@ def encode_latents(
         ),
     ] = None,
     image_size: Annotated[
-        int, typer.Option(help="side of the square images encoded (256 for ImageNet-256)")
+        int, typer.Option(min=8, max=4096, help="side of the square images encoded (256 for ImageNet-256)")
     ] = 256,
     crop: Annotated[
-        int | None, typer.Option(help="centre square cropped before resizing (default: the shorter side)")
+        int | None,
+        typer.Option(
+            min=8, max=65536, help="centre square cropped before resizing (default: the shorter side)"
+        ),
     ] = None,
     vae: Annotated[
         str, typer.Option(help="the VAE: a hub id or a local folder with config.json + weights")
@@ -63,20 +68,21 @@ def encode_latents(
     posterior: Annotated[
         str, typer.Option(help="sample: a draw of the VAE's posterior (DiT's choice); mean: its mean")
     ] = "sample",
-    seed: Annotated[int, typer.Option(min=0, help="seed of the posterior draws")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of the posterior draws")] = 0,
     shard_size: Annotated[
-        int, typer.Option(min=1, help="images per shard (the unit of work an interruption can lose)")
+        int,
+        typer.Option(min=1, max=1 << 20, help="images per shard (the unit of work an interruption can lose)"),
     ] = 1024,
-    batch_size: Annotated[int, typer.Option(min=1, help="images per VAE call")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="images per VAE call")] = 32,
     num_workers: Annotated[int, typer.Option(min=0, max=64, help="processes decoding image files")] = 4,
     limit: Annotated[
         int | None,
-        typer.Option(min=1, help="encode an evenly spread subset of this many images (a trial run)"),
+        typer.Option(
+            min=1, max=10**9, help="encode an evenly spread subset of this many images (a trial run)"
+        ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
-    threads: Annotated[
-        int, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")
-    ] = 0,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = 0,
     modal: Annotated[
         bool, typer.Option("--modal", help="run on a Modal GPU, reading and writing the Volume's data/")
     ] = False,

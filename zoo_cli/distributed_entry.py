@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(json.loads(Path(config_path).read_text()))
             # The run's device decides the backend (gloo for --device cpu even on a GPU machine).
             distributed.init(device_type=resolve_device(cfg.device).type)
-            train_run(cfg, resume=mode == "--resume", command=f"zoo train --nproc {distributed.world_size()}")
+            train_run(
+                cfg,
+                resume=mode == "--resume",
+                restart=mode == "--restart",
+                command=f"zoo train --nproc {distributed.world_size()}",
+            )
     except typer.Exit as exc:
         return exc.exit_code
     except RunInterrupted as exc:  # SIGINT/SIGTERM: rank 0 saved the step reached and says how to resume

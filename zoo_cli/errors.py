@@ -15,18 +15,23 @@ from zoo.errors import (
     DeviceError,
     FidUnavailableError,
     FidUnsupportedError,
+    MetricInputError,
     MissingAssetError,
+    NonFiniteCheckpointError,
     OutputPathError,
 )
-from zoo.runs import RunError
+from zoo.runs import RunError, RunNotFoundError
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
 # Exit 2 for input the user must change (config, arguments), 1 for things that failed.
 USAGE_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
+    NonFiniteCheckpointError,  # before RUNTIME_ERRORS' CheckpointError: pick another checkpoint
     OutputPathError,
+    RunNotFoundError,
     FidUnsupportedError,
+    MetricInputError,
     MissingAssetError,
 )
 RUNTIME_ERRORS: tuple[type[Exception], ...] = (

@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from zoo.output_paths import check_writable_dir, check_writable_file
-from zoo_cli.errors import fail, user_errors
+from zoo.config.schema import MAX_BATCH, MAX_GUIDANCE, MAX_NFE, MAX_SEED
+from zoo.output_paths import check_writable_file, no_cache_notice
+from zoo_cli.errors import err_console, fail, user_errors
+from zoo_cli.evaluate import MAX_FID_SAMPLES
+from zoo_cli.options import DeviceOption, ThreadsOption
 from zoo_cli.render import make_console
 from zoo_cli.sample import check_method_args, choose_method, resolve_checkpoint_path
 
@@ -30,15 +34,25 @@ def fid_command(
             "folder (e.g. data/imagenet/train; statistics computed once and cached)"
         ),
     ],
-    n: Annotated[int, typer.Option("--n", min=2, help="samples scored (papers: 50000)")] = 50_000,
-    nfe: Annotated[int | None, typer.Option(min=1, help="network evaluations (as in zoo sample)")] = None,
+    n: Annotated[
+        int, typer.Option("--n", min=2, max=MAX_FID_SAMPLES, help="samples scored (papers: 50000)")
+    ] = 50_000,
+    nfe: Annotated[
+        int | None, typer.Option(min=1, max=MAX_NFE, help="network evaluations (as in zoo sample)")
+    ] = None,
     solver: Annotated[str | None, typer.Option(help="euler|midpoint|heun|rk4 (as in zoo sample)")] = None,
     guidance: Annotated[
         float | None,
-        typer.Option(min=0.0, help="classifier-free guidance scale (default: the run's eval.guidance)"),
+        typer.Option(
+            min=0.0,
+            max=MAX_GUIDANCE,
+            help="classifier-free guidance scale (default: the run's eval.guidance)",
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="samples generated and scored at a time")] = 250,
-    seed: Annotated[int, typer.Option(min=0, help="seed of the noise and the class order")] = 0,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH, help="samples generated and scored at a time")
+    ] = 250,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of the noise and the class order")] = 0,
     resize: Annotated[
         str | None,
         typer.Option(
@@ -52,7 +66,9 @@ def fid_command(
     ] = None,
     ref_limit: Annotated[
         int | None,
-        typer.Option(min=2, help="a folder reference: an evenly spread subset of this many images"),
+        typer.Option(
+            min=2, max=10**9, help="a folder reference: an evenly spread subset of this many images"
+        ),
     ] = None,
     num_workers: Annotated[int, typer.Option(min=0, max=64, help="processes reading a folder reference")] = 4,
     vae: Annotated[
@@ -61,9 +77,9 @@ def fid_command(
     out: Annotated[
         Path | None, typer.Option(help="JSON to write (default RUN/fid/<ckpt>_<sampler>.json)")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    device: DeviceOption = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="use the raw weights instead of the EMA")] = False,
-    threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = torch default)")] = 0,
+    threads: ThreadsOption = 0,
 ) -> None:
     """FID and Inception Score of a checkpoint's samples against a reference."""
     checkpoint = resolve_checkpoint_path(checkpoint)
@@ -81,19 +97,16 @@ def fid_command(
     from zoo.data.latents import is_latent_data, latent_vae_name, load_decoder
     from zoo.devices import resolve_device
     from zoo.inference import load_model
-    from zoo.metrics.inception import InceptionV3, default_stats_cache, folder_reference, load_reference
+    from zoo.metrics.inception import InceptionV3, default_stats_cache
     from zoo.models.vae import decode_latents
     from zoo.runs import atomic_write_json
-    from zoo.scoring import score_model
+    from zoo.scoring import open_reference, reference_statistics, score_model
 
     with user_errors():
-        reference = None
-        if ref.is_dir():  # its statistics, an hour's work for ImageNet, must be cacheable
-            check_writable_dir(stats_cache or default_stats_cache(), "--stats-cache")
-        else:
-            reference = load_reference(ref)  # a missing or wrong file: exit 2 naming what to fetch
-            if resize not in (None, reference.resize):
-                raise fail(f"--resize {resize}: {ref} was computed with resize={reference.resize}")
+        cache = stats_cache or default_stats_cache()
+        reference = open_reference(ref, resize, cache)
+        if reference is None and cache is None:
+            err_console.print(f"[yellow]{escape(no_cache_notice())}[/]", highlight=False)
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
@@ -127,24 +140,18 @@ def fid_command(
             TimeRemainingColumn(),
             console=make_console(stderr=True),
         ) as progress:
-            if reference is None:
-                side = model.data_shape[-1] * (decoder.downsample_factor if decoder is not None else 1)
-                task = progress.add_task("reference statistics", total=None)
-
-                def started(total: int, cached: bool) -> None:
-                    progress.update(task, total=total, completed=total if cached else 0)
-
-                reference = folder_reference(
-                    ref,
-                    extractor,
-                    side,
-                    stats_cache or default_stats_cache(),
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    limit=ref_limit,
-                    on_start=started,
-                    on_items=lambda k: progress.advance(task, k),
-                )
+            side = model.data_shape[-1] * (decoder.downsample_factor if decoder is not None else 1)
+            reference = reference_statistics(
+                ref,
+                reference,
+                extractor,
+                side,
+                cache,
+                progress,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                limit=ref_limit,
+            )
             task = progress.add_task(f"{method.label}, {n} samples", total=n)
             scores = score_model(
                 model,

@@ -11,6 +11,7 @@ from zoo_cli import runs_cmds
 from zoo_cli.bench import bench_jvp
 from zoo_cli.data import app as data_app
 from zoo_cli.evaluate import eval_command
+from zoo_cli.features import app as features_app
 from zoo_cli.fid import fid_command
 from zoo_cli.modal import app as modal_app
 from zoo_cli.sample import sample
@@ -25,7 +26,9 @@ app = typer.Typer(
 app.command(help="Train a model from a preset or TOML file, with key=value overrides.")(train)
 app.command(help="Generate samples from a checkpoint (PNG + .npz).")(sample)
 app.command(
-    "eval", help="Energy distance of every sampler against held-out data; FID with --fid (CIFAR-10)."
+    "eval",
+    help="Every sampler's quality vs NFE (images: FD, KID, precision, recall in a classifier's features; "
+    "energy distance) beside the data floor; several runs compared in one table; FID with --fid.",
 )(eval_command)
 app.command(
     "fid",
@@ -37,6 +40,7 @@ app.command(
 )(bench_jvp)
 app.add_typer(modal_app, name="modal")
 app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
 runs_cmds.register(app)
 
 

@@ -76,7 +76,8 @@ def submit(
     ] = "A100-40GB",
     timeout: Annotated[str, typer.Option(help="per attempt, at most 24h (e.g. 12h, 90m)")] = "12h",
     retries: Annotated[
-        int, typer.Option(help="attempts after a failure or preemption; each resumes from last.pt")
+        int,
+        typer.Option(help="attempts after a failure or preemption, 0 to 10; each resumes from last.pt"),
     ] = 5,
     run_name: Annotated[
         str | None, typer.Option("--run-name", help="name of the remote run (default: PRESET-DATE-TIME)")
@@ -240,7 +241,7 @@ def status(
 @app.command()
 def logs(
     run: Annotated[str, typer.Argument(help="the remote run")],
-    tail: Annotated[int, typer.Option(min=1, help="how many recent lines")] = 200,
+    tail: Annotated[int, typer.Option(min=1, max=1_000_000, help="how many recent lines")] = 200,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
     from_file: Annotated[
         bool,

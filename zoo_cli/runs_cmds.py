@@ -26,7 +26,7 @@ from rich.table import Table
 
 from zoo.output_paths import check_writable_file
 from zoo.remote.clean import CleanError, CleanPlan, check_pattern, execute_clean, plan_clean
-from zoo.remote.credentials import ModalUnavailable, require_token
+from zoo.remote.credentials import ModalUnavailable, check_token
 from zoo.remote.download import DownloadError, download_checkpoint, parse_checkpoint_spec, resolve_checkpoint
 from zoo.remote.layout import DEFAULT_VOLUME, OUTPUTS, mirror_name
 from zoo.remote.listing import CheckpointInfo, RunInfo, list_local_runs, list_store_runs
@@ -74,7 +74,7 @@ def remote_store_or_exit(volume: str, volume_dir: Path | None) -> RunStore:
 def token_problem() -> str | None:
     """Why no Modal token can be used (none configured, a broken ~/.modal.toml), or None."""
     try:
-        require_token()
+        check_token()
     except ModalUnavailable as exc:
         return str(exc)
     return None
@@ -134,16 +134,26 @@ def run_record(info: RunInfo, now: float) -> dict:
         "loss": info.status.loss,
         "key_metric": list(info.key_metric) if info.key_metric else None,
         "checkpoints": [
-            {"name": c.name, "step": c.step, "size": c.size, "age_s": now - c.mtime, "where": c.where}
+            {
+                "name": c.name,
+                "step": c.step,
+                "size": c.size,
+                "age_s": now - c.mtime,
+                "where": c.where,
+                "damaged": c.damaged,
+            }
             for c in info.checkpoints
         ],
     }
 
 
 def checkpoint_label(info: RunInfo, checkpoint: CheckpointInfo) -> str:
+    label = checkpoint.name
     if checkpoint.where == "local" and info.where != "local":
-        return f"{checkpoint.name} (downloaded)"
-    return checkpoint.name
+        label += " (downloaded)"
+    if checkpoint.damaged is not None:
+        label += " [bold red](damaged: refused by --resume, sample, eval)[/]"
+    return label
 
 
 def checkpoints_table(infos: list[RunInfo], now: float) -> Table:

@@ -10,16 +10,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import Progress
 
+from zoo.config.schema import MAX_GUIDANCE, MAX_SAMPLE_BYTES, MAX_SAMPLES
 from zoo.output_paths import check_writable_dir, check_writable_file
 from zoo.runs import atomic_write_bytes
 from zoo_cli.errors import fail, user_errors
+from zoo_cli.options import DeviceOption, NfeOption, SeedOption, ThreadsOption
 from zoo_cli.render import make_console
 
 if TYPE_CHECKING:
     from zoo.config.schema import EvalConfig
     from zoo.evaluation import Method
-    from zoo.inference import LoadedModel
 
 console = make_console()
 
@@ -97,18 +100,6 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
-def sampling_guidance(loaded: "LoadedModel", scale: float | None, interval: tuple[float, float] | None):
-    """zoo.solvers.samplers.resolve_guidance for a loaded run, its refusal as one line (exit 2)."""
-    from zoo.solvers.samplers import resolve_guidance
-
-    omega_max = loaded.cfg.loss.omega_max if loaded.cfg.loss.kind == "imf" else None
-    try:
-        return resolve_guidance(loaded.model, loaded.cfg.eval, scale, interval, omega_max)
-    except ValueError as exc:
-        option = "--guidance-interval" if "interval" in str(exc) else "--guidance"
-        raise fail(f"{option}: {exc}") from None
-
-
 def resolve_checkpoint_path(checkpoint: Path) -> Path:
     """A run folder stands for its last.pt."""
     return checkpoint / "last.pt" if checkpoint.is_dir() else checkpoint
@@ -121,20 +112,15 @@ def sample(
             help="a checkpoint (outputs/RUN/last.pt or step_XXXXXXX.pt) or a run folder (its last.pt)"
         ),
     ],
-    nfe: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="network evaluations (default: 1 = one-step MeanFlow; when integrating the ODE, "
-            "the run's largest eval.solver_nfe, rounded up to the solver's calls per step)",
-        ),
-    ] = None,
+    nfe: NfeOption = None,
     n: Annotated[
         int | None,
         typer.Option(
             "--n",
             min=1,
-            help=f"number of samples (default {DEFAULT_N}; {PER_CLASS_DEFAULT} per class with --classes)",
+            max=MAX_SAMPLES,
+            help=f"number of samples (default {DEFAULT_N}; {PER_CLASS_DEFAULT} per class with --classes; "
+            f"at most {MAX_SAMPLES} and {MAX_SAMPLE_BYTES // 2**30} GiB of samples)",
         ),
     ] = None,
     out: Annotated[
@@ -148,7 +134,7 @@ def sample(
         ),
     ] = None,
     label: Annotated[
-        int | None, typer.Option("--class", help="class label for class-conditional models")
+        int | None, typer.Option("--class", min=0, help="class label for class-conditional models")
     ] = None,
     classes_text: Annotated[
         str | None,
@@ -171,6 +157,7 @@ def sample(
         float | None,
         typer.Option(
             min=0.0,
+            max=MAX_GUIDANCE,
             help="guidance scale (1 = none; default: the run's eval.guidance): classifier-free, or the "
             "model's input for models trained with guidance as a condition (iMF)",
         ),
@@ -183,12 +170,10 @@ def sample(
             "condition (iMF); default: the run's eval.guidance_interval, else 0,1",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    seed: SeedOption = 0,
+    device: DeviceOption = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="use the raw weights instead of the EMA")] = False,
-    threads: Annotated[
-        int, typer.Option(min=0, help="CPU threads (0 = torch default; 1 on a shared machine)")
-    ] = 0,
+    threads: ThreadsOption = 0,
 ) -> None:
     """Generate samples from a checkpoint."""
     checkpoint = resolve_checkpoint_path(checkpoint)
@@ -222,10 +207,10 @@ def sample(
 
     from zoo.data.latents import is_latent_data, latent_vae_name, load_decoder
     from zoo.devices import resolve_device
-    from zoo.inference import load_model
+    from zoo.evaluation import generate
+    from zoo.inference import check_sample_count, load_model, resolve_run_guidance
     from zoo.models.vae import decode_latents
     from zoo.plotting import save_image_grid, save_scatter
-    from zoo.solvers.samplers import sample_meanflow, sample_ode
 
     with user_errors():
         if threads:
@@ -233,7 +218,8 @@ def sample(
         dev = resolve_device(device)
         loaded = load_model(checkpoint, dev, use_ema=not raw)
         model = loaded.model
-        guidance = sampling_guidance(loaded, guidance, interval)
+        check_sample_count(n, model.data_shape)
+        guidance = resolve_run_guidance(loaded, guidance, interval)
         option = "--class" if label is not None else "--classes"
         if classes is not None and not model.num_classes:
             raise fail(f"{option} given, but this model is unconditional")
@@ -255,12 +241,12 @@ def sample(
             labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class).to(dev)
         elif model.num_classes:
             labels = torch.randint(0, model.num_classes, (n,), generator=generator).to(dev)
-        with torch.no_grad():
-            if method.kind == "meanflow":
-                samples = sample_meanflow(model, noise, method.steps, y=labels, guidance=guidance)
-            else:
-                samples = sample_ode(model, noise, method.kind, method.steps, y=labels, guidance=guidance)
-        latents = samples.float().cpu()
+        batch_size = loaded.cfg.eval.batch_size
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task(f"sampling ({method.label})", total=-(-n // batch_size))
+            latents = generate(
+                model, method, noise, labels, guidance, batch_size, on_batch=lambda: progress.advance(task)
+            )
         samples = decode_latents(decoder, latents) if decoder is not None else latents
         out.parent.mkdir(parents=True, exist_ok=True)
         if len(model.data_shape) == 1:

@@ -12,15 +12,16 @@ from rich.markup import escape
 
 from zoo.config.loading import (
     ConfigError,
-    ZooConfig,
     check_batch_split,
     config_from_dict,
     config_to_dict,
     deep_merge,
     load_config,
     parse_overrides,
+    resolve_output_dir,
 )
 from zoo.config.schema import ZooConfigBody
+from zoo.output_paths import check_writable_file
 from zoo.runs import RunDir, RunInterrupted, check_checkpoint_owner, check_run, default_run_name
 from zoo_cli.errors import err_console, fail, user_errors
 from zoo_cli.render import eval_table, make_console, print_config
@@ -31,12 +32,13 @@ console = make_console()
 OverridesArgument = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. loss.ratio=0.75 optim.lr=1e-4")
 ]
+# Their bounds are the config's, which checks them (and says so in one line).
 RatioOption = Annotated[float | None, typer.Option(help="MeanFlow fraction of r != t samples (loss.ratio)")]
 StepsOption = Annotated[int | None, typer.Option(help="optimiser steps (train.steps)")]
 BatchSizeOption = Annotated[
     int | None, typer.Option("--batch-size", help="batch per optimiser step (train.batch_size)")
 ]
-SeedOption = Annotated[int | None, typer.Option(help="random seed")]
+SeedOption = Annotated[int | None, typer.Option(help="random seed (0 to 2**32 - 1)")]
 PrecisionOption = Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (autocast)")]
 
 
@@ -70,9 +72,11 @@ def resume_config(
 ) -> ZooConfigBody:
     """A resumed run starts from its own stored config; the command line may only extend it."""
     from zoo.checkpoints import load_checkpoint
+    from zoo.inference import RESUME_KEYS, check_payload
 
     run = check_run(output_dir, run_name, resume=True)
     payload = load_checkpoint(run.last)
+    check_payload(payload, run.last, RESUME_KEYS)
     check_checkpoint_owner(run, payload["run_name"])
     stored = payload["config"]
     if preset is not None and stored.get("preset") not in (preset, None) and not preset.endswith(".toml"):
@@ -98,6 +102,14 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the run named by --run-name from its last.pt")
     ] = False,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="start afresh a run folder that holds no checkpoint and no live writer "
+            "(a run stopped before its first save); its files are deleted",
+        ),
+    ] = False,
     seed: SeedOption = None,
     precision: PrecisionOption = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="dataset folder (data.root)")] = None,
@@ -105,7 +117,8 @@ def train(
         int | None, typer.Option(help="CPU threads (0 = torch default; 1 on a shared machine)")
     ] = None,
     nproc: Annotated[
-        int, typer.Option("--nproc", min=1, help="data-parallel processes on this machine (torchrun)")
+        int,
+        typer.Option("--nproc", min=1, max=256, help="data-parallel processes on this machine (torchrun)"),
     ] = 1,
 ) -> None:
     """Train a flow-matching or MeanFlow model; writes outputs/<run_name>/."""
@@ -124,10 +137,12 @@ def train(
                 threads=threads,
             ),
         )
+        if resume and restart:
+            raise fail("--resume continues a run from its checkpoint, --restart starts one afresh: give one")
         if resume:
             if run_name is None:
                 raise fail("--resume needs --run-name: the run to continue (zoo ckpts lists them)")
-            output_dir = given.get("output_dir") or ZooConfig.model_fields["output_dir"].default
+            output_dir = resolve_output_dir(preset, given)
             cfg = resume_config(run_name, output_dir, preset, given)
         else:
             if preset is None:
@@ -136,10 +151,14 @@ def train(
             if cfg.run_name is None:
                 cfg = cfg.model_copy(update={"run_name": default_run_name(cfg.preset)})
             # A name collision or an output_dir that cannot be written: said before anything else.
-            check_run(cfg.output_dir, cfg.run_name, resume=False)
+            check_run(cfg.output_dir, cfg.run_name, resume=False, restart=restart)
+        if cfg.experiment_log:  # appended to when the run ends: a run must not fail at its last step
+            check_writable_file(cfg.experiment_log, "experiment_log")
         if nproc > 1:
             check_batch_split(cfg, nproc, how="--nproc")
-            returncode = launch_torchrun(nproc, cfg, resume)
+            returncode = launch_torchrun(
+                nproc, cfg, "--resume" if resume else "--restart" if restart else "--fresh"
+            )
             if returncode != 0:
                 raise typer.Exit(returncode)
             report_run(RunDir(Path(cfg.output_dir) / cfg.run_name))
@@ -176,7 +195,7 @@ def train(
         )
         main = distributed.is_main()
         try:
-            run = train_run(cfg, resume=resume, command=command)
+            run = train_run(cfg, resume=resume, command=command, restart=restart)
         except RunInterrupted as exc:
             if main:
                 report_interrupted(exc)
@@ -213,13 +232,12 @@ def command_line(preset: str | None, overrides: list[str], flags: dict[str, Any]
 def report_run(run: RunDir) -> None:
     import json
 
-    from zoo.evaluation import EvalReport, EvalRow
+    from zoo.evaluation import EvalReport
 
     data = json.loads(run.eval_json.read_text())
-    report = EvalReport(n_samples=data["n_samples"], rows=[EvalRow(**r) for r in data["rows"]])
-    if data["noise_floor"]:
-        report.noise_floor = EvalRow(**data["noise_floor"])
-    console.print(eval_table(report, title=f"{run.name} at step {data['step']}"))
+    console.print(
+        eval_table([(run.name, EvalReport.from_dict(data))], title=f"{run.name} at step {data['step']}")
+    )
     console.print(f"run folder: [bold]{run.root}[/]  (samples: {run.samples / 'final.png'})")
 
 
@@ -235,7 +253,7 @@ def launcher_ignored_notice(signum: int, grace_s: int) -> str:
     )
 
 
-def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
+def launch_torchrun(nproc: int, cfg: ZooConfigBody, mode: str) -> int:
     """Re-run this command under torchrun with the resolved config, one process per device."""
     import json
     import tempfile
@@ -246,7 +264,7 @@ def launch_torchrun(nproc: int, cfg: ZooConfigBody, resume: bool) -> int:
         from zoo import distributed
         from zoo.interrupts import write_from_handler
 
-        args = [str(config_path), "--resume" if resume else "--fresh"]
+        args = [str(config_path), mode]
         command = distributed.torchrun_command(nproc, "zoo_cli.distributed_entry", args)
         console.print(f"launching {nproc} processes: {' '.join(command)}")
         grace_s = distributed.shutdown_grace_s()

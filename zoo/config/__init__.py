@@ -1,6 +1,5 @@
 from zoo.config.loading import (
     ConfigError,
-    ZooConfig,
     available_presets,
     config_from_dict,
     config_to_dict,
@@ -11,7 +10,6 @@ from zoo.config.schema import ZooConfigBody
 
 __all__ = [
     "ConfigError",
-    "ZooConfig",
     "ZooConfigBody",
     "available_presets",
     "config_from_dict",

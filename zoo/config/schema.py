@@ -1,12 +1,15 @@
 """The resolved configuration of a run: pydantic models, every level closed to unknown keys.
 
-`extra="forbid"` sits on every section (pydantic-settings does not pass it down to nested
-models), so a misspelt key anywhere fails before any work is done.
+Every section forbids unknown keys, so a misspelt key anywhere fails before any work is done.
+Validation is strict: a TOML `true` is not the integer 1, nor the string "100" a number (the
+command line's and the environment's values are parsed as TOML literals first, so `steps=100`
+there is an integer).  Floats must be finite and every count has an upper bound, so a typo like
+`train.steps=99999999999999999999` is refused up front instead of training for ever.
 """
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DatasetName = Literal[
     "moons",
@@ -22,8 +25,25 @@ DatasetName = Literal[
 ]
 
 
+# Upper bounds of counts: far above any real run, low enough that a slip of the keyboard is caught.
+MAX_STEPS = 100_000_000
+MAX_BATCH = 1 << 20
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+# Network evaluations of one sample: a thousand-step ODE solve is already far past convergence.
+MAX_NFE = 1000
+# Samples an energy distance compares: its cost grows with the square of the number.
+MAX_EVAL_SAMPLES = 100_000
+MAX_GUIDANCE = 20.0
+# `zoo sample` keeps its samples in memory and writes them to one .npz: a count and a size bound it.
+MAX_SAMPLES = 1_000_000
+MAX_SAMPLE_BYTES = 4 << 30
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -35,7 +55,7 @@ class DataConfig(Section):
     class_conditional: bool = False
     num_workers: int = Field(0, ge=0, le=64)
     on_device: bool = Field(True, description="keep datasets that fit as one tensor on the device")
-    train_size: int | None = Field(None, ge=1, description="use only the first N training examples")
+    train_size: int | None = Field(None, ge=1, le=10**9, description="use only the first N training examples")
     latent_folder: str = Field(
         "imagenet-latents",
         min_length=1,
@@ -100,9 +120,9 @@ class UNetConfig(NetworkConditioning):
         default_factory=lambda: [2, 2, 2], min_length=1, max_length=6
     )
     blocks_per_res: int = Field(4, ge=1, le=8)
-    attention_res: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [16])
+    attention_res: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=lambda: [16])
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    num_groups: int = Field(32, ge=1)
+    num_groups: int = Field(32, ge=1, le=1024)
     heads: int = Field(1, ge=1, le=64)
 
     @model_validator(mode="after")
@@ -208,7 +228,7 @@ class LossConfig(Section):
     time_mu: float = Field(-0.4, ge=-10, le=10, description="logit-normal mean")
     time_sigma: float = Field(1.0, gt=0, le=10, description="logit-normal std")
     weight_p: float = Field(1.0, ge=0.0, le=2.0, description="adaptive weight power p")
-    weight_c: float = Field(1e-3, gt=0.0, description="adaptive weight constant c")
+    weight_c: float = Field(1e-3, gt=0.0, le=1e3, description="adaptive weight constant c")
     jvp: JvpMode = Field(
         "fused",
         description=(
@@ -291,8 +311,14 @@ class OptimConfig(Section):
     lr: float = Field(6e-4, gt=0.0, le=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 = off")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="max global grad norm; 0 = off")
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, value: Any) -> Any:
+        """TOML, JSON and stored configs write the pair as a list."""
+        return tuple(value) if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> "OptimConfig":
@@ -307,16 +333,18 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 
 class TrainConfig(Section):
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(128, ge=1)
+    steps: int = Field(2000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimiser step")
     auto_microbatch: bool = Field(True, description="split the batch if a probe step does not fit")
-    memory_limit_gb: float | None = Field(None, gt=0, description="cap for the memory probe")
+    memory_limit_gb: float | None = Field(None, gt=0, le=65536, description="cap for the memory probe")
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
-    log_every: int = Field(50, ge=1)
-    eval_every: int = Field(0, ge=0, description="0 = only at the end")
-    save_every: int = Field(500, ge=1, description="refresh last.pt")
-    archive_every: int = Field(0, ge=0, description="keep step_XXXXXXX.pt; 0 = only the final one")
+    log_every: int = Field(50, ge=1, le=MAX_STEPS)
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS, description="0 = only at the end")
+    save_every: int = Field(500, ge=1, le=MAX_STEPS, description="refresh last.pt")
+    archive_every: int = Field(
+        0, ge=0, le=MAX_STEPS, description="keep step_XXXXXXX.pt; 0 = only the final one"
+    )
     compile: bool = Field(
         False,
         description="torch.compile each micro-batch's loss and backward (flow matching, or MeanFlow with "
@@ -353,24 +381,46 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    n_samples: int = Field(2000, ge=16, description="generated and held-out samples per metric")
-    meanflow_steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field(
+    n_samples: int = Field(
+        2000, ge=16, le=MAX_EVAL_SAMPLES, description="generated and held-out samples per metric"
+    )
+    meanflow_steps: list[Annotated[int, Field(ge=1, le=MAX_NFE)]] = Field(
         default_factory=lambda: [1, 2, 4], min_length=1
     )
     solvers: list[Literal["euler", "midpoint", "heun", "rk4"]] = Field(
         default_factory=lambda: ["euler", "heun"]
     )
-    solver_nfe: list[Annotated[int, Field(ge=1, le=10000)]] = Field(
+    solver_nfe: list[Annotated[int, Field(ge=1, le=MAX_NFE)]] = Field(
         default_factory=lambda: [2, 8, 50], min_length=1
     )
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(500, ge=1, le=MAX_BATCH)
     grid_size: int = Field(64, ge=1, le=1024, description="images in a sample grid")
-    guidance: float = Field(1.0, ge=0.0, le=20.0)
+    guidance: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE)
     guidance_interval: tuple[float, float] | None = Field(
         None,
         description="models conditioned on guidance (model.guidance_inputs): the times [a, b] guidance acts "
-        "on; none = [0, 1]",
+        "on, 0 <= a <= b <= 1; none = [0, 1]",
     )
+    features: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="score samples by FD, KID, precision and recall in the feature space of zoo's classifier "
+        "for the dataset (trained and cached on first use): auto = for labelled image data; off = energy "
+        "distance only",
+    )
+
+    @field_validator("guidance_interval", mode="before")
+    @classmethod
+    def _interval_from_list(cls, value: Any) -> Any:
+        """TOML, JSON and stored configs write the pair as a list."""
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _interval_in_range(self) -> "EvalConfig":
+        if self.guidance_interval is not None:
+            low, high = self.guidance_interval
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"guidance_interval must satisfy 0 <= a <= b <= 1, got {[low, high]}")
+        return self
 
 
 class TrackingConfig(Section):
@@ -383,17 +433,17 @@ class ZooConfigBody(Section):
 
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     preset: str | None = None
-    seed: int = Field(0, ge=0)
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    device: str = Field("auto", pattern=f"^({DEVICE_PATTERN})$", description=DEVICE_CHOICES)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(
         0,
         ge=0,
-        le=1024,
+        le=MAX_THREADS,
         description="CPU threads for torch (0 = torch's default). On a shared machine use 1: OpenMP threads "
         "spin-waiting for a busy core can slow a step down many times",
     )
-    output_dir: str = "outputs"
+    output_dir: str = Field("outputs", min_length=1, description="folder that holds the run folders")
     experiment_log: str = Field(
         "EXPERIMENT_LOG.md", description="file each finished run appends an entry to; empty = none"
     )

@@ -326,8 +326,8 @@ class FusedJvp(JvpStrategy):
         kernels = self.kernels_on(z.device)
         if not isinstance(model, RowTangentModel):
             raise ValueError(
-                f"jvp='fused' needs a network written in zoo.models.dual ops (a RowTangentModel, as "
-                f"zoo's MLP, U-Net and DiT are); {type(model).__name__} is not one: use jvp='primal'"
+                f"jvp='fused' needs a network whose forward also runs on Duals (a RowTangentModel, as "
+                f"zoo's MLP, U-Net and DiT are); {type(model).__name__} is not one: use jvp='nograd'"
             )
         # The r != t samples go first: every layer then reads its k rows as a view (a slice)
         # instead of gathering them, ~350 gathers fewer per step on the paper's U-Net.  The

@@ -222,9 +222,11 @@ def check_compatible(reference: ReferenceStats, extractor: FeatureExtractor) -> 
         )
 
 
-def default_stats_cache() -> Path:
-    """$ZOO_CACHE_DIR/fid-stats (default ~/.cache/zoo/fid-stats): folder statistics, computed once."""
-    return zoo_cache_dir() / "fid-stats"
+def default_stats_cache() -> Path | None:
+    """$ZOO_CACHE_DIR/fid-stats (default ~/.cache/zoo/fid-stats): folder statistics, computed once;
+    None where no cache folder can be written (see zoo_cache_dir)."""
+    root = zoo_cache_dir()
+    return root / "fid-stats" if root is not None else None
 
 
 def reference_cache_path(
@@ -240,7 +242,7 @@ def folder_reference(
     folder: Path,
     extractor: FeatureExtractor,
     image_size: int,
-    cache_dir: Path,
+    cache_dir: Path | None,
     *,
     batch_size: int = 100,
     num_workers: int = 0,
@@ -249,14 +251,15 @@ def folder_reference(
     on_items: Callable[[int], None] = lambda k: None,
 ) -> ReferenceStats:
     """Statistics of `folder`'s images (centre crop, resized to `image_size`), computed once and
-    cached under `cache_dir` (keyed by the file list, size and extractor).  `on_start(images,
-    cached)` says whether they come from the cache; `on_items(k)` after each batch."""
+    cached under `cache_dir` (keyed by the file list, size and extractor; None: not cached).
+    `on_start(images, cached)` says whether they come from the cache; `on_items(k)` after each batch."""
     images = list_images(folder, limit)
-    path = reference_cache_path(
-        cache_dir, f"{folder.resolve()}|{images.fingerprint()}", image_size, extractor
-    )
-    on_start(len(images.files), path.is_file())
-    if path.is_file():
+    path = None
+    if cache_dir is not None:
+        key = f"{folder.resolve()}|{images.fingerprint()}"
+        path = reference_cache_path(cache_dir, key, image_size, extractor)
+    on_start(len(images.files), path is not None and path.is_file())
+    if path is not None and path.is_file():
         return load_reference(path)
     dataset = ImageFiles(images.files, images.labels, CenterCropResize(image_size))
     statistics = RunningStatistics()
@@ -268,11 +271,11 @@ def folder_reference(
     reference = ReferenceStats(
         mu.numpy(), sigma.numpy(), description, extractor.name, extractor.resize, statistics.count
     )
-    buffer = io.BytesIO()
-    np.savez(
-        buffer, mu=reference.mu, sigma=reference.sigma, zoo_meta=np.array(json.dumps(reference.to_meta()))
-    )
-    atomic_write_bytes(path, buffer.getvalue())
+    if path is not None:
+        buffer = io.BytesIO()
+        meta = np.array(json.dumps(reference.to_meta()))
+        np.savez(buffer, mu=reference.mu, sigma=reference.sigma, zoo_meta=meta)
+        atomic_write_bytes(path, buffer.getvalue())
     return reference
 
 

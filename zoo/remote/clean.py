@@ -4,19 +4,21 @@ What may go:  archived checkpoints (`step_XXXXXXX.pt`) beyond the newest `keep_l
 and temporaries left by interrupted atomic writes (`.last.pt.tmp-123`).
 What never goes: any run's `last.pt`; the archived checkpoint its eval.json was computed from
 (the final evaluation names it: the model behind a reported number stays reproducible);
-anything of a run that may be being written — its heartbeat says running and is recent, or
-(unless its heartbeat says finished or failed) any of its files changed recently, which catches
-a run that has not written its first heartbeat yet; anything that changed between the listing
-and the deletion (the plan records size and mtime, and each run and file is checked again just
-before deleting).
+anything of a run that may be being written — a process holds its lock (zoo.runs.RunLock; a
+local folder or a local copy of the Volume), its heartbeat says running and names a live process
+on this machine, or says running and is recent, or (unless its heartbeat says finished or failed)
+any of its files changed recently, which catches a run that has not written its first heartbeat
+yet; anything of a run whose heartbeat.json or eval.json cannot be read (damaged: what it would
+say is unknown); anything that changed between the listing and the deletion (the plan records
+size and mtime, and each run and file is checked again just before deleting).
 Patterns that select every run are refused unless `--all`: those with no literal character
 (`*`, `**`, `?*`) at once, and any other glob (`c*` where every run starts with c) once the runs
 are listed.
 """
 
 import fnmatch
-import json
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -25,6 +27,7 @@ from zoo.remote.layout import CHECKPOINT_SUFFIX, RUN_NAME_PATTERN, is_transient_
 from zoo.remote.listing import checkpoint_step_from_name
 from zoo.remote.status import DEFAULT_STALL_AFTER, format_duration, is_live_writer
 from zoo.remote.store import RunStore, StoreEntry
+from zoo.runs import json_object, process_alive
 
 NEVER_DELETE = "last.pt"
 _UNIVERSAL = re.compile(r"^[*?]*$")
@@ -97,31 +100,55 @@ def _run_folders(store: RunStore, runs_prefix: str) -> dict[str, list[StoreEntry
     return grouped
 
 
-def _heartbeat(store: RunStore, folder: str) -> dict | None:
-    path = f"{folder}/heartbeat.json"
+class Unreadable(Exception):
+    """A run file clean needs cannot be read; the message says which, and the run is left alone."""
+
+
+def _json_file(store: RunStore, path: str) -> dict | None:
+    """A small JSON file of a run; None when it does not exist; Unreadable when it is no JSON object."""
     if store.stat(path) is None:
         return None
-    try:
-        return json.loads(store.read_bytes(path))
-    except json.JSONDecodeError:
-        return {"status": "running", "updated": time.time()}  # caught mid-write: someone is writing
+    parsed = json_object(store.read_bytes(path))
+    if parsed is None:
+        name = PurePosixPath(path).name
+        raise Unreadable(f"{name} cannot be read (damaged, or caught being written); fix or delete it")
+    return parsed
 
 
 def _evaluated_checkpoint(store: RunStore, folder: str, top_level: list[StoreEntry]) -> str | None:
     """The archive the run's final evaluation (eval.json) names, if it has one."""
     if not any(f.name == "eval.json" for f in top_level):
         return None
-    return json.loads(store.read_bytes(f"{folder}/eval.json"))["checkpoint"]
+    checkpoint = (_json_file(store, f"{folder}/eval.json") or {}).get("checkpoint")
+    if not isinstance(checkpoint, str):
+        raise Unreadable("eval.json names no checkpoint; fix or delete it")
+    return checkpoint
+
+
+def _live_here(heartbeat: dict) -> bool:
+    """Whether the heartbeat's writer is a live process of this machine."""
+    pid = heartbeat.get("pid")
+    return heartbeat.get("host") == socket.gethostname() and isinstance(pid, int) and process_alive(pid)
 
 
 def _busy_reason(
     store: RunStore, folder: str, files: list[StoreEntry], now: float, live_window: float
 ) -> str | None:
-    heartbeat = _heartbeat(store, folder)
+    writer = store.writer(folder)
+    if writer is not None:
+        return f"being trained by {writer}"
+    try:
+        heartbeat = _json_file(store, f"{folder}/heartbeat.json")
+    except Unreadable as exc:
+        return str(exc)
     if heartbeat is not None and heartbeat.get("status") in ("finished", "failed", "interrupted"):
         return None  # its writer is done (a retry starting later says "running" again, and is re-checked)
+    if heartbeat is not None and heartbeat.get("status") == "running" and _live_here(heartbeat):
+        return f"being trained by process {heartbeat['pid']} (its heartbeat says running)"
     if is_live_writer(heartbeat, now, live_window):
-        return f"still being written (heartbeat {format_duration(now - float(heartbeat['updated']))} ago)"
+        updated = heartbeat.get("updated")
+        when = f"{format_duration(now - updated)} ago" if isinstance(updated, (int, float)) else "undated"
+        return f"still being written (heartbeat {when})"
     newest = max((f.mtime for f in files), default=None)
     if newest is not None and now - newest < live_window:
         return f"still being written (a file changed {format_duration(now - newest)} ago)"
@@ -168,7 +195,11 @@ def plan_clean(
             plan.skipped.append((run, busy))
             continue
         top_level = [f for f in files if PurePosixPath(f.path).parent == PurePosixPath(folder)]
-        evaluated = _evaluated_checkpoint(store, folder, top_level)
+        try:
+            evaluated = _evaluated_checkpoint(store, folder, top_level)
+        except Unreadable as exc:
+            plan.skipped.append((run, str(exc)))
+            continue
         archived = sorted(
             (f for f in top_level if checkpoint_step_from_name(f.name) is not None and f.name != evaluated),
             key=lambda f: checkpoint_step_from_name(f.name),

@@ -63,7 +63,8 @@ def token_source() -> str | None:
     return None
 
 
-def require_token() -> str:
+def check_token() -> str:
+    """Raise ModalUnavailable unless a Modal token is configured; return where it comes from."""
     source = token_source()
     if source is None:
         raise ModalUnavailable(f"no Modal token configured: {SETUP_HINT}")
@@ -126,6 +127,6 @@ def check_modal_ready(timeout_s: float = 4.0) -> str:
     Returns where the token came from.
     """
     check_modal_package()
-    source = require_token()
+    source = check_token()
     check_reachable(timeout_s)
     return source

@@ -96,9 +96,11 @@ def download_checkpoint(
         if received != entry.size:
             raise DownloadError(f"{folder}/{name}: received {received} bytes, the store lists {entry.size}")
         digest = sha256_of(partial)
-        sidecar = f"{entry.path}.sha256"
-        if store.stat(sidecar) is not None:
-            expected = store.read_text(sidecar).split()[0]
+        sidecar = store.stat(f"{entry.path}.sha256")
+        # A sidecar older than its checkpoint is the previous file's (a save stopped between the
+        # two, see save_checkpoint): the archive's CRCs, checked by load_checkpoint, judge it.
+        if sidecar is not None and sidecar.mtime >= entry.mtime:
+            expected = store.read_text(sidecar.path).split()[0]
             if expected != digest:
                 raise DownloadError(f"{folder}/{name}: sha256 {digest} differs from the recorded {expected}")
         from zoo.checkpoints import (
@@ -115,7 +117,7 @@ def download_checkpoint(
     except DownloadError:
         partial.unlink(missing_ok=True)
         raise
-    # The sidecar first, as save_checkpoint does: the new file never sits beside an old checksum.
-    atomic_write_text(dest.with_name(f"{dest.name}.sha256"), f"{digest}  {dest.name}\n")
+    # The sidecar after its file, as save_checkpoint writes them (see zoo.checkpoint_files).
     os.replace(partial, dest)
+    atomic_write_text(dest.with_name(f"{dest.name}.sha256"), f"{digest}  {dest.name}\n")
     return DownloadResult(dest, received, digest, step)

@@ -7,7 +7,6 @@ from the Volume or from the mirrors `zoo sync` made (`<run>@remote/`), which lis
 the sync.
 """
 
-import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from zoo.checkpoint_files import checkpoint_problem
+from zoo.errors import CheckpointError
 from zoo.remote.layout import (
     CHECKPOINT_SUFFIX,
     OUTPUTS,
@@ -28,11 +29,12 @@ from zoo.remote.status import DEFAULT_STALL_AFTER, CallState, RunStatus, format_
 from zoo.remote.store import LocalDirStore, RunStore, StoreEntry
 from zoo.remote.submission import stopped_path
 from zoo.remote.sync import REGISTRY_MIRROR, read_manifest
-from zoo.runs import CHECKPOINT_PATTERN
+from zoo.runs import CHECKPOINT_PATTERN, HEARTBEAT_STATUSES, json_object
 
-# Which metric a table shows, in order of preference: the headline numbers of zoo's evaluations,
-# and among them the 1-step MeanFlow sampler (the point of the method).
-KEY_METRIC_PREFERENCE = ("fid", "energy", "loss")
+# Which metric a table shows, in order of preference: the headline numbers of zoo's evaluations
+# (FID, then the feature-space FD of images, then energy distance), and among them the 1-step
+# MeanFlow sampler (the point of the method).
+KEY_METRIC_PREFERENCE = ("fid", "eval/fd_", "energy", "loss")
 HEADLINE_SAMPLER = "meanflow_1"
 
 
@@ -44,6 +46,7 @@ class CheckpointInfo:
     size: int
     mtime: float
     where: str
+    damaged: str | None = None  # why a local checkpoint would be refused by load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -104,32 +107,53 @@ def eval_json_metrics(data: dict[str, Any]) -> dict[str, float]:
         return _flatten(data)
     flat = {}
     for row in data["rows"]:
+        if not isinstance(row, dict):
+            continue  # a damaged eval.json shows no metric rather than failing the listing
         for key in ("fid", "energy_distance"):
             if isinstance(row.get(key), (int, float)):
                 name = "fid" if key == "fid" else "energy"
-                flat[f"eval/{name}_{row['kind']}_{row['steps']}"] = float(row[key])
+                flat[f"eval/{name}_{row.get('kind')}_{row.get('steps')}"] = float(row[key])
+        fd = row.get("scores", {}).get("fd", {}).get("value")
+        if isinstance(fd, (int, float)):
+            flat[f"eval/fd_{row.get('kind')}_{row.get('steps')}"] = float(fd)
     return flat
 
 
 def _last_eval_record(metrics_text: str) -> dict[str, Any] | None:
     for line in reversed(metrics_text.splitlines()):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line still being written
+        record = json_object(line)
+        if record is None:
+            continue  # a line still being written, or damaged
         if any(key.startswith("eval/") for key in record):
             return {k: v for k, v in record.items() if k.startswith("eval/")}
     return None
 
 
 def _read_json(store: RunStore, path: str) -> dict[str, Any] | None:
-    """A small JSON file of a run, or None when it is missing or caught half-written."""
+    """A small JSON file of a run, or None when it is missing, caught half-written or damaged."""
     if store.stat(path) is None:
         return None
-    try:
-        return json.loads(store.read_bytes(path))
-    except json.JSONDecodeError:
+    return json_object(store.read_bytes(path))
+
+
+def _read_heartbeat(store: RunStore, path: str) -> dict[str, Any] | None:
+    """A heartbeat that has what run_status reads (a known status, a time); None otherwise."""
+    heartbeat = _read_json(store, path)
+    if heartbeat is None or heartbeat.get("status") not in HEARTBEAT_STATUSES:
         return None
+    updated = heartbeat.get("updated")
+    return heartbeat if isinstance(updated, (int, float)) and not isinstance(updated, bool) else None
+
+
+DAMAGED_HEARTBEAT = RunStatus(
+    "unknown", "heartbeat.json is damaged (not a heartbeat zoo wrote)", None, None, None, None, None
+)
+
+
+def _local_status(heartbeat: dict[str, Any] | None, files: dict, now: float, stall_after: float) -> RunStatus:
+    if heartbeat is None and "heartbeat.json" in files:
+        return DAMAGED_HEARTBEAT
+    return run_status(heartbeat, now, stall_after)
 
 
 def _key_metric_of(
@@ -141,7 +165,7 @@ def _key_metric_of(
         if found:
             return found
     if local and "metrics.jsonl" in files:
-        record = _last_eval_record(store.read_text(f"{folder}/metrics.jsonl"))
+        record = _last_eval_record(store.read_bytes(f"{folder}/metrics.jsonl").decode(errors="replace"))
         found = key_metric(record) if record else None
         if found:
             return found
@@ -160,10 +184,22 @@ def _checkpoints(
         step = checkpoint_step_from_name(name)
         if step is None and heartbeat is not None and name == "last.pt":
             step = heartbeat.get("checkpoint_step")  # the step of the last.pt the trainer last wrote
-        if step is None and isinstance(store, LocalDirStore):
-            step = peek_checkpoint_step(store.root / entry.path)
-        found.append(CheckpointInfo(name, entry.path, step, entry.size, entry.mtime, where))
+        damaged = None
+        if isinstance(store, LocalDirStore):
+            damaged = local_checkpoint_problem(store.root / entry.path)
+            if step is None and damaged is None:
+                step = peek_checkpoint_step(store.root / entry.path)
+        found.append(CheckpointInfo(name, entry.path, step, entry.size, entry.mtime, where, damaged))
     return sorted(found, key=lambda c: (c.name != "last.pt", -(c.step or 0), c.name))
+
+
+def local_checkpoint_problem(path: Path) -> str | None:
+    """Why load_checkpoint would refuse a local checkpoint (zoo.checkpoint_files), or None."""
+    try:
+        with path.open("rb") as handle:
+            return checkpoint_problem(path, handle)
+    except (CheckpointError, OSError) as exc:  # an unreadable sidecar, a file gone meanwhile
+        return str(exc)
 
 
 def _group_files(entries: list[StoreEntry], depth: int) -> dict[str, dict[str, StoreEntry]]:
@@ -196,12 +232,12 @@ def list_local_runs(
             continue
         if not RUN_NAME_PATTERN.match(name):
             continue
-        heartbeat = _read_json(store, f"{name}/heartbeat.json") if "heartbeat.json" in files else None
+        heartbeat = _read_heartbeat(store, f"{name}/heartbeat.json") if "heartbeat.json" in files else None
         infos.append(
             RunInfo(
                 name=name,
                 where="local",
-                status=run_status(heartbeat, now, stall_after),
+                status=_local_status(heartbeat, files, now, stall_after),
                 checkpoints=_checkpoints(store, name, files, heartbeat, "local"),
                 key_metric=_key_metric_of(store, name, files, heartbeat, local=True),
                 heartbeat=heartbeat,
@@ -217,7 +253,7 @@ def _mirror_info(
 ) -> RunInfo:
     manifest = read_manifest(store.root / name) or {"checkpoints": [], "synced_at": now}
     synced_at = float(manifest["synced_at"])
-    heartbeat = _read_json(store, f"{name}/heartbeat.json") if "heartbeat.json" in files else None
+    heartbeat = _read_heartbeat(store, f"{name}/heartbeat.json") if "heartbeat.json" in files else None
     submission = _read_json(store, f"{name}/{REGISTRY_MIRROR}/submission.json")
     stopped = _read_json(store, f"{name}/{REGISTRY_MIRROR}/stopped.json")
     # The state as it was when synced: judging an old copy against `now` would call every
@@ -284,7 +320,7 @@ def list_store_runs(
     def info(name: str) -> RunInfo:
         folder = f"{OUTPUTS}/{name}"
         files = runs.get(name, {})
-        heartbeat = _read_json(store, f"{folder}/heartbeat.json") if "heartbeat.json" in files else None
+        heartbeat = _read_heartbeat(store, f"{folder}/heartbeat.json") if "heartbeat.json" in files else None
         submission = _read_json(store, f"{REGISTRY}/{name}/submission.json")
         stopped = _read_json(store, stopped_path(name))
         timing = {

@@ -206,9 +206,12 @@ def _status_without_heartbeat(
 
 def is_live_writer(heartbeat: dict[str, Any] | None, now: float, live_window: float) -> bool:
     """Whether a process may still be writing this run (recent heartbeat, not ended)."""
-    if heartbeat is None:
+    if heartbeat is None or heartbeat.get("status") != "running":
         return False
-    return heartbeat.get("status") == "running" and now - float(heartbeat["updated"]) < live_window
+    updated = heartbeat.get("updated")
+    if not isinstance(updated, (int, float)):
+        return True  # a running heartbeat without its time: assume the worst, a live writer
+    return now - updated < live_window
 
 
 def heartbeat_predates(

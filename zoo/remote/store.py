@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from zoo.runs import atomic_write_bytes
+from zoo.runs import atomic_write_bytes, writer_of, writer_text
 
 CHUNK = 1 << 20
 
@@ -94,6 +94,11 @@ class RunStore(ABC):
     def read_text(self, path: str) -> str:
         return self.read_bytes(path).decode()
 
+    def writer(self, folder: str) -> str | None:
+        """The process training the run in `folder`, in words, when the store can tell (a local
+        folder can, from the run's lock: zoo.runs.RunLock; the Modal Volume cannot)."""
+        return None
+
 
 class LocalDirStore(RunStore):
     def __init__(self, root: str | Path, label: str = "local") -> None:
@@ -139,6 +144,10 @@ class LocalDirStore(RunStore):
         if not target.is_file():
             raise StoreError(f"no file {path} in {self.describe()}")
         return target.read_bytes()
+
+    def writer(self, folder: str) -> str | None:
+        holder = writer_of(self._path(folder))
+        return None if holder is None else writer_text(holder)
 
     def download(self, path: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
         source = self._path(path)

@@ -40,9 +40,11 @@ def as_guidance(guidance: "float | Guidance") -> Guidance:
     return guidance if isinstance(guidance, Guidance) else Guidance(float(guidance))
 
 
-def sampler_guidance(cfg: EvalConfig) -> Guidance:
-    """The guidance a run's evaluation samples with (eval.guidance, eval.guidance_interval)."""
-    return Guidance(cfg.guidance, None if cfg.guidance_interval is None else tuple(cfg.guidance_interval))
+def sampler_guidance(cfg: EvalConfig, scale: float | None = None) -> Guidance:
+    """The guidance a run's evaluation samples with: eval.guidance (or `scale`, one of a sweep's)
+    on eval.guidance_interval."""
+    interval = None if cfg.guidance_interval is None else tuple(cfg.guidance_interval)
+    return Guidance(cfg.guidance if scale is None else scale, interval)
 
 
 def check_guidance(model: FlowModel, guidance: Guidance, omega_max: float | None = None) -> None:

@@ -195,11 +195,13 @@ def plan_micro_batches(
     batch_size: int,
     start_micro_batches: int,
     allow_split: bool,
+    processes: int = 1,
 ) -> MicroBatchPlan:
     """Fewest micro-batches (>= start) whose size fits; `probe(size)` runs one forward+backward.
 
     With `allow_split` False the configured split (`start_micro_batches`, the run's grad_accum)
-    must fit as it is; otherwise the error names the largest (micro-)batch that does.
+    must fit as it is; otherwise the error names the largest (micro-)batch that does.  The batch
+    is this process's share of train.batch_size, one of `processes` (for the messages).
     """
     cache: dict[int, Measurement] = {}
 
@@ -232,18 +234,48 @@ def plan_micro_batches(
             f"a training step on batch {first} needs ≈ {format_bytes(measure(first).peak_bytes)}, "
             f"over the memory limit of {limit}; {hint}"
         )
-    for m in counts[1:]:
-        if measure(batch_size // m).fits:
-            return MicroBatchPlan(m, batch_size // m, measure(batch_size // m).peak_bytes)
+    for previous, m in zip(counts, counts[1:], strict=False):
+        size = batch_size // m
+        if measure(size).fits:
+            check_split_is_not_wasteful(measure, batch_size, m, size, batch_size // previous, processes)
+            return MicroBatchPlan(m, size, measure(size).peak_bytes)
     raise MemoryLimitError(
         f"not even a micro-batch of 1 fits in {limit} "
         f"(needs ≈ {format_bytes(measure(1).peak_bytes)}): use a smaller model or more memory"
     )
 
 
-def largest_fitting_size(measure: Callable[[int], Measurement], too_big: int) -> int:
-    """Binary search for the largest batch that fits below a size that does not (0 if none)."""
-    low, high = 0, too_big  # low fits (0 trivially), high does not
+def check_split_is_not_wasteful(
+    measure: Callable[[int], Measurement],
+    batch_size: int,
+    count: int,
+    size: int,
+    too_big: int,
+    processes: int,
+) -> None:
+    """Micro-batches split a batch evenly, so a batch with few divisors (a prime: 65537) can need
+    far more of them than memory asks for, down to thousands of micro-batches of 1.  Where a
+    micro-batch of twice the size would fit too, refuse, naming the nearest batch sizes that split
+    into as few micro-batches as memory allows."""
+    if 2 * size >= too_big or not measure(2 * size).fits:
+        return
+    largest = largest_fitting_size(measure, too_big, fits=2 * size)
+    fewest = -(-batch_size // largest)  # micro-batches of at most `largest`
+    lower, upper = batch_size - batch_size % fewest, batch_size - batch_size % fewest + fewest
+    options = [b for b in (lower, upper) if b > 0 and -(-b // fewest) <= largest]
+    near = " or ".join(f"train.batch_size={b * processes}" for b in options)
+    per_process = " per process" if processes > 1 else ""
+    raise MemoryLimitError(
+        f"train.batch_size={batch_size * processes} splits evenly only into {count} micro-batches of "
+        f"{size}{per_process}, though micro-batches of {largest} fit (peak ≈ "
+        f"{format_bytes(measure(largest).peak_bytes)}); use {near} ({fewest} micro-batches each)"
+    )
+
+
+def largest_fitting_size(measure: Callable[[int], Measurement], too_big: int, fits: int = 0) -> int:
+    """Binary search for the largest batch that fits below a size that does not (0 if none),
+    above one known to fit (`fits`)."""
+    low, high = fits, too_big  # low fits (0 trivially), high does not
     while high - low > 1:
         mid = (low + high) // 2
         if measure(mid).fits:

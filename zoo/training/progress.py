@@ -2,8 +2,9 @@
 below it what a held Ctrl-C/SIGTERM waits for), and the heartbeat kept fresh through long phases
 without training steps."""
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from rich.console import Console, RenderableType
 from rich.progress import (
@@ -138,3 +139,23 @@ class PhaseHeartbeat:
     def __call__(self) -> None:
         if time.monotonic() - self.last >= self.every_s:
             self._beat()
+
+
+@contextlib.contextmanager
+def step_bar(console: Console, description: str) -> Iterator[Callable[[int, int, float], None]]:
+    """A bar for work reported as on_step(step, steps, loss), such as training a feature network
+    on first use; the callback it yields moves the bar."""
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=None, loss=float("nan"))
+
+        def on_step(step: int, steps: int, loss: float) -> None:
+            progress.update(task, total=steps, completed=step, loss=loss)
+
+        yield on_step

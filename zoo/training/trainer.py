@@ -5,6 +5,7 @@ run's generator or torch's global RNG, both stored in every checkpoint, so a res
 draws exactly what the uninterrupted run would have drawn.
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -26,14 +27,17 @@ from zoo.config.loading import ConfigError, check_batch_split, config_to_dict, c
 from zoo.config.schema import ZooConfigBody
 from zoo.data import BatchSource, build_data
 from zoo.devices import autocast_dtype, enable_cuda_tf32, resolve_device
-from zoo.evaluation import EvalReport, Method, evaluate
+from zoo.evaluation import EvalReport, Method, evaluate, feature_net_for, headline_method, wants_features
 from zoo.experiment_log import append_run_entry
 from zoo.interrupts import StopRequested, StopSignals
 from zoo.losses import Loss, build_loss
 from zoo.losses.base import metrics_to_floats
+from zoo.metrics.features import FeatureNet
 from zoo.models import build_model
 from zoo.models.base import FlowModel
+from zoo.output_paths import check_writable_file
 from zoo.runs import (
+    DivergedError,
     RunDir,
     RunError,
     RunInterrupted,
@@ -41,6 +45,7 @@ from zoo.runs import (
     atomic_write_text,
     check_checkpoint_owner,
     check_run,
+    writing_run,
 )
 from zoo.tracking import Tracker, make_tracker
 from zoo.training.compiled_step import Evaluate, compile_evaluate, keeps_grads
@@ -48,7 +53,7 @@ from zoo.training.ema import EMA
 from zoo.training.jvp_plan import JvpPlan, plan_run
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
-from zoo.training.progress import PhaseHeartbeat, TrainProgress
+from zoo.training.progress import PhaseHeartbeat, TrainProgress, step_bar
 from zoo.training.spikes import SpikeDetector
 from zoo.training.step_graph import GraphedLossBackward
 from zoo.training.visuals import save_loss_plot, save_samples
@@ -102,6 +107,8 @@ class TrainState:
     # resumed between two log steps logs the same average as one that never stopped.
     loss_window: list[float] = field(default_factory=list)
     spikes: SpikeDetector = field(default_factory=SpikeDetector)  # rank 0's loss-spike watch
+    # Rank 0, image data: the classifier whose feature space evaluations score samples in.
+    feature_net: FeatureNet | None = None
 
     @property
     def is_meanflow(self) -> bool:
@@ -324,7 +331,12 @@ def fit_batch_in_memory(state: TrainState, console: Console) -> MicroBatchPlan:
     meter = make_meter(state.model, state.device, cfg.memory_limit_gb)
     batch = rank_batch_size(state.cfg)
     plan = plan_micro_batches(
-        lambda size: probe_step(state, size), meter, batch, state.micro_batches, cfg.auto_microbatch
+        lambda size: probe_step(state, size),
+        meter,
+        batch,
+        state.micro_batches,
+        cfg.auto_microbatch,
+        processes=distributed.world_size(),
     )
     # Every rank splits as finely as the rank that needed most: the same micro-batch size keeps
     # the ranks' shares of a shared data order aligned (LoaderSource) and their steps in lockstep.
@@ -355,7 +367,14 @@ def train_step(state: TrainState) -> dict[str, float]:
     if state.scaler is not None:
         state.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if cfg.optim.grad_clip > 0:
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        grad_norm = totals["grad_norm"] = float(
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        )
+    else:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    # fp16's loss scaling makes inf gradients routine (the scaler skips those steps).
+    check_finite_step(state, totals["loss"], grad_norm if state.scaler is None else 0.0)
     lr = learning_rate(cfg.optim, state.step)
     set_learning_rate(optimizer, lr)
     if state.scaler is not None:
@@ -370,6 +389,38 @@ def train_step(state: TrainState) -> dict[str, float]:
     state.step += 1
     totals["lr"] = lr
     return totals
+
+
+# A resumed run would replay the same steps into the same divergence: the fix is a new run.
+DIVERGED_FIX = "Start a new run with a lower optim.lr or a gradient clip (optim.grad_clip), or check the data"
+
+
+def check_finite_step(state: TrainState, loss: float, grad_norm: float) -> None:
+    """Stop a diverging run before its optimiser step: no non-finite value reaches the weights,
+    and no checkpoint of them is written."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise DivergedError(
+        f"training diverged at step {state.step + 1} (loss {loss:.4g}, gradient norm {grad_norm:.4g}); "
+        f"stopped before updating the weights, {last_checkpoint_text(state)}. {DIVERGED_FIX}"
+    )
+
+
+def last_checkpoint_text(state: TrainState) -> str:
+    if state.checkpoint_step is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint (step {state.checkpoint_step}) is intact"
+
+
+def check_finite_weights(state: TrainState) -> None:
+    """A checkpoint never stores non-finite weights (model or EMA): one host sync per save."""
+    tensors = [*state.model.parameters(), *state.ema.model.parameters()]
+    if bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all()):
+        return
+    raise DivergedError(
+        f"the weights became non-finite by step {state.step}; not saving them, "
+        f"{last_checkpoint_text(state)}. {DIVERGED_FIX}"
+    )
 
 
 def quick_methods(state: TrainState) -> list[Method]:
@@ -393,10 +444,12 @@ def run_evaluation(state: TrainState, run: RunDir, final: bool, progress: TrainP
         with_floor=final,
         progress=progress.rich,
         on_progress=PhaseHeartbeat(run, "eval"),
+        feature_net=state.feature_net,
     )
 
 
 def save(run: RunDir, state: TrainState, metrics: dict[str, float], archive: bool) -> Path:
+    check_finite_weights(state)
     payload = checkpoint_payload(state, metrics)
     save_checkpoint(run.last, payload)
     if archive:
@@ -411,18 +464,21 @@ def train_run(
     resume: bool = False,
     console: Console | None = None,
     command: str | None = None,
+    restart: bool = False,
 ) -> RunDir:
     """Train `cfg` into `<output_dir>/<run_name>/`, or continue that run with `resume`.
 
-    SIGINT and SIGTERM stop it after the step in progress with a checkpoint of that step and
+    SIGINT, SIGTERM and SIGHUP stop it after the step in progress with a checkpoint of that step and
     the heartbeat "interrupted"; it then raises RunInterrupted, whose message says how to resume.
+    `restart`: start afresh a run folder that holds no checkpoint (check_run).
     """
     console = console or Console(stderr=True)
     if cfg.run_name is None:
         raise RunError("a run needs a name: set run_name (zoo train picks one when --run-name is not given)")
     with StopSignals() as stops:
         try:
-            return start_and_train(cfg, resume, console, command, stops)
+            with contextlib.ExitStack() as held:
+                return start_and_train(cfg, resume, restart, console, command, stops, held)
         except StopRequested as stop:
             # Before the first step: nothing of this session was written.
             name = signal.Signals(stop.signum).name
@@ -433,8 +489,15 @@ def train_run(
 
 
 def start_and_train(
-    cfg: ZooConfigBody, resume: bool, console: Console, command: str | None, stops: StopSignals
+    cfg: ZooConfigBody,
+    resume: bool,
+    restart: bool,
+    console: Console,
+    command: str | None,
+    stops: StopSignals,
+    held: contextlib.ExitStack,
 ) -> RunDir:
+    """train_run's work; `held` keeps the run's lock (RunLock) until train_run returns."""
     device = resolve_device(cfg.device)
     # JVP settings that cannot run together are refused before anything is built.
     jvp = plan_run(cfg, device, kept_mode=cfg.loss.jvp if resume else None)
@@ -443,7 +506,9 @@ def start_and_train(
     if device.type == "cuda":
         enable_cuda_tf32()
     main = distributed.is_main()
-    run = check_run(cfg.output_dir, cfg.run_name, resume)
+    run = check_run(cfg.output_dir, cfg.run_name, resume, restart)
+    if cfg.experiment_log:  # appended to when the run ends: checked before the run begins
+        check_writable_file(cfg.experiment_log, "experiment_log")
     # Build everything that can fail on bad input (data, model) before the run folder exists,
     # so a failed start leaves nothing behind.
     try:
@@ -453,6 +518,7 @@ def start_and_train(
         # larger than the dataset) surfaces while building; it is still the config's fault.
         raise ConfigError(f"the configuration cannot be built: {exc}") from None
     if resume:
+        loaded = file_stamp(run.last)
         # RNG states must stay CPU byte tensors; load_state_dict moves weights to the device.
         payload = load_checkpoint(run.last, map_location="cpu")
         check_checkpoint_owner(run, payload["run_name"])
@@ -460,6 +526,11 @@ def start_and_train(
         restore(state, payload)
         check_steps_left(state, run)
         jvp = plan_run(cfg, device, kept_mode=payload["jvp_mode"])
+    if main and wants_features(cfg.eval, state.source):
+        # Trained on first use (minutes): before the run folder exists, so a dataset without one,
+        # or too small an eval.n_samples, stops the run before it starts.
+        with step_bar(console, f"feature network for {cfg.data.name}") as on_step:
+            state.feature_net = feature_net_for(cfg.eval, state.source, cfg.data, device, on_step)
     use_jvp_plan(state, jvp, console if main else None)
     plan = fit_batch_in_memory(state, console)
     stops.check(device)  # a signal during the memory probe: stop now, before the folder is written
@@ -469,9 +540,15 @@ def start_and_train(
     )
     # From here on the run folder is written: every refusal above has left it untouched.
     if main:
+        # Locked before the first write: from here on this process alone writes the run.
+        held.enter_context(writing_run(run, resume, restart))
         if resume:
+            if file_stamp(run.last) != loaded:
+                raise RunError(
+                    f"{run.last} was replaced while this resume started (another process trained "
+                    f"run {cfg.run_name!r} meanwhile); resume again"
+                )
             drop_metrics_after(run, state.step)
-        run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(config_to_toml(cfg))
         run.write_heartbeat(
             status="running",
@@ -499,12 +576,26 @@ def start_and_train(
         raise RunInterrupted(message, stop.signum) from None
     except BaseException as exc:
         if main:
-            run.write_heartbeat(status="failed", error=f"{type(exc).__name__}: {exc}", step=state.step)
+            mark_failed(run, exc, state.step)
         raise
     finally:
         with stops.held("closing the experiment tracker first"):
             tracker.finish()
     return run
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_ino, info.st_mtime_ns
+
+
+def mark_failed(run: RunDir, exc: BaseException, step: int) -> None:
+    """The heartbeat says "failed" and why; if even that cannot be written (the disk that failed the
+    run), the error in flight is what matters."""
+    try:
+        run.write_heartbeat(status="failed", error=f"{type(exc).__name__}: {exc}", step=step)
+    except OSError:
+        pass
 
 
 def check_steps_left(state: TrainState, run: RunDir) -> None:
@@ -585,10 +676,6 @@ def train_loop(
         with stops.held(STEP_NOTICE):
             metrics = state.metrics = train_step(state)
             state.elapsed_s = time.time() - run_start
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(
-                    f"loss became {metrics['loss']} at step {state.step}; lower optim.lr or check the data"
-                )
             progress.update(state.step, metrics)
             if main:
                 record_spikes(state, run, tracker, progress, metrics)
@@ -675,12 +762,14 @@ def log_and_save(
 
 
 def log_evaluation(state: TrainState, run: RunDir, tracker: Tracker, report: EvalReport, tag: str) -> None:
+    cfg = state.cfg
     image, caption = save_samples(
         state.ema.model,
         state.source,
-        state.is_meanflow,
+        headline_method(cfg.eval, state.is_meanflow),  # the sampler `zoo eval` pictures
         run.samples / f"{tag}.png",
-        state.cfg,
+        cfg.eval,
+        seed=cfg.seed + 1,
         on_batch=PhaseHeartbeat(run, "eval"),
     )
     # The record last: it marks the evaluation complete (evaluated_at).

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zoo.config.schema import ZooConfigBody
+from zoo.config.schema import EvalConfig
 from zoo.data import BatchSource
 from zoo.data.latents import LatentSource
-from zoo.evaluation import draw_noise_and_labels, eval_mode, generate, headline_method, no_progress
+from zoo.evaluation import Method, draw_noise_and_labels, eval_mode, generate, no_progress
 from zoo.models.base import FlowModel
 from zoo.plotting import save_image_grid, save_loss_curve, save_scatter
 from zoo.runs import RunDir
@@ -21,30 +21,35 @@ from zoo.solvers.samplers import sampler_guidance
 def save_samples(
     model: FlowModel,
     source: BatchSource,
-    meanflow: bool,
+    method: Method,
     path: Path,
-    cfg: ZooConfigBody,
+    cfg: EvalConfig,
+    seed: int,
+    title: str | None = None,
     on_batch: Callable[[], None] = no_progress,
 ) -> tuple[np.ndarray, str]:
-    """Write the picture for the headline sampler; returns it as an image array and a caption.
+    """Write a picture of `method`'s samples from seed `seed`'s noise: a grid of cfg.grid_size
+    images (decoded, for latents), or up to cfg.n_samples 2-D points over held-out points.
+    Returns it as an image array and a caption.
 
     `on_batch` is called after each sampled batch (see zoo.evaluation.generate)."""
-    method = headline_method(cfg.eval, meanflow)  # the sampler `zoo eval` pictures and scores by FID
     device = next(model.parameters()).device
-    n = cfg.eval.grid_size if source.is_image or source.is_latent else min(cfg.eval.n_samples, 2000)
-    noise, labels = draw_noise_and_labels(model, n, device, seed=cfg.seed + 1)
+    n = cfg.grid_size if source.is_image or source.is_latent else min(cfg.n_samples, 2000)
+    noise, labels = draw_noise_and_labels(model, n, device, seed)
     with eval_mode(model):
         samples = generate(
-            model, method, noise, labels, sampler_guidance(cfg.eval), cfg.eval.batch_size, on_batch=on_batch
+            model, method, noise, labels, sampler_guidance(cfg), cfg.batch_size, on_batch=on_batch
         )
+    caption = f"{method.label} ({method.nfe} NFE)"
     if source.is_image:
         image = save_image_grid(samples, path)
     elif source.is_latent:
         image, shown = save_latent_grid(source, samples, path)
-        return image, f"{method.label} ({method.nfe} NFE), {shown}"
+        caption += f", {shown}"
     else:
-        image = save_scatter(samples, path, reference=source.held_out(n).float().cpu(), title=method.label)
-    return image, f"{method.label} ({method.nfe} NFE)"
+        reference = source.held_out(n).float().cpu()
+        image = save_scatter(samples, path, reference=reference, title=title or method.label)
+    return image, caption
 
 
 def save_latent_grid(source: LatentSource, latents: Tensor, path: Path) -> tuple[np.ndarray, str]:

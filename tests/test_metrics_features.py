@@ -1,0 +1,174 @@
+"""Feature networks on real data (scikit-learn digits, Fashion-MNIST from the Debian package):
+deterministic training, the cache and its refusals, the accuracy floor, `zoo features train`, and
+features that rank real Fashion-MNIST above corrupted copies."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from zoo.config.schema import DataConfig
+from zoo.data import images as image_data
+from zoo.errors import MetricInputError
+from zoo.metrics import features
+from zoo.metrics.feature_metrics import score_features
+from zoo.metrics.features import (
+    FEATURE_NET_CONFIGS,
+    FeatureNetConfig,
+    build_feature_net,
+    cache_paths,
+    load_feature_net,
+    random_shift,
+    train_feature_net,
+)
+from zoo_cli.main import app
+
+# Small enough to train in a few seconds on one core; its floor is far below the real one (97 %).
+TINY = FeatureNetConfig(
+    widths=(8, 16), hidden=32, epochs=3, batch_size=32, lr=1e-2, dropout=0.0, hflip=False, min_accuracy=0.8
+)
+DIGITS = DataConfig(name="digits")
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("feature-nets")
+    build_feature_net(DIGITS, TINY, cache_dir=cache)
+    return cache
+
+
+def test_floors_are_the_documented_ones():
+    floors = {name: config.min_accuracy for name, config in FEATURE_NET_CONFIGS.items()}
+    assert floors == {"fashion-mnist": 0.92, "digits": 0.97, "cifar10": 0.90}
+
+
+def test_random_shift_crops_each_image_from_its_padded_copy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, 6, 5, generator=g)
+    shifted = random_shift(x, 2, g)
+    padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    offsets = set()
+    for i in range(len(x)):
+        matches = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(shifted[i], padded[i, :, dy : dy + 6, dx : dx + 5])
+        ]
+        assert matches, f"image {i} is no crop of its padded copy"
+        offsets.add(matches[0])
+    assert len(offsets) > 4  # the shifts differ between images
+
+
+def test_training_is_deterministic_and_the_accuracy_is_the_nets(digits_cache):
+    net = load_feature_net(DIGITS, TINY, cache_dir=digits_cache, train_if_missing=False)
+    again = train_feature_net(DIGITS, TINY)
+    assert again.sha256 == net.sha256
+    source = image_data.build_digits(DIGITS.model_copy(update={"class_conditional": True}), "cpu", 0, 1)
+    images, labels = source.held_out_labeled(10_000)
+    assert len(images) == 297 and images.min() >= -1 and images.max() <= 1
+    measured = float((net.logits(images).argmax(1) == labels).double().mean())
+    assert measured == pytest.approx(net.test_accuracy) and net.test_accuracy >= TINY.min_accuracy
+    assert net.features(images).shape == (297, 32) and net.dim == 32
+
+
+def test_a_cached_net_is_loaded_not_retrained(digits_cache):
+    steps = []
+    net = load_feature_net(DIGITS, TINY, cache_dir=digits_cache, on_step=lambda *a: steps.append(a))
+    record = json.loads(cache_paths(DIGITS, digits_cache)[1].read_text())
+    assert steps == [] and net.sha256 == record["sha256"] and record["config"]["epochs"] == TINY.epochs
+
+
+def copy_cache(source: Path, target: Path) -> Path:
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def test_damaged_incomplete_or_foreign_caches_are_refused(digits_cache, tmp_path):
+    cache = copy_cache(digits_cache, tmp_path)
+    weights, record = cache_paths(DIGITS, cache)
+    payload = bytearray(weights.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    weights.write_bytes(bytes(payload))
+    with pytest.raises(
+        MetricInputError, match=r"damaged .*sha256.*rebuild it with `zoo features train digits"
+    ):
+        load_feature_net(DIGITS, TINY, cache_dir=cache)
+
+    copy_cache(digits_cache, cache)
+    with pytest.raises(MetricInputError, match=r"another config \(differs in epochs\)"):
+        load_feature_net(
+            DIGITS, FeatureNetConfig(**{**TINY.to_dict(), "widths": (8, 16), "epochs": 5}), cache_dir=cache
+        )
+
+    record.write_text(record.read_text()[:40])
+    with pytest.raises(MetricInputError, match="unreadable record"):
+        load_feature_net(DIGITS, TINY, cache_dir=cache)
+
+    record.unlink()
+    with pytest.raises(MetricInputError, match="incomplete"):
+        load_feature_net(DIGITS, TINY, cache_dir=cache)
+
+    weights.unlink()
+    with pytest.raises(MetricInputError, match="no feature network for digits .*zoo features train digits"):
+        load_feature_net(DIGITS, TINY, cache_dir=cache, train_if_missing=False)
+
+
+def test_a_net_below_its_floor_is_refused_and_not_cached(tmp_path):
+    strict = FeatureNetConfig(**{**TINY.to_dict(), "widths": (8, 16), "epochs": 1, "min_accuracy": 0.999})
+    with pytest.raises(MetricInputError, match=r"reaches \d+\.\d+% test accuracy, below its floor of 100%"):
+        load_feature_net(DIGITS, strict, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "why"), [("celeba", "no class labels"), ("moons", "2-D data")])
+def test_datasets_without_a_feature_net_are_refused(name, why, tmp_path):
+    with pytest.raises(MetricInputError, match=why):
+        load_feature_net(name, cache_dir=tmp_path)
+
+
+runner = CliRunner()
+
+
+def test_features_train_command_builds_the_cache_and_reports_accuracy(monkeypatch, tmp_path):
+    monkeypatch.setitem(FEATURE_NET_CONFIGS, "digits", TINY)
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path))
+    result = runner.invoke(app, ["features", "train", "digits", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "floor 80%" in result.output
+    assert (tmp_path / "feature-nets" / "digits.pt").is_file()
+    (tmp_path / "feature-nets" / "digits.json").write_text("{")
+    monkeypatch.setattr(features, "build_feature_net", lambda *a, **k: pytest.fail("should not train"))
+    for args in (["features", "train", "moons"], ["features", "train", "nonsense"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+
+
+needs_debian_fashion = pytest.mark.skipif(
+    not image_data.DEBIAN_FASHION_MNIST.is_dir(),
+    reason=f"{image_data.DEBIAN_FASHION_MNIST} missing: `apt-get install dataset-fashion-mnist`",
+)
+
+
+@pytest.mark.slow  # ~8 s of CPU: trains a small net on 3000 real images, the only real-image check
+@needs_debian_fashion
+def test_fashion_mnist_features_rank_real_images_above_noisy_ones(tmp_path):
+    """A small net (3000 training images, 2 epochs) already tells real test images from noisy
+    ones: FD and KID against real training images rise with the noise, precision falls."""
+    data = DataConfig(name="fashion-mnist", root=str(tmp_path / "data"))
+    small = FeatureNetConfig(widths=(8, 16), hidden=32, epochs=2, train_size=3000, min_accuracy=0.7)
+    net = load_feature_net(data, small, cache_dir=tmp_path / "cache")
+    source = image_data.build_fashion_mnist(data, "cpu", 0, 1)
+    real, test = net.features(source.reference(1000)), source.held_out(1000)
+    g = torch.Generator().manual_seed(0)
+    scores = [
+        score_features(real, net.features((test + s * torch.randn(test.shape, generator=g)).clamp(-1, 1)))
+        for s in (0.0, 0.4)
+    ]
+    assert scores[1]["fd"].value > scores[0]["fd"].value + 5 * scores[1]["fd"].stderr
+    assert scores[1]["kid"].value > scores[0]["kid"].value + 5 * scores[1]["kid"].stderr
+    assert scores[1]["precision"].value < scores[0]["precision"].value - 5 * scores[1]["precision"].stderr

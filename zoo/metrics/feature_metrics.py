@@ -1,0 +1,263 @@
+"""Sample quality in a classifier's feature space: FD, KID, precision and recall, each an `Estimate`
+with its standard error and the number of samples behind it.
+
+Inputs are feature rows (n, d) of real and generated images (`zoo.metrics.features`); everything
+that sums or cancels runs in float64.
+
+- FD: the Fréchet distance between Gaussians fitted to the two sets (FID's formula, in this
+  feature space).  Its s.e. is the delete-a-group jackknife's: both sets split at random into 20
+  groups, FD recomputed without each group (all from one pass over the data: the left-out
+  statistics are the totals minus the group's sums).  FD is biased upwards by O(d / n), so it is
+  only comparable at equal n: compare with the real-vs-real floor at the same n.
+- KID: the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et
+  al. 2018), averaged over subsets.  The subsets are disjoint (one random partition of each set),
+  so their values are independent and sd / sqrt(subsets) is an honest s.e. (the overlapping
+  subsets of common KID code make it too small).  Unbiased: its mean is 0 for equal distributions,
+  so small negative values are expected there.
+- Precision and recall (Kynkaanniemi et al. 2019): a set's manifold is the union of balls around
+  its points reaching each point's k-th nearest neighbour in the set.  Precision is the fraction
+  of generated points inside the real manifold, recall the fraction of real points inside the
+  generated one.  Their s.e. is binomial, sqrt(p (1 - p) / n): the sampling noise of the points
+  tested, given the other set's manifold.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from zoo.errors import MetricInputError
+from zoo.metrics.fid import feature_statistics
+from zoo.metrics.fid import frechet_distance as gaussian_frechet_distance
+
+# Per side: KID's MIN_KID_SUBSETS disjoint subsets of at least MIN_KID_SUBSET_SIZE samples.
+MIN_KID_SUBSETS = 4
+MIN_KID_SUBSET_SIZE = 50
+MIN_SAMPLES = MIN_KID_SUBSETS * MIN_KID_SUBSET_SIZE
+KID_SUBSET_SIZE = 1000  # Binkowski et al.'s and clean-fid's subset size
+FD_JACKKNIFE_GROUPS = 20
+PR_NEIGHBOURS = 3  # Kynkaanniemi et al.'s k
+_ROWS_PER_BLOCK = 2048  # rows of a distance block: bounds memory at 10^4+ samples
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric's value, its standard error and the number of samples it rests on."""
+
+    value: float
+    stderr: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"value": self.value, "stderr": self.stderr, "n": self.n}
+
+    def __str__(self) -> str:
+        return f"{self.value:.4g} ± {self.stderr:.2g}"
+
+
+def required_samples(dim: int) -> int:
+    """Samples per side every metric here needs: KID's subsets, and more rows than feature
+    dimensions for the covariances of FD."""
+    return max(MIN_SAMPLES, dim + 1)
+
+
+def check_sample_count(n_real: int, n_fake: int, dim: int) -> None:
+    """A MetricInputError naming the minimum when either side has too few samples."""
+    needed = required_samples(dim)
+    if min(n_real, n_fake) < needed:
+        raise MetricInputError(
+            f"feature metrics need at least {needed} samples on each side ({dim}-D features), got "
+            f"{n_real} real and {n_fake} generated: raise the number of samples (--n)"
+        )
+
+
+def _rows(features: Tensor) -> Tensor:
+    return features.reshape(len(features), -1).to(torch.float64)
+
+
+def _check_pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+    real, fake = _rows(real), _rows(fake).to(real.device)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: {real.shape[1]} real vs {fake.shape[1]} generated")
+    return real, fake
+
+
+def _group_sums(x: Tensor, groups: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per group: the number of rows, their sum (count, d) and their Gram matrix (count, d, d)."""
+    sizes = torch.bincount(groups, minlength=count).to(x)
+    sums = torch.zeros(count, x.shape[1], dtype=x.dtype).index_add_(0, groups, x)
+    grams = torch.stack([x[groups == g].T @ x[groups == g] for g in range(count)])
+    return sizes, sums, grams
+
+
+def _statistics_from_sums(size: Tensor, total: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
+    mu = total / size
+    return mu, (gram - size * torch.outer(mu, mu)) / (size - 1)
+
+
+def _leave_group_out_statistics(x: Tensor, groups: Tensor, count: int) -> list[tuple[Tensor, Tensor]]:
+    """Mean and covariance of x without each group's rows, from one pass over the data.  Centred
+    on the overall mean first: the Gram-minus-outer-product formula then cancels nothing large."""
+    centre = x.mean(0)
+    sizes, sums, grams = _group_sums(x - centre, groups, count)
+    size, total, gram = sizes.sum(), sums.sum(0), grams.sum(0)
+    statistics = [
+        _statistics_from_sums(size - sizes[g], total - sums[g], gram - grams[g]) for g in range(count)
+    ]
+    return [(centre + mu, cov) for mu, cov in statistics]
+
+
+def frechet_distance(
+    real: Tensor, fake: Tensor, groups: int = FD_JACKKNIFE_GROUPS, seed: int = 0
+) -> Estimate:
+    """FD between Gaussians fitted to real (n, d) and fake (m, d) features, with the delete-a-group
+    jackknife s.e.: both sets are split at random into `groups` parts, FD is recomputed without
+    each part (of both sets), and s.e.^2 = (G - 1) / G * sum_g (FD_(g) - mean)^2.  n of the
+    estimate: the generated samples."""
+    real, fake = _check_pair(real, fake)
+    if min(len(real), len(fake)) < 2 * groups:
+        raise MetricInputError(
+            f"FD's jackknife needs at least {2 * groups} samples on each side, got {len(real)} real and "
+            f"{len(fake)} generated"
+        )
+    value = gaussian_frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    generator = torch.Generator().manual_seed(seed)
+    # Each group gets the same share of each set: a random order cut round-robin.
+    real_groups, fake_groups = (torch.randperm(len(x), generator=generator) % groups for x in (real, fake))
+    left_out = zip(
+        _leave_group_out_statistics(real, real_groups, groups),
+        _leave_group_out_statistics(fake, fake_groups, groups),
+        strict=True,
+    )
+    replicates = torch.tensor([gaussian_frechet_distance(*r, *f) for r, f in left_out], dtype=torch.float64)
+    variance = (groups - 1) / groups * (replicates - replicates.mean()).square().sum()
+    return Estimate(value, float(variance.sqrt()), len(fake))
+
+
+def _polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
+    return (x @ y.T / x.shape[1] + 1.0).pow_(3)
+
+
+def unbiased_mmd2(x: Tensor, y: Tensor) -> float:
+    """The unbiased MMD^2 of two equally large samples under the cubic polynomial kernel: the
+    within-set means leave out the diagonal (i = j)."""
+    m = len(x)
+    k_xx, k_yy = _polynomial_kernel(x, x), _polynomial_kernel(y, y)
+    within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    return float(within - 2 * _polynomial_kernel(x, y).mean())
+
+
+def kernel_distance(
+    real: Tensor, fake: Tensor, subsets: int | None = None, subset_size: int | None = None, seed: int = 0
+) -> Estimate:
+    """KID: the unbiased polynomial-kernel MMD^2, mean and s.e. over disjoint subsets.
+
+    subset_size defaults to 1000, or less so that at least 4 subsets fit; subsets defaults to as
+    many as fit.  n of the estimate: the samples used per side (subsets * subset_size)."""
+    real, fake = _check_pair(real, fake)
+    available = min(len(real), len(fake))
+    size = subset_size or min(KID_SUBSET_SIZE, available // MIN_KID_SUBSETS)
+    count = subsets or available // max(size, 1)
+    if size < 2 or count < 2 or count * size > available:
+        raise MetricInputError(
+            f"KID needs {count} disjoint subsets of {size} (at least 2 of at least 2) from each side, got "
+            f"{len(real)} real and {len(fake)} generated samples: raise the number of samples or lower "
+            "subsets/subset_size"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    real_order = torch.randperm(len(real), generator=generator)[: count * size].view(count, size)
+    fake_order = torch.randperm(len(fake), generator=generator)[: count * size].view(count, size)
+    values = torch.tensor(
+        [unbiased_mmd2(real[r], fake[f]) for r, f in zip(real_order, fake_order, strict=True)]
+    )
+    return Estimate(float(values.mean()), float(values.std() / math.sqrt(count)), count * size)
+
+
+def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    return torch.addmm(b.square().sum(1)[None, :], a, b.T, alpha=-2.0).add_(a.square().sum(1)[:, None])
+
+
+def knn_radii(x: Tensor, k: int) -> Tensor:
+    """Squared distance from each row of x to its k-th nearest other row."""
+    radii = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for start in range(0, len(x), _ROWS_PER_BLOCK):
+        block = _squared_distances(x[start : start + _ROWS_PER_BLOCK], x)
+        rows = torch.arange(len(block), device=x.device)
+        block[rows, rows + start] = math.inf  # a point is not its own neighbour
+        radii[start : start + len(block)] = block.topk(k, dim=1, largest=False).values[:, -1]
+    return radii
+
+
+def inside_manifold(points: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
+    """For each point, whether it lies in a ball around some centre (squared radii `radii`)."""
+    inside = torch.empty(len(points), dtype=torch.bool, device=points.device)
+    for start in range(0, len(points), _ROWS_PER_BLOCK):
+        block = _squared_distances(points[start : start + _ROWS_PER_BLOCK], centres)
+        inside[start : start + len(block)] = (block <= radii[None, :]).any(1)
+    return inside
+
+
+def _binomial(indicators: Tensor) -> Estimate:
+    n = len(indicators)
+    p = float(indicators.double().mean())
+    return Estimate(p, math.sqrt(p * (1 - p) / n), n)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS) -> tuple[Estimate, Estimate]:
+    """Kynkaanniemi et al.'s precision (generated points in the real k-NN manifold) and recall
+    (real points in the generated manifold), with binomial standard errors."""
+    real, fake = _check_pair(real, fake)
+    if min(len(real), len(fake)) <= k:
+        raise MetricInputError(
+            f"precision/recall with k={k} needs more than {k} samples on each side, got {len(real)} real and "
+            f"{len(fake)} generated"
+        )
+    # float32 distances: they are only compared with radii, never summed, and it halves the time.
+    real, fake = real.float(), fake.float()
+    precision = inside_manifold(fake, real, knn_radii(real, k))
+    recall = inside_manifold(real, fake, knn_radii(fake, k))
+    return _binomial(precision), _binomial(recall)
+
+
+def score_features(real: Tensor, fake: Tensor, seed: int = 0) -> dict[str, Estimate]:
+    """FD, KID, precision and recall of generated features against real ones (n, d) each;
+    a MetricInputError naming the minimum if either side has fewer than `required_samples(d)`."""
+    real, fake = _check_pair(real, fake)
+    check_sample_count(len(real), len(fake), real.shape[1])
+    precision, recall = precision_recall(real, fake)
+    return {
+        "fd": frechet_distance(real, fake, seed=seed),
+        "kid": kernel_distance(real, fake, seed=seed),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def class_fidelity(logits: Tensor, labels: Tensor) -> Estimate:
+    """The feature net's accuracy on samples generated for classes `labels` (n,), from its
+    logits (n, classes): how often a sample looks like the class it was asked for; binomial s.e."""
+    if len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need one label per sample, got {len(logits)} samples and {len(labels)} labels")
+    return _binomial(logits.argmax(1).cpu() == labels.cpu())
+
+
+def per_class_fd(
+    real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor, seed: int = 0
+) -> dict[int, Estimate]:
+    """FD between real and generated features of each class present on both sides; a
+    MetricInputError naming the minimum when a class has too few samples for a covariance."""
+    real, fake = _check_pair(real, fake)
+    real_labels, fake_labels = real_labels.cpu(), fake_labels.cpu()
+    classes = sorted(set(real_labels.tolist()) & set(fake_labels.tolist()))
+    needed = max(2 * FD_JACKKNIFE_GROUPS, real.shape[1] + 1)
+    scores = {}
+    for c in classes:
+        real_c, fake_c = real[real_labels == c], fake[fake_labels == c]
+        if min(len(real_c), len(fake_c)) < needed:
+            raise MetricInputError(
+                f"per-class FD needs at least {needed} samples of each class on each side, class {c} has "
+                f"{len(real_c)} real and {len(fake_c)} generated: raise the number of samples (--n)"
+            )
+        scores[c] = frechet_distance(real_c, fake_c, seed=seed)
+    return scores
