@@ -1,5 +1,6 @@
 """Config resolution: presets, dotted overrides, environment, and errors that name the problem."""
 
+import re
 import tomllib
 
 import pytest
@@ -127,3 +128,24 @@ def test_objective_presets_carry_their_papers_settings():
         assert (variant.train.steps, variant.train.batch_size) == (base.train.steps, base.train.batch_size)
     assert load_config("fashion-mnist-alphaflow").loss.kind == "alphaflow"
     assert load_config("cifar10-imf").model.v_head == 1
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "message"),
+    [
+        ("moons", ["eval.guidance_interval=[0.2, 0.8]"], "needs a model conditioned on guidance"),
+        ("fashion-mnist-imf", ["eval.guidance_interval=[0.8, 0.2]"], "0 <= a <= b <= 1"),
+        ("fashion-mnist-imf", ["eval.guidance_interval=[0.2, 1.5]"], "0 <= a <= b <= 1"),
+        ("fashion-mnist-imf", ["eval.guidance=9.0"], "[1, loss.omega_max=8]"),
+        ("fashion-mnist-imf", ["eval.guidance=0.5"], "[1, loss.omega_max=8]"),
+    ],
+)
+def test_evaluation_guidance_the_model_cannot_sample_is_refused(preset, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(preset, overrides)
+
+
+def test_an_evaluation_interval_loads_as_a_pair():
+    cfg = load_config("fashion-mnist-imf", ["eval.guidance_interval=[0.2, 0.8]", "eval.guidance=3.0"])
+    assert cfg.eval.guidance_interval == (0.2, 0.8)
+    assert config_from_dict(config_to_dict(cfg)).eval.guidance_interval == (0.2, 0.8)

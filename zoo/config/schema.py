@@ -454,3 +454,20 @@ class ZooConfigBody(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _eval_guidance_fits_the_model(self) -> "ZooConfigBody":
+        """The evaluation at the end of training samples with eval.guidance on eval.guidance_interval:
+        refuse what it could not sample before training starts."""
+        if self.eval.guidance_interval is not None and not self.model.guidance_inputs:
+            raise ValueError(
+                "eval.guidance_interval needs a model conditioned on guidance: set "
+                "model.guidance_inputs=true or leave eval.guidance_interval out"
+            )
+        if self.model.guidance_inputs and self.loss.kind == "imf":
+            if not 1.0 <= self.eval.guidance <= self.loss.omega_max:
+                raise ValueError(
+                    f"eval.guidance={self.eval.guidance:g} lies outside the scales iMF trains on, "
+                    f"[1, loss.omega_max={self.loss.omega_max:g}]: choose one in that range"
+                )
+        return self
