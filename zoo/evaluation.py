@@ -38,7 +38,7 @@ from zoo.metrics.fid import FidBackend, fid_of_generator
 from zoo.models.base import FlowModel
 from zoo.plotting import save_quality_vs_nfe
 from zoo.solvers.ode import get_solver, steps_for_nfe
-from zoo.solvers.samplers import sample_meanflow, sample_ode
+from zoo.solvers.samplers import Guidance, sample_meanflow, sample_ode, sampler_guidance
 from zoo.units import format_estimate
 
 
@@ -143,6 +143,18 @@ class EvalReport:
             out["notes"] = self.notes
         if self.fid is not None:
             out["fid"] = asdict(self.fid)
+        best = self.best_row
+        if best is not None:
+            metric = self.headline_metric
+            out["best"] = {
+                "metric": metric,
+                "row": best.key,
+                "method": best.method,
+                "guidance": best.guidance,
+                "value": value_of(best, metric)[0],
+            }
+            if len({r.guidance for r in self.rows}) > 1:
+                out["best"]["guidance_by_sampler"] = self.best_guidance()
         return out
 
     @classmethod
@@ -157,9 +169,11 @@ class EvalReport:
             notes=data.get("notes", []),
         )
 
-    def record_fid(self, method: "Method", info: FidInfo) -> None:
-        """Put the FID on `method`'s row (evaluate it with that method among its rows)."""
-        row = next(r for r in self.rows if (r.kind, r.steps) == (method.kind, method.steps))
+    def record_fid(self, method: "Method", info: FidInfo, guidance: float = 1.0) -> None:
+        """Put the FID on `method`'s row at `guidance` (evaluate it with them among its rows)."""
+        row = next(
+            r for r in self.rows if (r.kind, r.steps, r.guidance) == (method.kind, method.steps, guidance)
+        )
         row.fid = info.value
         self.fid = info
 
@@ -167,6 +181,22 @@ class EvalReport:
     def headline_metric(self) -> str:
         """What quality is judged by: FD for images, energy distance for other data."""
         return "fd" if self.features is not None else "energy_distance"
+
+    @property
+    def best_row(self) -> EvalRow | None:
+        """The row whose headline metric is lowest: the best sampler and guidance scale."""
+        metric = self.headline_metric
+        return min(self.rows, key=lambda row: value_of(row, metric)[0], default=None)
+
+    def best_guidance(self) -> dict[str, float]:
+        """Each sampler's guidance scale with the lowest headline metric (keys as meanflow_1)."""
+        metric = self.headline_metric
+        best: dict[str, EvalRow] = {}
+        for row in self.rows:
+            key = f"{row.kind}_{row.steps}"
+            if key not in best or value_of(row, metric)[0] < value_of(best[key], metric)[0]:
+                best[key] = row
+        return {key: row.guidance for key, row in best.items()}
 
     def metrics(self) -> dict[str, float]:
         """Flat `eval/...` metrics for trackio and metrics.jsonl."""
@@ -261,6 +291,8 @@ def row_cells(row: EvalRow, columns: list[str]) -> list[str]:
             cells.append(format_estimate(estimate.value, estimate.stderr) if estimate is not None else "–")
     return cells
 
+
+METRIC_NAMES = {"energy_distance": "energy distance", "fd": "FD"}
 
 METRIC_LABELS = {
     "energy_distance": "energy distance",
@@ -385,7 +417,7 @@ def generate(
     method: Method,
     noise: Tensor,
     labels: Tensor | None,
-    guidance: float,
+    guidance: "float | Guidance",
     batch_size: int,
     on_batch: Callable[[], None] = no_progress,
 ) -> Tensor:
@@ -489,8 +521,9 @@ def evaluate(
     feature_net: FeatureNet | None = None,
     guidances: list[float] | None = None,
 ) -> EvalReport:
-    """Each method's samples (at each guidance scale, default the run's) against `cfg.n_samples`
-    held-out samples: energy distance, and the feature scores when `feature_net` is given.
+    """Each method's samples (at each guidance scale, default the run's, all on the run's
+    eval.guidance_interval) against `cfg.n_samples` held-out samples: energy distance, and the
+    feature scores when `feature_net` is given.
 
     `on_progress` is called after each piece of work: a sampled batch, a metric.
     """
@@ -515,7 +548,13 @@ def evaluate(
         for method in methods:
             for guidance in guidances:
                 samples = generate(
-                    model, method, noise, labels, guidance, cfg.batch_size, on_batch=on_progress
+                    model,
+                    method,
+                    noise,
+                    labels,
+                    sampler_guidance(cfg, guidance),
+                    cfg.batch_size,
+                    on_batch=on_progress,
                 )
                 result = energy_distance(samples, held_out)
                 row = EvalRow(
@@ -561,7 +600,7 @@ def evaluate_fid(
     backend: FidBackend,
     n: int,
     batch_size: int,
-    guidance: float,
+    guidance: "float | Guidance",
     seed: int = 0,
     on_batch: Callable[[], None] = no_progress,
 ) -> FidInfo:
