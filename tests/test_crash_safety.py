@@ -125,3 +125,28 @@ def test_a_full_disk_leaves_no_partial_file_and_keeps_the_previous_checkpoint(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 10
+
+
+def test_a_folder_that_cannot_be_fsynced_still_takes_the_write(tmp_path, monkeypatch):
+    """Network and FUSE filesystems may refuse a folder fsync after the rename: the file is in
+    place, so the write must stand; any other error still fails it."""
+    from zoo import runs
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "file.bin"
+    runs.atomic_write_bytes(target, b"payload")
+    assert target.read_bytes() == b"payload"
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError):
+        runs.atomic_write_bytes(tmp_path / "other.bin", b"x")

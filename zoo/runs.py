@@ -15,6 +15,7 @@ Small text files are written atomically (temporary file, then rename) so a reade
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -84,12 +85,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def sync_folder(folder: Path) -> None:
-    """Make a rename inside `folder` durable (a power cut after it cannot undo it)."""
-    fd = os.open(folder, os.O_RDONLY)
+    """Make a rename inside `folder` durable (a power cut after it cannot undo it).
+
+    Some network and FUSE filesystems cannot open or fsync a folder (EINVAL, ENOTSUP, EBADF,
+    EACCES); the rename has already happened there, so the write stands, as SQLite treats it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as exc:
+        if exc.errno in FOLDER_SYNC_UNSUPPORTED:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in FOLDER_SYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
+
+
+FOLDER_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -97,10 +97,10 @@ def download_checkpoint(
             raise DownloadError(f"{folder}/{name}: received {received} bytes, the store lists {entry.size}")
         digest = sha256_of(partial)
         sidecar = store.stat(f"{entry.path}.sha256")
-        # A sidecar older than its checkpoint is the previous file's (a save stopped between the
+        # A sidecar not newer than its checkpoint is the previous file's (a save stopped between the
         # two, see save_checkpoint): the archive's CRCs, checked by load_checkpoint, judge it.
-        if sidecar is not None and sidecar.mtime >= entry.mtime:
-            expected = store.read_text(sidecar.path).split()[0]
+        if sidecar is not None and sidecar.mtime > entry.mtime:
+            expected = (store.read_text(sidecar.path).split() or ["(an empty sidecar)"])[0]
             if expected != digest:
                 raise DownloadError(f"{folder}/{name}: sha256 {digest} differs from the recorded {expected}")
         from zoo.checkpoints import (
