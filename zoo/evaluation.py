@@ -84,6 +84,7 @@ class EvalRow:
     class_fidelity: Estimate | None = None
     per_class_fd: dict[str, Estimate] = field(default_factory=dict)
     fid: float | None = None  # set on the row of the method FID was computed for
+    inception_score: float | None = None  # beside the FID, when its scorer gives one
 
     @property
     def key(self) -> str:
@@ -93,7 +94,7 @@ class EvalRow:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for name in ("fid", "class_fidelity"):
+        for name in ("fid", "inception_score", "class_fidelity"):
             if out[name] is None:
                 del out[name]
         if not out["per_class_fd"]:
@@ -119,6 +120,22 @@ class FidInfo:
     n_samples: int
     reference: str  # e.g. "cifar10 train statistics at 32 px"
     value: float
+    guidance: float = 1.0  # the classifier-free guidance scale the images were drawn at
+    # Inception Score of the same images (and its spread over splits) when the scorer gives one.
+    inception_score: float | None = None
+    inception_score_std: float | None = None
+
+    def summary(self) -> str:
+        """The FID (and IS) with how it was measured, in one line."""
+        inception = (
+            f", IS {self.inception_score:.2f} ± {self.inception_score_std:.2f}"
+            if self.inception_score is not None
+            else ""
+        )
+        return (
+            f"FID {self.value:.3f}{inception} ({self.method}, guidance {self.guidance:g}, "
+            f"{self.n_samples} images vs {self.reference})"
+        )
 
 
 @dataclass
@@ -157,9 +174,12 @@ class EvalReport:
         )
 
     def record_fid(self, method: "Method", info: FidInfo) -> None:
-        """Put the FID on `method`'s row (evaluate it with that method among its rows)."""
-        row = next(r for r in self.rows if (r.kind, r.steps) == (method.kind, method.steps))
+        """Put the FID on the row of `method` at the guidance scale it was measured at (evaluate
+        it with that method and scale among its rows)."""
+        measured = (method.kind, method.steps, info.guidance)
+        row = next(r for r in self.rows if (r.kind, r.steps, r.guidance) == measured)
         row.fid = info.value
+        row.inception_score = info.inception_score
         self.fid = info
 
     @property
@@ -188,6 +208,8 @@ def row_metrics(row: EvalRow, key: str) -> dict[str, float]:
         out[f"eval/{name}_{key}_se"] = estimate.stderr
     if row.fid is not None:
         out[f"eval/fid_{key}"] = row.fid
+    if row.inception_score is not None:
+        out[f"eval/inception_score_{key}"] = row.inception_score
     return out
 
 
@@ -224,8 +246,8 @@ FEATURE_COLUMNS = {"fd": "FD", "kid": "KID", "precision": "precision", "recall":
 
 def table_columns(reports: list[EvalReport]) -> list[str]:
     """Column titles of a table of these reports' rows (one dataset, one n): the sampler, its NFE,
-    the feature scores, class fidelity (class-conditional models), energy distance and FID
-    wherever some row has them."""
+    the feature scores, class fidelity (class-conditional models), energy distance, FID and
+    IS wherever some row has them."""
     rows = [row for report in reports for row in report.rows]
     columns = ["sampler", "NFE"]
     columns += [
@@ -236,6 +258,8 @@ def table_columns(reports: list[EvalReport]) -> list[str]:
     columns.append("energy distance ± s.e.")
     if any(r.fid is not None for r in rows):
         columns.append("FID")
+    if any(r.inception_score is not None for r in rows):
+        columns.append("IS")
     return columns
 
 
@@ -255,6 +279,8 @@ def row_cells(row: EvalRow, columns: list[str]) -> list[str]:
             cells.append(format_estimate(row.energy_distance, row.stderr))
         elif column == "FID":
             cells.append(f"{row.fid:.3f}" if row.fid is not None else "–")
+        elif column == "IS":
+            cells.append(f"{row.inception_score:.2f}" if row.inception_score is not None else "–")
         else:
             estimate = by_title[column]
             cells.append(format_estimate(estimate.value, estimate.stderr) if estimate is not None else "–")
@@ -561,4 +587,5 @@ def evaluate_fid(
 
     with eval_mode(model):
         value = fid_of_generator(backend, generate_fn, n, batch_size, device)
-    return FidInfo(method=method.label, n_samples=n, reference=backend.reference.describe(), value=value)
+    reference = backend.reference.describe()
+    return FidInfo(method=method.label, n_samples=n, reference=reference, value=value, guidance=guidance)
