@@ -25,6 +25,9 @@
 #                   steps (tangent in TF32 and bf16): where a captured step's extra time goes
 #   train       ~3  zoo train moons on CUDA: eager, cuda_graph, compile, compile reduce-overhead
 #                   with grad_accum=2
+#   assets      ~1  tests/test_real_assets.py on CUDA: the SD-VAE's from_pretrained round trip, the
+#                   Inception weights, ADM's reference batch, found through ZOO_TEST_ASSETS (carried
+#                   or already on the machine); each one missing is a SKIP with what to fetch
 # What each stage measured so far, and the calls that ran them: EXPERIMENT_LOG.md.
 #
 # The device tool allows 600 s a call and about 15 min a lease, a machine start included; a
@@ -103,7 +106,12 @@ for stage in "${stages[@]}"; do
             train_moons gpu-moons-graph train.cuda_graph=true
             train_moons gpu-moons-compile train.compile=true loss.jvp=fused
             train_moons gpu-moons-compile-ro train.compile=true train.compile_mode=reduce-overhead train.grad_accum=2 loss.jvp=fused ;;
-        *) echo "unknown stage '$stage': choose from targets bf16jvp tests compile compile-ro compile-bf16 compile-ro-bf16 torch-kernels profile train" >&2; exit 2 ;;
+        assets)
+            timeout -k 20 "$limit" python3 -m pytest -rfEs -p no:cacheprovider tests/test_real_assets.py \
+                2>&1 | tee "$out/assets.log" | tail -12
+            echo "pytest exit status (through timeout) ${PIPESTATUS[0]}" | tee -a "$out/assets.log"
+            grep -q "SKIPPED" "$out/assets.log" && echo "!!! some real assets were missing (SKIPPED): see assets.log" ;;
+        *) echo "unknown stage '$stage': choose from targets bf16jvp tests compile compile-ro compile-bf16 compile-ro-bf16 torch-kernels profile train assets" >&2; exit 2 ;;
     esac
     echo "=== stage $stage took $((SECONDS - start)) s"
 done

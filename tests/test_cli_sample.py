@@ -9,7 +9,9 @@ import torch
 from tiny_runs import TINY_RUN
 from typer.testing import CliRunner
 
+from zoo.config.schema import MAX_SAMPLES
 from zoo_cli.main import app
+from zoo_cli.sample import parse_classes
 
 runner = CliRunner()
 
@@ -173,3 +175,13 @@ def test_latent_options_are_refused_for_a_pixel_model(workdir, run):
             result.output
         )
     assert not (workdir / "p.png").exists()
+
+
+def test_a_huge_class_range_is_refused_before_it_is_expanded(run):
+    """Ranges are counted before they are built (two billion classes would exhaust memory): more
+    classes than the samples zoo sample may draw is one line, exit 2."""
+    for text in (f"0-{MAX_SAMPLES}", "0-2000000000", f"0-{MAX_SAMPLES - 1},5"):
+        result = zoo("sample", run, "--classes", text)
+        assert result.exit_code == 2, result.output
+        assert f"names more than {MAX_SAMPLES} classes" in flat(result.output)
+    assert len(parse_classes(f"0-{MAX_SAMPLES - 1}")) == MAX_SAMPLES

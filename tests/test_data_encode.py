@@ -3,6 +3,8 @@ resuming after an interruption (the same bytes as an uninterrupted run), what th
 and the command's refusals before any work."""
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,46 @@ def test_a_hub_id_in_the_local_cache_loads_without_the_network(folders, tmp_path
     assert vae.name == "stabilityai/sd-vae-ft-ema"
     for (name, a), (_, b) in zip(vae.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_cheap_checks_come_before_the_vae_is_loaded(folders, tmp_path, monkeypatch):
+    """A missing dataset, an --out that cannot be written or a split encoded already is reported
+    without loading (or downloading) the VAE."""
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded the VAE before the cheap checks")
+
+    monkeypatch.setattr(encoding, "load_vae", must_not_load)
+    with pytest.raises(DataNotFoundError, match="no image folder"):
+        encode_folder(
+            tmp_path / "nowhere",
+            "train",
+            tmp_path / "a",
+            EncodeSettings(image_size=16),
+            device="cpu",
+            batch_size=2,
+        )
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(OutputPathError):
+        encode(folders, blocked)
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "train_latents.npy").write_bytes(b"")
+    with pytest.raises(OutputPathError, match="encoded already"):
+        encode(folders, done)
+    result = CliRunner().invoke(
+        app,
+        ["data", "encode-latents", str(tmp_path / "nowhere"), "--split", "val", "--out", str(tmp_path / "b")],
+    )
+    assert isinstance(result.exception, SystemExit) and "no image folder" in result.output, result.output
+
+
+def test_a_missing_diffusers_names_the_extra_to_install(folders, tmp_path, monkeypatch):
+    vae = shutil.copytree(folders["vae"], tmp_path / "vae")  # a path no earlier test has loaded (and cached)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    out = tmp_path / "out"
+    args = ["data", "encode-latents", str(folders["images"]), "--split", "val", "--vae", str(vae)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 2 and "pip install -e '.[vae]'" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not (out / "val_latents.npy").exists()

@@ -179,3 +179,47 @@ def test_eval_fid_of_a_latent_run_is_the_number_zoo_fid_gives(trained, tmp_path,
     assert data["fid"]["value"] == pytest.approx(expected["fid"], rel=1e-9) and data["fid"]["n_samples"] == 12
     row = next(r for r in data["rows"] if (r["kind"], r["steps"]) == ("meanflow", 1))
     assert row["fid"] == data["fid"]["value"] and str(val) in data["fid"]["reference"]
+
+
+def test_eval_fid_is_measured_at_the_guidance_asked_for(trained, tmp_path, monkeypatch):
+    """`zoo eval --guidance 3 --fid` scores guided samples: `zoo fid --guidance 3`'s FID and IS, not
+    the run's default scale's, on the guidance-3 row, with the scale named in the report."""
+    monkeypatch.setattr(inception, "InceptionV3", lambda device, resize: TinyFeatures())
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    val = trained["root"] / "data" / "imagenet" / "val"
+    out = tmp_path / "e.json"
+    fid_args = ["--fid", "--fid-ref", val, "--fid-n", 12, "--fid-batch-size", 5]
+    fid_args += ["--guidance", 3]
+    result = zoo("eval", trained["run"], "--n", 16, *fid_args, "--json", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    common = ["--ref", val, "--n", 12, "--batch-size", 5, "--num-workers", 0, "--device", "cpu"]
+    common += ["--stats-cache", tmp_path / "cache" / "fid-stats"]
+    by_guidance = {}
+    for g in (3, 1):
+        alone = zoo("fid", trained["run"], *common, "--guidance", g, "--out", tmp_path / f"f{g}.json")
+        assert alone.exit_code == 0, alone.output
+        by_guidance[g] = json.loads((tmp_path / f"f{g}.json").read_text())
+    fid = data["fid"]
+    assert fid["value"] == pytest.approx(by_guidance[3]["fid"], rel=1e-9)
+    assert abs(by_guidance[1]["fid"] - by_guidance[3]["fid"]) > 1e-6 * by_guidance[3]["fid"]
+    assert fid["guidance"] == 3 and fid["inception_score"] == pytest.approx(by_guidance[3]["inception_score"])
+    row = next(r for r in data["rows"] if (r["kind"], r["steps"], r["guidance"]) == ("meanflow", 1, 3))
+    assert row["fid"] == fid["value"] and row["inception_score"] == fid["inception_score"]
+    assert "IS" in result.output and "guidance 3" in " ".join(result.output.split())
+
+
+def test_eval_fid_checks_its_reference_before_loading_anything(trained, tmp_path, monkeypatch):
+    """A missing --fid-ref is reported before the checkpoint, its data or its VAE are loaded."""
+    from zoo import checkpoint_eval
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded a checkpoint before checking --fid-ref")
+
+    monkeypatch.setattr(checkpoint_eval, "load_model", must_not_load)
+    missing = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    out = tmp_path / "e.json"
+    args = ["--fid", "--fid-ref", missing, "--data-dir", tmp_path / "no-data", "--json", out]
+    result = zoo("eval", trained["run"], *args, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert f"no reference statistics at {missing}" in " ".join(result.output.split()) and not out.exists()

@@ -1,9 +1,11 @@
 """SDVAE wrapper, offline: a tiny random AutoencoderKL and the missing-weights error."""
 
+import sys
+
 import pytest
 import torch
 
-from zoo.errors import MissingAssetError
+from zoo.errors import MissingAssetError, MissingDependencyError
 from zoo.models.vae import SDVAE, TINY_VAE_CONFIG, decode_latents
 
 
@@ -57,3 +59,10 @@ def test_decode_latents_batches_and_clamps(vae):
     images = decode_latents(vae, z, batch_size=2)
     assert images.shape == (5, 3, 16, 16) and images.abs().max() <= 1
     assert torch.allclose(images, vae.decode(z).clamp(-1, 1), atol=1e-5)
+
+
+def test_a_missing_diffusers_is_a_user_error_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    for build in (lambda: SDVAE.from_config(TINY_VAE_CONFIG), lambda: SDVAE.from_pretrained("owner/vae")):
+        with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[vae\]'"):
+            build()

@@ -43,11 +43,25 @@ def test_a_bad_remote_dataset_is_refused_before_modal_is_asked():
     assert result.exit_code == 2 and "folder under the Volume's data/" in result.output
 
 
+def test_a_vae_only_this_machine_has_is_refused_before_modal_is_asked(tmp_path):
+    for local in (str(tmp_path / "vae"), "~/vae", "../vae"):
+        result = CliRunner().invoke(
+            app, ["data", "encode-latents", "imagenet", "--split", "train", "--modal", "--vae", local]
+        )
+        assert result.exit_code == 2 and "is a path on this machine" in result.output, result.output
+        assert len(result.output.strip().splitlines()) <= 3  # one message, wrapped by the terminal width
+    for remote in ("stabilityai/sd-vae-ft-ema", "vae/sd-vae-ft-ema", "./my-vae"):
+        request = encode_request(
+            "imagenet", "val", None, EncodeSettings(vae=remote), batch_size=8, num_workers=0, limit=None
+        )
+        assert request["settings"]["vae"] == remote.removeprefix("./")
+
+
 def test_the_container_encodes_from_the_volume_and_commits_after_each_shard(tmp_path):
     volume = tmp_path / "vol"
     make_image_folders(volume / "data" / "imagenet", {"train": 2})  # 6 images
-    vae = save_tiny_vae(tmp_path / "vae")
-    settings = EncodeSettings(image_size=16, vae=str(vae), shard_size=4)
+    save_tiny_vae(volume / "data" / "vae" / "tiny")  # the VAE uploaded to the Volume
+    settings = EncodeSettings(image_size=16, vae="vae/tiny", shard_size=4)
     request = encode_request(
         "imagenet", "train", None, settings, batch_size=4, num_workers=0, limit=None, device="cpu"
     )

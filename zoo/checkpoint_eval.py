@@ -27,7 +27,7 @@ from zoo.inference import LoadedModel, load_model, resolve_run_guidance
 from zoo.metrics import fid as clean_fid
 from zoo.metrics import inception
 from zoo.metrics.features import FeatureNet
-from zoo.metrics.inception import default_stats_cache
+from zoo.metrics.inception import ReferenceStats, default_stats_cache
 from zoo.scoring import open_reference, reference_statistics, score_model
 from zoo.solvers.samplers import Guidance, sampler_guidance
 
@@ -162,6 +162,22 @@ def comparison_json(evals: list[CheckpointEval], seed: int, out: Path | None) ->
     return evals[0].checkpoint.parent.parent / f"compare_{names}_seed{seed}.json"
 
 
+@dataclass
+class FidReference:
+    """--fid-ref, opened: a statistics file read and checked, or an image folder (stats None)
+    whose statistics are computed on first use and cached under `cache`."""
+
+    path: Path
+    stats: ReferenceStats | None
+    cache: Path | None
+
+    @classmethod
+    def open(cls, path: Path) -> "FidReference":
+        """Checked before any checkpoint or data is loaded: a missing file says what to fetch."""
+        cache = default_stats_cache()
+        return cls(path, open_reference(path, None, cache), cache)
+
+
 class FidScorer(ABC):
     """FID of a checkpoint's picture sampler, set up (and checked) before any sampling."""
 
@@ -193,7 +209,7 @@ class ReferenceFid(FidScorer):
     """Inception features of (decoded) samples against reference statistics the user supplies:
     ADM's ImageNet batch, an .npz zoo wrote, or an image folder (statistics computed once)."""
 
-    def __init__(self, e: CheckpointEval, ref: Path | None) -> None:
+    def __init__(self, e: CheckpointEval, ref: FidReference | None) -> None:
         if ref is None:
             raise ConfigError(
                 "--fid on a latent model scores decoded images against statistics you supply: add --fid-ref "
@@ -206,16 +222,15 @@ class ReferenceFid(FidScorer):
                 "FID scores images; this model generates 2-D points (energy distance is its metric)"
             )
         self.ref = ref
-        self.stats_cache = default_stats_cache()
-        self.reference = open_reference(ref, None, self.stats_cache)
-        self.extractor = inception.InceptionV3(e.device, self.reference.resize if self.reference else "clean")
+        self.extractor = inception.InceptionV3(e.device, ref.stats.resize if ref.stats else "clean")
 
     def score(self, e: CheckpointEval, n: int, batch_size: int, seed: int, progress) -> FidInfo:
         model = e.loaded.model
         latent = e.source.is_latent
         side = model.data_shape[-1] * (e.source.vae.downsample_factor if latent else 1)
+        ref = self.ref
         reference = reference_statistics(
-            self.ref, self.reference, self.extractor, side, self.stats_cache, progress, batch_size=batch_size
+            ref.path, ref.stats, self.extractor, side, ref.cache, progress, batch_size=batch_size
         )
         task = progress.add_task(f"FID: {n} images, {e.shown.label}", total=n)
         scores = score_model(
@@ -231,10 +246,18 @@ class ReferenceFid(FidScorer):
             decoded_by=e.source.vae_name if latent else None,
             on_batch=lambda k: progress.advance(task, k),
         )
-        return FidInfo(scores.sampler, scores.n_samples, scores.reference, scores.fid)
+        return FidInfo(
+            scores.sampler,
+            scores.n_samples,
+            scores.reference,
+            scores.fid,
+            scores.guidance,
+            scores.inception_score,
+            scores.inception_score_std,
+        )
 
 
-def fid_scorer(e: CheckpointEval, ref: Path | None) -> FidScorer:
+def fid_scorer(e: CheckpointEval, ref: FidReference | None) -> FidScorer:
     """Against `ref` when given (any image or latent model), else clean-fid's statistics; latent
     models need a `ref`."""
     if ref is not None or e.source.is_latent:

@@ -37,6 +37,10 @@ class FidUnsupportedError(ValueError):
     """FID was asked of a dataset that has no reference statistics."""
 
 
+class MissingDependencyError(ImportError):
+    """An optional package a feature needs is not installed; the message names the pip extra."""
+
+
 class MissingAssetError(FileNotFoundError):
     """A file zoo cannot make itself is missing (pretrained weights, reference statistics); the
     message says what to fetch and where to put it.  Raised before any work is done."""

@@ -38,7 +38,7 @@ from zoo.metrics.fid import FidBackend, fid_of_generator
 from zoo.models.base import FlowModel
 from zoo.plotting import save_quality_vs_nfe
 from zoo.solvers.ode import get_solver, steps_for_nfe
-from zoo.solvers.samplers import Guidance, sample_meanflow, sample_ode, sampler_guidance
+from zoo.solvers.samplers import Guidance, as_guidance, sample_meanflow, sample_ode, sampler_guidance
 from zoo.units import format_estimate
 
 
@@ -85,6 +85,7 @@ class EvalRow:
     class_fidelity: Estimate | None = None
     per_class_fd: dict[str, Estimate] = field(default_factory=dict)
     fid: float | None = None  # set on the row of the method FID was computed for
+    inception_score: float | None = None  # beside the FID, when its scorer gives one
 
     @property
     def key(self) -> str:
@@ -94,7 +95,7 @@ class EvalRow:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for name in ("fid", "class_fidelity"):
+        for name in ("fid", "inception_score", "class_fidelity"):
             if out[name] is None:
                 del out[name]
         if not out["per_class_fd"]:
@@ -120,6 +121,22 @@ class FidInfo:
     n_samples: int
     reference: str  # e.g. "cifar10 train statistics at 32 px"
     value: float
+    guidance: float = 1.0  # the classifier-free guidance scale the images were drawn at
+    # Inception Score of the same images (and its spread over splits) when the scorer gives one.
+    inception_score: float | None = None
+    inception_score_std: float | None = None
+
+    def summary(self) -> str:
+        """The FID (and IS) with how it was measured, in one line."""
+        inception = (
+            f", IS {self.inception_score:.2f} ± {self.inception_score_std:.2f}"
+            if self.inception_score is not None
+            else ""
+        )
+        return (
+            f"FID {self.value:.3f}{inception} ({self.method}, guidance {self.guidance:g}, "
+            f"{self.n_samples} images vs {self.reference})"
+        )
 
 
 @dataclass
@@ -169,12 +186,13 @@ class EvalReport:
             notes=data.get("notes", []),
         )
 
-    def record_fid(self, method: "Method", info: FidInfo, guidance: float = 1.0) -> None:
-        """Put the FID on `method`'s row at `guidance` (evaluate it with them among its rows)."""
-        row = next(
-            r for r in self.rows if (r.kind, r.steps, r.guidance) == (method.kind, method.steps, guidance)
-        )
+    def record_fid(self, method: "Method", info: FidInfo) -> None:
+        """Put the FID on the row of `method` at the guidance scale it was measured at (evaluate
+        it with that method and scale among its rows)."""
+        measured = (method.kind, method.steps, info.guidance)
+        row = next(r for r in self.rows if (r.kind, r.steps, r.guidance) == measured)
         row.fid = info.value
+        row.inception_score = info.inception_score
         self.fid = info
 
     @property
@@ -219,6 +237,8 @@ def row_metrics(row: EvalRow, key: str) -> dict[str, float]:
         out[f"eval/{name}_{key}_se"] = estimate.stderr
     if row.fid is not None:
         out[f"eval/fid_{key}"] = row.fid
+    if row.inception_score is not None:
+        out[f"eval/inception_score_{key}"] = row.inception_score
     return out
 
 
@@ -255,8 +275,8 @@ FEATURE_COLUMNS = {"fd": "FD", "kid": "KID", "precision": "precision", "recall":
 
 def table_columns(reports: list[EvalReport]) -> list[str]:
     """Column titles of a table of these reports' rows (one dataset, one n): the sampler, its NFE,
-    the feature scores, class fidelity (class-conditional models), energy distance and FID
-    wherever some row has them."""
+    the feature scores, class fidelity (class-conditional models), energy distance, FID and
+    IS wherever some row has them."""
     rows = [row for report in reports for row in report.rows]
     columns = ["sampler", "NFE"]
     columns += [
@@ -267,6 +287,8 @@ def table_columns(reports: list[EvalReport]) -> list[str]:
     columns.append("energy distance ± s.e.")
     if any(r.fid is not None for r in rows):
         columns.append("FID")
+    if any(r.inception_score is not None for r in rows):
+        columns.append("IS")
     return columns
 
 
@@ -286,6 +308,8 @@ def row_cells(row: EvalRow, columns: list[str]) -> list[str]:
             cells.append(format_estimate(row.energy_distance, row.stderr))
         elif column == "FID":
             cells.append(f"{row.fid:.3f}" if row.fid is not None else "–")
+        elif column == "IS":
+            cells.append(f"{row.inception_score:.2f}" if row.inception_score is not None else "–")
         else:
             estimate = by_title[column]
             cells.append(format_estimate(estimate.value, estimate.stderr) if estimate is not None else "–")
@@ -614,4 +638,11 @@ def evaluate_fid(
 
     with eval_mode(model):
         value = fid_of_generator(backend, generate_fn, n, batch_size, device)
-    return FidInfo(method=method.label, n_samples=n, reference=backend.reference.describe(), value=value)
+    reference = backend.reference.describe()
+    return FidInfo(
+        method=method.label,
+        n_samples=n,
+        reference=reference,
+        value=value,
+        guidance=as_guidance(guidance).scale,
+    )

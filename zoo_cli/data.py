@@ -60,7 +60,11 @@ def encode_latents(
         ),
     ] = None,
     vae: Annotated[
-        str, typer.Option(help="the VAE: a hub id or a local folder with config.json + weights")
+        str,
+        typer.Option(
+            help="the VAE: a hub id or a local folder with config.json + weights (--modal: a hub id or a "
+            "folder under the Volume's data/)"
+        ),
     ] = "stabilityai/sd-vae-ft-ema",
     flip: Annotated[
         bool, typer.Option("--flip", help="also encode every image mirrored (twice the latents)")

@@ -17,6 +17,7 @@ from zoo.errors import (
     FidUnsupportedError,
     MetricInputError,
     MissingAssetError,
+    MissingDependencyError,
     NonFiniteCheckpointError,
     OutputPathError,
 )
@@ -33,6 +34,7 @@ USAGE_ERRORS: tuple[type[Exception], ...] = (
     FidUnsupportedError,
     MetricInputError,
     MissingAssetError,
+    MissingDependencyError,
 )
 RUNTIME_ERRORS: tuple[type[Exception], ...] = (
     RunError,

@@ -88,7 +88,8 @@ def eval_command(
         bool,
         typer.Option(
             "--fid",
-            help="also FID of the picture's sampler: against clean-fid's statistics (CIFAR-10), or --fid-ref",
+            help="also FID (and IS with --fid-ref) of the picture's sampler at its best --guidance scale: "
+            "against clean-fid's statistics (CIFAR-10), or --fid-ref",
         ),
     ] = False,
     fid_n: Annotated[
@@ -140,7 +141,14 @@ def eval_command(
     """Evaluate checkpoints: MeanFlow 1/2/4 steps and ODE solvers at several NFE (+ FID with --fid)."""
     import torch
 
-    from zoo.checkpoint_eval import EvalOutputs, check_comparable, comparison_json, fid_scorer, prepare
+    from zoo.checkpoint_eval import (
+        EvalOutputs,
+        FidReference,
+        check_comparable,
+        comparison_json,
+        fid_scorer,
+        prepare,
+    )
     from zoo.devices import resolve_device
     from zoo.evaluation import save_quality_plot, wants_features
     from zoo.training.progress import step_bar
@@ -172,13 +180,14 @@ def eval_command(
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
+        reference = FidReference.open(fid_ref) if fid_ref is not None else None
         evals = [prepare(c, dev, n, data_root, guidance, fid_solver, fid_nfe, interval) for c in checkpoints]
         joint = None
         if several:
             check_comparable(evals)
             joint = EvalOutputs(comparison_json(evals, seed, json_out))
             check_outputs(joint, samples=False)
-        scorers = [fid_scorer(e, fid_ref) if fid else None for e in evals]
+        scorers = [fid_scorer(e, reference) if fid else None for e in evals]
         for e in evals:
             if wants_features(e.eval_cfg, e.source):
                 with step_bar(make_console(stderr=True), f"feature network for {e.source.name}") as on_step:
@@ -189,7 +198,7 @@ def eval_command(
                 report = e.run(seed, progress)
                 if scorer is not None:
                     info = scorer.score(e, fid_n, fid_batch_size or e.eval_cfg.batch_size, seed, progress)
-                    report.record_fid(e.shown, info, e.eval_cfg.guidance)
+                    report.record_fid(e.shown, info)
                 reports.append(report)
         for e, report, out in zip(evals, reports, outputs, strict=True):
             write_evaluation(e, report, out, seed)
@@ -211,9 +220,7 @@ def eval_command(
     for e, report in zip(evals, reports, strict=True):
         info = report.fid
         if info is not None:
-            console.print(
-                f"{e.name}: FID {info.value:.3f} ({info.method}, {info.n_samples} images vs {info.reference})"
-            )
+            console.print(f"{e.name}: {info.summary()}")
         if report.features is not None:
             console.print(f"features: {report.features}")
         for note in report.notes:

@@ -60,7 +60,8 @@ PER_CLASS_DEFAULT = 8
 
 
 def parse_classes(text: str) -> list[int]:
-    """'0-9', '1,5,207' or '0-3,10' -> class indices in the order given."""
+    """'0-9', '1,5,207' or '0-3,10' -> class indices in the order given; at most MAX_SAMPLES of
+    them (each class draws a sample at least), counted before a range is expanded."""
     classes: list[int] = []
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")
@@ -69,6 +70,11 @@ def parse_classes(text: str) -> list[int]:
         low, high = int(first), int(last) if dash else int(first)
         if high < low:
             raise fail(f"--classes range {part.strip()} runs backwards; write {high}-{low}")
+        if len(classes) + high - low + 1 > MAX_SAMPLES:
+            raise fail(
+                f"--classes {text} names more than {MAX_SAMPLES} classes, and zoo sample draws at most "
+                f"{MAX_SAMPLES} samples (one per class at least): name fewer classes"
+            )
         classes.extend(range(low, high + 1))
     return classes
 

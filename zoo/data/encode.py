@@ -346,19 +346,19 @@ def encode_folder(
 ) -> dict:
     """Encode `split` of `dataset` (see split_folder) into `out`; returns the summary.
 
-    The VAE is loaded first (a missing one is a MissingAssetError before anything is read), then
-    the images are listed and the output checked, then `on_start(items, items already done)`
-    is called and the missing shards are encoded."""
+    The images are listed and the output checked first, then the VAE is loaded (possibly
+    downloaded: the slow step comes after every cheap check), then `on_start(items, items already
+    done)` is called and the missing shards are encoded."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    encoding = LatentEncoding(list_images(split_folder(dataset, split), limit), out, split, settings)
+    encoding.check()
     vae = load_vae(settings.vae, device)
     if settings.image_size % vae.downsample_factor:
         raise ConfigError(
             f"--image-size {settings.image_size} is not a multiple of {vae.downsample_factor}, the VAE's "
             "downsampling factor: pick one that is (256 for ImageNet-256)"
         )
-    encoding = LatentEncoding(list_images(split_folder(dataset, split), limit), out, split, settings)
-    encoding.check()
     done = sum(len(encoding.shard_range(k)) for k in encoding.done_shards())
     on_start(encoding.num_items, done)
     return encoding.run(

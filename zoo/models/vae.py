@@ -2,7 +2,7 @@
 
 ImageNet DiT models train on SD-VAE latents: 256x256x3 images in [-1, 1] become 32x32x4
 latents, multiplied by the VAE's scaling factor (0.18215 for the SD VAEs) so that they have
-roughly unit variance.  diffusers is an optional dependency (`pip install 'zoo[vae]'`) and is
+roughly unit variance.  diffusers is an optional dependency (`pip install -e '.[vae]'`) and is
 imported only when a VAE is built.
 
 Weights come from a local folder (what `save_pretrained` / `huggingface-cli download --local-dir`
@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from zoo.errors import MissingAssetError
+from zoo.errors import MissingAssetError, MissingDependencyError
 
 DEFAULT_SD_VAE = "stabilityai/sd-vae-ft-ema"
 # Images decoded at a time: the SD-VAE decoder at 256 px holds about 0.4 GB of activations per
@@ -52,7 +52,10 @@ def _autoencoder_class():
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:
-        raise ImportError("SDVAE needs diffusers: pip install 'zoo[vae]'") from err
+        raise MissingDependencyError(
+            "the Stable Diffusion VAE needs diffusers, which is not installed: pip install -e '.[vae]' "
+            "in zoo's folder (or pip install 'diffusers>=0.42')"
+        ) from err
     return AutoencoderKL
 
 

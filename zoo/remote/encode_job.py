@@ -8,7 +8,7 @@ and Modal's retry (or the same command run again) encodes only the rest.
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path, PurePosixPath
 
 from zoo.data.encode import EncodeSettings, default_out, encode_folder
@@ -22,6 +22,20 @@ def volume_data_path(text: str | Path, option: str) -> str:
         raise ValueError(
             f"{option} must be a folder under the Volume's {DATA}/ (e.g. imagenet), got {str(text)!r}; "
             f"upload images with `modal volume put <volume> ./imagenet /{DATA}/imagenet`"
+        )
+    return str(path)
+
+
+def remote_vae(name: str) -> str:
+    """--vae of a remote encoding: a hub id (owner/name, fetched in the container) or a folder
+    under the Volume's data/; a path only this machine has (absolute, ~, ..) is refused."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or name.startswith("~") or ".." in path.parts or str(path) in ("", "."):
+        raise ValueError(
+            f"--vae {name!r} is a path on this machine, which the Modal container cannot read: pass a hub id "
+            f"(e.g. stabilityai/sd-vae-ft-ema) or a folder under the Volume's {DATA}/ (upload it with "
+            f"`modal volume put <volume> ./sd-vae-ft-ema /{DATA}/vae/sd-vae-ft-ema`, "
+            "then --vae vae/sd-vae-ft-ema)"
         )
     return str(path)
 
@@ -41,6 +55,7 @@ def encode_request(
     dataset = volume_data_path(dataset, "DATASET")
     out = volume_data_path(out, "--out") if out is not None else str(default_out(PurePosixPath(dataset)))
     app_name = "zoo-encode-" + re.sub(r"[^A-Za-z0-9._-]", "-", f"{out}-{split}")[:50]
+    settings = replace(settings, vae=remote_vae(settings.vae))
     return {
         "dataset": dataset,
         "split": split,
@@ -61,6 +76,9 @@ def run_encode_request(
     committing after each shard; returns the summary."""
     data = volume_root / DATA
     out = data / request["out"]
+    settings = EncodeSettings(**request["settings"])
+    if (data / settings.vae).is_dir():  # a folder on the Volume, else a hub id
+        settings = replace(settings, vae=str(data / settings.vae))
 
     def start(items: int, done: int) -> None:
         log(f"encoding {request['split']} of {data / request['dataset']}: {items} images, {done} done before")
@@ -73,7 +91,7 @@ def run_encode_request(
         data / request["dataset"],
         request["split"],
         out,
-        EncodeSettings(**request["settings"]),
+        settings,
         device=request["device"],
         batch_size=request["batch_size"],
         num_workers=request["num_workers"],
