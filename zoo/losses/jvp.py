@@ -264,7 +264,7 @@ class FusedJvp(JvpStrategy):
             u = model(z, t, r, y)
             return u, torch.zeros_like(upcast(u))
         # The r != t samples go first: every layer then reads its k rows as a view (a slice)
-        # instead of gathering them, ~350 gathers fewer per step on the paper's U-Net.  The
+        # instead of gathering them, one gather fewer for every layer that reads them.  The
         # forward is row-wise, so the order changes no value; u goes back to batch order.
         k, order = times.n_jvp, torch.cat([times.jvp_index, times.flow_index])
         island = functools.partial(tangent_island, self.precision, z.device)
