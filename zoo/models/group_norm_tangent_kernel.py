@@ -57,6 +57,13 @@ def unusable_reason(device: torch.device) -> str | None:
     return None
 
 
+def refusal(device: torch.device) -> str | None:
+    """loss.jvp_kernels="triton" on `device`: why it cannot run and the fix, or None."""
+    if reason := unusable_reason(device):
+        return f"loss.jvp_kernels=triton cannot run: {reason}; use loss.jvp_kernels=torch"
+    return None
+
+
 # Per CUDA device ("cuda:0"): why the kernels failed their first launch there, or None.
 first_launches: dict[str, str | None] = {}
 
