@@ -365,9 +365,8 @@ class Conv2d(nn.Conv2d):
             )
         weight, bias = self.weight, self.bias
         if torch.compiler.is_compiling():
-            return F.conv2d(
-                x, weight, bias, self.stride, self.padding, self.dilation, self.groups
-            )  # see GroupNorm
+            # See GroupNorm.
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
             # Autocast's cast (which leaves fp64 alone), done before the Function rather than
