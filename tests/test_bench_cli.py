@@ -202,6 +202,21 @@ def test_data_signature_knows_image_shapes_without_the_files() -> None:
     assert data_signature(load_config("imagenet-latents").data)[0] == (4, 32, 32)
 
 
+def test_objectives_are_timed_against_the_fm_step(tmp_path, restore_threads) -> None:
+    path = tmp_path / "bench.json"
+    args = ["model.hidden=32", "model.depth=2", "--device", "cpu", "--model", "moons", "--batch-size", "16"]
+    args += ["--ratios", "0.5", "--modes", "fused", "--repeats", "2", "--warmup", "0", "--threads", "1"]
+    args += ["--objectives", "imf,imf_cond,alphaflow", "--json", str(path)]
+    result = runner.invoke(app, ["bench-jvp", *args])
+    assert result.exit_code == 0, result.output
+    cases = {c["name"]: c for c in json.loads(path.read_text())["cases"]}
+    for name in ("imf/0.5", "imf_cond/0.5", "alphaflow/0.5"):
+        case = cases[name]
+        assert case["kind"] == "objective_step" and case["reference"] == "fm_step"
+        assert case["versus"]["of_medians"] == pytest.approx(case["median_s"] / cases["fm_step"]["median_s"])
+    assert "iMF fused @0.5 / FM step" in result.output and "α-Flow" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -210,6 +225,7 @@ def test_data_signature_knows_image_shapes_without_the_files() -> None:
         (["--ratios", "0.5,1.5"], "ratios must be"),
         (["--ratios", "a,b"], "comma-separated numbers"),
         (["--precision", "fp8"], "precision must be"),
+        (["--objectives", "imf,sit"], "unknown objective(s) ['sit']"),
         (["--loss-variant", "model.hidden=8"], "loss.KEY=VALUE"),
         (["--loss-variant", "loss.weight_p=0", "--loss-variant", "loss.weight_p=0"], "given twice"),
         (["--loss-variant", "loss.weight_p=9"], "loss.weight_p"),

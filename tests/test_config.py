@@ -1,5 +1,6 @@
 """Config resolution: presets, dotted overrides, environment, and errors that name the problem."""
 
+import re
 import tomllib
 
 import pytest
@@ -102,3 +103,49 @@ def test_toml_round_trip_and_dict_round_trip(tmp_path):
         config_to_dict(again) | {"preset": "cifar10"}
     )
     assert tomllib.loads(path.read_text())["loss"]["ratio"] == 0.5
+
+
+def test_objective_presets_carry_their_papers_settings():
+    imf = load_config("imagenet-latents-imf")
+    assert (imf.model.arch, imf.model.size, imf.model.depth, imf.model.v_head) == ("dit", "B/2", 12, 8)
+    assert imf.model.guidance_inputs and imf.model.time_inputs == "h" and imf.data.class_conditional
+    assert (imf.optim.name, imf.optim.lr, imf.optim.betas, imf.optim.weight_decay) == (
+        "adamw",
+        1e-4,
+        (0.9, 0.95),
+        0.0,
+    )
+    assert (imf.train.batch_size, imf.train.ema_decay) == (1024, 0.9999)
+    assert (imf.loss.kind, imf.loss.ratio, imf.loss.weight_c, imf.loss.omega_max) == ("imf", 0.5, 0.01, 8.0)
+    fashion = load_config("fashion-mnist-imf")
+    assert fashion.data.class_conditional and fashion.model.guidance_inputs and fashion.model.v_head == 1
+    base = load_config("fashion-mnist")
+    for name in ("fashion-mnist-imf", "fashion-mnist-alphaflow"):
+        variant = load_config(name)
+        # the same network and budget as the MeanFlow preset: the objectives compare like with like
+        same = ("channels", "channel_mults", "blocks_per_res", "attention_res", "num_groups")
+        assert all(getattr(variant.model, k) == getattr(base.model, k) for k in same)
+        assert (variant.train.steps, variant.train.batch_size) == (base.train.steps, base.train.batch_size)
+    assert load_config("fashion-mnist-alphaflow").loss.kind == "alphaflow"
+    assert load_config("cifar10-imf").model.v_head == 1
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "message"),
+    [
+        ("moons", ["eval.guidance_interval=[0.2, 0.8]"], "needs a model conditioned on guidance"),
+        ("fashion-mnist-imf", ["eval.guidance_interval=[0.8, 0.2]"], "0 <= a <= b <= 1"),
+        ("fashion-mnist-imf", ["eval.guidance_interval=[0.2, 1.5]"], "0 <= a <= b <= 1"),
+        ("fashion-mnist-imf", ["eval.guidance=9.0"], "[1, loss.omega_max=8]"),
+        ("fashion-mnist-imf", ["eval.guidance=0.5"], "[1, loss.omega_max=8]"),
+    ],
+)
+def test_evaluation_guidance_the_model_cannot_sample_is_refused(preset, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(preset, overrides)
+
+
+def test_an_evaluation_interval_loads_as_a_pair():
+    cfg = load_config("fashion-mnist-imf", ["eval.guidance_interval=[0.2, 0.8]", "eval.guidance=3.0"])
+    assert cfg.eval.guidance_interval == (0.2, 0.8)
+    assert config_from_dict(config_to_dict(cfg)).eval.guidance_interval == (0.2, 0.8)

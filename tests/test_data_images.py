@@ -190,3 +190,21 @@ def test_imagenet_missing_val_is_explained(tmp_path):
     solid(tmp_path / "imagenet" / "train" / "n01" / "0.JPEG", (32, 32), 0)
     with pytest.raises(DataNotFoundError, match="val"):
         build(name="imagenet", root=str(tmp_path))
+
+
+@needs_debian_fashion
+def test_evaluation_scores_flip_trained_models_against_flipped_real_images(fashion_root):
+    """A model trained with flips learns the half-mirrored mixture: its references must be that
+    mixture, the same every evaluation, and untouched where training did not flip."""
+    from zoo.evaluation import HELD_OUT_FLIP_SEED, as_trained
+
+    flipped = build(name="fashion-mnist", root=str(fashion_root), hflip=True)
+    held_out = flipped.held_out(1000)
+    served = as_trained(flipped, held_out, HELD_OUT_FLIP_SEED)
+    mirrored = (served == held_out.flip(-1)).flatten(1).all(1) & (served != held_out).flatten(1).any(1)
+    assert ((served == held_out).flatten(1).all(1) | mirrored).all()  # each image kept or mirrored
+    assert 440 <= int(mirrored.sum()) <= 560  # Binomial(1000, 1/2): 3.8 sd either side
+    assert torch.equal(served, as_trained(flipped, held_out, HELD_OUT_FLIP_SEED))
+
+    plain = build(name="fashion-mnist", root=str(fashion_root), hflip=False)
+    assert torch.equal(as_trained(plain, plain.held_out(100), HELD_OUT_FLIP_SEED), plain.held_out(100))

@@ -23,12 +23,13 @@ from zoo.evaluation import (
     feature_net_for,
     headline_method,
 )
-from zoo.inference import LoadedModel, load_model
+from zoo.inference import LoadedModel, load_model, resolve_run_guidance
 from zoo.metrics import fid as clean_fid
 from zoo.metrics import inception
 from zoo.metrics.features import FeatureNet
 from zoo.metrics.inception import default_stats_cache
 from zoo.scoring import open_reference, reference_statistics, score_model
+from zoo.solvers.samplers import Guidance, sampler_guidance
 
 
 @dataclass
@@ -80,7 +81,9 @@ class CheckpointEval:
         return run if self.checkpoint.stem == "last" else f"{run}/{self.checkpoint.stem}"
 
     def run(self, seed: int, progress=None) -> EvalReport:
-        return evaluate(
+        """Every sampler at every guidance scale; the picture and FID then use the shown
+        sampler's best scale."""
+        report = evaluate(
             self.loaded.model,
             self.source,
             self.eval_cfg,
@@ -91,6 +94,14 @@ class CheckpointEval:
             feature_net=self.feature_net,
             guidances=self.guidances,
         )
+        best = report.best_guidance()[f"{self.shown.kind}_{self.shown.steps}"]
+        self.eval_cfg = self.eval_cfg.model_copy(update={"guidance": best})
+        return report
+
+    @property
+    def guidance(self) -> Guidance:
+        """The guidance of the picture and of FID."""
+        return sampler_guidance(self.eval_cfg)
 
 
 def prepare(
@@ -101,11 +112,13 @@ def prepare(
     guidances: list[float] | None = None,
     shown_solver: str | None = None,
     shown_nfe: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> CheckpointEval:
     """Load `checkpoint` and its data (then `load_features`); bad input is a ConfigError, raised
     before any sampling.
 
-    `shown_solver`/`shown_nfe` pick the sampler of the picture (default: the run's headline)."""
+    `shown_solver`/`shown_nfe` pick the sampler of the picture (default: the run's headline);
+    `guidance_interval` (models conditioned on guidance) applies to every guidance scale."""
     loaded = load_model(checkpoint, device)
     cfg = loaded.cfg
     eval_cfg = cfg.eval.model_copy(update={"n_samples": n}) if n else cfg.eval
@@ -113,12 +126,14 @@ def prepare(
         shown = headline_method(eval_cfg, loaded.is_meanflow, shown_solver, shown_nfe)
     except ValueError as exc:
         raise ConfigError(f"--fid-solver/--fid-nfe: {exc}") from None
-    guidances = guidances or [eval_cfg.guidance]
-    if not loaded.model.num_classes and guidances != [1.0]:
+    if not loaded.model.num_classes and guidances not in (None, [1.0]):
         raise ConfigError(
             f"--guidance {', '.join(f'{g:g}' for g in guidances)} needs a class-conditional model; "
             "this one is unconditional (leave --guidance out)"
         )
+    chosen = [resolve_run_guidance(loaded, g, guidance_interval) for g in guidances or [None]]
+    guidances = [g.scale for g in chosen]
+    eval_cfg = eval_cfg.model_copy(update={"guidance": guidances[0], "guidance_interval": chosen[0].interval})
     data_cfg = cfg.data.model_copy(update={"root": data_root}) if data_root else cfg.data
     source = build_data(data_cfg, device, cfg.seed, batch_size=eval_cfg.batch_size)
     methods = default_methods(eval_cfg, loaded.is_meanflow)
@@ -168,7 +183,7 @@ class CleanFid(FidScorer):
             self.backend,
             n,
             batch_size,
-            e.eval_cfg.guidance,
+            e.guidance,
             seed=seed,
             on_batch=lambda: progress.advance(task),
         )
@@ -206,7 +221,7 @@ class ReferenceFid(FidScorer):
         scores = score_model(
             model,
             e.shown,
-            e.eval_cfg.guidance,
+            e.guidance,
             self.extractor,
             reference,
             n=n,

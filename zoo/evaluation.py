@@ -21,6 +21,7 @@ from torch import Tensor
 
 from zoo.config.schema import DataConfig, EvalConfig
 from zoo.data import BatchSource
+from zoo.data.base import random_flip
 from zoo.errors import MetricInputError
 from zoo.metrics.energy import energy_distance
 from zoo.metrics.feature_metrics import (
@@ -37,7 +38,7 @@ from zoo.metrics.fid import FidBackend, fid_of_generator
 from zoo.models.base import FlowModel
 from zoo.plotting import save_quality_vs_nfe
 from zoo.solvers.ode import get_solver, steps_for_nfe
-from zoo.solvers.samplers import sample_meanflow, sample_ode
+from zoo.solvers.samplers import Guidance, sample_meanflow, sample_ode, sampler_guidance
 from zoo.units import format_estimate
 
 
@@ -142,6 +143,18 @@ class EvalReport:
             out["notes"] = self.notes
         if self.fid is not None:
             out["fid"] = asdict(self.fid)
+        best = self.best_row
+        if best is not None:
+            metric = self.headline_metric
+            out["best"] = {
+                "metric": metric,
+                "row": best.key,
+                "method": best.method,
+                "guidance": best.guidance,
+                "value": value_of(best, metric)[0],
+            }
+            if len({r.guidance for r in self.rows}) > 1:
+                out["best"]["guidance_by_sampler"] = self.best_guidance()
         return out
 
     @classmethod
@@ -156,9 +169,11 @@ class EvalReport:
             notes=data.get("notes", []),
         )
 
-    def record_fid(self, method: "Method", info: FidInfo) -> None:
-        """Put the FID on `method`'s row (evaluate it with that method among its rows)."""
-        row = next(r for r in self.rows if (r.kind, r.steps) == (method.kind, method.steps))
+    def record_fid(self, method: "Method", info: FidInfo, guidance: float = 1.0) -> None:
+        """Put the FID on `method`'s row at `guidance` (evaluate it with them among its rows)."""
+        row = next(
+            r for r in self.rows if (r.kind, r.steps, r.guidance) == (method.kind, method.steps, guidance)
+        )
         row.fid = info.value
         self.fid = info
 
@@ -166,6 +181,22 @@ class EvalReport:
     def headline_metric(self) -> str:
         """What quality is judged by: FD for images, energy distance for other data."""
         return "fd" if self.features is not None else "energy_distance"
+
+    @property
+    def best_row(self) -> EvalRow | None:
+        """The row whose headline metric is lowest: the best sampler and guidance scale."""
+        metric = self.headline_metric
+        return min(self.rows, key=lambda row: value_of(row, metric)[0], default=None)
+
+    def best_guidance(self) -> dict[str, float]:
+        """Each sampler's guidance scale with the lowest headline metric (keys as meanflow_1)."""
+        metric = self.headline_metric
+        best: dict[str, EvalRow] = {}
+        for row in self.rows:
+            key = f"{row.kind}_{row.steps}"
+            if key not in best or value_of(row, metric)[0] < value_of(best[key], metric)[0]:
+                best[key] = row
+        return {key: row.guidance for key, row in best.items()}
 
     def metrics(self) -> dict[str, float]:
         """Flat `eval/...` metrics for trackio and metrics.jsonl."""
@@ -260,6 +291,8 @@ def row_cells(row: EvalRow, columns: list[str]) -> list[str]:
             cells.append(format_estimate(estimate.value, estimate.stderr) if estimate is not None else "–")
     return cells
 
+
+METRIC_NAMES = {"energy_distance": "energy distance", "fd": "FD"}
 
 METRIC_LABELS = {
     "energy_distance": "energy distance",
@@ -384,7 +417,7 @@ def generate(
     method: Method,
     noise: Tensor,
     labels: Tensor | None,
-    guidance: float,
+    guidance: "float | Guidance",
     batch_size: int,
     on_batch: Callable[[], None] = no_progress,
 ) -> Tensor:
@@ -462,6 +495,19 @@ class FeatureReference:
         return None
 
 
+HELD_OUT_FLIP_SEED, REFERENCE_FLIP_SEED = 1, 2  # fixed: every evaluation sees the same flips
+
+
+def as_trained(source: BatchSource, images: Tensor, seed: int) -> Tensor:
+    """Real images as training served them: with `data.hflip` each is mirrored with probability
+    1/2 (from a fixed seed).  A model trained with flips learns that mixture, so unflipped
+    references would charge it for the flips it was taught: for Fashion-MNIST, whose shoes all
+    face one way, that alone costs more FD than most samplers' differences."""
+    if not getattr(source, "hflip", False):
+        return images
+    return random_flip(images, torch.Generator().manual_seed(seed))
+
+
 def evaluate(
     model: FlowModel,
     source: BatchSource,
@@ -475,8 +521,9 @@ def evaluate(
     feature_net: FeatureNet | None = None,
     guidances: list[float] | None = None,
 ) -> EvalReport:
-    """Each method's samples (at each guidance scale, default the run's) against `cfg.n_samples`
-    held-out samples: energy distance, and the feature scores when `feature_net` is given.
+    """Each method's samples (at each guidance scale, default the run's, all on the run's
+    eval.guidance_interval) against `cfg.n_samples` held-out samples: energy distance, and the
+    feature scores when `feature_net` is given.
 
     `on_progress` is called after each piece of work: a sampled batch, a metric.
     """
@@ -484,7 +531,7 @@ def evaluate(
     methods = methods if methods is not None else default_methods(cfg, meanflow)
     guidances = guidances or [cfg.guidance]
     held_out, held_labels = source.held_out_labeled(cfg.n_samples)
-    held_out = held_out.float().cpu()
+    held_out = as_trained(source, held_out.float().cpu(), HELD_OUT_FLIP_SEED)
     n = held_out.shape[0]
     reference = None
     if feature_net is not None:
@@ -501,7 +548,13 @@ def evaluate(
         for method in methods:
             for guidance in guidances:
                 samples = generate(
-                    model, method, noise, labels, guidance, cfg.batch_size, on_batch=on_progress
+                    model,
+                    method,
+                    noise,
+                    labels,
+                    sampler_guidance(cfg, guidance),
+                    cfg.batch_size,
+                    on_batch=on_progress,
                 )
                 result = energy_distance(samples, held_out)
                 row = EvalRow(
@@ -516,7 +569,7 @@ def evaluate(
                 if progress is not None:
                     progress.advance(task)
     if with_floor:
-        real = source.reference(n).float().cpu()
+        real = as_trained(source, source.reference(n).float().cpu(), REFERENCE_FLIP_SEED)
         floor = energy_distance(real, held_out)
         report.noise_floor = EvalRow("data vs data", "data", 0, 0, floor.value, floor.stderr)
         if reference is not None:
@@ -547,7 +600,7 @@ def evaluate_fid(
     backend: FidBackend,
     n: int,
     batch_size: int,
-    guidance: float,
+    guidance: "float | Guidance",
     seed: int = 0,
     on_batch: Callable[[], None] = no_progress,
 ) -> FidInfo:

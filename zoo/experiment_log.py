@@ -18,7 +18,7 @@ def config_summary(cfg: ZooConfigBody) -> str:
         f"model={cfg.model.arch}",
         f"loss={loss.kind}",
     ]
-    if loss.kind == "meanflow":
+    if loss.average_velocity:
         parts += [f"ratio={loss.ratio}", f"p={loss.weight_p}", f"c={loss.weight_c}", f"jvp={loss.jvp}"]
     parts += [
         f"time={loss.time_sampler}({loss.time_mu},{loss.time_sigma})"

@@ -14,6 +14,7 @@ from zoo.config.schema import MAX_SAMPLE_BYTES, ZooConfigBody
 from zoo.errors import CheckpointError, NonFiniteCheckpointError
 from zoo.models import build_model
 from zoo.models.base import FlowModel
+from zoo.solvers.samplers import Guidance, resolve_guidance
 
 # What sampling and evaluation read from a checkpoint; resuming reads the rest training writes.
 MODEL_KEYS = ("config", "data_shape", "num_classes", "step", "model", "ema")
@@ -55,7 +56,7 @@ class LoadedModel:
 
     @property
     def is_meanflow(self) -> bool:
-        return self.cfg.loss.kind == "meanflow"
+        return self.cfg.loss.average_velocity
 
 
 def load_model(path: str | Path, device: torch.device, use_ema: bool = True) -> LoadedModel:
@@ -80,3 +81,16 @@ def check_finite_weights(path: str | Path, payload: dict[str, Any]) -> None:
                 f"the run diverged before step {payload['step']}; "
                 "use an earlier checkpoint (zoo ckpts lists them)"
             )
+
+
+def resolve_run_guidance(
+    loaded: LoadedModel, scale: float | None, interval: tuple[float, float] | None
+) -> Guidance:
+    """zoo.solvers.samplers.resolve_guidance for a loaded run (iMF runs: checked against the
+    scales they were trained on); a refusal is a ConfigError naming the option."""
+    omega_max = loaded.cfg.loss.omega_max if loaded.cfg.loss.kind == "imf" else None
+    try:
+        return resolve_guidance(loaded.model, loaded.cfg.eval, scale, interval, omega_max)
+    except ValueError as exc:
+        option = "--guidance-interval" if "interval" in str(exc) else "--guidance"
+        raise ConfigError(f"{option}: {exc}") from None

@@ -26,6 +26,7 @@ from zoo.metrics.inception import (
 )
 from zoo.models.base import FlowModel
 from zoo.output_paths import check_writable_dir
+from zoo.solvers.samplers import Guidance, as_guidance
 
 DEFAULT_N = 50_000
 
@@ -67,7 +68,7 @@ def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> Ten
 def score_model(
     model: FlowModel,
     method: Method,
-    guidance: float,
+    guidance: "float | Guidance",
     extractor: FeatureExtractor,
     reference: ReferenceStats,
     *,
@@ -105,7 +106,7 @@ def score_model(
         class_balanced=labels is not None,
         sampler=method.label,
         nfe=method.nfe,
-        guidance=guidance,
+        guidance=as_guidance(guidance).scale,
         reference=reference.description,
         features=f"{extractor.name}, resize {extractor.resize}",
         decoded_by=decoded_by,

@@ -81,6 +81,13 @@ def bench_jvp(
             "in the same run (repeatable), e.g. 'loss.jvp_kernels=torch'",
         ),
     ] = None,
+    objectives: Annotated[
+        str | None,
+        typer.Option(
+            help="also time these objectives' steps against the FM step, comma-separated: imf, imf_cond "
+            "(class-conditional with guidance inputs), alphaflow",
+        ),
+    ] = None,
 ) -> None:
     """Forward, JVP alone, flow-matching step and MeanFlow step per JVP mode and ratio:
     interleaved medians."""
@@ -109,6 +116,7 @@ def bench_jvp(
                 compile=compile_steps,
                 compile_mode=compile_mode,
                 loss_variants=tuple(" ".join(v.split()) for v in loss_variants or ()),
+                objectives=parse_modes(objectives) or (),
             )
             result = run_bench(
                 settings, log=lambda line: console.print(line, style="dim", highlight=False, markup=False)

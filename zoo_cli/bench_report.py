@@ -8,6 +8,7 @@ from zoo.bench.jvp_bench import (
     EAGER,
     GRAPH,
     MEANFLOW_STEP,
+    OBJECTIVE_STEP,
     BenchResult,
     CaseResult,
     loss_variant_suffix,
@@ -21,12 +22,19 @@ REFERENCE_LABELS = {
     "fm_step+compile": "FM step (compiled)",
 }
 VARIANT_LABELS = {EAGER: "", GRAPH: " (graph)", COMPILE: " (compiled)"}
+OBJECTIVE_LABELS = {
+    "imf": "iMF fused",
+    "imf_cond": "iMF class-cond., guidance inputs, fused",
+    "alphaflow": "α-Flow α=0.5 (no JVP)",
+}
 
 
 def case_label(case: CaseResult) -> str:
     variant = VARIANT_LABELS[case.variant]
     if case.kind == MEANFLOW_STEP:
         return f"MeanFlow {case.mode} @{case.ratio:g}{variant}{loss_variant_suffix(case.loss_variant)}"
+    if case.kind == OBJECTIVE_STEP:
+        return f"{OBJECTIVE_LABELS[case.objective]} @{case.ratio:g}"
     return {"forward": "forward", "jvp": "JVP alone", "fm_step": "FM step"}[case.kind] + variant
 
 
@@ -120,6 +128,13 @@ def summary_lines(result: BenchResult) -> list[str]:
                 f"{escape(case.label)} @{case.ratio:g} / the same step without the variant: "
                 f"{ab.of_medians:.3f} (paired {ab.paired_median:.3f}, "
                 f"per round {ab.paired_min:.2f}–{ab.paired_max:.2f})"
+            )
+    for case in result.cases:
+        if case.kind == OBJECTIVE_STEP and case.versus is not None:
+            v = case.versus
+            lines.append(
+                f"{escape(case_label(case))} / FM step: {v.of_medians:.3f} (per round {v.paired_min:.2f}–"
+                f"{v.paired_max:.2f}; CPU time {case.versus_cpu.of_medians:.3f})"
             )
     meanflow = [c for c in result.cases if c.kind == MEANFLOW_STEP]
     if meanflow and all(c.fits is False for c in meanflow):

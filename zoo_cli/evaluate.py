@@ -19,7 +19,7 @@ from zoo.runs import atomic_write_json
 from zoo_cli.errors import fail, user_errors
 from zoo_cli.options import DeviceOption
 from zoo_cli.render import eval_table, make_console
-from zoo_cli.sample import resolve_checkpoint_path
+from zoo_cli.sample import parse_interval, resolve_checkpoint_path
 
 console = make_console()
 
@@ -63,8 +63,17 @@ def eval_command(
         typer.Option(
             min=0.0,
             max=MAX_GUIDANCE,
-            help="classifier-free guidance scale of class-conditional models; repeat for one row per "
-            "scale (default: the run's eval.guidance)",
+            help="guidance scale of class-conditional models (classifier-free, or the model's input for "
+            "models trained with guidance as a condition, iMF); repeat for one row per scale: the table "
+            "and JSON name the best (default: the run's eval.guidance)",
+        ),
+    ] = None,
+    guidance_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--guidance-interval",
+            help="times a,b (0 <= a <= b <= 1) guidance acts on, for every --guidance, for models trained "
+            "with guidance as a condition (iMF); default: the run's eval.guidance_interval, else 0,1",
         ),
     ] = None,
     device: DeviceOption = "auto",
@@ -148,6 +157,7 @@ def eval_command(
     if given and not fid:
         raise fail(f"{', '.join(given)} given without --fid (the FID options only apply with it); add --fid")
     fid_n = fid_n if fid_n is not None else FID_STANDARD_N
+    interval = parse_interval(guidance_interval)
     checkpoints = [resolve_checkpoint_path(c) for c in checkpoints]
     several = len(checkpoints) > 1
     outputs = [
@@ -162,7 +172,7 @@ def eval_command(
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
-        evals = [prepare(c, dev, n, data_root, guidance, fid_solver, fid_nfe) for c in checkpoints]
+        evals = [prepare(c, dev, n, data_root, guidance, fid_solver, fid_nfe, interval) for c in checkpoints]
         joint = None
         if several:
             check_comparable(evals)
@@ -179,7 +189,7 @@ def eval_command(
                 report = e.run(seed, progress)
                 if scorer is not None:
                     info = scorer.score(e, fid_n, fid_batch_size or e.eval_cfg.batch_size, seed, progress)
-                    report.record_fid(e.shown, info)
+                    report.record_fid(e.shown, info, e.eval_cfg.guidance)
                 reports.append(report)
         for e, report, out in zip(evals, reports, outputs, strict=True):
             write_evaluation(e, report, out, seed)

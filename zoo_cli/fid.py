@@ -46,7 +46,8 @@ def fid_command(
         typer.Option(
             min=0.0,
             max=MAX_GUIDANCE,
-            help="classifier-free guidance scale (default: the run's eval.guidance)",
+            help="guidance scale (default: the run's eval.guidance): classifier-free, or the model's input "
+            "for models trained with guidance as a condition (iMF; on the run's eval.guidance_interval)",
         ),
     ] = None,
     batch_size: Annotated[
@@ -96,7 +97,7 @@ def fid_command(
 
     from zoo.data.latents import is_latent_data, latent_vae_name, load_decoder
     from zoo.devices import resolve_device
-    from zoo.inference import load_model
+    from zoo.inference import load_model, resolve_run_guidance
     from zoo.metrics.inception import InceptionV3, default_stats_cache
     from zoo.models.vae import decode_latents
     from zoo.runs import atomic_write_json
@@ -113,10 +114,8 @@ def fid_command(
         extractor = InceptionV3(dev, reference.resize if reference else resize or "clean")
         loaded = load_model(checkpoint, dev, use_ema=not raw)
         model = loaded.model
-        if guidance not in (None, 1.0) and not model.num_classes:
-            raise fail(f"--guidance {guidance} needs a class-conditional model; this one is unconditional")
-        if guidance is None:
-            guidance = loaded.cfg.eval.guidance if model.num_classes else 1.0
+        # The run's eval.guidance_interval too, for models conditioned on guidance (iMF).
+        guidance = resolve_run_guidance(loaded, guidance, None)
         method = choose_method(loaded.cfg.eval, loaded.is_meanflow, nfe, solver)
         decoder = None
         if is_latent_data(loaded.cfg.data):
@@ -129,7 +128,7 @@ def fid_command(
             out
             or checkpoint.parent
             / "fid"
-            / f"{checkpoint.stem}_{method.kind}_{method.nfe}nfe_g{guidance:g}.json"
+            / f"{checkpoint.stem}_{method.kind}_{method.nfe}nfe_g{guidance.scale:g}.json"
         )
         check_writable_file(out, "--out")
 

@@ -54,21 +54,31 @@ def print_config(console: Console, cfg: ZooConfigBody, title: str = "resolved co
 def eval_table(runs: "list[tuple[str, EvalReport]]", title: str) -> Table:
     """Every row of one or several named evaluations (of one dataset, at one n), the first's
     data-vs-data floor last; the best row of each run by its headline metric (FD for images,
-    else energy distance) in bold."""
-    from zoo.evaluation import row_cells, table_columns, value_of
+    else energy distance: the best sampler and guidance scale) in bold, marked "best" and named
+    in the caption."""
+    from zoo.evaluation import METRIC_NAMES, row_cells, table_columns
 
     reports = [report for _, report in runs]
     columns = table_columns(reports)
     several = len(runs) > 1
-    table = Table(title=title, caption=f"n = {reports[0].n_samples} samples per row")
+    bests = []
+    for name, report in runs:
+        best = report.best_row
+        if best is not None:
+            guided = f", guidance {best.guidance:g}" if best.guidance != 1.0 else ""
+            who = f"{name}: " if several else ""
+            bests.append(f"{who}{best.method}{guided} (lowest {METRIC_NAMES[report.headline_metric]})")
+    caption = f"n = {reports[0].n_samples} samples per row" + "".join(f"\nbest: {b}" for b in bests)
+    table = Table(title=title, caption=caption)
     for column in ["run"] * several + columns:
         table.add_column(column, justify="left" if column in ("run", "sampler") else "right")
     for name, report in runs:
-        metric = report.headline_metric
-        best = min((value_of(r, metric)[0] for r in report.rows), default=None)
+        best = report.best_row
         for row in report.rows:
-            style = "bold green" if value_of(row, metric)[0] == best else ""
-            table.add_row(*[name] * several, *row_cells(row, columns), style=style)
+            cells = row_cells(row, columns)
+            if row is best:
+                cells[0] += "  ← best"
+            table.add_row(*[name] * several, *cells, style="bold green" if row is best else "")
     floor = reports[0].noise_floor
     if floor:
         table.add_row(*["–"] * several, *row_cells(floor, columns), style="dim")

@@ -86,6 +86,20 @@ def samples_per_class(n: int | None, classes: list[int]) -> int:
     return n // len(classes)
 
 
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """'0.4,0.6' -> (0.4, 0.6): --guidance-interval's times, 0 <= a <= b <= 1."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise fail(f"--guidance-interval takes two times a,b such as 0.4,0.6, got {text!r}") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise fail(f"--guidance-interval {text}: the times must satisfy 0 <= a <= b <= 1")
+    return low, high
+
+
 def resolve_checkpoint_path(checkpoint: Path) -> Path:
     """A run folder stands for its last.pt."""
     return checkpoint / "last.pt" if checkpoint.is_dir() else checkpoint
@@ -144,7 +158,16 @@ def sample(
         typer.Option(
             min=0.0,
             max=MAX_GUIDANCE,
-            help="classifier-free guidance scale (1 = none; default: the run's eval.guidance)",
+            help="guidance scale (1 = none; default: the run's eval.guidance): classifier-free, or the "
+            "model's input for models trained with guidance as a condition (iMF)",
+        ),
+    ] = None,
+    guidance_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--guidance-interval",
+            help="times a,b (0 <= a <= b <= 1) guidance acts on, for models trained with guidance as a "
+            "condition (iMF); default: the run's eval.guidance_interval, else 0,1",
         ),
     ] = None,
     seed: SeedOption = 0,
@@ -170,6 +193,7 @@ def sample(
             n = n or DEFAULT_N
         if solver not in (None, "meanflow"):
             check_method_args(nfe, solver)
+        interval = parse_interval(guidance_interval)
         if out is not None:
             if out.suffix.lower() != ".png":
                 raise fail(f"--out must end in .png, got {out}")
@@ -184,7 +208,7 @@ def sample(
     from zoo.data.latents import is_latent_data, latent_vae_name, load_decoder
     from zoo.devices import resolve_device
     from zoo.evaluation import generate
-    from zoo.inference import check_sample_count, load_model
+    from zoo.inference import check_sample_count, load_model, resolve_run_guidance
     from zoo.models.vae import decode_latents
     from zoo.plotting import save_image_grid, save_scatter
 
@@ -195,10 +219,7 @@ def sample(
         loaded = load_model(checkpoint, dev, use_ema=not raw)
         model = loaded.model
         check_sample_count(n, model.data_shape)
-        if guidance not in (None, 1.0) and not model.num_classes:
-            raise fail(f"--guidance {guidance} needs a class-conditional model; this one is unconditional")
-        if guidance is None:  # as the run's training grids and `zoo eval` sample it
-            guidance = loaded.cfg.eval.guidance if model.num_classes else 1.0
+        guidance = resolve_run_guidance(loaded, guidance, interval)
         option = "--class" if label is not None else "--classes"
         if classes is not None and not model.num_classes:
             raise fail(f"{option} given, but this model is unconditional")
@@ -238,7 +259,7 @@ def sample(
             "samples": samples.numpy(),
             "nfe": np.array(method.nfe),
             "step": np.array(loaded.step),
-            "guidance": np.array(guidance),
+            "guidance": np.array(guidance.scale),
         }
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()
@@ -249,7 +270,9 @@ def sample(
         npz = io.BytesIO()
         np.savez(npz, **arrays)
         atomic_write_bytes(out.with_suffix(".npz"), npz.getvalue())
-    guided = f", guidance {guidance:g}" if guidance != 1.0 else ""
+    guided = f", guidance {guidance.scale:g}" if guidance.scale != 1.0 else ""
+    if guidance.interval is not None:
+        guided += f" on [{guidance.interval[0]:g}, {guidance.interval[1]:g}]"
     decoded = f", decoded by {decoder.name}" if decoder is not None else ""
     console.print(
         f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {method.label}, {method.nfe} NFE{guided}"

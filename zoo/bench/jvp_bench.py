@@ -5,6 +5,10 @@ Cases, all on one model, one Adam optimiser and one fixed synthetic batch, in on
     jvp                    no-grad JVP (primal + tangent) of the batch, every sample with r != t
     fm_step                flow-matching training step (loss + backward + Adam)
     meanflow/MODE/RATIO    MeanFlow training step with JVP strategy MODE at loss.ratio RATIO
+    OBJECTIVE/RATIO        with --objectives: an iMF step (unconditional, or class-conditional with
+                           guidance inputs: imf_cond) or an alpha-Flow step at alpha = 1/2 (no JVP),
+                           fused, on the preset's network with what that objective adds (iMF's
+                           v-head), compared with the FM step of the preset's own network
 With --cuda-graph (CUDA) each step is also timed with its loss + backward replayed from a CUDA
 graph, as `train.cuda_graph = true` trains: fm_step+graph, and meanflow/MODE/RATIO+graph for
 every mode that can run inside a capture; those MeanFlow steps are compared with fm_step+graph
@@ -36,6 +40,8 @@ from typing import Any
 import torch
 
 from zoo.bench.steps import (
+    BENCH_CLASSES,
+    OBJECTIVES,
     compiled_training_step_fn,
     data_signature,
     flow_matching_loss,
@@ -43,6 +49,8 @@ from zoo.bench.steps import (
     graphed_training_step_fn,
     jvp_fn,
     meanflow_loss,
+    objective_loss,
+    objective_model_config,
     synthetic_batch,
     training_step_fn,
 )
@@ -61,6 +69,7 @@ from zoo.training.optim import build_optimizer
 from zoo.units import format_bytes
 
 FORWARD, JVP, FM_STEP, MEANFLOW_STEP = "forward", "jvp", "fm_step", "meanflow_step"
+OBJECTIVE_STEP = "objective_step"
 # How a step's loss + backward run: eagerly, replayed from a CUDA graph (train.cuda_graph), or
 # compiled (train.compile).  Non-eager cases carry the variant as a suffix: fm_step+graph.
 EAGER, GRAPH, COMPILE = "eager", "graph", "compile"
@@ -169,6 +178,7 @@ class BenchSettings:
     # Each also times every MeanFlow step with these loss overrides ("loss.jvp_kernels=torch"), in
     # this process: an A/B of two loss settings on the same model, batch and FM step.
     loss_variants: tuple[str, ...] = ()
+    objectives: tuple[str, ...] = ()  # also time these objectives' steps (zoo.bench.steps.OBJECTIVES)
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -187,6 +197,9 @@ class BenchSettings:
             raise BenchError(
                 f"unknown --compile-mode {self.compile_mode!r}; choose from {list(COMPILE_MODES)}"
             )
+        unknown_objectives = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown_objectives:
+            raise BenchError(f"unknown objective(s) {unknown_objectives}; choose from {list(OBJECTIVES)}")
         for loss_variant in self.loss_variants:
             loss_variant_overrides(loss_variant)
         if len(set(self.loss_variants)) < len(self.loss_variants):
@@ -205,6 +218,7 @@ class BenchCase:
     variant: str = EAGER  # EAGER | GRAPH | COMPILE
     reference: str | None = None  # the case whose time this one is compared with
     loss_variant: str = ""  # a MeanFlow step's --loss-variant ("": the run's own loss)
+    objective: str = ""  # an OBJECTIVE_STEP's objective
 
 
 @dataclass
@@ -231,6 +245,7 @@ class CaseResult:
     versus_eager: RatioStats | None = None
     # A --loss-variant step's wall-clock ratio to the same step with the run's loss.
     versus_own_loss: RatioStats | None = None
+    objective: str = ""  # an OBJECTIVE_STEP's objective
 
     @property
     def label(self) -> str | None:
@@ -286,6 +301,7 @@ def build_cases(
     device: torch.device,
     loss_base: LossConfig,
     loss_variants: dict[str, LossConfig] | None = None,
+    objective_models: dict[str, tuple[FlowModel, torch.optim.Optimizer]] | None = None,
 ) -> list[BenchCase]:
     """The cases in the order they run each round; loss_variants: --loss-variant -> its loss config,
     whose MeanFlow steps are added after the run's own, against the same FM steps."""
@@ -313,7 +329,30 @@ def build_cases(
             cases += meanflow_cases(
                 settings, model, optimizer, batch, modes, loss_cfg, ratio, loss_variant, pool
             )
+    for objective, (net, net_optimizer) in (objective_models or {}).items():
+        net_batch = synthetic_batch(net, settings.batch_size, device, loss_base, seed=seed)
+        for ratio in settings.ratios:
+            loss_fn = objective_loss(loss_base, objective, ratio)
+            step = training_step_fn(net, net_optimizer, loss_fn, net_batch, precision, seed)
+            name = f"{objective}/{ratio:g}"
+            cases.append(
+                BenchCase(name, OBJECTIVE_STEP, step, "fused", ratio, reference=FM_STEP, objective=objective)
+            )
     return cases
+
+
+def build_objective_models(
+    settings: BenchSettings, cfg, data_shape: tuple[int, ...], num_classes: int, device: torch.device
+) -> dict[str, tuple[FlowModel, torch.optim.Optimizer]]:
+    """Each --objectives case's network (the preset's, with what the objective adds) and optimiser."""
+    models = {}
+    for objective in settings.objectives:
+        classes = (num_classes or BENCH_CLASSES) if OBJECTIVES[objective][2] else 0
+        torch.manual_seed(settings.seed)
+        net = build_model(objective_model_config(cfg.model, objective), data_shape, classes)
+        net = net.to(device).train()
+        models[objective] = (net, build_optimizer(net, cfg.optim))
+    return models
 
 
 def meanflow_cases(
@@ -486,7 +525,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda line:
     torch.manual_seed(settings.seed)
     model = build_model(cfg.model, data_shape, num_classes).to(device).train()
     optimizer = build_optimizer(model, cfg.optim)
-    cases = build_cases(settings, model, optimizer, device, cfg.loss, loss_variants)
+    objective_models = build_objective_models(settings, cfg, data_shape, num_classes, device)
+    cases = build_cases(settings, model, optimizer, device, cfg.loss, loss_variants, objective_models)
     limit = memory_limit_bytes(device, settings.memory_limit_gb)
     log(
         f"{settings.preset}: {count_parameters(model) / 1e6:.1f}M parameters, data {tuple(data_shape)}, "
@@ -560,6 +600,7 @@ def case_result(
         variant=case.variant,
         peak_bytes=peak,
         loss_variant=case.loss_variant,
+        objective=case.objective,
         fits=(peak is not None and peak <= limit) if peak_measured else None,
         peak_measured=peak_measured,
     )

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from zoo.config.schema import DataConfig, LossConfig
+from zoo.config.schema import DataConfig, LossConfig, ModelConfig
 from zoo.data.toy2d import TOY_DISTRIBUTIONS
 from zoo.devices import autocast_dtype
 from zoo.flow import conditional_velocity, interpolate
-from zoo.losses import Loss, build_loss
+from zoo.losses import AlphaFlowLoss, Loss, build_loss
 from zoo.losses.base import metrics_to_floats
 from zoo.losses.jvp import jvp_with_primal
 from zoo.losses.time_sampling import sample_t_r
@@ -184,3 +184,31 @@ def meanflow_loss(base: LossConfig, mode: str, ratio: float) -> Loss:
 
 def flow_matching_loss(base: LossConfig) -> Loss:
     return build_loss(base.model_copy(update={"kind": "flow_matching"}))
+
+
+# The second-generation objectives `zoo bench-jvp --objectives` times against the FM step:
+# name -> (loss.kind, the model's v-head and guidance inputs, class-conditional).
+OBJECTIVES: dict[str, tuple[str, bool, bool]] = {
+    "imf": ("imf", True, False),
+    "imf_cond": ("imf", True, True),
+    "alphaflow": ("alphaflow", False, False),
+}
+BENCH_CLASSES = 10  # classes of the class-conditional iMF case when the preset has none
+
+
+def objective_model_config(model_cfg: ModelConfig, objective: str) -> ModelConfig:
+    """The preset's network as the objective trains it: with a v-head (at least one block) and,
+    class-conditionally, guidance inputs."""
+    _, v_head, conditional = OBJECTIVES[objective]
+    if not v_head:
+        return model_cfg
+    return model_cfg.model_copy(update={"v_head": max(model_cfg.v_head, 1), "guidance_inputs": conditional})
+
+
+def objective_loss(base: LossConfig, objective: str, ratio: float) -> Loss:
+    """The objective's loss at `ratio`; alpha-Flow mid-curriculum (alpha = 1/2: its no-JVP step)."""
+    kind = OBJECTIVES[objective][0]
+    loss = build_loss(base.model_copy(update={"kind": kind, "jvp": "fused", "ratio": ratio}))
+    if isinstance(loss, AlphaFlowLoss):
+        loss.alpha = 0.5
+    return loss

@@ -293,7 +293,7 @@ def check_new_run_jvp(cfg: ZooConfigBody) -> None:
     where no torch is loaded, so `zoo modal submit` says so before anything starts remotely.  A
     resumed run keeps the mode it started with and is not checked."""
     mode = cfg.loss.jvp
-    if cfg.loss.kind != "meanflow" or mode == "auto" or mode in TRAINING_JVP_MODES:
+    if not cfg.loss.average_velocity or mode == "auto" or mode in TRAINING_JVP_MODES:
         return
     raise ConfigError(
         f"loss.jvp={mode!r} is one of the benchmark's modes (`zoo bench-jvp --modes {mode}` times it), "

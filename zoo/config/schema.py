@@ -74,14 +74,46 @@ class DataConfig(Section):
     )
 
 
-class MLPConfig(Section):
+TimeInputs = Literal["t_h", "t_r", "h"]
+
+
+class NetworkConditioning(Section):
+    """What every zoo network can be conditioned on, and its optional auxiliary velocity head."""
+
+    time_inputs: TimeInputs = Field(
+        "t_h",
+        description="the times the network embeds: t_h = t and t - r (MeanFlow's), t_r = t and r, "
+        "h = t - r alone (iMF's; the noise level is then read from z)",
+    )
+    guidance_inputs: bool = Field(
+        False,
+        description="also condition on the guidance scale omega and its interval [t_min, t_max] "
+        "(iMF; class-conditional models): guidance is then chosen at sampling time",
+    )
+    v_head: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="blocks duplicated into an auxiliary instantaneous-velocity head (loss.kind=imf): "
+        "DiT's last k blocks, the U-Net's last k decoder blocks, the MLP's last k residual blocks, "
+        "each copy with its own output layer; 0 = none. Sampling never runs it",
+    )
+
+
+class MLPConfig(NetworkConditioning):
     arch: Literal["mlp"] = "mlp"
     hidden: int = Field(256, ge=8, le=8192)
     depth: int = Field(4, ge=1, le=32)
     time_embed_dim: int = Field(64, ge=8, le=4096)
 
+    @model_validator(mode="after")
+    def _v_head_fits(self) -> "MLPConfig":
+        if self.v_head > self.depth:
+            raise ValueError(f"v_head={self.v_head} duplicates more blocks than depth={self.depth} has")
+        return self
 
-class UNetConfig(Section):
+
+class UNetConfig(NetworkConditioning):
     arch: Literal["unet"] = "unet"
     channels: int = Field(128, ge=8, le=1024)
     channel_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field(
@@ -101,6 +133,16 @@ class UNetConfig(Section):
             raise ValueError(
                 f"num_groups={self.num_groups} must divide every channel width {sorted(widths)}; "
                 f"it does not divide {bad}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _v_head_fits(self) -> "UNetConfig":
+        top = self.blocks_per_res + 1  # decoder blocks at the input resolution, after the last up-block
+        if self.v_head > top:
+            raise ValueError(
+                f"v_head={self.v_head} must not exceed the {top} decoder blocks at full resolution "
+                f"(blocks_per_res + 1)"
             )
         return self
 
@@ -125,7 +167,7 @@ def dit_size_fields(size: str) -> dict[str, int]:
     return {"hidden": hidden, "depth": depth, "heads": heads, "patch_size": int(patch)}
 
 
-class DiTConfig(Section):
+class DiTConfig(NetworkConditioning):
     arch: Literal["dit"] = "dit"
     size: DiTSize | None = Field(
         None,
@@ -160,6 +202,12 @@ class DiTConfig(Section):
             raise ValueError(f"heads={self.heads} must divide hidden={self.hidden}")
         return self
 
+    @model_validator(mode="after")
+    def _v_head_fits(self) -> "DiTConfig":
+        if self.v_head > self.depth:
+            raise ValueError(f"v_head={self.v_head} duplicates more blocks than depth={self.depth} has")
+        return self
+
 
 ModelConfig = Annotated[MLPConfig | UNetConfig | DiTConfig, Field(discriminator="arch")]
 
@@ -168,8 +216,13 @@ JvpMode = Literal["auto", "primal", "fused", "selective", "nograd", "full_batch"
 TRAINING_JVP_MODES = ("fused", "nograd")
 
 
+# Objectives whose network learns the average velocity u(z, t, r) (sampled in 1 or a few jumps);
+# every one of them computes a JVP for at least part of training.
+AVERAGE_VELOCITY_LOSSES = ("meanflow", "imf", "alphaflow")
+
+
 class LossConfig(Section):
-    kind: Literal["meanflow", "flow_matching"] = "meanflow"
+    kind: Literal["meanflow", "flow_matching", "imf", "alphaflow"] = "meanflow"
     ratio: float = Field(0.75, ge=0.0, le=1.0, description="fraction of samples with r != t")
     time_sampler: Literal["logit_normal", "uniform"] = "logit_normal"
     time_mu: float = Field(-0.4, ge=-10, le=10, description="logit-normal mean")
@@ -206,6 +259,43 @@ class LossConfig(Section):
     guidance_kappa: float = Field(0.0, ge=0.0, lt=1.0)
     guidance_t_min: float = Field(0.0, ge=0.0, le=1.0)
     guidance_t_max: float = Field(1.0, ge=0.0, le=1.0)
+    # iMF: guidance as a condition (model.guidance_inputs), drawn per sample in training.
+    omega_max: float = Field(8.0, ge=1.0, le=100.0, description="iMF: omega is drawn on [1, omega_max]")
+    omega_power: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        description="iMF: omega = omega_max ** (U ** omega_power), U ~ U(0, 1); 1 = log-uniform, "
+        "> 1 puts more mass near omega = 1",
+    )
+    # alpha-Flow: alpha falls from 1 to 0 along a sigmoid over the fraction of training done.
+    alpha_start: float = Field(
+        0.1, ge=0.0, le=1.0, description="alphaflow: fraction of training where alpha leaves 1"
+    )
+    alpha_end: float = Field(
+        0.7, ge=0.0, le=1.0, description="alphaflow: fraction of training where alpha reaches 0"
+    )
+    alpha_steepness: float = Field(10.0, gt=0.0, le=100.0, description="alphaflow: the sigmoid's steepness")
+    alpha_threshold: float = Field(
+        0.005,
+        ge=0.0,
+        lt=1.0,
+        description="alphaflow: below this alpha the step uses MeanFlow's JVP target instead",
+    )
+
+    @property
+    def average_velocity(self) -> bool:
+        """Whether this objective trains u(z, t, r) for one-step jumps (not flow matching)."""
+        return self.kind in AVERAGE_VELOCITY_LOSSES
+
+    @model_validator(mode="after")
+    def _alpha_schedule_ordered(self) -> "LossConfig":
+        if self.alpha_start >= self.alpha_end:
+            raise ValueError(
+                f"alpha_start={self.alpha_start} must be below alpha_end={self.alpha_end} "
+                "(the fractions of training where alpha leaves 1 and reaches 0)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _guidance_interval_ordered(self) -> "LossConfig":
@@ -306,12 +396,31 @@ class EvalConfig(Section):
     batch_size: int = Field(500, ge=1, le=MAX_BATCH)
     grid_size: int = Field(64, ge=1, le=1024, description="images in a sample grid")
     guidance: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE)
+    guidance_interval: tuple[float, float] | None = Field(
+        None,
+        description="models conditioned on guidance (model.guidance_inputs): the times [a, b] guidance acts "
+        "on, 0 <= a <= b <= 1; none = [0, 1]",
+    )
     features: Literal["auto", "on", "off"] = Field(
         "auto",
         description="score samples by FD, KID, precision and recall in the feature space of zoo's classifier "
         "for the dataset (trained and cached on first use): auto = for labelled image data; off = energy "
         "distance only",
     )
+
+    @field_validator("guidance_interval", mode="before")
+    @classmethod
+    def _interval_from_list(cls, value: Any) -> Any:
+        """TOML, JSON and stored configs write the pair as a list."""
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _interval_in_range(self) -> "EvalConfig":
+        if self.guidance_interval is not None:
+            low, high = self.guidance_interval
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"guidance_interval must satisfy 0 <= a <= b <= 1, got {[low, high]}")
+        return self
 
 
 class TrackingConfig(Section):
@@ -345,3 +454,20 @@ class ZooConfigBody(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _eval_guidance_fits_the_model(self) -> "ZooConfigBody":
+        """The evaluation at the end of training samples with eval.guidance on eval.guidance_interval:
+        refuse what it could not sample before training starts."""
+        if self.eval.guidance_interval is not None and not self.model.guidance_inputs:
+            raise ValueError(
+                "eval.guidance_interval needs a model conditioned on guidance: set "
+                "model.guidance_inputs=true or leave eval.guidance_interval out"
+            )
+        if self.model.guidance_inputs and self.loss.kind == "imf":
+            if not 1.0 <= self.eval.guidance <= self.loss.omega_max:
+                raise ValueError(
+                    f"eval.guidance={self.eval.guidance:g} lies outside the scales iMF trains on, "
+                    f"[1, loss.omega_max={self.loss.omega_max:g}]: choose one in that range"
+                )
+        return self

@@ -24,6 +24,7 @@ from torch import Tensor
 from zoo.config.schema import LossConfig
 from zoo.devices import same_device
 from zoo.models.base import FlowModel
+from zoo.models.embeddings import GuidanceInputs
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Draws:
     times: Any  # (B,) t for flow matching; a TimePair for MeanFlow
     y: Tensor | None  # labels after label dropout (None: unconditional)
     dropped: Tensor  # (B,) bool, True where the label was replaced by the null class
+    guidance: GuidanceInputs | None = None  # iMF: the guidance each sample's model call is asked for
 
 
 def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -116,6 +118,10 @@ class Loss(ABC):
 
     def __init__(self, cfg: LossConfig) -> None:
         self.cfg = cfg
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called by the trainer before each step; objectives with a curriculum (alpha-Flow) use it."""
+        del step, total_steps  # the other objectives are the same at every step
 
     @abstractmethod
     def draw(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> Draws:

@@ -68,6 +68,7 @@ from zoo.losses.time_sampling import TimePair
 from zoo.models import group_norm_tangent_kernel
 from zoo.models.base import FlowModel, RowTangentModel
 from zoo.models.dual import upcast
+from zoo.models.embeddings import GuidanceInputs
 from zoo.models.layers import detached_tangents
 
 JVP_MODES = ("full_batch", "primal", "fused", "selective", "nograd", "compile", "cuda_graph")
@@ -117,12 +118,19 @@ def select(y: Tensor | None, index: Tensor) -> Tensor | None:
 
 
 def model_jvp(
-    model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor
+    model: FlowModel,
+    z: Tensor,
+    t: Tensor,
+    r: Tensor,
+    y: Tensor | None,
+    v: Tensor,
+    guidance: GuidanceInputs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(u, du/dt) of u(z, t, r, y) along tangents (v, 1, 0); no precision handling."""
 
     def u_of(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
-        return model(z_, t_, r_, y)
+        # Guidance is passed only to models conditioned on it (a plain FlowModel need not take it).
+        return model(z_, t_, r_, y) if guidance is None else model(z_, t_, r_, y, guidance)
 
     return torch.func.jvp(u_of, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
 
@@ -133,14 +141,21 @@ def jvp_tangent(model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | N
 
 
 def jvp_with_primal(
-    model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, v: Tensor, precision: str
+    model: FlowModel,
+    z: Tensor,
+    t: Tensor,
+    r: Tensor,
+    y: Tensor | None,
+    v: Tensor,
+    precision: str,
+    guidance: GuidanceInputs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(u, du/dt) inside the precision island, du/dt at least fp32.
 
     Records autograd for u when grad mode is on; du/dt comes back detached.
     """
     with jvp_precision(precision, z.device), detached_tangents():
-        u, dudt = model_jvp(model, upcast(z), upcast(t), upcast(r), y, upcast(v))
+        u, dudt = model_jvp(model, upcast(z), upcast(t), upcast(r), y, upcast(v), guidance)
     # Detached: zoo's layers computed their parts of it unrecorded, so a graph left on it by the
     # built-in ops would give silently incomplete gradients.
     return u, upcast(dudt).detach()
@@ -182,6 +197,22 @@ class JvpStrategy(ABC):
     ) -> tuple[Tensor, Tensor]:
         """z, v: (B, *data_shape); t, r: (B,); times: the TimePair t and r came from."""
 
+    def heads(
+        self,
+        model: RowTangentModel,
+        z: Tensor,
+        t: Tensor,
+        r: Tensor,
+        y: Tensor | None,
+        v_rows: Tensor,
+        times: TimePair,
+        guidance: GuidanceInputs | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """iMF's (u with grad, du/dt detached, the v-head's output with grad) for the whole batch,
+        du/dt along (v_rows, 1, 0) on the r != t rows (v_rows: (k, ...) in times.jvp_index order)
+        and zero elsewhere.  Only the training modes (fused, nograd) compute it."""
+        raise ValueError(f"loss.kind=imf computes its JVP with jvp=fused or nograd, not {self.name!r}")
+
 
 class NogradJvp(JvpStrategy):
     """Reference: a no-grad JVP over the whole batch, then a separate grad forward. Simplest,
@@ -193,6 +224,19 @@ class NogradJvp(JvpStrategy):
         with torch.no_grad():
             _, dudt = jvp_with_primal(model, z, t, r, y, v, self.precision)
         return model(z, t, r, y), dudt
+
+    def heads(self, model, z, t, r, y, v_rows, times, guidance):
+        u, v = model.forward_heads(z, t, r, y, guidance)
+        dudt = torch.zeros_like(upcast(u.detach()))
+        if times.n_jvp == 0:
+            return u, dudt, v
+        ji = times.jvp_index
+        g_rows = None if guidance is None else guidance.rows(ji)
+        with torch.no_grad():
+            _, dudt_rows = jvp_with_primal(
+                model, z[ji], t[ji], r[ji], select(y, ji), v_rows, self.precision, g_rows
+            )
+        return u, dudt.index_copy_(0, ji, dudt_rows.to(dudt.dtype)), v
 
 
 class FullBatchJvp(JvpStrategy):
@@ -254,29 +298,61 @@ class FusedJvp(JvpStrategy):
         return group_norm_tangent_kernel.resolve(self.kernels, device)
 
     def __call__(self, model, z, t, r, y, v, times):
+        if times.n_jvp == 0:
+            u = model(z, t, r, y)
+            return u, torch.zeros_like(upcast(u))
+        u, dudt, _ = self.rows_pass(model, z, t, r, y, v[times.jvp_index], times, None, with_v=False)
+        return u, dudt
+
+    def heads(self, model, z, t, r, y, v_rows, times, guidance):
+        if times.n_jvp == 0:
+            u, v = model.forward_heads(z, t, r, y, guidance)
+            return u, torch.zeros_like(upcast(u.detach())), v
+        return self.rows_pass(model, z, t, r, y, v_rows, times, guidance, with_v=True)
+
+    def rows_pass(
+        self,
+        model: FlowModel,
+        z: Tensor,
+        t: Tensor,
+        r: Tensor,
+        y: Tensor | None,
+        v_rows: Tensor,
+        times: TimePair,
+        guidance: GuidanceInputs | None,
+        with_v: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One forward of the batch carrying the r != t rows' tangent (n_jvp > 0)."""
         kernels = self.kernels_on(z.device)
         if not isinstance(model, RowTangentModel):
             raise ValueError(
                 f"jvp='fused' needs a network whose forward also runs on Duals (a RowTangentModel, as "
                 f"zoo's MLP, U-Net and DiT are); {type(model).__name__} is not one: use jvp='nograd'"
             )
-        if times.n_jvp == 0:
-            u = model(z, t, r, y)
-            return u, torch.zeros_like(upcast(u))
         # The r != t samples go first: every layer then reads its k rows as a view (a slice)
         # instead of gathering them, one gather fewer for every layer that reads them.  The
         # forward is row-wise, so the order changes no value; u goes back to batch order.
         k, order = times.n_jvp, torch.cat([times.jvp_index, times.flow_index])
         island = functools.partial(tangent_island, self.precision, z.device)
         with island():
-            dz = upcast(v[times.jvp_index])
-        u_ordered, dudt_rows = model.forward_with_row_tangents(
-            z[order], t[order], r[order], select(y, order), slice(0, k), dz, island, kernels
+            dz = upcast(v_rows)
+        u_ordered, dudt_rows, v_ordered = model.heads_with_row_tangents(
+            z[order],
+            t[order],
+            r[order],
+            select(y, order),
+            slice(0, k),
+            dz,
+            island,
+            kernels,
+            None if guidance is None else guidance.rows(order),
+            with_v,
         )
-        u = u_ordered[inverse_permutation(order)]
+        inverse = inverse_permutation(order)
         dudt_rows = upcast(dudt_rows)  # bf16 under jvp_precision="bf16"; the target wants fp32
         dudt = torch.zeros((z.shape[0], *dudt_rows.shape[1:]), dtype=dudt_rows.dtype, device=z.device)
-        return u, dudt.index_copy_(0, times.jvp_index, dudt_rows)
+        v = None if v_ordered is None else v_ordered[inverse]
+        return u_ordered[inverse], dudt.index_copy_(0, times.jvp_index, dudt_rows), v
 
 
 class SelectiveJvp(JvpStrategy):

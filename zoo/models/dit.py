@@ -1,10 +1,14 @@
 """DiT (Peebles & Xie) with adaLN-Zero blocks, conditioned on t, h = t - r and a class label.
 
 Patchify -> fixed 2-D sin-cos position embedding -> `depth` blocks -> adaLN final layer ->
-unpatchify.  The conditioning vector is emb(t) + emb(t - r) + emb(y); every block regresses
+unpatchify.  The conditioning vector is emb(t) + emb(t - r) + emb(y) (model.time_inputs picks the
+times; model.guidance_inputs adds the guidance's embedding); every block regresses
 shift/scale/gate triples for its attention and MLP branches from it.  All gates and the output
 layer start at zero ("adaLN-Zero"): each block starts as the identity and the model's output
 is exactly 0, which DiT found to train best.
+
+With model.v_head = k the last k blocks and the final layer are duplicated into iMF's auxiliary
+velocity head (as iMF's DiT does): the first depth - k blocks are shared.
 """
 
 import torch
@@ -13,7 +17,12 @@ from torch import Tensor, nn
 from zoo.config.schema import DiTConfig
 from zoo.models.base import RowTangentModel
 from zoo.models.dual import Value
-from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
+from zoo.models.embeddings import (
+    GuidanceInputs,
+    LabelEmbedding,
+    embed_conditions,
+    time_and_guidance_embeddings,
+)
 from zoo.models.layers import GELU, Attention, Conv2d, LayerNorm, Linear, SiLU
 
 TIME_FREQ_DIM = 256  # sinusoid width of DiT's timestep embedder
@@ -92,11 +101,28 @@ class DiT(RowTangentModel):
         self.register_buffer(
             "pos_embed", sincos_position_embedding(cfg.hidden, *self.grid)[None], persistent=False
         )
-        self.time_embed = TimeIntervalEmbedding(cfg.hidden, freq_dim=TIME_FREQ_DIM)
+        self.time_embed, self.guidance_embed = time_and_guidance_embeddings(
+            cfg, cfg.hidden, TIME_FREQ_DIM, num_classes
+        )
         self.label_embed = LabelEmbedding(num_classes, cfg.hidden) if num_classes else None
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.hidden, p * p * channels)
+        self.shared = cfg.depth - cfg.v_head  # blocks before the heads split
+        if cfg.v_head:
+            self.v_blocks = nn.ModuleList(
+                DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.v_head)
+            )
+            self.v_final = FinalLayer(cfg.hidden, p * p * channels)
         self._init_weights()
+
+    @property
+    def has_v_head(self) -> bool:
+        return self.shared < len(self.blocks)
+
+    def head_modules(self, name: str) -> tuple[list[DiTBlock], FinalLayer]:
+        if name == "u":
+            return list(self.blocks[self.shared :]), self.final
+        return list(self.v_blocks), self.v_final
 
     def _init_weights(self) -> None:
         # DiT's initialisation: xavier linears, small embedders, zero modulation and output.
@@ -107,17 +133,23 @@ class DiT(RowTangentModel):
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        for embedder in (self.time_embed.time, self.time_embed.interval):
+        embedders = self.time_embed.embedders()
+        if self.guidance_embed is not None:
+            embedders += self.guidance_embed.embedders()
+        for embedder in embedders:
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         if self.label_embed is not None:
             nn.init.normal_(self.label_embed.table.weight, std=0.02)
-        for block in self.blocks:
+        heads = ["u", "v"] if self.has_v_head else ["u"]
+        blocks = list(self.blocks) + (list(self.v_blocks) if self.has_v_head else [])
+        for block in blocks:
             nn.init.zeros_(block.modulation[-1].weight)
             nn.init.zeros_(block.modulation[-1].bias)
-        for layer in (self.final.modulation[-1], self.final.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        for final in (self.head_modules(name)[1] for name in heads):
+            for layer in (final.modulation[-1], final.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x: Value) -> Value:
         """(B, N, p*p*C) -> (B, C, H, W)."""
@@ -126,11 +158,21 @@ class DiT(RowTangentModel):
         x = x.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, gh * p, gw * p)
 
-    def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
-        return embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes)
+    def condition(
+        self, t: Tensor, r: Tensor, y: Tensor | None, guidance: GuidanceInputs | None = None
+    ) -> Tensor:
+        return embed_conditions(
+            self.time_embed, self.label_embed, t, r, y, self.num_classes, self.guidance_embed, guidance
+        )
 
-    def body(self, z: Value, c: Value) -> Value:
+    def trunk(self, z: Value, c: Value) -> Value:
         x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)  # (B, N, hidden)
-        for block in self.blocks:
+        for block in self.blocks[: self.shared]:
             x = block(x, c)
-        return self.unpatchify(self.final(x, c))
+        return x
+
+    def head(self, x: Value, c: Value, name: str) -> Value:
+        blocks, final = self.head_modules(name)
+        for block in blocks:
+            x = block(x, c)
+        return self.unpatchify(final(x, c))

@@ -291,6 +291,13 @@ def primal(x: Value | float) -> Tensor | float:
     return x.primal if isinstance(x, Dual) else x
 
 
+def map_primal(value: object) -> object:
+    """`value` (a Dual, Tensor, or a tuple/list of them) with every Dual replaced by its primal."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_primal(v) for v in value)
+    return primal(value)
+
+
 def tangent(x: Value | float) -> Tensor | None:
     return x.tangent if isinstance(x, Dual) else None
 

@@ -11,6 +11,12 @@ A res-block is GN -> SiLU -> conv3x3 -> (+ projected embedding) -> GN -> SiLU ->
 conv3x3, plus a skip (1x1 conv when the width or the resolution changes), scaled by sqrt(1/2);
 with attention it adds GN -> multi-head self-attention -> projection, again scaled.
 
+iMF's auxiliary velocity head (model.v_head = k): the last k decoder blocks (all at the input
+resolution, each fed its encoder skip) and the output layer are duplicated; everything before them
+is shared.  The output is formed at full resolution by those blocks, so the copy gives the v-head
+its own full-resolution processing of every shared multi-scale feature at the cost of k of the
+cheaper (narrowest) blocks, where copying the decoder would nearly double the network.
+
 Resampling handles any size: 2x2 average pooling with ceil_mode (7 -> 4 keeps the border
 pixels) and nearest-neighbour upsampling to the size of the matching skip (4 -> 7), so 28x28
 Fashion-MNIST works with three or four resolutions.
@@ -19,6 +25,7 @@ GroupNorm, convolutions and attention come from zoo.models.layers (fast exact JV
 the forward also runs on zoo.models.dual's Duals, carrying row tangents (jvp="fused").
 """
 
+import copy
 import math
 from typing import Literal
 
@@ -29,7 +36,12 @@ from torch import Tensor, nn
 from zoo.config.schema import UNetConfig
 from zoo.models.base import RowTangentModel
 from zoo.models.dual import Value
-from zoo.models.embeddings import LabelEmbedding, TimeIntervalEmbedding, embed_conditions
+from zoo.models.embeddings import (
+    GuidanceInputs,
+    LabelEmbedding,
+    embed_conditions,
+    time_and_guidance_embeddings,
+)
 from zoo.models.layers import Attention, Conv2d, Dropout, GroupNorm, Linear, SiLU
 
 Resample = Literal["none", "down", "up"]
@@ -110,7 +122,9 @@ class UNet(RowTangentModel):
         in_channels, height, _ = self.data_shape
         emb_dim = EMB_MULT * cfg.channels
         block = dict(emb_dim=emb_dim, dropout=cfg.dropout, num_groups=cfg.num_groups, heads=cfg.heads)
-        self.time_embed = TimeIntervalEmbedding(emb_dim, freq_dim=cfg.channels)
+        self.time_embed, self.guidance_embed = time_and_guidance_embeddings(
+            cfg, emb_dim, cfg.channels, num_classes
+        )
         self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes else None
 
         # Spatial size per level; the first level is the input resolution.
@@ -166,11 +180,34 @@ class UNet(RowTangentModel):
         self.conv_out = Conv2d(width, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # output exactly 0 at init (see ResBlock)
         nn.init.zeros_(self.conv_out.bias)
+        self.shared = len(self.decoder) - cfg.v_head  # decoder blocks before the heads split
+        if cfg.v_head:
+            self.v_decoder = copy.deepcopy(self.decoder[self.shared :])
+            self.v_norm_out = copy.deepcopy(self.norm_out)
+            self.v_conv_out = copy.deepcopy(self.conv_out)
 
-    def condition(self, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
-        return F.silu(embed_conditions(self.time_embed, self.label_embed, t, r, y, self.num_classes))
+    @property
+    def has_v_head(self) -> bool:
+        return self.shared < len(self.decoder)
 
-    def body(self, z: Value, emb: Value) -> Value:
+    def condition(
+        self, t: Tensor, r: Tensor, y: Tensor | None, guidance: GuidanceInputs | None = None
+    ) -> Tensor:
+        emb = embed_conditions(
+            self.time_embed, self.label_embed, t, r, y, self.num_classes, self.guidance_embed, guidance
+        )
+        return F.silu(emb)
+
+    def decode(self, blocks: list[ResBlock], x: Value, skips: list[Value], emb: Value) -> Value:
+        """Run decoder blocks, popping the skips they take from `skips` (in place)."""
+        for block in blocks:
+            if block.resample == "up":
+                x = block(x, emb, size=skips[-1].shape[-2:])
+            else:
+                x = block(torch.cat([x, skips.pop()], dim=1), emb)
+        return x
+
+    def trunk(self, z: Value, emb: Value) -> tuple[Value, list[Value]]:
         x = self.conv_in(z)
         skips = [x]
         for block in self.encoder:
@@ -178,9 +215,13 @@ class UNet(RowTangentModel):
             skips.append(x)
         for block in self.middle:
             x = block(x, emb)
-        for block in self.decoder:
-            if block.resample == "up":
-                x = block(x, emb, size=skips[-1].shape[-2:])
-            else:
-                x = block(torch.cat([x, skips.pop()], dim=1), emb)
-        return self.conv_out(self.act(self.norm_out(x)))
+        return self.decode(list(self.decoder[: self.shared]), x, skips, emb), skips
+
+    def head(self, features: tuple[Value, list[Value]], emb: Value, name: str) -> Value:
+        x, skips = features
+        if name == "u":
+            blocks, norm, conv = list(self.decoder[self.shared :]), self.norm_out, self.conv_out
+        else:
+            blocks, norm, conv = list(self.v_decoder), self.v_norm_out, self.v_conv_out
+        x = self.decode(blocks, x, list(skips), emb)  # a copy: each head pops the same skips
+        return conv(self.act(norm(x)))

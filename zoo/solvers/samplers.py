@@ -7,26 +7,97 @@
 
 Both use exactly the model inputs that training used.  Classifier-free guidance with
 scale w: u = u_null + w (u_cond - u_null), from one batched model call of size 2B; w = 1 is the
-plain conditional prediction (one call of size B).
+plain conditional prediction (one call of size B).  A model conditioned on guidance (iMF's
+model.guidance_inputs) is instead asked for scale w on the interval [t_min, t_max] (default
+[0, 1]) in one call of size B: guidance is then chosen at sampling time without retraining.
 
 The caller runs these under torch.no_grad() (or inference_mode) with model.eval(): the samplers
 change neither, so they also serve inside differentiable code if ever needed.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from zoo.config.schema import EvalConfig
 from zoo.flow import step_average_velocity
 from zoo.models.base import FlowModel
+from zoo.models.embeddings import GuidanceInputs
 from zoo.solvers.ode import Solver, get_solver, grid_points, integrate, time_grid, time_vector
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """A guidance scale, and for guidance-conditioned models the interval of times it acts on."""
+
+    scale: float = 1.0
+    interval: tuple[float, float] | None = None  # None: [0, 1]
+
+
+def as_guidance(guidance: "float | Guidance") -> Guidance:
+    return guidance if isinstance(guidance, Guidance) else Guidance(float(guidance))
+
+
+def sampler_guidance(cfg: EvalConfig, scale: float | None = None) -> Guidance:
+    """The guidance a run's evaluation samples with: eval.guidance (or `scale`, one of a sweep's)
+    on eval.guidance_interval."""
+    interval = None if cfg.guidance_interval is None else tuple(cfg.guidance_interval)
+    return Guidance(cfg.guidance if scale is None else scale, interval)
+
+
+def check_guidance(model: FlowModel, guidance: Guidance, omega_max: float | None = None) -> None:
+    """Guidance a model can take, or a ValueError saying what to change.
+
+    omega_max: the largest scale a guidance-conditioned model was trained on (loss.omega_max)."""
+    if guidance.scale != 1.0 and model.num_classes == 0:
+        raise ValueError(
+            f"guidance {guidance.scale:g} needs a class-conditional model; this one is unconditional"
+        )
+    if guidance.interval is not None:
+        low, high = guidance.interval
+        if not model.guidance_conditioned:
+            raise ValueError(
+                "a guidance interval needs a model conditioned on guidance (trained with "
+                "model.guidance_inputs=true); leave the interval out for classifier-free guidance"
+            )
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"the guidance interval must satisfy 0 <= a <= b <= 1, got {low:g},{high:g}")
+    if model.guidance_conditioned:
+        top = f"{omega_max:g}" if omega_max is not None else "its loss.omega_max"
+        if guidance.scale < 1.0 or (omega_max is not None and guidance.scale > omega_max):
+            raise ValueError(
+                f"this model was trained on guidance scales in [1, {top}]; got {guidance.scale:g}, "
+                "choose one in that range"
+            )
+
+
+def resolve_guidance(
+    model: FlowModel,
+    eval_cfg: EvalConfig,
+    scale: float | None,
+    interval: tuple[float, float] | None,
+    omega_max: float | None = None,
+) -> Guidance:
+    """The guidance to sample with: the scale and interval asked for, else the run's evaluation
+    settings (an unconditional model: none), checked against the model (check_guidance)."""
+    default = sampler_guidance(eval_cfg)
+    if scale is None:
+        scale = default.scale if model.num_classes else 1.0
+    if interval is None and model.guidance_conditioned:
+        interval = default.interval
+    guidance = Guidance(scale, interval)
+    check_guidance(model, guidance, omega_max)
+    return guidance
+
+
 def guided_prediction(
-    model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, guidance: float
+    model: FlowModel, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None, guidance: "float | Guidance"
 ) -> Tensor:
-    """u(z, t, r | y) with classifier-free guidance scale `guidance` (1 = no guidance)."""
+    """u(z, t, r | y) with guidance scale `guidance` (1 = no guidance): classifier-free, or as the
+    model's input where it is conditioned on guidance."""
+    guidance = as_guidance(guidance)
     if model.num_classes > 0 and y is None:
         raise ValueError(
             f"the model is class-conditional ({model.num_classes} classes): pass labels y, "
@@ -34,14 +105,20 @@ def guided_prediction(
         )
     if model.num_classes == 0 and y is not None:
         raise ValueError("the model is unconditional (num_classes = 0): pass y=None")
-    if guidance == 1.0:
+    if model.guidance_conditioned:
+        interval = guidance.interval or (0.0, 1.0)
+        inputs = GuidanceInputs.constant(z.shape[0], guidance.scale, interval, z.device, t.dtype)
+        return model(z, t, r, y, inputs)
+    if guidance.interval is not None:
+        raise ValueError("a guidance interval needs a model conditioned on guidance (model.guidance_inputs)")
+    if guidance.scale == 1.0:
         return model(z, t, r, y)
     if y is None:
-        raise ValueError(f"guidance={guidance} needs a class-conditional model; use guidance=1.0")
+        raise ValueError(f"guidance={guidance.scale} needs a class-conditional model; use guidance=1.0")
     null = torch.full_like(y, model.null_class)
     both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([r, r]), torch.cat([y, null]))
     cond, uncond = both.chunk(2)
-    return uncond + guidance * (cond - uncond)
+    return uncond + guidance.scale * (cond - uncond)
 
 
 def as_grid(steps: int | Tensor | Sequence[float]) -> list[float]:
@@ -53,7 +130,7 @@ def sample_meanflow(
     noise: Tensor,
     steps: int | Tensor | Sequence[float],
     y: Tensor | None = None,
-    guidance: float = 1.0,
+    guidance: "float | Guidance" = 1.0,
 ) -> Tensor:
     """MeanFlow sampling over `steps` even steps from 1 to 0, or over an explicit decreasing grid."""
     points = as_grid(steps)
@@ -72,7 +149,7 @@ def sample_ode(
     solver: str | Solver,
     steps: int | Tensor | Sequence[float],
     y: Tensor | None = None,
-    guidance: float = 1.0,
+    guidance: "float | Guidance" = 1.0,
 ) -> Tensor:
     """Integrate dz/dt = u(z, t, t) from 1 to 0; NFE = steps * solver.calls_per_step
     (use zoo.solvers.steps_for_nfe to go from an NFE budget to steps)."""

@@ -73,7 +73,7 @@ def decide_mode(cfg: ZooConfigBody, kept_mode: str | None = None) -> tuple[str, 
     if kept_mode is not None:
         return concrete(kept_mode), "kept from the checkpoint (a resumed run keeps its JVP mode)"
     mode = cfg.loss.jvp
-    if cfg.loss.kind != "meanflow":
+    if not cfg.loss.average_velocity:
         return concrete(mode), "flow matching computes no JVP; the setting is unused"
     check_new_run_jvp(cfg)
     if mode == "auto":
@@ -81,6 +81,28 @@ def decide_mode(cfg: ZooConfigBody, kept_mode: str | None = None) -> tuple[str, 
     if mode == DEFAULT_MODE:
         return mode, "loss.jvp's default"
     return mode, "set by loss.jvp"
+
+
+# Objectives whose steps are eager only: alpha-Flow switches between two step shapes during training
+# (no JVP, then MeanFlow's), and iMF's extra velocity pass has not been captured or compiled.
+EAGER_ONLY_LOSSES = ("imf", "alphaflow")
+# The JVP modes iMF computes its JVP with (its tangent rows come from the model's own velocity head).
+IMF_MODES = ("fused", "nograd")
+
+
+def check_objective_steps(cfg: ZooConfigBody, mode: str) -> None:
+    """iMF and alpha-Flow: eager steps, and for iMF one of its own JVP modes."""
+    kind = cfg.loss.kind
+    if kind not in EAGER_ONLY_LOSSES:
+        return
+    for switch in (CUDA_GRAPH, COMPILE):
+        if getattr(cfg.train, switch.name.split(".")[1]):
+            raise ConfigError(
+                f"loss.kind={kind} takes eager steps; {switch.name} captures flow-matching and MeanFlow "
+                f"steps only: {switch.off}"
+            )
+    if kind == "imf" and mode not in IMF_MODES:
+        raise ConfigError(f"loss.kind=imf computes its JVP with loss.jvp=fused or nograd, not {mode!r}")
 
 
 def check_mode_device(mode: str, device: torch.device, resumed: bool = False) -> None:
@@ -100,7 +122,7 @@ def check_mode_device(mode: str, device: torch.device, resumed: bool = False) ->
 
 def check_tangent_kernels(cfg: ZooConfigBody, device: torch.device, mode: str) -> None:
     """loss.jvp_kernels=triton: the fused mode's, on a device where the kernels run."""
-    if cfg.loss.kind != "meanflow" or cfg.loss.jvp_kernels != "triton":
+    if not cfg.loss.average_velocity or cfg.loss.jvp_kernels != "triton":
         return
     if mode != "fused":
         raise ConfigError(
@@ -192,7 +214,7 @@ def accepts(check: Callable[..., None], *args: Any) -> bool:
 
 def meanflow_mode(cfg: ZooConfigBody, mode: str) -> str | None:
     """The JVP mode a step runs: None for flow matching, which computes no JVP."""
-    return mode if cfg.loss.kind == "meanflow" else None
+    return mode if cfg.loss.average_velocity else None
 
 
 def faster_step_tip(cfg: ZooConfigBody, device: torch.device, mode: str, resumed: bool) -> str | None:
@@ -267,6 +289,7 @@ def plan_run(cfg: ZooConfigBody, device: torch.device, kept_mode: str | None = N
     mode, reason = decide_mode(cfg, kept_mode)
     resumed = kept_mode is not None
     check_mode_device(mode, device, resumed)
+    check_objective_steps(cfg, mode)
     check_tangent_kernels(cfg, device, mode)
     if cfg.train.cuda_graph:
         check_capture(device, cfg.precision, meanflow_mode(cfg, mode), resumed)
@@ -277,7 +300,7 @@ def plan_run(cfg: ZooConfigBody, device: torch.device, kept_mode: str | None = N
     return JvpPlan(
         mode=mode,
         reason=reason,
-        meanflow=cfg.loss.kind == "meanflow",
+        meanflow=cfg.loss.average_velocity,
         cuda_graph=cfg.train.cuda_graph,
         compile=cfg.train.compile,
         compile_mode=cfg.train.compile_mode,

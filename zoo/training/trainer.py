@@ -54,6 +54,7 @@ from zoo.training.jvp_plan import JvpPlan, plan_run
 from zoo.training.memory import MicroBatchPlan, make_meter, plan_micro_batches
 from zoo.training.optim import build_optimizer, learning_rate, set_learning_rate
 from zoo.training.progress import PhaseHeartbeat, TrainProgress, step_bar
+from zoo.training.spikes import SpikeDetector
 from zoo.training.step_graph import GraphedLossBackward
 from zoo.training.visuals import save_loss_plot, save_samples
 
@@ -105,12 +106,13 @@ class TrainState:
     # Rank 0's losses since its last logged record (train/loss_avg): in the checkpoint, so that a run
     # resumed between two log steps logs the same average as one that never stopped.
     loss_window: list[float] = field(default_factory=list)
+    spikes: SpikeDetector = field(default_factory=SpikeDetector)  # rank 0's loss-spike watch
     # Rank 0, image data: the classifier whose feature space evaluations score samples in.
     feature_net: FeatureNet | None = None
 
     @property
     def is_meanflow(self) -> bool:
-        return self.cfg.loss.kind == "meanflow"
+        return self.cfg.loss.average_velocity
 
 
 def rank_batch_size(cfg: ZooConfigBody) -> int:
@@ -179,6 +181,7 @@ def checkpoint_payload(state: TrainState, metrics: dict[str, float]) -> dict[str
         "metrics": metrics,
         "elapsed_s": state.elapsed_s,
         "loss_window": list(state.loss_window),
+        "spikes": state.spikes.state_dict(),
     }
 
 
@@ -204,6 +207,8 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
     state.elapsed_s = float(payload.get("elapsed_s", 0.0))
     # Checkpoints written before the window was stored start an empty one.
     state.loss_window = [float(loss) for loss in payload.get("loss_window", [])]
+    if "spikes" in payload:  # checkpoints written before spikes were watched start a fresh watch
+        state.spikes.load_state_dict(payload["spikes"])
     state.micro_batches = int(payload["micro_batches"])
     if state.scaler is not None:
         state.scaler.load_state_dict(payload["scaler"])
@@ -351,6 +356,7 @@ def train_step(state: TrainState) -> dict[str, float]:
     cfg = state.cfg
     model, optimizer = state.model, state.optimizer
     state.source.batch_size = rank_batch_size(cfg) // state.micro_batches
+    state.loss_fn.set_progress(state.step, cfg.train.steps)
     sums: dict[str, torch.Tensor] = {}
     for _ in range(state.micro_batches):
         for key, value in micro_batch_backward(state).items():
@@ -708,6 +714,7 @@ def train_loop(
             state.elapsed_s = time.time() - run_start
             progress.update(state.step, metrics)
             if main:
+                record_spikes(state, run, tracker, progress, metrics)
                 log_and_save(
                     state, run, tracker, metrics, session_start, session_step, state.step == cfg.steps
                 )
@@ -746,6 +753,20 @@ def periodic_evaluation(
     distributed.wait_for_main()
 
 
+def record_spikes(
+    state: TrainState, run: RunDir, tracker: Tracker, progress: TrainProgress, metrics: dict[str, float]
+) -> None:
+    """Rank 0, after a step: print and record its loss spikes (zoo.training.spikes)."""
+    spikes = state.spikes.update(state.step, metrics)
+    if not spikes:
+        return
+    for spike in spikes:
+        progress.rich.console.print(f"[yellow]{spike.describe()}[/]")
+    record = {f"train/spike_ratio/{s.metric}": s.ratio for s in spikes} | {"train/spikes": state.spikes.count}
+    run.append_metrics({"step": state.step, "time": time.time(), **record})
+    tracker.log(record, step=state.step)
+
+
 def log_and_save(
     state: TrainState,
     run: RunDir,
@@ -761,6 +782,7 @@ def log_and_save(
     if state.step % cfg.log_every == 0 or at_end:
         record = {f"train/{k}": v for k, v in metrics.items()}
         record["train/loss_avg"] = sum(state.loss_window) / len(state.loss_window)
+        record["train/spikes"] = state.spikes.count
         record["time/elapsed_s"] = state.elapsed_s
         record["time/steps_per_s"] = (state.step - session_step) / max(time.time() - session_start, 1e-9)
         state.loss_window.clear()

@@ -14,6 +14,7 @@ from zoo.evaluation import Method, draw_noise_and_labels, eval_mode, generate, n
 from zoo.models.base import FlowModel
 from zoo.plotting import save_image_grid, save_loss_curve, save_scatter
 from zoo.runs import RunDir
+from zoo.solvers.samplers import sampler_guidance
 
 
 @torch.no_grad()
@@ -36,7 +37,9 @@ def save_samples(
     n = cfg.grid_size if source.is_image or source.is_latent else min(cfg.n_samples, 2000)
     noise, labels = draw_noise_and_labels(model, n, device, seed)
     with eval_mode(model):
-        samples = generate(model, method, noise, labels, cfg.guidance, cfg.batch_size, on_batch=on_batch)
+        samples = generate(
+            model, method, noise, labels, sampler_guidance(cfg), cfg.batch_size, on_batch=on_batch
+        )
     caption = f"{method.label} ({method.nfe} NFE)"
     if source.is_image:
         image = save_image_grid(samples, path)

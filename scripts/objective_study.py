@@ -1,0 +1,260 @@
+"""Flow matching, MeanFlow, iMF and alpha-Flow on class-conditional Fashion-MNIST at equal wall-clock.
+
+Works from nothing: for each objective it measures the seconds per training step of its preset on
+this machine (alpha-Flow: both of its phases, weighted by its curriculum), sets train.steps so that
+training takes `--budget-min` minutes, trains every (objective, seed) with `zoo train`'s code path,
+then scores every sampler of each run at every guidance scale of `--guidances`:
+
+    one-step objectives   1, 2 and 4 jumps (eval.meanflow_steps)
+    flow matching         Euler and Heun at 8, 16 and 32 NFE
+
+and reports, per objective and sampler, the best guidance scale (by the mean over seeds) with
+the mean and standard error over seeds.  The decision the study serves: is the one-step sample of
+an objective at or below flow matching's best multi-step sample at equal training time?
+
+The networks are the fashion-mnist preset's U-Net (iMF adds its one-block v-head, as
+fashion-mnist-imf does).  Each run is scored as `zoo eval` scores it (zoo.checkpoint_eval): FD,
+KID, precision and recall in the feature space of zoo's Fashion-MNIST classifier (trained and
+cached on first use, minutes on a CPU), energy distance too; the best guidance scale is the one
+of lowest mean FD.
+
+    .venv/bin/python scripts/objective_study.py --budget-min 15 --seeds 0,1,2   # ~4 h on 2 cores
+    .venv/bin/python scripts/objective_study.py --budget-s 20 --seeds 0 --n 64 --guidances 1,2 \\
+        model.channels=8 model.num_groups=4 --out outputs/study-tiny          # a minute: the plumbing
+
+Writes `<out>/study.json` (every score, the calibration, the summary) and `<out>/study.log`.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zoo.checkpoint_eval import prepare
+from zoo.config import load_config
+from zoo.config.schema import ZooConfigBody
+from zoo.losses.alphaflow import alpha_at
+from zoo.training.trainer import build_state, train_run, train_step
+
+# objective -> (preset, its overrides): one network size, class-conditional throughout.
+OBJECTIVES: dict[str, tuple[str, list[str]]] = {
+    "flow_matching": ("fashion-mnist", ["data.class_conditional=true", "loss.kind=flow_matching"]),
+    "meanflow": ("fashion-mnist", ["data.class_conditional=true"]),
+    "imf": ("fashion-mnist-imf", []),
+    "alphaflow": ("fashion-mnist-alphaflow", []),
+}
+EVAL = ["eval.meanflow_steps=[1,2,4]", 'eval.solvers=["euler","heun"]', "eval.solver_nfe=[8,16,32]"]
+PROBE_WARMUP = 2
+PROBE_TRAINING_STEPS = 1000  # the nominal length of a calibration run (it places alpha-Flow's curriculum)
+
+
+class Tee:
+    """Print to the console and to the script's log file."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "w")
+
+    def __call__(self, *parts: object) -> None:
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        self.handle.write(line + "\n")
+        self.handle.flush()
+
+
+def study_config(objective: str, seed: int, common: list[str], steps: int = 1) -> ZooConfigBody:
+    preset, extra = OBJECTIVES[objective]
+    return load_config(
+        preset,
+        [*extra, *EVAL, *common, f"seed={seed}", f"train.steps={steps}", f"run_name={objective}-s{seed}"],
+    )
+
+
+def seconds_per_step(cfg: ZooConfigBody, probe_steps: int, progress: float = 0.0) -> float:
+    """Median seconds of `probe_steps` training steps after a warm-up, taken `progress` of the way
+    through training (where alpha-Flow's curriculum is then)."""
+    state = build_state(cfg, torch.device(cfg.device))
+    state.step = int(progress * cfg.train.steps)
+    times = []
+    for k in range(PROBE_WARMUP + probe_steps):
+        started = time.perf_counter()
+        train_step(state)
+        if k >= PROBE_WARMUP:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def calibrate(objective: str, common: list[str], probe_steps: int) -> dict:
+    """Seconds per step of `objective` here; alpha-Flow's averages its no-JVP and JVP phases over
+    the share of training each takes under its curriculum."""
+    cfg = study_config(objective, 0, common, steps=PROBE_TRAINING_STEPS)
+    if objective != "alphaflow":
+        return {"s_per_step": seconds_per_step(cfg, probe_steps)}
+    loss = cfg.loss
+    grid = [k / 1000 for k in range(1000)]
+    jvp_share = sum(alpha_at(loss, p) < loss.alpha_threshold for p in grid) / len(grid)
+    blend = seconds_per_step(cfg, probe_steps, progress=(loss.alpha_start + loss.alpha_end) / 2)
+    jvp = seconds_per_step(cfg, probe_steps, progress=loss.alpha_end)
+    return {"s_per_step": (1 - jvp_share) * blend + jvp_share * jvp, "jvp_share": jvp_share}
+
+
+METRICS = ("fd", "kid", "precision", "recall")  # FD decides; lower is better for FD and KID
+
+
+def score_run(run_dir: Path, guidances: list[float], n: int, seed: int) -> list[dict]:
+    """Every sampler of one run at every guidance scale, as `zoo eval` scores it: FD, KID,
+    precision and recall in the feature space of zoo's Fashion-MNIST classifier (trained and
+    cached on first use), and energy distance."""
+    e = prepare(run_dir / "last.pt", torch.device("cpu"), n, guidances=guidances)
+    e.load_features(lambda step, steps, loss: None)
+    report = e.run(seed)
+    if report.features is None:
+        raise SystemExit(f"{run_dir}: no feature scores ({report.notes}); the study needs image data")
+    return [
+        {
+            "method": r.method,
+            "nfe": r.nfe,
+            "guidance": r.guidance,
+            **{m: r.scores[m].value for m in METRICS},
+            **{f"{m}_se": r.scores[m].stderr for m in METRICS},
+            "energy_distance": r.energy_distance,
+        }
+        for r in report.rows
+    ]
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and its standard error (nan with one seed)."""
+    stderr = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return statistics.mean(values), stderr
+
+
+def summarise(scores: list[dict]) -> list[dict]:
+    """Per objective and sampler: the guidance scale with the lowest mean FD over seeds, and at
+    that scale every metric's mean and standard error over seeds."""
+    groups: dict[tuple, dict[float, list[dict]]] = {}
+    for s in scores:
+        groups.setdefault((s["objective"], s["method"], s["nfe"]), {}).setdefault(s["guidance"], []).append(s)
+    rows = []
+    for (objective, method, nfe), by_guidance in groups.items():
+        best = min(by_guidance, key=lambda g: statistics.mean(s["fd"] for s in by_guidance[g]))
+        runs = by_guidance[best]
+        row = {"objective": objective, "method": method, "nfe": nfe, "guidance": best, "seeds": len(runs)}
+        for metric in (*METRICS, "energy_distance"):
+            row[metric], row[f"{metric}_se"] = mean_and_stderr([s[metric] for s in runs])
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["objective"], r["nfe"], r["method"]))
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """Each one-step objective's 1-NFE FD against flow matching's best multi-step FD: the gap with
+    its standard error over seeds (nan with one seed), so a difference within noise reads so."""
+    fm = [r for r in rows if r["objective"] == "flow_matching"]
+    if not fm:
+        return []
+    best = min(fm, key=lambda r: r["fd"])
+    fd = f"{best['fd']:.3f} ± {best['fd_se']:.3f}"
+    lines = [f"flow matching's best FD: {best['method']} ({best['nfe']} NFE) {fd}"]
+    for r in rows:
+        if r["nfe"] == 1 and r["objective"] != "flow_matching":
+            gap, stderr = r["fd"] - best["fd"], (r["fd_se"] ** 2 + best["fd_se"] ** 2) ** 0.5
+            lines.append(
+                f"{r['objective']} 1-NFE FD {r['fd']:.3f} ± {r['fd_se']:.3f} (guidance {r['guidance']:g}): "
+                f"minus flow matching's best = {gap:+.3f} ± {stderr:.3f}"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-min", type=float, default=15.0, help="training minutes per run")
+    budget.add_argument("--budget-s", type=float, default=None, help="training seconds per run (tiny runs)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES))
+    parser.add_argument("--guidances", default="1,1.5,2,3,4", help="guidance scales each run is scored at")
+    parser.add_argument("--n", type=int, default=1000, help="samples per score")
+    parser.add_argument("--probe-steps", type=int, default=5, help="timed steps per calibration")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    objectives = args.objectives.split(",")
+    if unknown := [o for o in objectives if o not in OBJECTIVES]:
+        parser.error(f"unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
+    guidances = [float(g) for g in args.guidances.split(",")]
+    budget_s = args.budget_s if args.budget_s is not None else 60 * args.budget_min
+    out = args.out or Path("outputs") / f"objective-study-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    log = Tee(out / "study.log")
+    log("command:", " ".join([sys.executable, *sys.argv]))
+    log(f"config: budget {budget_s:g} s per run, seeds {seeds}, objectives {objectives}")
+    log(f"        guidances {guidances}")
+    log(f"        n={args.n}, threads={args.threads}, overrides={args.overrides}")
+    common = [
+        f"output_dir={out}",
+        "experiment_log=",
+        "device=cpu",
+        "tracking.enabled=false",
+        f"threads={args.threads}",
+        f"eval.n_samples={args.n}",
+        *args.overrides,
+    ]
+    started = time.time()
+    calibration = {}
+    for objective in objectives:
+        calibration[objective] = calibrate(objective, common, args.probe_steps)
+        calibration[objective]["steps"] = max(1, int(budget_s / calibration[objective]["s_per_step"]))
+        log(f"calibrated {objective:14s} {calibration[objective]}")
+    scores, trained = [], {}
+    for seed in seeds:
+        for objective in objectives:
+            cfg = study_config(objective, seed, common, calibration[objective]["steps"])
+            tick = time.time()
+            run = train_run(cfg)
+            name = f"{objective}-s{seed}"
+            trained[name] = time.time() - tick
+            log(f"trained {name}: {cfg.train.steps} steps in {trained[name]:.0f} s")
+            for row in score_run(run.root, guidances, args.n, seed):
+                scores.append({"objective": objective, "seed": seed, **row})
+                log(
+                    f"  {name} guidance {row['guidance']:g} {row['method']:18s} NFE {row['nfe']:3d} "
+                    f"FD {row['fd']:.3f} ± {row['fd_se']:.3f}  KID {row['kid']:.4f}  "
+                    f"precision {row['precision']:.3f}  recall {row['recall']:.3f}"
+                )
+    summary = summarise(scores)
+    log("summary (the guidance of lowest mean FD per sampler; mean ± s.e. over seeds):")
+    for r in summary:
+        log(
+            f"  {r['objective']:14s} {r['method']:18s} NFE {r['nfe']:3d} guidance {r['guidance']:<4g} "
+            f"FD {r['fd']:.3f} ± {r['fd_se']:.3f}  KID {r['kid']:.4f} ± {r['kid_se']:.4f}  "
+            f"precision {r['precision']:.3f} ± {r['precision_se']:.3f}  "
+            f"recall {r['recall']:.3f} ± {r['recall_se']:.3f} (n={r['seeds']})"
+        )
+    for line in verdict(summary):
+        log(line)
+    result = {
+        "budget_s": budget_s,
+        "seeds": seeds,
+        "guidances": guidances,
+        "n": args.n,
+        "metric": "FD in the feature space of zoo's Fashion-MNIST classifier (also KID, precision, recall)",
+        "calibration": calibration,
+        "train_seconds": trained,
+        "scores": scores,
+        "summary": summary,
+        "seconds": time.time() - started,
+    }
+    (out / "study.json").write_text(json.dumps(result, indent=2))
+    log(f"wrote {out / 'study.json'} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Improved MeanFlow (iMF; Geng, Lu, Wu, Shechtman, Kolter, He 2025) in zoo's time convention (zoo.flow).
+
+    z = (1 - t) x + t eps,  t and r logit-normal, t = max, r = min, r = t on a random fraction
+    v_hat = sg(v_theta(z, t))          the model's own instantaneous velocity: its v-head at r = t
+    (u, du/dt) = JVP of u(z, t, r) along (v_hat, 1, 0) for (z, t, r)
+    V = u + (t - r) sg(du/dt)          the compound velocity, which should equal the velocity at t
+    D_u = sum over dims of (V - sg(v_g))^2,   D_v = sum over dims of (v_theta(z, t, r) - sg(v_g))^2
+    loss = mean(D_u / sg(D_u + c)^p) + mean(D_v / sg(D_v + c)^p)
+
+The v-head runs in the same forward as u, conditioned on the same (t, r); its target does not
+depend on r, so it learns the velocity at t for every r and is queried at r = t for v_hat.
+
+Guidance as a condition (a class-conditional model built with model.guidance_inputs): each sample
+draws omega = omega_max ** (U ** omega_power) (log-uniform on [1, omega_max] at power 1) and an
+interval t_min ~ U(0, 1/2), t_max ~ U(1/2, 1) ([0, 1] where r = t; omega = 1 where the label was
+dropped), and the model sees them.  The target is
+
+    v_g = (eps - x) + (1 - 1/omega) (v_c - v_u)   for t in [t_min, t_max], else eps - x
+    v_c = sg(v_theta(z, t | y, omega, interval)),  v_u = sg(v_theta(z, t | null, omega = 1))
+
+Why 1 - 1/omega: if the v-head has learnt the guided field V = v_u* + omega (v_c* - v_u*) of the true
+conditional and unconditional fields v_c*, v_u*, and the null class (always trained at omega = 1)
+has learnt v_u*, then E[v_g | z] = v_c* + (1 - 1/omega) omega (v_c* - v_u*) = V: the guided field is
+the target's fixed point.  v_hat is v_c, the guided velocity the u-head averages.
+
+Cost in forward passes F (fused mode, k = ratio * B rows with r != t): v_hat needs a no-grad
+forward of trunk + v-head on the k rows (2B rows, conditional and null, with guidance inputs, since
+v_g needs both for every sample); then one grad forward of both heads carrying the k rows' tangent,
+and its backward.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from zoo.config.schema import LossConfig
+from zoo.flow import conditional_velocity, expand_time, interpolate
+from zoo.losses.base import Draws, Loss, draw_noise, drop_labels
+from zoo.losses.jvp import build_jvp, select
+from zoo.losses.time_sampling import TimePair, sample_t_r
+from zoo.models.base import FlowModel, RowTangentModel
+from zoo.models.embeddings import GuidanceInputs
+
+
+def draw_guidance(
+    cfg: LossConfig, times: TimePair, dropped: Tensor, generator: torch.Generator, dtype: torch.dtype
+) -> GuidanceInputs:
+    """Per-sample omega and interval (see the module docstring)."""
+    batch, device = times.t.shape[0], generator.device
+    draws = torch.rand((3, batch), generator=generator, device=device, dtype=dtype)
+    omega = cfg.omega_max ** (draws[0] ** cfg.omega_power)
+    t_min, t_max = 0.5 * draws[1], 0.5 + 0.5 * draws[2]
+    whole = ~times.mask | dropped  # r = t rows, and rows without a class: guidance on all of [0, 1]
+    return GuidanceInputs(
+        omega=torch.where(dropped, torch.ones_like(omega), omega),
+        t_min=torch.where(whole, torch.zeros_like(t_min), t_min),
+        t_max=torch.where(whole, torch.ones_like(t_max), t_max),
+    )
+
+
+def adaptive_mean(delta: Tensor, c: float, p: float) -> tuple[Tensor, Tensor]:
+    """(mean(w delta), w) with w = 1 / sg(delta + c)^p."""
+    weight = (delta.detach() + c).pow(-p)
+    return (weight * delta).mean(), weight
+
+
+@dataclass
+class ImfTerms:
+    """Everything one loss evaluation computed, for tests and diagnostics."""
+
+    z: Tensor
+    target: Tensor  # v_g (eps - x without guidance), detached
+    tangent: Tensor  # (k, ...) the JVP's z-tangent on times.jvp_index, detached
+    u: Tensor  # with grad
+    dudt: Tensor  # detached; zero where r = t
+    compound: Tensor  # V = u + (t - r) sg(du/dt), with grad
+    v: Tensor  # the v-head's prediction, with grad
+    delta_u: Tensor  # (B,)
+    delta_v: Tensor  # (B,)
+    loss: Tensor
+
+
+class ImprovedMeanFlowLoss(Loss):
+    name = "imf"
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__(cfg)
+        self.jvp = build_jvp(cfg.jvp, cfg.jvp_precision, cfg.jvp_kernels)
+
+    def draw(self, model: FlowModel, x: Tensor, y: Tensor | None, generator: torch.Generator) -> Draws:
+        check_imf_model(model)
+        batch = x.shape[0]
+        noise = draw_noise(x, generator)
+        times = sample_t_r(batch, self.cfg, generator, dtype=x.dtype)
+        y, dropped = drop_labels(model, y, self.cfg.class_dropout, batch, generator)
+        guidance = None
+        if model.guidance_conditioned:
+            guidance = draw_guidance(self.cfg, times, dropped, generator, x.dtype)
+        return Draws(noise=noise, times=times, y=y, dropped=dropped, guidance=guidance)
+
+    def targets(
+        self, model: RowTangentModel, z: Tensor, t: Tensor, v: Tensor, draws: Draws
+    ) -> tuple[Tensor, Tensor]:
+        """(v_g, the tangent rows v_hat), both without grad."""
+        ji, y, guidance = draws.times.jvp_index, draws.y, draws.guidance
+        with torch.no_grad():
+            if guidance is None:
+                return v, model.velocity(z[ji], t[ji], select(y, ji)).to(v.dtype)
+            batch = z.shape[0]
+            null = torch.full_like(y, model.null_class)
+            plain = GuidanceInputs.constant(batch, 1.0, (0.0, 1.0), z.device, guidance.omega.dtype)
+            both = model.velocity(
+                torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), guidance.cat(plain)
+            )
+            v_c, v_u = both.to(v.dtype).chunk(2)
+            inside = (t >= guidance.t_min) & (t <= guidance.t_max) & ~draws.dropped
+            scale = torch.where(inside, 1 - 1 / guidance.omega, torch.zeros_like(guidance.omega))
+            return v + expand_time(scale.to(v.dtype), v) * (v_c - v_u), v_c[ji]
+
+    def terms_of(self, model: FlowModel, x: Tensor, draws: Draws) -> ImfTerms:
+        cfg = self.cfg
+        dtype = torch.promote_types(x.dtype, torch.float32)  # the error in fp32 (fp64 for fp64 data)
+        times = draws.times
+        t, r = times.t, times.r
+        z = interpolate(x, draws.noise, t)
+        target, tangent = self.targets(model, z, t, conditional_velocity(x, draws.noise), draws)
+        u, dudt, v = self.jvp.heads(model, z, t, r, draws.y, tangent, times, draws.guidance)
+        target = target.to(dtype)
+        compound = u.to(dtype) + expand_time(t - r, u).to(dtype) * dudt.to(dtype)
+        delta_u = (compound - target).square().flatten(1).sum(1)
+        delta_v = (v.to(dtype) - target).square().flatten(1).sum(1)
+        loss_u, _ = adaptive_mean(delta_u, cfg.weight_c, cfg.weight_p)
+        loss_v, _ = adaptive_mean(delta_v, cfg.weight_c, cfg.weight_p)
+        return ImfTerms(
+            z=z,
+            target=target,
+            tangent=tangent,
+            u=u,
+            dudt=dudt,
+            compound=compound,
+            v=v,
+            delta_u=delta_u,
+            delta_v=delta_v,
+            loss=loss_u + loss_v,
+        )
+
+    def evaluate(self, model: FlowModel, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor]]:
+        terms = self.terms_of(model, x, draws)
+        dim = math.prod(x.shape[1:])
+        delta_u, delta_v = terms.delta_u.detach(), terms.delta_v.detach()
+        metrics = {
+            "loss": terms.loss.detach(),
+            "mse": delta_u.mean() / dim,
+            "u_mse": delta_u.mean() / dim,
+            "v_mse": delta_v.mean() / dim,
+            "max_sample_mse": torch.maximum(delta_u.max(), delta_v.max()) / dim,
+        }
+        return terms.loss, metrics
+
+
+def check_imf_model(model: FlowModel) -> None:
+    if not isinstance(model, RowTangentModel) or not model.has_v_head:
+        raise ValueError(
+            "loss.kind=imf trains an auxiliary velocity head: build the model with model.v_head >= 1 "
+            "(e.g. model.v_head=1)"
+        )
