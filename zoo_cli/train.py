@@ -211,10 +211,8 @@ def report_interrupted(exc: RunInterrupted) -> None:
     """One line: where training stopped, its last checkpoint, and the command that resumes it."""
     try:
         err_console.print(f"[bold yellow]{escape(str(exc))}[/]", highlight=False, markup=True)
-    except (
-        OSError,
-        SystemExit,
-    ):  # nobody reading (rich: EPIPE as SystemExit(1)); the run still exits 128 + signal
+    except (OSError, SystemExit):
+        # Nobody reading (rich: EPIPE as SystemExit(1)); the run still exits 128 + signal.
         pass
 
 

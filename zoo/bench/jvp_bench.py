@@ -241,12 +241,10 @@ class CaseResult:
     reference: str | None = None  # the case `versus` compares with
     versus: RatioStats | None = None  # wall-clock ratio to the reference
     versus_cpu: RatioStats | None = None  # CPU-time ratio to the reference
-    versus_eager: RatioStats | None = (
-        None  # a graphed or compiled step's wall-clock ratio to the eager FM step
-    )
-    versus_own_loss: RatioStats | None = (
-        None  # a --loss-variant step's wall-clock ratio to the same step with the run's loss
-    )
+    # A graphed or compiled step's wall-clock ratio to the eager FM step.
+    versus_eager: RatioStats | None = None
+    # A --loss-variant step's wall-clock ratio to the same step with the run's loss.
+    versus_own_loss: RatioStats | None = None
     objective: str = ""  # an OBJECTIVE_STEP's objective
 
     @property

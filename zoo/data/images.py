@@ -55,7 +55,7 @@ FASHION_MNIST_CLASSES = [
 
 
 def tv_datasets():
-    """torchvision.datasets, imported on first use: importing torchvision costs ~2 s (it pulls in
+    """torchvision.datasets, imported on first use: importing torchvision takes seconds (it pulls in
     torch._dynamo), which every `zoo` command, even `--help`, would otherwise pay."""
     import torchvision.datasets
 

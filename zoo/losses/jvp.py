@@ -283,18 +283,18 @@ class FusedJvp(JvpStrategy):
         super().__init__(precision)
         if kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown jvp_kernels {kernels!r}; use 'auto', 'torch' or 'triton'")
-        self.kernels = (
-            kernels  # the group-norm tangents' implementation (zoo.models.group_norm_tangent_kernel)
-        )
+        # The group-norm tangents' implementation (zoo.models.group_norm_tangent_kernel).
+        self.kernels = kernels
 
     def kernels_on(self, device: torch.device) -> str:
-        """The group-norm tangents' implementation on `device`: "auto" resolved, "triton" checked."""
+        """The group-norm tangents' implementation on `device`: "auto" resolved, "triton" checked
+        by the rule zoo.training.jvp_plan.check_tangent_kernels applies before a run starts."""
         # Not while compiling: the checks are host work dynamo would break the graph on, and a
         # compiled step computes the tangents with PyTorch operations anyway.
         if torch.compiler.is_compiling():
             return "torch" if self.kernels == "auto" else self.kernels
-        if self.kernels == "triton" and (reason := group_norm_tangent_kernel.unusable_reason(device)):
-            raise ValueError(f"loss.jvp_kernels='triton' cannot run: {reason}; use loss.jvp_kernels=torch")
+        if self.kernels == "triton" and (message := group_norm_tangent_kernel.refusal(device)):
+            raise ValueError(message)
         return group_norm_tangent_kernel.resolve(self.kernels, device)
 
     def __call__(self, model, z, t, r, y, v, times):
@@ -330,7 +330,7 @@ class FusedJvp(JvpStrategy):
                 f"zoo's MLP, U-Net and DiT are); {type(model).__name__} is not one: use jvp='nograd'"
             )
         # The r != t samples go first: every layer then reads its k rows as a view (a slice)
-        # instead of gathering them, ~350 gathers fewer per step on the paper's U-Net.  The
+        # instead of gathering them, one gather fewer for every layer that reads them.  The
         # forward is row-wise, so the order changes no value; u goes back to batch order.
         k, order = times.n_jvp, torch.cat([times.jvp_index, times.flow_index])
         island = functools.partial(tangent_island, self.precision, z.device)
@@ -458,10 +458,12 @@ class CudaGraphJvp(JvpStrategy):
         self.captures += 1
 
     def __call__(self, model, z, t, r, y, v, times):
+        # A run is refused this mode off CUDA before it starts (jvp_plan.check_mode_device); this
+        # guards a direct call.
         if z.device.type != "cuda":
             raise RuntimeError(
                 f"jvp='cuda_graph' needs a CUDA device but the batch is on {z.device}; "
-                "use jvp='primal', 'nograd' or 'full_batch' there"
+                "use jvp='fused' or 'nograd' there"
             )
         key = self.graph_key(model, z, t, v, y)
         if key != self.key:

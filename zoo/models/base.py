@@ -134,8 +134,8 @@ class RowTangentModel(FlowModel):
         (zoo.models.group_norm_tangent_kernel) where they apply.
 
         The tangent is evaluated at this forward's activations: under bf16/fp16 autocast those
-        are reduced-precision values (measured: du/dt within ~3% of the fp32 JVP on a U-Net, as
-        a JVP run wholly in bf16), whatever the island's precision.
+        are reduced-precision values (du/dt has a bf16-size error, as a JVP run wholly in bf16:
+        EXPERIMENT_LOG.md, "which JVP modes earn their place"), whatever the island's precision.
         """
         u, dudt, _ = self.heads_with_row_tangents(z, t, r, y, rows, dz, island, kernels, guidance, False)
         return u, dudt

@@ -20,10 +20,9 @@ from zoo.config.schema import NetworkConditioning
 
 # Times live in [0, 1] and are fed to the sinusoids unscaled.  The DDPM habit of scaling t by
 # 1000 (frequencies up to 1000 rad per unit time) makes u very rough in t, and MeanFlow's target
-# uses du/dt: measured on moons (MLP, 1500 steps, same seed, n=2000, EXPERIMENT_LOG.md), the
-# 1-NFE energy distance was 0.0024 +- 0.0018 at scale 1, 0.015 at 10, 0.051 at 100 and
-# 0.066 +- 0.0045 at 1000, with the raw MeanFlow mse 25x larger at 1000.  The learnt MLP
-# after the sinusoids still resolves fine differences in t where the data needs them.
+# uses du/dt: on moons the 1-NFE energy distance grew with the scale and the raw MeanFlow loss
+# with it (EXPERIMENT_LOG.md, "Time-embedding scale").  The learnt
+# MLP after the sinusoids still resolves fine differences in t where the data needs them.
 TIME_SCALE = 1.0
 MAX_PERIOD = 10_000.0
 

@@ -57,6 +57,13 @@ def unusable_reason(device: torch.device) -> str | None:
     return None
 
 
+def refusal(device: torch.device) -> str | None:
+    """loss.jvp_kernels="triton" on `device`: why it cannot run and the fix, or None."""
+    if reason := unusable_reason(device):
+        return f"loss.jvp_kernels=triton cannot run: {reason}; use loss.jvp_kernels=torch"
+    return None
+
+
 # Per CUDA device ("cuda:0"): why the kernels failed their first launch there, or None.
 first_launches: dict[str, str | None] = {}
 
@@ -66,8 +73,8 @@ def resolve(kernels: str, device: torch.device) -> str:
     kernels can run, "torch" anywhere else (never the interpreter: it is for tests, and slow).
 
     Why "auto" prefers the kernels on CUDA: on a GPU (bf16, batch 128, paper U-Net, captured
-    steps) they took the MeanFlow/FM step ratio from 1.159 to 1.113 at ratio 0.25 and from 1.452
-    to 1.372 at ratio 1.0 (EXPERIMENT_LOG.md).  Because "auto" is the default, it
+    steps) they brought the MeanFlow step closer to a flow-matching step at every ratio measured
+    (EXPERIMENT_LOG.md, "H200: the Triton group-norm tangents").  Because "auto" is the default, it
     must not turn a machine where Triton is installed but cannot build or launch kernels into a
     failed run: the first use on each device launches them once on a tiny tensor and falls back
     to the PyTorch operations, with a warning, if that fails (first_launch_failure).

@@ -9,9 +9,9 @@ Dual's rows (zoo.models.dual), so a model's forward is written once for both.
 Three layer types need more than PyTorch's own forward-AD rules:
 
 * Group norm.  PyTorch's rule for `native_group_norm` is a chain of ~40 small kernels per call
-  (~40% of a U-Net's JVP time).  `GroupNorm` keeps the native kernels for the primal and the
-  backward pass and computes the tangent in closed form: two per-group reductions and two fused
-  multiply-adds.
+  (a large share of a U-Net's JVP time).  `GroupNorm` keeps the native kernels for the primal and
+  the backward pass and computes the tangent in closed form: two per-group reductions and two
+  fused multiply-adds.
 * Layer norm (DiT) has the same problem and the same cure: `LayerNorm`.
 * Attention.  The fused SDPA kernels (flash, memory-efficient, CPU flash) have no forward-AD
   rule at all, so plain models must fall back to math attention.  `attention` runs the primal
@@ -23,8 +23,8 @@ themselves differentiable (the JVP's ops are recorded by autograd when grad mode
 loss may use the primal output of a JVP ("primal reuse") and even back-propagate through the
 tangent and get exact gradients.  A caller that detaches the tangent anyway (every MeanFlow JVP
 mode) wraps the JVP in `detached_tangents()`: the tangents are then computed without recording,
-which halves a grad-recording JVP's activation memory (paper U-Net, batch 8, ratio 0.75:
-2.46 -> 1.00 GiB, EXPERIMENT_LOG.md).
+which brings a grad-recording JVP step's peak memory down to about a flow-matching step's
+(EXPERIMENT_LOG.md, "What-if: a JVP-friendly convolution").
 
 While torch.compile traces them, the layers run the native operations instead (it cannot trace
 a Function with a custom jvp; a compiled step takes no torch.func.jvp).
@@ -304,10 +304,10 @@ class _Conv2dFunction(torch.autograd.Function):
 
     PyTorch's forward-AD rule for convolution also computes conv(x, dW) + db, and under
     torch.func.jvp — which closes over the parameters — it materialises dW and db as zeros: a
-    third full convolution per layer that multiplies by zero (measured: JVP/forward of the paper
-    U-Net 2.93 -> 2.14 on CPU, EXPERIMENT_LOG.md).  zoo's JVPs are along (z, t, r) only, so the
-    parameters' tangents are always zero and are ignored here; do not use this layer for a JVP
-    with respect to the weights.
+    third full convolution per layer that multiplies by zero, a large share of the paper U-Net's
+    JVP time (EXPERIMENT_LOG.md, "Conv2d with a JVP that skips the zero weight tangent").  zoo's
+    JVPs are along (z, t, r) only, so the parameters' tangents are always zero and are ignored
+    here; do not use this layer for a JVP with respect to the weights.
     """
 
     @staticmethod
@@ -365,9 +365,8 @@ class Conv2d(nn.Conv2d):
             )
         weight, bias = self.weight, self.bias
         if torch.compiler.is_compiling():
-            return F.conv2d(
-                x, weight, bias, self.stride, self.padding, self.dilation, self.groups
-            )  # see GroupNorm
+            # See GroupNorm.
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         device = x.device.type
         if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
             # Autocast's cast (which leaves fp64 alone), done before the Function rather than

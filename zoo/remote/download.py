@@ -103,9 +103,8 @@ def download_checkpoint(
             expected = (store.read_text(sidecar.path).split() or ["(an empty sidecar)"])[0]
             if expected != digest:
                 raise DownloadError(f"{folder}/{name}: sha256 {digest} differs from the recorded {expected}")
-        from zoo.checkpoints import (
-            load_checkpoint,  # torch: only once a file has arrived (`zoo sync` lists without it)
-        )
+        # torch: only once a file has arrived (`zoo sync` lists without it).
+        from zoo.checkpoints import load_checkpoint
 
         try:
             payload = load_checkpoint(partial)

@@ -3,8 +3,8 @@
 What is compiled: `loss.evaluate` — the model's forward, MeanFlow's fused tangent and the loss.
 AOTAutograd derives the backward from it, so a micro-batch shape gets one forward graph and one
 backward graph, in which inductor fuses the element-wise chains (norms, activations, casts and
-the fused mode's tangent arithmetic, ~1700 small operations per step of the paper's U-Net,
-EXPERIMENT_LOG) into few kernels.  Data, `loss.draw` (the run's generator: the same stream as
+the fused mode's tangent arithmetic: the many small operations of a U-Net step,
+EXPERIMENT_LOG.md) into few kernels.  Data, `loss.draw` (the run's generator: the same stream as
 without compiling), gradient all-reduce, the optimiser and EMA stay eager, and the model is
 not wrapped, so checkpoints are those of an eager run.  Randomness inside the model (dropout)
 comes from inductor's own generator, not the eager one: a run with dropout > 0 is reproducible

@@ -5,7 +5,9 @@ Five settings decide it: `loss.jvp` (the mode), `loss.jvp_precision` (the island
 micro-batch's loss + backward replayed from a CUDA graph) and `train.compile` (the same compiled by
 torch.compile).  Not every combination runs.  This module holds each rule once, as data or as one
 function whose refusal says what is wrong and how to fix it; the trainer asks `plan_run` and
-`zoo bench-jvp` asks the same rules about the cases it times.
+`zoo bench-jvp` asks the same rules about the cases it times.  Its torch-free front is
+zoo.config.loading's `check_new_run_jvp` with the schema's TRAINING_JVP_MODES: they refuse the
+benchmark's modes for a new run before torch loads (`zoo modal submit`).
 
 Modes (zoo.losses.jvp has the algorithms and their cost in forward passes):
 - `fused`, the default: one forward over the whole batch, exactly flow matching's, also carries the
@@ -127,8 +129,8 @@ def check_tangent_kernels(cfg: ZooConfigBody, device: torch.device, mode: str) -
             f"loss.jvp_kernels=triton changes how loss.jvp=fused computes tangents, and this run uses "
             f"loss.jvp={mode}: drop loss.jvp_kernels=triton or use loss.jvp=fused"
         )
-    if reason := group_norm_tangent_kernel.unusable_reason(device):
-        raise ConfigError(f"loss.jvp_kernels=triton cannot run: {reason}; use loss.jvp_kernels=torch")
+    if message := group_norm_tangent_kernel.refusal(device):
+        raise ConfigError(message)
 
 
 def check_capture(

@@ -1,8 +1,8 @@
 """A micro-batch's loss and backward replayed from one CUDA graph (`train.cuda_graph = true`).
 
 Why: on a GPU, a step of a model the size of the paper's CIFAR-10 U-Net is bound by the host
-issuing kernels, not by the GPU (EXPERIMENT_LOG, "First GPU measurements": an FM step launches
-~3500 kernels, a fused MeanFlow step ~6400, and the GPU idles between them).  Replaying them
+issuing kernels, not by the GPU (EXPERIMENT_LOG.md, "First GPU measurements": a step launches
+thousands of kernels, and the GPU idles between them).  Replaying them
 from a graph costs the host one launch, so a step takes what its kernels take.
 
 What the graph holds: `loss.evaluate` on the micro-batch and its draws, under the run's

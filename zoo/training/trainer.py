@@ -517,15 +517,9 @@ def start_and_train(
         # What the schema cannot see (e.g. a resolution the network does not have, a train_size
         # larger than the dataset) surfaces while building; it is still the config's fault.
         raise ConfigError(f"the configuration cannot be built: {exc}") from None
+    loaded = None
     if resume:
-        loaded = file_stamp(run.last)
-        # RNG states must stay CPU byte tensors; load_state_dict moves weights to the device.
-        payload = load_checkpoint(run.last, map_location="cpu")
-        check_checkpoint_owner(run, payload["run_name"])
-        check_resume_config(payload["config"], cfg)
-        restore(state, payload)
-        check_steps_left(state, run)
-        jvp = plan_run(cfg, device, kept_mode=payload["jvp_mode"])
+        loaded, jvp = restore_from_last(state, run, device)
     if main and wants_features(cfg.eval, state.source):
         # Trained on first use (minutes): before the run folder exists, so a dataset without one,
         # or too small an eval.n_samples, stops the run before it starts.
@@ -540,36 +534,82 @@ def start_and_train(
     )
     # From here on the run folder is written: every refusal above has left it untouched.
     if main:
-        # Locked before the first write: from here on this process alone writes the run.
-        held.enter_context(writing_run(run, resume, restart))
-        if resume:
-            if file_stamp(run.last) != loaded:
-                raise RunError(
-                    f"{run.last} was replaced while this resume started (another process trained "
-                    f"run {cfg.run_name!r} meanwhile); resume again"
-                )
-            drop_metrics_after(run, state.step)
-        run.config.write_text(config_to_toml(cfg))
-        run.write_heartbeat(
-            status="running",
-            phase="train",
-            step=state.step,
-            loss=None,
-            error=None,
-            device=str(device),
-            jvp_mode=state.jvp_mode,
-            micro_batches=plan.micro_batches,
-            peak_memory_bytes=plan.peak_bytes,
-        )
+        open_run_folder(run, state, plan, held, restart, loaded)
     try:
-        with TrainProgress(console, cfg.train.steps, state.step, stops, enabled=main) as progress:
+        train_and_finish(state, run, tracker, console, command, stops)
+    finally:
+        with stops.held("closing the experiment tracker first"):
+            tracker.finish()
+    return run
+
+
+def restore_from_last(
+    state: TrainState, run: RunDir, device: torch.device
+) -> tuple[tuple[int, int], JvpPlan]:
+    """A resumed run's state from its last checkpoint, once the checkpoint is known to be this
+    run's and to fit its config: (the checkpoint's file stamp as read, the run's JVP plan)."""
+    loaded = file_stamp(run.last)
+    # RNG states must stay CPU byte tensors; load_state_dict moves weights to the device.
+    payload = load_checkpoint(run.last, map_location="cpu")
+    check_checkpoint_owner(run, payload["run_name"])
+    check_resume_config(payload["config"], state.cfg)
+    restore(state, payload)
+    check_steps_left(state, run)
+    return loaded, plan_run(state.cfg, device, kept_mode=payload["jvp_mode"])
+
+
+def open_run_folder(
+    run: RunDir,
+    state: TrainState,
+    plan: MicroBatchPlan,
+    held: contextlib.ExitStack,
+    restart: bool,
+    loaded: tuple[int, int] | None,
+) -> None:
+    """Lock the run folder (`held` keeps the lock), then write its config and first heartbeat.
+    loaded: the last checkpoint's file stamp as a resume read it (None for a new run); refused if
+    another process has replaced the checkpoint since."""
+    # Locked before the first write: from here on this process alone writes the run.
+    held.enter_context(writing_run(run, loaded is not None, restart))
+    if loaded is not None:
+        if file_stamp(run.last) != loaded:
+            raise RunError(
+                f"{run.last} was replaced while this resume started (another process trained "
+                f"run {state.cfg.run_name!r} meanwhile); resume again"
+            )
+        drop_metrics_after(run, state.step)
+    run.config.write_text(config_to_toml(state.cfg))
+    run.write_heartbeat(
+        status="running",
+        phase="train",
+        step=state.step,
+        loss=None,
+        error=None,
+        device=str(state.device),
+        jvp_mode=state.jvp_mode,
+        micro_batches=plan.micro_batches,
+        peak_memory_bytes=plan.peak_bytes,
+    )
+
+
+def train_and_finish(
+    state: TrainState,
+    run: RunDir,
+    tracker: Tracker,
+    console: Console,
+    command: str | None,
+    stops: StopSignals,
+) -> None:
+    """The training loop and the final evaluation; a stop or failure is recorded in the run folder."""
+    main = distributed.is_main()
+    try:
+        with TrainProgress(console, state.cfg.train.steps, state.step, stops, enabled=main) as progress:
             train_loop(state, run, tracker, progress, main, stops)
             stops.act_alone()
             final_report = run_evaluation(state, run, final=True, progress=progress) if main else None
         if main:
-            with stops.held(
-                FINISH_NOTICE
-            ):  # finished is finished: a late signal must not turn it into "interrupted"
+            # Finished is finished: a late signal must not turn it into "interrupted".
+            with stops.held(FINISH_NOTICE):
                 finish_run(state, run, tracker, final_report, command, console)
     except StopRequested as stop:
         message = stop_run(state, run, stop.signum) if main else "interrupted"
@@ -578,10 +618,6 @@ def start_and_train(
         if main:
             mark_failed(run, exc, state.step)
         raise
-    finally:
-        with stops.held("closing the experiment tracker first"):
-            tracker.finish()
-    return run
 
 
 def file_stamp(path: Path) -> tuple[int, int]:
