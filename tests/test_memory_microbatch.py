@@ -325,3 +325,15 @@ def test_the_refusal_names_the_whole_batch_of_all_processes() -> None:
         caught.value
     )
     assert "use train.batch_size=2032 or train.batch_size=2040 (4 micro-batches each)" in str(caught.value)
+
+
+def test_a_batch_the_memory_limit_refuses_is_a_usage_error_exit_2():
+    """The refusal names a batch size or limit to change: a user error (exit 2), unlike a run
+    that fails while training (exit 1)."""
+    import typer
+
+    from zoo_cli.errors import user_errors
+
+    with pytest.raises(typer.Exit) as caught, user_errors():
+        raise MemoryLimitError("batch 65537 splits only into micro-batches of 1: use 65520 or 65585")
+    assert caught.value.exit_code == 2

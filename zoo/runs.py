@@ -45,6 +45,11 @@ class DivergedError(RunError):
     """Training produced a non-finite loss, gradient or weight; stopped before saving it."""
 
 
+class MemoryLimitError(RunError):
+    """The configured batch cannot be trained within the memory limit: a config to change (batch
+    size, micro-batching or the limit), reported before any run folder exists."""
+
+
 class RunNotFoundError(RunError):
     """`--resume` names a run with no checkpoint: the command, not the run, must change."""
 

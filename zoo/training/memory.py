@@ -33,15 +33,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from zoo.runs import RunError
+from zoo.runs import MemoryLimitError
 from zoo.units import format_bytes
-
-
-class MemoryLimitError(RunError):
-    """The configured batch cannot be trained within the memory limit.
-
-    A RunError, so the CLI reports it as one line and a non-zero exit, before any run folder exists.
-    """
 
 
 @dataclass(frozen=True)
