@@ -172,3 +172,15 @@ def test_fashion_mnist_features_rank_real_images_above_noisy_ones(tmp_path):
     assert scores[1]["fd"].value > scores[0]["fd"].value + 5 * scores[1]["fd"].stderr
     assert scores[1]["kid"].value > scores[0]["kid"].value + 5 * scores[1]["kid"].stderr
     assert scores[1]["precision"].value < scores[0]["precision"].value - 5 * scores[1]["precision"].stderr
+
+
+def test_an_evaluation_never_starts_cifar10s_net_on_a_cpu(tmp_path, monkeypatch):
+    """Hours of CPU training must be asked for, not started by `zoo eval`: refused before any
+    data is read or any step is taken, naming the GPU command."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the CIFAR-10 net started training on the CPU")
+
+    monkeypatch.setattr(features, "build_feature_net", no_training)
+    with pytest.raises(MetricInputError, match="zoo features train cifar10 --device cuda"):
+        features.load_feature_net("cifar10", cache_dir=tmp_path, device="cpu")

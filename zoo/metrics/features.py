@@ -380,6 +380,19 @@ def build_feature_net(
     return net
 
 
+# Nets that take hours on a CPU: an evaluation never starts one there unasked.
+ACCELERATOR_NETS = {"cifar10"}
+
+
+def check_trainable_here(data: DataConfig, device: torch.device | str) -> None:
+    if data.name in ACCELERATOR_NETS and torch.device(device).type == "cpu":
+        raise MetricInputError(
+            f"{data.name}'s feature network ({config_for(data).epochs} epochs of a four-stage CNN) would "
+            f"train for hours on this CPU: build it on a GPU with `zoo features train {data.name} --device "
+            f"cuda --data-dir {data.root}` (or copy its cache files into {default_cache_dir()})"
+        )
+
+
 def load_feature_net(
     data: str | DataConfig,
     config: FeatureNetConfig | None = None,
@@ -404,6 +417,7 @@ def load_feature_net(
                 f"no feature network for {data.name} in {cache_dir}: build it with `zoo features train "
                 f"{data.name} --data-dir {data.root}`"
             )
+        check_trainable_here(data, device)
         net = build_feature_net(data, config, cache_dir=cache_dir, device=device, on_step=on_step)
     net.network.to(device)
     net.device = torch.device(device)
