@@ -65,6 +65,12 @@ def test_default_methods_skip_nfe_a_solver_cannot_take():
     )
 
 
+def test_method_labels_count_steps_in_words():
+    assert Method("heun", 1, 2).label == "Heun 1 step"
+    assert Method("euler", 8, 8).label == "Euler 8 steps"
+    assert Method("meanflow", 1, 1).label == "MeanFlow 1-step"
+
+
 def test_headline_method_follows_the_run_and_rounds_up_to_whole_solver_steps():
     cfg = load_config("moons", ['eval.solvers=["rk4", "euler"]', "eval.solver_nfe=[2, 8, 50]"])
     assert headline_method(cfg.eval, meanflow=True) == Method("meanflow", 1, 1)

@@ -66,7 +66,7 @@ class Method:
     def label(self) -> str:
         if self.kind == "meanflow":
             return f"MeanFlow {self.steps}-step"
-        return f"{self.kind.capitalize()} {self.steps} steps"
+        return f"{self.kind.capitalize()} {self.steps} step{'s' if self.steps != 1 else ''}"
 
 
 @dataclass

@@ -17,8 +17,11 @@ that sums or cancels runs in float64.
 - Precision and recall (Kynkaanniemi et al. 2019): a set's manifold is the union of balls around
   its points reaching each point's k-th nearest neighbour in the set.  Precision is the fraction
   of generated points inside the real manifold, recall the fraction of real points inside the
-  generated one.  Their s.e. is binomial, sqrt(p (1 - p) / n): the sampling noise of the points
-  tested, given the other set's manifold.
+  generated one.  Their s.e. counts the noise of both sets, the manifolds' included (a new sample
+  redraws them; a binomial s.e. given the manifold is too small): both sets are split at random
+  into 10 disjoint parts, precision and recall computed on each pair of parts, and s.e. =
+  sd(parts) / sqrt(10), their variance scaling as 1 / n (a delete-a-group jackknife, as FD's,
+  over-estimates it: the k-NN radii are not smooth in the data).
 """
 
 import math
@@ -38,6 +41,7 @@ MIN_SAMPLES = MIN_KID_SUBSETS * MIN_KID_SUBSET_SIZE
 KID_SUBSET_SIZE = 1000  # Binkowski et al.'s and clean-fid's subset size
 FD_JACKKNIFE_GROUPS = 20
 PR_NEIGHBOURS = 3  # Kynkaanniemi et al.'s k
+PR_PARTS = 10  # disjoint parts behind precision/recall's s.e.
 _ROWS_PER_BLOCK = 2048  # rows of a distance block: bounds memory at 10^4+ samples
 
 
@@ -108,6 +112,21 @@ def _leave_group_out_statistics(x: Tensor, groups: Tensor, count: int) -> list[t
     return [(centre + mu, cov) for mu, cov in statistics]
 
 
+def random_groups(n_real: int, n_fake: int, groups: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A random group (0 .. groups-1) for each real and each generated row, each group getting the
+    same share of each set: a random order cut round-robin."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randperm(n, generator=generator) % groups for n in (n_real, n_fake))
+
+
+def jackknife_stderr(replicates: Tensor) -> float:
+    """The delete-a-group jackknife s.e. from the G leave-one-group-out values:
+    s.e.^2 = (G - 1) / G * sum_g (value_(g) - mean)^2."""
+    count = len(replicates)
+    replicates = replicates.double()
+    return float(((count - 1) / count * (replicates - replicates.mean()).square().sum()).sqrt())
+
+
 def frechet_distance(
     real: Tensor, fake: Tensor, groups: int = FD_JACKKNIFE_GROUPS, seed: int = 0
 ) -> Estimate:
@@ -122,17 +141,14 @@ def frechet_distance(
             f"{len(fake)} generated"
         )
     value = gaussian_frechet_distance(*feature_statistics(real), *feature_statistics(fake))
-    generator = torch.Generator().manual_seed(seed)
-    # Each group gets the same share of each set: a random order cut round-robin.
-    real_groups, fake_groups = (torch.randperm(len(x), generator=generator) % groups for x in (real, fake))
+    real_groups, fake_groups = random_groups(len(real), len(fake), groups, seed)
     left_out = zip(
         _leave_group_out_statistics(real, real_groups, groups),
         _leave_group_out_statistics(fake, fake_groups, groups),
         strict=True,
     )
     replicates = torch.tensor([gaussian_frechet_distance(*r, *f) for r, f in left_out], dtype=torch.float64)
-    variance = (groups - 1) / groups * (replicates - replicates.mean()).square().sum()
-    return Estimate(value, float(variance.sqrt()), len(fake))
+    return Estimate(value, jackknife_stderr(replicates), len(fake))
 
 
 def _polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
@@ -198,26 +214,41 @@ def inside_manifold(points: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
     return inside
 
 
+def precision_recall_values(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+    """Precision and recall of one pair of sets, without standard errors."""
+    precision = inside_manifold(fake, real, knn_radii(real, k))
+    recall = inside_manifold(real, fake, knn_radii(fake, k))
+    return float(precision.double().mean()), float(recall.double().mean())
+
+
+def precision_recall(
+    real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS, parts: int = PR_PARTS, seed: int = 0
+) -> tuple[Estimate, Estimate]:
+    """Kynkaanniemi et al.'s precision (generated points in the real k-NN manifold) and recall
+    (real points in the generated manifold) of the whole sets; their s.e. is sd / sqrt(parts) of
+    the values on `parts` disjoint random parts of both sets (manifolds rebuilt in each)."""
+    real, fake = _check_pair(real, fake)
+    if min(len(real), len(fake)) < parts * (k + 1):
+        raise MetricInputError(
+            f"precision/recall with k={k} over {parts} disjoint parts needs at least {parts * (k + 1)} "
+            f"samples on each side, got {len(real)} real and {len(fake)} generated"
+        )
+    # float32 distances: they are only compared with radii, never summed, and it halves the time.
+    real, fake = real.float(), fake.float()
+    precision, recall = precision_recall_values(real, fake, k)
+    real_parts, fake_parts = random_groups(len(real), len(fake), parts, seed)
+    values = torch.tensor(
+        [precision_recall_values(real[real_parts == i], fake[fake_parts == i], k) for i in range(parts)],
+        dtype=torch.float64,
+    )
+    stderr = values.std(0) / math.sqrt(parts)
+    return Estimate(precision, float(stderr[0]), len(fake)), Estimate(recall, float(stderr[1]), len(real))
+
+
 def _binomial(indicators: Tensor) -> Estimate:
     n = len(indicators)
     p = float(indicators.double().mean())
     return Estimate(p, math.sqrt(p * (1 - p) / n), n)
-
-
-def precision_recall(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS) -> tuple[Estimate, Estimate]:
-    """Kynkaanniemi et al.'s precision (generated points in the real k-NN manifold) and recall
-    (real points in the generated manifold), with binomial standard errors."""
-    real, fake = _check_pair(real, fake)
-    if min(len(real), len(fake)) <= k:
-        raise MetricInputError(
-            f"precision/recall with k={k} needs more than {k} samples on each side, got {len(real)} real and "
-            f"{len(fake)} generated"
-        )
-    # float32 distances: they are only compared with radii, never summed, and it halves the time.
-    real, fake = real.float(), fake.float()
-    precision = inside_manifold(fake, real, knn_radii(real, k))
-    recall = inside_manifold(real, fake, knn_radii(fake, k))
-    return _binomial(precision), _binomial(recall)
 
 
 def score_features(real: Tensor, fake: Tensor, seed: int = 0) -> dict[str, Estimate]:
@@ -225,7 +256,7 @@ def score_features(real: Tensor, fake: Tensor, seed: int = 0) -> dict[str, Estim
     a MetricInputError naming the minimum if either side has fewer than `required_samples(d)`."""
     real, fake = _check_pair(real, fake)
     check_sample_count(len(real), len(fake), real.shape[1])
-    precision, recall = precision_recall(real, fake)
+    precision, recall = precision_recall(real, fake, seed=seed)
     return {
         "fd": frechet_distance(real, fake, seed=seed),
         "kid": kernel_distance(real, fake, seed=seed),
