@@ -9,6 +9,7 @@ import torch
 from scipy.linalg import sqrtm
 
 from zoo.errors import MetricInputError
+from zoo.metrics import feature_metrics
 from zoo.metrics.feature_metrics import (
     MIN_SAMPLES,
     Estimate,
@@ -21,7 +22,6 @@ from zoo.metrics.feature_metrics import (
     precision_recall_values,
     random_groups,
     score_features,
-    unbiased_mmd2,
 )
 from zoo_cli.errors import USAGE_ERRORS
 
@@ -66,49 +66,102 @@ def test_fd_stderr_matches_the_spread_of_independent_draws():
     assert 0.7 < stderr / spread < 1.5
 
 
-def test_unbiased_mmd2_matches_a_pairwise_sum():
+def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def direct_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 from the full kernel matrices, their diagonals (i = j) left out within a set."""
+    n, m = len(x), len(y)
+    k_xx, k_yy = polynomial_kernel(x, x), polynomial_kernel(y, y)
+    within_x = (k_xx.sum() - np.trace(k_xx)) / (n * (n - 1))
+    within_y = (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within_x + within_y - 2 * polynomial_kernel(x, y).mean())
+
+
+def test_kid_is_the_unbiased_mmd2_of_a_pairwise_sum():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64)
     y = torch.randn(7, 3, generator=g, dtype=torch.float64) + 0.5
 
     def k(a, b):
         return (float(a @ b) / 3 + 1) ** 3
 
-    m = len(x)
-    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in itertools.permutations(range(m), 2))
-    across = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
-    truth = within / (m * (m - 1)) - 2 * across / m**2
-    assert unbiased_mmd2(x, y) == pytest.approx(truth, rel=1e-12)
+    n, m = len(x), len(y)
+    within_x = sum(k(x[i], x[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+    within_y = sum(k(y[i], y[j]) for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+    across = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    assert kernel_distance(x, y, groups=3).value == pytest.approx(within_x + within_y - 2 * across, rel=1e-12)
+
+
+def test_kid_and_its_jackknife_match_a_direct_recomputation(monkeypatch):
+    """The value is the unbiased MMD^2 of the whole sets; the s.e. the delete-a-group jackknife of
+    that MMD^2 recomputed from scratch without each group, blocks of 37 rows or the default."""
+    g = torch.Generator().manual_seed(11)
+    real, fake = torch.randn(130, 5, generator=g), 1.2 * torch.randn(110, 5, generator=g) + 0.3
+    x, y = real.double().numpy(), fake.double().numpy()
+    real_groups, fake_groups = (part.numpy() for part in random_groups(130, 110, 20, 3))
+    replicates = np.array(
+        [direct_mmd2(x[real_groups != i], y[fake_groups != i]) for i in range(20)], dtype=np.float64
+    )
+    truth_stderr = np.sqrt(19 / 20 * ((replicates - replicates.mean()) ** 2).sum())
+    estimate = kernel_distance(real, fake, seed=3)
+    monkeypatch.setattr(feature_metrics, "_ROWS_PER_BLOCK", 37)
+    blocked = kernel_distance(real, fake, seed=3)
+    for kid in (estimate, blocked):
+        assert kid.value == pytest.approx(direct_mmd2(x, y), rel=1e-10)
+        assert kid.stderr == pytest.approx(truth_stderr, rel=1e-8)
+        assert kid.n == 110
+
+
+def kid_draws(shift: float, seed: int) -> list[Estimate]:
+    """KID of 200 independent pairs of 200 8-D standard Gaussians, the second set's mean shifted
+    by `shift` along every axis."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        kernel_distance(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + shift)
+        for _ in range(200)
+    ]
 
 
 def test_kid_of_one_distribution_is_zero_within_its_stderr():
     g = torch.Generator().manual_seed(3)
     real, fake = torch.randn(4000, 16, generator=g).relu(), torch.randn(4000, 16, generator=g).relu()
     kid = kernel_distance(real, fake)
-    assert kid.n == 4000  # 4 disjoint subsets of 1000
+    assert kid.n == 4000
     assert abs(kid.value) < 3 * kid.stderr
     shifted = kernel_distance(real, fake + 0.1)
     assert shifted.value > 5 * shifted.stderr
 
 
-def test_kid_is_unbiased_in_expectation_and_its_stderr_is_calibrated():
+def test_kid_is_unbiased_in_expectation_and_its_stderr_conservative_there():
     """Over 200 draws of small samples from one distribution the mean KID is 0 within its s.e.
-    (a plug-in MMD^2 keeping the diagonal would be clearly positive), and the reported s.e.
-    matches the spread of the draws."""
-    g = torch.Generator().manual_seed(4)
-    draws = [
-        kernel_distance(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g))
-        for _ in range(200)
-    ]
+    (a plug-in MMD^2 keeping the diagonal would be clearly positive).  There MMD^2 is a degenerate
+    U-statistic and the jackknife about doubles its variance: s.e. 1.4x the spread of the draws."""
+    draws = kid_draws(0.0, 4)
     values = np.array([e.value for e in draws])
     assert abs(values.mean()) < 3 * values.std(ddof=1) / np.sqrt(len(values))
-    assert 0.7 < np.mean([e.stderr for e in draws]) / values.std(ddof=1) < 1.4
+    assert 1.1 < np.mean([e.stderr for e in draws]) / values.std(ddof=1) < 1.7
 
 
-def test_kid_refuses_subsets_that_do_not_fit():
-    x = torch.randn(300, 4)
-    with pytest.raises(MetricInputError, match="KID needs 3 disjoint subsets of 200"):
-        kernel_distance(x, x, subsets=3, subset_size=200)
+def test_kid_stderr_matches_the_spread_of_independent_draws():
+    """Gaussians with different means: the mean reported s.e. against the standard deviation of KID
+    over 200 independent draws, and each draw's s.e. steady (a jackknife over 20 groups; the s.e.
+    of 4 disjoint subsets varied by 44 % from draw to draw here)."""
+    draws = kid_draws(0.3, 5)
+    values = np.array([e.value for e in draws])
+    stderrs = np.array([e.stderr for e in draws])
+    assert values.mean() > 20 * values.std(ddof=1) / np.sqrt(len(values))  # clearly not equal
+    assert 0.8 < stderrs.mean() / values.std(ddof=1) < 1.25
+    assert stderrs.std(ddof=1) / stderrs.mean() < 0.3
+
+
+def test_kid_refuses_too_few_samples_for_its_jackknife():
+    x = torch.randn(30, 4)
+    with pytest.raises(
+        MetricInputError, match="KID's jackknife needs at least 40 samples on each side, got 30"
+    ):
+        kernel_distance(x, torch.randn(300, 4))
 
 
 def test_knn_radii_match_a_sorted_distance_matrix():
@@ -150,6 +203,22 @@ def test_precision_counts_the_generated_points_inside_the_real_manifold():
     assert precision.n == 400
     _, recall = precision_recall(real, fake_on_real)
     assert recall.value == 1.0 and recall.n == 400
+
+
+def test_precision_recall_of_overlapping_gaussians_match_a_brute_force_count(monkeypatch):
+    """Two overlapping Gaussians (shifted mean, narrower spread): precision and recall strictly
+    between 0 and 1, each exactly the fraction a cdist count with 3rd-neighbour radii gives,
+    whether the distances are computed in blocks of 97 rows or in one."""
+    g = torch.Generator().manual_seed(12)
+    real = torch.randn(600, 4, generator=g)
+    fake = 0.8 * torch.randn(500, 4, generator=g) + torch.tensor([2.0, 0.0, -0.4, 0.0])
+    truth = brute_force_precision_recall(real.double(), fake.double(), k=3)
+    assert 0.2 < truth[0] < 0.9 and 0.2 < truth[1] < 0.9
+    whole = precision_recall(real, fake, k=3)
+    monkeypatch.setattr(feature_metrics, "_ROWS_PER_BLOCK", 97)
+    blocked = precision_recall(real, fake, k=3)
+    for precision, recall in (whole, blocked):
+        assert (precision.value, recall.value) == pytest.approx(truth, abs=1e-12)
 
 
 def test_precision_recall_stderr_is_the_spread_over_disjoint_parts():
