@@ -2,12 +2,14 @@
 deterministic training, the cache and its refusals, the accuracy floor, `zoo features train`, and
 features that rank real Fashion-MNIST above corrupted copies."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from typer.testing import CliRunner
 
 from zoo.config.schema import DataConfig
@@ -78,7 +80,7 @@ def test_training_is_deterministic_and_the_accuracy_is_the_nets(digits_cache):
 def test_a_cached_net_is_loaded_not_retrained(digits_cache):
     steps = []
     net = load_feature_net(DIGITS, TINY, cache_dir=digits_cache, on_step=lambda *a: steps.append(a))
-    record = json.loads(cache_paths(DIGITS, digits_cache)[1].read_text())
+    record = json.loads(cache_paths(DIGITS, TINY, digits_cache)[1].read_text())
     assert steps == [] and net.sha256 == record["sha256"] and record["config"]["epochs"] == TINY.epochs
 
 
@@ -90,7 +92,7 @@ def copy_cache(source: Path, target: Path) -> Path:
 
 def test_damaged_incomplete_or_foreign_caches_are_refused(digits_cache, tmp_path):
     cache = copy_cache(digits_cache, tmp_path)
-    weights, record = cache_paths(DIGITS, cache)
+    weights, record = cache_paths(DIGITS, TINY, cache)
     payload = bytearray(weights.read_bytes())
     payload[len(payload) // 2] ^= 0xFF
     weights.write_bytes(bytes(payload))
@@ -116,6 +118,45 @@ def test_damaged_incomplete_or_foreign_caches_are_refused(digits_cache, tmp_path
     weights.unlink()
     with pytest.raises(MetricInputError, match="no feature network for digits .*zoo features train digits"):
         load_feature_net(DIGITS, TINY, cache_dir=cache, train_if_missing=False)
+
+
+def class_folders(root: Path, classes: list[str]) -> DataConfig:
+    """An `imagenet` class-folder dataset under root: two 20x20 images per class and split."""
+    for split in ("train", "val"):
+        for k, name in enumerate(classes):
+            for i in range(2):
+                path = root / "imagenet" / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (20, 20), (40 * k, 10 * i, 0)).save(path)
+    return DataConfig(name="imagenet", root=str(root), image_size=16)
+
+
+def test_class_folders_of_one_name_and_size_but_other_classes_get_their_own_net(tmp_path):
+    """Two `imagenet` folders at 16 px, both with two classes, named differently: two cache files,
+    and one folder's net (copied to the other's name) is refused for the other."""
+    first = class_folders(tmp_path / "a", ["n01", "n02"])
+    second = class_folders(tmp_path / "b", ["n01", "n03"])
+    same_classes = class_folders(tmp_path / "c", ["n01", "n02"])
+    configs = [features.config_for(data) for data in (first, second, same_classes)]
+    cache = tmp_path / "cache"
+    paths = [
+        cache_paths(data, config, cache)
+        for data, config in zip((first, second, same_classes), configs, strict=True)
+    ]
+    assert configs[0].class_folders != configs[1].class_folders
+    assert paths[0] != paths[1] and paths[0][0].name.startswith("imagenet-16px-")
+    assert paths[0] == paths[2]  # the key is the classes, not where the folder lies
+
+    network = features.FeatureCNN((3, 16, 16), 2, configs[0])
+    digest = hashlib.sha256(features.weights_bytes(network)).hexdigest()
+    features.save_feature_net(
+        features.FeatureNet("imagenet", network, configs[0], 1.0, digest, 0.0), first, cache
+    )
+    assert load_feature_net(first, configs[0], cache_dir=cache, train_if_missing=False).sha256 == digest
+    for source, target in zip(paths[0], paths[1], strict=True):
+        target.write_bytes(source.read_bytes())
+    with pytest.raises(MetricInputError, match="was trained on other class folders"):
+        load_feature_net(second, configs[1], cache_dir=cache, train_if_missing=False)
 
 
 def test_a_net_below_its_floor_is_refused_and_not_cached(tmp_path):

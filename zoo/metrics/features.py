@@ -58,6 +58,10 @@ class FeatureNetConfig:
     train_size: int | None = None  # the first N training images; None: all
     seed: int = 0
     min_accuracy: float = 0.0  # the floor on test accuracy
+    # Class-folder datasets: the sha256 of their class names, number of classes and image shape
+    # (class_folders_id), so that another folder of the same name and size gets a net of its own.
+    # "" for zoo's named datasets, whose classes are fixed.
+    class_folders: str = ""
 
     def to_dict(self) -> dict:
         return {**asdict(self), "widths": list(self.widths)}
@@ -73,15 +77,30 @@ FEATURE_NET_CONFIGS: dict[str, FeatureNetConfig] = {
 }
 
 
+def class_folders_id(source: BatchSource) -> str:
+    """The sha256 of a labelled source's class names, number of classes and image shape."""
+    identity = {
+        "classes": list(source.class_names),
+        "num_classes": source.num_classes,
+        "data_shape": list(source.data_shape),
+    }
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
 def config_for(data: DataConfig) -> FeatureNetConfig:
     """The config of data.name's net; a class-folder dataset zoo has no tuned config for gets a
-    four-stage net and a floor of five times chance (at most 50 %)."""
+    four-stage net, a floor of five times chance (at most 50 %) and its classes' identity."""
     if data.name in FEATURE_NET_CONFIGS:
         return FEATURE_NET_CONFIGS[data.name]
     check_dataset(data.name)
-    classes = build_data(feature_data_config(data, FeatureNetConfig()), "cpu", 0, 1).num_classes
+    source = build_data(feature_data_config(data, FeatureNetConfig()), "cpu", 0, 1)
     return FeatureNetConfig(
-        widths=(64, 128, 256, 256), convs=2, hidden=0, shift=4, min_accuracy=min(0.5, 5.0 / classes)
+        widths=(64, 128, 256, 256),
+        convs=2,
+        hidden=0,
+        shift=4,
+        min_accuracy=min(0.5, 5.0 / source.num_classes),
+        class_folders=class_folders_id(source),
     )
 
 
@@ -287,9 +306,12 @@ def default_cache_dir() -> Path:
     return zoo_cache_dir() / "feature-nets"
 
 
-def cache_paths(data: DataConfig, cache_dir: Path) -> tuple[Path, Path]:
-    """The weights (.pt) and the record (.json: config, sha256, accuracy) of data.name's net."""
+def cache_paths(data: DataConfig, config: FeatureNetConfig, cache_dir: Path) -> tuple[Path, Path]:
+    """The weights (.pt) and the record (.json: config, sha256, accuracy) of data.name's net: named
+    by the dataset, its image size and, for class folders, the identity of their classes."""
     stem = data.name if data.image_size is None else f"{data.name}-{data.image_size}px"
+    if config.class_folders:
+        stem += f"-{config.class_folders[:12]}"
     return cache_dir / f"{stem}.pt", cache_dir / f"{stem}.json"
 
 
@@ -300,7 +322,7 @@ def rebuild_hint(data: DataConfig) -> str:
 def save_feature_net(net: FeatureNet, data: DataConfig, cache_dir: Path) -> None:
     """Weights first, then the record naming their hash: a cut-off save leaves no record, or one
     whose hash the weights do not match, never a record of other weights."""
-    weights_path, record_path = cache_paths(data, cache_dir)
+    weights_path, record_path = cache_paths(data, net.config, cache_dir)
     atomic_write_bytes(weights_path, weights_bytes(net.network))
     record = {
         "dataset": net.dataset,
@@ -326,7 +348,7 @@ def check_floor(net: FeatureNet, data: DataConfig) -> None:
 def read_cached(data: DataConfig, config: FeatureNetConfig, cache_dir: Path) -> FeatureNet | None:
     """The cached net of `data` for `config`; None when there is none; a MetricInputError when
     the cache holds one that is damaged, from another config or below the floor."""
-    weights_path, record_path = cache_paths(data, cache_dir)
+    weights_path, record_path = cache_paths(data, config, cache_dir)
     if not weights_path.exists() and not record_path.exists():
         return None
 
@@ -341,6 +363,10 @@ def read_cached(data: DataConfig, config: FeatureNetConfig, cache_dir: Path) -> 
         digest, data_shape, num_classes = record["sha256"], tuple(record["data_shape"]), record["num_classes"]
     except (ValueError, KeyError, TypeError) as exc:
         raise refuse(f"has an unreadable record {record_path.name} ({exc})") from None
+    if recorded.class_folders != config.class_folders:
+        raise refuse(
+            "was trained on other class folders (other class names, number of classes or image shape)"
+        )
     if recorded != config:
         changed = ", ".join(k for k, v in config.to_dict().items() if recorded.to_dict().get(k) != v)
         raise refuse(f"was trained with another config (differs in {changed})")
