@@ -128,6 +128,21 @@ def test_floor_row_is_the_score_of_the_training_split_against_the_held_out_split
     assert evaluated[1]["noise_floor"] == floor
 
 
+def test_the_floor_row_has_the_class_fidelity_of_the_held_out_images(feature_cache, digits_run, evaluated):
+    """What real images score, beside the samples' class fidelity: the feature net's accuracy on
+    the held-out images the samples are compared with (all 297 test digits: its test accuracy)."""
+    cfg = load_model(digits_run / "last.pt", torch.device("cpu")).cfg
+    held_out, labels = build_data(cfg.data, "cpu", cfg.seed, batch_size=HELD_OUT).held_out_labeled(HELD_OUT)
+    net = digits_net(feature_cache)
+    accuracy = (net.logits(held_out).argmax(1) == labels).double().mean().item()
+    floor = evaluated[0]["noise_floor"]["class_fidelity"]
+    assert floor["value"] == pytest.approx(accuracy, abs=1e-12) == net.test_accuracy
+    assert floor["n"] == HELD_OUT and floor["stderr"] == pytest.approx(
+        math.sqrt(accuracy * (1 - accuracy) / HELD_OUT)
+    )
+    assert evaluated[1]["noise_floor"]["class_fidelity"] == floor
+
+
 def test_quality_vs_nfe_plots_fd_with_one_line_per_sampler_family(evaluated):
     """MeanFlow (1, 2 steps) and Euler (2 NFE): two lines, in matplotlib's first two colours."""
     drawn = [coloured_pixels(evaluated[0]["quality_png"], colour) for colour in LINE_COLOURS[:3]]

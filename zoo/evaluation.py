@@ -3,7 +3,8 @@
 2-D data is scored by exact energy distance to held-out data.  Images are scored in the feature
 space of a classifier zoo trains per dataset (zoo.metrics.features): Fréchet distance, KID,
 precision and recall (zoo.metrics.feature_metrics), each with its standard error and n, plus
-class fidelity and per-class FD for class-conditional models; energy distance in pixel space
+class fidelity (the floor row's: the classifier's accuracy on the held-out images) and per-class
+FD for class-conditional models; energy distance in pixel space
 stays as a column.  Every method starts from the same noise (common random numbers):
 differences between rows are then differences between samplers, not between noise draws.  The
 data-vs-data row (training samples against held-out samples) is the floor no model can be
@@ -81,7 +82,8 @@ class EvalRow:
     # Feature-space metrics of image data: "fd", "kid", "precision", "recall".
     scores: dict[str, Estimate] = field(default_factory=dict)
     # Class-conditional models: the feature classifier's accuracy on samples generated for class
-    # y, and FD per class (class name -> FD against that class's held-out images).
+    # y (on the floor row: on the held-out images, what real images score), and FD per class
+    # (class name -> FD against that class's held-out images).
     class_fidelity: Estimate | None = None
     per_class_fd: dict[str, Estimate] = field(default_factory=dict)
     fid: float | None = None  # set on the row of the method FID was computed for
@@ -518,6 +520,11 @@ class FeatureReference:
         row.per_class_fd = {self.class_names[k]: estimate for k, estimate in by_index.items()}
         return None
 
+    def real_fidelity(self, images: Tensor) -> Estimate:
+        """The class fidelity real images score: the feature net's accuracy on the held-out images
+        (`images`, whose features these are) against their labels."""
+        return class_fidelity(in_batches(self.net.logits, images, self.batch_size), self.labels)
+
 
 HELD_OUT_FLIP_SEED, REFERENCE_FLIP_SEED = 1, 2  # fixed: every evaluation sees the same flips
 
@@ -598,6 +605,8 @@ def evaluate(
         report.noise_floor = EvalRow("data vs data", "data", 0, 0, floor.value, floor.stderr)
         if reference is not None:
             reference.score(report.noise_floor, real, None)
+            if labels is not None and reference.labels is not None:  # beside the samples' fidelity
+                report.noise_floor.class_fidelity = reference.real_fidelity(held_out)
         on_progress()
     if progress is not None:
         progress.remove_task(task)
