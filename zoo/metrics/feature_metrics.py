@@ -14,7 +14,7 @@ that sums or cancels runs in float64.
   over 20 random groups of both sets, as FD's, from the kernel sums between each pair of groups
   (one pass over the pairs).  Unbiased: its mean is 0 for equal distributions, so small negative
   values are expected there; there MMD^2 is a degenerate U-statistic, whose variance the
-  jackknife about doubles (s.e. about 1.4x too large); elsewhere it matches the spread of
+  jackknife about doubles (s.e. 1.4-1.5x too large); elsewhere it matches the spread of
   independent draws.
 - Precision and recall (Kynkaanniemi et al. 2019): a set's manifold is the union of balls around
   its points reaching each point's k-th nearest neighbour in the set.  Precision is the fraction
