@@ -331,8 +331,11 @@ class RunLock:
     LockProbe).
 
     On a filesystem without locks the run goes unlocked, and one line on stderr says so.  A remote
-    run on the Modal Volume (which has no locks across containers) is kept to one writer by its
-    submission record instead (zoo.remote.submission, zoo.remote.worker): no line there.
+    run on the Modal Volume (no locks across containers) is kept to one writer by its submission
+    record instead, so no line is said there: a new name is refused if the Volume has it, `--resume`
+    is refused while the heartbeat is live and otherwise cancels the previous call and waits out
+    its shutdown grace before the new container starts (zoo.remote.submission), and an attempt
+    refuses a run whose record names another submission (zoo.remote.worker).
     """
 
     def __init__(self, run: RunDir) -> None:
