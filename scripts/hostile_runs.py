@@ -380,6 +380,150 @@ class Hostile:
             outcomes.append((fine, f"rc {rc} within {took:.1f} s" + ("" if fine else f": {last_line(err)}")))
         return all(ok for ok, _ in outcomes), ", ".join(text for _, text in outcomes)
 
+    def kill_in_phase(self, phase: str) -> None:
+        name, started = f"kill-{phase.replace(' ', '-')}", time.time()
+        rc, _ = self.finish(self.train(name, "--steps", str(STEPS), fault=(phase, 3)))
+        run = self.out / "outputs" / name
+        if rc != KILLED:
+            self.record(
+                f"kill-{phase}", False, f"the fault did not fire (rc {rc})", seconds=time.time() - started
+            )
+            return
+        from zoo.checkpoints import load_checkpoint
+
+        before = time.monotonic()
+        step = load_checkpoint(run / "last.pt")["step"]
+        waited = time.monotonic() - before
+        expected = 10 if phase in ("writing", "written") else 15
+        if step != expected or waited > 5:
+            self.record(
+                f"kill-{phase}", False, f"last.pt at step {step} (expected {expected}), load {waited:.1f} s"
+            )
+            return
+        self.resume_and_compare(f"kill-{phase}", name, started)
+
+    def signal_mid_run(self, sig: signal.Signals) -> None:
+        name, started = f"signal-{sig.name}", time.time()
+        run = self.out / "outputs" / name
+        process = self.train(name, "--steps", str(STEPS))
+        self.wait_for_step(run, self.rng.randint(3, STEPS - 5), process)
+        process.send_signal(sig)
+        rc, err = self.finish(process)
+        beat = self.heartbeat(run)
+        said = "resume with `zoo train moons --run-name" in " ".join(err.split())
+        if (
+            rc != 128 + sig
+            or beat["status"] != "interrupted"
+            or beat.get("checkpoint_step") != beat["step"]
+            or not said
+        ):
+            detail = f"rc {rc}, heartbeat {beat['status']} at {beat['step']}: {last_line(err)}"
+            self.record(sig.name, False, detail, seconds=time.time() - started)
+            return
+        self.resume_and_compare(sig.name, name, started)
+
+    def disk_full(self) -> None:
+        name, started = "disk-full", time.time()
+        run = self.out / "outputs" / name
+        rc, err = self.finish(self.train(name, "--steps", str(STEPS), fault=("enospc", 3)))
+        from zoo.checkpoints import load_checkpoint
+
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        beat = self.heartbeat(run)
+        leftovers = list(run.glob(".*.tmp-*"))
+        ok = (
+            rc == 1
+            and len(errors) == 1
+            and "No space left on device" in errors[0]
+            and "Traceback" not in err
+            and beat["status"] == "failed"
+            and "No space left" in beat.get("error", "")
+            and not leftovers
+            and load_checkpoint(run / "last.pt")["step"] == 10
+        )
+        if not ok:
+            self.record("disk-full", False, f"rc {rc}, {errors}, heartbeat {beat.get('status')}, {leftovers}")
+            return
+        self.resume_and_compare("disk-full", name, started)
+
+    def diverge(self) -> None:
+        name, started = "diverge", time.time()
+        run = self.out / "outputs" / name
+        rc, err = self.finish(self.train(name, "--steps", str(STEPS), fault=("diverge", 12)))
+        from zoo.checkpoints import load_checkpoint
+
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        beat = self.heartbeat(run)
+        payload = load_checkpoint(run / "last.pt")
+        intact = payload["step"] == 10 and all(
+            t.isfinite().all() for t in [*payload["model"].values(), *payload["ema"].values()]
+        )
+        ok = rc == 1 and len(errors) == 1 and "diverged at step 13" in errors[0] and "Traceback" not in err
+        ok = ok and beat["status"] == "failed" and intact
+        self.record("diverge", ok, errors[0] if errors else last_line(err), seconds=time.time() - started)
+
+    def corrupt(self) -> None:
+        import shutil
+
+        source = self.out / "outputs" / "reference"
+        cases = {
+            "corrupt-flip-no-sidecar": self.flip_without_sidecar,
+            "corrupt-heartbeat": lambda run: (run / "heartbeat.json").write_bytes(b"[1, 2]"),
+            "corrupt-empty-heartbeat": lambda run: (run / "heartbeat.json").write_bytes(b""),
+            "corrupt-eval-json": lambda run: (run / "eval.json").write_bytes(b"\x00garbage"),
+            "corrupt-metrics-utf8": lambda run: (run / "metrics.jsonl").open("ab").write(b"\xff\xfe\n"),
+        }
+        for kind, damage in cases.items():
+            started = time.time()
+            # A copy under its own outputs folder, not another name: a run resumes only from its own
+            # checkpoints (zoo.runs.check_checkpoint_owner).
+            outputs = self.out / kind / "outputs"
+            run = outputs / "reference"
+            shutil.copytree(source, run)
+            damage(run)
+            outcomes = []
+            for args in (
+                ["ckpts", "--local", "--outputs", str(outputs)],
+                ["clean", "reference", "--outputs", str(outputs), "--yes", "--live-window", "1s"],
+                ["train", "moons", f"output_dir={outputs}", "--run-name", "reference", "--resume"]
+                + ["--steps", str(STEPS + 2), "--threads", "1"],
+            ):
+                rc, err = self.finish(self.zoo(args))
+                errors = [line for line in err.splitlines() if line.startswith("error:")]
+                outcomes.append((args[0], rc, "Traceback" in err, errors))
+            tracebacks = [o for o in outcomes if o[2]]
+            resume = outcomes[2]
+            if kind == "corrupt-flip-no-sidecar":
+                resume_ok = resume[1] == 1 and len(resume[3]) == 1 and "damaged" in resume[3][0]
+            else:
+                resume_ok = resume[1] == 0
+            ok = not tracebacks and outcomes[0][1] == 0 and outcomes[1][1] == 0 and resume_ok
+            detail = str([(o[0], o[1], *o[3][:1]) for o in outcomes])
+            self.record(kind, ok, detail, seconds=time.time() - started)
+
+    def flip_without_sidecar(self, run: Path) -> None:
+        data = bytearray((run / "last.pt").read_bytes())
+        data[len(data) // 2] ^= 0x10
+        (run / "last.pt").write_bytes(bytes(data))
+        (run / "last.pt.sha256").unlink()
+
+    def env_output_dir(self) -> None:
+        name, started = "env-output", time.time()
+        alt = str(self.out / "alt")
+        env = {"ZOO_OUTPUT_DIR": alt}
+        process = self.train(name, "--steps", str(STEPS), env=env)
+        self.wait_for_step(Path(alt) / name, 12, process)
+        process.send_signal(signal.SIGKILL)
+        self.finish(process)
+        rc, err = self.finish(self.train(name, "--resume", "--steps", str(STEPS), env=env))
+        if rc != 0:
+            self.record(
+                "env-output-dir", False, f"resume rc {rc}: {last_line(err)}", seconds=time.time() - started
+            )
+            return
+        diff = self.difference(Path(alt) / name)
+        self.record("env-output-dir", diff == 0.0, "resumed with ZOO_OUTPUT_DIR", diff, time.time() - started)
+
 
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
