@@ -402,8 +402,8 @@ class Hostile:
             return
         self.resume_and_compare(f"kill-{phase}", name, started)
 
-    def signal_mid_run(self, sig: signal.Signals) -> None:
-        name, started = f"signal-{sig.name}", time.time()
+    def signal_mid_run(self, sig: signal.Signals, index: int) -> None:
+        name, started = f"signal-{sig.name}-{index}", time.time()
         run = self.out / "outputs" / name
         process = self.train(name, "--steps", str(STEPS))
         self.wait_for_step(run, self.rng.randint(3, STEPS - 5), process)
@@ -573,8 +573,8 @@ def main() -> None:
             hostile.kill_random(index)
     for index in range(args.repeats):
         if "signals" in groups:
-            hostile.signal_mid_run(signal.SIGTERM)
-            hostile.signal_mid_run(signal.SIGHUP)
+            hostile.signal_mid_run(signal.SIGTERM, index)
+            hostile.signal_mid_run(signal.SIGHUP, index)
         if "concurrent" in groups:
             hostile.concurrent(index)
     if "phases" in groups:
