@@ -4,7 +4,9 @@ Every attempt trains tiny moons runs through the real CLI in subprocesses and th
 a user would: the run resumes, its final state equals an uninterrupted run's (max |difference|
 over every tensor of the final last.pt), errors are one line, nothing half-written is left.
 
-    kill-random      SIGKILL at a random instant, then --resume
+    kill-random      SIGKILL at a random instant (during start-up, building or training), then
+                     `zoo ckpts` must list a run whose heartbeat says running as dead, and the run
+                     resumes (--resume; --restart or a plain start when it had saved nothing)
     kill-<phase>     os._exit inside one phase of a checkpoint write (writing, written, renamed,
                      checksum written, done), then --resume
     SIGTERM, SIGHUP  mid-run: exit 128+signal, heartbeat "interrupted", then --resume
@@ -15,11 +17,17 @@ over every tensor of the final last.pt), errors are one line, nothing half-writt
     diverge          an inf gradient at step 13: stops before that update and any save, one line,
                      the last good checkpoint (step 10) intact
     env-output-dir   a run started and resumed with ZOO_OUTPUT_DIR set, killed in between
+    concurrent       two `zoo train --run-name X` started together (their build slowed by 5 s, as
+                     a feature network's training would): exactly one trains, the other exits 2
+                     with one line before the first has finished building; then a third start and
+                     a --resume together, while the first holds the run: both exit 2 with one line;
+                     the first's final state equals the reference
 
 The faults inside a write are injected by running the CLI through this script's `child` mode,
 which wraps os.fsync/os.replace/open for the run's last.pt before calling zoo.
 
-    python scripts/hostile_runs.py --repeats 2 --out hostile   (writes hostile/results.json, log.txt)
+    python scripts/hostile_runs.py --repeats 2 --kills 8 --out hostile
+    (writes hostile/results.json and hostile/log.txt)
 """
 
 import argparse
@@ -55,6 +63,10 @@ TINY = [
 ]
 PHASES = ("writing", "written", "renamed", "checksum written", "done")
 KILLED = 137
+# The concurrent scenario's build delay, and how long a refused start may take on top of it
+# before the refusal counts as late (a loaded machine starts a Python process with torch slowly).
+BUILD_DELAY_S = 5
+STARTUP_ALLOWANCE_S = 20
 
 
 # ----------------------------------------------------------------------------- the child mode
@@ -110,6 +122,21 @@ def install_fault(fault: str, at_save: int) -> None:
         builtins.open = open_
     if fault == "diverge":
         poison_gradient_after(at_save)
+    if fault == "slow-build":
+        slow_build(at_save)
+
+
+def slow_build(seconds: int) -> None:
+    """Building the run's state takes `seconds` longer, as training a feature network would."""
+    from zoo.training import trainer
+
+    real = trainer.build_state
+
+    def build_state(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    trainer.build_state = build_state
 
 
 def poison_gradient_after(step: int) -> None:
@@ -217,14 +244,16 @@ class Hostile:
             for k in got
         )
 
-    def resume_and_compare(self, kind: str, name: str, started: float, outputs: str | None = None, env=None):
+    def resume_and_compare(
+        self, kind: str, name: str, started: float, outputs: str | None = None, env=None, note: str = ""
+    ):
         rc, err = self.finish(self.train(name, "--resume", "--steps", str(STEPS), env=env, outputs=outputs))
         run = Path(outputs or self.out / "outputs") / name
         if rc != 0:
             self.record(kind, False, f"resume rc {rc}: {last_line(err)}", seconds=time.time() - started)
             return
         diff = self.difference(run)
-        self.record(kind, diff == 0.0, "resumed", diff, time.time() - started)
+        self.record(kind, diff == 0.0, f"resumed {note}".strip(), diff, time.time() - started)
 
     def heartbeat(self, run: Path) -> dict:
         return json.loads((run / "heartbeat.json").read_text())
@@ -252,18 +281,104 @@ class Hostile:
 
     def kill_random(self, index: int) -> None:
         name, started = f"kill-random-{index}", time.time()
+        run = self.out / "outputs" / name
         process = self.train(name, "--steps", str(STEPS))
-        self.wait_for_step(self.out / "outputs" / name, self.rng.randint(1, STEPS - 5), process)
-        time.sleep(self.rng.uniform(0, 0.5))
+        if self.rng.random() < 0.25:  # during start-up or building: the lock held, no folder yet
+            time.sleep(self.rng.uniform(0, 8))
+        else:
+            self.wait_for_step(run, self.rng.randint(1, STEPS - 5), process)
+            time.sleep(self.rng.uniform(0, 0.5))
         process.send_signal(signal.SIGKILL)
         self.finish(process)
-        run = self.out / "outputs" / name
-        if not (run / "last.pt").exists():  # killed before the first checkpoint: restart it
-            rc, err = self.finish(self.train(name, "--restart", "--steps", str(STEPS)))
-            ok = rc == 0 and self.difference(run) == 0.0
-            self.record("kill-random", ok, "no checkpoint yet: --restart", None, time.time() - started)
+        when = (
+            f"killed at step {self.heartbeat(run).get('step')}" if (run / "heartbeat.json").exists() else ""
+        )
+        listed = self.listed_state(name)
+        if (run / "heartbeat.json").exists() and self.heartbeat(run).get("status") == "running":
+            if listed != "dead":
+                self.record("kill-random", False, f"{when}: zoo ckpts says {listed}, not dead")
+                return
+        if not (run / "last.pt").exists():  # killed before the first checkpoint: start it again
+            again = ["--restart"] if run.exists() else []
+            rc, err = self.finish(self.train(name, *again, "--steps", str(STEPS)))
+            diff = self.difference(run) if rc == 0 else None
+            how = f"{when or 'killed before the folder existed'}: {again or 'a plain start'}"
+            self.record("kill-random", diff == 0.0, f"{how}, rc {rc}", diff, time.time() - started)
             return
-        self.resume_and_compare("kill-random", name, started)
+        self.resume_and_compare("kill-random", name, started, note=f"{when}, ckpts said {listed}")
+
+    def listed_state(self, name: str, outputs: Path | None = None) -> str | None:
+        """The state `zoo ckpts` gives the run."""
+        folder = outputs or self.out / "outputs"
+        rc, out = self.finish_out(self.zoo(["ckpts", "--local", "--outputs", str(folder), "--json"]))
+        if rc != 0:
+            return f"rc {rc}"
+        return next((info["state"] for info in json.loads(out) if info["run"] == name), None)
+
+    def finish_out(self, process, timeout: float = 600) -> tuple[int, str]:
+        out, _ = process.communicate(timeout=timeout)
+        return process.returncode, out
+
+    def concurrent(self, index: int) -> None:
+        """Two starts of one run at once, then a third and a --resume while the winner trains."""
+        name, started = f"concurrent-{index}", time.time()
+        run = self.out / "outputs" / name
+        slow = ("slow-build", BUILD_DELAY_S)
+        first, second = (self.train(name, "--steps", str(STEPS), fault=slow) for _ in range(2))
+        both = {first: "first", second: "second"}
+        # Time each exit, and when the winner has finished building (its first heartbeat).
+        ended: dict = {}
+        built_at = None
+        while len(ended) < 2:
+            for process in both:
+                if process not in ended and process.poll() is not None:
+                    ended[process] = time.monotonic()
+                    if len(ended) == 1 and process.returncode != 0:
+                        # While the winner holds the run: a third start and a --resume are refused.
+                        late = self.refused_at_once(name, slow)
+                    elif len(ended) == 1:
+                        late = (False, f"a start ended first with rc {process.returncode}")
+            if built_at is None and (run / "heartbeat.json").exists():
+                built_at = time.monotonic()
+            time.sleep(0.02)
+        results = {process: self.finish(process) for process in both}
+        winners = [p for p, (rc, _) in results.items() if rc == 0]
+        losers = [p for p, (rc, _) in results.items() if rc != 0]
+        if len(winners) != 1 or len(losers) != 1:
+            rcs = [rc for rc, _ in results.values()]
+            self.record("concurrent", False, f"exit codes {rcs}", seconds=time.time() - started)
+            return
+        [loser] = losers
+        rc, err = results[loser]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        one_line = rc == 2 and len(errors) == 1 and "is being trained by process" in errors[0]
+        one_line = one_line and "Traceback" not in err
+        early = built_at is not None and ended[loser] < built_at
+        diff = self.difference(run)
+        ok = one_line and early and late[0] and diff == 0.0
+        detail = (
+            f"refused the {both[loser]} start (rc {rc}, {len(errors)} error line(s)) "
+            f"{built_at - ended[loser] if built_at else float('nan'):.1f} s before the winner had built; "
+            f"then a start and a --resume: {late[1]}"
+        )
+        self.record("concurrent", ok, detail, diff, time.time() - started)
+
+    def refused_at_once(self, name: str, slow) -> tuple[bool, str]:
+        """A fresh start and a --resume of a run another process holds, started together: each
+        exits 2 with one line, sooner than its own (slowed) build could have ended."""
+        began = time.monotonic()
+        processes = [
+            self.train(name, *extra, "--steps", str(STEPS), fault=slow) for extra in ([], ["--resume"])
+        ]
+        outcomes = []
+        for process in processes:
+            rc, err = self.finish(process)
+            took = time.monotonic() - began
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            fine = rc == 2 and len(errors) == 1 and "is being trained by process" in errors[0]
+            fine = fine and took < BUILD_DELAY_S + STARTUP_ALLOWANCE_S
+            outcomes.append((fine, f"rc {rc} within {took:.1f} s" + ("" if fine else f": {last_line(err)}")))
+        return all(ok for ok, _ in outcomes), ", ".join(text for _, text in outcomes)
 
     def kill_in_phase(self, phase: str) -> None:
         name, started = f"kill-{phase.replace(' ', '-')}", time.time()
@@ -287,8 +402,8 @@ class Hostile:
             return
         self.resume_and_compare(f"kill-{phase}", name, started)
 
-    def signal_mid_run(self, sig: signal.Signals) -> None:
-        name, started = f"signal-{sig.name}", time.time()
+    def signal_mid_run(self, sig: signal.Signals, index: int) -> None:
+        name, started = f"signal-{sig.name}-{index}", time.time()
         run = self.out / "outputs" / name
         process = self.train(name, "--steps", str(STEPS))
         self.wait_for_step(run, self.rng.randint(3, STEPS - 5), process)
@@ -365,7 +480,6 @@ class Hostile:
             outputs = self.out / kind / "outputs"
             run = outputs / "reference"
             shutil.copytree(source, run)
-            (run / ".writer.lock").unlink(missing_ok=True)
             damage(run)
             outcomes = []
             for args in (
@@ -424,30 +538,45 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--repeats", type=int, default=1, help="random kills and signals, each this many times"
+        "--repeats", type=int, default=1, help="signals and concurrent starts, each this many times"
     )
+    parser.add_argument("--kills", type=int, default=4, help="SIGKILLs at random instants")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("hostile-runs"))
     parser.add_argument(
-        "--only", nargs="*", help="scenario groups: kill-random phases signals disk corrupt diverge env"
+        "--only",
+        nargs="*",
+        help="scenario groups: kill-random phases signals disk corrupt diverge env concurrent",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if any(args.out.joinpath("outputs").glob("*")):
         raise SystemExit(f"{args.out}/outputs is not empty: give a new --out")
     hostile = Hostile(args.out.resolve(), args.seed)
-    groups = args.only or ["kill-random", "phases", "signals", "disk", "corrupt", "diverge", "env"]
+    groups = args.only or [
+        "kill-random",
+        "phases",
+        "signals",
+        "disk",
+        "corrupt",
+        "diverge",
+        "env",
+        "concurrent",
+    ]
     hostile.say(
         f"hostile runs: {groups}, repeats {args.repeats}, seed {args.seed}, {STEPS} steps, out {args.out}"
     )
     started = time.time()
     hostile.make_reference()
-    for index in range(args.repeats):
-        if "kill-random" in groups:
+    if "kill-random" in groups:
+        for index in range(args.kills):
             hostile.kill_random(index)
+    for index in range(args.repeats):
         if "signals" in groups:
-            hostile.signal_mid_run(signal.SIGTERM)
-            hostile.signal_mid_run(signal.SIGHUP)
+            hostile.signal_mid_run(signal.SIGTERM, index)
+            hostile.signal_mid_run(signal.SIGHUP, index)
+        if "concurrent" in groups:
+            hostile.concurrent(index)
     if "phases" in groups:
         for phase in PHASES:
             hostile.kill_in_phase(phase)
@@ -470,8 +599,9 @@ def main() -> None:
     }
     (args.out / "results.json").write_text(json.dumps({"summary": summary, "attempts": results}, indent=2))
     hostile.say(
-        f"attempts {summary['attempts']}, passed {summary['passed']}; resume equality over "
-        f"{len(diffs)} kill/stop+resume runs: max |diff| {summary['max_abs_diff_over_resumes']}; "
+        f"attempts {summary['attempts']}, passed {summary['passed']}; final state vs the uninterrupted "
+        f"run over {len(diffs)} runs (kill/stop + resume, concurrent winner): "
+        f"max |diff| {summary['max_abs_diff_over_resumes']}; "
         f"{summary['seconds']:.0f} s"
     )
 

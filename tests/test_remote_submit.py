@@ -15,6 +15,7 @@ pytest.importorskip("modal", reason="submitting needs the 'remote' extra (pip in
 from test_remote_fixtures import write_run  # noqa: E402
 
 from zoo.remote import credentials, modal_app  # noqa: E402
+from zoo.remote import submission as submission_module  # noqa: E402
 from zoo.remote.status import CallState  # noqa: E402
 from zoo.remote.store import LocalDirStore  # noqa: E402
 from zoo_cli.main import app as zoo_app  # noqa: E402
@@ -49,7 +50,17 @@ def fake_modal(tmp_path, monkeypatch):
     monkeypatch.setattr(modal_app, "ModalVolumeStore", lambda name: LocalDirStore(volume, label="remote"))
     monkeypatch.setattr(modal_app, "spawn", spawn)
     monkeypatch.setattr(modal_app, "cancel", cancelled.append)
+
+    def wait_for_cancelled_container():
+        # What the store holds while the cancelled container may still write: the old record.
+        records = list((volume / "remote").glob("*/submission.json"))
+        waited.append((list(cancelled), [json.loads(r.read_text())["call_id"] for r in records]))
+
+    monkeypatch.setattr(submission_module, "wait_for_cancelled_container", wait_for_cancelled_container)
     return volume, spawned
+
+
+waited: list[tuple[list[str], list[str]]] = []
 
 
 cancelled: list[str] = []
@@ -58,6 +69,7 @@ cancelled: list[str] = []
 @pytest.fixture(autouse=True)
 def no_cancels_yet():
     cancelled.clear()
+    waited.clear()
 
 
 def submission(volume, run):
@@ -195,6 +207,10 @@ def test_resuming_a_run_whose_call_may_still_run_cancels_that_call_first(fake_mo
     resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m4"])
     assert resumed.exit_code == 0, resumed.output
     assert cancelled == (["fc-1"] if cancels else []) and len(spawned) == 2
+    # A cancelled call's container is given time to end before the new record and container:
+    # the wait comes after the cancel, while the store still names the old call.
+    assert waited == ([(["fc-1"], ["fc-1"])] if cancels else [])
+    assert ("waiting 40 s for its container to stop writing" in " ".join(resumed.output.split())) == cancels
 
 
 def test_status_when_modal_cannot_be_asked_about_a_call(fake_modal, monkeypatch):

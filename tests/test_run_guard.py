@@ -3,6 +3,7 @@
 One small run is trained once per module; each test works on its own copy of it.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -17,9 +18,11 @@ from test_crash_safety import DiskFull
 from tiny_runs import TINY_RUN
 from typer.testing import CliRunner
 
+from zoo import runs as run_files
 from zoo.checkpoints import load_checkpoint, save_checkpoint
 from zoo.config.loading import load_config
-from zoo.runs import DivergedError, RunDir, RunLock
+from zoo.environment import SUBMISSION_ENV
+from zoo.runs import DivergedError, RunBusyError, RunDir, RunLock, lock_path
 from zoo.training import trainer
 from zoo_cli.main import app
 
@@ -66,7 +69,7 @@ def test_a_locked_run_refuses_a_second_writer_and_is_left_alone_by_clean(run):
     with RunLock(run):
         for extra in ([], ["--resume", "--steps", "30"]):
             result = zoo("train", "moons", *common, *extra)
-            assert result.exit_code == 1, result.output
+            assert result.exit_code == 2, result.output
             [line] = error_lines(result.output)
             assert f"being trained by process {os.getpid()}" in line
         result = clean(run)
@@ -91,6 +94,109 @@ def test_a_locked_run_on_the_volume_layout_is_left_alone_by_clean(trained, tmp_p
         )
         assert run.archive(10).exists()
     assert zoo(*remote).exit_code == 0 and not run.archive(10).exists() and run.archive(20).exists()
+
+
+class Enough(Exception):
+    """Ends the first start once the second has been tried (training it would prove nothing more)."""
+
+
+def test_a_second_start_is_refused_before_it_builds_anything_and_writes_nothing(tmp_path, monkeypatch):
+    """The first start holds the run's lock from its first check: a second start of the run, while
+    the first is still building (data, model, feature network: minutes on a real run), is refused
+    at once, and neither the refusal nor the first start's build has written the run folder."""
+    args = [*TINY_RUN, "tracking.enabled=false", "threads=1", "run_name=c", f"output_dir={tmp_path}"]
+    builds, refusals = [], []
+
+    def build_state(cfg, *rest, **kwargs):
+        builds.append(cfg.run_name)
+        if len(builds) == 1:  # the first start is building: start the run twice more
+            common = [*TINY_RUN, *QUIET, f"output_dir={tmp_path}", "--run-name", "c", "--steps", "2"]
+            refusals.append(zoo("train", "moons", *common))
+            with pytest.raises(RunBusyError) as error:  # past the CLI's check, as in a race
+                trainer.train_run(load_config("moons", [*args, "train.steps=2"]))
+            refusals.append(str(error.value))
+            assert sorted(p.name for p in tmp_path.iterdir()) == [".c.lock"]
+        raise Enough
+
+    monkeypatch.setattr(trainer, "build_state", build_state)
+    with pytest.raises(Enough):
+        trainer.train_run(load_config("moons", [*args, "train.steps=2"]))
+    cli, direct = refusals
+    assert cli.exit_code == 2, cli.output
+    [line] = error_lines(cli.output)
+    assert f"run 'c' is being trained by process {os.getpid()}" in line
+    assert f"being trained by process {os.getpid()}" in direct
+    assert builds == ["c"]  # only the start that holds the lock built anything
+    # Its lock went with it, and its failed start wrote nothing.
+    assert not any(tmp_path.iterdir())
+
+
+def test_without_file_locks_a_run_goes_unlocked_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_files.fcntl, "flock", no_locks)
+    run = RunDir(tmp_path / "outputs" / "u")
+    with RunLock(run):
+        pass
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ")
+    assert "has no file locks" in err and "second process" in err and "'u'" in err
+    assert not (tmp_path / "outputs").exists(), "the folders made for the lock file are removed"
+    # A remote attempt says nothing: there its submission record keeps the run to one writer.
+    monkeypatch.setenv(SUBMISSION_ENV, "0123abcd")
+    with RunLock(run):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def killed_holder(run: RunDir) -> int:
+    """A process that took the run's lock and wrote a running heartbeat, then was SIGKILLed."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from zoo.runs import RunDir, RunLock\n"
+        "run = RunDir(Path(sys.argv[1]))\n"
+        "lock = RunLock(run).__enter__()\n"
+        "run.write_heartbeat(status='running', step=20, loss=0.5)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(run.root)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert process.stdout.readline() == "ready\n"
+    process.kill()
+    process.wait()
+    return process.pid
+
+
+def test_a_killed_run_is_listed_dead_not_running_and_clean_may_go_ahead(run):
+    pid = killed_holder(run)
+    assert lock_path(run).exists(), "SIGKILL leaves the lock file, held by nobody"
+
+    def listed() -> dict:
+        result = zoo("ckpts", "--local", "--outputs", run.root.parent, "--json")
+        assert result.exit_code == 0, result.output
+        [info] = json.loads(result.output)  # the lock file beside the run is no run
+        return info
+
+    info = listed()
+    assert info["state"] == "dead" and f"process {pid} is gone" in info["detail"], info
+    assert "--resume" in info["detail"]
+    # Even if its process id now named a live process (reused), nobody holds the lock: dead.
+    beat = json.loads(run.heartbeat.read_text())
+    run.heartbeat.write_text(json.dumps({**beat, "pid": os.getpid()}))
+    assert listed()["state"] == "dead"
+    with RunLock(run):  # a live holder: running, and left alone by clean
+        assert listed()["state"] == "running"
+        assert "being trained by process" in zoo("clean", "r", "--outputs", run.root.parent, "--yes").output
+    lock_path(run).touch()  # as a killed holder leaves it
+    # The heartbeat is seconds old and the files just written, yet nothing writes the run.
+    result = zoo("clean", "r", "--outputs", run.root.parent, "--yes")
+    assert result.exit_code == 0 and not run.archive(10).exists(), result.output
+    assert run.archive(20).exists() and run.last.exists()
 
 
 def dead_pid() -> int:
@@ -261,7 +367,7 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_with_one_flag(tmp_pa
     assert refused.exit_code == 1 and "pass --restart to start it afresh" in refused.output
     with RunLock(RunDir(folder)):
         busy = zoo("train", "moons", *common, "--restart")
-        assert busy.exit_code == 1 and "being trained by process" in busy.output
+        assert busy.exit_code == 2 and "being trained by process" in busy.output
     result = zoo("train", "moons", *common, "--restart")
     assert result.exit_code == 0, result.output
     assert load_checkpoint(folder / "last.pt")["step"] == 5

@@ -6,9 +6,12 @@
     metrics.jsonl         one JSON object per logged step (train/..., eval/...)
     heartbeat.json        status, step, last loss, last checkpoint, updated time
     eval.json             the last evaluation table
-    .writer.lock          locked by the one process training the run (see RunLock)
     samples/              sample grids / scatter plots
     loss.png              the training loss curve (refreshed at every checkpoint)
+
+Beside the folder, `<output_dir>/.<run_name>.lock` is locked by the one process training the run
+(see RunLock): taken before the folder is first written, so that it can refuse a second start
+without writing anything into the folder.
 
 Small text files are written atomically (temporary file, then rename) so a reader — `zoo ckpts`,
 `zoo sync`, a crash — never sees half of one.
@@ -23,8 +26,8 @@ import re
 import shlex
 import shutil
 import socket
+import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,10 @@ HEARTBEAT_STATUSES = ("running", "finished", "failed", "interrupted")
 
 class RunError(RuntimeError):
     """A run folder that cannot be used as asked (collision, missing run to resume, ...)."""
+
+
+class RunBusyError(RunError):
+    """Another process is training the run: the request conflicts with it (the user's to change)."""
 
 
 class DivergedError(RunError):
@@ -216,8 +223,8 @@ class RunDir:
         return [path for path in (self.last,) if path.exists()] + [p for _, p in self.archived_checkpoints()]
 
     def has_content(self) -> bool:
-        """Whether the folder holds anything but its lock."""
-        return self.root.is_dir() and any(child.name != LOCK_NAME for child in self.root.iterdir())
+        """Whether the folder holds anything."""
+        return self.root.is_dir() and any(self.root.iterdir())
 
 
 def json_object(data: bytes | str) -> dict[str, Any] | None:
@@ -230,9 +237,14 @@ def json_object(data: bytes | str) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-LOCK_NAME = ".writer.lock"
-# How long acquiring the lock retries: a reader's probe (writer_of) holds it for microseconds.
+# How long acquiring the lock retries: a reader's probe (probe_lock) holds it for microseconds.
 LOCK_RETRY_S = 0.5
+
+
+def lock_path(run: RunDir) -> Path:
+    """The run's lock file: beside its folder (a run name never starts with '.', so no run folder
+    and no other run's lock has this name), so that taking it writes nothing into the folder."""
+    return run.root.parent / f".{run.name}.lock"
 
 
 def process_alive(pid: int) -> bool:
@@ -246,24 +258,57 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def writer_of(folder: Path) -> dict[str, Any] | None:
-    """The process training the run in `folder`, {"pid", "host", "started"} as it wrote them, when
-    one holds the folder's lock; None when none does (the lock dies with its process)."""
+@dataclass(frozen=True)
+class LockProbe:
+    """What a run's lock says: `holder`, {"pid", "host", "started"} as the process training the run
+    wrote them, while one holds it; `abandoned`, a lock file that no process holds (its holder was
+    killed before it could remove it: the lock died with it).  Neither: no lock file, or a
+    filesystem without locks, where nothing can be told from it."""
+
+    holder: dict[str, Any] | None = None
+    abandoned: bool = False
+
+
+def probe_lock(folder: Path) -> LockProbe:
+    """The lock of the run in `folder` (see LockProbe)."""
     try:
-        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(lock_path(RunDir(folder)), os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return LockProbe()
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return json_object(os.read(fd, 4096)) or {}
-        except OSError:  # a filesystem without locks: nothing can be told from it
-            return None
+            return LockProbe(holder=json_object(os.read(fd, 4096)) or {})
+        except OSError:  # a filesystem without locks
+            return LockProbe()
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        return LockProbe(abandoned=True)
     finally:
         os.close(fd)
+
+
+def writer_of(folder: Path) -> dict[str, Any] | None:
+    """The process training the run in `folder` (LockProbe.holder); None when none holds its lock."""
+    return probe_lock(folder).holder
+
+
+def writer_gone(folder: Path, heartbeat: dict[str, Any] | None) -> str | None:
+    """Why the process a "running" heartbeat names has certainly ended without saying so (killed:
+    SIGKILL, out of memory, a power cut), or None when it may live.  Told only on this machine:
+    a lock on a shared filesystem may be this machine's alone, and a process id another's."""
+    if heartbeat is None or heartbeat.get("status") != "running":
+        return None
+    if heartbeat.get("host") != socket.gethostname():
+        return None
+    probe = probe_lock(folder)
+    if probe.holder is not None:
+        return None
+    pid = heartbeat.get("pid")
+    known_pid = isinstance(pid, int) and not isinstance(pid, bool)
+    if probe.abandoned or (known_pid and not process_alive(pid)):
+        return f"process {pid} is gone without a final heartbeat (killed: SIGKILL, out of memory?)"
+    return None
 
 
 def writer_text(holder: dict[str, Any]) -> str:
@@ -271,33 +316,69 @@ def writer_text(holder: dict[str, Any]) -> str:
     return f"process {pid} on {holder.get('host', 'this machine')}"
 
 
+NO_LOCKS_WARNING = (
+    "warning: {where} has no file locks, so zoo cannot stop a second process from training run "
+    "{run!r} at the same time; start each run once"
+)
+
+
 class RunLock:
-    """Held by the one process that trains a run, from before it first writes the run folder until
-    it exits: a second `zoo train` or `--resume` of the run is refused, and `zoo clean` leaves the
-    run alone.  An flock: the kernel releases it when the process ends, however it ends (SIGKILL
-    included), so a lock is never stale.  On a filesystem without locks the run goes unlocked."""
+    """Held by the one process that trains a run, from before it checks the run folder until it
+    exits: a second `zoo train` or `--resume` of the run is refused at once (RunBusyError), before
+    it builds anything, and `zoo clean` leaves the run alone.  An flock on `lock_path(run)`: the
+    kernel releases it when the process ends, however it ends (SIGKILL included), so a lock is never
+    stale; a clean exit also removes the file, a killed process leaves it (abandoned, see
+    LockProbe).
+
+    On a filesystem without locks the run goes unlocked, and one line on stderr says so.  A remote
+    run on the Modal Volume (no locks across containers) is kept to one writer by its submission
+    record instead, so no line is said there: a new name is refused if the Volume has it, `--resume`
+    is refused while the heartbeat is live and otherwise cancels the previous call and waits out
+    its shutdown grace before the new container starts (zoo.remote.submission), and an attempt
+    refuses a run whose record names another submission (zoo.remote.worker).
+    """
 
     def __init__(self, run: RunDir) -> None:
         self.run = run
+        self.path = lock_path(run)
         self.fd: int | None = None
+        # The folders created to hold the lock file, innermost first: removed on exit if still
+        # empty, so that a start refused later leaves no trace.
+        self.created: list[Path] = []
 
     def __enter__(self) -> "RunLock":
-        self.run.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        folder = self.path.parent.absolute()
+        while not folder.exists():
+            self.created.append(folder)
+            folder = folder.parent
         deadline = time.monotonic() + LOCK_RETRY_S
         while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # another start removed the empty folder meanwhile
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() < deadline:
+                    os.close(fd)
                     time.sleep(0.05)
                     continue
                 holder = json_object(os.read(fd, 4096)) or {}
                 os.close(fd)
-                raise RunError(busy_message(self.run, holder)) from None
+                self.remove_created_folders()
+                raise RunBusyError(busy_message(self.run, holder)) from None
             except OSError:
-                break  # no locks on this filesystem
+                os.close(fd)
+                self.path.unlink(missing_ok=True)  # a file that locks nothing
+                if not os.environ.get(SUBMISSION_ENV):
+                    print(NO_LOCKS_WARNING.format(where=self.path.parent, run=self.run.name), file=sys.stderr)
+                return self
+            if same_file(fd, self.path):
+                break
+            # Its previous holder removed the file between our open and our lock: lock the new one.
+            os.close(fd)
         os.ftruncate(fd, 0)
         os.write(
             fd,
@@ -308,8 +389,28 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
+            # Removed while still held: whoever opened it meanwhile sees it is gone once it locks.
+            self.path.unlink(missing_ok=True)
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
+        self.remove_created_folders()
+
+    def remove_created_folders(self) -> None:
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run was written, or another run's lock is there)
+                break
+        self.created.clear()
+
+
+def same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def busy_message(run: RunDir, holder: dict[str, Any]) -> str:
@@ -321,24 +422,20 @@ def busy_message(run: RunDir, holder: dict[str, Any]) -> str:
     )
 
 
-@contextlib.contextmanager
-def writing_run(run: RunDir, resume: bool, restart: bool = False) -> Iterator[None]:
-    """The run folder, locked for this process; a new run's folder empty (`restart`: emptied)."""
-    with RunLock(run):
-        if not resume and run.has_content():
-            if not restart:
-                # Created by another process since check_run looked.
-                raise RunError(
-                    f"run {run.name!r} was created at {run.root} meanwhile; choose another --run-name"
-                )
-            check_restartable(run)
-            for child in run.root.iterdir():
-                if child.name != LOCK_NAME:
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-        yield
+def prepare_run_folder(run: RunDir, resume: bool, restart: bool = False) -> None:
+    """Create the run folder to write (the caller holds its RunLock); a new run's folder must be
+    empty (`restart`: it is emptied)."""
+    if not resume and run.has_content():
+        if not restart:
+            # Created by a process that could not take the lock (a filesystem without locks).
+            raise RunError(f"run {run.name!r} was created at {run.root} meanwhile; choose another --run-name")
+        check_restartable(run)
+        for child in run.root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    run.root.mkdir(parents=True, exist_ok=True)
 
 
 def check_restartable(run: RunDir) -> None:
@@ -355,20 +452,35 @@ def default_run_name(preset: str | None) -> str:
     return f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_run(output_dir: str | Path, run_name: str, resume: bool, restart: bool = False) -> RunDir:
+def check_run(
+    output_dir: str | Path,
+    run_name: str,
+    resume: bool,
+    restart: bool = False,
+    lock: contextlib.ExitStack | None = None,
+    rank0: bool = True,
+) -> RunDir:
     """The folder of a new run, or of the run to resume; never another run's folder, nor one that
     another process is training.  `restart`: a folder without checkpoints (a run stopped before its
     first save) may be started afresh.
 
-    Only checks: the caller creates the folder once everything that can fail on bad input has
-    been built, so a refused start writes nothing.
+    `lock`: take the run's RunLock into it first (the process that will train the run), so that
+    a second start is refused here, not after minutes of building.  Without it the check only
+    asks whether a process holds the lock.  `rank0` False: another process of a distributed run,
+    which leaves the lock to rank 0.
+
+    The folder itself is not created: the caller creates it once everything that can fail on bad
+    input has been built, so a refused start writes nothing into it.
     """
     check_writable_dir(output_dir, "output_dir")
     run = RunDir(Path(output_dir) / run_name)
     check_writable_dir(run.root, "--run-name")
-    holder = writer_of(run.root)
-    if holder is not None:
-        raise RunError(busy_message(run, holder))
+    if lock is not None and rank0:
+        lock.enter_context(RunLock(run))
+    elif rank0:
+        holder = writer_of(run.root)
+        if holder is not None:
+            raise RunBusyError(busy_message(run, holder))
     empty_run = run.has_content() and not run.checkpoint_files()
     if resume:
         if not run.last.exists():

@@ -21,7 +21,7 @@ from zoo.errors import (
     NonFiniteCheckpointError,
     OutputPathError,
 )
-from zoo.runs import MemoryLimitError, RunError, RunNotFoundError
+from zoo.runs import MemoryLimitError, RunBusyError, RunError, RunNotFoundError
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
@@ -31,6 +31,7 @@ USAGE_ERRORS: tuple[type[Exception], ...] = (
     NonFiniteCheckpointError,  # before RUNTIME_ERRORS' CheckpointError: pick another checkpoint
     OutputPathError,
     RunNotFoundError,
+    RunBusyError,  # the request conflicts with the process training the run: wait, or stop it
     MemoryLimitError,  # a batch or limit to change
     FidUnsupportedError,
     MetricInputError,

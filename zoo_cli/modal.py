@@ -20,6 +20,7 @@ from zoo.remote.layout import REGISTRY, check_run_name
 from zoo.remote.listing import RunInfo, list_store_runs
 from zoo.remote.status import CallState, format_duration, parse_duration
 from zoo.remote.submission import (
+    CANCELLED_CONTAINER_GRACE_S,
     SubmitError,
     check_gpu_split,
     check_retries,
@@ -137,7 +138,8 @@ def submit(
     if submission.cancel_call is not None:
         # Said before the launch: a start that then fails must not hide that the call was cancelled.
         console.print(
-            f"cancelling the previous call {submission.cancel_call} of {run_name} (it had not ended)"
+            f"cancelling the previous call {submission.cancel_call} of {run_name} (it had not ended); "
+            f"waiting {CANCELLED_CONTAINER_GRACE_S:.0f} s for its container to stop writing"
         )
     record = launch_submission(store, submission, ModalLauncher(volume))
     console.print(f"run      [bold]{run_name}[/]")

@@ -47,6 +47,7 @@ STATE_STYLES = {
     "failed": "bold red",
     "stalled": "bold yellow",
     "stopped": "magenta",
+    "dead": "bold red",
     "pending": "cyan",
     "unknown": "dim",
 }

@@ -8,9 +8,11 @@ anything of a run that may be being written — a process holds its lock (zoo.ru
 local folder or a local copy of the Volume), its heartbeat says running and names a live process
 on this machine, or says running and is recent, or (unless its heartbeat says finished or failed)
 any of its files changed recently, which catches a run that has not written its first heartbeat
-yet; anything of a run whose heartbeat.json or eval.json cannot be read (damaged: what it would
-say is unknown); anything that changed between the listing and the deletion (the plan records
-size and mtime, and each run and file is checked again just before deleting).
+yet — unless its heartbeat says running but names a process of this machine that is certainly
+gone (killed; nobody holds the lock: zoo.runs.writer_gone); anything of a run whose heartbeat.json
+or eval.json cannot be read (damaged: what it would say is unknown); anything that changed between
+the listing and the deletion (the plan records size and mtime, and each run and file is checked
+again just before deleting).
 Patterns that select every run are refused unless `--all`: those with no literal character
 (`*`, `**`, `?*`) at once, and any other glob (`c*` where every run starts with c) once the runs
 are listed.
@@ -143,6 +145,8 @@ def _busy_reason(
         return str(exc)
     if heartbeat is not None and heartbeat.get("status") in ("finished", "failed", "interrupted"):
         return None  # its writer is done (a retry starting later says "running" again, and is re-checked)
+    if store.writer_gone(folder, heartbeat) is not None:
+        return None  # "running", but its process is gone (killed) and nobody holds its lock
     if heartbeat is not None and heartbeat.get("status") == "running" and _live_here(heartbeat):
         return f"being trained by process {heartbeat['pid']} (its heartbeat says running)"
     if is_live_writer(heartbeat, now, live_window):

@@ -10,7 +10,7 @@ the sync.
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -29,7 +29,7 @@ from zoo.remote.status import DEFAULT_STALL_AFTER, CallState, RunStatus, format_
 from zoo.remote.store import LocalDirStore, RunStore, StoreEntry
 from zoo.remote.submission import stopped_path
 from zoo.remote.sync import REGISTRY_MIRROR, read_manifest
-from zoo.runs import CHECKPOINT_PATTERN, HEARTBEAT_STATUSES, json_object
+from zoo.runs import CHECKPOINT_PATTERN, HEARTBEAT_STATUSES, json_object, writer_gone
 
 # Which metric a table shows, in order of preference: the headline numbers of zoo's evaluations
 # (FID, then the feature-space FD of images, then energy distance), and among them the 1-step
@@ -150,10 +150,19 @@ DAMAGED_HEARTBEAT = RunStatus(
 )
 
 
-def _local_status(heartbeat: dict[str, Any] | None, files: dict, now: float, stall_after: float) -> RunStatus:
+def _local_status(
+    folder: Path, heartbeat: dict[str, Any] | None, files: dict, now: float, stall_after: float
+) -> RunStatus:
     if heartbeat is None and "heartbeat.json" in files:
         return DAMAGED_HEARTBEAT
-    return run_status(heartbeat, now, stall_after)
+    status = run_status(heartbeat, now, stall_after)
+    if status.state in ("running", "stalled"):
+        # A local run can say more than its heartbeat's age: whether its process still lives.
+        gone = writer_gone(folder, heartbeat)
+        if gone is not None:
+            again = "--resume" if "last.pt" in files else "--restart (it saved no checkpoint)"
+            return replace(status, state="dead", detail=f"{gone}; continue it with {again}", phase=None)
+    return status
 
 
 def _key_metric_of(
@@ -237,7 +246,7 @@ def list_local_runs(
             RunInfo(
                 name=name,
                 where="local",
-                status=_local_status(heartbeat, files, now, stall_after),
+                status=_local_status(outputs_dir / name, heartbeat, files, now, stall_after),
                 checkpoints=_checkpoints(store, name, files, heartbeat, "local"),
                 key_metric=_key_metric_of(store, name, files, heartbeat, local=True),
                 heartbeat=heartbeat,

@@ -10,7 +10,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-State = Literal["pending", "running", "finished", "failed", "stalled", "stopped", "unknown"]
+# "dead": a local run whose heartbeat says running while its process is certainly gone (killed
+# without a chance to report; zoo.runs.writer_gone).
+State = Literal["pending", "running", "finished", "failed", "stalled", "stopped", "dead", "unknown"]
 
 DEFAULT_STALL_AFTER = 15 * 60.0
 # Submission times come from the client's clock, heartbeats from the container's: a heartbeat

@@ -12,8 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
-from zoo.runs import atomic_write_bytes, writer_of, writer_text
+from zoo.runs import atomic_write_bytes, writer_gone, writer_of, writer_text
 
 CHUNK = 1 << 20
 
@@ -99,6 +100,11 @@ class RunStore(ABC):
         folder can, from the run's lock: zoo.runs.RunLock; the Modal Volume cannot)."""
         return None
 
+    def writer_gone(self, folder: str, heartbeat: dict[str, Any] | None) -> str | None:
+        """Why the writer a "running" heartbeat names is certainly gone, when the store can tell
+        (zoo.runs.writer_gone: a local folder on this machine); None otherwise."""
+        return None
+
 
 class LocalDirStore(RunStore):
     def __init__(self, root: str | Path, label: str = "local") -> None:
@@ -148,6 +154,9 @@ class LocalDirStore(RunStore):
     def writer(self, folder: str) -> str | None:
         holder = writer_of(self._path(folder))
         return None if holder is None else writer_text(holder)
+
+    def writer_gone(self, folder: str, heartbeat: dict[str, Any] | None) -> str | None:
+        return writer_gone(self._path(folder), heartbeat)
 
     def download(self, path: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
         source = self._path(path)

@@ -281,13 +281,26 @@ def prepare_submission(
     return Submission(cfg, record, previous, cancel_call)
 
 
+# Modal gives a cancelled container about 30 s to stop (SIGINT, then SIGKILL), in which its
+# supervisor stops training, saves and commits; zoo.remote.worker.CHILD_STOP_GRACE_S fits in it.
+CANCELLED_CONTAINER_GRACE_S = 40.0
+
+
+def wait_for_cancelled_container() -> None:
+    """Let a cancelled container end before the call that replaces it starts: the Volume has no
+    locks, and a commit the old container made after the new one mounted the Volume would mix two
+    writers' files in the run folder (last write wins, file by file)."""
+    time.sleep(CANCELLED_CONTAINER_GRACE_S)
+
+
 def launch_submission(store: RunStore, submission: Submission, launcher: Launcher) -> dict[str, Any]:
-    """Cancel the call a resume replaces, put the record on the store, start the container, and
-    record its call; the record as stored.  If the start fails, the store's record goes back to
-    what it was (none for a new run) and the error propagates."""
+    """Cancel the call a resume replaces and wait for its container to end, put the record on the
+    store, start the container, and record its call; the record as stored.  If the start fails,
+    the store's record goes back to what it was (none for a new run) and the error propagates."""
     run = submission.record["run_name"]
     if submission.cancel_call is not None:
         launcher.cancel(submission.cancel_call)
+        wait_for_cancelled_container()
     store.write_bytes(submission_path(run), json.dumps(submission.record, indent=2).encode())
     try:
         call_id, app_id = launcher.spawn(submission.cfg, submission.record)

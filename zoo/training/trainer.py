@@ -45,7 +45,7 @@ from zoo.runs import (
     atomic_write_text,
     check_checkpoint_owner,
     check_run,
-    writing_run,
+    prepare_run_folder,
 )
 from zoo.tracking import Tracker, make_tracker
 from zoo.training.compiled_step import Evaluate, compile_evaluate, keeps_grads
@@ -506,7 +506,9 @@ def start_and_train(
     if device.type == "cuda":
         enable_cuda_tf32()
     main = distributed.is_main()
-    run = check_run(cfg.output_dir, cfg.run_name, resume, restart)
+    # Rank 0 takes the run's lock here, before minutes of building: a second start of the run is
+    # refused now, and `held` keeps the lock until train_run returns.
+    run = check_run(cfg.output_dir, cfg.run_name, resume, restart, lock=held, rank0=main)
     if cfg.experiment_log:  # appended to when the run ends: checked before the run begins
         check_writable_file(cfg.experiment_log, "experiment_log")
     # Build everything that can fail on bad input (data, model) before the run folder exists,
@@ -534,7 +536,7 @@ def start_and_train(
     )
     # From here on the run folder is written: every refusal above has left it untouched.
     if main:
-        open_run_folder(run, state, plan, held, restart, loaded)
+        open_run_folder(run, state, plan, restart, loaded)
     try:
         train_and_finish(state, run, tracker, console, command, stops)
     finally:
@@ -562,15 +564,14 @@ def open_run_folder(
     run: RunDir,
     state: TrainState,
     plan: MicroBatchPlan,
-    held: contextlib.ExitStack,
     restart: bool,
     loaded: tuple[int, int] | None,
 ) -> None:
-    """Lock the run folder (`held` keeps the lock), then write its config and first heartbeat.
-    loaded: the last checkpoint's file stamp as a resume read it (None for a new run); refused if
-    another process has replaced the checkpoint since."""
-    # Locked before the first write: from here on this process alone writes the run.
-    held.enter_context(writing_run(run, loaded is not None, restart))
+    """Create the run folder (this process holds its lock since check_run), then write its config
+    and first heartbeat.  loaded: the last checkpoint's file stamp as a resume read it (None for a
+    new run); refused if another process has replaced the checkpoint since (one that could not
+    take the lock: a filesystem without locks)."""
+    prepare_run_folder(run, loaded is not None, restart)
     if loaded is not None:
         if file_stamp(run.last) != loaded:
             raise RunError(
