@@ -126,13 +126,13 @@ def test_missing_dataset_is_a_clear_error_and_writes_nothing(workdir):
 def test_run_name_collision_and_resume_rules(workdir):
     assert train("dup", 10).exit_code == 0
     result = train("dup", 10)
-    assert result.exit_code == 1 and "already exists" in result.output
+    assert result.exit_code == 2 and "already exists" in result.output
     result = zoo("train", "moons", "--resume")
     assert result.exit_code == 2 and "--run-name" in result.output
     result = zoo("train", "moons", "--resume", "--run-name", "never-ran")
     assert result.exit_code == 2 and "cannot resume" in result.output
     result = zoo("train", "moons", "--resume", "--run-name", "dup", "loss.ratio=0.1", "--steps", "20")
-    assert result.exit_code == 1 and "loss.ratio" in result.output
+    assert result.exit_code == 2 and "loss.ratio" in result.output
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(workdir):

@@ -120,16 +120,16 @@ def test_a_name_in_use_is_refused_unless_resuming(fake_modal):
     volume, spawned = fake_modal
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m2"]).exit_code == 0
     again = runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m2"])
-    assert again.exit_code == 1 and "already exists" in " ".join(again.output.split())
+    assert again.exit_code == 2 and "already exists" in " ".join(again.output.split())
     assert len(spawned) == 1
     backdate_submission(volume, "m2")
 
     # Resuming needs a checkpoint, and a run that is not running any more.
     refused = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m2"])
-    assert refused.exit_code == 1 and "no checkpoint" in " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "no checkpoint" in " ".join(refused.output.split())
     write_run(volume / "outputs", "m2", archived=[], last_step=100, status="running", updated_ago=10, age=10)
     live = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m2"])
-    assert live.exit_code == 1 and "still running" in " ".join(live.output.split())
+    assert live.exit_code == 2 and "still running" in " ".join(live.output.split())
     write_run(volume / "outputs", "m2", archived=[], last_step=100, status="finished")
     resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m2", "--steps", "500"])
     assert resumed.exit_code == 0, resumed.output
@@ -244,7 +244,7 @@ def test_a_second_resume_while_the_first_is_pending_is_refused(fake_modal):
     assert remote_states(volume) == {"m6": "pending"}
     second = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m6"])
     text = " ".join(second.output.split())
-    assert second.exit_code == 1 and "a resume of 'm6' is already pending (call fc-2" in text, text
+    assert second.exit_code == 2 and "a resume of 'm6' is already pending (call fc-2" in text, text
     assert "`zoo modal stop m6` first" in text
     assert len(spawned) == 2 and cancelled == [] and submission(volume, "m6")["call_id"] == "fc-2"
     # After a stop, resuming is allowed again.
@@ -258,7 +258,7 @@ def test_within_clock_skew_the_containers_start_record_decides(fake_modal):
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m7"]).exit_code == 0
     # A heartbeat 5 s older than the submission may be skew: without a start line, still pending.
     write_run(volume / "outputs", "m7", archived=[], last_step=100, status="failed", updated_ago=5, error="x")
-    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m7"]).exit_code == 1
+    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m7"]).exit_code == 2
     start = {"event": "start", "submission_id": submission(volume, "m7")["submission_id"], "attempt": 1}
     (volume / "remote" / "m7" / "attempts.jsonl").write_text(json.dumps(start) + "\n")
     resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m7"])
@@ -299,7 +299,7 @@ def test_a_heartbeat_stamped_by_the_previous_submission_is_its_own_whatever_the_
     stamp_heartbeat(volume, "m8", old_id)
     assert remote_states(volume) == {"m8": "pending"}
     second = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m8"])
-    assert second.exit_code == 1 and "already pending" in " ".join(second.output.split())
+    assert second.exit_code == 2 and "already pending" in " ".join(second.output.split())
     # Once the new container writes (its own stamp), the heartbeat is believed.
     write_run(volume / "outputs", "m8", archived=[], last_step=120, status="running", updated_ago=0)
     stamp_heartbeat(volume, "m8", submission(volume, "m8")["submission_id"])
@@ -318,7 +318,7 @@ def test_a_resume_whose_container_died_before_reporting_can_be_resumed(fake_moda
     assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"]).exit_code == 0
     verdicts = {"fc-2": CallState("running")}
     monkeypatch.setattr(modal_app, "call_state", lambda call_id: verdicts[call_id])
-    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"]).exit_code == 1
+    assert runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"]).exit_code == 2
     verdicts["fc-2"] = CallState("failed", "ImportError: no module named torch")
     third = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"])
     assert third.exit_code == 0, third.output

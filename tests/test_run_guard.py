@@ -364,7 +364,7 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_with_one_flag(tmp_pa
     (folder / "config.toml").write_text("# a run killed during its first steps\n")
     (folder / "heartbeat.json").write_text('{"status": "running", "updated": 0}')
     refused = zoo("train", "moons", *common)
-    assert refused.exit_code == 1 and "pass --restart to start it afresh" in refused.output
+    assert refused.exit_code == 2 and "pass --restart to start it afresh" in refused.output
     with RunLock(RunDir(folder)):
         busy = zoo("train", "moons", *common, "--restart")
         assert busy.exit_code == 2 and "being trained by process" in busy.output
@@ -372,7 +372,7 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_with_one_flag(tmp_pa
     assert result.exit_code == 0, result.output
     assert load_checkpoint(folder / "last.pt")["step"] == 5
     again = zoo("train", "moons", *common, "--restart")
-    assert again.exit_code == 1 and "only a run without checkpoints" in again.output
+    assert again.exit_code == 2 and "only a run without checkpoints" in again.output
     assert "--restart" in zoo("train", "--help").output
 
 

@@ -71,7 +71,7 @@ def test_a_finished_run_folder_and_what_it_says(workdir):
         assert image.format == "PNG" and image.size[0] >= 400
     # A second run under the name is refused with a hint that really deletes it.
     result = train("done", 10)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "already exists" in result.output and "rm -r outputs/done" in one_line(result.output)
     assert "zoo clean" not in result.output
 
@@ -118,7 +118,7 @@ def test_a_refused_resume_leaves_the_run_untouched(workdir):
     run = workdir / "outputs" / "full"
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()}
     result = runner.invoke(app, ["train", "moons", "--run-name", "full", "--resume", "--steps", "10"])
-    assert result.exit_code == 1 and "already at step 20 of 10" in one_line(result.output)
+    assert result.exit_code == 2 and "already at step 20 of 10" in one_line(result.output)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()} == before
 
 
@@ -127,6 +127,6 @@ def test_a_copied_run_folder_names_the_run_its_checkpoint_belongs_to(workdir):
     shutil.copytree(workdir / "outputs" / "orig", workdir / "outputs" / "copy")
     result = runner.invoke(app, ["train", "moons", "--run-name", "copy", "--resume", "--steps", "20"])
     text = one_line(result.output)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert "outputs/copy/last.pt belongs to run 'orig', not 'copy'" in text
     assert "--run-name orig" in text and "changed: run_name" not in text

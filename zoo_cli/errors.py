@@ -21,25 +21,27 @@ from zoo.errors import (
     NonFiniteCheckpointError,
     OutputPathError,
 )
-from zoo.runs import MemoryLimitError, RunBusyError, RunError, RunNotFoundError
+from zoo.runs import DivergedError, RunError
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
 # Exit 2 for input the user must change (config, arguments), 1 for things that failed.
+# Checked first: failures whose classes derive from a usage error's.
+FAILURES: tuple[type[Exception], ...] = (DivergedError,)
 USAGE_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     NonFiniteCheckpointError,  # before RUNTIME_ERRORS' CheckpointError: pick another checkpoint
     OutputPathError,
-    RunNotFoundError,
-    RunBusyError,  # the request conflicts with the process training the run: wait, or stop it
-    MemoryLimitError,  # a batch or limit to change
+    # A run folder that cannot be used as asked: a name taken, nothing to resume, another
+    # process training it, a batch over the memory limit, a config or device that differs from
+    # the checkpoint's. Each message names the option to change.
+    RunError,
     FidUnsupportedError,
     MetricInputError,
     MissingAssetError,
     MissingDependencyError,
 )
 RUNTIME_ERRORS: tuple[type[Exception], ...] = (
-    RunError,
     CheckpointError,
     DeviceError,
     DataNotFoundError,
@@ -58,6 +60,8 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def user_errors() -> Iterator[None]:
     try:
         yield
+    except FAILURES as exc:
+        raise fail(str(exc), 1) from None
     except USAGE_ERRORS as exc:
         raise fail(str(exc), 2) from None
     except RUNTIME_ERRORS as exc:

@@ -129,10 +129,9 @@ def submit(
         submission = prepare_submission(
             store, run_name, cfg, given, gpu_request, timeout_s, retries, command, call_state_or_warn
         )
-    except ConfigError as exc:
+    except (ConfigError, SubmitError, ValueError) as exc:
+        # A name taken, a run still running or nothing to resume: the command must change.
         raise fail(str(exc), 2) from None
-    except (SubmitError, ValueError) as exc:
-        raise fail(str(exc), 1) from None
     from zoo.remote.modal_app import ModalLauncher
 
     if submission.cancel_call is not None:
