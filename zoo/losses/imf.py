@@ -24,9 +24,12 @@ has learnt v_u*, then E[v_g | z] = v_c* + (1 - 1/omega) omega (v_c* - v_u*) = V:
 the target's fixed point.  v_hat is v_c, the guided velocity the u-head averages.
 
 Cost in forward passes F (fused mode, k = ratio * B rows with r != t): v_hat needs a no-grad
-forward of trunk + v-head on the k rows (2B rows, conditional and null, with guidance inputs, since
-v_g needs both for every sample); then one grad forward of both heads carrying the k rows' tangent,
-and its backward.
+forward of trunk + v-head on the k rows; then one grad forward of both heads carrying the k rows'
+tangent, and its backward.  With guidance inputs the no-grad forward also computes what v_g needs
+and nothing more: v_c on the tangent rows and the guided rows (those whose scale 1 - 1/omega is
+not 0 at their t: labelled, omega > 1, t in the interval, which every labelled r = t row is), v_u
+on the guided rows only: at the paper's settings (k = B/2, 10 % dropout, t ~ logit-normal(-0.4, 1))
+about 0.95B + 0.77B rows, not 2B.
 """
 
 import math
@@ -108,16 +111,26 @@ class ImprovedMeanFlowLoss(Loss):
         with torch.no_grad():
             if guidance is None:
                 return v, model.velocity(z[ji], t[ji], select(y, ji)).to(v.dtype)
-            batch = z.shape[0]
-            null = torch.full_like(y, model.null_class)
-            plain = GuidanceInputs.constant(batch, 1.0, (0.0, 1.0), z.device, guidance.omega.dtype)
-            both = model.velocity(
-                torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), guidance.cat(plain)
-            )
-            v_c, v_u = both.to(v.dtype).chunk(2)
             inside = (t >= guidance.t_min) & (t <= guidance.t_max) & ~draws.dropped
             scale = torch.where(inside, 1 - 1 / guidance.omega, torch.zeros_like(guidance.omega))
-            return v + expand_time(scale.to(v.dtype), v) * (v_c - v_u), v_c[ji]
+            # v_g is eps - x where the scale is 0 (outside the interval, omega = 1, label dropped):
+            # v_u is needed on the guided rows only, v_c on those and the tangent rows.  One
+            # no-grad forward runs v_c on [tangent rows, the other guided rows], then v_u on the
+            # guided rows.  nonzero() syncs with the device: the row counts set the shapes.
+            guided = scale != 0
+            extra = (guided & ~draws.times.mask).nonzero().squeeze(1)
+            guided = guided.nonzero().squeeze(1)
+            cond = torch.cat([ji, extra])
+            null = torch.full_like(guided, model.null_class)
+            plain = GuidanceInputs.constant(len(guided), 1.0, (0.0, 1.0), z.device, guidance.omega.dtype)
+            rows = torch.cat([cond, guided])
+            out = model.velocity(
+                z[rows], t[rows], torch.cat([y[cond], null]), guidance.rows(cond).cat(plain)
+            ).to(v.dtype)
+            v_c, v_u = out[: len(cond)], out[len(cond) :]
+            v_c_guided = torch.zeros_like(v).index_copy_(0, cond, v_c)[guided]
+            lift = expand_time(scale[guided].to(v.dtype), v_u) * (v_c_guided - v_u)
+            return v.index_add(0, guided, lift), v_c[: len(ji)]
 
     def terms_of(self, model: FlowModel, x: Tensor, draws: Draws) -> ImfTerms:
         cfg = self.cfg
