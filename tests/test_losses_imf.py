@@ -265,6 +265,31 @@ def test_restricted_passes_give_the_full_computation_s_loss_and_gradients(guidan
     assert torch.allclose(grad, reference_grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_velocity_pass_runs_only_the_rows_the_target_needs(dropout):
+    """Without guidance the no-grad pass runs the r != t rows (the tangent's); with it, v_c there,
+    v_u on the guided rows, and v_c on the guided r = t rows only where the step's forward draws
+    dropout masks (else the forward's v-head computes it on the same inputs)."""
+    cfg, shape = ARCHS["unet"]
+    cfg = cfg.model_copy(update={"v_head": 1, "guidance_inputs": True, "dropout": dropout})
+    torch.manual_seed(0)
+    model = build_model(cfg, shape, CLASSES).double().train()
+    x, y = batch(model, n=16)
+    loss = imf_loss(class_dropout=0.25)
+    draws = loss.draw(model, x, y, torch.Generator().manual_seed(5))
+    seen = []
+    hook = model.v_conv_out.register_forward_hook(
+        lambda module, args, out: None if torch.is_grad_enabled() else seen.append(len(out))
+    )
+    loss.terms_of(model, x, draws)
+    hook.remove()
+    g, t, mask = draws.guidance, draws.times.t, draws.times.mask
+    guided = (t >= g.t_min) & (t <= g.t_max) & ~draws.dropped & (g.omega > 1)
+    assert (guided & ~mask).any() and (~guided).any()
+    expected = int(mask.sum()) + int(guided.sum()) + (int((guided & ~mask).sum()) if dropout else 0)
+    assert seen == [expected]
+
+
 def test_imf_needs_a_velocity_head():
     cfg, shape = ARCHS["mlp"]
     model = build_model(cfg, shape).double()
