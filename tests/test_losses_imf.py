@@ -204,6 +204,92 @@ def test_fused_and_nograd_give_the_same_loss_and_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-10)
 
 
+def reference_imf_loss(model: RowTangentModel, x: Tensor, draws, c: float, p: float) -> Tensor:
+    """iMF's loss computed the plain way: every row through every pass, the JVP by torch.func.jvp
+    on the whole batch, v_c and v_u on every row."""
+    t, r, y, g = draws.times.t, draws.times.r, draws.y, draws.guidance
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    z = (1 - t.view(shape)) * x + t.view(shape) * draws.noise
+    v = draws.noise - x
+    with torch.no_grad():
+        if g is None:
+            v_hat, target = model.velocity(z, t, y), v
+        else:
+            null = torch.full_like(y, CLASSES)
+            plain = GuidanceInputs.constant(len(x), 1.0, (0.0, 1.0), x.device, x.dtype)
+            v_hat = model.velocity(z, t, y, g)
+            v_u = model.velocity(z, t, null, plain)
+            inside = (t >= g.t_min) & (t <= g.t_max) & ~draws.dropped
+            target = v + torch.where(inside, 1 - 1 / g.omega, 0.0).view(shape) * (v_hat - v_u)
+        _, dudt = torch.func.jvp(
+            lambda z_, t_, r_: model(z_, t_, r_, y, g),
+            (z, t, r),
+            (v_hat, torch.ones_like(t), torch.zeros_like(r)),
+        )
+    u, v_pred = model.forward_heads(z, t, r, y, g)
+    compound = u + (t - r).view(shape) * dudt
+    total = torch.zeros((), dtype=x.dtype)
+    for prediction in (compound, v_pred):
+        delta = (prediction - target).square().flatten(1).sum(1)
+        total = total + (delta / (delta.detach() + c) ** p).mean()
+    return total
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_restricted_passes_match_a_reference_that_runs_every_row(guidance):
+    """The step computes v_hat and the tangent on the r != t rows only, and v_c, v_u only where
+    the guided target needs them: the same loss and gradients as computing everything on every row.
+    (jvp=nograd gives the fused mode's: test_fused_and_nograd_give_the_same_loss_and_gradients.)"""
+    model = imf_model("unet", guidance)
+    x, y = batch(model, n=16)
+    loss = imf_loss(jvp="fused", weight_p=1.0, weight_c=0.01, class_dropout=0.25)
+    draws = loss.draw(model, x, y, torch.Generator().manual_seed(5))
+    if guidance:  # the draw has rows the restricted passes leave out, and rows they keep
+        g, t = draws.guidance, draws.times.t
+        unguided = (t < g.t_min) | (t > g.t_max) | draws.dropped
+        assert unguided.any() and (~unguided).any() and (unguided & draws.times.mask).any()
+    grads = []
+    for compute in (
+        lambda: loss.terms_of(model, x, draws).loss,
+        lambda: reference_imf_loss(model, x, draws, 0.01, 1.0),
+    ):
+        model.zero_grad()
+        value = compute()
+        value.backward()
+        grads.append(
+            (value.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        )
+    (loss_value, grad), (reference_value, reference_grad) = grads
+    assert torch.allclose(loss_value, reference_value, rtol=1e-10, atol=0)
+    assert grad.shape == reference_grad.shape
+    assert torch.allclose(grad, reference_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_velocity_pass_runs_only_the_rows_the_target_needs(dropout):
+    """With guidance inputs the no-grad pass runs v_c on the r != t rows (the tangent), v_u on the
+    guided rows, and v_c on the guided r = t rows only where the step's forward draws dropout masks
+    (else the forward's v-head computes it on the same inputs)."""
+    cfg, shape = ARCHS["unet"]
+    cfg = cfg.model_copy(update={"v_head": 1, "guidance_inputs": True, "dropout": dropout})
+    torch.manual_seed(0)
+    model = build_model(cfg, shape, CLASSES).double().train()
+    x, y = batch(model, n=16)
+    loss = imf_loss(class_dropout=0.25)
+    draws = loss.draw(model, x, y, torch.Generator().manual_seed(5))
+    seen = []
+    hook = model.v_conv_out.register_forward_hook(
+        lambda module, args, out: None if torch.is_grad_enabled() else seen.append(len(out))
+    )
+    loss.terms_of(model, x, draws)
+    hook.remove()
+    g, t, mask = draws.guidance, draws.times.t, draws.times.mask
+    guided = (t >= g.t_min) & (t <= g.t_max) & ~draws.dropped & (g.omega > 1)
+    assert (guided & ~mask).any() and (~guided).any()
+    expected = int(mask.sum()) + int(guided.sum()) + (int((guided & ~mask).sum()) if dropout else 0)
+    assert seen == [expected]
+
+
 def test_imf_needs_a_velocity_head():
     cfg, shape = ARCHS["mlp"]
     model = build_model(cfg, shape).double()

@@ -24,16 +24,22 @@ has learnt v_u*, then E[v_g | z] = v_c* + (1 - 1/omega) omega (v_c* - v_u*) = V:
 the target's fixed point.  v_hat is v_c, the guided velocity the u-head averages.
 
 Cost in forward passes F (fused mode, k = ratio * B rows with r != t): v_hat needs a no-grad
-forward of trunk + v-head on the k rows (2B rows, conditional and null, with guidance inputs, since
-v_g needs both for every sample); then one grad forward of both heads carrying the k rows' tangent,
-and its backward.
+forward of trunk + v-head on the k rows; then one grad forward of both heads carrying the k rows'
+tangent, and its backward.  With guidance inputs the no-grad forward also computes what v_g needs
+and nothing more.  v_g is eps - x where the scale is 0, so v_u runs on the guided rows only
+(labelled, omega > 1, t in the interval, as every labelled r = t row is).  v_c is the tangent on
+the k rows; on a guided r = t row the step's forward runs the v-head on v_c's very inputs (r = t,
+the interval [0, 1]), so its output, detached, is v_c there (unless the model draws dropout
+masks: the target would then share the prediction's mask, and the no-grad forward computes v_c
+there too).  At the paper's settings (k = B/2, 10 % label dropout, t ~ logit-normal(-0.4, 1))
+that is about 0.5B + 0.77B rows, not 2B.
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from zoo.config.schema import LossConfig
 from zoo.flow import conditional_velocity, expand_time, interpolate
@@ -82,6 +88,30 @@ class ImfTerms:
     loss: Tensor
 
 
+@dataclass
+class GuidedRows:
+    """What the guided target takes from the no-grad velocity pass (all without grad)."""
+
+    rows: Tensor  # (g,) the guided rows: scale 1 - 1/omega != 0 at their t
+    scale: Tensor  # (g,)
+    v_u: Tensor  # (g, ...) the unconditional velocity on them
+    cond_rows: Tensor  # (c,) the rows whose v_c the pass computed: the tangent rows, then others
+    v_c: Tensor  # (c, ...)
+
+    def target(self, v: Tensor, v_head: Tensor) -> Tensor:
+        """v_g = v + scale (v_c - v_u) on the guided rows, v elsewhere; v_c from the pass where it
+        ran, else the step's v-head output (detached), which the pass left those rows to."""
+        with torch.no_grad():
+            v_c = v_head.detach().to(v.dtype).index_copy(0, self.cond_rows, self.v_c)[self.rows]
+            lift = expand_time(self.scale.to(v.dtype), self.v_u) * (v_c - self.v_u)
+            return v.index_add(0, self.rows, lift)
+
+
+def draws_dropout(model: FlowModel) -> bool:
+    """Whether a forward of `model` draws dropout masks (two forwards of one row then differ)."""
+    return model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 class ImprovedMeanFlowLoss(Loss):
     name = "imf"
 
@@ -100,24 +130,31 @@ class ImprovedMeanFlowLoss(Loss):
             guidance = draw_guidance(self.cfg, times, dropped, generator, x.dtype)
         return Draws(noise=noise, times=times, y=y, dropped=dropped, guidance=guidance)
 
-    def targets(
-        self, model: RowTangentModel, z: Tensor, t: Tensor, v: Tensor, draws: Draws
-    ) -> tuple[Tensor, Tensor]:
-        """(v_g, the tangent rows v_hat), both without grad."""
+    def velocity_pass(
+        self, model: RowTangentModel, z: Tensor, t: Tensor, draws: Draws
+    ) -> tuple[Tensor, GuidedRows | None]:
+        """The no-grad forward before the step's forward: (the tangent rows v_hat, what the guided
+        target needs from it, None without guidance inputs)."""
         ji, y, guidance = draws.times.jvp_index, draws.y, draws.guidance
         with torch.no_grad():
             if guidance is None:
-                return v, model.velocity(z[ji], t[ji], select(y, ji)).to(v.dtype)
-            batch = z.shape[0]
-            null = torch.full_like(y, model.null_class)
-            plain = GuidanceInputs.constant(batch, 1.0, (0.0, 1.0), z.device, guidance.omega.dtype)
-            both = model.velocity(
-                torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), guidance.cat(plain)
-            )
-            v_c, v_u = both.to(v.dtype).chunk(2)
+                return model.velocity(z[ji], t[ji], select(y, ji)).to(z.dtype), None
             inside = (t >= guidance.t_min) & (t <= guidance.t_max) & ~draws.dropped
             scale = torch.where(inside, 1 - 1 / guidance.omega, torch.zeros_like(guidance.omega))
-            return v + expand_time(scale.to(v.dtype), v) * (v_c - v_u), v_c[ji]
+            # Which rows need v_c and v_u: see the module docstring.  nonzero() syncs with the
+            # device: the row counts set the shapes.
+            guided = scale != 0
+            extra = guided & ~draws.times.mask if draws_dropout(model) else torch.zeros_like(guided)
+            extra, guided = extra.nonzero().squeeze(1), guided.nonzero().squeeze(1)
+            cond = torch.cat([ji, extra])
+            null = torch.full_like(guided, model.null_class)
+            plain = GuidanceInputs.constant(len(guided), 1.0, (0.0, 1.0), z.device, guidance.omega.dtype)
+            rows = torch.cat([cond, guided])
+            out = model.velocity(
+                z[rows], t[rows], torch.cat([y[cond], null]), guidance.rows(cond).cat(plain)
+            ).to(z.dtype)
+            v_c, v_u = out[: len(cond)], out[len(cond) :]
+            return v_c[: len(ji)], GuidedRows(guided, scale[guided], v_u, cond, v_c)
 
     def terms_of(self, model: FlowModel, x: Tensor, draws: Draws) -> ImfTerms:
         cfg = self.cfg
@@ -125,8 +162,11 @@ class ImprovedMeanFlowLoss(Loss):
         times = draws.times
         t, r = times.t, times.r
         z = interpolate(x, draws.noise, t)
-        target, tangent = self.targets(model, z, t, conditional_velocity(x, draws.noise), draws)
+        tangent, guided = self.velocity_pass(model, z, t, draws)
         u, dudt, v = self.jvp.heads(model, z, t, r, draws.y, tangent, times, draws.guidance)
+        target = conditional_velocity(x, draws.noise)
+        if guided is not None:
+            target = guided.target(target, v)
         target = target.to(dtype)
         compound = u.to(dtype) + expand_time(t - r, u).to(dtype) * dudt.to(dtype)
         delta_u = (compound - target).square().flatten(1).sum(1)
