@@ -53,3 +53,36 @@ def test_the_trainer_prints_records_and_counts_each_spike():
     assert tracker.logged == [(4, {"train/spike_ratio/mse": 50.0, "train/spikes": 1})]
     assert rows[0]["step"] == 4 and rows[0]["train/spikes"] == 1
     assert "loss spike at step 4: mse 50 is 50.0x its running median 1" in console.export_text()
+
+
+def test_a_new_loss_path_starts_a_new_history():
+    """alpha-Flow's switch to the MeanFlow target raises the error's level for good: not a spike,
+    whereas the same jump without a change of path is one."""
+    for path_after, spiked in ((1.0, False), (0.0, True)):
+        detector = SpikeDetector(window=50, factor=5.0, min_history=10)
+        spikes = []
+        for step in range(60):
+            switched = step >= 30
+            metrics = {"mse": 8.0 if switched else 1.0, "jvp_path": path_after if switched else 0.0}
+            spikes += detector.update(step, metrics)
+        assert bool(spikes) == spiked and all(s.step >= 30 for s in spikes)
+
+
+def test_a_burst_of_spikes_prints_one_line_per_quiet_period_and_records_every_one():
+    console = Console(record=True, width=300)
+    rows = []
+    state = SimpleNamespace(spikes=SpikeDetector(min_history=3), step=0)
+    run = SimpleNamespace(append_metrics=rows.append)
+    progress = SimpleNamespace(rich=SimpleNamespace(console=console))
+    # Every third step spikes from step 21 on: two thirds of the history stay 1, so does the median.
+    values = [50.0 if step > 20 and step % 3 == 0 else 1.0 for step in range(300)]
+    for step, value in enumerate(values):
+        state.step = step
+        record_spikes(state, run, Recorder(), progress, {"loss": 1.0, "mse": value})
+    lines = [line for line in console.export_text().splitlines() if "loss spike" in line]
+    spiked = [row["step"] for row in rows]
+    assert spiked == list(range(21, 300, 3)) and state.spikes.count == len(spiked)
+    shown = ["loss spike at step 21", "loss spike at step 123", "loss spike at step 225"]
+    assert [line.split(":")[0] for line in lines] == shown
+    # 24, 27, ..., 120 between the first two lines: 33 spike steps not printed
+    assert "(33 more spike steps since the last one shown)" in lines[1]

@@ -761,8 +761,10 @@ def record_spikes(
     spikes = state.spikes.update(state.step, metrics)
     if not spikes:
         return
-    for spike in spikes:
-        progress.rich.console.print(f"[yellow]{spike.describe()}[/]")
+    shown, skipped = state.spikes.to_print(state.step)
+    if shown:
+        more = f" ({skipped} more spike steps since the last one shown)" if skipped else ""
+        progress.rich.console.print(f"[yellow]{'; '.join(s.describe() for s in spikes)}{more}[/]")
     record = {f"train/spike_ratio/{s.metric}": s.ratio for s in spikes} | {"train/spikes": state.spikes.count}
     run.append_metrics({"step": state.step, "time": time.time(), **record})
     tracker.log(record, step=state.step)
