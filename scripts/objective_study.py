@@ -43,6 +43,7 @@ from zoo.config.schema import ZooConfigBody
 from zoo.evaluation import default_methods
 from zoo.losses.alphaflow import alpha_at
 from zoo.metrics.features import load_feature_net
+from zoo.plotting import save_quality_vs_nfe
 from zoo.training.trainer import build_state, train_run, train_step
 
 # objective -> (preset, its overrides): one network size, class-conditional throughout.
@@ -201,6 +202,18 @@ def verdict(rows: list[dict]) -> list[str]:
     return lines
 
 
+def plot_summary(rows: list[dict], path: Path, budget_s: float) -> None:
+    """FD against NFE, one line per objective (each sampler at its best guidance scale, mean ± s.e.
+    over seeds)."""
+    curves = []
+    for objective in dict.fromkeys(r["objective"] for r in rows):
+        mine = sorted((r for r in rows if r["objective"] == objective), key=lambda r: r["nfe"])
+        label = f"{objective} ({mine[0]['method'].split()[0]})"
+        curves.append((label, [r["nfe"] for r in mine], [r["fd"] for r in mine], [r["fd_se"] for r in mine]))
+    title = f"class-conditional Fashion-MNIST, {budget_s / 60:g} min of training each"
+    save_quality_vs_nfe(curves, path, "FD (zoo's Fashion-MNIST features)", title=title)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,8 +230,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--rounds", type=int, default=3, help="calibration rounds over the objectives")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="only redraw the figure of this study.json")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
+    if args.plot is not None:
+        done = json.loads(args.plot.read_text())
+        plot_summary(done["summary"], args.plot.with_suffix(".png"), done["budget_s"])
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     objectives = args.objectives.split(",")
     if unknown := [o for o in objectives if o not in OBJECTIVES]:
@@ -305,6 +323,7 @@ def main() -> None:
         "seconds": time.time() - started,
     }
     (out / "study.json").write_text(json.dumps(result, indent=2))
+    plot_summary(summary, out / "study.png", budget_s)
     log(f"wrote {out / 'study.json'} ({time.time() - started:.0f} s)")
 
 
