@@ -208,7 +208,8 @@ def plot_summary(rows: list[dict], path: Path, budget_s: float) -> None:
     curves = []
     for objective in dict.fromkeys(r["objective"] for r in rows):
         mine = sorted((r for r in rows if r["objective"] == objective), key=lambda r: r["nfe"])
-        label = f"{objective} ({mine[0]['method'].split()[0]})"
+        sampler = mine[0]["method"].split()[0]
+        label = f"{objective} ({'average-velocity jumps' if sampler == 'MeanFlow' else sampler})"
         curves.append((label, [r["nfe"] for r in mine], [r["fd"] for r in mine], [r["fd_se"] for r in mine]))
     title = f"class-conditional Fashion-MNIST, {budget_s / 60:g} min of training each"
     save_quality_vs_nfe(curves, path, "FD (zoo's Fashion-MNIST features)", title=title)
