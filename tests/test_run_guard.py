@@ -150,6 +150,46 @@ def test_without_file_locks_a_run_goes_unlocked_and_says_so_in_one_line(tmp_path
     assert capsys.readouterr().err == ""
 
 
+def test_a_start_without_locks_leaves_the_lock_file_of_a_holder(tmp_path, monkeypatch, capsys):
+    """A start whose flock fails for want of locks (not because the lock is busy) goes unlocked, but
+    the lock file it found is a holder's: removing it would let a third start lock a new file while
+    the holder still trains."""
+    monkeypatch.setattr(run_files, "LOCK_RETRY_S", 0)
+    run = RunDir(tmp_path / "u")
+    with RunLock(run) as holder:
+        held = os.stat(lock_path(run)).st_ino
+        with monkeypatch.context() as patch:
+
+            def no_locks(fd, operation):
+                raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+            patch.setattr(run_files.fcntl, "flock", no_locks)
+            with RunLock(run):
+                pass
+        assert "has no file locks" in capsys.readouterr().err
+        assert os.stat(lock_path(run)).st_ino == held
+        with pytest.raises(RunBusyError, match=f"process {os.getpid()}"):
+            RunLock(run).__enter__()
+        assert holder.fd is not None
+    assert not lock_path(run).exists()
+
+
+def test_a_holder_leaves_a_lock_file_that_replaced_its_own(tmp_path, monkeypatch):
+    """Its lock file removed under it (a user's rm), a holder's exit must not remove the file that a
+    later start locked in its place: that start still trains, and a third must be refused."""
+    monkeypatch.setattr(run_files, "LOCK_RETRY_S", 0)
+    run = RunDir(tmp_path / "u")
+    first = RunLock(run).__enter__()
+    lock_path(run).unlink()
+    with RunLock(run):
+        second = os.stat(lock_path(run)).st_ino
+        first.__exit__(None, None, None)
+        assert os.stat(lock_path(run)).st_ino == second
+        with pytest.raises(RunBusyError):
+            RunLock(run).__enter__()
+    assert not lock_path(run).exists()
+
+
 def killed_holder(run: RunDir) -> int:
     """A process that took the run's lock and wrote a running heartbeat, then was SIGKILLed."""
     code = (
