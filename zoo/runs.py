@@ -334,7 +334,8 @@ class RunLock:
     run on the Modal Volume (no locks across containers) is kept to one writer by its submission
     record instead, so no line is said there: a new name is refused if the Volume has it, `--resume`
     is refused while the heartbeat is live and otherwise cancels the previous call and waits out
-    its shutdown grace before the new container starts (zoo.remote.submission), and an attempt
+    its shutdown grace (what is left of it after a recent `zoo modal stop`) before the new
+    container starts (zoo.remote.submission), and an attempt
     refuses a run whose record names another submission (zoo.remote.worker).
     """
 

@@ -6,6 +6,7 @@ at `modal setup`, instead of hanging for a minute inside the Modal client.
 """
 
 import json
+import math
 import shlex
 import sys
 import time
@@ -139,6 +140,11 @@ def submit(
         console.print(
             f"cancelling the previous call {submission.cancel_call} of {run_name} (it had not ended); "
             f"waiting {CANCELLED_CONTAINER_GRACE_S:.0f} s for its container to stop writing"
+        )
+    elif submission.wait_s > 0:
+        console.print(
+            f"{run_name} was stopped {submission.stopped_ago:.0f} s ago; "
+            f"waiting {math.ceil(submission.wait_s)} s more for its container to stop writing"
         )
     record = launch_submission(store, submission, ModalLauncher(volume))
     console.print(f"run      [bold]{run_name}[/]")

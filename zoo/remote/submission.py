@@ -165,6 +165,9 @@ class ResumeTarget:
     # failed attempt Modal is about to retry): cancel it before the new call starts, so two
     # attempts never train into one run folder.
     cancel_call: str | None
+    # When `zoo modal stop` cancelled its latest call, if that stop still applies: the stopped
+    # container may still be saving and committing for a while (CANCELLED_CONTAINER_GRACE_S).
+    stopped_at: float | None = None
 
 
 def check_resumable(
@@ -187,7 +190,8 @@ def check_resumable(
         )
     heartbeat = read_json(store, f"{OUTPUTS}/{run}/heartbeat.json")
     stopped = read_json(store, stopped_path(run))
-    is_stopped = stop_in_effect(stopped["stopped"] if stopped else None, previous["submitted"]) is not None
+    stopped_at = stop_in_effect(stopped["stopped"] if stopped else None, previous["submitted"])
+    is_stopped = stopped_at is not None
     now = time.time()
     # A stopped run's heartbeat can look fresh for a while (a killed container never says it ended).
     if not is_stopped and is_live_writer(heartbeat, now, live_window):
@@ -210,7 +214,7 @@ def check_resumable(
         )
     status = None if heartbeat is None else heartbeat["status"]
     ended = is_stopped or status == "finished" or (status == "failed" and not heartbeat.get("retrying"))
-    return ResumeTarget(previous, None if ended else previous.get("call_id"))
+    return ResumeTarget(previous, None if ended else previous.get("call_id"), stopped_at)
 
 
 def awaits_container(
@@ -254,6 +258,10 @@ class Submission:
     record: dict[str, Any]  # what the store will hold (submission_path)
     previous: dict[str, Any] | None  # the record a resume replaces
     cancel_call: str | None  # the previous call, cancelled before the new one starts (ResumeTarget)
+    # Seconds to wait before the new container starts, for the previous one to stop writing: the
+    # whole grace after cancelling its call, what is left of it after a recent `zoo modal stop`.
+    wait_s: float = 0.0
+    stopped_ago: float | None = None  # seconds since that stop
 
 
 def prepare_submission(
@@ -269,16 +277,21 @@ def prepare_submission(
 ) -> Submission:
     """A new run `cfg` (its name must be free), or with cfg None the resume of `run` (it must be
     resumable), its stored config extended by the overrides `given`."""
-    previous, cancel_call = None, None
+    previous, cancel_call, wait_s, stopped_ago = None, None, 0.0, None
     if cfg is None:
         target = check_resumable(store, run, call_lookup=call_lookup)
         previous, cancel_call = target.previous, target.cancel_call
+        if cancel_call is not None:
+            wait_s = CANCELLED_CONTAINER_GRACE_S
+        elif target.stopped_at is not None:
+            stopped_ago = max(0.0, time.time() - target.stopped_at)  # a stop clock ahead: just now
+            wait_s = max(0.0, CANCELLED_CONTAINER_GRACE_S - stopped_ago)
         cfg = config_from_dict(deep_merge(previous["config"], given))
         check_gpu_split(cfg, gpu)
     else:
         check_name_free(store, run)
     record = submission_record(cfg, gpu, timeout_s, retries, previous is not None, app_name_for(run), command)
-    return Submission(cfg, record, previous, cancel_call)
+    return Submission(cfg, record, previous, cancel_call, wait_s, stopped_ago)
 
 
 # Modal gives a cancelled container about 30 s to stop (SIGINT, then SIGKILL), in which its
@@ -286,21 +299,23 @@ def prepare_submission(
 CANCELLED_CONTAINER_GRACE_S = 40.0
 
 
-def wait_for_cancelled_container() -> None:
+def wait_for_cancelled_container(seconds: float) -> None:
     """Let a cancelled container end before the call that replaces it starts: the Volume has no
     locks, and a commit the old container made after the new one mounted the Volume would mix two
     writers' files in the run folder (last write wins, file by file)."""
-    time.sleep(CANCELLED_CONTAINER_GRACE_S)
+    time.sleep(seconds)
 
 
 def launch_submission(store: RunStore, submission: Submission, launcher: Launcher) -> dict[str, Any]:
-    """Cancel the call a resume replaces and wait for its container to end, put the record on the
-    store, start the container, and record its call; the record as stored.  If the start fails,
-    the store's record goes back to what it was (none for a new run) and the error propagates."""
+    """Cancel the call a resume replaces and wait for its container to end (or for a recently
+    stopped one), put the record on the store, start the container, and record its call; the record
+    as stored.  If the start fails, the store's record goes back to what it was (none for a new run)
+    and the error propagates."""
     run = submission.record["run_name"]
     if submission.cancel_call is not None:
         launcher.cancel(submission.cancel_call)
-        wait_for_cancelled_container()
+    if submission.wait_s > 0:
+        wait_for_cancelled_container(submission.wait_s)
     store.write_bytes(submission_path(run), json.dumps(submission.record, indent=2).encode())
     try:
         call_id, app_id = launcher.spawn(submission.cfg, submission.record)
