@@ -351,3 +351,22 @@ def test_a_resume_whose_container_died_before_reporting_can_be_resumed(fake_moda
     third = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"])
     assert third.exit_code == 0, third.output
     assert len(spawned) == 3 and cancelled == []  # an ended call needs no cancelling
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe{}", b"[]", b'{"status": 3}'])
+@pytest.mark.parametrize("damaged", ["outputs/m11/heartbeat.json", "remote/m11/submission.json"])
+def test_a_damaged_remote_record_is_named_in_one_line(fake_modal, damaged, content):
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m11"]).exit_code == 0
+    backdate_submission(volume, "m11")
+    write_run(volume / "outputs", "m11", archived=[], last_step=100, status="running", updated_ago=3600)
+    (volume / damaged).write_bytes(content)
+    commands = [["modal", "submit", "--resume", "--run-name", "m11"]]
+    if damaged.endswith("submission.json"):
+        commands.append(["modal", "stop", "m11"])
+    for command in commands:
+        result = runner.invoke(zoo_app, command)
+        assert result.exit_code == 1 and not isinstance(result.exception, Exception), result.output
+        [line] = result.output.strip().splitlines()
+        assert line.startswith(f"error: {damaged} on ") and "is damaged" in line, line
+    assert len(spawned) == 1 and cancelled == []

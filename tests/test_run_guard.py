@@ -190,6 +190,28 @@ def test_a_holder_leaves_a_lock_file_that_replaced_its_own(tmp_path, monkeypatch
     assert not lock_path(run).exists()
 
 
+def test_a_checkpoint_replaced_while_a_resume_starts_fails_it_with_exit_1(run, monkeypatch):
+    """Another writer's save between the resume's read of last.pt and its taking the run (possible
+    only without file locks) is a race, not a command to change: exit 1, and the run is untouched."""
+    restore = trainer.restore_from_last
+
+    def restore_then_replaced(state, run_dir, device):
+        result = restore(state, run_dir, device)
+        copy = run_dir.root / "copy.pt"
+        shutil.copy2(run_dir.last, copy)
+        os.replace(copy, run_dir.last)  # a new file in its place, as another process's save leaves
+        return result
+
+    monkeypatch.setattr(trainer, "restore_from_last", restore_then_replaced)
+    heartbeat = run.heartbeat.read_bytes()
+    common = [*TINY_RUN, *QUIET, f"output_dir={run.root.parent}", "--run-name", "r"]
+    result = zoo("train", "moons", *common, "--resume", "--steps", "30")
+    assert result.exit_code == 1 and not isinstance(result.exception, Exception), result.output
+    [line] = error_lines(result.output)
+    assert "last.pt was replaced while this resume started" in line and "resume again" in line
+    assert run.heartbeat.read_bytes() == heartbeat
+
+
 def killed_holder(run: RunDir) -> int:
     """A process that took the run's lock and wrote a running heartbeat, then was SIGKILLed."""
     code = (

@@ -52,6 +52,11 @@ class DivergedError(RunError):
     """Training produced a non-finite loss, gradient or weight; stopped before saving it."""
 
 
+class CheckpointReplacedError(RunError):
+    """The checkpoint a resume read was replaced before the resume took the run (another process
+    trained it meanwhile, on a filesystem without locks): a race, not the command's fault."""
+
+
 class MemoryLimitError(RunError):
     """The configured batch cannot be trained within the memory limit: a config to change (batch
     size, micro-batching or the limit), reported before any run folder exists."""

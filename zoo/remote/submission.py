@@ -33,6 +33,7 @@ from zoo.remote.status import (
     stop_in_effect,
 )
 from zoo.remote.store import RunStore
+from zoo.runs import HEARTBEAT_STATUSES, json_object
 
 # Modal's GPU types (modal.com/docs/guide/gpu); a count after ':' puts several in one container.
 GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
@@ -43,6 +44,11 @@ _GPU = re.compile(r"^([A-Za-z0-9-]+?)(?::(\d+))?$")
 
 class SubmitError(RuntimeError):
     """A submission that must not go ahead (name collision, nothing to resume, bad option)."""
+
+
+class DamagedRecordError(RuntimeError):
+    """A file zoo wrote for a remote run that does not read as what it should (damaged, cut off):
+    the run, not the command, is in trouble."""
 
 
 @dataclass(frozen=True)
@@ -139,12 +145,41 @@ def stopped_path(run: str) -> str:
     return f"{REGISTRY}/{run}/stopped.json"
 
 
-def read_json(store: RunStore, path: str) -> dict[str, Any] | None:
-    return json.loads(store.read_bytes(path)) if store.stat(path) is not None else None
+NUMBER = (int, float)
+# What each record must hold for the checks here to read it.
+SUBMISSION_FIELDS: dict[str, tuple[type, ...]] = {
+    "submission_id": (str,),
+    "submitted": NUMBER,
+    "resume": (bool,),
+    "config": (dict,),
+}
+HEARTBEAT_FIELDS: dict[str, tuple[type, ...]] = {"status": (str,), "updated": NUMBER}
+STOPPED_FIELDS: dict[str, tuple[type, ...]] = {"stopped": NUMBER}
+
+
+def read_json(store: RunStore, path: str, fields: dict[str, tuple[type, ...]]) -> dict[str, Any] | None:
+    """The record at `path`, None if there is none; DamagedRecordError if it is not one zoo wrote
+    (not UTF-8, not JSON, not an object, or without one of `fields` of its type)."""
+    if store.stat(path) is None:
+        return None
+    record = json_object(store.read_bytes(path))
+    if record is None or not all(has_type(record.get(key), types) for key, types in fields.items()):
+        raise damaged(store, path)
+    return record
+
+
+def damaged(store: RunStore, path: str) -> DamagedRecordError:
+    return DamagedRecordError(
+        f"{path} on {store.describe()} is damaged: it is not the JSON record zoo writes there"
+    )
+
+
+def has_type(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
 
 
 def read_submission(store: RunStore, run: str) -> dict[str, Any] | None:
-    return read_json(store, submission_path(run))
+    return read_json(store, submission_path(run), SUBMISSION_FIELDS)
 
 
 def check_name_free(store: RunStore, run: str) -> None:
@@ -188,8 +223,11 @@ def check_resumable(
             f"remote run {run!r} has no submission record ({submission_path(run)}) to take its config from; "
             "it was not started with `zoo modal submit`"
         )
-    heartbeat = read_json(store, f"{OUTPUTS}/{run}/heartbeat.json")
-    stopped = read_json(store, stopped_path(run))
+    heartbeat_path = f"{OUTPUTS}/{run}/heartbeat.json"
+    heartbeat = read_json(store, heartbeat_path, HEARTBEAT_FIELDS)
+    if heartbeat is not None and heartbeat["status"] not in HEARTBEAT_STATUSES:
+        raise damaged(store, heartbeat_path)
+    stopped = read_json(store, stopped_path(run), STOPPED_FIELDS)
     stopped_at = stop_in_effect(stopped["stopped"] if stopped else None, previous["submitted"])
     is_stopped = stopped_at is not None
     now = time.time()
@@ -232,9 +270,10 @@ def awaits_container(
         return False
     attempts = f"{REGISTRY}/{run}/attempts.jsonl"
     lines = store.read_text(attempts).splitlines() if store.stat(attempts) is not None else []
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = [json_object(line) for line in lines if line.strip()]
     return not any(
-        r["event"] == "start" and r["submission_id"] == submission["submission_id"] for r in records
+        r is not None and r.get("event") == "start" and r.get("submission_id") == submission["submission_id"]
+        for r in records  # None: a line cut off by a killed container
     )
 
 
