@@ -247,6 +247,11 @@ def test_a_killed_run_is_listed_dead_not_running_and_clean_may_go_ahead(run):
     info = listed()
     assert info["state"] == "dead" and f"process {pid} is gone" in info["detail"], info
     assert "--resume" in info["detail"]
+    # The table says it too, in a line under it: the status column alone does not say what to do.
+    table = zoo("ckpts", "--local", "--outputs", run.root.parent)
+    assert table.exit_code == 0, table.output
+    [note] = [line for line in table.output.splitlines() if line.startswith("r is dead: ")]
+    assert note == f"r is dead: {info['detail']}"
     # Even if its process id now named a live process (reused), nobody holds the lock: dead.
     beat = json.loads(run.heartbeat.read_text())
     run.heartbeat.write_text(json.dumps({**beat, "pid": os.getpid()}))
