@@ -354,7 +354,9 @@ def test_a_resume_whose_container_died_before_reporting_can_be_resumed(fake_moda
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe{}", b"[]", b'{"status": 3}'])
-@pytest.mark.parametrize("damaged", ["outputs/m11/heartbeat.json", "remote/m11/submission.json"])
+@pytest.mark.parametrize(
+    "damaged", ["outputs/m11/heartbeat.json", "remote/m11/submission.json", "remote/m11/stopped.json"]
+)
 def test_a_damaged_remote_record_is_named_in_one_line(fake_modal, damaged, content):
     volume, spawned = fake_modal
     assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m11"]).exit_code == 0
