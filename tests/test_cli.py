@@ -187,5 +187,8 @@ def test_corrupt_checkpoint_is_a_clear_error(workdir):
         and "broken.pt is not a checkpoint" in result.output
         and "\\n" not in result.output.strip()
     )
-    result = zoo("eval", workdir / "absent.pt")
-    assert result.exit_code == 1 and "no checkpoint at" in result.output
+    # A damaged file fails (exit 1); a path with no file is the user's to change (exit 2).
+    for command in ("sample", "eval"):
+        result = zoo(command, workdir / "absent.pt")
+        assert result.exit_code == 2 and "no checkpoint at" in result.output, result.output
+        assert "Traceback" not in result.output

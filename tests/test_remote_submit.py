@@ -6,6 +6,8 @@ container checks, rollback when the spawn fails — runs for real.
 """
 
 import json
+import math
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -51,16 +53,16 @@ def fake_modal(tmp_path, monkeypatch):
     monkeypatch.setattr(modal_app, "spawn", spawn)
     monkeypatch.setattr(modal_app, "cancel", cancelled.append)
 
-    def wait_for_cancelled_container():
+    def wait_for_cancelled_container(seconds):
         # What the store holds while the cancelled container may still write: the old record.
         records = list((volume / "remote").glob("*/submission.json"))
-        waited.append((list(cancelled), [json.loads(r.read_text())["call_id"] for r in records]))
+        waited.append((list(cancelled), [json.loads(r.read_text())["call_id"] for r in records], seconds))
 
     monkeypatch.setattr(submission_module, "wait_for_cancelled_container", wait_for_cancelled_container)
     return volume, spawned
 
 
-waited: list[tuple[list[str], list[str]]] = []
+waited: list[tuple[list[str], list[str], float]] = []
 
 
 cancelled: list[str] = []
@@ -182,6 +184,11 @@ def test_a_stopped_run_resumed_is_no_longer_stopped(fake_modal):
     resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m3"])
     assert resumed.exit_code == 0, resumed.output
     assert spawned[-1]["resume"] is True and cancelled == ["fc-1"]  # a stopped call is not cancelled twice
+    # Stopped just now, its container may still be saving: the rest of its grace is waited out,
+    # while the store still names the stopped call.
+    [(_, records, seconds)] = waited
+    assert records == ["fc-1"] and 38 < seconds <= 40
+    assert f"waiting {math.ceil(seconds)} s more for its container to stop writing" in resumed.output
     assert (volume / "remote" / "m3" / "stopped.json").exists()  # one writer: the stop's record stays
     # The resumed attempt is running: its heartbeat is fresh and the stop predates the resume.
     write_run(volume / "outputs", "m3", archived=[], last_step=120, status="running", updated_ago=5, age=5)
@@ -189,6 +196,27 @@ def test_a_stopped_run_resumed_is_no_longer_stopped(fake_modal):
     # ...and stopping it again stops it again.
     assert runner.invoke(zoo_app, ["modal", "stop", "m3"]).exit_code == 0
     assert cancelled == ["fc-1", "fc-2"] and remote_states(volume) == {"m3": "stopped"}
+
+
+@pytest.mark.parametrize("stopped_ago, wait", [(30, 10), (39.5, 0.5), (40.5, None), (3600, None)])
+def test_a_resume_soon_after_a_stop_waits_out_the_rest_of_the_grace(fake_modal, stopped_ago, wait):
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m10"]).exit_code == 0
+    backdate_submission(volume, "m10")
+    write_run(volume / "outputs", "m10", archived=[], last_step=100, status="running", updated_ago=10)
+    assert runner.invoke(zoo_app, ["modal", "stop", "m10"]).exit_code == 0
+    stopped = volume / "remote" / "m10" / "stopped.json"
+    stopped.write_text(json.dumps({"stopped": time.time() - stopped_ago}))
+    resumed = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m10"])
+    assert resumed.exit_code == 0, resumed.output
+    assert cancelled == ["fc-1"] and len(spawned) == 2
+    text = " ".join(resumed.output.split())
+    if wait is None:
+        assert waited == [] and "waiting" not in text
+    else:
+        [(_, records, seconds)] = waited
+        assert records == ["fc-1"] and wait - 1 < seconds <= wait
+        assert f"m10 was stopped {stopped_ago:.0f} s ago; waiting {math.ceil(seconds)} s more" in text
 
 
 @pytest.mark.parametrize(
@@ -209,7 +237,7 @@ def test_resuming_a_run_whose_call_may_still_run_cancels_that_call_first(fake_mo
     assert cancelled == (["fc-1"] if cancels else []) and len(spawned) == 2
     # A cancelled call's container is given time to end before the new record and container:
     # the wait comes after the cancel, while the store still names the old call.
-    assert waited == ([(["fc-1"], ["fc-1"])] if cancels else [])
+    assert waited == ([(["fc-1"], ["fc-1"], 40.0)] if cancels else [])
     assert ("waiting 40 s for its container to stop writing" in " ".join(resumed.output.split())) == cancels
 
 
@@ -323,3 +351,24 @@ def test_a_resume_whose_container_died_before_reporting_can_be_resumed(fake_moda
     third = runner.invoke(zoo_app, ["modal", "submit", "--resume", "--run-name", "m9"])
     assert third.exit_code == 0, third.output
     assert len(spawned) == 3 and cancelled == []  # an ended call needs no cancelling
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe{}", b"[]", b'{"status": 3}'])
+@pytest.mark.parametrize(
+    "damaged", ["outputs/m11/heartbeat.json", "remote/m11/submission.json", "remote/m11/stopped.json"]
+)
+def test_a_damaged_remote_record_is_named_in_one_line(fake_modal, damaged, content):
+    volume, spawned = fake_modal
+    assert runner.invoke(zoo_app, ["modal", "submit", "moons", "--run-name", "m11"]).exit_code == 0
+    backdate_submission(volume, "m11")
+    write_run(volume / "outputs", "m11", archived=[], last_step=100, status="running", updated_ago=3600)
+    (volume / damaged).write_bytes(content)
+    commands = [["modal", "submit", "--resume", "--run-name", "m11"]]
+    if damaged.endswith("submission.json"):
+        commands.append(["modal", "stop", "m11"])
+    for command in commands:
+        result = runner.invoke(zoo_app, command)
+        assert result.exit_code == 1 and not isinstance(result.exception, Exception), result.output
+        [line] = result.output.strip().splitlines()
+        assert line.startswith(f"error: {damaged} on ") and "is damaged" in line, line
+    assert len(spawned) == 1 and cancelled == []

@@ -150,6 +150,68 @@ def test_without_file_locks_a_run_goes_unlocked_and_says_so_in_one_line(tmp_path
     assert capsys.readouterr().err == ""
 
 
+def test_a_start_without_locks_leaves_the_lock_file_of_a_holder(tmp_path, monkeypatch, capsys):
+    """A start whose flock fails for want of locks (not because the lock is busy) goes unlocked, but
+    the lock file it found is a holder's: removing it would let a third start lock a new file while
+    the holder still trains."""
+    monkeypatch.setattr(run_files, "LOCK_RETRY_S", 0)
+    run = RunDir(tmp_path / "u")
+    with RunLock(run) as holder:
+        held = os.stat(lock_path(run)).st_ino
+        with monkeypatch.context() as patch:
+
+            def no_locks(fd, operation):
+                raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+            patch.setattr(run_files.fcntl, "flock", no_locks)
+            with RunLock(run):
+                pass
+        assert "has no file locks" in capsys.readouterr().err
+        assert os.stat(lock_path(run)).st_ino == held
+        with pytest.raises(RunBusyError, match=f"process {os.getpid()}"):
+            RunLock(run).__enter__()
+        assert holder.fd is not None
+    assert not lock_path(run).exists()
+
+
+def test_a_holder_leaves_a_lock_file_that_replaced_its_own(tmp_path, monkeypatch):
+    """Its lock file removed under it (a user's rm), a holder's exit must not remove the file that a
+    later start locked in its place: that start still trains, and a third must be refused."""
+    monkeypatch.setattr(run_files, "LOCK_RETRY_S", 0)
+    run = RunDir(tmp_path / "u")
+    first = RunLock(run).__enter__()
+    lock_path(run).unlink()
+    with RunLock(run):
+        second = os.stat(lock_path(run)).st_ino
+        first.__exit__(None, None, None)
+        assert os.stat(lock_path(run)).st_ino == second
+        with pytest.raises(RunBusyError):
+            RunLock(run).__enter__()
+    assert not lock_path(run).exists()
+
+
+def test_a_checkpoint_replaced_while_a_resume_starts_fails_it_with_exit_1(run, monkeypatch):
+    """Another writer's save between the resume's read of last.pt and its taking the run (possible
+    only without file locks) is a race, not a command to change: exit 1, and the run is untouched."""
+    restore = trainer.restore_from_last
+
+    def restore_then_replaced(state, run_dir, device):
+        result = restore(state, run_dir, device)
+        copy = run_dir.root / "copy.pt"
+        shutil.copy2(run_dir.last, copy)
+        os.replace(copy, run_dir.last)  # a new file in its place, as another process's save leaves
+        return result
+
+    monkeypatch.setattr(trainer, "restore_from_last", restore_then_replaced)
+    heartbeat = run.heartbeat.read_bytes()
+    common = [*TINY_RUN, *QUIET, f"output_dir={run.root.parent}", "--run-name", "r"]
+    result = zoo("train", "moons", *common, "--resume", "--steps", "30")
+    assert result.exit_code == 1 and not isinstance(result.exception, Exception), result.output
+    [line] = error_lines(result.output)
+    assert "last.pt was replaced while this resume started" in line and "resume again" in line
+    assert run.heartbeat.read_bytes() == heartbeat
+
+
 def killed_holder(run: RunDir) -> int:
     """A process that took the run's lock and wrote a running heartbeat, then was SIGKILLed."""
     code = (
@@ -185,6 +247,11 @@ def test_a_killed_run_is_listed_dead_not_running_and_clean_may_go_ahead(run):
     info = listed()
     assert info["state"] == "dead" and f"process {pid} is gone" in info["detail"], info
     assert "--resume" in info["detail"]
+    # The table says it too, in a line under it: the status column alone does not say what to do.
+    table = zoo("ckpts", "--local", "--outputs", run.root.parent)
+    assert table.exit_code == 0, table.output
+    [note] = [line for line in table.output.splitlines() if line.startswith("r is dead: ")]
+    assert note == f"r is dead: {info['detail']}"
     # Even if its process id now named a live process (reused), nobody holds the lock: dead.
     beat = json.loads(run.heartbeat.read_text())
     run.heartbeat.write_text(json.dumps({**beat, "pid": os.getpid()}))

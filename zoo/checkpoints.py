@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import zoo
 from zoo.checkpoint_files import DAMAGED_FIX, checksum_path, unreadable_reason, verified_open
-from zoo.errors import CheckpointError
+from zoo.errors import CheckpointError, MissingCheckpointError
 from zoo.runs import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT_FORMAT = "zoo-checkpoint/1"
@@ -88,7 +88,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """A checkpoint's payload, verified first (checkpoint_problem)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
+        raise MissingCheckpointError(
             f"no checkpoint at {path}; `zoo ckpts` lists the runs and checkpoints there are"
         )
     with verified_open(path) as source:

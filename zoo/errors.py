@@ -9,6 +9,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or from an incompatible run."""
 
 
+class MissingCheckpointError(CheckpointError):
+    """No file at the checkpoint path asked for: the path, not the file, must change."""
+
+
 class NonFiniteCheckpointError(CheckpointError):
     """A checkpoint whose weights hold NaN or inf (saved by a diverged run): nothing to sample."""
 

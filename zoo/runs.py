@@ -52,6 +52,11 @@ class DivergedError(RunError):
     """Training produced a non-finite loss, gradient or weight; stopped before saving it."""
 
 
+class CheckpointReplacedError(RunError):
+    """The checkpoint a resume read was replaced before the resume took the run (another process
+    trained it meanwhile, on a filesystem without locks): a race, not the command's fault."""
+
+
 class MemoryLimitError(RunError):
     """The configured batch cannot be trained within the memory limit: a config to change (batch
     size, micro-batching or the limit), reported before any run folder exists."""
@@ -334,7 +339,8 @@ class RunLock:
     run on the Modal Volume (no locks across containers) is kept to one writer by its submission
     record instead, so no line is said there: a new name is refused if the Volume has it, `--resume`
     is refused while the heartbeat is live and otherwise cancels the previous call and waits out
-    its shutdown grace before the new container starts (zoo.remote.submission), and an attempt
+    its shutdown grace (what is left of it after a recent `zoo modal stop`) before the new
+    container starts (zoo.remote.submission), and an attempt
     refuses a run whose record names another submission (zoo.remote.worker).
     """
 
@@ -355,8 +361,8 @@ class RunLock:
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # another start removed the empty folder meanwhile
+                fd, made = open_or_create(self.path)
+            except FileNotFoundError:  # another start removed the file or the empty folder meanwhile
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -370,8 +376,11 @@ class RunLock:
                 self.remove_created_folders()
                 raise RunBusyError(busy_message(self.run, holder)) from None
             except OSError:
+                # A file that locks nothing: removed if this open made it, but one that was there
+                # may be the lock of a holder on a host where locks work, so it stays.
+                if made and same_file(fd, self.path):
+                    self.path.unlink(missing_ok=True)
                 os.close(fd)
-                self.path.unlink(missing_ok=True)  # a file that locks nothing
                 if not os.environ.get(SUBMISSION_ENV):
                     print(NO_LOCKS_WARNING.format(where=self.path.parent, run=self.run.name), file=sys.stderr)
                 return self
@@ -390,7 +399,10 @@ class RunLock:
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
             # Removed while still held: whoever opened it meanwhile sees it is gone once it locks.
-            self.path.unlink(missing_ok=True)
+            # Only if the path still names the held file: a file put there since (after a user's
+            # rm) may be the lock of another holder, whose removal would let a third writer in.
+            if same_file(self.fd, self.path):
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
         self.remove_created_folders()
@@ -402,6 +414,14 @@ class RunLock:
             except OSError:  # not empty (the run was written, or another run's lock is there)
                 break
         self.created.clear()
+
+
+def open_or_create(path: Path) -> tuple[int, bool]:
+    """`path` opened for reading and writing, created if absent, and whether this open created it."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        return os.open(path, os.O_RDWR), False
 
 
 def same_file(fd: int, path: Path) -> bool:

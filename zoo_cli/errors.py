@@ -17,20 +17,23 @@ from zoo.errors import (
     FidUnsupportedError,
     MetricInputError,
     MissingAssetError,
+    MissingCheckpointError,
     MissingDependencyError,
     NonFiniteCheckpointError,
     OutputPathError,
 )
-from zoo.runs import DivergedError, RunError
+from zoo.runs import CheckpointReplacedError, DivergedError, RunError
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line in pipes and CI logs
 
 # Exit 2 for input the user must change (config, arguments), 1 for things that failed.
 # Checked first: failures whose classes derive from a usage error's.
-FAILURES: tuple[type[Exception], ...] = (DivergedError,)
+FAILURES: tuple[type[Exception], ...] = (DivergedError, CheckpointReplacedError)
 USAGE_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
-    NonFiniteCheckpointError,  # before RUNTIME_ERRORS' CheckpointError: pick another checkpoint
+    # Before RUNTIME_ERRORS' CheckpointError (a damaged file): pick another checkpoint.
+    MissingCheckpointError,
+    NonFiniteCheckpointError,
     OutputPathError,
     # A run folder that cannot be used as asked: a name taken, nothing to resume, another
     # process training it, a batch over the memory limit, a config or device that differs from

@@ -6,10 +6,11 @@ at `modal setup`, instead of hanging for a minute inside the Modal client.
 """
 
 import json
+import math
 import shlex
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,8 +20,10 @@ from zoo.config.loading import ConfigError, check_new_run_jvp, deep_merge, load_
 from zoo.remote.layout import REGISTRY, check_run_name
 from zoo.remote.listing import RunInfo, list_store_runs
 from zoo.remote.status import CallState, format_duration, parse_duration
+from zoo.remote.store import RunStore
 from zoo.remote.submission import (
     CANCELLED_CONTAINER_GRACE_S,
+    DamagedRecordError,
     SubmitError,
     check_gpu_split,
     check_retries,
@@ -132,6 +135,8 @@ def submit(
     except (ConfigError, SubmitError, ValueError) as exc:
         # A name taken, a run still running or nothing to resume: the command must change.
         raise fail(str(exc), 2) from None
+    except DamagedRecordError as exc:
+        raise fail(str(exc), 1) from None
     from zoo.remote.modal_app import ModalLauncher
 
     if submission.cancel_call is not None:
@@ -139,6 +144,11 @@ def submit(
         console.print(
             f"cancelling the previous call {submission.cancel_call} of {run_name} (it had not ended); "
             f"waiting {CANCELLED_CONTAINER_GRACE_S:.0f} s for its container to stop writing"
+        )
+    elif submission.wait_s > 0:
+        console.print(
+            f"{run_name} was stopped {submission.stopped_ago:.0f} s ago; "
+            f"waiting {math.ceil(submission.wait_s)} s more for its container to stop writing"
         )
     record = launch_submission(store, submission, ModalLauncher(volume))
     console.print(f"run      [bold]{run_name}[/]")
@@ -181,6 +191,13 @@ def status_table(infos: list[RunInfo], now: float) -> Table:
             metric_text(info),
         )
     return table
+
+
+def submission_or_exit(store: RunStore, run: str) -> dict[str, Any] | None:
+    try:
+        return read_submission(store, run)
+    except DamagedRecordError as exc:
+        raise fail(str(exc), 1) from None
 
 
 def call_state_or_warn(call_id: str) -> CallState | None:
@@ -255,7 +272,7 @@ def logs(
 ) -> None:
     """The training output of a remote run."""
     store = remote_store_or_exit(volume, volume_dir)
-    submission = read_submission(store, run)
+    submission = submission_or_exit(store, run)
     if submission is None:
         raise fail(f"no remote run {run!r} on {store.describe()}; `zoo modal status` lists them", 1)
     if from_file or volume_dir is not None:
@@ -283,7 +300,7 @@ def stop(
 ) -> None:
     """Cancel a remote run's function call and stop its container; its checkpoints stay on the Volume."""
     store = remote_store_or_exit(volume, None)
-    submission = read_submission(store, run)
+    submission = submission_or_exit(store, run)
     if submission is None or not submission.get("call_id"):
         raise fail(f"no submitted remote run {run!r} on {store.describe()}; `zoo modal status` lists them", 1)
     from zoo.remote.modal_app import cancel

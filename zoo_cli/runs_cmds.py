@@ -300,6 +300,10 @@ def ckpts(
         console.print(f"no runs in {outputs}" + ("" if not live_remote else " or on the remote store"))
         return
     print_table(checkpoints_table(infos, now))
+    # What the table's status cannot say: why a run is dead and how to continue it.
+    for info in infos:
+        if info.status.state == "dead":
+            console.print(f"{info.name} is dead: {info.status.detail}", highlight=False, markup=False)
 
 
 @ckpts_app.command("download")

@@ -33,6 +33,7 @@ from zoo.remote.status import (
     stop_in_effect,
 )
 from zoo.remote.store import RunStore
+from zoo.runs import HEARTBEAT_STATUSES, json_object
 
 # Modal's GPU types (modal.com/docs/guide/gpu); a count after ':' puts several in one container.
 GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
@@ -43,6 +44,11 @@ _GPU = re.compile(r"^([A-Za-z0-9-]+?)(?::(\d+))?$")
 
 class SubmitError(RuntimeError):
     """A submission that must not go ahead (name collision, nothing to resume, bad option)."""
+
+
+class DamagedRecordError(RuntimeError):
+    """A file zoo wrote for a remote run that does not read as what it should (damaged, cut off):
+    the run, not the command, is in trouble."""
 
 
 @dataclass(frozen=True)
@@ -139,12 +145,41 @@ def stopped_path(run: str) -> str:
     return f"{REGISTRY}/{run}/stopped.json"
 
 
-def read_json(store: RunStore, path: str) -> dict[str, Any] | None:
-    return json.loads(store.read_bytes(path)) if store.stat(path) is not None else None
+NUMBER = (int, float)
+# What each record must hold for the checks here to read it.
+SUBMISSION_FIELDS: dict[str, tuple[type, ...]] = {
+    "submission_id": (str,),
+    "submitted": NUMBER,
+    "resume": (bool,),
+    "config": (dict,),
+}
+HEARTBEAT_FIELDS: dict[str, tuple[type, ...]] = {"status": (str,), "updated": NUMBER}
+STOPPED_FIELDS: dict[str, tuple[type, ...]] = {"stopped": NUMBER}
+
+
+def read_json(store: RunStore, path: str, fields: dict[str, tuple[type, ...]]) -> dict[str, Any] | None:
+    """The record at `path`, None if there is none; DamagedRecordError if it is not one zoo wrote
+    (not UTF-8, not JSON, not an object, or without one of `fields` of its type)."""
+    if store.stat(path) is None:
+        return None
+    record = json_object(store.read_bytes(path))
+    if record is None or not all(has_type(record.get(key), types) for key, types in fields.items()):
+        raise damaged(store, path)
+    return record
+
+
+def damaged(store: RunStore, path: str) -> DamagedRecordError:
+    return DamagedRecordError(
+        f"{path} on {store.describe()} is damaged: it is not the JSON record zoo writes there"
+    )
+
+
+def has_type(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
 
 
 def read_submission(store: RunStore, run: str) -> dict[str, Any] | None:
-    return read_json(store, submission_path(run))
+    return read_json(store, submission_path(run), SUBMISSION_FIELDS)
 
 
 def check_name_free(store: RunStore, run: str) -> None:
@@ -165,6 +200,9 @@ class ResumeTarget:
     # failed attempt Modal is about to retry): cancel it before the new call starts, so two
     # attempts never train into one run folder.
     cancel_call: str | None
+    # When `zoo modal stop` cancelled its latest call, if that stop still applies: the stopped
+    # container may still be saving and committing for a while (CANCELLED_CONTAINER_GRACE_S).
+    stopped_at: float | None = None
 
 
 def check_resumable(
@@ -185,9 +223,13 @@ def check_resumable(
             f"remote run {run!r} has no submission record ({submission_path(run)}) to take its config from; "
             "it was not started with `zoo modal submit`"
         )
-    heartbeat = read_json(store, f"{OUTPUTS}/{run}/heartbeat.json")
-    stopped = read_json(store, stopped_path(run))
-    is_stopped = stop_in_effect(stopped["stopped"] if stopped else None, previous["submitted"]) is not None
+    heartbeat_path = f"{OUTPUTS}/{run}/heartbeat.json"
+    heartbeat = read_json(store, heartbeat_path, HEARTBEAT_FIELDS)
+    if heartbeat is not None and heartbeat["status"] not in HEARTBEAT_STATUSES:
+        raise damaged(store, heartbeat_path)
+    stopped = read_json(store, stopped_path(run), STOPPED_FIELDS)
+    stopped_at = stop_in_effect(stopped["stopped"] if stopped else None, previous["submitted"])
+    is_stopped = stopped_at is not None
     now = time.time()
     # A stopped run's heartbeat can look fresh for a while (a killed container never says it ended).
     if not is_stopped and is_live_writer(heartbeat, now, live_window):
@@ -210,7 +252,7 @@ def check_resumable(
         )
     status = None if heartbeat is None else heartbeat["status"]
     ended = is_stopped or status == "finished" or (status == "failed" and not heartbeat.get("retrying"))
-    return ResumeTarget(previous, None if ended else previous.get("call_id"))
+    return ResumeTarget(previous, None if ended else previous.get("call_id"), stopped_at)
 
 
 def awaits_container(
@@ -228,9 +270,10 @@ def awaits_container(
         return False
     attempts = f"{REGISTRY}/{run}/attempts.jsonl"
     lines = store.read_text(attempts).splitlines() if store.stat(attempts) is not None else []
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = [json_object(line) for line in lines if line.strip()]
     return not any(
-        r["event"] == "start" and r["submission_id"] == submission["submission_id"] for r in records
+        r is not None and r.get("event") == "start" and r.get("submission_id") == submission["submission_id"]
+        for r in records  # None: a line cut off by a killed container
     )
 
 
@@ -254,6 +297,10 @@ class Submission:
     record: dict[str, Any]  # what the store will hold (submission_path)
     previous: dict[str, Any] | None  # the record a resume replaces
     cancel_call: str | None  # the previous call, cancelled before the new one starts (ResumeTarget)
+    # Seconds to wait before the new container starts, for the previous one to stop writing: the
+    # whole grace after cancelling its call, what is left of it after a recent `zoo modal stop`.
+    wait_s: float = 0.0
+    stopped_ago: float | None = None  # seconds since that stop
 
 
 def prepare_submission(
@@ -269,16 +316,21 @@ def prepare_submission(
 ) -> Submission:
     """A new run `cfg` (its name must be free), or with cfg None the resume of `run` (it must be
     resumable), its stored config extended by the overrides `given`."""
-    previous, cancel_call = None, None
+    previous, cancel_call, wait_s, stopped_ago = None, None, 0.0, None
     if cfg is None:
         target = check_resumable(store, run, call_lookup=call_lookup)
         previous, cancel_call = target.previous, target.cancel_call
+        if cancel_call is not None:
+            wait_s = CANCELLED_CONTAINER_GRACE_S
+        elif target.stopped_at is not None:
+            stopped_ago = max(0.0, time.time() - target.stopped_at)  # a stop clock ahead: just now
+            wait_s = max(0.0, CANCELLED_CONTAINER_GRACE_S - stopped_ago)
         cfg = config_from_dict(deep_merge(previous["config"], given))
         check_gpu_split(cfg, gpu)
     else:
         check_name_free(store, run)
     record = submission_record(cfg, gpu, timeout_s, retries, previous is not None, app_name_for(run), command)
-    return Submission(cfg, record, previous, cancel_call)
+    return Submission(cfg, record, previous, cancel_call, wait_s, stopped_ago)
 
 
 # Modal gives a cancelled container about 30 s to stop (SIGINT, then SIGKILL), in which its
@@ -286,21 +338,23 @@ def prepare_submission(
 CANCELLED_CONTAINER_GRACE_S = 40.0
 
 
-def wait_for_cancelled_container() -> None:
+def wait_for_cancelled_container(seconds: float) -> None:
     """Let a cancelled container end before the call that replaces it starts: the Volume has no
     locks, and a commit the old container made after the new one mounted the Volume would mix two
     writers' files in the run folder (last write wins, file by file)."""
-    time.sleep(CANCELLED_CONTAINER_GRACE_S)
+    time.sleep(seconds)
 
 
 def launch_submission(store: RunStore, submission: Submission, launcher: Launcher) -> dict[str, Any]:
-    """Cancel the call a resume replaces and wait for its container to end, put the record on the
-    store, start the container, and record its call; the record as stored.  If the start fails,
-    the store's record goes back to what it was (none for a new run) and the error propagates."""
+    """Cancel the call a resume replaces and wait for its container to end (or for a recently
+    stopped one), put the record on the store, start the container, and record its call; the record
+    as stored.  If the start fails, the store's record goes back to what it was (none for a new run)
+    and the error propagates."""
     run = submission.record["run_name"]
     if submission.cancel_call is not None:
         launcher.cancel(submission.cancel_call)
-        wait_for_cancelled_container()
+    if submission.wait_s > 0:
+        wait_for_cancelled_container(submission.wait_s)
     store.write_bytes(submission_path(run), json.dumps(submission.record, indent=2).encode())
     try:
         call_id, app_id = launcher.spawn(submission.cfg, submission.record)

@@ -37,6 +37,7 @@ from zoo.models import build_model
 from zoo.models.base import FlowModel
 from zoo.output_paths import check_writable_file
 from zoo.runs import (
+    CheckpointReplacedError,
     DivergedError,
     RunDir,
     RunError,
@@ -574,7 +575,7 @@ def open_run_folder(
     prepare_run_folder(run, loaded is not None, restart)
     if loaded is not None:
         if file_stamp(run.last) != loaded:
-            raise RunError(
+            raise CheckpointReplacedError(
                 f"{run.last} was replaced while this resume started (another process trained "
                 f"run {state.cfg.run_name!r} meanwhile); resume again"
             )
