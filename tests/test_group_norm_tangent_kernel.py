@@ -41,9 +41,17 @@ def in_interpreter(expression: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """The checks' results from one interpreter subprocess (each start imports torch and Triton).
+    The first-launch check first, as in a run, before anything else has launched the kernels."""
+    checks = ("first_launch_failure", "tangent_errors", "fused_step_errors")
+    return json.loads(in_interpreter("{" + ", ".join(f"'{c}': kernel_checks.{c}()" for c in checks) + "}"))
+
+
 @needs_triton
-def test_kernel_tangent_equals_forward_mode_ad_of_group_norm() -> None:
-    lines = json.loads(in_interpreter("kernel_checks.tangent_errors()"))
+def test_kernel_tangent_equals_forward_mode_ad_of_group_norm(interpreted) -> None:
+    lines = interpreted["tangent_errors"]
     assert len(lines) == 10 and all(line.startswith("ok") for line in lines), "\n".join(lines)
 
 
@@ -62,10 +70,8 @@ def assert_kernels_as_accurate_as_the_torch_operations(result: dict[str, float])
 
 
 @needs_triton
-def test_fused_meanflow_step_with_the_kernels_is_as_accurate_as_the_torch_operations() -> None:
-    assert_kernels_as_accurate_as_the_torch_operations(
-        json.loads(in_interpreter("kernel_checks.fused_step_errors()"))
-    )
+def test_fused_meanflow_step_with_the_kernels_is_as_accurate_as_the_torch_operations(interpreted) -> None:
+    assert_kernels_as_accurate_as_the_torch_operations(interpreted["fused_step_errors"])
 
 
 @pytest.mark.skipif(
@@ -225,7 +231,7 @@ def test_auto_never_launches_inside_a_graph_capture(monkeypatch) -> None:
 
 
 @needs_triton
-def test_the_first_launch_check_passes_the_real_kernels() -> None:
+def test_the_first_launch_check_passes_the_real_kernels(interpreted) -> None:
     # Through the interpreter on the CPU: the check's own code (shapes, the comparison) is right,
     # so a real device's failure is the kernels', not the check's.
-    assert json.loads(in_interpreter("kernel_checks.first_launch_failure()")) is None
+    assert interpreted["first_launch_failure"] is None

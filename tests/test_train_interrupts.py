@@ -79,14 +79,37 @@ def wait_for_step(heartbeat: Path, step: int, process: subprocess.Popen, timeout
     raise AssertionError(f"no heartbeat at step {step} within {timeout} s")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
-def test_a_signal_mid_run_saves_the_step_reached_and_says_how_to_resume(tmp_path, sig, code):
-    run_dir = tmp_path / "outputs" / "sig"
-    process = start(tmp_path, "sig", "--steps", "100000")
-    wait_for_step(run_dir / "heartbeat.json", 3, process)
-    process.send_signal(sig)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == code, err
+STOP_SIGNALS = [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)]
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory) -> dict[signal.Signals, tuple[Path, int, str]]:
+    """One run per signal, started together (their start-ups overlap), each sent its signal once
+    it has trained 3 steps: its folder (under its own working folder), exit code and stderr."""
+    processes = {}
+    for sig, _ in STOP_SIGNALS:
+        workdir = tmp_path_factory.mktemp(sig.name)
+        processes[sig] = workdir, start(workdir, "sig", "--steps", "100000")
+    stopped = {}
+    try:
+        for sig, (workdir, process) in processes.items():
+            wait_for_step(workdir / "outputs" / "sig" / "heartbeat.json", 3, process)
+            process.send_signal(sig)
+        for sig, (workdir, process) in processes.items():
+            _, err = process.communicate(timeout=60)
+            stopped[sig] = workdir, process.returncode, err
+    finally:  # a run that failed to start or stop leaves no process behind
+        for _, process in processes.values():
+            if process.poll() is None:
+                process.kill()
+    return stopped
+
+
+@pytest.mark.parametrize("sig, code", STOP_SIGNALS)
+def test_a_signal_mid_run_saves_the_step_reached_and_says_how_to_resume(stopped_runs, sig, code):
+    workdir, returncode, err = stopped_runs[sig]
+    run_dir = workdir / "outputs" / "sig"
+    assert returncode == code, err
     assert "Traceback" not in err
     heartbeat = json.loads((run_dir / "heartbeat.json").read_text())
     step = heartbeat["step"]
@@ -109,7 +132,7 @@ def test_a_signal_mid_run_saves_the_step_reached_and_says_how_to_resume(tmp_path
     # The command it printed continues the run (to a few steps more), with the time curve going on.
     resumed = subprocess.run(
         [ZOO, "train", "moons", "--run-name", "sig", "--resume", "--steps", str(step + 3), "--threads", "1"],
-        cwd=tmp_path,
+        cwd=workdir,
         capture_output=True,
         text=True,
         timeout=120,
