@@ -85,3 +85,24 @@ def test_schedule_and_the_switch_to_the_jvp_path(model):
 def test_schedule_must_run_forwards():
     with pytest.raises(ValueError, match="alpha_start"):
         LossConfig(kind="alphaflow", alpha_start=0.8, alpha_end=0.2)
+
+
+def test_small_alpha_gives_meanflows_gradient_not_one_over_alpha_times_it(model):
+    """With the adaptive weight (p = 1) the r != t rows' error shrinks like alpha; the weight's
+    factor alpha keeps their gradient at MeanFlow's (JVP target) scale as alpha -> 0."""
+    loss, x, draws, z, v = setup(model, alpha=1e-4, ratio=1.0)
+    loss.cfg = loss.cfg.model_copy(update={"weight_c": 1e-12, "alpha_threshold": 1e-6})  # no switch
+    loss.meanflow.cfg = loss.cfg
+
+    def gradient(value):
+        model.zero_grad()
+        value.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    alphaflow_loss, metrics = loss.evaluate(model, x, draws)
+    assert metrics["jvp_path"] == 0  # the alpha-blend target, not the JVP one
+    alphaflow = gradient(alphaflow_loss)
+    meanflow = gradient(loss.meanflow.evaluate(model, x, draws)[0])
+    ratio = alphaflow.norm() / meanflow.norm()
+    cosine = torch.dot(alphaflow, meanflow) / (alphaflow.norm() * meanflow.norm())
+    assert 0.9 < ratio < 1.1 and cosine > 0.99, (ratio, cosine)

@@ -4,13 +4,17 @@ convention (zoo.flow).
     z_t = (1 - t) x + t eps,  v = eps - x  (or MeanFlow's guided v_g),  delta = alpha (t - r)
     u_tgt = [delta v + (t - delta - r) sg(u(z_t - delta v, t - delta, r))] / (t - r)
           = alpha v + (1 - alpha) sg(u(z_t - delta v, t - delta, r))
-    loss = mean(w |u(z_t, t, r) - u_tgt|^2),  w = 1 / sg(|.|^2 + c)^p  (MeanFlow's adaptive weight)
+    loss = mean(w |u(z_t, t, r) - u_tgt|^2),  w = a / sg(|.|^2 + c)^p
+    a = alpha on the r != t rows, 1 on the r = t rows
 
 z_t - delta v is the same conditional path's point at t - delta, so the target averages v over
 [t - delta, t] with u's own average over [r, t - delta].  alpha = 1 regresses u on v (trajectory flow
-matching); as alpha -> 0, (u_tgt - (1 - alpha) u) / alpha -> v - (t - r) du/dt, MeanFlow's target,
-so the loss's gradient becomes alpha times MeanFlow's.  Samples with r = t (a fraction 1 - ratio)
-take v, as MeanFlow's do.
+matching); as alpha -> 0, (u_tgt - (1 - alpha) u) / alpha -> v - (t - r) du/dt, MeanFlow's target.
+The error u - u_tgt is then alpha times MeanFlow's, so with MeanFlow's adaptive weight (p = 1)
+alone the gradient of the r != t rows would grow like 1/alpha, drowning the r = t rows and jumping
+by orders of magnitude at the switch to the JVP target; the factor a = alpha (as in the authors'
+code) keeps it at MeanFlow's scale throughout.  Samples with r = t (a fraction 1 - ratio) take v,
+as MeanFlow's do.
 
 alpha follows a sigmoid from 1 to 0 over the fraction of training done (loss.alpha_start to
 loss.alpha_end, steepness loss.alpha_steepness); below loss.alpha_threshold the step computes
@@ -89,6 +93,7 @@ class AlphaFlowLoss(Loss):
         u = model(z, t, r, draws.y).to(dtype)
         delta = (u - target).square().flatten(1).sum(1)
         weight = (delta.detach() + cfg.weight_c).pow(-cfg.weight_p)
+        weight = weight * torch.ones_like(weight).index_fill(0, draws.times.jvp_index, self.alpha)
         loss = (weight * delta).mean()
         metrics = {
             "loss": loss.detach(),
