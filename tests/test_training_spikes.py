@@ -40,12 +40,18 @@ class Recorder(Tracker):
         pass
 
 
-def test_the_trainer_prints_records_and_counts_each_spike():
-    console = Console(record=True, width=200)
+def trainer_parts():
+    """What record_spikes writes to: (console, metrics rows, state, run, progress)."""
+    console = Console(record=True, width=300)
     rows = []
     state = SimpleNamespace(spikes=SpikeDetector(min_history=3), step=0)
     run = SimpleNamespace(append_metrics=rows.append)
     progress = SimpleNamespace(rich=SimpleNamespace(console=console))
+    return console, rows, state, run, progress
+
+
+def test_the_trainer_prints_records_and_counts_each_spike():
+    console, rows, state, run, progress = trainer_parts()
     tracker = Recorder()
     for step, value in enumerate([1.0, 1.0, 1.0, 1.0, 50.0, 1.0]):
         state.step = step
@@ -69,11 +75,7 @@ def test_a_new_loss_path_starts_a_new_history():
 
 
 def test_a_burst_of_spikes_prints_one_line_per_quiet_period_and_records_every_one():
-    console = Console(record=True, width=300)
-    rows = []
-    state = SimpleNamespace(spikes=SpikeDetector(min_history=3), step=0)
-    run = SimpleNamespace(append_metrics=rows.append)
-    progress = SimpleNamespace(rich=SimpleNamespace(console=console))
+    console, rows, state, run, progress = trainer_parts()
     # Every third step spikes from step 21 on: two thirds of the history stay 1, so does the median.
     values = [50.0 if step > 20 and step % 3 == 0 else 1.0 for step in range(300)]
     for step, value in enumerate(values):
