@@ -13,6 +13,7 @@ from zoo.models import build_model
 from zoo.models.base import RowTangentModel
 from zoo.models.embeddings import GuidanceInputs
 from zoo.models.layers import Linear
+from zoo.solvers.samplers import Guidance, guided_prediction
 
 F64 = torch.float64
 CLASSES = 3
@@ -65,8 +66,10 @@ def test_jvp_matches_finite_differences_along_the_predicted_velocity(arch, guida
     yj = None if y is None else draws.y[ji]
     gj = None if g is None else g.rows(ji)
     with torch.no_grad():
-        # The tangent is the model's own velocity: its v-head at r = t with the sample's conditions.
-        assert torch.allclose(out.tangent, model.velocity(z, t, yj, gj), atol=1e-12)
+        # The tangent is the model's own velocity: its v-head at r = t with the sample's label and
+        # its guidance at t (omega where t is in its interval, else 1, over [0, 1]).
+        at_t = None if gj is None else velocity_inputs(gj, t)
+        assert torch.allclose(out.tangent, model.velocity(z, t, yj, at_t), atol=1e-12)
         h = 1e-6
 
         def u_at(sign: float) -> Tensor:
@@ -145,6 +148,14 @@ def test_linear_model_closed_form(mode):
     assert torch.allclose(model.u_time.weight.grad, grad_u_time, atol=1e-10)
 
 
+def velocity_inputs(g: GuidanceInputs, t: Tensor) -> GuidanceInputs:
+    """The velocity at t is queried as r = t rows train: over [0, 1], with omega where t lies in
+    the row's interval and 1 outside it."""
+    acts = (t >= g.t_min) & (t <= g.t_max)
+    ones = torch.ones_like(t)
+    return GuidanceInputs(omega=torch.where(acts, g.omega, ones), t_min=0 * ones, t_max=ones)
+
+
 def test_guided_target_follows_its_formula_inside_the_interval_only():
     model = imf_model("mlp", guidance=True)
     x, y = batch(model, n=64)
@@ -153,7 +164,7 @@ def test_guided_target_follows_its_formula_inside_the_interval_only():
     null = torch.full_like(draws.y, CLASSES)
     plain = GuidanceInputs.constant(len(x), 1.0, (0.0, 1.0), x.device, F64)
     with torch.no_grad():
-        v_c = model.velocity(out.z, t, draws.y, g)
+        v_c = model.velocity(out.z, t, draws.y, velocity_inputs(g, t))
         v_u = model.velocity(out.z, t, null, plain)
     v = conditional_velocity(x, draws.noise)
     inside = (t >= g.t_min) & (t <= g.t_max) & ~draws.dropped
@@ -217,7 +228,7 @@ def reference_imf_loss(model: RowTangentModel, x: Tensor, draws, c: float, p: fl
         else:
             null = torch.full_like(y, CLASSES)
             plain = GuidanceInputs.constant(len(x), 1.0, (0.0, 1.0), x.device, x.dtype)
-            v_hat = model.velocity(z, t, y, g)
+            v_hat = model.velocity(z, t, y, velocity_inputs(g, t))
             v_u = model.velocity(z, t, null, plain)
             inside = (t >= g.t_min) & (t <= g.t_max) & ~draws.dropped
             target = v + torch.where(inside, 1 - 1 / g.omega, 0.0).view(shape) * (v_hat - v_u)
@@ -315,3 +326,24 @@ def test_sampling_runs_neither_the_velocity_head_nor_changes_u():
 def test_interpolation_convention():
     x, noise, t = torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0.25, 1.0])
     assert torch.equal(interpolate(x, noise, t), expand_time(t, x).expand(2, 2))
+
+
+def test_an_ode_velocity_is_queried_as_r_equals_t_rows_train_and_a_jump_with_its_interval():
+    """r = t rows train with the interval [0, 1]: an ODE solver's velocity at t gets omega where t
+    lies in the asked interval and 1 elsewhere, over [0, 1]; a jump (r < t) sees the interval."""
+    model = imf_model("mlp", guidance=True)
+    x, y = batch(model)
+    asked = Guidance(3.0, (0.6, 0.7))
+
+    def direct(t: float, r: float, omega: float, interval: tuple[float, float]) -> Tensor:
+        times = torch.full((len(x),), t, dtype=F64)
+        inputs = GuidanceInputs.constant(len(x), omega, interval, x.device, F64)
+        return model(x, times, torch.full_like(times, r), y, inputs)
+
+    with torch.no_grad():
+        for t, omega in ((0.5, 1.0), (0.65, 3.0)):
+            times = torch.full((len(x),), t, dtype=F64)
+            got = guided_prediction(model, x, times, times, y, asked)
+            assert torch.equal(got, direct(t, t, omega, (0.0, 1.0)))
+        times, r = torch.full((len(x),), 0.9, dtype=F64), torch.full((len(x),), 0.2, dtype=F64)
+        assert torch.equal(guided_prediction(model, x, times, r, y, asked), direct(0.9, 0.2, 3.0, (0.6, 0.7)))

@@ -16,7 +16,12 @@ interval t_min ~ U(0, 1/2), t_max ~ U(1/2, 1) ([0, 1] where r = t; omega = 1 whe
 dropped), and the model sees them.  The target is
 
     v_g = (eps - x) + (1 - 1/omega) (v_c - v_u)   for t in [t_min, t_max], else eps - x
-    v_c = sg(v_theta(z, t | y, omega, interval)),  v_u = sg(v_theta(z, t | null, omega = 1))
+    v_c = sg(v_theta(z, t | y, omega_t, [0, 1])),  v_u = sg(v_theta(z, t | null, omega = 1, [0, 1]))
+    omega_t = omega for t in [t_min, t_max], else 1
+
+The velocity at t (r = t, as v_hat and v_c are queried) depends on the interval only through
+whether guidance acts at t, so it is queried as the r = t rows are trained: over [0, 1], with the
+row's omega where t lies in its interval and 1 elsewhere (never at an interval r = t rows never see).
 
 Why 1 - 1/omega: if the v-head has learnt the guided field V = v_u* + omega (v_c* - v_u*) of the true
 conditional and unconditional fields v_c*, v_u*, and the null class (always trained at omega = 1)
@@ -151,7 +156,7 @@ class ImprovedMeanFlowLoss(Loss):
             plain = GuidanceInputs.constant(len(guided), 1.0, (0.0, 1.0), z.device, guidance.omega.dtype)
             rows = torch.cat([cond, guided])
             out = model.velocity(
-                z[rows], t[rows], torch.cat([y[cond], null]), guidance.rows(cond).cat(plain)
+                z[rows], t[rows], torch.cat([y[cond], null]), guidance.rows(cond).at(t[cond]).cat(plain)
             ).to(z.dtype)
             v_c, v_u = out[: len(cond)], out[len(cond) :]
             return v_c[: len(ji)], GuidedRows(guided, scale[guided], v_u, cond, v_c)

@@ -98,6 +98,17 @@ class GuidanceInputs:
 
         return cls(omega=full(omega), t_min=full(interval[0]), t_max=full(interval[1]))
 
+    def at(self, t: Tensor) -> "GuidanceInputs":
+        """The inputs of the velocity at t (r = t): omega where t lies in the row's interval, else
+        1, over the whole interval [0, 1], as r = t rows are trained (the interval of a velocity
+        at one time only says whether guidance acts there)."""
+        acts = (t >= self.t_min) & (t <= self.t_max)
+        return GuidanceInputs(
+            omega=torch.where(acts, self.omega, torch.ones_like(self.omega)),
+            t_min=torch.zeros_like(self.t_min),
+            t_max=torch.ones_like(self.t_max),
+        )
+
     def rows(self, index: Tensor | slice) -> "GuidanceInputs":
         return GuidanceInputs(self.omega[index], self.t_min[index], self.t_max[index])
 

@@ -108,6 +108,8 @@ def guided_prediction(
     if model.guidance_conditioned:
         interval = guidance.interval or (0.0, 1.0)
         inputs = GuidanceInputs.constant(z.shape[0], guidance.scale, interval, z.device, t.dtype)
+        if torch.equal(t, r):  # an ODE solver's velocity: queried as r = t rows are trained
+            inputs = inputs.at(t)
         return model(z, t, r, y, inputs)
     if guidance.interval is not None:
         raise ValueError("a guidance interval needs a model conditioned on guidance (model.guidance_inputs)")
