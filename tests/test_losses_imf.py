@@ -203,6 +203,21 @@ def test_masks_are_per_sample_and_guidance_draws_follow_their_laws():
     assert abs(u.mean().item() - 0.5) < 0.03 and abs(u.var().item() - 1 / 12) < 0.01
 
 
+@pytest.mark.parametrize("beta", [0.0, 2.5])
+def test_omega_follows_the_power_law_of_its_exponent(beta):
+    """p(omega) ~ omega^-beta on [1, 8]: the empirical CDF of the draws against the closed form."""
+    loss = imf_loss(omega_max=8.0, omega_power=beta)
+    model = imf_model("mlp", guidance=True)
+    x, y = batch(model, n=16)
+    generator = torch.Generator().manual_seed(0)
+    draws = [loss.draw(model, x, y, generator) for _ in range(300)]
+    omega = torch.cat([d.guidance.omega[~d.dropped] for d in draws]).sort().values
+    a = 1 - beta
+    cdf = (omega**a - 1) / (8.0**a - 1)
+    empirical = torch.arange(1, len(omega) + 1, dtype=F64) / len(omega)
+    assert len(omega) > 3000 and (cdf - empirical).abs().max() < 1.36 / len(omega) ** 0.5  # KS at 5 %
+
+
 def test_fused_and_nograd_give_the_same_loss_and_gradients():
     model = imf_model("unet", guidance=True)
     x, y = batch(model)

@@ -263,10 +263,10 @@ class LossConfig(Section):
     omega_max: float = Field(8.0, ge=1.0, le=100.0, description="iMF: omega is drawn on [1, omega_max]")
     omega_power: float = Field(
         1.0,
-        gt=0.0,
+        ge=0.0,
         le=10.0,
-        description="iMF: omega = omega_max ** (U ** omega_power), U ~ U(0, 1); 1 = log-uniform, "
-        "> 1 puts more mass near omega = 1",
+        description="iMF: omega is drawn from p(omega) ~ omega ** -omega_power on [1, omega_max]; "
+        "1 = log-uniform, 0 = uniform, > 1 puts more mass near omega = 1",
     )
     # alpha-Flow: alpha falls from 1 to 0 along a sigmoid over the fraction of training done.
     alpha_start: float = Field(

@@ -11,7 +11,7 @@ The v-head runs in the same forward as u, conditioned on the same (t, r); its ta
 depend on r, so it learns the velocity at t for every r and is queried at r = t for v_hat.
 
 Guidance as a condition (a class-conditional model built with model.guidance_inputs): each sample
-draws omega = omega_max ** (U ** omega_power) (log-uniform on [1, omega_max] at power 1) and an
+draws omega from p(omega) ~ omega ** -omega_power on [1, omega_max] (log-uniform at power 1) and an
 interval t_min ~ U(0, 1/2), t_max ~ U(1/2, 1) ([0, 1] where r = t; omega = 1 where the label was
 dropped), and the model sees them.  The target is
 
@@ -55,13 +55,22 @@ from zoo.models.base import FlowModel, RowTangentModel
 from zoo.models.embeddings import GuidanceInputs
 
 
+def power_law(u: Tensor, high: float, beta: float) -> Tensor:
+    """Inverse CDF of p(omega) proportional to omega ** -beta on [1, high] at u in [0, 1]
+    (beta = 1: log-uniform, beta = 0: uniform, larger beta: more mass near 1)."""
+    if beta == 1.0:
+        return high**u
+    a = 1.0 - beta
+    return (1.0 + u * (high**a - 1.0)) ** (1.0 / a)
+
+
 def draw_guidance(
     cfg: LossConfig, times: TimePair, dropped: Tensor, generator: torch.Generator, dtype: torch.dtype
 ) -> GuidanceInputs:
     """Per-sample omega and interval (see the module docstring)."""
     batch, device = times.t.shape[0], generator.device
     draws = torch.rand((3, batch), generator=generator, device=device, dtype=dtype)
-    omega = cfg.omega_max ** (draws[0] ** cfg.omega_power)
+    omega = power_law(draws[0], cfg.omega_max, cfg.omega_power)
     t_min, t_max = 0.5 * draws[1], 0.5 + 0.5 * draws[2]
     whole = ~times.mask | dropped  # r = t rows, and rows without a class: guidance on all of [0, 1]
     return GuidanceInputs(
