@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from tee import Tee  # scripts/tee.py, beside this script
 
 from zoo.config import load_config
 from zoo.data import build_data
@@ -21,19 +22,6 @@ from zoo.evaluation import Method, evaluate
 from zoo.inference import load_model
 from zoo.plotting import save_metric_bars
 from zoo.training.trainer import train_run
-
-
-class Tee:
-    """Print to the console and to the script's log file."""
-
-    def __init__(self, path: Path) -> None:
-        self.handle = open(path, "w")
-
-    def __call__(self, *parts: object) -> None:
-        line = " ".join(str(p) for p in parts)
-        print(line, flush=True)
-        self.handle.write(line + "\n")
-        self.handle.flush()
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+from tee import Tee  # scripts/tee.py, beside this script
 
 from zoo.checkpoint_eval import prepare
 from zoo.config import load_config
@@ -67,19 +68,6 @@ ONE_STEP_SAMPLERS = {"meanflow_steps": [1, 2, 4], "solvers": []}
 ODE_SAMPLERS = {"solvers": ["euler"], "solver_nfe": [8, 16, 32]}
 PROBE_WARMUP = 2
 PROBE_TRAINING_STEPS = 1000  # the nominal length of a calibration run (it places alpha-Flow's curriculum)
-
-
-class Tee:
-    """Print to the console and to the script's log file."""
-
-    def __init__(self, path: Path) -> None:
-        self.handle = open(path, "w")
-
-    def __call__(self, *parts: object) -> None:
-        line = " ".join(str(p) for p in parts)
-        print(line, flush=True)
-        self.handle.write(line + "\n")
-        self.handle.flush()
 
 
 def study_config(objective: str, seed: int, common: list[str], steps: int = 1) -> ZooConfigBody:
