@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+import torch
 from rich.console import Console
 
 from zoo.tracking import Tracker
@@ -88,3 +90,40 @@ def test_a_burst_of_spikes_prints_one_line_per_quiet_period_and_records_every_on
     assert [line.split(":")[0] for line in lines] == shown
     # 24, 27, ..., 120 between the first two lines: 33 spike steps not printed
     assert "(33 more spike steps since the last one shown)" in lines[1]
+
+
+def test_a_step_of_micro_batches_reports_the_largest_sample_loss_and_the_mean_loss(monkeypatch):
+    """The spike watch reads a step's largest per-sample loss: over micro-batches it is the largest
+    of theirs, while the mean losses average."""
+    from zoo.config.loading import load_config
+    from zoo.training import trainer
+
+    cfg = load_config(
+        "moons",
+        [
+            "loss.kind=imf",
+            "model.v_head=1",
+            "model.hidden=16",
+            "model.depth=2",
+            "train.batch_size=32",
+            "train.grad_accum=4",
+            "device=cpu",
+            "run_name=micro",
+        ],
+    )
+    state = trainer.build_state(cfg, torch.device("cpu"))
+    seen = []
+    backward = trainer.micro_batch_backward
+
+    def recording(s: trainer.TrainState) -> dict[str, torch.Tensor]:
+        metrics = backward(s)
+        seen.append({key: float(value) for key, value in metrics.items()})
+        return metrics
+
+    monkeypatch.setattr(trainer, "micro_batch_backward", recording)
+    totals = trainer.train_step(state)
+    assert len(seen) == 4
+    per_micro = [m["max_sample_mse"] for m in seen]
+    assert len(set(per_micro)) == 4  # distinct, so a mean could not pass for the max
+    assert totals["max_sample_mse"] == max(per_micro)
+    assert totals["mse"] == pytest.approx(sum(m["mse"] for m in seen) / 4, rel=1e-6)  # float32 sums

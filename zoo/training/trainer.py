@@ -358,12 +358,21 @@ def train_step(state: TrainState) -> dict[str, float]:
     model, optimizer = state.model, state.optimizer
     state.source.batch_size = rank_batch_size(cfg) // state.micro_batches
     state.loss_fn.set_progress(state.step, cfg.train.steps)
+    # Metrics over the micro-batches: the mean, except that a `max_` metric is the largest one.
     sums: dict[str, torch.Tensor] = {}
     for _ in range(state.micro_batches):
         for key, value in micro_batch_backward(state).items():
-            sums[key] = sums[key] + value if key in sums else value
+            if key not in sums:
+                sums[key] = value
+            elif key.startswith("max_"):
+                sums[key] = torch.maximum(sums[key], value)
+            else:
+                sums[key] = sums[key] + value
     # One device-to-host copy for the step's metrics.
-    totals = {key: value / state.micro_batches for key, value in metrics_to_floats(sums).items()}
+    totals = {
+        key: value if key.startswith("max_") else value / state.micro_batches
+        for key, value in metrics_to_floats(sums).items()
+    }
     distributed.all_reduce_gradients(model)
     if state.scaler is not None:
         state.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
