@@ -51,6 +51,9 @@ def test_sample_takes_a_scale_and_an_interval(run, tmp_path):
         (["--guidance-interval", "0.3"], "two times a,b"),
         (["--guidance", "0.5"], "trained on guidance scales in [1, 4]"),
         (["--guidance", "6"], "trained on guidance scales in [1, 4]"),
+        # iMF trains intervals a,b with a <= 0.5 <= b: others would be extrapolation.
+        (["--guidance-interval", "0.6,0.9"], "trained on guidance intervals a,b with a <= 0.5 <= b"),
+        (["--guidance-interval", "0.1,0.4"], "trained on guidance intervals a,b with a <= 0.5 <= b"),
     ],
 )
 def test_bad_guidance_is_one_line_and_exit_2(run, tmp_path, args, message):
@@ -115,10 +118,10 @@ def test_eval_sweeps_guidance_on_one_interval_and_names_the_best(run, tmp_path):
         mine = [r for r in rows if f"{r['kind']}_{r['steps']}" == sampler]
         assert scale == min(mine, key=lambda r: r["energy_distance"])["guidance"]
     # Each row is the evaluation of its own scale on the swept interval: the same as asked alone,
-    # and another interval gives other samples (0.6-0.7 holds neither of Euler's two times, 1 and
-    # 0.5, while 0.1-0.9 holds 0.5).
+    # and another interval gives other samples (0.2-1 holds both of Euler's two times, 1 and 0.5,
+    # while 0.1-0.9 holds 0.5 only; the jumps take the interval as an input).
     alone = eval_json(run, tmp_path / "alone.json", "--guidance", 2, "--guidance-interval", "0.1,0.9")
-    elsewhere = eval_json(run, tmp_path / "elsewhere.json", "--guidance", 2, "--guidance-interval", "0.6,0.7")
+    elsewhere = eval_json(run, tmp_path / "elsewhere.json", "--guidance", 2, "--guidance-interval", "0.2,1")
 
     def at_2(report: dict) -> dict:
         return {r["method"]: r["energy_distance"] for r in report["rows"] if r["guidance"] == 2.0}

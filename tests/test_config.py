@@ -137,6 +137,7 @@ def test_objective_presets_carry_their_papers_settings():
         ("fashion-mnist-imf", ["eval.guidance_interval=[0.8, 0.2]"], "0 <= a <= b <= 1"),
         ("fashion-mnist-imf", ["eval.guidance_interval=[0.2, 1.5]"], "0 <= a <= b <= 1"),
         ("fashion-mnist-imf", ["eval.guidance=9.0"], "[1, loss.omega_max=8]"),
+        ("fashion-mnist-imf", ["eval.guidance_interval=[0.6, 0.9]"], "a <= 0.5 <= b"),
         ("fashion-mnist-imf", ["eval.guidance=0.5"], "[1, loss.omega_max=8]"),
     ],
 )

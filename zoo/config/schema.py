@@ -35,6 +35,9 @@ MAX_NFE = 1000
 # Samples an energy distance compares: its cost grows with the square of the number.
 MAX_EVAL_SAMPLES = 100_000
 MAX_GUIDANCE = 20.0
+# iMF draws guidance intervals with t_min in [0, split] and t_max in [split, 1]: an interval that
+# does not contain the split was never trained on.
+GUIDANCE_INTERVAL_SPLIT = 0.5
 # `zoo sample` keeps its samples in memory and writes them to one .npz: a count and a size bound it.
 MAX_SAMPLES = 1_000_000
 MAX_SAMPLE_BYTES = 4 << 30
@@ -259,7 +262,8 @@ class LossConfig(Section):
     guidance_kappa: float = Field(0.0, ge=0.0, lt=1.0)
     guidance_t_min: float = Field(0.0, ge=0.0, le=1.0)
     guidance_t_max: float = Field(1.0, ge=0.0, le=1.0)
-    # iMF: guidance as a condition (model.guidance_inputs), drawn per sample in training.
+    # iMF: guidance as a condition (model.guidance_inputs), drawn per sample in training; the
+    # interval [t_min, t_max] with t_min <= GUIDANCE_INTERVAL_SPLIT <= t_max (zoo.losses.imf).
     omega_max: float = Field(8.0, ge=1.0, le=100.0, description="iMF: omega is drawn on [1, omega_max]")
     omega_power: float = Field(
         1.0,
@@ -470,4 +474,11 @@ class ZooConfigBody(Section):
                     f"eval.guidance={self.eval.guidance:g} lies outside the scales iMF trains on, "
                     f"[1, loss.omega_max={self.loss.omega_max:g}]: choose one in that range"
                 )
+            if self.eval.guidance_interval is not None:
+                low, high = self.eval.guidance_interval
+                if not low <= GUIDANCE_INTERVAL_SPLIT <= high:
+                    raise ValueError(
+                        f"eval.guidance_interval={[low, high]} lies outside the intervals iMF trains on, "
+                        f"[a, b] with a <= {GUIDANCE_INTERVAL_SPLIT:g} <= b: choose one such as [0.2, 0.8]"
+                    )
         return self

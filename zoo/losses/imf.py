@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from zoo.config.schema import LossConfig
+from zoo.config.schema import GUIDANCE_INTERVAL_SPLIT, LossConfig
 from zoo.flow import conditional_velocity, expand_time, interpolate
 from zoo.losses.base import Draws, Loss, draw_noise, drop_labels
 from zoo.losses.jvp import build_jvp, select
@@ -71,7 +71,8 @@ def draw_guidance(
     batch, device = times.t.shape[0], generator.device
     draws = torch.rand((3, batch), generator=generator, device=device, dtype=dtype)
     omega = power_law(draws[0], cfg.omega_max, cfg.omega_power)
-    t_min, t_max = 0.5 * draws[1], 0.5 + 0.5 * draws[2]
+    split = GUIDANCE_INTERVAL_SPLIT
+    t_min, t_max = split * draws[1], split + (1.0 - split) * draws[2]
     whole = ~times.mask | dropped  # r = t rows, and rows without a class: guidance on all of [0, 1]
     return GuidanceInputs(
         omega=torch.where(dropped, torch.ones_like(omega), omega),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from zoo.config.schema import EvalConfig
+from zoo.config.schema import GUIDANCE_INTERVAL_SPLIT, EvalConfig
 from zoo.flow import step_average_velocity
 from zoo.models.base import FlowModel
 from zoo.models.embeddings import GuidanceInputs
@@ -50,7 +50,9 @@ def sampler_guidance(cfg: EvalConfig, scale: float | None = None) -> Guidance:
 def check_guidance(model: FlowModel, guidance: Guidance, omega_max: float | None = None) -> None:
     """Guidance a model can take, or a ValueError saying what to change.
 
-    omega_max: the largest scale a guidance-conditioned model was trained on (loss.omega_max)."""
+    omega_max: the largest scale a guidance-conditioned model was trained on (loss.omega_max);
+    given, the model was trained by iMF and its interval must also be one iMF draws, [a, b] with
+    a <= GUIDANCE_INTERVAL_SPLIT <= b (elsewhere the network would extrapolate)."""
     if guidance.scale != 1.0 and model.num_classes == 0:
         raise ValueError(
             f"guidance {guidance.scale:g} needs a class-conditional model; this one is unconditional"
@@ -64,6 +66,12 @@ def check_guidance(model: FlowModel, guidance: Guidance, omega_max: float | None
             )
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"the guidance interval must satisfy 0 <= a <= b <= 1, got {low:g},{high:g}")
+        split = GUIDANCE_INTERVAL_SPLIT
+        if omega_max is not None and not low <= split <= high:
+            raise ValueError(
+                f"this model was trained on guidance intervals a,b with a <= {split:g} <= b; "
+                f"got {low:g},{high:g}, choose one such as 0.2,0.8"
+            )
     if model.guidance_conditioned:
         top = f"{omega_max:g}" if omega_max is not None else "its loss.omega_max"
         if guidance.scale < 1.0 or (omega_max is not None and guidance.scale > omega_max):
