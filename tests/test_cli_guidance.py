@@ -90,6 +90,9 @@ def test_eval_takes_the_same_options(run, tmp_path):
     assert json_out.exists()
     bad = zoo("eval", run / "last.pt", "--guidance", 0.5, "--json", tmp_path / "f.json")
     assert bad.exit_code == 2 and not (tmp_path / "f.json").exists()
+    bad = zoo("eval", run / "last.pt", "--guidance-interval", "0.6,0.9", "--json", tmp_path / "g.json")
+    assert bad.exit_code == 2 and not (tmp_path / "g.json").exists()
+    assert "a <= 0.5 <= b" in " ".join(bad.output.split())
 
 
 def eval_json(run: Path, path: Path, *args: object) -> dict:

@@ -142,8 +142,20 @@ def test_objective_presets_carry_their_papers_settings():
     ],
 )
 def test_evaluation_guidance_the_model_cannot_sample_is_refused(preset, overrides, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
         load_config(preset, overrides)
+    # A rule across sections is one line of its own: the config it was checked on stays out.
+    assert "\n" not in str(refused.value) and "{" not in str(refused.value)
+
+
+def test_a_stored_config_loads_with_an_interval_a_new_run_could_not_start_with():
+    """A checkpoint's config skips the rules that only guard a run's start: the run stays readable,
+    and zoo sample/eval refuse the interval only where it is used (--guidance-interval fixes it)."""
+    stored = config_to_dict(load_config("fashion-mnist-imf", []))
+    stored["eval"]["guidance_interval"] = [0.6, 0.9]
+    assert config_from_dict(stored).eval.guidance_interval == (0.6, 0.9)
+    with pytest.raises(ConfigError, match=re.escape("a <= 0.5 <= b")):
+        load_config("fashion-mnist-imf", ["eval.guidance_interval=[0.6, 0.9]"])
 
 
 def test_an_evaluation_interval_loads_as_a_pair():

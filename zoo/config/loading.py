@@ -18,7 +18,7 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
-from zoo.config.schema import TRAINING_JVP_MODES, DiTConfig, MLPConfig, UNetConfig, ZooConfigBody
+from zoo.config.schema import STORED, TRAINING_JVP_MODES, DiTConfig, MLPConfig, UNetConfig, ZooConfigBody
 from zoo.environment import CONFIG_ENV_PREFIX, NON_CONFIG_ENV
 
 MODEL_CLASSES: dict[str, type[BaseModel]] = {"mlp": MLPConfig, "unet": UNetConfig, "dit": DiTConfig}
@@ -233,6 +233,12 @@ def format_validation_error(
             else:
                 lines.append(f"{key}: unknown key{allowed}")
             continue
+        if isinstance(value, dict):
+            # A rule across the keys of a section (or of sections): its message names the keys, and
+            # the section's whole contents would bury it.
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(message if not loc else f"{key}: {message}")
+            continue
         if variable:
             key = f"{key} (from ${variable})"
         bounds = allowed_range(owner, raw_loc[-1]) if raw_loc else ""
@@ -317,9 +323,10 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> ZooConfigBody:
-    """A stored (resolved) config, validated without environment or preset influence."""
+    """A stored (resolved) config, validated without environment or preset influence, and without
+    the rules that only guard a run's start (schema.STORED)."""
     try:
-        return ZooConfigBody.model_validate(data)
+        return ZooConfigBody.model_validate(data, context=STORED)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, data)) from None
 

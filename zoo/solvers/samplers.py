@@ -52,7 +52,9 @@ def check_guidance(model: FlowModel, guidance: Guidance, omega_max: float | None
 
     omega_max: the largest scale a guidance-conditioned model was trained on (loss.omega_max);
     given, the model was trained by iMF and its interval must also be one iMF draws, [a, b] with
-    a <= GUIDANCE_INTERVAL_SPLIT <= b (elsewhere the network would extrapolate)."""
+    a <= GUIDANCE_INTERVAL_SPLIT <= b: a jump feeds the interval to the network, which would
+    extrapolate elsewhere.  (An ODE solver only asks whether each time lies in it, so any interval
+    would do there; the rule holds for every sampler because one interval serves all of a run's.)"""
     if guidance.scale != 1.0 and model.num_classes == 0:
         raise ValueError(
             f"guidance {guidance.scale:g} needs a class-conditional model; this one is unconditional"
