@@ -70,29 +70,31 @@ def record_gradients(state: trainer.TrainState) -> dict[str, torch.Tensor | None
 
 def one_step_from(
     batch_size: int, grad_accum: int, start: tuple[torch.Tensor, dict] | None
-) -> tuple[dict, list]:
-    """train_step on a fresh state (this process's rank and world), from the draw state `start`."""
+) -> tuple[dict, list, dict]:
+    """train_step on a fresh state (this process's rank and world), from the draw state `start`:
+    the gradients, the draws and the step's metrics."""
     state = trainer.build_state(config(batch_size, grad_accum), torch.device("cpu"))
     if start is not None:
         state.generator.set_state(start[0])
         state.source.load_state_dict(start[1])
     draws = record_draws(state)
     gradients = record_gradients(state)
-    trainer.train_step(state)
+    metrics = trainer.train_step(state)
     assert state.micro_batches == grad_accum and len(draws) == grad_accum
     assert state.source.batch_size == MICRO
-    return gradients, draws
+    return gradients, draws, metrics
 
 
 def rank_main(rank: int, world: int, port: int, starts: list, out_dir: Path) -> None:
     join(rank, world, port)
-    gradients, _ = one_step_from(BATCH, grad_accum=2, start=starts[2 * rank])
-    torch.save({"grads": gradients, "world": distributed.world_size()}, out_dir / f"rank{rank}.pt")
+    gradients, _, metrics = one_step_from(BATCH, grad_accum=2, start=starts[2 * rank])
+    result = {"grads": gradients, "metrics": metrics, "world": distributed.world_size()}
+    torch.save(result, out_dir / f"rank{rank}.pt")
     distributed.shutdown()
 
 
 def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
-    expected, draws = one_step_from(BATCH, grad_accum=BATCH // MICRO, start=None)
+    expected, draws, metrics = one_step_from(BATCH, grad_accum=BATCH // MICRO, start=None)
     run_ranks(rank_main, 2, draws, tmp_path)
 
     for rank in (0, 1):
@@ -102,14 +104,33 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
         for name, grad in expected.items():
             assert grad is not None and grad.abs().sum() > 0, name  # a zero gradient would prove nothing
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        # Every rank reports the losses of the whole global batch, as the one process does.
+        for key in ("loss", "mse"):
+            assert result["metrics"][key] == pytest.approx(metrics[key], rel=1e-5), key
 
     # Guard: one rank's own half of the batch gives another gradient (else this proves nothing).
-    half, _ = one_step_from(BATCH // 2, grad_accum=2, start=draws[0])
+    half, _, half_metrics = one_step_from(BATCH // 2, grad_accum=2, start=draws[0])
+    assert half_metrics["mse"] != pytest.approx(metrics["mse"], rel=1e-3)
     flat = {
         key: torch.cat([g.flatten() for g in grads.values()])
         for key, grads in (("half", half), ("all", expected))
     }
     assert (flat["half"] - flat["all"]).norm() > 0.1 * flat["all"].norm()
+
+
+def metrics_rank(rank: int, world: int, port: int, out_dir: Path) -> None:
+    join(rank, world, port)
+    mine = {"max_sample_mse": [5.0, 2.0][rank], "mse": [1.0, 3.0][rank], "loss": [0.5, 0.25][rank]}
+    torch.save(distributed.reduce_metrics(mine, torch.device("cpu")), out_dir / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+def test_step_metrics_are_the_mean_over_ranks_and_the_max_of_a_max_metric(tmp_path):
+    run_ranks(metrics_rank, 2, tmp_path)
+    for rank in (0, 1):
+        reduced = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert list(reduced) == ["max_sample_mse", "mse", "loss"]
+        assert reduced == {"max_sample_mse": 5.0, "mse": 2.0, "loss": 0.375}
 
 
 class TwoBranches(nn.Module):
@@ -160,7 +181,7 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(grads[k], p.grad) for k, p in model.named_parameters())
-    assert distributed.mean_across_ranks({"loss": 2.0}, torch.device("cpu")) == {"loss": 2.0}
+    assert distributed.reduce_metrics({"loss": 2.0}, torch.device("cpu")) == {"loss": 2.0}
 
 
 def test_torchrun_without_rendezvous_variables_is_refused(monkeypatch):

@@ -195,14 +195,23 @@ def max_across_ranks(value: int, device: torch.device) -> int:
     return int(packed.item())
 
 
-def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalar metrics over ranks (for logging what the whole global batch saw)."""
+def reduce_metrics(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """A step's scalar metrics over the whole global batch: the mean over ranks, and for a metric
+    named `max_*` the largest any rank saw.  Every rank must call it with the same keys."""
     if world_size() == 1 or not values:
         return dict(values)
-    keys = sorted(values)
-    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    return {k: float(v) / world_size() for k, v in zip(keys, packed.tolist(), strict=True)}
+    reduced = {}
+    for op, keys in (
+        (dist.ReduceOp.SUM, sorted(k for k in values if not k.startswith("max_"))),
+        (dist.ReduceOp.MAX, sorted(k for k in values if k.startswith("max_"))),
+    ):
+        if not keys:
+            continue
+        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(packed, op=op)
+        scale = 1.0 / world_size() if op == dist.ReduceOp.SUM else 1.0
+        reduced.update({k: float(v) * scale for k, v in zip(keys, packed.tolist(), strict=True)})
+    return {k: reduced[k] for k in values}
 
 
 # Seconds a training process gets, after SIGTERM, to finish its step and save it before SIGKILL.

@@ -368,11 +368,12 @@ def train_step(state: TrainState) -> dict[str, float]:
                 sums[key] = torch.maximum(sums[key], value)
             else:
                 sums[key] = sums[key] + value
-    # One device-to-host copy for the step's metrics.
+    # One device-to-host copy for the step's metrics, then those of the whole global batch.
     totals = {
         key: value if key.startswith("max_") else value / state.micro_batches
         for key, value in metrics_to_floats(sums).items()
     }
+    totals = distributed.reduce_metrics(totals, state.device)
     distributed.all_reduce_gradients(model)
     if state.scaler is not None:
         state.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
