@@ -13,17 +13,20 @@ the mean and standard error over seeds.  The decision the study serves: is the o
 an objective at or below flow matching's best multi-step sample at equal training time?
 
 The networks are the fashion-mnist preset's U-Net (iMF adds its one-block v-head, as
-fashion-mnist-imf does).  Each run is scored as `zoo eval` scores it (zoo.checkpoint_eval): FD,
-KID, precision and recall in the feature space of zoo's Fashion-MNIST classifier (trained and
-cached on first use, minutes on a CPU), energy distance too; the best guidance scale is the one
-of lowest mean FD.
+fashion-mnist-imf does; `imf_wide_t` is the same iMF with cifar10-imf's logit-normal(-2, 2)
+times).  Each run is scored as `zoo eval` scores it (zoo.checkpoint_eval): FD, KID, precision and
+recall in the feature space of zoo's Fashion-MNIST classifier (trained and cached on first use,
+minutes on a CPU), energy distance too; the best guidance scale is the one of lowest mean FD.
 
     .venv/bin/python scripts/objective_study.py --budget-min 15 --seeds 0,1,2   # ~4 h on 2 cores
     .venv/bin/python scripts/objective_study.py --budget-min 6 --jobs 2         # ~1.5 h: a run per core
-    .venv/bin/python scripts/objective_study.py --budget-s 20 --seeds 0 --n 64 --guidances 1,2 \\
+    .venv/bin/python scripts/objective_study.py --budget-s 20 --seeds 0 --n 200 --guidances 1,2 \\
         model.channels=8 model.num_groups=4 --out outputs/study-tiny          # a minute: the plumbing
 
-Writes `<out>/study.json` (every score, the calibration, the summary) and `<out>/study.log`.
+Writes `<out>/study.json` (every score, the calibration, the summary), `<out>/study.log`, the FD
+against network calls per sample (`study.png`: classifier-free guidance at sampling costs two calls
+per step, iMF's guidance input one) and the seed-0 samples by class (`samples.png`); `--plot
+<out>/study.json` redraws both.
 """
 
 import argparse
@@ -208,16 +211,53 @@ def verdict(rows: list[dict]) -> list[str]:
 
 
 def plot_summary(rows: list[dict], path: Path, budget_s: float) -> None:
-    """FD against NFE, one line per objective (each sampler at its best guidance scale, mean ± s.e.
-    over seeds)."""
+    """FD against network calls per sample, one line per objective (each sampler at its best
+    guidance scale, mean ± s.e. over seeds)."""
     curves = []
     for objective in dict.fromkeys(r["objective"] for r in rows):
         mine = sorted((r for r in rows if r["objective"] == objective), key=lambda r: r["nfe"])
         sampler = mine[0]["method"].split()[0]
         label = f"{objective} ({'average-velocity jumps' if sampler == 'MeanFlow' else sampler})"
-        curves.append((label, [r["nfe"] for r in mine], [r["fd"] for r in mine], [r["fd_se"] for r in mine]))
+        calls = [r.get("calls", r["nfe"]) for r in mine]
+        curves.append((label, calls, [r["fd"] for r in mine], [r["fd_se"] for r in mine]))
     title = f"class-conditional Fashion-MNIST, {budget_s / 60:g} min of training each"
     save_quality_vs_nfe(curves, path, "FD (zoo's Fashion-MNIST features)", title=title)
+
+
+def draw_samples(out: Path, summary: list[dict], path: Path, seed: int = 0, per_class: int = 8) -> None:
+    """One panel per objective of its seed-`seed` run: `per_class` samples of each class (a row per
+    class) from the same noise, by its 1-step jumps (flow matching: Euler at 16 NFE) at the
+    guidance scale the study found best for that sampler."""
+    from matplotlib.figure import Figure
+
+    from zoo.inference import load_model, resolve_run_guidance
+    from zoo.plotting import image_grid
+    from zoo.solvers.samplers import sample_meanflow, sample_ode
+
+    panels = []
+    for objective in [o for o in OBJECTIVES if any(r["objective"] == o for r in summary)]:
+        loaded = load_model(out / f"{objective}-s{seed}" / "last.pt", torch.device("cpu"))
+        nfe = 1 if loaded.is_meanflow else 16
+        row = next(r for r in summary if r["objective"] == objective and r["nfe"] == nfe)
+        guidance = resolve_run_guidance(loaded, row["guidance"], None)
+        classes = loaded.model.num_classes
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((classes * per_class, *loaded.payload["data_shape"]), generator=generator)
+        y = torch.arange(classes).repeat_interleave(per_class)
+        with torch.no_grad():
+            if loaded.is_meanflow:
+                x = sample_meanflow(loaded.model, noise, 1, y, guidance)
+            else:
+                x = sample_ode(loaded.model, noise, "euler", nfe, y, guidance)
+        title = f"{objective}\n{nfe} step{'s' if nfe > 1 else ''}, ω {row['guidance']:g}, FD {row['fd']:.0f}"
+        panels.append((title, image_grid(x, nrow=per_class)))
+    figure = Figure(figsize=(2.6 * len(panels), 3.6), dpi=100)
+    for k, (title, grid) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), k + 1)
+        axes.imshow(grid, interpolation="nearest")
+        axes.set_title(title, fontsize="small")
+        axes.axis("off")
+    figure.savefig(path, bbox_inches="tight")
 
 
 def main() -> None:
@@ -236,12 +276,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--rounds", type=int, default=3, help="calibration rounds over the objectives")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None, help="only redraw the figure of this study.json")
+    parser.add_argument("--plot", type=Path, default=None, help="only redraw the figures of this study.json")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
     if args.plot is not None:
         done = json.loads(args.plot.read_text())
+        for row in done["summary"]:
+            row["calls"] = network_calls(row["objective"], row["nfe"], row["guidance"])
         plot_summary(done["summary"], args.plot.with_suffix(".png"), done["budget_s"])
+        first, seed = done["summary"][0]["objective"], done["seeds"][0]
+        if args.plot.with_name(f"{first}-s{seed}").is_dir():  # the runs are still beside study.json
+            draw_samples(args.plot.parent, done["summary"], args.plot.with_name("samples.png"), seed)
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     objectives = args.objectives.split(",")
@@ -331,6 +376,7 @@ def main() -> None:
     }
     (out / "study.json").write_text(json.dumps(result, indent=2))
     plot_summary(summary, out / "study.png", budget_s)
+    draw_samples(out, summary, out / "samples.png", seeds[0])
     log(f"wrote {out / 'study.json'} ({time.time() - started:.0f} s)")
 
 
