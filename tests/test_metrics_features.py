@@ -225,3 +225,20 @@ def test_an_evaluation_never_starts_cifar10s_net_on_a_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(features, "build_feature_net", no_training)
     with pytest.raises(MetricInputError, match="zoo features train cifar10 --device cuda"):
         features.load_feature_net("cifar10", cache_dir=tmp_path, device="cpu")
+
+
+def test_samples_are_scored_as_the_pictures_they_show(digits_cache):
+    """Values beyond [-1, 1] are not in the picture: pushing black pixels further below -1 and
+    white ones above 1 changes neither features nor logits, while a visible change does."""
+    net = load_feature_net(DIGITS, TINY, cache_dir=digits_cache)
+    images = torch.rand((64, *net.data_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images[:, :, :2] = -1.0
+    images[:, :, -2:] = 1.0
+    beyond = images.clone()
+    beyond[:, :, :2] = -3.0
+    beyond[:, :, -2:] = 2.5
+    assert torch.equal(net.features(beyond), net.features(images))
+    assert torch.equal(net.logits(beyond), net.logits(images))
+    visible = images.clone()
+    visible[:, :, :2] = 0.0
+    assert not torch.allclose(net.features(visible), net.features(images))

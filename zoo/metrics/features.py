@@ -145,7 +145,12 @@ class FeatureCNN(nn.Module):
 @dataclass
 class FeatureNet:
     """A trained feature network and what it was trained on; `features`/`logits` take images in
-    the dataset's model space ([-1, 1], (B, C, H, W)) and return float32 on the CPU."""
+    the dataset's model space ([-1, 1], (B, C, H, W)) and return float32 on the CPU.
+
+    Samples are scored as the pictures they are: clipped to [-1, 1], as saving them clips them (and
+    as FID's 8-bit images are).  Unclipped, a sample's out-of-range values would move its features
+    although the picture shows nothing of them, and classifier-free guidance, which overshoots the
+    range, would be scored for pixels no one sees."""
 
     dataset: str
     network: FeatureCNN
@@ -168,7 +173,7 @@ class FeatureNet:
     def _batched(self, fn: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
         self.network.eval()
         outputs = [
-            fn(images[i : i + batch_size].to(self.device, torch.float32)).float().cpu()
+            fn(images[i : i + batch_size].to(self.device, torch.float32).clamp(-1, 1)).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
         return torch.cat(outputs) if outputs else torch.empty(0, self.dim)
