@@ -42,6 +42,7 @@ import torch
 from tee import Tee  # scripts/tee.py, beside this script
 
 from zoo.checkpoint_eval import prepare
+from zoo.checkpoints import load_checkpoint
 from zoo.config import load_config
 from zoo.config.schema import ZooConfigBody
 from zoo.evaluation import default_methods
@@ -142,16 +143,27 @@ def score_run(run_dir: Path, guidances: list[float], n: int, seed: int) -> list[
     ]
 
 
+def training_seconds(run_dir: Path) -> float:
+    """The training loop's own clock at the run's last logged step (time/elapsed_s)."""
+    seconds = 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        seconds = json.loads(line).get("time/elapsed_s", seconds)
+    return seconds
+
+
 def train_and_score(
     cfg: ZooConfigBody, guidances: list[float], n: int, seed: int, threads: int
 ) -> tuple[int, float, list[dict]]:
     """One (objective, seed): trained with `zoo train`'s code path, then scored; runs in a worker
-    process of its own. Returns (steps, training seconds, score rows)."""
+    process of its own. A run already trained to its steps in the output folder is only scored,
+    one stopped part-way is resumed. Returns (steps, training seconds, score rows)."""
     torch.set_num_threads(threads)
-    tick = time.time()
-    run = train_run(cfg)
-    seconds = time.time() - tick
-    return cfg.train.steps, seconds, score_run(run.root, guidances, n, seed)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    last = run_dir / "last.pt"
+    done = last.exists() and load_checkpoint(last)["step"] == cfg.train.steps
+    if not done:
+        train_run(cfg, resume=last.exists(), restart=run_dir.exists() and not last.exists())
+    return cfg.train.steps, training_seconds(run_dir), score_run(run_dir, guidances, n, seed)
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -275,6 +287,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--rounds", type=int, default=3, help="calibration rounds over the objectives")
+    parser.add_argument(
+        "--steps",
+        default=None,
+        help="train.steps per objective instead of calibrating, e.g. flow_matching=2033,meanflow=1510 "
+        "(to finish a study in its --out folder: finished runs are only scored, stopped ones resumed)",
+    )
+    parser.add_argument(
+        "--ode-guidances", default=None, help="guidance scales for flow matching's ODE (default: --guidances)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="only redraw the figures of this study.json")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
@@ -293,6 +314,7 @@ def main() -> None:
     if unknown := [o for o in objectives if o not in OBJECTIVES]:
         parser.error(f"unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
     guidances = [float(g) for g in args.guidances.split(",")]
+    ode_guidances = [float(g) for g in args.ode_guidances.split(",")] if args.ode_guidances else guidances
     budget_s = args.budget_s if args.budget_s is not None else 60 * args.budget_min
     out = args.out or Path("outputs") / f"objective-study-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +322,7 @@ def main() -> None:
     log = Tee(out / "study.log")
     log("command:", " ".join([sys.executable, *sys.argv]))
     log(f"config: budget {budget_s:g} s per run, seeds {seeds}, objectives {objectives}")
-    log(f"        guidances {guidances}")
+    log(f"        guidances {guidances}, flow matching's ODE {ode_guidances}")
     log(f"        n={args.n}, threads={args.threads}, jobs={args.jobs}, overrides={args.overrides}")
     common = [
         f"output_dir={out}",
@@ -314,11 +336,17 @@ def main() -> None:
     # Rounds over the objectives, each objective's median kept: a change of the machine's load
     # during calibration then weighs on every objective alike.
     probes: dict[str, list[dict]] = {objective: [] for objective in objectives}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds if args.steps is None else 0):
         for objective in objectives:
             probes[objective].append(calibrate(objective, common, args.probe_steps))
     calibration = {}
-    for objective in objectives:
+    if args.steps is not None:
+        given = dict(item.split("=") for item in args.steps.split(","))
+        if missing := [o for o in objectives if o not in given]:
+            parser.error(f"--steps names no steps for {missing}")
+        calibration = {o: {"steps": int(given[o]), "given": True} for o in objectives}
+        log(f"steps given: {calibration}")
+    for objective in objectives if args.steps is None else []:
         s_per_step = statistics.median(p["s_per_step"] for p in probes[objective])
         calibration[objective] = {**probes[objective][0], "s_per_step": s_per_step}
         calibration[objective]["rounds"] = [p["s_per_step"] for p in probes[objective]]
@@ -326,16 +354,27 @@ def main() -> None:
         log(f"calibrated {objective:14s} {calibration[objective]}")
     # The feature network, trained once here (cached), before parallel runs would each train it.
     load_feature_net(study_config(objectives[0], 0, common).data)
-    jobs = [
-        (objective, seed, study_config(objective, seed, common, calibration[objective]["steps"]))
-        for seed in seeds
-        for objective in objectives
-    ]
+    # Flow matching's runs first: their ODE samplers take longest to score.
+    jobs = sorted(
+        (
+            (objective, seed, study_config(objective, seed, common, calibration[objective]["steps"]))
+            for seed in seeds
+            for objective in objectives
+        ),
+        key=lambda job: (job[0] != "flow_matching", job[1]),
+    )
     scores, trained = [], {}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         futures = {
-            pool.submit(train_and_score, cfg, guidances, args.n, seed, args.threads): (objective, seed)
+            pool.submit(
+                train_and_score,
+                cfg,
+                ode_guidances if objective == "flow_matching" else guidances,
+                args.n,
+                seed,
+                args.threads,
+            ): (objective, seed)
             for objective, seed, cfg in jobs
         }
         for future in as_completed(futures):
@@ -366,6 +405,7 @@ def main() -> None:
         "budget_s": budget_s,
         "seeds": seeds,
         "guidances": guidances,
+        "ode_guidances": ode_guidances,
         "n": args.n,
         "metric": "FD in the feature space of zoo's Fashion-MNIST classifier (also KID, precision, recall)",
         "calibration": calibration,
