@@ -195,6 +195,12 @@ def max_across_ranks(value: int, device: torch.device) -> int:
     return int(packed.item())
 
 
+def is_max_metric(key: str) -> bool:
+    """A metric named `max_*` is the largest value of the step (over micro-batches and ranks), not
+    their mean."""
+    return key.startswith("max_")
+
+
 def reduce_metrics(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """A step's scalar metrics over the whole global batch: the mean over ranks, and for a metric
     named `max_*` the largest any rank saw.  Every rank must call it with the same keys."""
@@ -202,8 +208,8 @@ def reduce_metrics(values: dict[str, float], device: torch.device) -> dict[str, 
         return dict(values)
     reduced = {}
     for op, keys in (
-        (dist.ReduceOp.SUM, sorted(k for k in values if not k.startswith("max_"))),
-        (dist.ReduceOp.MAX, sorted(k for k in values if k.startswith("max_"))),
+        (dist.ReduceOp.SUM, sorted(k for k in values if not is_max_metric(k))),
+        (dist.ReduceOp.MAX, sorted(k for k in values if is_max_metric(k))),
     ):
         if not keys:
             continue

@@ -364,13 +364,13 @@ def train_step(state: TrainState) -> dict[str, float]:
         for key, value in micro_batch_backward(state).items():
             if key not in sums:
                 sums[key] = value
-            elif key.startswith("max_"):
+            elif distributed.is_max_metric(key):
                 sums[key] = torch.maximum(sums[key], value)
             else:
                 sums[key] = sums[key] + value
     # One device-to-host copy for the step's metrics, then those of the whole global batch.
     totals = {
-        key: value if key.startswith("max_") else value / state.micro_batches
+        key: value if distributed.is_max_metric(key) else value / state.micro_batches
         for key, value in metrics_to_floats(sums).items()
     }
     totals = distributed.reduce_metrics(totals, state.device)
